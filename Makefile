@@ -1,0 +1,33 @@
+# Each target creates/updates .venv and installs what it needs (pinned in pyproject.toml).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export FORGELINE_HOME ?= $(CURDIR)/.forgeline
+export DAGSTER_HOME ?= $(FORGELINE_HOME)/dagster_home
+
+.PHONY: demo test ui install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## make demo: the whole lifecycle on the embedded defaults (SQLite instance, local disk, CPU)
+demo: $(STAMP)
+	$(BIN)/forgeline demo
+
+## make test: the test suite (starts its own S3-compatible server, etc.)
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## make ui: the Dagster UI on the same instance as `make demo`
+ui: $(STAMP)
+	$(BIN)/forgeline ui
+
+clean:
+	rm -rf $(VENV) .forgeline .pytest_cache

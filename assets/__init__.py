@@ -1,0 +1,1 @@
+"""Dagster assets: thin recipes that call ``pipeline.*``, record metadata and run asset checks."""

@@ -1,0 +1,109 @@
+"""Ingestion assets: ``raw_shards`` (WebDataset) and ``raw_table`` (Parquet), one partition per batch."""
+
+
+import dagster as dg
+from pydantic import Field
+
+from assets.partitions import batches
+from pipeline import ingest
+from resources.storage import StorageResource
+
+
+class ShardIngestConfig(dg.Config):
+    incoming_prefix: str = Field(default="incoming", description="Landing prefix; shards under <prefix>/<batch>/.")
+    num_classes: int = Field(default=10, description="Labels must lie in [0, num_classes).")
+    workers: int = Field(default=4, description="Shards validated concurrently.")
+
+
+class TableIngestConfig(dg.Config):
+    incoming_prefix: str = Field(default="incoming", description="Landing prefix; tables under <prefix>/<batch>/.")
+
+
+@dg.asset(
+    partitions_def=batches,
+    group_name="ingest",
+    kinds={"webdataset", "python"},
+    check_specs=[
+        dg.AssetCheckSpec("no_quarantined_shards", asset="raw_shards",
+                          description="Every landed shard was valid (WARN: bad ones are quarantined)."),
+        dg.AssetCheckSpec("all_classes_present", asset="raw_shards",
+                          description="Published samples cover every class."),
+    ],
+)
+def raw_shards(context: dg.AssetExecutionContext, config: ShardIngestConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """Validated WebDataset shards of one landed batch; corrupt shards are quarantined, not published."""
+    store = storage.client()
+    result = ingest.ingest_shards(
+        store,
+        context.partition_key,
+        incoming=config.incoming_prefix,
+        num_classes=config.num_classes,
+        workers=config.workers,
+        on_shard=lambda r: context.log.info(
+            f"{r.source}: {'ok' if r.ok else 'QUARANTINED'} {r.samples} samples" + ("" if r.ok else f" — {r.reason}")
+        ),
+    )
+    missing = sorted(set(range(config.num_classes)) - set(result.classes))
+    return dg.MaterializeResult(
+        metadata={
+            "manifest": dg.MetadataValue.path(store.uri(result.manifest_key)),
+            "shards_published": len(result.published),
+            "shards_quarantined": len(result.quarantined),
+            "quarantined": dg.MetadataValue.json([{"source": r.source, "reason": r.reason} for r in result.quarantined]),
+            "samples": result.samples,
+            "bytes": result.bytes,
+            "classes": dg.MetadataValue.json(result.classes),
+            "seconds": result.seconds,
+            "mb_per_s": result.bytes / 1e6 / max(result.seconds, 1e-9),
+            "samples_per_s": result.samples / max(result.seconds, 1e-9),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="no_quarantined_shards",
+                passed=not result.quarantined,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"quarantined": len(result.quarantined)},
+            ),
+            dg.AssetCheckResult(
+                check_name="all_classes_present",
+                passed=not missing,
+                metadata={"missing_classes": dg.MetadataValue.json(missing)},
+            ),
+        ],
+    )
+
+
+@dg.asset(
+    partitions_def=batches,
+    group_name="ingest",
+    kinds={"parquet", "polars"},
+    check_specs=[
+        dg.AssetCheckSpec("every_split_present", asset="raw_table",
+                          description="train, val and test rows all exist."),
+    ],
+)
+def raw_table(context: dg.AssetExecutionContext, config: TableIngestConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """The batch's Parquet table after schema, null, range and duplicate-id checks."""
+    store = storage.client()
+    result = ingest.ingest_table(store, context.partition_key, incoming=config.incoming_prefix)
+    splits = result.splits
+    return dg.MaterializeResult(
+        metadata={
+            "manifest": dg.MetadataValue.path(store.uri(result.manifest_key)),
+            "files": dg.MetadataValue.json(result.published),
+            "rows": result.rows,
+            "bytes": sum(f.bytes for f in result.files),
+            "seconds": result.seconds,
+            "splits": dg.MetadataValue.json(splits),
+            "label_histogram": dg.MetadataValue.json({str(k): v for k, v in result.labels.items()}),
+            "column_stats": dg.MetadataValue.json({f.source: f.columns for f in result.files}),
+            "extra_columns": dg.MetadataValue.json(sorted({c for f in result.files for c in f.extra_columns})),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="every_split_present",
+                passed=all(splits.get(s, 0) > 0 for s in ("train", "val", "test")),
+                metadata={"splits": dg.MetadataValue.json(splits)},
+            )
+        ],
+    )

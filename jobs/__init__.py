@@ -1,0 +1,1 @@
+"""Jobs, schedules, sensors, the ``Definitions`` object and the ``forgeline`` CLI."""

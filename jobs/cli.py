@@ -1,0 +1,338 @@
+"""``forgeline``: list and launch the jobs on the embedded instance, generate data, run the demo.
+
+    forgeline jobs                                   list jobs and their assets
+    forgeline launch lifecycle --partition B [-c run_config.yaml]
+    forgeline gen digits --batch B [--shifted] [--image-size 32]
+    forgeline gen synthetic --batch B --size 2GB
+    forgeline demo                                   data → lifecycle → summary
+    forgeline ui                                     Dagster UI on the same instance
+
+The instance is ``$DAGSTER_HOME`` (default: ``.forgeline/dagster_home`` in the project, SQLite), the
+same one ``make ui`` opens, so runs launched here show up in the UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+_DAGSTER_YAML = """\
+# Embedded defaults: SQLite run/event/schedule storage under this folder.
+telemetry:
+  enabled: false
+"""
+
+
+def ensure_instance_home() -> Path:
+    """Point DAGSTER_HOME at the project-local instance unless the user chose one."""
+    from resources.storage import default_state_dir
+
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(default_state_dir() / "dagster_home")))
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text(_DAGSTER_YAML)
+    return home
+
+
+def parse_size(text: str) -> int:
+    """'2GB' → 2_000_000_000, '512MiB' → 536_870_912, '1000' → 1000."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 100MB, 2GiB)")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
+    power = " KMGT".index(unit) if unit else 0
+    return int(num * (1024 if binary else 1000) ** power)
+
+
+def _defs():
+    from jobs.definitions import defs
+
+    return defs
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a job with a live view of its steps
+# ---------------------------------------------------------------------------------------------
+
+
+def run_job(job_name: str, *, partition: str | None = None, run_config: dict | None = None, quiet: bool = False):
+    """Execute ``job_name`` on the embedded instance, showing step progress. Returns the result.
+
+    A partition that does not exist yet is added first (dynamic partitions), so
+    ``forgeline launch ingest --partition new-batch`` is all a user needs.
+    """
+    import dagster as dg
+
+    ensure_instance_home()
+    defs = _defs()
+    job = defs.resolve_job_def(job_name)
+    instance = dg.DagsterInstance.get()
+    if partition is not None:
+        pdef = job.partitions_def
+        if pdef is None:
+            raise SystemExit(f"job {job_name!r} is not partitioned; drop --partition")
+        if isinstance(pdef, dg.DynamicPartitionsDefinition) and not instance.has_dynamic_partition(pdef.name, partition):
+            instance.add_dynamic_partitions(pdef.name, [partition])
+    elif job.partitions_def is not None:
+        raise SystemExit(f"job {job_name!r} is partitioned: pass --partition (see `forgeline batches`)")
+
+    # The progress view replaces Dagster's DEBUG console log; the UI keeps the full event log.
+    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}, **(run_config or {})}
+    steps = sorted(job.graph.node_names())
+    run_id = str(uuid.uuid4())
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = job.execute_in_process(
+                run_config=run_config, instance=instance, partition_key=partition, run_id=run_id, raise_on_error=False
+            )
+        except BaseException as e:  # surfaced below
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t0 = time.perf_counter()
+    t.start()
+    state = {s: "waiting" for s in steps}
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(f"{job_name}" + (f" [{partition}]" if partition else ""), total=len(steps))
+        cursor = 0
+        while True:
+            alive = t.is_alive()
+            records = instance.all_logs(run_id)
+            for rec in records[cursor:]:
+                ev = rec.dagster_event
+                if ev is None or ev.step_key is None:
+                    continue
+                step = ev.step_key
+                kind = ev.event_type_value
+                if kind == "STEP_START":
+                    state[step] = "running"
+                    progress.console.log(f"[cyan]▶ {step}")
+                elif kind == "STEP_SUCCESS":
+                    state[step] = "ok"
+                    progress.console.log(f"[green]✔ {step}[/] ({ev.event_specific_data.duration_ms / 1000:.2f}s)")
+                elif kind == "STEP_FAILURE":
+                    state[step] = "failed"
+                    err = ev.event_specific_data.error
+                    progress.console.log(f"[red]✘ {step}: {err.message.strip() if err else 'failed'}")
+                elif kind == "ASSET_CHECK_EVALUATION":
+                    d = ev.event_specific_data
+                    mark = "[green]pass" if d.passed else f"[yellow]{d.severity.value.lower()}"
+                    progress.console.log(f"  check {d.asset_key.to_user_string()}:{d.check_name} {mark}")
+            cursor = len(records)
+            progress.update(task, completed=sum(v in ("ok", "failed") for v in state.values()))
+            if not alive:
+                break
+            time.sleep(0.2)
+    if "error" in box:
+        raise box["error"]
+    result = box["result"]
+    secs = time.perf_counter() - t0
+    status = "[green]SUCCESS" if result.success else "[red]FAILURE"
+    if not quiet:
+        console.print(f"{status}[/] run {run_id} ({secs:.1f}s) — view it with `make ui`")
+    return result
+
+
+def materialization_table(result) -> Table:
+    """What a run produced and where: one row per materialized asset."""
+    table = Table(title="Produced")
+    for col in ("asset", "partition", "where", "highlights"):
+        table.add_column(col, overflow="fold")
+    for ev in result.get_asset_materialization_events():
+        mat = ev.event_specific_data.materialization
+        md = {k: v.value for k, v in mat.metadata.items()}
+        where = md.pop("manifest", "") or md.pop("path", "") or md.pop("uri", "")
+        highlights = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in md.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
+        table.add_row(mat.asset_key.to_user_string(), mat.partition or "", str(where), highlights)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_jobs(args) -> int:
+    defs = _defs()
+    table = Table(title="forgeline jobs")
+    for col in ("job", "partitioned by", "assets", "description"):
+        table.add_column(col, overflow="fold")
+    for job in sorted(defs.resolve_all_job_defs(), key=lambda j: j.name):
+        if job.name.startswith("__"):
+            continue
+        pdef = job.partitions_def
+        table.add_row(
+            job.name,
+            getattr(pdef, "name", None) or ("yes" if pdef else "—"),
+            ", ".join(sorted(job.graph.node_names())),
+            job.description or "",
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_batches(args) -> int:
+    import dagster as dg
+
+    ensure_instance_home()
+    keys = dg.DagsterInstance.get().get_dynamic_partitions("batches")
+    console.print("\n".join(keys) if keys else "no batches yet: `forgeline gen digits --batch NAME` then launch")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    run_config = None
+    if args.config:
+        import yaml
+
+        run_config = {}
+        for path in args.config:
+            run_config.update(yaml.safe_load(Path(path).read_text()) or {})
+    result = run_job(args.job, partition=args.partition, run_config=run_config)
+    console.print(materialization_table(result))
+    return 0 if result.success else 1
+
+
+def _storage():
+    from resources.storage import storage_from_env
+
+    return storage_from_env().client()
+
+
+def cmd_gen(args) -> int:
+    from pipeline import datagen
+    from pipeline.storage import join
+
+    store = _storage()
+    prefix = join("incoming", args.batch)
+    if store.exists(join(prefix, datagen.READY_MARKER)) and not args.force:
+        console.print(f"batch {args.batch!r} already landed at {store.uri(prefix)} (use --force to rewrite)")
+        return 0
+    if args.kind == "digits":
+        data = datagen.load_digits(seed=args.seed)
+        if args.shifted:
+            data = datagen.shift(data, seed=args.seed + 1)
+        with console.status(f"writing digits batch {args.batch!r}"):
+            summary = datagen.write_batch(
+                store, prefix, data, samples_per_shard=args.samples_per_shard, image_size=args.image_size, fmt=args.format
+            )
+        console.print(
+            f"wrote {summary['samples']} samples in {len(summary['shards'])} shards + table "
+            f"({summary['bytes'] / 1e6:.1f} MB) to {store.uri(prefix)}"
+        )
+    else:
+        with Progress(TextColumn("synthetic shards"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} B"),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("gen", total=args.size)
+            shards = datagen.write_synthetic_shards(
+                store, join(prefix, "shards"), args.size, image_size=args.image_size or 224,
+                samples_per_shard=args.samples_per_shard, seed=args.seed,
+                progress=lambda n: progress.update(task, completed=min(n, args.size)),
+            )
+        store.write_atomic(join(prefix, datagen.READY_MARKER), b'{"synthetic": true}')
+        console.print(f"wrote {len(shards)} shards ({sum(s.size for s in shards) / 1e6:.1f} MB) to {store.uri(prefix)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pipeline import datagen
+    from pipeline.storage import join
+
+    home = ensure_instance_home()
+    store = _storage()
+    console.rule("[bold]forgeline demo: the whole lifecycle on the embedded defaults")
+    console.print(f"instance: {home}   storage: {store.uri()}")
+    prefix = join("incoming", args.batch)
+    if not store.exists(join(prefix, datagen.READY_MARKER)):
+        with console.status("generating the digits batch (scikit-learn's bundled data)"):
+            datagen.write_batch(store, prefix, datagen.load_digits(), image_size=32)
+    result = run_job("lifecycle", partition=args.batch)
+    console.print(materialization_table(result))
+    console.print(f"storage: {store.uri()}   UI: `make ui` (instance {home})")
+    return 0 if result.success else 1
+
+
+def cmd_ui(args) -> int:
+    from resources.storage import PROJECT_ROOT
+
+    ensure_instance_home()
+    dagster = Path(sys.executable).with_name("dagster")
+    argv = [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    console.print(f"Dagster UI on http://{args.host}:{args.port} (instance {os.environ['DAGSTER_HOME']})")
+    os.chdir(PROJECT_ROOT)
+    os.execv(argv[0], argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="forgeline", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("jobs", help="list jobs").set_defaults(fn=cmd_jobs)
+    sub.add_parser("batches", help="list ingested batches (partitions)").set_defaults(fn=cmd_batches)
+
+    s = sub.add_parser("launch", help="run a job on the embedded instance with a progress view")
+    s.add_argument("job")
+    s.add_argument("--partition", "-p", help="batch to run (added if new)")
+    s.add_argument("--config", "-c", action="append", help="run config YAML (repeatable, merged)")
+    s.set_defaults(fn=cmd_launch)
+
+    s = sub.add_parser("gen", help="land a batch of generated data under incoming/<batch>/")
+    s.add_argument("kind", choices=["digits", "synthetic"])
+    s.add_argument("--batch", required=True)
+    s.add_argument("--shifted", action="store_true", help="digits with brightness/rotation/noise drift")
+    s.add_argument("--image-size", type=int, default=None, help="upscale images to N x N pixels")
+    s.add_argument("--format", choices=["png", "jpg"], default="png")
+    s.add_argument("--samples-per-shard", type=int, default=256)
+    s.add_argument("--size", type=parse_size, default=parse_size("1GB"), help="synthetic: total shard bytes")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="rewrite a batch that already landed")
+    s.set_defaults(fn=cmd_gen)
+
+    s = sub.add_parser("ui", help="open the Dagster UI (dagster dev) on the embedded instance")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=3000)
+    s.set_defaults(fn=cmd_ui)
+
+    s = sub.add_parser("demo", help="generate data and run the lifecycle job end to end")
+    s.add_argument("--batch", default="digits-0001")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

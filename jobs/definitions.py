@@ -1,0 +1,23 @@
+"""The one ``Definitions`` object of the forgeline code location (loaded by ``workspace.yaml``)."""
+
+import dagster as dg
+
+from assets import ingest as ingest_assets
+from assets.partitions import batches
+from jobs.ingest import incoming_batches, ingest_job
+from resources.storage import storage_from_env
+
+# Every stage that exists, end to end. `make demo` runs this job.
+lifecycle_job = dg.define_asset_job(
+    "lifecycle",
+    selection=dg.AssetSelection.all(),
+    partitions_def=batches,
+    description="The whole lifecycle for one batch: every stage that exists, in dependency order.",
+)
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_modules([ingest_assets]),
+    jobs=[ingest_job, lifecycle_job],
+    sensors=[incoming_batches],
+    resources={"storage": storage_from_env()},
+)

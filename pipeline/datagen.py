@@ -1,0 +1,217 @@
+"""Data that needs no download: scikit-learn's bundled digits (1,797 real 8x8 handwritten digits)
+written as WebDataset shards and as a Parquet table, a "shifted" variant for drift tests, and larger
+synthetic volumes for benchmarks.
+
+Layout written for one batch under ``prefix`` (normally ``incoming/<batch>``)::
+
+    <prefix>/shards/{train,val,test}-NNNNNN.tar    NNNNNN.png (or .jpg) + NNNNNN.cls per sample
+    <prefix>/table.parquet                         id, px_00..px_63 (0..16), label, split
+    <prefix>/_READY                                written last: the batch is complete
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+from pipeline.storage import ObjectInfo, Storage, join
+
+NUM_CLASSES = 10
+PIXEL_MAX = 16  # digits pixels are integers 0..16
+SPLITS = ("train", "val", "test")
+READY_MARKER = "_READY"
+
+
+@dataclass(frozen=True)
+class Digits:
+    """Images (N, 8, 8) uint8 in 0..16, labels (N,) int64, splits (N,) str, ids (N,) int64."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15) -> Digits:
+    """The digits data with a deterministic, stratified train/val/test split."""
+    from sklearn.datasets import load_digits as _sk_load
+
+    d = _sk_load()
+    images = d.images.astype(np.uint8)
+    labels = d.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    splits = np.empty(len(labels), dtype=object)
+    for c in range(NUM_CLASSES):  # stratify so every split sees every class
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test, n_val = round(len(idx) * test_fraction), round(len(idx) * val_fraction)
+        splits[idx[:n_test]] = "test"
+        splits[idx[n_test : n_test + n_val]] = "val"
+        splits[idx[n_test + n_val :]] = "train"
+    return Digits(images, labels, splits.astype(str), np.arange(len(labels), dtype=np.int64))
+
+
+def shift(
+    data: Digits,
+    *,
+    brightness: float = 3.0,
+    rotation_deg: float = 15.0,
+    noise_std: float = 1.5,
+    seed: int = 1,
+    id_offset: int = 100_000,
+) -> Digits:
+    """A drifted copy: brighter, rotated by up to ``rotation_deg`` and noisier (same labels)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = np.empty_like(data.images)
+    angles = rng.uniform(-rotation_deg, rotation_deg, len(data))
+    for i, img in enumerate(data.images):
+        rot = Image.fromarray(img.astype(np.float32), mode="F").rotate(angles[i], Image.BILINEAR)
+        x = np.asarray(rot) + brightness + rng.normal(0.0, noise_std, img.shape)
+        out[i] = np.clip(np.rint(x), 0, PIXEL_MAX).astype(np.uint8)
+    return Digits(out, data.labels.copy(), data.splits.copy(), data.ids + id_offset)
+
+
+def encode_image(img: np.ndarray, image_size: int | None = None, fmt: str = "png") -> bytes:
+    """8-bit grayscale PNG/JPEG of a 0..16 digit, optionally upscaled (real decode work downstream)."""
+    from PIL import Image
+
+    im = Image.fromarray((img.astype(np.float32) * (255.0 / PIXEL_MAX)).round().astype(np.uint8), mode="L")
+    if image_size and image_size != im.width:
+        im = im.resize((image_size, image_size), Image.BICUBIC)
+    buf = io.BytesIO()
+    if fmt == "png":
+        im.save(buf, format="PNG", compress_level=1)
+    elif fmt in ("jpg", "jpeg"):
+        im.save(buf, format="JPEG", quality=90)
+    else:
+        raise ValueError(f"unsupported image format {fmt!r}: use 'png' or 'jpg'")
+    return buf.getvalue()
+
+
+def write_tar(store: Storage, key: str, samples: Iterable[tuple[str, str, bytes, int]]) -> ObjectInfo:
+    """Write one WebDataset shard from ``(stem, image_ext, image_bytes, label)`` tuples, atomically.
+    Stream mode ("w|") writes sequentially into the atomic writer: nothing is held in memory."""
+    now = int(time.time())
+    with store.open_write(key) as w:
+        with tarfile.open(fileobj=w, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for stem, ext, image, label in samples:
+                for name, payload in ((f"{stem}.{ext}", image), (f"{stem}.cls", f"{label}\n".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(payload), now, 0o644
+                    tar.addfile(info, io.BytesIO(payload))
+    assert w.info is not None
+    return w.info
+
+
+def write_shards(
+    store: Storage,
+    prefix: str,
+    data: Digits,
+    *,
+    samples_per_shard: int = 256,
+    image_size: int | None = None,
+    fmt: str = "png",
+) -> list[ObjectInfo]:
+    """Write ``data`` as WebDataset shards ``<prefix>/<split>-NNNNNN.tar``, one split per shard."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    written = []
+    for split in SPLITS:
+        idx = np.flatnonzero(data.splits == split)
+        for shard_no, start in enumerate(range(0, len(idx), samples_per_shard)):
+            samples = (
+                (f"{data.ids[i]:06d}", fmt, encode_image(data.images[i], image_size, fmt), int(data.labels[i]))
+                for i in idx[start : start + samples_per_shard]
+            )
+            written.append(write_tar(store, join(prefix, f"{split}-{shard_no:06d}.tar"), samples))
+    return written
+
+
+def table_frame(data: Digits):
+    """The Parquet layout of ``data`` as a polars DataFrame."""
+    import polars as pl
+
+    flat = data.images.reshape(len(data), -1)
+    cols = {"id": pl.Series("id", data.ids, dtype=pl.Int64)}
+    for j in range(flat.shape[1]):
+        cols[f"px_{j:02d}"] = pl.Series(f"px_{j:02d}", flat[:, j], dtype=pl.UInt8)
+    cols["label"] = pl.Series("label", data.labels, dtype=pl.Int64)
+    cols["split"] = pl.Series("split", data.splits, dtype=pl.String)
+    return pl.DataFrame(cols)
+
+
+def write_table(store: Storage, key: str, data: Digits) -> ObjectInfo:
+    buf = io.BytesIO()
+    table_frame(data).write_parquet(buf, compression="zstd", statistics=True)
+    return store.write_atomic(key, buf.getvalue())
+
+
+def write_batch(
+    store: Storage,
+    prefix: str,
+    data: Digits,
+    *,
+    samples_per_shard: int = 256,
+    image_size: int | None = None,
+    fmt: str = "png",
+) -> dict:
+    """Write one complete landing batch (shards + table) and mark it ready last."""
+    shards = write_shards(
+        store, join(prefix, "shards"), data, samples_per_shard=samples_per_shard, image_size=image_size, fmt=fmt
+    )
+    table = write_table(store, join(prefix, "table.parquet"), data)
+    summary = {
+        "samples": len(data),
+        "shards": [s.key for s in shards],
+        "table": table.key,
+        "bytes": sum(s.size for s in shards) + table.size,
+    }
+    store.write_atomic(join(prefix, READY_MARKER), json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def write_synthetic_shards(
+    store: Storage,
+    prefix: str,
+    total_bytes: int,
+    *,
+    image_size: int = 224,
+    samples_per_shard: int = 512,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[ObjectInfo]:
+    """Benchmark volume: upscaled digits plus per-pixel noise (so PNG cannot compress them away)
+    until ``total_bytes`` of shards exist. ``progress(bytes_so_far)`` is called after each shard."""
+    from PIL import Image
+
+    base = load_digits()
+    rng = np.random.default_rng(seed)
+
+    def sample(n: int):
+        i = int(rng.integers(0, len(base)))
+        img = encode_image(base.images[i], image_size)  # 0..255 upscaled
+        arr = np.asarray(Image.open(io.BytesIO(img)), dtype=np.int16) + rng.integers(-8, 9, (image_size,) * 2)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").save(buf, format="PNG", compress_level=1)
+        return f"{n:08d}", "png", buf.getvalue(), int(base.labels[i])
+
+    written: list[ObjectInfo] = []
+    total = 0
+    while total < total_bytes:
+        first = len(written) * samples_per_shard
+        key = join(prefix, f"train-{len(written):06d}.tar")
+        written.append(write_tar(store, key, (sample(first + k) for k in range(samples_per_shard))))
+        total += written[-1].size
+        if progress:
+            progress(total)
+    return written

@@ -1,0 +1,531 @@
+"""Ingestion: validate landed WebDataset shards and Parquet tables, publish the good, quarantine the bad.
+
+Shards are streamed exactly once: the bytes read from the source are validated (tar structure,
+member names, sample grouping, image headers, labels) and teed into an atomic writer at the
+published key, which commits only if the shard is valid. A corrupt shard is copied to
+``quarantine/`` with a reason file; the source is never modified. A manifest, written last,
+lists what is published for the batch.
+
+Tables are checked with a polars lazy scan (schema, nulls, ranges, duplicate ids) on the streaming
+engine, so memory stays flat whatever the file size; a table is published only if every file of
+the batch passes, otherwise the error names the file and the column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable, Iterator
+
+from pipeline.datagen import NUM_CLASSES, PIXEL_MAX, SPLITS
+from pipeline.storage import CHUNK, ObjectNotFound, Storage, StorageError, join, sha256_stream
+
+IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"})
+LABEL_EXT = "cls"
+MAX_MEMBER_BYTES = 64 * 1024 * 1024  # larger members are rejected rather than read into memory
+MANIFEST = "manifest.json"
+
+
+class IngestError(Exception):
+    """Bad input that stops ingestion. The message names the file (and column/member)."""
+
+
+class ShardInvalid(IngestError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------
+
+
+class _TeeReader(io.RawIOBase):
+    """Reads from ``src``, hashing and counting every byte and copying it to ``sink``."""
+
+    def __init__(self, src: BinaryIO, sink=None):
+        self._src, self._sink = src, sink
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+        self.tail = b""  # last 1 KiB seen: end-of-archive check
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._src.read(len(b))
+        n = len(data)
+        b[:n] = data
+        if n:
+            self.sha.update(data)
+            self.nbytes += n
+            self.tail = (self.tail + data)[-1024:]
+            if self._sink is not None:
+                self._sink.write(data)
+        return n
+
+    def drain(self) -> None:
+        buf = bytearray(CHUNK)
+        while self.readinto(buf):
+            pass
+
+
+@dataclass
+class ShardReport:
+    source: str  # storage key of the landed shard
+    key: str | None  # published key (None when quarantined)
+    bytes: int
+    sha256: str
+    samples: int = 0
+    classes: dict[int, int] = field(default_factory=dict)
+    reason: str | None = None  # why it was quarantined
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def _check_member(m: tarfile.TarInfo) -> None:
+    name = m.name
+    p = PurePosixPath(name)
+    if name.startswith("/") or p.is_absolute():
+        raise ShardInvalid(f"member {name!r}: absolute path")
+    if ".." in p.parts:
+        raise ShardInvalid(f"member {name!r}: path escapes the archive ('..')")
+    if m.issym() or m.islnk():
+        raise ShardInvalid(f"member {name!r}: links are not allowed (-> {m.linkname!r})")
+    if m.ischr() or m.isblk() or m.isfifo() or m.isdev():
+        raise ShardInvalid(f"member {name!r}: device/fifo members are not allowed")
+    if not (m.isreg() or m.isdir()):
+        raise ShardInvalid(f"member {name!r}: unsupported member type {m.type!r}")
+    if m.size > MAX_MEMBER_BYTES:
+        raise ShardInvalid(f"member {name!r}: {m.size} bytes exceeds the {MAX_MEMBER_BYTES}-byte limit")
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: the sample key is the path up to the first '.' of the basename."""
+    p = PurePosixPath(name)
+    stem, dot, ext = p.name.partition(".")
+    if not dot or not stem or not ext:
+        raise ShardInvalid(f"member {name!r}: no '<key>.<ext>' name")
+    return str(p.parent / stem) if str(p.parent) != "." else stem, ext.lower()
+
+
+def _check_image(name: str, data: bytes) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            im.verify()  # checks the header/chunk structure without a full decode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ShardInvalid(f"member {name!r}: not a decodable image ({e})") from None
+    if w <= 0 or h <= 0:
+        raise ShardInvalid(f"member {name!r}: empty image {w}x{h}")
+
+
+def _check_label(name: str, data: bytes, num_classes: int) -> int:
+    try:
+        label = int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ShardInvalid(f"member {name!r}: label {data[:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise ShardInvalid(f"member {name!r}: label {label} outside [0, {num_classes})")
+    return label
+
+
+def validate_shard(stream: BinaryIO, *, num_classes: int = NUM_CLASSES, sink=None) -> tuple[int, Counter, str, int]:
+    """Validate one WebDataset tar from a sequential stream, copying its bytes to ``sink``.
+
+    Returns ``(samples, class_histogram, sha256, bytes)``; raises :class:`ShardInvalid` with the
+    member and problem. The whole stream is consumed (so sha256 covers the full file) even though
+    tarfile stops at the end-of-archive marker.
+    """
+    tee = _TeeReader(stream, sink)
+    classes: Counter = Counter()
+    samples = 0
+    seen: set[str] = set()
+    current: str | None = None
+    fields: set[str] = set()
+
+    def finish(key: str | None, exts: set[str]) -> None:
+        if key is None:
+            return
+        if not exts & IMAGE_EXTS:
+            raise ShardInvalid(f"sample {key!r}: no image member (has {sorted(exts)})")
+        if LABEL_EXT not in exts:
+            raise ShardInvalid(f"sample {key!r}: no .{LABEL_EXT} label member (has {sorted(exts)})")
+
+    try:
+        with tarfile.open(fileobj=io.BufferedReader(tee, CHUNK), mode="r|") as tar:
+            for m in tar:
+                _check_member(m)
+                if m.isdir():
+                    continue
+                key, ext = _split_key(m.name)
+                if key != current:
+                    finish(current, fields)
+                    if key in seen:
+                        raise ShardInvalid(f"sample {key!r}: members are not contiguous (key seen twice)")
+                    seen.add(key)
+                    current, fields = key, set()
+                    samples += 1
+                if ext in fields:
+                    raise ShardInvalid(f"member {m.name!r}: duplicate field .{ext} for sample {key!r}")
+                fields.add(ext)
+                f = tar.extractfile(m)
+                if ext in IMAGE_EXTS or ext == LABEL_EXT:
+                    data = f.read()
+                    got = len(data)
+                else:  # other fields (json, txt, npy, ...) are carried, not parsed
+                    data, got = b"", 0
+                    while b := f.read(CHUNK):
+                        got += len(b)
+                # stream-mode tarfile returns short reads at EOF instead of raising
+                if got != m.size:
+                    raise ShardInvalid(f"truncated tar: member {m.name!r} has {got} of {m.size} bytes")
+                if ext in IMAGE_EXTS:
+                    _check_image(m.name, data)
+                elif ext == LABEL_EXT:
+                    classes[_check_label(m.name, data, num_classes)] += 1
+    except tarfile.TarError as e:
+        raise ShardInvalid(f"corrupt or truncated tar: {e}") from None
+    except EOFError as e:
+        raise ShardInvalid(f"truncated tar: {e}") from None
+    tee.drain()
+    # Stream-mode tarfile treats a cut inside or at a header as the end; a complete archive ends
+    # in two zero blocks. Checked before the last sample so a cut reads as "truncated".
+    if tee.nbytes % 512 or tee.tail[-1024:] != bytes(1024):
+        raise ShardInvalid(f"truncated tar: no end-of-archive marker after {tee.nbytes} bytes")
+    finish(current, fields)
+    if samples == 0:
+        raise ShardInvalid("no samples (empty archive)")
+    return samples, classes, tee.sha.hexdigest(), tee.nbytes
+
+
+@dataclass
+class ShardIngestResult:
+    batch: str
+    published: list[ShardReport]
+    quarantined: list[ShardReport]
+    manifest_key: str
+    seconds: float
+
+    @property
+    def samples(self) -> int:
+        return sum(r.samples for r in self.published)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.published) + sum(r.bytes for r in self.quarantined)
+
+    @property
+    def classes(self) -> dict[int, int]:
+        c: Counter = Counter()
+        for r in self.published:
+            c.update(r.classes)
+        return dict(sorted(c.items()))
+
+
+def _read_manifest(store: Storage, key: str) -> dict | None:
+    try:
+        return json.loads(store.read(key))
+    except ObjectNotFound:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IngestError(f"{store.uri(key)}: published manifest is not valid JSON ({e})") from e
+
+
+def _quarantine(store: Storage, src_key: str, qkey: str, reason: str) -> None:
+    store.copy(src_key, qkey)
+    note = {"source": store.uri(src_key), "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    store.write_atomic(qkey + ".reason.json", json.dumps(note, indent=1).encode())
+
+
+def ingest_shards(
+    store: Storage,
+    batch: str,
+    *,
+    incoming: str = "incoming",
+    published: str = "raw/shards",
+    quarantine: str = "quarantine/shards",
+    num_classes: int = NUM_CLASSES,
+    workers: int = 4,
+    on_shard: Callable[[ShardReport], None] | None = None,
+) -> ShardIngestResult:
+    """Ingest every ``*.tar`` under ``<incoming>/<batch>/`` into ``<published>/<batch>/``.
+
+    Published shards are immutable: a shard whose name is already published with other content is
+    quarantined ("conflicts with published shard"), never overwritten. The manifest is rewritten
+    last and keeps earlier entries, so a re-run never drops what was published before.
+    """
+    t0 = time.perf_counter()
+    src_prefix, dst_prefix, q_prefix = join(incoming, batch), join(published, batch), join(quarantine, batch)
+    sources = [o.key for o in store.list(src_prefix) if o.key.endswith(".tar")]
+    if not sources:
+        raise IngestError(f"{store.uri(src_prefix)}: no .tar shards to ingest")
+    manifest_key = join(dst_prefix, MANIFEST)
+    previous = {s["key"]: s for s in (_read_manifest(store, manifest_key) or {}).get("shards", [])}
+
+    def one(src_key: str) -> ShardReport:
+        t = time.perf_counter()
+        dst_key = join(dst_prefix, PurePosixPath(src_key).name)
+        report = ShardReport(src_key, dst_key, 0, "")
+        with store.open_read(src_key) as f, store.open_write(dst_key) as w:
+            try:
+                report.samples, classes, report.sha256, report.bytes = validate_shard(
+                    f, num_classes=num_classes, sink=w
+                )
+                report.classes = dict(sorted(classes.items()))
+                old = previous.get(dst_key)
+                if old and old["sha256"] != report.sha256:
+                    raise ShardInvalid(
+                        f"conflicts with published shard {store.uri(dst_key)} (sha256 {old['sha256'][:12]}…)"
+                    )
+            except ShardInvalid as e:
+                w.abort()  # nothing is published under dst_key
+                report.reason, report.key = str(e), None
+        if not report.ok:
+            qkey = join(q_prefix, PurePosixPath(src_key).name)
+            _quarantine(store, src_key, qkey, report.reason)
+            if not report.sha256:  # stopped before the end of the stream: record the whole file
+                report.sha256, report.bytes = store.checksum(qkey), store.stat(qkey).size
+        report.seconds = time.perf_counter() - t
+        if on_shard:
+            on_shard(report)
+        return report
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        reports = list(pool.map(one, sources))
+    good = [r for r in reports if r.ok]
+    bad = [r for r in reports if not r.ok]
+    entries = dict(previous)
+    for r in good:
+        entries[r.key] = {"key": r.key, "bytes": r.bytes, "sha256": r.sha256, "samples": r.samples,
+                          "classes": {str(k): v for k, v in r.classes.items()}}
+    manifest = {
+        "format": "forgeline.shards/1",
+        "batch": batch,
+        "source": store.uri(src_prefix),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "shards": [entries[k] for k in sorted(entries)],
+        "samples": sum(e["samples"] for e in entries.values()),
+        "quarantined": [{"source": r.source, "reason": r.reason} for r in bad],
+    }
+    store.write_atomic(manifest_key, json.dumps(manifest, indent=1).encode())
+    return ShardIngestResult(batch, good, bad, manifest_key, time.perf_counter() - t0)
+
+
+def read_shard_manifest(store: Storage, batch: str, published: str = "raw/shards") -> dict:
+    key = join(published, batch, MANIFEST)
+    m = _read_manifest(store, key)
+    if m is None:
+        raise IngestError(f"{store.uri(key)}: batch {batch!r} has no published shard manifest")
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+
+def digits_schema() -> dict:
+    import polars as pl
+
+    schema = {"id": pl.Int64}
+    schema.update({f"px_{j:02d}": pl.UInt8 for j in range(64)})
+    schema.update({"label": pl.Int64, "split": pl.String})
+    return schema
+
+
+DIGITS_RANGES = {**{f"px_{j:02d}": (0, PIXEL_MAX) for j in range(64)}, "label": (0, NUM_CLASSES - 1)}
+
+
+@dataclass
+class TableReport:
+    source: str
+    rows: int
+    bytes: int
+    sha256: str
+    columns: dict[str, dict]  # per column: null_count, min, max, mean
+    extra_columns: list[str]
+    splits: dict[str, int]
+    labels: dict[int, int]
+
+
+@contextmanager
+def _local_file(store: Storage, key: str) -> Iterator[Path]:
+    """A local path for ``key``: the file itself on filesystem storage, else a streamed temp copy
+    (bounded memory; polars then scans it lazily)."""
+    path = store.local_path(key)
+    if path is not None:
+        if not path.is_file():
+            raise ObjectNotFound(f"{store.uri(key)}: not found")
+        yield path
+        return
+    fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="forgeline-")
+    try:
+        with os.fdopen(fd, "wb") as out, store.open_read(key) as f:
+            while b := f.read(CHUNK):
+                out.write(b)
+        yield Path(tmp)
+    finally:
+        os.unlink(tmp)
+
+
+def validate_table(
+    path: str | os.PathLike,
+    *,
+    name: str | None = None,
+    schema: dict | None = None,
+    ranges: dict[str, tuple[float, float]] | None = None,
+    id_column: str = "id",
+    allowed_splits: tuple[str, ...] = SPLITS,
+) -> TableReport:
+    """Check one Parquet file lazily; raise :class:`IngestError` naming the file and column."""
+    import polars as pl
+
+    where = name or str(path)
+    schema = digits_schema() if schema is None else schema
+    ranges = DIGITS_RANGES if ranges is None else ranges
+    try:
+        lf = pl.scan_parquet(path)
+        actual = lf.collect_schema()
+    except Exception as e:  # polars raises several types for non-Parquet / truncated files
+        raise IngestError(f"{where}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    for col, dtype in schema.items():
+        if col not in actual:
+            raise IngestError(f"{where}: column {col!r} is missing (expected {dtype})")
+        if actual[col] != dtype:
+            raise IngestError(f"{where}: column {col!r} has dtype {actual[col]}, expected {dtype}")
+    extra = [c for c in actual.names() if c not in schema]
+
+    cols = list(schema)
+    numeric = [c for c in cols if schema[c].is_numeric()]
+    exprs = [pl.len().alias("__rows"), pl.col(id_column).n_unique().alias("__ids")]
+    exprs += [pl.col(c).null_count().alias(f"{c}__nulls") for c in cols]
+    exprs += [pl.col(c).min().cast(pl.Float64).alias(f"{c}__min") for c in numeric]
+    exprs += [pl.col(c).max().cast(pl.Float64).alias(f"{c}__max") for c in numeric]
+    exprs += [pl.col(c).mean().cast(pl.Float64).alias(f"{c}__mean") for c in numeric]
+    try:
+        stats = lf.select(exprs).collect(engine="streaming").row(0, named=True)
+        splits = dict(lf.group_by("split").len().collect(engine="streaming").iter_rows())
+        labels = dict(lf.group_by("label").len().collect(engine="streaming").iter_rows())
+    except Exception as e:
+        raise IngestError(f"{where}: unreadable data ({type(e).__name__}: {e})") from None
+    rows = stats["__rows"]
+    for c in cols:
+        if stats[f"{c}__nulls"]:
+            raise IngestError(f"{where}: column {c!r} has {stats[f'{c}__nulls']} null value(s)")
+    for c, (lo, hi) in ranges.items():
+        mn, mx = stats[f"{c}__min"], stats[f"{c}__max"]
+        if rows and (mn < lo or mx > hi):
+            raise IngestError(f"{where}: column {c!r} has values in [{mn:g}, {mx:g}], allowed [{lo:g}, {hi:g}]")
+    if stats["__ids"] != rows:
+        dup = (
+            lf.group_by(id_column).len().filter(pl.col("len") > 1).sort(id_column).head(3)
+            .collect(engine="streaming")[id_column].to_list()
+        )
+        raise IngestError(f"{where}: column {id_column!r} has {rows - stats['__ids']} duplicate id(s), e.g. {dup}")
+    bad_splits = sorted(set(splits) - set(allowed_splits), key=str)
+    if bad_splits:
+        raise IngestError(f"{where}: column 'split' has values {bad_splits}, allowed {list(allowed_splits)}")
+    with open(path, "rb") as f:
+        sha, size = sha256_stream(f)
+    columns = {
+        c: {"null_count": stats[f"{c}__nulls"], **({k: stats[f"{c}__{k}"] for k in ("min", "max", "mean")} if c in numeric else {})}
+        for c in cols
+    }
+    return TableReport(where, rows, size, sha, columns, extra, splits, dict(sorted(labels.items())))
+
+
+@dataclass
+class TableIngestResult:
+    batch: str
+    files: list[TableReport]
+    published: list[str]
+    manifest_key: str
+    seconds: float
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def splits(self) -> dict[str, int]:
+        c: Counter = Counter()
+        for f in self.files:
+            c.update(f.splits)
+        return dict(sorted(c.items()))
+
+    @property
+    def labels(self) -> dict[int, int]:
+        c: Counter = Counter()
+        for f in self.files:
+            c.update(f.labels)
+        return dict(sorted(c.items()))
+
+
+def ingest_table(
+    store: Storage,
+    batch: str,
+    *,
+    incoming: str = "incoming",
+    published: str = "raw/table",
+    schema: dict | None = None,
+    ranges: dict | None = None,
+) -> TableIngestResult:
+    """Validate every ``*.parquet`` under ``<incoming>/<batch>/``; publish them all (manifest last)
+    only if every file passes. Any bad file raises :class:`IngestError` and publishes nothing."""
+    t0 = time.perf_counter()
+    src_prefix, dst_prefix = join(incoming, batch), join(published, batch)
+    sources = [o.key for o in store.list(src_prefix) if o.key.endswith(".parquet")]
+    if not sources:
+        raise IngestError(f"{store.uri(src_prefix)}: no .parquet files to ingest")
+    reports = []
+    for key in sources:
+        with _local_file(store, key) as path:
+            reports.append(validate_table(path, name=store.uri(key), schema=schema, ranges=ranges))
+    keys = []
+    for key, rep in zip(sources, reports):
+        dst = join(dst_prefix, PurePosixPath(key).name)
+        with store.open_read(key) as f:
+            store.write_atomic(dst, f, expected_sha256=rep.sha256)  # source changed since validation → error
+        keys.append(dst)
+    manifest_key = join(dst_prefix, MANIFEST)
+    manifest = {
+        "format": "forgeline.table/1",
+        "batch": batch,
+        "source": store.uri(src_prefix),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": [{"key": k, **{f: v for f, v in asdict(r).items() if f != "source"}} for k, r in zip(keys, reports)],
+        "rows": sum(r.rows for r in reports),
+    }
+    store.write_atomic(manifest_key, json.dumps(manifest, indent=1, default=str).encode())
+    return TableIngestResult(batch, reports, keys, manifest_key, time.perf_counter() - t0)
+
+
+__all__ = [
+    "IngestError",
+    "ShardIngestResult",
+    "ShardInvalid",
+    "ShardReport",
+    "StorageError",
+    "TableIngestResult",
+    "TableReport",
+    "ingest_shards",
+    "ingest_table",
+    "read_shard_manifest",
+    "validate_shard",
+    "validate_table",
+]

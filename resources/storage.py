@@ -1,0 +1,115 @@
+"""Storage resources: one interface (``client()`` → :class:`pipeline.storage.Storage`), three tiers.
+
+Pick one in ``Definitions`` by configuration (see :func:`storage_from_env`); assets depend only on
+``StorageResource`` so the same graph runs on a laptop disk, an NFS mount or S3.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import abstractmethod
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from pipeline.storage import LocalStorage, ShmStorage, Storage
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_state_dir() -> Path:
+    """Project-local folder for everything the embedded defaults write (``.forgeline/``)."""
+    return Path(os.environ.get("FORGELINE_HOME", PROJECT_ROOT / ".forgeline"))
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Base of every storage tier. ``client()`` returns the engine's storage object (cached)."""
+
+    _client: Optional[Storage] = PrivateAttr(default=None)
+
+    def client(self) -> Storage:
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    @abstractmethod
+    def _make_client(self) -> Storage: ...
+
+
+class LocalStorageResource(StorageResource):
+    """A directory on local disk or a shared POSIX mount (NFS, CephFS, Lustre)."""
+
+    root: str = Field(description="Directory that holds every object; created if missing.")
+    fsync: bool = Field(default=True, description="fsync objects and directories on publish (durability).")
+
+    def _make_client(self) -> Storage:
+        return LocalStorage(self.root, fsync=self.fsync)
+
+
+class ShmStorageResource(StorageResource):
+    """The RAM-backed /dev/shm tier, with an optional byte budget."""
+
+    root: str = Field(default="/dev/shm/forgeline", description="Directory on a tmpfs mount.")
+    capacity_bytes: Optional[int] = Field(default=None, description="Budget for this tier (bytes).")
+
+    def _make_client(self) -> Storage:
+        return ShmStorage(self.root, capacity_bytes=self.capacity_bytes)
+
+
+class S3StorageResource(StorageResource):
+    """An S3 bucket (AWS or any S3-compatible endpoint: MinIO, Ceph RGW, R2...).
+    Credentials come from ``EnvVar`` config or boto3's default chain — never from code."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: Optional[str] = None
+    region_name: Optional[str] = None
+    aws_access_key_id: Optional[str] = None
+    aws_secret_access_key: Optional[str] = None
+    aws_session_token: Optional[str] = None
+    max_attempts: int = Field(default=5, description="Attempts per request (exponential backoff).")
+    part_size: int = Field(default=8 * 1024 * 1024, description="Multipart part / ranged GET size.")
+
+    def _make_client(self) -> Storage:
+        from pipeline.s3 import S3Storage
+
+        return S3Storage(
+            self.bucket,
+            self.prefix,
+            endpoint_url=self.endpoint_url,
+            region_name=self.region_name,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token,
+            max_attempts=self.max_attempts,
+            part_size=self.part_size,
+            multipart_threshold=self.part_size,
+        )
+
+
+def _env(name: str) -> Optional[dg.EnvVar]:
+    return dg.EnvVar(name) if os.environ.get(name) else None
+
+
+def storage_from_env() -> StorageResource:
+    """The storage the code location uses, chosen by environment:
+
+    * ``FORGELINE_S3_BUCKET`` set → S3 (``FORGELINE_S3_PREFIX``, ``FORGELINE_S3_ENDPOINT_URL``,
+      ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``).
+    * else local disk at ``FORGELINE_STORAGE_ROOT`` (default ``.forgeline/storage`` in the project).
+    """
+    if os.environ.get("FORGELINE_S3_BUCKET"):
+        return S3StorageResource(
+            bucket=dg.EnvVar("FORGELINE_S3_BUCKET"),
+            prefix=os.environ.get("FORGELINE_S3_PREFIX", ""),
+            endpoint_url=_env("FORGELINE_S3_ENDPOINT_URL"),
+            region_name=_env("AWS_REGION"),
+            aws_access_key_id=_env("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=_env("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=_env("AWS_SESSION_TOKEN"),
+        )
+    if os.environ.get("FORGELINE_STORAGE_ROOT"):
+        return LocalStorageResource(root=dg.EnvVar("FORGELINE_STORAGE_ROOT"))
+    return LocalStorageResource(root=str(default_state_dir() / "storage"))

@@ -1,0 +1,228 @@
+"""Ingestion engine on real digits data: good batches publish; every kind of bad shard is quarantined
+with its reason while good shards publish; bad tables publish nothing and name file + column."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline import datagen
+from pipeline.ingest import IngestError, ingest_shards, ingest_table, read_shard_manifest
+from pipeline.storage import LocalStorage
+
+BATCH = "b1"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return datagen.load_digits()
+
+
+@pytest.fixture
+def landed(tmp_path, digits):
+    store = LocalStorage(tmp_path / "store")
+    datagen.write_batch(store, f"incoming/{BATCH}", digits, samples_per_shard=300)
+    return store
+
+
+def _tar(members) -> bytes:
+    """members: (TarInfo-like kwargs, payload) pairs → tar bytes (with end-of-archive marker)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for kw, payload in members:
+            info = tarfile.TarInfo(kw.pop("name"))
+            for k, v in kw.items():
+                setattr(info, k, v)
+            if payload is not None:
+                info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload) if payload is not None else None)
+    return buf.getvalue()
+
+
+def _png(digits, i=0) -> bytes:
+    return datagen.encode_image(digits.images[i])
+
+
+def _sample(stem, png, label=b"3\n"):
+    return [({"name": f"{stem}.png"}, png), ({"name": f"{stem}.cls"}, label)]
+
+
+def _bad_shards(digits, good_bytes: bytes) -> dict[str, tuple[bytes, str]]:
+    png = _png(digits)
+    cut = good_bytes[: len(good_bytes) // 3]
+    boundary = _tar(_sample("a", png))[:-1024 * 9]  # drop end-of-archive blocks and record padding
+    return {
+        "garbage": (b"this is not a tar file" * 50, "corrupt or truncated tar"),
+        "truncated": (cut, "truncated"),
+        "cut_at_boundary": (boundary, "truncated tar: no end-of-archive marker"),
+        "absolute": (_tar([({"name": "/etc/000001.png"}, png)]), "absolute path"),
+        "dotdot": (_tar([({"name": "../000001.png"}, png)]), "escapes the archive"),
+        "symlink": (_tar([({"name": "000001.png", "type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}, None)]),
+                    "links are not allowed"),
+        "hardlink": (_tar([({"name": "000001.png", "type": tarfile.LNKTYPE, "linkname": "x"}, None)]),
+                     "links are not allowed"),
+        "device": (_tar([({"name": "000001.png", "type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3}, None)]),
+                   "device"),
+        "fifo": (_tar([({"name": "000001.png", "type": tarfile.FIFOTYPE}, None)]), "device/fifo"),
+        "no_label": (_tar([({"name": "000001.png"}, png)]), "no .cls label"),
+        "no_image": (_tar([({"name": "000001.cls"}, b"1\n")]), "no image member"),
+        "bad_image": (_tar(_sample("000001", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)), "not a decodable image"),
+        "label_range": (_tar(_sample("000001", png, b"12\n")), "outside [0, 10)"),
+        "label_text": (_tar(_sample("000001", png, b"seven\n")), "not an integer"),
+        "split_sample": (_tar(_sample("a", png)[:1] + _sample("b", png) + _sample("a", png)[1:]), "sample 'a': no .cls"),
+        "non_contiguous": (_tar(_sample("a", png) + _sample("b", png) + [({"name": "a.json"}, b"{}")]),
+                           "not contiguous"),
+        "empty": (_tar([]), "no samples"),
+    }
+
+
+def test_good_batch_publishes_everything(landed, digits):
+    result = ingest_shards(landed, BATCH)
+    assert not result.quarantined
+    assert result.samples == len(digits) == 1797
+    assert result.classes == {c: int((digits.labels == c).sum()) for c in range(10)}
+    manifest = read_shard_manifest(landed, BATCH)
+    assert manifest["samples"] == 1797
+    for entry in manifest["shards"]:
+        assert landed.checksum(entry["key"]) == entry["sha256"]
+        assert landed.stat(entry["key"]).size == entry["bytes"]
+        # the published shard is byte-identical to its landed source
+        src = entry["key"].replace("raw/shards/b1/", "incoming/b1/shards/")
+        assert landed.checksum(src) == entry["sha256"]
+
+
+def test_each_bad_shard_is_quarantined_with_its_reason(landed, digits):
+    good_src = "incoming/b1/shards/train-000000.tar"
+    bad = _bad_shards(digits, landed.read(good_src))
+    for name, (payload, _) in bad.items():
+        landed.write_atomic(f"incoming/{BATCH}/shards/zz-{name}.tar", payload)
+    sources_before = {o.key: landed.checksum(o.key) for o in landed.list("incoming")}
+
+    result = ingest_shards(landed, BATCH)
+
+    assert result.samples == 1797  # every good shard still published
+    reasons = {r.source.rsplit("zz-", 1)[1][:-4]: r.reason for r in result.quarantined}
+    assert set(reasons) == set(bad)
+    for name, (payload, expected) in bad.items():
+        assert expected in reasons[name], (name, reasons[name])
+        qkey = f"quarantine/shards/{BATCH}/zz-{name}.tar"
+        assert landed.read(qkey) == payload  # quarantined copy is the exact bad file
+        note = json.loads(landed.read(qkey + ".reason.json"))
+        assert expected in note["reason"] and note["source"].endswith(f"zz-{name}.tar")
+        assert not landed.exists(f"raw/shards/{BATCH}/zz-{name}.tar")
+    manifest = read_shard_manifest(landed, BATCH)
+    assert len(manifest["quarantined"]) == len(bad)
+    assert {o.key: landed.checksum(o.key) for o in landed.list("incoming")} == sources_before  # source untouched
+    assert not landed.stale_temporaries()
+
+
+def test_reingest_never_overwrites_published_shards(landed, digits):
+    ingest_shards(landed, BATCH)
+    key = f"raw/shards/{BATCH}/train-000000.tar"
+    published_sha = landed.checksum(key)
+    # the landed source changes to other (valid) content: the published version must not move
+    other = datagen.Digits(digits.images[:5], digits.labels[:5], np.full(5, "train"), digits.ids[:5])
+    datagen.write_shards(landed, "tmp", other)
+    landed.copy("tmp/train-000000.tar", f"incoming/{BATCH}/shards/train-000000.tar")
+
+    result = ingest_shards(landed, BATCH)
+
+    assert landed.checksum(key) == published_sha
+    assert [r.source for r in result.quarantined] == [f"incoming/{BATCH}/shards/train-000000.tar"]
+    assert "conflicts with published shard" in result.quarantined[0].reason
+    manifest = read_shard_manifest(landed, BATCH)
+    assert any(e["key"] == key and e["sha256"] == published_sha for e in manifest["shards"])
+    assert manifest["samples"] == 1797
+
+
+def test_no_shards_is_a_clear_error(tmp_path):
+    store = LocalStorage(tmp_path)
+    with pytest.raises(IngestError, match="incoming/nothing: no .tar shards"):
+        ingest_shards(store, "nothing")
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+
+def _write_frame(store, df: pl.DataFrame, key=f"incoming/{BATCH}/table.parquet"):
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    store.write_atomic(key, buf.getvalue())
+
+
+def test_good_table_publishes_with_stats(landed, digits):
+    result = ingest_table(landed, BATCH)
+    assert result.rows == 1797
+    assert result.splits == {"test": 269, "train": 1259, "val": 269}
+    assert sum(result.labels.values()) == 1797
+    rep = result.files[0]
+    assert rep.columns["label"]["min"] == 0 and rep.columns["label"]["max"] == 9
+    assert rep.columns["px_36"]["mean"] == pytest.approx(digits.images.reshape(-1, 64)[:, 36].mean())
+    published = pl.read_parquet(landed.local_path(result.published[0]))
+    assert published.equals(datagen.table_frame(digits))
+
+
+def _mutations(df: pl.DataFrame):
+    return {
+        "missing": (df.drop("px_10"), "column 'px_10' is missing"),
+        "dtype": (df.with_columns(pl.col("px_03").cast(pl.Float64)), "column 'px_03' has dtype Float64, expected UInt8"),
+        "nulls": (df.with_columns(pl.when(pl.col("id") == 5).then(None).otherwise(pl.col("label")).alias("label")),
+                  "column 'label' has 1 null value(s)"),
+        "range": (df.with_columns(pl.when(pl.col("id") == 7).then(200).otherwise(pl.col("px_20")).cast(pl.UInt8).alias("px_20")),
+                  "column 'px_20' has values in [0, 200], allowed [0, 16]"),
+        "label_range": (df.with_columns(pl.lit(11, pl.Int64).alias("label")), "column 'label' has values in [11, 11]"),
+        "duplicates": (df.with_columns(pl.when(pl.col("id") == 3).then(2).otherwise(pl.col("id")).alias("id")),
+                       "column 'id' has 1 duplicate id(s), e.g. [2]"),
+        "split": (df.with_columns(pl.lit("holdout").alias("split")), "column 'split' has values ['holdout']"),
+        "bytes": (None, "not a readable Parquet file"),
+        "truncated": (None, "not a readable Parquet file"),
+    }
+
+
+TABLE_CASES = ["missing", "dtype", "nulls", "range", "label_range", "duplicates", "split", "bytes", "truncated"]
+
+
+@pytest.mark.parametrize("case", TABLE_CASES)
+def test_bad_table_names_file_and_column_and_publishes_nothing(landed, digits, case):
+    ingest_table(landed, BATCH)  # an earlier good version is published
+    published_before = {o.key: landed.checksum(o.key) for o in landed.list("raw/table")}
+    cases = _mutations(datagen.table_frame(digits))
+    assert sorted(cases) == sorted(TABLE_CASES)
+    frame, expected = cases[case]
+    key = f"incoming/{BATCH}/table.parquet"
+    if case == "bytes":
+        landed.write_atomic(key, b"PAR1 not really parquet")
+    elif case == "truncated":
+        good = landed.read(key)
+        landed.write_atomic(key, good[: len(good) // 2])
+    else:
+        _write_frame(landed, frame, key)
+
+    with pytest.raises(IngestError) as err:
+        ingest_table(landed, BATCH)
+
+    assert landed.uri(key) in str(err.value)
+    assert expected in str(err.value)
+    assert {o.key: landed.checksum(o.key) for o in landed.list("raw/table")} == published_before
+    assert not landed.stale_temporaries()
+
+
+def test_one_bad_table_blocks_the_whole_batch(landed, digits):
+    df = datagen.table_frame(digits)
+    _write_frame(landed, df.drop("split"), f"incoming/{BATCH}/zz-part2.parquet")
+    with pytest.raises(IngestError, match="zz-part2.parquet: column 'split' is missing"):
+        ingest_table(landed, BATCH)
+    assert landed.list("raw/table") == []
+
+
+def test_shifted_batch_is_valid_but_different(tmp_path, digits):
+    store = LocalStorage(tmp_path)
+    shifted = datagen.shift(digits)
+    assert shifted.images.max() <= datagen.PIXEL_MAX and shifted.images.mean() > digits.images.mean() + 1.5
+    assert (shifted.labels == digits.labels).all()
+    datagen.write_batch(store, "incoming/shifted", shifted, samples_per_shard=500)
+    assert ingest_shards(store, "shifted").samples == 1797
+    assert ingest_table(store, "shifted").rows == 1797
