@@ -58,9 +58,9 @@ def parse_size(text: str) -> int:
 
 
 def _defs():
-    from jobs.definitions import defs
+    from jobs.definitions import build_defs
 
-    return defs
+    return build_defs()  # read the environment now, not at import
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,9 +222,9 @@ def cmd_launch(args) -> int:
 
 
 def _storage():
-    from resources.storage import storage_from_env
+    from resources.storage import open_storage
 
-    return storage_from_env().client()
+    return open_storage()
 
 
 def cmd_gen(args) -> int:

@@ -15,9 +15,15 @@ lifecycle_job = dg.define_asset_job(
     description="The whole lifecycle for one batch: every stage that exists, in dependency order.",
 )
 
-defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([ingest_assets]),
-    jobs=[ingest_job, lifecycle_job],
-    sensors=[incoming_batches],
-    resources={"storage": storage_from_env()},
-)
+
+def build_defs() -> dg.Definitions:
+    """Definitions with resources chosen from the environment at call time (see storage_from_env)."""
+    return dg.Definitions(
+        assets=dg.load_assets_from_modules([ingest_assets]),
+        jobs=[ingest_job, lifecycle_job],
+        sensors=[incoming_batches],
+        resources={"storage": storage_from_env()},
+    )
+
+
+defs = build_defs()

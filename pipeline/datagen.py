@@ -188,29 +188,32 @@ def write_synthetic_shards(
     image_size: int = 224,
     samples_per_shard: int = 512,
     seed: int = 0,
+    pool_size: int = 512,
     progress: Callable[[int], None] | None = None,
 ) -> list[ObjectInfo]:
     """Benchmark volume: upscaled digits plus per-pixel noise (so PNG cannot compress them away)
-    until ``total_bytes`` of shards exist. ``progress(bytes_so_far)`` is called after each shard."""
+    until ``total_bytes`` of shards exist. Images are drawn from a pool of ``pool_size`` distinct
+    encodings so generating GBs runs at disk speed. ``progress(bytes_so_far)`` after each shard."""
     from PIL import Image
 
     base = load_digits()
     rng = np.random.default_rng(seed)
-
-    def sample(n: int):
+    pool = []
+    for _ in range(pool_size):
         i = int(rng.integers(0, len(base)))
-        img = encode_image(base.images[i], image_size)  # 0..255 upscaled
-        arr = np.asarray(Image.open(io.BytesIO(img)), dtype=np.int16) + rng.integers(-8, 9, (image_size,) * 2)
+        up = Image.open(io.BytesIO(encode_image(base.images[i], image_size)))
+        arr = np.asarray(up, dtype=np.int16) + rng.integers(-8, 9, (image_size, image_size))
         buf = io.BytesIO()
         Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").save(buf, format="PNG", compress_level=1)
-        return f"{n:08d}", "png", buf.getvalue(), int(base.labels[i])
+        pool.append((buf.getvalue(), int(base.labels[i])))
 
     written: list[ObjectInfo] = []
     total = 0
     while total < total_bytes:
         first = len(written) * samples_per_shard
-        key = join(prefix, f"train-{len(written):06d}.tar")
-        written.append(write_tar(store, key, (sample(first + k) for k in range(samples_per_shard))))
+        picks = rng.integers(0, pool_size, samples_per_shard)
+        samples = ((f"{first + k:08d}", "png", *pool[p]) for k, p in enumerate(picks))
+        written.append(write_tar(store, join(prefix, f"train-{len(written):06d}.tar"), samples))
         total += written[-1].size
         if progress:
             progress(total)

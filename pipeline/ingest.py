@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator
 
 from pipeline.datagen import NUM_CLASSES, PIXEL_MAX, SPLITS
-from pipeline.storage import CHUNK, ObjectNotFound, Storage, StorageError, join, sha256_stream
+from pipeline.storage import CHUNK, AtomicWriter, ObjectNotFound, Storage, StorageError, join, sha256_stream
 
 IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"})
 LABEL_EXT = "cls"
@@ -50,13 +50,18 @@ class ShardInvalid(IngestError):
 
 
 class _TeeReader(io.RawIOBase):
-    """Reads from ``src``, hashing and counting every byte and copying it to ``sink``."""
+    """Reads from ``src``, counting every byte and copying it to ``sink``; hashes them unless the
+    sink is an :class:`AtomicWriter`, which already does (one sha256 pass, not two)."""
 
     def __init__(self, src: BinaryIO, sink=None):
         self._src, self._sink = src, sink
-        self.sha = hashlib.sha256()
+        self._sha = None if isinstance(sink, AtomicWriter) else hashlib.sha256()
         self.nbytes = 0
         self.tail = b""  # last 1 KiB seen: end-of-archive check
+
+    @property
+    def sha256(self) -> str:
+        return self._sink.sha256 if self._sha is None else self._sha.hexdigest()
 
     def readable(self) -> bool:
         return True
@@ -66,9 +71,10 @@ class _TeeReader(io.RawIOBase):
         n = len(data)
         b[:n] = data
         if n:
-            self.sha.update(data)
+            if self._sha is not None:
+                self._sha.update(data)
             self.nbytes += n
-            self.tail = (self.tail + data)[-1024:]
+            self.tail = (self.tail + data[-1024:])[-1024:]
             if self._sink is not None:
                 self._sink.write(data)
         return n
@@ -210,7 +216,7 @@ def validate_shard(stream: BinaryIO, *, num_classes: int = NUM_CLASSES, sink=Non
     finish(current, fields)
     if samples == 0:
         raise ShardInvalid("no samples (empty archive)")
-    return samples, classes, tee.sha.hexdigest(), tee.nbytes
+    return samples, classes, tee.sha256, tee.nbytes
 
 
 @dataclass

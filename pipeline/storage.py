@@ -93,6 +93,11 @@ class AtomicWriter(ABC):
         self.closed = False
         self.info: ObjectInfo | None = None  # set by commit()
 
+    @property
+    def sha256(self) -> str:
+        """sha256 of the bytes written so far."""
+        return self._hash.hexdigest()
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.closed:
             raise StorageError(f"{self.key}: write after commit/abort")
@@ -102,7 +107,7 @@ class AtomicWriter(ABC):
         return len(data)
 
     def _verify_stream(self) -> str:
-        digest = self._hash.hexdigest()
+        digest = self.sha256
         if self.expected_size is not None and self.size != self.expected_size:
             raise IntegrityError(f"{self.key}: wrote {self.size} bytes, expected {self.expected_size}")
         if self.expected_sha256 is not None and digest != self.expected_sha256:

@@ -6,6 +6,7 @@ from resources.storage import (
     S3StorageResource,
     ShmStorageResource,
     StorageResource,
+    open_storage,
     storage_from_env,
 )
 
@@ -14,5 +15,6 @@ __all__ = [
     "S3StorageResource",
     "ShmStorageResource",
     "StorageResource",
+    "open_storage",
     "storage_from_env",
 ]

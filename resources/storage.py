@@ -113,3 +113,10 @@ def storage_from_env() -> StorageResource:
     if os.environ.get("FORGELINE_STORAGE_ROOT"):
         return LocalStorageResource(root=dg.EnvVar("FORGELINE_STORAGE_ROOT"))
     return LocalStorageResource(root=str(default_state_dir() / "storage"))
+
+
+def open_storage(resource: StorageResource | None = None) -> Storage:
+    """The engine storage behind ``resource`` (default: :func:`storage_from_env`) for code outside a
+    run (CLI, benchmarks). Goes through Dagster so ``EnvVar`` config resolves as it would in a run."""
+    with dg.build_resources({"storage": resource or storage_from_env()}) as res:
+        return res.storage.client()

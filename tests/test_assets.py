@@ -1,0 +1,152 @@
+"""Ingestion through Dagster: ``materialize()`` of the partitioned assets, their checks and metadata,
+the landing sensor, and the job launched through the ``forgeline`` CLI on a real instance."""
+
+import json
+
+import dagster as dg
+import pytest
+
+from assets.ingest import raw_shards, raw_table
+from assets.partitions import batches
+from jobs.ingest import incoming_batches
+from pipeline import datagen
+from resources.storage import LocalStorageResource
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return LocalStorageResource(root=str(tmp_path / "store"))
+
+
+def _land(storage, batch, data=None, **kw):
+    return datagen.write_batch(storage.client(), f"incoming/{batch}", data or datagen.load_digits(), **kw)
+
+
+def _materialize(instance, storage, batch, **kw):
+    instance.add_dynamic_partitions(batches.name, [batch])
+    return dg.materialize([raw_shards, raw_table], partition_key=batch, instance=instance,
+                          resources={"storage": storage}, **kw)
+
+
+def _checks(result) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+def test_materialize_good_batch(instance, storage):
+    _land(storage, "b1", image_size=16)
+    result = _materialize(instance, storage, "b1")
+    assert result.success
+    md = result.asset_materializations_for_node("raw_shards")[0].metadata
+    assert md["samples"].value == 1797 and md["shards_quarantined"].value == 0
+    assert md["mb_per_s"].value > 0
+    assert json.loads(open(md["manifest"].value).read())["samples"] == 1797
+    tmd = result.asset_materializations_for_node("raw_table")[0].metadata
+    assert tmd["rows"].value == 1797
+    assert tmd["splits"].value == {"test": 269, "train": 1259, "val": 269}
+    assert _checks(result) == {"no_quarantined_shards": True, "all_classes_present": True, "every_split_present": True}
+    # recorded on the instance, per partition
+    assert instance.get_materialized_partitions(dg.AssetKey("raw_shards")) == {"b1"}
+
+
+def test_bad_shard_warns_but_publishes_good_ones(instance, storage):
+    _land(storage, "b2")
+    storage.client().write_atomic("incoming/b2/shards/zz-broken.tar", b"not a tar" * 100)
+    result = _materialize(instance, storage, "b2")
+    assert result.success
+    md = result.asset_materializations_for_node("raw_shards")[0].metadata
+    assert md["shards_quarantined"].value == 1
+    assert md["quarantined"].value[0]["source"] == "incoming/b2/shards/zz-broken.tar"
+    assert md["samples"].value == 1797
+    evals = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not evals["no_quarantined_shards"].passed
+    assert evals["no_quarantined_shards"].severity == dg.AssetCheckSeverity.WARN
+
+
+def test_bad_table_fails_the_step_with_file_and_column(instance, storage):
+    import polars as pl
+
+    _land(storage, "b3")
+    store = storage.client()
+    path = store.local_path("incoming/b3/table.parquet")
+    pl.read_parquet(path).drop("px_07").write_parquet(path)
+    result = _materialize(instance, storage, "b3", raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.cause.message if failure.event_specific_data.error.cause else ""
+    message += failure.event_specific_data.error.message
+    assert "incoming/b3/table.parquet" in message and "column 'px_07' is missing" in message
+    assert store.list("raw/table/b3") == []
+
+
+def test_sensor_adds_partitions_once_per_ready_batch(instance, storage):
+    store = storage.client()
+    _land(storage, "day1", samples_per_shard=1000)
+    datagen.write_shards(store, "incoming/day2/shards", datagen.load_digits())  # still landing: no _READY
+
+    ctx = dg.build_sensor_context(instance=instance, resources={"storage": storage})
+    result = incoming_batches(ctx)
+    assert [r.partition_key for r in result.run_requests] == ["day1"]
+    assert [r.run_key for r in result.run_requests] == ["ingest:day1"]
+    assert result.dynamic_partitions_requests[0].partition_keys == ["day1"]
+
+    # same objects again → no new run; day2 finishes landing → exactly one new run
+    ctx2 = dg.build_sensor_context(instance=instance, resources={"storage": storage}, cursor=result.cursor)
+    assert isinstance(incoming_batches(ctx2), dg.SkipReason)
+    store.write_atomic("incoming/day2/_READY", b"{}")
+    result3 = incoming_batches(dg.build_sensor_context(instance=instance, resources={"storage": storage},
+                                                       cursor=result.cursor))
+    assert [r.partition_key for r in result3.run_requests] == ["day2"]
+    assert json.loads(result3.cursor) == ["day1", "day2"]
+
+
+def test_cli_launch_runs_the_job_on_the_instance(tmp_path, monkeypatch):
+    from jobs import cli
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
+    assert cli.main(["gen", "digits", "--batch", "cli-1", "--samples-per-shard", "900"]) == 0
+    assert cli.main(["launch", "ingest", "--partition", "cli-1"]) == 0
+    inst = dg.DagsterInstance.get()
+    assert inst.get_dynamic_partitions("batches") == ["cli-1"]
+    assert inst.get_materialized_partitions(dg.AssetKey("raw_table")) == {"cli-1"}
+    with pytest.raises(SystemExit, match="is partitioned: pass --partition"):
+        cli.main(["launch", "ingest"])
+
+
+def test_ingest_on_s3_through_env_configured_resource(instance, s3_storage, s3_server, monkeypatch):
+    """The same assets on S3: the resource is chosen and configured from the environment
+    (credentials as EnvVars), against the real local S3 server."""
+    from resources.storage import S3StorageResource, storage_from_env
+
+    monkeypatch.setenv("FORGELINE_S3_BUCKET", s3_storage.bucket)
+    monkeypatch.setenv("FORGELINE_S3_PREFIX", "lake")
+    monkeypatch.setenv("FORGELINE_S3_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    resource = storage_from_env()
+    assert isinstance(resource, S3StorageResource)
+
+    from resources.storage import open_storage
+
+    store = open_storage(resource)
+    datagen.write_batch(store, "incoming/s3-1", datagen.load_digits(), samples_per_shard=700)
+    store.write_atomic("incoming/s3-1/shards/zz-cut.tar", store.read("incoming/s3-1/shards/val-000000.tar")[:5000])
+
+    result = _materialize(instance, resource, "s3-1")
+
+    assert result.success
+    md = result.asset_materializations_for_node("raw_shards")[0].metadata
+    assert md["samples"].value == 1797 and md["shards_quarantined"].value == 1
+    assert md["manifest"].value == f"s3://{s3_storage.bucket}/lake/raw/shards/s3-1/manifest.json"
+    manifest = json.loads(store.read("raw/shards/s3-1/manifest.json"))
+    for entry in manifest["shards"]:
+        assert store.checksum(entry["key"]) == entry["sha256"]
+    assert store.exists("quarantine/shards/s3-1/zz-cut.tar.reason.json")
+    assert result.asset_materializations_for_node("raw_table")[0].metadata["rows"].value == 1797

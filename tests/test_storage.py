@@ -1,0 +1,455 @@
+"""The storage contract, checked on every backend (local directory and S3 on a real moto server),
+plus the behaviour specific to each: temp files and free space locally, version pinning,
+multipart and retries on S3."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import pytest
+from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
+
+from pipeline.s3 import MIN_PART_SIZE, S3Storage
+from pipeline.storage import (
+    IntegrityError,
+    ObjectNotFound,
+    ShmStorage,
+    StorageError,
+    StorageFull,
+    copy_between,
+)
+
+MiB = 1024 * 1024
+
+
+def payload(n: int, seed: int = 0) -> bytes:
+    """``n`` deterministic, non-repeating-looking bytes (distinct per seed)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < n:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 64
+        counter += 1
+    return bytes(out[:n])
+
+
+BIG = payload(12 * MiB + 12345)  # three parts at the tests' 5 MiB part size
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request):
+    return request.getfixturevalue(f"{request.param}_storage")
+
+
+def is_s3(store) -> bool:
+    return isinstance(store, S3Storage)
+
+
+# Shared contract ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [b"", b"hello", payload(100_000)], ids=["empty", "small", "100k"])
+def test_round_trip(store, data):
+    info = store.write_atomic("a/b/obj.bin", data)
+    assert info.key == "a/b/obj.bin"
+    assert info.size == len(data)
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.read("a/b/obj.bin") == data
+    assert store.stat("a/b/obj.bin").size == len(data)
+
+
+def test_streaming_writer_and_reader(store):
+    with store.open_write("s.bin") as w:
+        for i in range(0, len(BIG), 3 * MiB + 1):
+            w.write(BIG[i : i + 3 * MiB + 1])
+    assert w.info.size == len(BIG)
+    assert w.info.sha256 == hashlib.sha256(BIG).hexdigest()
+    # odd read sizes cross every window/part boundary
+    with store.open_read("s.bin") as f:
+        got = []
+        while chunk := f.read(MiB + 7):
+            got.append(chunk)
+    assert b"".join(got) == BIG
+
+
+def test_read_range(store):
+    data = payload(1000)
+    store.write_atomic("r.bin", data)
+    assert store.read_range("r.bin", 0, 1000) == data
+    assert store.read_range("r.bin", 10, 4) == data[10:14]
+    assert store.read_range("r.bin", 999, 1) == data[999:]
+    assert store.read_range("r.bin", 500, 0) == b""
+    with pytest.raises(IntegrityError, match="past end"):
+        store.read_range("r.bin", 990, 20)
+    with pytest.raises(IntegrityError, match="past end"):
+        store.read_range("r.bin", 1000, 1)
+    with pytest.raises(ValueError):
+        store.read_range("r.bin", -1, 1)
+
+
+def test_read_range_across_parts_of_multipart_object(store):
+    store.write_atomic("big.bin", BIG)
+    start = 2 * MIN_PART_SIZE - 100  # spans the boundary between parts 2 and 3
+    assert store.read_range("big.bin", start, 300) == BIG[start : start + 300]
+    start = MIN_PART_SIZE + 5
+    assert store.read_range("big.bin", start, 2 * MiB) == BIG[start : start + 2 * MiB]
+
+
+def test_list_prefix_sorted(store):
+    for key in ["b/2", "a/2", "a/1", "a/sub/3", "ab/4", "c"]:
+        store.write_atomic(key, key.encode())
+    assert [o.key for o in store.list()] == ["a/1", "a/2", "a/sub/3", "ab/4", "b/2", "c"]
+    assert [(o.key, o.size) for o in store.list("a")] == [("a/1", 3), ("a/2", 3), ("a/sub/3", 7)]
+    assert [o.key for o in store.list("a/")] == ["a/1", "a/2", "a/sub/3"]
+    assert [o.key for o in store.list("a/sub")] == ["a/sub/3"]
+    assert [o.key for o in store.list("c")] == ["c"]
+    assert store.list("nothing/here") == []
+
+
+def test_exists_delete(store):
+    assert not store.exists("x/y")
+    store.write_atomic("x/y", b"1")
+    assert store.exists("x/y")
+    store.delete("x/y")
+    assert not store.exists("x/y")
+    store.delete("x/y")  # deleting a missing object is not an error
+    for key in ["p/1", "p/2", "q"]:
+        store.write_atomic(key, b"z")
+    assert store.delete_prefix("p") == 2
+    assert [o.key for o in store.list()] == ["q"]
+
+
+def test_checksum_matches_hashlib(store):
+    store.write_atomic("c.bin", BIG)
+    assert store.checksum("c.bin") == hashlib.sha256(BIG).hexdigest()
+
+
+@pytest.mark.parametrize("size", [1000, len(BIG)], ids=["single-put", "multipart"])
+def test_wrong_sha256_keeps_previous_object(store, size):
+    old, new = payload(500, seed=1), payload(size, seed=2)
+    store.write_atomic("k", old)
+    with pytest.raises(IntegrityError, match="sha256"):
+        store.write_atomic("k", new, expected_sha256=hashlib.sha256(b"something else").hexdigest())
+    assert store.read("k") == old
+    with pytest.raises(IntegrityError):
+        store.write_atomic("fresh", new, expected_sha256="0" * 64)
+    assert not store.exists("fresh")
+    assert [o.key for o in store.list()] == ["k"]
+
+
+def test_wrong_expected_size_publishes_nothing(store):
+    with pytest.raises(IntegrityError, match="expected 11"):
+        with store.open_write("k", expected_size=11) as w:
+            w.write(b"0123456789")
+    assert not store.exists("k")
+
+
+@pytest.mark.parametrize("size", [1000, len(BIG)], ids=["single-put", "multipart"])
+def test_exception_mid_stream_leaves_nothing(store, size):
+    store.write_atomic("keep", b"old")
+    data = payload(size)
+    with pytest.raises(RuntimeError, match="producer died"):
+        with store.open_write("keep") as w:
+            w.write(data)
+            raise RuntimeError("producer died")
+    with pytest.raises(RuntimeError):
+        with store.open_write("new") as w:
+            w.write(data)
+            raise RuntimeError("producer died")
+    assert store.read("keep") == b"old"
+    assert [o.key for o in store.list()] == ["keep"]
+
+
+def test_multipart_round_trip_bit_exact(store):
+    info = store.write_atomic("mp/big.bin", BIG)
+    digest = hashlib.sha256(BIG).hexdigest()
+    assert info.sha256 == digest
+    assert store.read("mp/big.bin") == BIG
+    st = store.stat("mp/big.bin")
+    assert st.size == len(BIG)
+    if is_s3(store):
+        assert st.sha256 == digest  # recorded at write time, readable without the bytes
+
+
+def test_copy(store):
+    store.write_atomic("src/a", BIG)
+    store.write_atomic("src/small", b"tiny")
+    info = store.copy("src/a", "dst/a")
+    assert info.key == "dst/a" and info.size == len(BIG)
+    assert store.read("dst/a") == BIG
+    assert store.copy("src/small", "dst/small").size == 4
+    assert store.read("dst/small") == b"tiny"
+    assert store.read("src/a") == BIG  # source untouched
+    if is_s3(store):
+        assert info.sha256 == store.stat("dst/a").sha256 == hashlib.sha256(BIG).hexdigest()
+        assert store.stat("dst/small").sha256 == hashlib.sha256(b"tiny").hexdigest()
+
+
+def test_missing_object_names_uri(store):
+    key = "no/such/object"
+    where = re.escape(store.uri(key))
+    for call in (
+        lambda: store.open_read(key),
+        lambda: store.read(key),
+        lambda: store.read_range(key, 0, 10),
+        lambda: store.read_range(key, 0, 0),
+        lambda: store.stat(key),
+        lambda: store.checksum(key),
+        lambda: store.copy(key, "elsewhere"),
+    ):
+        with pytest.raises(ObjectNotFound, match=where):
+            call()
+    assert not store.exists("elsewhere")
+
+
+@pytest.mark.parametrize("key", ["../x", "/abs", "a/../b", "a//b", "./a", "", "a\\b", "d/.f.tmp-123"])
+def test_invalid_keys_rejected(store, key):
+    for call in (
+        lambda: store.open_write(key),
+        lambda: store.write_atomic(key, b"x"),
+        lambda: store.open_read(key),
+        lambda: store.read_range(key, 0, 1),
+        lambda: store.stat(key),
+        lambda: store.delete(key),
+    ):
+        with pytest.raises(ValueError, match="invalid storage key"):
+            call()
+
+
+# Local only -----------------------------------------------------------------------------------
+
+
+def _hidden_files(root) -> list[str]:
+    return [n for _, _, names in os.walk(root) for n in names if n.startswith(".")]
+
+
+def test_local_no_temp_files_after_success_or_failure(local_storage):
+    local_storage.write_atomic("a/ok", BIG)
+    with pytest.raises(IntegrityError):
+        local_storage.write_atomic("a/bad", b"data", expected_sha256="0" * 64)
+    with pytest.raises(RuntimeError):
+        with local_storage.open_write("a/died") as w:
+            w.write(b"partial")
+            raise RuntimeError("boom")
+    assert local_storage.stale_temporaries() == []
+    assert _hidden_files(local_storage.root) == []
+    assert [o.key for o in local_storage.list()] == ["a/ok"]
+
+
+def test_local_storage_full_for_huge_expected_size(local_storage):
+    with pytest.raises(StorageFull, match="needs"):
+        local_storage.open_write("huge", expected_size=1 << 60)
+    assert local_storage.stale_temporaries() == []
+
+
+def test_shm_capacity_budget(tmp_path):
+    shm = ShmStorage(tmp_path / "shm", capacity_bytes=100)
+    shm.write_atomic("a", b"x" * 60)
+    with pytest.raises(StorageFull, match="shm budget 100"):
+        shm.write_atomic("b", b"y" * 50)
+    assert not shm.exists("b")
+    shm.write_atomic("b", b"y" * 40)  # exactly fills the budget
+    assert shm.used_bytes() == 100
+
+
+# S3 only --------------------------------------------------------------------------------------
+
+
+def test_s3_keys_live_under_prefix(s3_storage):
+    s3_storage.write_atomic("a/b", b"1")
+    s3_storage.client.put_object(Bucket=s3_storage.bucket, Key="data2/not-ours", Body=b"x")
+    s3_storage.client.put_object(Bucket=s3_storage.bucket, Key="other", Body=b"x")
+    raw = s3_storage.client.list_objects_v2(Bucket=s3_storage.bucket)["Contents"]
+    assert sorted(o["Key"] for o in raw) == ["data/a/b", "data2/not-ours", "other"]
+    assert [o.key for o in s3_storage.list()] == ["a/b"]
+    assert s3_storage.uri("a/b") == f"s3://{s3_storage.bucket}/data/a/b"
+    assert repr(s3_storage) == f"S3Storage('s3://{s3_storage.bucket}/data')"
+
+
+def test_s3_multipart_really_uses_parts(s3_storage):
+    digest = hashlib.sha256(BIG).hexdigest()
+    # sha256 declared up front: metadata is set when the upload starts, no copy afterwards
+    s3_storage.write_atomic("declared", BIG, expected_sha256=digest)
+    assert s3_storage.etag("declared").endswith('-3"')  # S3's ETag of a 3-part upload
+    # sha256 unknown until the end (streamed): set afterwards by a server-side copy
+    with s3_storage.open_write("streamed") as w:
+        w.write(BIG)
+    for key in ("declared", "streamed"):
+        assert s3_storage.stat(key).sha256 == digest
+        assert s3_storage.read(key) == BIG
+    uploads = s3_storage.client.list_multipart_uploads(Bucket=s3_storage.bucket)
+    assert uploads.get("Uploads", []) == []
+
+
+def test_s3_failed_multipart_is_aborted(s3_storage):
+    with pytest.raises(RuntimeError):
+        with s3_storage.open_write("x") as w:
+            w.write(BIG)  # two parts already uploaded
+            raise RuntimeError("boom")
+    with pytest.raises(IntegrityError):
+        s3_storage.write_atomic("y", BIG, expected_sha256="0" * 64)  # fails after the last part
+    uploads = s3_storage.client.list_multipart_uploads(Bucket=s3_storage.bucket)
+    assert uploads.get("Uploads", []) == []
+
+
+def test_s3_object_replaced_during_read(s3_storage):
+    s3_storage.write_atomic("v", BIG)
+    with s3_storage.open_read("v") as f:
+        assert f.read(100) == BIG[:100]  # first 5 MiB window fetched, ETag pinned
+        s3_storage.write_atomic("v", payload(len(BIG), seed=9))
+        with pytest.raises(IntegrityError, match=rf"s3://{s3_storage.bucket}/data/v: object changed during read"):
+            f.read()
+
+
+def test_s3_object_deleted_during_read(s3_storage):
+    s3_storage.write_atomic("v", BIG)
+    with s3_storage.open_read("v") as f:
+        f.read(MIN_PART_SIZE)
+        s3_storage.delete("v")
+        with pytest.raises(IntegrityError, match="changed during read"):
+            f.read(1)
+
+
+def test_s3_unchanged_object_reads_across_windows(s3_storage):
+    s3_storage.write_atomic("v", BIG)
+    with s3_storage.open_read("v") as f:
+        assert f.read(MIN_PART_SIZE + 1) == BIG[: MIN_PART_SIZE + 1]
+        assert f.tell() == MIN_PART_SIZE + 1
+        assert f.read() == BIG[MIN_PART_SIZE + 1 :]
+        assert f.read(10) == b""
+
+
+def _count_calls(monkeypatch, client, name, fail):
+    """Wrap ``client.<name>``; ``fail(call_number, kwargs)`` may raise or return a replacement
+    response factory. Returns the list of kwargs of every call."""
+    real = getattr(client, name)
+    calls = []
+
+    def wrapper(**kw):
+        calls.append(kw)
+        return fail(len(calls), kw, real)
+
+    monkeypatch.setattr(client, name, wrapper)
+    return calls
+
+
+def test_s3_get_retried_after_connection_error(s3_storage, monkeypatch):
+    data = payload(1000)
+    s3_storage.write_atomic("r", data)
+
+    def fail_first(n, kw, real):
+        if n == 1:
+            raise EndpointConnectionError(endpoint_url="http://unreachable")
+        return real(**kw)
+
+    calls = _count_calls(monkeypatch, s3_storage.client, "get_object", fail_first)
+    assert s3_storage.read_range("r", 100, 50) == data[100:150]
+    assert len(calls) == 2
+
+
+class _BreakingBody:
+    """A response body that delivers ``good`` bytes and then loses the connection."""
+
+    def __init__(self, body, good: int):
+        self._body, self._left = body, good
+
+    def read(self, n=-1):
+        if self._left <= 0:
+            raise ResponseStreamingError(error="connection reset by peer")
+        chunk = self._body.read(min(n, self._left))
+        self._left -= len(chunk)
+        return chunk
+
+    def close(self):
+        self._body.close()
+
+
+def test_s3_read_resumes_mid_body_pinned_to_etag(s3_storage, monkeypatch):
+    s3_storage.write_atomic("r", BIG)
+    etag = s3_storage.etag("r")
+
+    def break_first(n, kw, real):
+        resp = real(**kw)
+        if n == 1:
+            resp["Body"] = _BreakingBody(resp["Body"], good=1_500_000)
+        return resp
+
+    calls = _count_calls(monkeypatch, s3_storage.client, "get_object", break_first)
+    assert s3_storage.read_range("r", 10, 3 * MiB) == BIG[10 : 10 + 3 * MiB]
+    assert len(calls) == 2
+    assert calls[1]["Range"] == f"bytes={10 + 1_500_000}-{10 + 3 * MiB - 1}"
+    assert calls[1]["IfMatch"] == etag
+
+
+def test_s3_error_after_last_byte_needs_no_resume(s3_storage, monkeypatch):
+    data = payload(1000)
+    s3_storage.write_atomic("r", data)
+
+    def break_after_body(n, kw, real):
+        resp = real(**kw)
+        resp["Body"] = _BreakingBody(resp["Body"], good=1000)
+        return resp
+
+    calls = _count_calls(monkeypatch, s3_storage.client, "get_object", break_after_body)
+    assert s3_storage.read_range("r", 0, 1000) == data
+    assert len(calls) == 1
+
+
+def test_s3_gives_up_after_max_attempts(s3_storage_factory, monkeypatch):
+    store = s3_storage_factory(max_attempts=3)
+    store.write_atomic("r", b"abc")
+
+    def always_fail(n, kw, real):
+        raise EndpointConnectionError(endpoint_url="http://unreachable")
+
+    calls = _count_calls(monkeypatch, store.client, "get_object", always_fail)
+    with pytest.raises(StorageError, match=re.escape(store.uri("r"))):
+        store.read_range("r", 0, 3)
+    assert len(calls) == 3
+
+
+def test_s3_upload_part_retried(s3_storage, monkeypatch):
+    def fail_second(n, kw, real):
+        if n == 2:
+            raise EndpointConnectionError(endpoint_url="http://unreachable")
+        return real(**kw)
+
+    calls = _count_calls(monkeypatch, s3_storage.client, "upload_part", fail_second)
+    s3_storage.write_atomic("up", BIG)
+    assert [c["PartNumber"] for c in calls] == [1, 2, 2, 3]
+    assert s3_storage.read("up") == BIG
+
+
+def test_s3_size_mismatch_after_publish_is_deleted(s3_storage, monkeypatch):
+    def lie_about_size(n, kw, real):
+        resp = real(**kw)
+        resp["ContentLength"] += 1
+        return resp
+
+    _count_calls(monkeypatch, s3_storage.client, "head_object", lie_about_size)
+    with pytest.raises(IntegrityError, match=r"published 6 bytes, wrote 5"):
+        s3_storage.write_atomic("k", b"hello")
+    monkeypatch.undo()
+    assert not s3_storage.exists("k")
+
+
+def test_s3_missing_bucket(s3_storage_factory):
+    store = s3_storage_factory(create=False)
+    for call in (store.list, lambda: store.read_range("k", 0, 1), lambda: store.write_atomic("k", b"x")):
+        with pytest.raises(StorageError, match=rf"bucket '{store.bucket}' does not exist") as e:
+            call()
+        assert not isinstance(e.value, ObjectNotFound)
+
+
+def test_s3_part_size_below_minimum_rejected(s3_storage_factory):
+    with pytest.raises(ValueError, match="minimum part size"):
+        s3_storage_factory(part_size=MIN_PART_SIZE - 1)
+
+
+def test_copy_between_s3_and_local(local_storage, s3_storage):
+    s3_storage.write_atomic("shard", BIG)
+    sha = s3_storage.stat("shard").sha256
+    info = copy_between(s3_storage, "shard", local_storage, "cache/shard", expected_sha256=sha)
+    assert info.sha256 == hashlib.sha256(BIG).hexdigest()
+    assert local_storage.local_path("cache/shard").read_bytes() == BIG
