@@ -32,6 +32,10 @@ _DAGSTER_YAML = """\
 # Embedded defaults: SQLite run/event/schedule storage under this folder.
 telemetry:
   enabled: false
+# GPU steps (assets with pool="gpu") run one at a time per instance unless raised here.
+concurrency:
+  pools:
+    default_limit: 1
 """
 
 
@@ -163,9 +167,12 @@ def materialization_table(result) -> Table:
     for col in ("asset", "partition", "where", "highlights"):
         table.add_column(col, overflow="fold")
     for ev in result.get_asset_materialization_events():
+        import dagster as dg
+
         mat = ev.event_specific_data.materialization
+        paths = [v.value for v in mat.metadata.values() if isinstance(v, dg.PathMetadataValue)]
+        where = paths[0] if paths else ""
         md = {k: v.value for k, v in mat.metadata.items()}
-        where = md.pop("manifest", "") or md.pop("path", "") or md.pop("uri", "")
         highlights = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in md.items()

@@ -3,8 +3,11 @@
 import dagster as dg
 
 from assets import ingest as ingest_assets
+from assets import train as train_assets
 from assets.partitions import batches
 from jobs.ingest import incoming_batches, ingest_job
+from resources.gpu import GpuPoolResource
+from resources.io import StorageJsonIOManager
 from resources.storage import storage_from_env
 
 # Every stage that exists, end to end. `make demo` runs this job.
@@ -15,14 +18,25 @@ lifecycle_job = dg.define_asset_job(
     description="The whole lifecycle for one batch: every stage that exists, in dependency order.",
 )
 
+train_and_package_job = dg.define_asset_job(
+    "train_and_package",
+    selection=dg.AssetSelection.groups("train"),
+    description="Preprocess every ingested batch and train (packaging stages join as they land).",
+)
+
 
 def build_defs() -> dg.Definitions:
     """Definitions with resources chosen from the environment at call time (see storage_from_env)."""
+    storage = storage_from_env()
     return dg.Definitions(
-        assets=dg.load_assets_from_modules([ingest_assets]),
-        jobs=[ingest_job, lifecycle_job],
+        assets=dg.load_assets_from_modules([ingest_assets, train_assets]),
+        jobs=[ingest_job, train_and_package_job, lifecycle_job],
         sensors=[incoming_batches],
-        resources={"storage": storage_from_env()},
+        resources={
+            "storage": storage,
+            "io_manager": StorageJsonIOManager(storage=storage),
+            "gpu_pool": GpuPoolResource(),
+        },
     )
 
 

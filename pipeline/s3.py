@@ -132,6 +132,12 @@ class S3Storage(Storage):
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
         self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self._session = session
+        self._spec = {
+            "kind": "s3", "bucket": bucket, "prefix": self.prefix, "endpoint_url": endpoint_url,
+            "region_name": region_name, "max_attempts": max_attempts, "part_size": part_size,
+            "multipart_threshold": multipart_threshold, "max_pool_connections": max_pool_connections,
+        }
         # Server-side copies: same part size as uploads; s3transfer grows it past 10,000 parts.
         self._transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -141,6 +147,17 @@ class S3Storage(Storage):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri()!r})"
+
+    def spec(self) -> tuple[dict, dict[str, str]]:
+        """See :meth:`Storage.spec`. Credentials travel as the standard AWS environment variables."""
+        env: dict[str, str] = {}
+        creds = self._session.get_credentials()
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            env = {"AWS_ACCESS_KEY_ID": frozen.access_key, "AWS_SECRET_ACCESS_KEY": frozen.secret_key}
+            if frozen.token:
+                env["AWS_SESSION_TOKEN"] = frozen.token
+        return dict(self._spec), env
 
     def _full(self, key: str) -> str:
         check_key(key)

@@ -225,6 +225,12 @@ class Storage(ABC):
         Lets fast paths (mmap, polars scans, O_DIRECT) skip the streaming interface."""
         return None
 
+    def spec(self) -> tuple[dict, dict[str, str]]:
+        """``(spec, env)`` to rebuild this storage in another process with :func:`from_spec`: the
+        JSON-safe ``spec`` holds no secrets; credentials, if any, are returned as environment
+        variables for the child process."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be described for another process")
+
     def delete_prefix(self, prefix: str) -> int:
         objs = self.list(prefix)
         for o in objs:
@@ -427,6 +433,9 @@ class LocalStorage(Storage):
         with open(src, "rb") as f:
             return self.write_atomic(dst_key, f)
 
+    def spec(self) -> tuple[dict, dict[str, str]]:
+        return {"kind": "local", "root": str(self.root), "verify": self.verify, "fsync": self.fsync}, {}
+
     def stale_temporaries(self) -> list[Path]:
         """Temporary files left by writers that died (crash, kill -9) — safe to delete."""
         return [p for p in self.root.rglob(f".*{_TMP_MARK}*") if p.is_file()]
@@ -443,6 +452,9 @@ class ShmStorage(LocalStorage):
         super().__init__(root, verify=True, fsync=False)
         self.capacity_bytes = capacity_bytes
 
+    def spec(self) -> tuple[dict, dict[str, str]]:
+        return {"kind": "shm", "root": str(self.root), "capacity_bytes": self.capacity_bytes}, {}
+
     def used_bytes(self) -> int:
         return sum(o.size for o in self.list())
 
@@ -455,6 +467,21 @@ class ShmStorage(LocalStorage):
                     f"{self.uri(key)}: needs {size} bytes; shm budget {self.capacity_bytes} "
                     f"has {self.capacity_bytes - used} left"
                 )
+
+
+def from_spec(spec: dict) -> Storage:
+    """Rebuild a storage described by :meth:`Storage.spec` (credentials come from the environment)."""
+    kw = {k: v for k, v in spec.items() if k != "kind"}
+    kind = spec.get("kind")
+    if kind == "local":
+        return LocalStorage(**kw)
+    if kind == "shm":
+        return ShmStorage(**kw)
+    if kind == "s3":
+        from pipeline.s3 import S3Storage
+
+        return S3Storage(kw.pop("bucket"), kw.pop("prefix", ""), **kw)
+    raise ValueError(f"unknown storage kind {kind!r} in spec {spec}")
 
 
 def copy_between(src: Storage, src_key: str, dst: Storage, dst_key: str, *, expected_sha256: str | None = None) -> ObjectInfo:
@@ -475,6 +502,7 @@ __all__ = [
     "StorageFull",
     "check_key",
     "copy_between",
+    "from_spec",
     "join",
     "sha256_stream",
 ]

@@ -1,0 +1,171 @@
+"""Training assets: ``preprocessed`` (the DALI-fed dataset over every ingested batch) and
+``trained_model`` (torchrun DDP training with checkpoints that survive a kill)."""
+
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from assets.ingest import raw_shards
+from pipeline import dataset as ds
+from pipeline import preprocess, train
+from resources.gpu import GpuPoolResource
+from resources.storage import StorageResource, default_state_dir
+
+GPU_POOL = "gpu"  # Dagster concurrency pool: GPU steps never oversubscribe it (limit in dagster.yaml)
+
+
+def _cache_dir() -> Path:
+    return default_state_dir() / "cache" / "shards"
+
+
+class PreprocessConfig(dg.Config):
+    resize_shorter: int = Field(default=32, description="Resize so the shorter side has this many pixels.")
+    crop: int = Field(default=28, description="Square crop fed to the model (random when training, center otherwise).")
+    random_flip: bool = Field(default=False, description="Horizontal flips (off for digits).")
+    batch_size: int = Field(default=128, description="Batch size for the throughput measurement.")
+
+
+@dg.asset(deps=[raw_shards], group_name="train", kinds={"dali"}, pool=GPU_POOL)
+def preprocessed(
+    context: dg.AssetExecutionContext, config: PreprocessConfig, storage: StorageResource, gpu_pool: GpuPoolResource
+) -> dict:
+    """Every published shard grouped by split, the preprocessing spec with normalization statistics
+    computed through DALI, and a measured pass of the training pipeline (images/s, stall time)."""
+    store = storage.client()
+    data = ds.collect(store)
+    local = ds.stage_all(store, data, _cache_dir())
+    spec = preprocess.PreprocessSpec(resize_shorter=config.resize_shorter, crop=config.crop, random_flip=config.random_flip)
+    mean, std = preprocess.normalization_stats(local["train"], spec=spec)
+    spec = replace(spec, mean=tuple(mean), std=tuple(std))
+    with gpu_pool.lease(f"preprocessed:{context.run_id}") as lease:
+        loader = preprocess.WebDatasetLoader(
+            local["train"], batch_size=config.batch_size, spec=spec, training=True,
+            device="gpu" if lease.device_type == "cuda" else "cpu",
+            device_id=lease.devices[0].index if lease.devices else None,
+        )
+        for _ in loader.epoch(0):  # one timed pass: what training will see
+            pass
+    stats = loader.stats
+    context.add_output_metadata({
+        "dataset_version": data["version"],
+        "batches": dg.MetadataValue.json(data["batches"]),
+        "samples_train": data["samples"]["train"],
+        "samples_val": data["samples"]["val"],
+        "samples_test": data["samples"]["test"],
+        "images_per_s": stats["images_per_s"],
+        "stall_seconds": stats["stall_seconds"],
+        "device": lease.device_type,
+        "mean": dg.MetadataValue.json(list(mean)),
+        "std": dg.MetadataValue.json(list(std)),
+    })
+    return {"dataset": data, "spec": asdict(spec)}
+
+
+class TrainingConfig(dg.Config):
+    epochs: int = 15
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    batch_size: int = Field(default=64, description="Per rank, per micro-batch.")
+    accumulation: int = Field(default=1, description="Micro-batches per optimizer step.")
+    amp: str = Field(default="auto", description="auto (bf16 where supported, else fp16+GradScaler) | bf16 | fp16 | fp32")
+    seed: int = 0
+    model: str = "digits_cnn"
+    fresh: bool = Field(default=False, description="Ignore checkpoints of an earlier identical run and start over.")
+    run_timeout_s: float = Field(default=3600, description="Wall-clock limit for the whole training run.")
+    collective_timeout_s: float = Field(default=120, description="gloo/NCCL timeout: a dead rank fails the run.")
+    min_accuracy: float = Field(default=0.97, description="Held-out (test split) accuracy the check requires.")
+    time_budget_s: float = Field(default=120, description="Training time the WARN check allows.")
+
+
+def _run_name(config: TrainingConfig, data_version: str, run_id: str) -> str:
+    """Same config + same data → same checkpoint prefix, so a re-run resumes instead of restarting."""
+    keys = ("epochs", "lr", "weight_decay", "batch_size", "accumulation", "amp", "seed", "model")
+    ident = json.dumps({k: getattr(config, k) for k in keys} | {"data": data_version}, sort_keys=True)
+    suffix = f"-{run_id[:8]}" if config.fresh else ""
+    return f"{config.model}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}{suffix}"
+
+
+@dg.asset(
+    group_name="train",
+    kinds={"pytorch"},
+    pool=GPU_POOL,
+    check_specs=[
+        dg.AssetCheckSpec("held_out_accuracy", asset="trained_model", blocking=True,
+                          description="Test-split accuracy ≥ min_accuracy (a gate for packaging)."),
+        dg.AssetCheckSpec("trained_within_budget", asset="trained_model",
+                          description="Training wall time ≤ time_budget_s (WARN)."),
+    ],
+)
+def trained_model(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    preprocessed: dict,
+    storage: StorageResource,
+    gpu_pool: GpuPoolResource,
+):
+    """DDP training via torchrun over the leased GPUs (or CPU ranks), resuming from the last
+    checkpoint of an identical earlier run; rank 0 alone checkpoints and reports."""
+    store = storage.client()
+    data = preprocessed["dataset"]
+    run_name = _run_name(config, data["version"], context.run_id)
+    tcfg = train.TrainConfig(
+        epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size,
+        accumulation=config.accumulation, amp=config.amp, seed=config.seed, model=config.model,
+        model_kwargs={"in_channels": len(preprocessed["spec"]["mean"])},
+        collective_timeout_s=config.collective_timeout_s,
+    )
+    with gpu_pool.lease(f"trained_model:{context.run_id}") as lease, gpu_pool.sampler(lease) as sampler:
+        result = train.launch(
+            storage=store, shards=ds.stage_all(store, data, _cache_dir()), spec=preprocessed["spec"], config=tcfg,
+            checkpoint_prefix=f"checkpoints/{run_name}", world_size=lease.world_size,
+            device_type=lease.device_type, env=lease.env(), run_timeout_s=config.run_timeout_s,
+            on_line=context.log.info,
+        )
+    util = sampler.summary()
+    hist = result.history
+    train_seconds = sum(h["seconds"] for h in hist)
+    record = {
+        "run_name": run_name,
+        "run_id": context.run_id,
+        "checkpoint": result.checkpoint,
+        "checkpoint_sha256": result.checkpoint_sha256,
+        "model": {"name": tcfg.model, "kwargs": tcfg.model_kwargs},
+        "spec": preprocessed["spec"],
+        "dataset_version": data["version"],
+        "test_acc": result.test_acc,
+        "val_acc": result.val_acc,
+    }
+    yield dg.Output(record, metadata={
+        "test_accuracy": result.test_acc,
+        "val_accuracy": result.val_acc,
+        "best_val_accuracy": result.best_val_acc,
+        "final_train_loss": hist[-1]["train_loss"],
+        "loss_curve": dg.MetadataValue.json([round(h["train_loss"], 5) for h in hist]),
+        "val_accuracy_curve": dg.MetadataValue.json([round(h.get("val_acc", 0.0), 5) for h in hist]),
+        "epoch_seconds": dg.MetadataValue.json([round(h["seconds"], 3) for h in hist]),
+        "samples_per_s": sum(h["samples_per_s"] for h in hist) / len(hist),
+        "train_seconds": train_seconds,
+        "wall_seconds": result.seconds,
+        "world_size": result.world_size,
+        "amp_dtype": result.amp_dtype,
+        "device": result.device_type,
+        "epochs": len(hist),
+        "resumed_from_epoch": result.resumed_from_epoch or 0,
+        "checkpoint": dg.MetadataValue.path(store.uri(result.checkpoint)),
+        **{k: float(v) for k, v in util.items()},
+    })
+    yield dg.AssetCheckResult(
+        check_name="held_out_accuracy",
+        passed=result.test_acc is not None and result.test_acc >= config.min_accuracy,
+        metadata={"test_accuracy": result.test_acc or 0.0, "min_accuracy": config.min_accuracy},
+    )
+    yield dg.AssetCheckResult(
+        check_name="trained_within_budget",
+        passed=result.seconds <= config.time_budget_s,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"wall_seconds": result.seconds, "budget_s": config.time_budget_s},
+    )
