@@ -9,10 +9,10 @@ export DAGSTER_HOME ?= $(FORGELINE_HOME)/dagster_home
 
 .PHONY: demo test ui install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test]" -c constraints.txt
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -41,15 +41,14 @@ def preprocessed(
     spec = preprocess.PreprocessSpec(resize_shorter=config.resize_shorter, crop=config.crop, random_flip=config.random_flip)
     mean, std = preprocess.normalization_stats(local["train"], spec=spec)
     spec = replace(spec, mean=tuple(mean), std=tuple(std))
-    with gpu_pool.lease(f"preprocessed:{context.run_id}") as lease:
-        loader = preprocess.WebDatasetLoader(
-            local["train"], batch_size=config.batch_size, spec=spec, training=True,
-            device="gpu" if lease.device_type == "cuda" else "cpu",
-            device_id=lease.devices[0].index if lease.devices else None,
-        )
+    with gpu_pool.lease(f"preprocessed:{context.run_id}") as lease, preprocess.WebDatasetLoader(
+        local["train"], batch_size=config.batch_size, spec=spec, training=True,
+        device="gpu" if lease.device_type == "cuda" else "cpu", lookahead=False,
+        device_id=lease.devices[0].index if lease.devices else None,
+    ) as loader:
         for _ in loader.epoch(0):  # one timed pass: what training will see
             pass
-    stats = loader.stats
+        stats = dict(loader.stats)
     context.add_output_metadata({
         "dataset_version": data["version"],
         "batches": dg.MetadataValue.json(data["batches"]),

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -408,8 +409,11 @@ def launch(
     reader.join(10)
     secs = time.perf_counter() - t0
     if rc != 0 or not result_path.exists():
-        raise TrainingFailed(f"training failed (torchrun exit code {rc}, world size {world_size}): "
-                             f"{_root_cause(list(tail))}")
+        cause = _root_cause(list(tail))
+        if re.search(r"timed out|timeout", cause, re.IGNORECASE):
+            cause = (f"a collective operation timed out after collective_timeout_s={config.collective_timeout_s:g}: "
+                     f"a rank is hung or unreachable; {cause}")
+        raise TrainingFailed(f"training failed (torchrun exit code {rc}, world size {world_size}): {cause}")
     res = json.loads(result_path.read_text())
     if own_tmp:
         for p in (job_path, result_path):

@@ -150,3 +150,35 @@ def test_ingest_on_s3_through_env_configured_resource(instance, s3_storage, s3_s
         assert store.checksum(entry["key"]) == entry["sha256"]
     assert store.exists("quarantine/shards/s3-1/zz-cut.tar.reason.json")
     assert result.asset_materializations_for_node("raw_table")[0].metadata["rows"].value == 1797
+
+
+def test_lifecycle_trains_past_the_accuracy_gate_and_rerun_resumes(tmp_path, monkeypatch):
+    """The whole `lifecycle` job on the digits data, CPU ranks: the default conv net passes the
+    ≥97% held-out check; a second run with the same config and data resumes from the final
+    checkpoint instead of training again."""
+    from jobs.definitions import build_defs
+
+    monkeypatch.setenv("FORGELINE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
+    defs = build_defs()
+    job = defs.resolve_job_def("lifecycle")
+    storage = LocalStorageResource(root=str(tmp_path / "store"))
+    _land(storage, "d1", image_size=32)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("batches", ["d1"])
+        first = job.execute_in_process(instance=instance, partition_key="d1")
+        assert first.success
+        evals = {e.check_name: e for e in first.get_asset_check_evaluations()}
+        assert evals["held_out_accuracy"].passed
+        md = first.asset_materializations_for_node("trained_model")[0].metadata
+        assert md["test_accuracy"].value >= 0.97
+        assert md["world_size"].value == 2 and md["device"].value == "cpu" and md["amp_dtype"].value == "bfloat16"
+        assert len(md["loss_curve"].value) == md["epochs"].value == 15
+        assert md["resumed_from_epoch"].value == 0
+        pmd = first.asset_materializations_for_node("preprocessed")[0].metadata
+        assert pmd["samples_train"].value == 1259 and pmd["images_per_s"].value > 0
+
+        again = job.execute_in_process(instance=instance, partition_key="d1")
+        md2 = again.asset_materializations_for_node("trained_model")[0].metadata
+        assert md2["resumed_from_epoch"].value == 15  # nothing left to train: same checkpoint
+        assert md2["test_accuracy"].value == md["test_accuracy"].value
