@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export FORGELINE_HOME ?= $(CURDIR)/.forgeline
 export DAGSTER_HOME ?= $(FORGELINE_HOME)/dagster_home
 
-.PHONY: demo test ui install clean
+.PHONY: demo test ui install clean system-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,9 +21,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/forgeline demo
 
-## make test: the test suite (starts its own S3-compatible server, etc.)
-test: $(STAMP)
+## make test: the test suite (starts its own S3-compatible and Redis servers)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Real servers the tests start themselves: Debian's redis-server (the S3 server is moto, from PyPI).
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server is missing: sudo apt-get install redis-server" >&2; exit 1; fi; }
 
 ## make ui: the Dagster UI on the same instance as `make demo`
 ui: $(STAMP)

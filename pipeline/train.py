@@ -65,6 +65,7 @@ class TrainConfig:
     accumulation: int = 1  # micro-batches per optimizer step
     amp: str = "auto"  # auto | bf16 | fp16 | fp32
     seed: int = 0
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
     model: str = "digits_cnn"
     model_kwargs: dict = field(default_factory=dict)
     num_threads: int = 0  # DALI + intra-op threads per rank; 0 = cores / ranks
@@ -193,20 +194,28 @@ def worker(job_path: str) -> None:
     prefix = job["checkpoint_prefix"]
     amp_dtype, use_scaler = resolve_amp(cfg.amp, device.type)
 
-    spec = PreprocessSpec(**job["spec"])
-    loader_kw = dict(batch_size=cfg.batch_size, spec=spec, shard_id=rank, num_shards=world,
-                     device="gpu" if use_cuda else "cpu", device_id=local_rank if use_cuda else None,
-                     num_threads=threads, seed=cfg.seed)
-    train_loader = WebDatasetLoader(job["shards"]["train"], training=True, **loader_kw)
-    evals = {s: WebDatasetLoader(job["shards"][s], training=False, **loader_kw)
-             for s in ("val", "test") if job["shards"].get(s)}
+    if job.get("synthetic"):  # benchmarks: the trainer's own cost, no data pipeline
+        train_loader, evals = SyntheticLoader(batch_size=cfg.batch_size, device=device, **job["synthetic"]), {}
+    else:
+        spec = PreprocessSpec(**job["spec"])
+        loader_kw = dict(batch_size=cfg.batch_size, spec=spec, shard_id=rank, num_shards=world,
+                         device="gpu" if use_cuda else "cpu", device_id=local_rank if use_cuda else None,
+                         num_threads=threads, seed=cfg.seed)
+        train_loader = WebDatasetLoader(job["shards"]["train"], training=True, **loader_kw)
+        evals = {s: WebDatasetLoader(job["shards"][s], training=False, **loader_kw)
+                 for s in ("val", "test") if job["shards"].get(s)}
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, **cfg.model_kwargs).to(device)
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
     ddp = DDP(model, device_ids=[local_rank] if use_cuda else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be adamw or sgd, got {cfg.optimizer!r}")
     # Every rank runs the same number of steps (ranks' shares can differ by a sample or two);
     # unequal counts would leave one rank waiting in allreduce forever.
     steps = torch.tensor(len(train_loader), device=device)
@@ -307,6 +316,27 @@ def worker(job_path: str) -> None:
     dist.destroy_process_group()
 
 
+class SyntheticLoader:
+    """Random input already on the device, same shape every step: measures the training step
+    (model, DDP, AMP, optimizer, metrics) without any data pipeline, like the public numbers."""
+
+    def __init__(self, *, samples: int, shape: list[int], classes: int, batch_size: int, device, seed: int = 0):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        self._x = torch.randn(batch_size, *shape, generator=g).to(device)
+        self._y = torch.randint(0, classes, (batch_size,), generator=g).to(device)
+        self._steps = max(1, samples // batch_size)
+        self.stats: dict = {}
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def epoch(self, epoch: int):
+        for _ in range(self._steps):
+            yield self._x, self._y
+
+
 # ---------------------------------------------------------------------------------------------
 # Launcher (the caller's process)
 # ---------------------------------------------------------------------------------------------
@@ -344,12 +374,15 @@ def launch(
     env: dict[str, str] | None = None,
     run_timeout_s: float = 3600.0,
     work_dir: str | os.PathLike | None = None,
+    synthetic: dict | None = None,
     rdzv: dict | None = None,
     on_line: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Run training with torchrun and return rank 0's result.
 
     ``shards`` maps split → local shard paths; ``spec`` is a :class:`PreprocessSpec` as a dict;
+    ``synthetic`` (``{"samples": N, "shape": [C, H, W], "classes": K}``) replaces the data with
+    random device tensors (benchmarks of the training step itself);
     ``rdzv`` (``{"nnodes": K, "node_rank": i, "endpoint": "host:port", "id": "run"}``) makes this one
     node of a multi-node run; default is a standalone single-node run. Raises
     :class:`TrainingTimeout` / :class:`TrainingFailed` with the failing rank's error.
@@ -362,7 +395,7 @@ def launch(
     result_path.unlink(missing_ok=True)
     job = {"config": asdict(config), "storage": store_spec, "checkpoint_prefix": checkpoint_prefix,
            "shards": shards, "spec": spec, "device_type": device_type, "result_path": str(result_path),
-           "work_dir": str(work)}
+           "work_dir": str(work), "synthetic": synthetic}
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=1))
 

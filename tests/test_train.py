@@ -119,3 +119,14 @@ def test_nccl_training_on_gpu(data, tmp_path):
     res = train.launch(storage=store, shards=shards, spec=SPEC, config=train.TrainConfig(epochs=2),
                        checkpoint_prefix="ckpt/gpu", world_size=n, device_type="cuda", work_dir=tmp_path / "gpu")
     assert res.device_type == "cuda" and res.world_size == n and res.amp_dtype == "bfloat16"
+
+
+def test_synthetic_mode_trains_resnet_shapes_without_data(tmp_path):
+    """The benchmark path: random device tensors instead of shards, SGD, a registered model."""
+    store = LocalStorage(tmp_path / "s", fsync=False)
+    cfg = train.TrainConfig(epochs=1, batch_size=4, optimizer="sgd", lr=0.01, num_threads=1,
+                            model="digits_cnn", model_kwargs={"in_channels": 3, "num_classes": 5})
+    res = train.launch(storage=store, shards={}, spec={}, config=cfg, checkpoint_prefix="syn", world_size=2,
+                       work_dir=tmp_path / "w", synthetic={"samples": 32, "shape": [3, 28, 28], "classes": 5})
+    assert res.history[0]["samples_per_s"] > 0 and res.val_acc is None
+    assert train.latest_checkpoint(store, "syn")["epoch"] == 1
