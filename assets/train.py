@@ -18,7 +18,7 @@ from resources.storage import StorageResource, default_state_dir
 GPU_POOL = "gpu"  # Dagster concurrency pool: GPU steps never oversubscribe it (limit in dagster.yaml)
 
 
-def _cache_dir() -> Path:
+def shard_cache_dir() -> Path:
     return default_state_dir() / "cache" / "shards"
 
 
@@ -37,7 +37,7 @@ def preprocessed(
     computed through DALI, and a measured pass of the training pipeline (images/s, stall time)."""
     store = storage.client()
     data = ds.collect(store)
-    local = ds.stage_all(store, data, _cache_dir())
+    local = ds.stage_all(store, data, shard_cache_dir())
     spec = preprocess.PreprocessSpec(resize_shorter=config.resize_shorter, crop=config.crop, random_flip=config.random_flip)
     mean, std = preprocess.normalization_stats(local["train"], spec=spec)
     spec = replace(spec, mean=tuple(mean), std=tuple(std))
@@ -119,7 +119,7 @@ def trained_model(
     )
     with gpu_pool.lease(f"trained_model:{context.run_id}") as lease, gpu_pool.sampler(lease) as sampler:
         result = train.launch(
-            storage=store, shards=ds.stage_all(store, data, _cache_dir()), spec=preprocessed["spec"], config=tcfg,
+            storage=store, shards=ds.stage_all(store, data, shard_cache_dir()), spec=preprocessed["spec"], config=tcfg,
             checkpoint_prefix=f"checkpoints/{run_name}", world_size=lease.world_size,
             device_type=lease.device_type, env=lease.env(), run_timeout_s=config.run_timeout_s,
             on_line=context.log.info,
@@ -135,6 +135,7 @@ def trained_model(
         "model": {"name": tcfg.model, "kwargs": tcfg.model_kwargs},
         "spec": preprocessed["spec"],
         "dataset_version": data["version"],
+        "dataset": data,
         "test_acc": result.test_acc,
         "val_acc": result.val_acc,
     }

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from assets import ingest as ingest_assets
+from assets import package as package_assets
 from assets import train as train_assets
 from assets.partitions import batches
 from jobs.ingest import incoming_batches, ingest_job
@@ -20,8 +21,8 @@ lifecycle_job = dg.define_asset_job(
 
 train_and_package_job = dg.define_asset_job(
     "train_and_package",
-    selection=dg.AssetSelection.groups("train"),
-    description="Preprocess every ingested batch and train (packaging stages join as they land).",
+    selection=dg.AssetSelection.groups("train", "package"),
+    description="Preprocess every ingested batch, train, export, quantize (compile caching joins next).",
 )
 
 
@@ -29,7 +30,7 @@ def build_defs() -> dg.Definitions:
     """Definitions with resources chosen from the environment at call time (see storage_from_env)."""
     storage = storage_from_env()
     return dg.Definitions(
-        assets=dg.load_assets_from_modules([ingest_assets, train_assets]),
+        assets=dg.load_assets_from_modules([ingest_assets, train_assets, package_assets]),
         jobs=[ingest_job, train_and_package_job, lifecycle_job],
         sensors=[incoming_batches],
         resources={

@@ -105,16 +105,20 @@ def latest_checkpoint(store: Storage, prefix: str) -> dict | None:
         return None
 
 
-def load_checkpoint(store: Storage, prefix: str) -> dict | None:
+def read_checkpoint(store: Storage, key: str, expected_sha256: str | None = None) -> dict:
+    """One checkpoint, verified against its recorded sha256, loaded on the CPU (weights only)."""
     import torch
 
-    ptr = latest_checkpoint(store, prefix)
-    if ptr is None:
-        return None
-    data = store.read(ptr["key"])
-    if hashlib.sha256(data).hexdigest() != ptr["sha256"]:
-        raise TrainingFailed(f"{store.uri(ptr['key'])}: checkpoint sha256 does not match latest.json")
+    data = store.read(key)
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise TrainingFailed(f"{store.uri(key)}: checkpoint sha256 does not match the recorded {expected_sha256}")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(store: Storage, prefix: str) -> dict | None:
+    """The newest complete checkpoint under ``prefix`` (via ``latest.json``), or None."""
+    ptr = latest_checkpoint(store, prefix)
+    return None if ptr is None else read_checkpoint(store, ptr["key"], ptr["sha256"])
 
 
 def save_checkpoint(store: Storage, prefix: str, state: dict, keep: int) -> str:

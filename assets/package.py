@@ -1,0 +1,102 @@
+"""Packaging assets: ``exported_model`` (chunked safetensors, immutable versions) and
+``quantized_model`` (int8 / int4 weight-only, behind a blocking accuracy gate)."""
+
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from assets.train import shard_cache_dir
+from pipeline import dataset as ds
+from pipeline import evaluate, export, package
+from resources.storage import StorageResource
+
+
+class ExportConfig(dg.Config):
+    model_name: str = Field(default="digits", description="Published name: versions live at models/<name>/<version>/.")
+    max_shard_bytes: int = Field(default=2 * 1024**3, description="Largest shard file (tensors are never split).")
+    dtype: Optional[str] = Field(default=None, description="Cast floating tensors on export, e.g. 'bfloat16'.")
+
+
+@dg.asset(
+    group_name="package",
+    kinds={"safetensors"},
+    check_specs=[dg.AssetCheckSpec(
+        "loads_back_bit_exact", asset="exported_model", blocking=True,
+        description="Every shard verifies (size, sha256), every tensor equals the trained one, outputs "
+                    "on a fixed batch match.")],
+)
+def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trained_model: dict, storage: StorageResource):
+    """The trained weights as an immutable, chunked safetensors version, streamed from the checkpoint."""
+    import torch
+
+    store = storage.client()
+    arch = trained_model["model"]
+    source = export.from_checkpoint(
+        store, trained_model["checkpoint"], model_name=arch["name"], model_kwargs=arch["kwargs"],
+        expected_sha256=trained_model["checkpoint_sha256"], dtype=getattr(torch, config.dtype) if config.dtype else None,
+    )
+    manifest = export.export(
+        source, store, config.model_name, max_shard_bytes=config.max_shard_bytes, run_id=trained_model["run_id"],
+        data_version=trained_model["dataset_version"], metadata={"spec": trained_model["spec"]},
+    )
+    version = manifest["version"]
+    test_shards = ds.stage(store, trained_model["dataset"]["splits"]["test"], shard_cache_dir())
+    reference = package.module_from_checkpoint(store, trained_model["checkpoint"], trained_model["checkpoint_sha256"],
+                                               arch["name"], arch["kwargs"])
+    problems = export.check_version(store, config.model_name, version, reference,
+                                    evaluate.fixed_batch(test_shards, trained_model["spec"]))
+    yield dg.Output(
+        {"model": config.model_name, "version": version, "config": manifest["config"], "spec": trained_model["spec"],
+         "dataset": trained_model["dataset"], "run_id": trained_model["run_id"]},
+        metadata={
+            "version": version,
+            "manifest": dg.MetadataValue.path(store.uri(export.version_prefix(config.model_name, version) + "/manifest.json")),
+            "shards": len(manifest["shards"]),
+            "tensors": manifest["tensors"],
+            "total_bytes": manifest["total_size"],
+            "dtypes": dg.MetadataValue.json(manifest["dtypes"]),
+        },
+    )
+    yield dg.AssetCheckResult(check_name="loads_back_bit_exact", passed=not problems,
+                              metadata={"problems": dg.MetadataValue.json(problems)})
+
+
+class QuantizeConfig(dg.Config):
+    schemes: list[str] = Field(default=["int8", "int4"], description="Weight-only schemes to publish.")
+    group_size: int = Field(default=128, description="int4 group size along the input dimension.")
+    symmetric: bool = Field(default=True, description="int4 without zero points.")
+    max_drop_int8: float = Field(default=0.5, description="Allowed held-out accuracy drop, points.")
+    max_drop_int4: float = Field(default=2.0, description="Allowed held-out accuracy drop, points.")
+
+
+@dg.asset(
+    group_name="package",
+    kinds={"safetensors"},
+    check_specs=[dg.AssetCheckSpec(
+        "accuracy_gate", asset="quantized_model", blocking=True,
+        description="Held-out accuracy drop vs the exported model within max_drop_* points (deployment gate).")],
+)
+def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, exported_model: dict, storage: StorageResource):
+    """int8/int4 weight-only versions of the exported model, published beside it, with their size
+    ratio and held-out accuracy. The blocking gate stops everything downstream if accuracy drops."""
+    store = storage.client()
+    name, version, spec = exported_model["model"], exported_model["version"], exported_model["spec"]
+    test_shards = ds.stage(store, exported_model["dataset"]["splits"]["test"], shard_cache_dir())
+    base = evaluate.evaluate(export.build_from_version(store, name, version), test_shards, spec)
+    variants, metadata, failures = {}, {"base_accuracy": base.accuracy}, []
+    for scheme in config.schemes:
+        pub = package.publish_quantized(store, name, version, scheme, group_size=config.group_size, symmetric=config.symmetric)
+        qname = package.quantized_name(name, scheme)
+        acc = evaluate.evaluate(package.load_quantized_module(store, qname, version), test_shards, spec).accuracy
+        drop = 100 * (base.accuracy - acc)
+        limit = config.max_drop_int8 if scheme == "int8" else config.max_drop_int4
+        if drop > limit:
+            failures.append(f"{scheme}: accuracy {acc:.4f} is {drop:.2f} points below {base.accuracy:.4f} (limit {limit})")
+        variants[scheme] = {"model": qname, "version": version, "accuracy": acc, "size_ratio": pub["ratio"]}
+        metadata.update({f"{scheme}_accuracy": acc, f"{scheme}_drop_points": drop, f"{scheme}_size_ratio": pub["ratio"],
+                         f"{scheme}_bytes": pub["manifest"]["bytes"],
+                         f"{scheme}_kept_full_precision": dg.MetadataValue.json(pub["skipped"])})
+    yield dg.Output({"base": {"model": name, "version": version}, "variants": variants}, metadata=metadata)
+    yield dg.AssetCheckResult(check_name="accuracy_gate", passed=not failures,
+                              metadata={"failures": dg.MetadataValue.json(failures), "base_accuracy": base.accuracy})

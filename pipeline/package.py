@@ -1,0 +1,50 @@
+"""Packaging steps composed from the engine: the trained module back from its checkpoint, and
+quantized versions published beside the exported one (``<model>-int8/<version>``) with their
+scheme in every shard's safetensors metadata."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline import export, quantize
+from pipeline.models import build_model
+from pipeline.storage import Storage
+from pipeline.train import read_checkpoint
+
+
+def module_from_checkpoint(store: Storage, key: str, sha256: str | None, name: str, kwargs: dict) -> torch.nn.Module:
+    """The trained model as it was at the end of training (eval mode, CPU)."""
+    state = read_checkpoint(store, key, sha256)["model"]
+    with torch.device("meta"):
+        module = build_model(name, **kwargs)
+    module.load_state_dict(state, assign=True)
+    return module.eval()
+
+
+def quantized_name(model: str, scheme: str) -> str:
+    return f"{model}-{scheme}"
+
+
+def publish_quantized(
+    store: Storage, model: str, version: str, scheme: str, *, group_size: int = 128, symmetric: bool = True
+) -> dict:
+    """Quantize the published ``model/version`` and publish it as ``<model>-<scheme>/<version>``.
+    Returns ``{"manifest", "ratio", "skipped", "quantization"}``."""
+    base = export.read_manifest(store, model, version)
+    qs = quantize.quantize_state_dict(export.load_state_dict(store, model, version), scheme,
+                                      group_size=group_size, symmetric=symmetric)
+    manifest = export.export(
+        qs.tensors, store, quantized_name(model, scheme), version,
+        config=base["config"], run_id=base.get("run_id"), data_version=base.get("data_version"),
+        header_metadata=quantize.metadata_for_safetensors(qs),
+        metadata={"quantization": qs.metadata, "base": {"model": model, "version": version}},
+    )
+    return {"manifest": manifest, "ratio": qs.ratio, "skipped": qs.skipped, "quantization": qs.metadata}
+
+
+def load_quantized_module(store: Storage, model: str, version: str) -> torch.nn.Module:
+    """A published quantized version, dequantized on load into the float architecture."""
+    manifest = export.read_manifest(store, model, version)
+    tensors = export.load_state_dict(store, model, version)
+    state = quantize.dequantize_state_dict(tensors, manifest["metadata"]["quantization"])
+    return export.module_from_state(manifest, state)
