@@ -1,14 +1,18 @@
-"""Packaging assets: ``exported_model`` (chunked safetensors, immutable versions) and
-``quantized_model`` (int8 / int4 weight-only, behind a blocking accuracy gate)."""
+"""Packaging assets: ``exported_model`` (chunked safetensors, immutable versions),
+``quantized_model`` (int8 / int4 weight-only, behind a blocking accuracy gate) and
+``compile_artifacts`` (torch.compile mega-cache in the compile cache)."""
 
 from typing import Optional
 
 import dagster as dg
 from pydantic import Field
 
-from assets.train import shard_cache_dir
+from assets.train import GPU_POOL, shard_cache_dir
+from pipeline import compile_cache as cc
 from pipeline import dataset as ds
 from pipeline import evaluate, export, package
+from resources.cache import CompileCacheResource
+from resources.gpu import GpuPoolResource
 from resources.storage import StorageResource
 
 
@@ -100,3 +104,42 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, e
     yield dg.Output({"base": {"model": name, "version": version}, "variants": variants}, metadata=metadata)
     yield dg.AssetCheckResult(check_name="accuracy_gate", passed=not failures,
                               metadata={"failures": dg.MetadataValue.json(failures), "base_accuracy": base.accuracy})
+
+
+class CompileConfig(dg.Config):
+    batch_size: int = Field(default=64, description="Input batch the serving path compiles for.")
+    mode: str = Field(default="default", description="torch.compile mode: default | reduce-overhead | max-autotune")
+
+
+@dg.asset(group_name="package", kinds={"pytorch"}, pool=GPU_POOL, deps=[quantized_model])
+def compile_artifacts(
+    context: dg.AssetExecutionContext, config: CompileConfig, exported_model: dict, storage: StorageResource,
+    compile_cache: CompileCacheResource, gpu_pool: GpuPoolResource,
+):
+    """torch.compile of the exported model for the target device and input shape, its mega-cache
+    artifacts stored in the compile cache (a hit loads them instead). Downstream of the quantization
+    gate, so a failed gate leaves nothing to deploy."""
+    import torch
+
+    store = storage.client()
+    name, version, spec = exported_model["model"], exported_model["version"], exported_model["spec"]
+    with gpu_pool.lease(f"compile_artifacts:{context.run_id}") as lease:
+        device = f"cuda:{lease.devices[0].index}" if lease.devices else "cpu"
+        model = export.build_from_version(store, name, version).to(device)
+        example = torch.randn(config.batch_size, len(spec["mean"]), spec["crop"], spec["crop"], device=device)
+        _, report = cc.compile_with_cache(model, example, compile_cache.cache(), mode=config.mode)
+    for w in report.warnings:
+        context.log.warning(w)
+    return dg.MaterializeResult(metadata={
+        "hit": report.hit,
+        "key": report.key or "",
+        "backend": report.backend,
+        "compile_first_call_s": report.seconds_compile_first_call,
+        "total_s": report.seconds_total,
+        "artifact_bytes": report.artifact_bytes,
+        "device": device,
+        "input_shape": dg.MetadataValue.json(list(example.shape)),
+        "warnings": dg.MetadataValue.json(report.warnings),
+        "miss_reason": report.miss_reason or "",
+        "model_version": f"{name}/{version}",
+    })

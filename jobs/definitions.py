@@ -7,6 +7,7 @@ from assets import package as package_assets
 from assets import train as train_assets
 from assets.partitions import batches
 from jobs.ingest import incoming_batches, ingest_job
+from resources.cache import compile_cache_from_env
 from resources.gpu import GpuPoolResource
 from resources.io import StorageJsonIOManager
 from resources.storage import storage_from_env
@@ -22,7 +23,7 @@ lifecycle_job = dg.define_asset_job(
 train_and_package_job = dg.define_asset_job(
     "train_and_package",
     selection=dg.AssetSelection.groups("train", "package"),
-    description="Preprocess every ingested batch, train, export, quantize (compile caching joins next).",
+    description="Preprocess every ingested batch, train, export, quantize, compile and cache the artifacts.",
 )
 
 
@@ -37,6 +38,7 @@ def build_defs() -> dg.Definitions:
             "storage": storage,
             "io_manager": StorageJsonIOManager(storage=storage),
             "gpu_pool": GpuPoolResource(),
+            "compile_cache": compile_cache_from_env(storage),
         },
     )
 

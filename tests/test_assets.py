@@ -152,14 +152,16 @@ def test_ingest_on_s3_through_env_configured_resource(instance, s3_storage, s3_s
     assert result.asset_materializations_for_node("raw_table")[0].metadata["rows"].value == 1797
 
 
-def test_lifecycle_trains_past_the_accuracy_gate_and_rerun_resumes(tmp_path, monkeypatch):
+def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
     """The whole `lifecycle` job on the digits data, CPU ranks: the default conv net passes the
-    ≥97% held-out check; a second run with the same config and data resumes from the final
-    checkpoint instead of training again."""
+    ≥97% held-out check, exports bit-exact, passes the quantization gate and caches its compile
+    artifacts; a second run resumes from the final checkpoint and hits the compile cache; a gate
+    that cannot pass blocks what depends on it."""
     from jobs.definitions import build_defs
 
     monkeypatch.setenv("FORGELINE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     defs = build_defs()
     job = defs.resolve_job_def("lifecycle")
     storage = LocalStorageResource(root=str(tmp_path / "store"))
@@ -177,8 +179,29 @@ def test_lifecycle_trains_past_the_accuracy_gate_and_rerun_resumes(tmp_path, mon
         assert md["resumed_from_epoch"].value == 0
         pmd = first.asset_materializations_for_node("preprocessed")[0].metadata
         assert pmd["samples_train"].value == 1259 and pmd["images_per_s"].value > 0
+        # packaging: bit-exact export, quantization within the gate, compile artifacts cached
+        assert evals["loads_back_bit_exact"].passed and evals["accuracy_gate"].passed
+        qmd = first.asset_materializations_for_node("quantized_model")[0].metadata
+        assert qmd["int8_drop_points"].value <= 0.5 and qmd["int4_drop_points"].value <= 2.0
+        assert 0.2 < qmd["int8_size_ratio"].value < 0.3 and qmd["int4_size_ratio"].value < 0.2
+        cmd = first.asset_materializations_for_node("compile_artifacts")[0].metadata
+        assert cmd["hit"].value is False and cmd["artifact_bytes"].value > 0
+        store = storage.client()
+        version = first.asset_materializations_for_node("exported_model")[0].metadata["version"].value
+        assert store.exists(f"models/digits/{version}/manifest.json")
+        assert store.exists(f"models/digits-int8/{version}/manifest.json")
 
         again = job.execute_in_process(instance=instance, partition_key="d1")
         md2 = again.asset_materializations_for_node("trained_model")[0].metadata
         assert md2["resumed_from_epoch"].value == 15  # nothing left to train: same checkpoint
         assert md2["test_accuracy"].value == md["test_accuracy"].value
+        # same weights → same compile key → the artifacts come from the cache
+        assert again.asset_materializations_for_node("compile_artifacts")[0].metadata["hit"].value is True
+
+        # an impossible gate fails the blocking check and nothing downstream of it runs
+        strict = {"ops": {"quantized_model": {"config": {"max_drop_int4": -100.0}}}}
+        gated = job.execute_in_process(instance=instance, partition_key="d1", run_config=strict, raise_on_error=False)
+        assert not gated.success
+        gate = next(e for e in gated.get_asset_check_evaluations() if e.check_name == "accuracy_gate")
+        assert not gate.passed and "int4: accuracy" in str(gate.metadata["failures"].value)
+        assert not gated.asset_materializations_for_node("compile_artifacts")

@@ -1,0 +1,766 @@
+"""torch.compile artifact caching: compile once, ship the compiled artifacts, load them elsewhere.
+
+A cold ``torch.compile`` spends its time in Dynamo tracing, AOTAutograd, Inductor lowering and code
+generation, autotuning (``mode="max-autotune"``) and building kernels (Triton on GPU, C++ with gcc
+on CPU). Inductor keeps the results in its local on-disk caches (``TORCHINDUCTOR_CACHE_DIR``: the FX
+graph cache and the AOTAutograd cache, both on by default); ``torch.compiler.save_cache_artifacts()``
+(the "mega-cache") serializes the entries one process produced or used, and
+``torch.compiler.load_cache_artifacts(bytes)`` writes them into another process's local caches, so
+its compile finds them there. What is left for the warm process is Dynamo tracing, the cache lookups
+and loading the kernels. This module keeps those bytes in an :class:`ArtifactCache` under a key that
+names everything they depend on.
+
+What the mega-cache holds (torch 2.13): the FX graph cache entries (``inductor``: pickled compiled
+graphs, with the Triton kernels bundled inside on GPU), the AOTAutograd cache entries
+(``aot_autograd``), autotuning results (``autotune``) and profile-guided dynamic-shape hints
+(``pgo``). It does **not** hold the C++ kernels Inductor builds on CPU (``*.so`` under the cache
+dir): a warm CPU process still runs gcc for every kernel. ``compile_with_cache`` therefore also
+bundles those binaries for CPU targets (``bundle_cpu_kernels=True``); they are restored under the
+names Inductor looks for (a hash of source + compiler command line), so an unused or stale binary
+is never picked up for other code. Because Inductor builds them with ``-march=native``, the key of a
+CPU entry includes a hash of the CPU's feature flags.
+
+Entries are framed (magic, format version, sha256, key components, payload): a corrupt, truncated,
+mis-filed or other-version entry reads as a miss with a reason, and every backend failure (Redis
+down, S3 errors, a full disk) becomes a warning. A cache problem never fails a compile; it only
+costs a cold one. Inductor's own cache keys are content hashes of the graph, the configuration and
+the torch build, so loaded artifacts that do not fit the program are simply not used (and
+:class:`CompileReport` says so): they cannot produce wrong results.
+
+Trust: artifacts are pickles and native libraries that the compiling process loads. Whoever can
+write to the cache backend can run code in every process that reads it; use a private bucket /
+Redis / directory.
+
+Usage::
+
+    cache = RedisCache("redis://cache:6379/0", ttl_s=7 * 86400)   # or LocalDirCache(path), StorageCache(S3Storage(...))
+    compiled, report = compile_with_cache(model.eval(), (example,), cache, mode="max-autotune")
+    report.hit, report.seconds_compile_first_call, report.warnings
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import struct
+import sys
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipeline.storage import LocalStorage, ObjectNotFound, Storage, join
+
+FORMAT_VERSION = 1
+MAGIC = b"FLCCACHE"  # 8 bytes
+_HEADER = struct.Struct(">8sHI32s")  # magic, format version, len(meta JSON), sha256(meta + payload)
+_BUNDLE_HEADER = struct.Struct(">I")  # len(manifest JSON)
+_KERNEL_SUFFIXES = (".so", ".o", ".cpp", ".h")
+_KERNEL_PATH = re.compile(r"^[a-z0-9_]{2}/[A-Za-z0-9_.-]+$")  # "<2 chars>/<file>" under the cache dir
+
+
+# ---------------------------------------------------------------------------------------------
+# keys
+# ---------------------------------------------------------------------------------------------
+
+
+def model_hash(state_dict: dict[str, Any]) -> str:
+    """sha256 over every entry of ``state_dict`` in name order: name, dtype, shape and raw bytes.
+
+    Deterministic across processes and machines (same values → same hash); the order the module
+    registers its parameters in does not matter. Tensors on another device are copied to the CPU
+    to be hashed; meta tensors have no bytes and are refused."""
+    h = hashlib.sha256(b"forgeline-model-hash-v1\0")
+    for name in sorted(state_dict):
+        value = state_dict[name]
+        h.update(name.encode() + b"\0")
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "meta":
+                raise ValueError(f"model_hash: {name!r} is a meta tensor (no data to hash)")
+            t = value.detach()
+            h.update(f"{t.dtype}|{tuple(t.shape)}\0".encode())
+            t = t.cpu().contiguous()
+            try:
+                raw = t.reshape(-1).view(torch.uint8).numpy()
+            except (RuntimeError, TypeError):  # quantized and other exotic layouts
+                raw = bytes(t.untyped_storage())
+            h.update(memoryview(raw))
+        else:  # _extra_state and other picklable non-tensors
+            h.update(f"{type(value).__qualname__}|{value!r}\0".encode())
+    return h.hexdigest()
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton  # noqa: PLC0415
+
+        return str(triton.__version__)
+    except Exception:  # noqa: BLE001 - absent or broken: not part of this build
+        return None
+
+
+def _cpu_flags_hash() -> str | None:
+    """Hash of the CPU feature flags (Linux /proc/cpuinfo): Inductor builds CPU kernels with
+    ``-march=native``, so their binaries are only valid on CPUs with the same features."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = sorted(set(line.split(":", 1)[1].split()))
+                    return hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return None
+
+
+def device_components(device: str | torch.device) -> dict[str, Any]:
+    """What compiled code for ``device`` depends on: GPU model and compute capability (CUDA), or
+    the CPU's vector ISA, architecture and feature flags (CPU)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available in this process")
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(idx)
+        return {
+            "device_type": "cuda",
+            "device_name": torch.cuda.get_device_name(idx),
+            "capability": f"sm_{major}{minor}",
+            "cuda": torch.version.cuda,
+            "hip": getattr(torch.version, "hip", None),
+        }
+    if dev.type == "cpu":
+        try:
+            isa = torch.backends.cpu.get_cpu_capability()
+        except Exception:  # noqa: BLE001
+            isa = None
+        return {
+            "device_type": "cpu",
+            "cpu_isa": isa,
+            "machine": platform.machine(),
+            "cpu_flags": _cpu_flags_hash(),
+            "libc": "-".join(platform.libc_ver()) or None,
+        }
+    return {"device_type": dev.type}
+
+
+def cache_key(
+    *,
+    model_hash: str,
+    input_shapes: list[tuple],
+    dtype: str,
+    mode: str,
+    device: str,
+    dynamic: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """``(key, components)``: a stable hex key (sha256 of the canonical JSON of ``components``)
+    and the components: format version, torch version (+ git commit), triton version or None,
+    Python version (Dynamo works on bytecode), device identity (:func:`device_components`),
+    model hash, input shapes, dtype, compile mode, ``dynamic`` and any ``extra`` entries."""
+    components: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "torch": torch.__version__,
+        "torch_git": getattr(torch.version, "git_version", None),
+        "triton": _triton_version(),
+        "python": f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}",
+        **device_components(device),
+        "model_hash": model_hash,
+        "input_shapes": [list(s) if isinstance(s, (tuple, list, torch.Size)) else s for s in input_shapes],
+        "dtype": str(dtype),
+        "mode": mode or "default",
+        "dynamic": dynamic,
+        **(extra or {}),
+    }
+    components = json.loads(json.dumps(components, sort_keys=True, default=str))  # canonical, JSON-safe
+    canon = json.dumps(components, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest(), components
+
+
+# ---------------------------------------------------------------------------------------------
+# framing
+# ---------------------------------------------------------------------------------------------
+
+
+class EntryError(ValueError):
+    """A stored entry is not usable: corrupt, truncated, another format, or for another key."""
+
+
+def frame(key: str, components: dict[str, Any] | None, payload: bytes) -> bytes:
+    """``MAGIC | format version | len(meta) | sha256(meta + payload) | meta JSON | payload``, where
+    meta holds the key and its components."""
+    meta = json.dumps({"key": key, "components": components or {}, "payload_bytes": len(payload)},
+                      sort_keys=True, default=str).encode()
+    digest = hashlib.sha256(meta)
+    digest.update(payload)
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(meta), digest.digest()) + meta + payload
+
+
+def unframe(data: bytes, key: str, components: dict[str, Any] | None = None) -> bytes:
+    """The payload of a framed entry, after checking it; :class:`EntryError` says what is wrong."""
+    if len(data) < _HEADER.size:
+        raise EntryError(f"truncated entry ({len(data)} bytes, header needs {_HEADER.size})")
+    magic, version, meta_len, digest = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise EntryError("not a forgeline compile-cache entry (bad magic)")
+    if version != FORMAT_VERSION:
+        raise EntryError(f"entry format version {version}, this forgeline reads {FORMAT_VERSION}")
+    body = memoryview(data)[_HEADER.size:]
+    if len(body) < meta_len:
+        raise EntryError(f"truncated entry (meta needs {meta_len} bytes, {len(body)} present)")
+    if hashlib.sha256(body).digest() != digest:
+        raise EntryError("corrupt entry: sha256 mismatch")
+    try:
+        meta = json.loads(bytes(body[:meta_len]))
+    except ValueError as e:
+        raise EntryError(f"corrupt entry: unreadable meta ({e})") from None
+    payload = bytes(body[meta_len:])
+    if meta.get("payload_bytes") != len(payload):
+        raise EntryError(f"corrupt entry: payload is {len(payload)} bytes, meta says {meta.get('payload_bytes')}")
+    if meta.get("key") != key:
+        raise EntryError(f"entry was written for key {meta.get('key')!r}, not {key!r}")
+    if components is not None:
+        stored = meta.get("components") or {}
+        expected = json.loads(json.dumps(components, sort_keys=True, default=str))
+        diffs = [
+            f"{k}: entry {stored.get(k)!r} != expected {expected.get(k)!r}"
+            for k in sorted(set(stored) | set(expected))
+            if stored.get(k) != expected.get(k)
+        ]
+        if diffs:
+            raise EntryError("key components differ: " + "; ".join(diffs))
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe_error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()
+
+
+class ArtifactCache(ABC):
+    """Key → bytes store for compile artifacts. ``get``/``put`` frame and check entries and never
+    raise for backend failures: ``get`` returns None and sets ``last_miss_reason`` (and
+    ``last_error`` when the backend failed); ``put`` sets ``last_error`` on failure."""
+
+    def __init__(self) -> None:
+        self.last_miss_reason: str | None = None
+        self.last_error: str | None = None
+
+    # backend primitives: raise on failure; _get_raw returns None when the key is absent
+    @abstractmethod
+    def _get_raw(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _put_raw(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where entries live, without credentials (``local:/path``, ``s3://b/p``, ``redis://h:p/0``)."""
+
+    def get(self, key: str, *, components: dict[str, Any] | None = None) -> bytes | None:
+        """The payload stored under ``key``, or None (see ``last_miss_reason``). With ``components``,
+        an entry written with other components (another torch, GPU, model…) is a miss. An
+        invalid key (not ``[A-Za-z0-9_.-]``) is a caller error: ValueError."""
+        _check_key(key)
+        self.last_miss_reason = self.last_error = None
+        try:
+            data = self._get_raw(key)
+        except Exception as e:  # noqa: BLE001 - any backend failure is a miss, never a crash
+            self.last_error = f"{self.describe()}: get failed: {_describe_error(e)}"
+            self.last_miss_reason = f"backend error ({self.last_error})"
+            return None
+        if data is None:
+            self.last_miss_reason = "no entry"
+            return None
+        try:
+            return unframe(data, key, components)
+        except EntryError as e:
+            self.last_miss_reason = str(e)
+            return None
+
+    def put(self, key: str, data: bytes, *, components: dict[str, Any] | None = None) -> None:
+        """Store ``data`` under ``key`` (framed with ``components``); failures set ``last_error``."""
+        _check_key(key)
+        self.last_error = None
+        try:
+            self._put_raw(key, frame(key, components, data))
+        except Exception as e:  # noqa: BLE001
+            self.last_error = f"{self.describe()}: put failed: {_describe_error(e)}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()!r})"
+
+
+def _check_key(key: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", key) or key.startswith("."):
+        raise ValueError(f"invalid compile-cache key {key!r}: use letters, digits, '_', '-', '.'")
+    return key
+
+
+class StorageCache(ArtifactCache):
+    """Entries as objects ``<prefix>/<key>.flcc`` of a :class:`~pipeline.storage.Storage` (local
+    path, NFS, S3 via ``S3Storage``); writes are the storage's atomic writes."""
+
+    def __init__(self, storage: Storage, prefix: str = "compile-cache"):
+        super().__init__()
+        self.storage = storage
+        self.prefix = prefix.strip("/")
+
+    def _object(self, key: str) -> str:
+        return join(self.prefix, f"{_check_key(key)}.flcc")
+
+    def _get_raw(self, key: str) -> bytes | None:
+        try:
+            return self.storage.read(self._object(key))
+        except ObjectNotFound:
+            return None
+
+    def _put_raw(self, key: str, data: bytes) -> None:
+        self.storage.write_atomic(self._object(key), data)
+
+    def describe(self) -> str:
+        uri = self.storage.uri(self.prefix) if self.prefix else self.storage.uri()
+        return uri if "://" in uri else f"local:{uri}"
+
+
+class LocalDirCache(StorageCache):
+    """Entries as files ``<path>/<key>.flcc``, written atomically (temp file, fsync, sha256
+    re-check, rename), so concurrent writers and readers never see a partial entry."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(LocalStorage(path), prefix="")
+        self.path = self.storage.root  # type: ignore[attr-defined]
+
+    def describe(self) -> str:
+        return f"local:{self.path}"
+
+
+class RedisCache(ArtifactCache):
+    """Entries as Redis strings ``<prefix><key>`` (optionally expiring after ``ttl_s``). Short
+    socket timeouts and one retry keep an unreachable Redis from stalling a compile for long.
+    A Redis string holds at most 512 MB (``proto-max-bulk-len``)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "forgeline:compile:",
+        ttl_s: int | None = None,
+        socket_timeout_s: float = 2,
+        retries: int = 1,
+    ):
+        super().__init__()
+        import redis  # noqa: PLC0415 - optional backend
+        from redis.backoff import NoBackoff  # noqa: PLC0415
+        from redis.retry import Retry  # noqa: PLC0415
+
+        self.url = url
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            retry=Retry(NoBackoff(), retries),
+        )
+
+    def _get_raw(self, key: str) -> bytes | None:
+        return self.client.get(self.prefix + _check_key(key))
+
+    def _put_raw(self, key: str, data: bytes) -> None:
+        self.client.set(self.prefix + _check_key(key), data, ex=self.ttl_s)
+
+    def describe(self) -> str:
+        url = re.sub(r"//[^@/]*@", "//", self.url)  # drop user:password
+        return f"{url} prefix={self.prefix}"
+
+
+# ---------------------------------------------------------------------------------------------
+# payload: mega-cache bytes + CPU kernel binaries
+# ---------------------------------------------------------------------------------------------
+
+
+def pack_bundle(mega_cache: bytes, files: dict[str, bytes] | None = None) -> bytes:
+    """``len(manifest) | manifest JSON | mega-cache bytes | file bytes…``; ``files`` maps paths
+    relative to the Inductor cache dir to their contents."""
+    entries, blobs, offset = [], [mega_cache], len(mega_cache)
+    for path in sorted(files or {}):
+        data = files[path]  # type: ignore[index]
+        entries.append({"path": path, "offset": offset, "length": len(data)})
+        blobs.append(data)
+        offset += len(data)
+    manifest = json.dumps({"mega_cache": [0, len(mega_cache)], "files": entries}).encode()
+    return _BUNDLE_HEADER.pack(len(manifest)) + manifest + b"".join(blobs)
+
+
+def unpack_bundle(payload: bytes) -> tuple[bytes, dict[str, bytes]]:
+    """Inverse of :func:`pack_bundle`; raises :class:`EntryError` on anything malformed."""
+    try:
+        (n,) = _BUNDLE_HEADER.unpack_from(payload)
+        manifest = json.loads(payload[_BUNDLE_HEADER.size:_BUNDLE_HEADER.size + n])
+        base = _BUNDLE_HEADER.size + n
+        off, length = manifest["mega_cache"]
+        mega = payload[base + off:base + off + length]
+        files = {}
+        for e in manifest["files"]:
+            if not _KERNEL_PATH.match(e["path"]) or ".." in e["path"]:
+                raise EntryError(f"bad kernel path {e['path']!r} in bundle")
+            files[e["path"]] = payload[base + e["offset"]:base + e["offset"] + e["length"]]
+        if len(mega) != length or any(len(files[e["path"]]) != e["length"] for e in manifest["files"]):
+            raise EntryError("bundle shorter than its manifest")
+    except EntryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise EntryError(f"malformed bundle ({_describe_error(e)})") from None
+    return mega, files
+
+
+def _inductor_cache_dir() -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # noqa: PLC0415
+
+    return Path(cache_dir())
+
+
+def _kernel_files(root: Path) -> set[str]:
+    """Relative paths of C++ kernel sources/binaries in the Inductor cache dir's hash subdirs."""
+    out: set[str] = set()
+    try:
+        subdirs = [d for d in os.scandir(root) if len(d.name) == 2 and d.is_dir()]
+    except OSError:
+        return out
+    for d in subdirs:
+        try:
+            for f in os.scandir(d.path):
+                if f.name.endswith(_KERNEL_SUFFIXES) and f.is_file():
+                    out.add(f"{d.name}/{f.name}")
+        except OSError:
+            continue
+    return out
+
+
+def _cpp_cache_keys() -> set[str]:
+    """Keys of the C++ libraries this process has loaded (Inductor's in-memory code caches)."""
+    keys: set[str] = set()
+    try:
+        from torch._inductor import codecache  # noqa: PLC0415
+
+        for name in ("CppCodeCache", "CppPythonBindingsCodeCache", "CppWrapperCodeCache"):
+            cls = getattr(codecache, name, None)
+            keys.update(k for k in getattr(cls, "cache", {}) if isinstance(k, str))
+    except Exception:  # noqa: BLE001 - internals moved: the directory diff still works
+        pass
+    return keys
+
+
+def _files_for_keys(root: Path, keys: set[str]) -> set[str]:
+    out: set[str] = set()
+    for key in keys:
+        sub = root / key[1:3]
+        if not sub.is_dir():
+            continue
+        for f in sub.glob(f"{key}.*"):
+            if f.name.endswith(_KERNEL_SUFFIXES) and f.is_file():
+                out.add(f"{sub.name}/{f.name}")
+    return out
+
+
+def _restore_kernels(root: Path, files: dict[str, bytes]) -> int:
+    """Write bundled kernel files that are not there yet (atomically); returns how many."""
+    written = 0
+    for rel, data in files.items():
+        dst = root / rel
+        if dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o755 if rel.endswith(".so") else 0o644)
+            os.replace(tmp, dst)
+            written += 1
+        finally:
+            tmp.unlink(missing_ok=True)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# compile
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompileReport:
+    hit: bool  # an entry was found, checked and loaded before the compile
+    key: str | None
+    seconds_compile_first_call: float  # torch.compile + first call (CUDA synchronized)
+    artifact_bytes: int  # size of the payload loaded (hit) or stored (miss)
+    saved: bool  # a new entry was stored
+    warnings: list[str] = field(default_factory=list)
+    backend: str = "none"
+    miss_reason: str | None = None  # why there was no hit ("no entry", "corrupt entry: …", …)
+    seconds_fetch: float = 0.0  # backend get
+    seconds_load: float = 0.0  # kernel restore + load_cache_artifacts
+    seconds_save: float = 0.0  # save_cache_artifacts + put
+    seconds_total: float = 0.0  # everything, from fetch to the stored entry
+    artifacts: dict[str, int] = field(default_factory=dict)  # mega-cache entries by type
+    kernel_files: int = 0  # CPU kernel files bundled (miss) or restored (hit)
+    inductor_cache: dict[str, int] = field(default_factory=dict)  # hits/misses during this compile
+    components: dict[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """JSON-safe dict (for Dagster metadata / logs)."""
+        return asdict(self)
+
+
+def _fresh_artifact_recording():
+    """Collect only this compile's mega-cache artifacts (the process-wide recorder otherwise
+    accumulates every compile since start-up). Private torch API; without it, entries may also
+    carry artifacts of earlier compiles in this process, which is harmless."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager  # noqa: PLC0415
+
+        return CacheArtifactManager.with_fresh_cache()
+    except Exception:  # noqa: BLE001
+        return contextlib.nullcontext()
+
+
+_COUNTERS = {
+    "fxgraph_hit": ("inductor", "fxgraph_cache_hit"),
+    "fxgraph_miss": ("inductor", "fxgraph_cache_miss"),
+    "aotautograd_hit": ("aot_autograd", "autograd_cache_hit"),
+    "aotautograd_miss": ("aot_autograd", "autograd_cache_miss"),
+}
+
+
+def _counters() -> dict[str, int]:
+    try:
+        from torch._dynamo.utils import counters  # noqa: PLC0415
+    except Exception:  # noqa: BLE001
+        return {}
+    return {name: int(counters[group][c]) for name, (group, c) in _COUNTERS.items()}
+
+
+def cache_config_warnings() -> list[str]:
+    """Settings under which the mega-cache records or reuses nothing."""
+    out = []
+    try:
+        import torch._functorch.config as fconf  # noqa: PLC0415
+        import torch._inductor.config as iconf  # noqa: PLC0415
+
+        if iconf.force_disable_caches:
+            out.append("torch.compiler.config.force_disable_caches is set: compile artifacts are neither saved nor reused")
+        if not iconf.fx_graph_cache:
+            out.append("torch._inductor.config.fx_graph_cache is off (TORCHINDUCTOR_FX_GRAPH_CACHE=0?): the artifact cache cannot help")
+        if not fconf.enable_autograd_cache:
+            out.append("torch._functorch.config.enable_autograd_cache is off: AOTAutograd runs again on warm compiles")
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def _normalize_inputs(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _auto_key(model, inputs: tuple, mode: str, dynamic: bool) -> tuple[str, dict[str, Any]]:
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    device = tensors[0].device if tensors else next((p.device for p in model.parameters()), torch.device("cpu"))
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else repr(x) for x in inputs]
+    dtype = ",".join(str(x.dtype).removeprefix("torch.") for x in tensors) or "none"
+    target = model if not isinstance(model, torch.nn.Module) and hasattr(model, "__qualname__") else type(model)
+    extra = {
+        "model_class": f"{getattr(target, '__module__', '?')}.{target.__qualname__}",
+        "training": bool(getattr(model, "training", False)),
+        "grad_enabled": torch.is_grad_enabled(),
+    }
+    sd = model.state_dict() if isinstance(model, torch.nn.Module) else {}
+    return cache_key(model_hash=model_hash(sd), input_shapes=shapes, dtype=dtype, mode=mode,
+                     device=str(device), dynamic=dynamic, extra=extra)
+
+
+def _sync(inputs: tuple) -> None:
+    if any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in inputs):
+        torch.cuda.synchronize()
+
+
+def _first_call(model, inputs: tuple, mode: str, dynamic: bool) -> tuple[Callable, float]:
+    t0 = time.perf_counter()
+    compiled = torch.compile(model, mode=None if mode == "default" else mode, dynamic=dynamic)
+    compiled(*inputs)
+    _sync(inputs)
+    return compiled, time.perf_counter() - t0
+
+
+def compile_with_cache(
+    model: Callable,
+    example_inputs,
+    cache: ArtifactCache | None,
+    *,
+    mode: str = "default",
+    dynamic: bool = False,
+    key: str | tuple[str, dict[str, Any]] | None = None,
+    bundle_cpu_kernels: bool = True,
+) -> tuple[Callable, CompileReport]:
+    """``torch.compile(model)`` and its first call on ``example_inputs``, with artifacts from
+    ``cache`` when there is a valid entry (hit), else cold, storing the new artifacts (miss).
+
+    ``key``: None computes one from the model (state-dict hash, class, train/eval, grad mode),
+    the inputs (shapes, dtypes, device), ``mode``, ``dynamic`` and the environment; a
+    ``(key, components)`` pair from :func:`cache_key` is used as given; a bare string is used as
+    the key, with the computed components still checked. Cache problems become
+    ``report.warnings``; only errors of the compile itself propagate.
+
+    Inductor's caches must be on (the defaults): ``cache_config_warnings()`` says when not. The
+    artifacts only help a process whose local Inductor cache does not already have them; in the
+    same process Dynamo reuses what it compiled and nothing new is recorded."""
+    t_start = time.perf_counter()
+    inputs = _normalize_inputs(example_inputs)
+    report = CompileReport(hit=False, key=None, seconds_compile_first_call=0.0, artifact_bytes=0, saved=False,
+                           backend=cache.describe() if cache is not None else "none")
+    report.warnings.extend(cache_config_warnings())
+
+    components: dict[str, Any] | None = None
+    if cache is not None:
+        try:
+            if isinstance(key, tuple):
+                key_str, components = key
+            else:
+                key_str, components = _auto_key(model, inputs, mode, dynamic)
+                if isinstance(key, str):
+                    key_str = key
+            report.key, report.components = _check_key(key_str), components
+        except Exception as e:  # noqa: BLE001 - no key, no cache: still compile
+            report.warnings.append(f"compile cache disabled: cannot compute the key ({_describe_error(e)})")
+            cache = None
+
+    is_cpu = (components or {}).get("device_type") == "cpu"
+    root = _inductor_cache_dir()
+    restored: list[str] = []
+
+    payload = None
+    if cache is not None and report.key is not None:
+        t0 = time.perf_counter()
+        payload = cache.get(report.key, components=components)
+        report.seconds_fetch = time.perf_counter() - t0
+        if payload is None:
+            report.miss_reason = cache.last_miss_reason
+            if cache.last_error or report.miss_reason not in (None, "no entry"):
+                report.warnings.append(f"compile cache miss, compiling cold: {report.miss_reason}")
+
+    if payload is not None:
+        t0 = time.perf_counter()
+        try:
+            mega, files = unpack_bundle(payload)
+            if files and is_cpu:
+                report.kernel_files = _restore_kernels(root, files)
+                restored = list(files)
+            info = torch.compiler.load_cache_artifacts(mega)
+            if info is None:
+                raise EntryError("torch.compiler.load_cache_artifacts could not read the artifacts")
+            report.artifacts = {k: len(v) for k, v in info.artifacts.items()}
+            report.hit, report.artifact_bytes = True, len(payload)
+        except Exception as e:  # noqa: BLE001
+            report.miss_reason = f"unusable entry ({_describe_error(e)})"
+            report.warnings.append(f"compile cache entry not loaded, compiling cold: {report.miss_reason}")
+        report.seconds_load = time.perf_counter() - t0
+
+    before = _counters()
+    kernel_keys_before = _cpp_cache_keys()
+    files_before = _kernel_files(root) if (is_cpu and bundle_cpu_kernels and not report.hit) else set()
+
+    with _fresh_artifact_recording():
+        if report.hit:
+            try:
+                compiled, report.seconds_compile_first_call = _first_call(model, inputs, mode, dynamic)
+            except Exception as e:  # noqa: BLE001 - e.g. a restored kernel that will not load here
+                report.warnings.append(
+                    f"compile with cached artifacts failed ({_describe_error(e)}); compiled again cold "
+                    "with Inductor's caches off")
+                report.hit = False
+                report.miss_reason = f"compile with cached artifacts failed ({_describe_error(e)})"
+                for rel in restored:
+                    (root / rel).unlink(missing_ok=True)
+                torch._dynamo.reset()
+                import torch._functorch.config as fconf  # noqa: PLC0415
+                import torch._inductor.config as iconf  # noqa: PLC0415
+
+                with iconf.patch(fx_graph_cache=False), fconf.patch(enable_autograd_cache=False):
+                    compiled, report.seconds_compile_first_call = _first_call(model, inputs, mode, dynamic)
+                cache = None  # do not store artifacts of a compile that bypassed the caches
+        else:
+            compiled, report.seconds_compile_first_call = _first_call(model, inputs, mode, dynamic)
+
+        after = _counters()
+        report.inductor_cache = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        if report.hit and (report.inductor_cache.get("fxgraph_miss", 0) or report.inductor_cache.get("aotautograd_miss", 0)):
+            report.warnings.append(
+                f"cache entry loaded but Inductor still compiled {report.inductor_cache.get('fxgraph_miss', 0)} graph(s) "
+                "cold (the entry does not match this program/environment)")
+
+        if cache is not None and not report.hit and report.key is not None:
+            t0 = time.perf_counter()
+            try:
+                saved = torch.compiler.save_cache_artifacts()
+            except Exception as e:  # noqa: BLE001
+                saved = None
+                report.warnings.append(f"save_cache_artifacts failed: {_describe_error(e)}")
+            if saved is None:
+                report.warnings.append(
+                    "no compile artifacts to store (nothing was compiled in this call: already compiled in "
+                    "this process, or Inductor's caches are off)")
+            else:
+                mega, info = saved
+                report.artifacts = {k: len(v) for k, v in info.artifacts.items()}
+                files: dict[str, bytes] = {}
+                if is_cpu and bundle_cpu_kernels:
+                    new_keys = _cpp_cache_keys() - kernel_keys_before
+                    rels = (_kernel_files(root) - files_before) | _files_for_keys(root, new_keys)
+                    for rel in sorted(rels):
+                        try:
+                            files[rel] = (root / rel).read_bytes()
+                        except OSError:
+                            continue
+                bundle = pack_bundle(mega, files)
+                cache.put(report.key, bundle, components=components)
+                if cache.last_error:
+                    report.warnings.append(f"compile artifacts not stored: {cache.last_error}")
+                else:
+                    report.saved, report.artifact_bytes, report.kernel_files = True, len(bundle), len(files)
+            report.seconds_save = time.perf_counter() - t0
+
+    report.seconds_total = time.perf_counter() - t_start
+    return compiled, report
+
+
+__all__ = [
+    "ArtifactCache",
+    "CompileReport",
+    "EntryError",
+    "LocalDirCache",
+    "RedisCache",
+    "StorageCache",
+    "cache_config_warnings",
+    "cache_key",
+    "compile_with_cache",
+    "device_components",
+    "frame",
+    "model_hash",
+    "pack_bundle",
+    "unframe",
+    "unpack_bundle",
+]

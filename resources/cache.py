@@ -1,0 +1,60 @@
+"""Compile-artifact cache resources: one interface (``cache()`` → :class:`ArtifactCache`), three
+backends — a local directory (default), the storage resource (S3 or a shared mount), Redis."""
+
+import os
+from abc import abstractmethod
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from pipeline.compile_cache import ArtifactCache, LocalDirCache, RedisCache, StorageCache
+from resources.storage import StorageResource, default_state_dir
+
+
+class CompileCacheResource(dg.ConfigurableResource):
+    @abstractmethod
+    def cache(self) -> ArtifactCache: ...
+
+
+class LocalCompileCacheResource(CompileCacheResource):
+    """A directory on this host (default ``.forgeline/compile-cache``)."""
+
+    path: str = Field(default_factory=lambda: str(default_state_dir() / "compile-cache"))
+
+    def cache(self) -> ArtifactCache:
+        return LocalDirCache(self.path)
+
+
+class StorageCompileCacheResource(CompileCacheResource):
+    """Entries as objects in the storage resource (S3, NFS): shared by every node."""
+
+    storage: dg.ResourceDependency[StorageResource]
+    prefix: str = "compile-cache"
+
+    def cache(self) -> ArtifactCache:
+        return StorageCache(self.storage.client(), self.prefix)
+
+
+class RedisCompileCacheResource(CompileCacheResource):
+    """Redis (``redis://[:password@]host:port/db``; pass the URL as an ``EnvVar`` when it holds a secret)."""
+
+    url: str
+    prefix: str = "forgeline:compile:"
+    ttl_s: Optional[int] = Field(default=None, description="Expire entries after this many seconds.")
+
+    def cache(self) -> ArtifactCache:
+        return RedisCache(self.url, prefix=self.prefix, ttl_s=self.ttl_s)
+
+
+def compile_cache_from_env(storage: StorageResource) -> CompileCacheResource:
+    """``FORGELINE_COMPILE_CACHE``: ``local`` (default), ``storage``, or ``redis`` (URL in
+    ``FORGELINE_COMPILE_CACHE_URL``)."""
+    kind = os.environ.get("FORGELINE_COMPILE_CACHE", "local")
+    if kind == "redis":
+        return RedisCompileCacheResource(url=dg.EnvVar("FORGELINE_COMPILE_CACHE_URL"))
+    if kind == "storage":
+        return StorageCompileCacheResource(storage=storage)
+    if kind == "local":
+        return LocalCompileCacheResource()
+    raise ValueError(f"FORGELINE_COMPILE_CACHE={kind!r}: use local, storage or redis")

@@ -1,0 +1,360 @@
+"""Compile artifact caching: keys, framing, the three backends against real servers (moto S3, Debian's
+redis-server), failure paths that must fall back to a cold compile, and an end-to-end cold → warm
+run in two fresh processes with separate empty Inductor cache dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.compile_cache import (
+    EntryError,
+    LocalDirCache,
+    RedisCache,
+    StorageCache,
+    cache_key,
+    compile_with_cache,
+    frame,
+    model_hash,
+    pack_bundle,
+    unframe,
+    unpack_bundle,
+)
+from pipeline.models import DigitsCNN
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _key(**over):
+    kw = dict(model_hash="ab" * 32, input_shapes=[(8, 1, 28, 28)], dtype="float32", mode="default", device="cpu")
+    kw.update(over)
+    return cache_key(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A real redis-server (Debian's) on a free loopback port, no persistence; stopped after."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.geteuid() != 0:
+            pytest.fail("redis-server is not installed and this is not root: run `sudo apt-get install redis-server` "
+                        "(or `make system-deps`)")
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=True)
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("apt-get install redis-server did not provide a redis-server binary")
+    port = _free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    log = workdir / "redis.log"
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--logfile", str(log), "--daemonize", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.RedisError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not start on port {port}:\n{log.read_text() if log.exists() else ''}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Forget what Dynamo compiled in this process, so every test's compile really compiles."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 8), nn.ReLU()).eval(), torch.randn(4, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# keys
+# ---------------------------------------------------------------------------------------------
+
+
+def test_model_hash_is_deterministic_and_content_sensitive():
+    torch.manual_seed(0)
+    a = DigitsCNN()
+    torch.manual_seed(0)
+    b = DigitsCNN()
+    assert model_hash(a.state_dict()) == model_hash(b.state_dict())
+    # insertion order does not matter
+    sd = a.state_dict()
+    assert model_hash(dict(reversed(list(sd.items())))) == model_hash(sd)
+    # one changed value, dtype or name changes it
+    with torch.no_grad():
+        b.head[-1].bias[0] += 1e-3
+    assert model_hash(b.state_dict()) != model_hash(a.state_dict())
+    assert model_hash({k: v.double() for k, v in sd.items()}) != model_hash(sd)
+    assert model_hash({"x." + k: v for k, v in sd.items()}) != model_hash(sd)
+    # bf16 (no numpy dtype) works too
+    assert len(model_hash({k: v.bfloat16() for k, v in sd.items()})) == 64
+    with pytest.raises(ValueError, match="meta"):
+        model_hash({"w": torch.empty(2, device="meta")})
+
+
+def test_cache_key_stable_and_sensitive():
+    key, comp = _key()
+    assert key == _key()[0] and len(key) == 64 and int(key, 16) >= 0
+    assert comp["torch"] == torch.__version__ and comp["device_type"] == "cpu"
+    assert comp["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert comp["python"].endswith(f"{sys.version_info.major}.{sys.version_info.minor}")
+    assert "triton" in comp and comp["input_shapes"] == [[8, 1, 28, 28]]
+    others = {
+        _key(input_shapes=[(16, 1, 28, 28)])[0],
+        _key(mode="max-autotune")[0],
+        _key(model_hash="cd" * 32)[0],
+        _key(dtype="bfloat16")[0],
+        _key(dynamic=True)[0],
+        _key(extra={"training": True})[0],
+    }
+    assert key not in others and len(others) == 6
+    # stable across processes (no dict-order, id() or hash-seed dependence)
+    code = ("import sys; sys.path.insert(0, %r); from pipeline.compile_cache import cache_key; "
+            "print(cache_key(model_hash='ab'*32, input_shapes=[(8,1,28,28)], dtype='float32', mode='default', "
+            "device='cpu')[0])" % str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert out.stdout.strip() == key
+
+
+# ---------------------------------------------------------------------------------------------
+# framing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_framing_detects_corruption_and_mismatch(tmp_path):
+    cache = LocalDirCache(tmp_path / "cc")
+    key, comp = _key()
+    payload = os.urandom(4096)
+    cache.put(key, payload, components=comp)
+    assert cache.last_error is None
+    assert cache.get(key, components=comp) == payload and cache.last_miss_reason is None
+
+    path = tmp_path / "cc" / f"{key}.flcc"
+    good = path.read_bytes()
+    for pos in (len(good) - 10, 70):  # in the payload; in the components JSON
+        bad = bytearray(good)
+        bad[pos] ^= 0x01
+        path.write_bytes(bytes(bad))
+        assert cache.get(key, components=comp) is None
+        assert "sha256" in cache.last_miss_reason
+    path.write_bytes(good[:-1])
+    assert cache.get(key) is None and "corrupt" in cache.last_miss_reason
+    path.write_bytes(good[:10])
+    assert cache.get(key) is None and "truncated" in cache.last_miss_reason
+    path.write_bytes(b"X" + good[1:])
+    assert cache.get(key) is None and "magic" in cache.last_miss_reason
+    bad = bytearray(good)
+    bad[9] += 1  # format version
+    path.write_bytes(bytes(bad))
+    assert cache.get(key) is None and "format version" in cache.last_miss_reason
+
+    # an entry written by another torch, filed under this key: a miss that says why
+    old = dict(comp, torch="2.12.0")
+    cache.put(key, payload, components=old)
+    assert cache.get(key, components=comp) is None
+    assert "torch: entry '2.12.0' != expected" in cache.last_miss_reason
+    # an entry copied under another key
+    other, _ = _key(mode="reduce-overhead")
+    (tmp_path / "cc" / f"{other}.flcc").write_bytes(good)
+    assert cache.get(other) is None and "written for key" in cache.last_miss_reason
+    assert cache.get("0" * 64) is None and cache.last_miss_reason == "no entry"
+
+    with pytest.raises(EntryError):
+        unframe(frame(key, comp, payload)[:-3], key)
+    mega, files = unpack_bundle(pack_bundle(b"mega", {"ab/cabc.so": b"\x7fELF", "ab/cabc.cpp": b"int x;"}))
+    assert mega == b"mega" and files == {"ab/cabc.so": b"\x7fELF", "ab/cabc.cpp": b"int x;"}
+    with pytest.raises(EntryError, match="bad kernel path"):
+        unpack_bundle(pack_bundle(b"m", {"../../etc/x.so": b"x"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["local", "s3", "redis"])
+def test_backend_round_trip(backend, tmp_path, request):
+    if backend == "local":
+        cache = LocalDirCache(tmp_path / "cc")
+    elif backend == "s3":
+        cache = StorageCache(request.getfixturevalue("s3_storage"))
+    else:
+        cache = RedisCache(request.getfixturevalue("redis_url"), ttl_s=600)
+    key, comp = _key()
+    assert cache.get(key, components=comp) is None and cache.last_miss_reason == "no entry"
+    assert cache.last_error is None
+    payload = os.urandom(6 * 1024 * 1024) + b"end"  # > S3 multipart threshold in the test fixture
+    cache.put(key, payload, components=comp)
+    assert cache.last_error is None, cache.last_error
+    assert cache.get(key, components=comp) == payload
+    cache.put(key, b"v2", components=comp)  # overwrite
+    assert cache.get(key, components=comp) == b"v2"
+    if backend == "redis":
+        assert 0 < cache.client.ttl(cache.prefix + key) <= 600
+        assert "@" not in cache.describe() and cache.describe().startswith("redis://127.0.0.1:")
+    if backend == "s3":
+        assert cache.describe().startswith("s3://")
+    with pytest.raises(ValueError):
+        cache.get("../escape")
+
+
+def test_unreachable_redis_is_a_warning_not_a_crash(fresh_dynamo):
+    cache = RedisCache(f"redis://127.0.0.1:{_free_port()}/0", socket_timeout_s=0.5)  # nothing listens there
+    key, comp = _key()
+    t0 = time.monotonic()
+    assert cache.get(key, components=comp) is None
+    assert "backend error" in cache.last_miss_reason and "Connection" in cache.last_error
+    cache.put(key, b"x", components=comp)
+    assert "put failed" in cache.last_error
+    assert time.monotonic() - t0 < 10
+
+    model, x = _tiny()
+    with torch.no_grad():
+        compiled, report = compile_with_cache(model, (x,), cache)
+        torch.testing.assert_close(compiled(x), model(x))
+    assert not report.hit and not report.saved
+    assert any("backend error" in w for w in report.warnings), report.warnings
+    assert any("not stored" in w for w in report.warnings), report.warnings
+    json.dumps(report.to_metadata())
+
+
+def test_corrupt_or_wrong_version_entry_falls_back_to_cold_compile(tmp_path, fresh_dynamo):
+    cache = LocalDirCache(tmp_path / "cc")
+    model, x = _tiny()
+    with torch.no_grad():
+        eager = model(x)
+        _, first = compile_with_cache(model, (x,), cache)
+    assert first.saved and not first.hit and first.miss_reason == "no entry" and first.warnings == []
+    entry = tmp_path / "cc" / f"{first.key}.flcc"
+
+    # flip one byte of the stored entry: cold compile, warning, and the entry is rewritten
+    data = bytearray(entry.read_bytes())
+    data[-100] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled, report = compile_with_cache(model, (x,), cache)
+        torch.testing.assert_close(compiled(x), eager)
+    assert not report.hit and report.saved
+    assert any("sha256 mismatch" in w for w in report.warnings), report.warnings
+    assert cache.get(report.key, components=report.components) is not None  # healed
+
+    # an entry from another torch version under the same key
+    cache.put(first.key, b"whatever", components=dict(first.components, torch="2.12.0"))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled, report = compile_with_cache(model, (x,), cache)
+        torch.testing.assert_close(compiled(x), eager)
+    assert not report.hit and any("torch: entry '2.12.0'" in w for w in report.warnings), report.warnings
+
+    # a well-framed entry whose artifacts torch cannot read
+    cache.put(first.key, pack_bundle(b"not mega-cache bytes"), components=first.components)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled, report = compile_with_cache(model, (x,), cache)
+        torch.testing.assert_close(compiled(x), eager)
+    assert not report.hit and any("not loaded" in w for w in report.warnings), report.warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: cold in one fresh process, warm in another, separate empty Inductor cache dirs
+# ---------------------------------------------------------------------------------------------
+
+_WORKER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from pipeline.compile_cache import LocalDirCache, compile_with_cache
+from pipeline.models import DigitsCNN
+torch.manual_seed(0)
+model = DigitsCNN().eval()
+x = torch.randn(8, 1, 28, 28)
+with torch.no_grad():
+    eager = model(x)
+    compiled, report = compile_with_cache(model, (x,), LocalDirCache(sys.argv[2]))
+    out = compiled(x)
+meta = report.to_metadata()
+meta["allclose"] = bool(torch.allclose(out, eager, rtol=1e-4, atol=1e-5))
+print("REPORT " + json.dumps(meta))
+"""
+
+
+def _run_worker(tmp_path: Path, inductor_dir: Path, cache_dir: Path) -> dict:
+    assert not inductor_dir.exists()
+    inductor_dir.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir)}
+    env.pop("TRITON_CACHE_DIR", None)
+    proc = subprocess.run([sys.executable, str(script), str(ROOT), str(cache_dir)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")][-1]
+    return json.loads(line[len("REPORT "):])
+
+
+def test_end_to_end_cold_then_warm_in_fresh_processes(tmp_path):
+    store = tmp_path / "artifacts"
+    cold = _run_worker(tmp_path, tmp_path / "inductor-cold", store)
+    assert not cold["hit"] and cold["saved"] and cold["miss_reason"] == "no entry", cold
+    assert cold["warnings"] == [] and cold["allclose"]
+    assert cold["artifacts"].get("inductor", 0) >= 1 and cold["artifacts"].get("aot_autograd", 0) >= 1
+    assert cold["kernel_files"] > 0  # the C++ kernels the mega-cache leaves out on CPU
+    assert cold["inductor_cache"]["fxgraph_miss"] >= 1
+
+    warm = _run_worker(tmp_path, tmp_path / "inductor-warm", store)  # different, empty Inductor dir
+    assert warm["key"] == cold["key"]
+    assert warm["hit"] and not warm["saved"] and warm["warnings"] == [], warm
+    assert warm["allclose"]
+    assert warm["artifact_bytes"] == cold["artifact_bytes"]
+    # Inductor and AOTAutograd really served everything from the loaded artifacts
+    assert warm["inductor_cache"]["fxgraph_hit"] >= 1 and warm["inductor_cache"]["fxgraph_miss"] == 0
+    assert warm["inductor_cache"]["aotautograd_hit"] >= 1 and warm["inductor_cache"]["aotautograd_miss"] == 0
+    print(f"cold compile+first call {cold['seconds_compile_first_call']:.1f}s, "
+          f"warm {warm['seconds_compile_first_call']:.1f}s (+{warm['seconds_load']:.2f}s load)")
