@@ -4,13 +4,15 @@ import dagster as dg
 
 from assets import ingest as ingest_assets
 from assets import package as package_assets
+from assets import serve as serve_assets
 from assets import train as train_assets
 from assets.partitions import batches
 from jobs.ingest import incoming_batches, ingest_job
+from jobs.serve import new_model_version, prewarm_job
 from resources.cache import compile_cache_from_env
 from resources.gpu import GpuPoolResource
 from resources.io import StorageJsonIOManager
-from resources.storage import storage_from_env
+from resources.storage import shm_from_env, storage_from_env
 
 # Every stage that exists, end to end. `make demo` runs this job.
 lifecycle_job = dg.define_asset_job(
@@ -31,14 +33,15 @@ def build_defs() -> dg.Definitions:
     """Definitions with resources chosen from the environment at call time (see storage_from_env)."""
     storage = storage_from_env()
     return dg.Definitions(
-        assets=dg.load_assets_from_modules([ingest_assets, train_assets, package_assets]),
-        jobs=[ingest_job, train_and_package_job, lifecycle_job],
-        sensors=[incoming_batches],
+        assets=dg.load_assets_from_modules([ingest_assets, train_assets, package_assets, serve_assets]),
+        jobs=[ingest_job, train_and_package_job, prewarm_job, lifecycle_job],
+        sensors=[incoming_batches, new_model_version],
         resources={
             "storage": storage,
             "io_manager": StorageJsonIOManager(storage=storage),
             "gpu_pool": GpuPoolResource(),
             "compile_cache": compile_cache_from_env(storage),
+            "shm": shm_from_env(),
         },
     )
 

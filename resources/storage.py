@@ -49,13 +49,19 @@ class LocalStorageResource(StorageResource):
 
 
 class ShmStorageResource(StorageResource):
-    """The RAM-backed /dev/shm tier, with an optional byte budget."""
+    """The RAM-backed /dev/shm tier, with an optional byte budget. ``client()`` is the raw storage;
+    ``tier()`` manages whole model versions in it (pre-warm, LRU eviction, pins)."""
 
     root: str = Field(default="/dev/shm/forgeline", description="Directory on a tmpfs mount.")
     capacity_bytes: Optional[int] = Field(default=None, description="Budget for this tier (bytes).")
 
     def _make_client(self) -> Storage:
         return ShmStorage(self.root, capacity_bytes=self.capacity_bytes)
+
+    def tier(self):
+        from pipeline.shm_tier import ShmTier
+
+        return ShmTier(self.root, capacity_bytes=self.capacity_bytes)
 
 
 class S3StorageResource(StorageResource):
@@ -87,6 +93,14 @@ class S3StorageResource(StorageResource):
             part_size=self.part_size,
             multipart_threshold=self.part_size,
         )
+
+
+def shm_from_env() -> ShmStorageResource:
+    """The /dev/shm tier: ``FORGELINE_SHM_ROOT`` (default /dev/shm/forgeline) and
+    ``FORGELINE_SHM_CAPACITY_BYTES`` (default: no budget beyond the filesystem's free space)."""
+    cap = os.environ.get("FORGELINE_SHM_CAPACITY_BYTES")
+    return ShmStorageResource(root=os.environ.get("FORGELINE_SHM_ROOT", "/dev/shm/forgeline"),
+                              capacity_bytes=int(cap) if cap else None)
 
 
 def _env(name: str) -> Optional[dg.EnvVar]:

@@ -162,6 +162,7 @@ def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
     monkeypatch.setenv("FORGELINE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("FORGELINE_SHM_ROOT", str(tmp_path / "shm"))
     defs = build_defs()
     job = defs.resolve_job_def("lifecycle")
     storage = LocalStorageResource(root=str(tmp_path / "store"))
@@ -190,6 +191,12 @@ def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
         version = first.asset_materializations_for_node("exported_model")[0].metadata["version"].value
         assert store.exists(f"models/digits/{version}/manifest.json")
         assert store.exists(f"models/digits-int8/{version}/manifest.json")
+        # serving: the version is in the shm tier, byte-identical
+        smd = first.asset_materializations_for_node("shm_prewarm")[0].metadata
+        assert smd["hit"].value is False and smd["version"].value == version
+        warm = tmp_path / "shm" / "models" / "digits" / version
+        for shard in json.loads((warm / "manifest.json").read_text())["shards"]:
+            assert (warm / shard["file"]).read_bytes() == store.read(f"models/digits/{version}/{shard['file']}")
 
         again = job.execute_in_process(instance=instance, partition_key="d1")
         md2 = again.asset_materializations_for_node("trained_model")[0].metadata
@@ -205,3 +212,27 @@ def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
         gate = next(e for e in gated.get_asset_check_evaluations() if e.check_name == "accuracy_gate")
         assert not gate.passed and "int4: accuracy" in str(gate.metadata["failures"].value)
         assert not gated.asset_materializations_for_node("compile_artifacts")
+
+
+def test_new_version_sensor_requests_one_prewarm_per_version(tmp_path, instance):
+    import torch
+
+    from jobs.serve import new_model_version
+    from pipeline import export
+    from pipeline.models import build_model
+    from resources.storage import ShmStorageResource
+
+    storage = LocalStorageResource(root=str(tmp_path / "store"))
+    shm = ShmStorageResource(root=str(tmp_path / "shm"))
+    resources = {"storage": storage, "shm": shm}
+    assert isinstance(new_model_version(dg.build_sensor_context(instance=instance, resources=resources)), dg.SkipReason)
+
+    torch.manual_seed(0)
+    source = export.from_module(build_model("digits_cnn"), architecture="digits_cnn")
+    v1 = export.export(source, storage.client(), "digits", "v1")["version"]
+    req = new_model_version(dg.build_sensor_context(instance=instance, resources=resources))
+    assert req.run_key == "prewarm:digits/v1"
+    assert req.run_config == {"ops": {"shm_prewarm": {"config": {"version": v1}}}}
+
+    shm.tier().prewarm(storage.client(), "digits", v1)  # what the requested run does
+    assert isinstance(new_model_version(dg.build_sensor_context(instance=instance, resources=resources)), dg.SkipReason)

@@ -1,0 +1,618 @@
+"""The /dev/shm tier on a serving node: published model versions pre-warmed into RAM.
+
+A tier is a directory (``/dev/shm/forgeline`` by default) laid out like published storage, so the
+readers of :mod:`pipeline.export` work on it unchanged (``LocalStorage(root)`` sees normal
+published versions), plus the tier's own bookkeeping in ``.tier/``::
+
+    /dev/shm/forgeline/
+        models/<model>/<version>/...         # shards, index, manifest.json (copied LAST)
+        .tier/tier.lock                      # tier-wide lock: space reservation and eviction
+        .tier/locks/<model>/<version>.lock   # per-version lock: one copier per version
+        .tier/used/<model>/<version>         # last-used stamp (its mtime)
+        .tier/pins/<model>/<version>         # present = pinned (never evicted by LRU)
+        .tier/reserve/<model>/<version>      # bytes reserved by a copy in progress
+
+**Complete.** A version is in the tier when its ``manifest.json`` is there and every file it lists
+(shards and index) is present with the listed size. The manifest is copied last (atomically, by
+rename), and every other file is copied to a temporary name, sha256-verified against the manifest
+and renamed, so a crash at any point leaves a version that is *not* complete; the next prewarm of
+that version (or any prewarm's garbage collection, once no process holds its lock) removes it.
+
+**Concurrency.** :meth:`ShmTier.prewarm` takes an exclusive ``flock`` on the version's lock file
+before copying; a second process prewarming the same version waits, then finds it complete and
+reports a hit. Space is reserved under the tier-wide lock (lock order: version, then tier; other
+versions' locks are only ever *tried*, never waited for, while the tier lock is held), so two
+copies of different versions never overcommit the budget, and a version being copied or evicted
+by one process is never evicted by another. Locks are released by the kernel when a process dies.
+
+**Budget.** ``capacity_bytes`` bounds the bytes of versions in the tier (complete ones plus the
+reservations of copies in progress); the filesystem's free space is checked too. To make room,
+complete, unpinned, idle versions are evicted least recently used first (:meth:`ShmTier.resolve`
+and prewarm hits refresh recency). If the version cannot fit even after evicting everything
+evictable, :class:`~pipeline.storage.StorageFull` names what is needed and what is available, and
+nothing is evicted. A filesystem that fills up anyway mid-copy (ENOSPC) raises ``StorageFull`` and
+the partial copy is removed.
+
+Caveat: a loader that still has an evicted version's files open or memory-mapped keeps reading
+them (unlinking does not invalidate them), but tmpfs frees their RAM only when it lets go.
+
+Usage::
+
+    tier = ShmTier("/dev/shm/forgeline", capacity_bytes=64 * 2**30)
+    report = tier.prewarm(store, "digits")                 # latest published version
+    report.hit, report.bytes, report.seconds, report.gbps, report.evicted
+    source, where = resolve_source("digits", report.version, tier=tier, local_cache=None, remote=store)
+    module = build_from_version(source, "digits", report.version)
+
+This module never imports dagster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.export import (
+    DEFAULT_ROOT,
+    FORMAT,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    ExportError,
+    VersionNotFound,
+    latest_version,
+    read_manifest,
+    version_prefix,
+)
+from pipeline.storage import (
+    IntegrityError,
+    LocalStorage,
+    ObjectNotFound,
+    Storage,
+    StorageError,
+    StorageFull,
+    copy_between,
+    join,
+)
+
+DEFAULT_TIER_ROOT = "/dev/shm/forgeline"
+_META = ".tier"
+
+
+class VersionPinned(StorageError):
+    """Evicting a pinned version without ``force``."""
+
+
+@dataclass
+class PrewarmReport:
+    """What one :meth:`ShmTier.prewarm` did. ``bytes`` are the bytes copied into the tier by this
+    call (0 on a hit); ``version_bytes`` is the version's size in the tier; ``seconds`` is the
+    whole call (lock waits included); ``gbps`` is ``bytes / seconds`` in GB/s (0 on a hit)."""
+
+    model: str
+    version: str
+    hit: bool
+    bytes: int
+    seconds: float
+    gbps: float
+    evicted: list[str] = field(default_factory=list)
+    version_bytes: int = 0
+    path: str = ""
+
+    def as_metadata(self) -> dict:
+        """JSON-safe dict (e.g. Dagster asset metadata)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TierEntry:
+    model: str
+    version: str
+    bytes: int
+    last_used: float  # epoch seconds
+    pinned: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_lock(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        raise StorageError(f"cannot open lock file {path}: {e.strerror or e}") from e
+
+
+def _lock(path: Path, *, blocking: bool = True) -> int | None:
+    """An fd holding an exclusive flock on ``path``; None when ``blocking=False`` and it is busy.
+    flock locks belong to the open file description, so a second lock attempt on the same file
+    from the same process (another fd) conflicts too, as between processes."""
+    fd = _open_lock(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError as e:
+        os.close(fd)
+        if not blocking and e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise StorageError(f"cannot lock {path}: {e.strerror or e}") from e
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = _lock(path)
+    try:
+        yield
+    finally:
+        _unlock(fd)  # type: ignore[arg-type]
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The tier
+# ---------------------------------------------------------------------------------------------
+
+
+class ShmTier:
+    """Published model versions copied into a RAM-backed directory, within a byte budget."""
+
+    def __init__(self, root: str | os.PathLike = DEFAULT_TIER_ROOT, *, capacity_bytes: int | None = None):
+        root = Path(root).expanduser()
+        if str(root).startswith("/dev/shm") and not Path("/dev/shm").is_dir():
+            raise StorageError(f"shm tier {root}: /dev/shm does not exist on this host")
+        if capacity_bytes is not None and capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        self.store = LocalStorage(root, fsync=False)  # RAM: nothing to make durable
+        self.root: Path = self.store.root
+        self.capacity_bytes = capacity_bytes
+        self.meta = self.root / _META
+        self.meta.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"ShmTier({str(self.root)!r}, capacity_bytes={self.capacity_bytes})"
+
+    # Paths ------------------------------------------------------------------------------------
+    def _dir(self, model: str, version: str) -> Path:
+        return self.root / version_prefix(model, version)
+
+    def _bk(self, kind: str, model: str, version: str, suffix: str = "") -> Path:
+        version_prefix(model, version)  # validates both names
+        return self.meta / kind / model / f"{version}{suffix}"
+
+    def _version_lock(self, model: str, version: str) -> Path:
+        return self._bk("locks", model, version, ".lock")
+
+    def _tier_lock(self) -> Path:
+        return self.meta / "tier.lock"
+
+    def _versions_on_disk(self) -> list[tuple[str, str]]:
+        base = self.root / DEFAULT_ROOT
+        out = []
+        if not base.is_dir():
+            return out
+        for mdir in sorted(base.iterdir()):
+            if not mdir.is_dir():
+                continue
+            for vdir in sorted(mdir.iterdir()):
+                if not vdir.is_dir():
+                    continue
+                try:
+                    version_prefix(mdir.name, vdir.name)
+                except ValueError:
+                    continue  # not something the tier wrote
+                out.append((mdir.name, vdir.name))
+        return out
+
+    # State ------------------------------------------------------------------------------------
+    def _state(self, model: str, version: str) -> tuple[bool, int]:
+        """``(complete, bytes on disk)`` of a version directory."""
+        vdir = self._dir(model, version)
+        try:
+            manifest = json.loads((vdir / MANIFEST_NAME).read_bytes())
+            files = [(s["file"], int(s["bytes"])) for s in manifest["shards"]]
+            idx = manifest.get("index")
+            if idx:
+                files.append((idx["file"], int(idx["bytes"])))
+            ok = manifest.get("format") == FORMAT and all(
+                (vdir / f).stat().st_size == size for f, size in files
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        return ok, _tree_bytes(vdir)
+
+    def complete(self, model: str, version: str) -> bool:
+        """The version is in the tier: manifest present and every listed file has its size."""
+        return self._state(model, version)[0]
+
+    def _touch(self, model: str, version: str) -> None:
+        stamp = self._bk("used", model, version)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        now = time.time_ns()
+        fd = os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            os.utime(fd, ns=(now, now))
+        finally:
+            os.close(fd)
+
+    def _last_used(self, model: str, version: str) -> float:
+        for p in (self._bk("used", model, version), self._dir(model, version) / MANIFEST_NAME):
+            try:
+                return p.stat().st_mtime
+            except OSError:
+                continue
+        return 0.0
+
+    def pinned(self, model: str, version: str) -> bool:
+        return self._bk("pins", model, version).exists()
+
+    def pin(self, model: str, version: str) -> None:
+        """Never evict this version to make room (it may be pinned before it is prewarmed)."""
+        p = self._bk("pins", model, version)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+
+    def unpin(self, model: str, version: str) -> None:
+        self._bk("pins", model, version).unlink(missing_ok=True)
+
+    def _reserved(self, model: str, version: str) -> int:
+        try:
+            return int(self._bk("reserve", model, version).read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def list(self) -> list[TierEntry]:
+        """Complete versions in the tier, least recently used first."""
+        out = []
+        for m, v in self._versions_on_disk():
+            ok, size = self._state(m, v)
+            if ok:
+                out.append(TierEntry(m, v, size, self._last_used(m, v), self.pinned(m, v)))
+        return sorted(out, key=lambda e: (e.last_used, e.model, e.version))
+
+    def used_bytes(self) -> int:
+        """Bytes under ``models/`` right now (complete versions and copies in progress)."""
+        return _tree_bytes(self.root / DEFAULT_ROOT)
+
+    def _fs_free(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def _fs_block(self) -> int:
+        return os.statvfs(self.root).f_bsize or 4096
+
+    def storage(self) -> LocalStorage:
+        """The tier as a storage: ``pipeline.export`` readers load versions from it directly."""
+        return self.store
+
+    # Lookups ----------------------------------------------------------------------------------
+    def _latest_here(self, model: str) -> str | None:
+        best = None
+        for m, v in self._versions_on_disk():
+            if m != model or not self.complete(m, v):
+                continue
+            try:
+                created = json.loads((self._dir(m, v) / MANIFEST_NAME).read_bytes()).get("created", "")
+            except (OSError, ValueError):
+                continue
+            if best is None or (created, v) > best:
+                best = (created, v)
+        return best[1] if best else None
+
+    def resolve(self, model: str, version: str = "latest") -> Path | None:
+        """The version's folder in the tier when it is complete (its recency is refreshed), else
+        None. ``"latest"`` is the most recently created version present in the tier."""
+        if version == "latest":
+            found = self._latest_here(model)
+            if found is None:
+                return None
+            version = found
+        if not self.complete(model, version):
+            return None
+        self._touch(model, version)
+        return self._dir(model, version)
+
+    def needs_prewarm(self, store: Storage, model: str) -> str | None:
+        """The latest version published in ``store`` when it is not in the tier yet, else None
+        (what a sensor asks before requesting a prewarm run)."""
+        v = latest_version(store, model)
+        return v if v is not None and not self.complete(model, v) else None
+
+    # Removal ----------------------------------------------------------------------------------
+    def _remove_version(self, model: str, version: str) -> None:
+        """Delete a version's files, manifest first (so it stops being complete at once). The
+        caller holds the version's lock."""
+        vdir = self._dir(model, version)
+        (vdir / MANIFEST_NAME).unlink(missing_ok=True)
+        shutil.rmtree(vdir, ignore_errors=True)
+        self._bk("used", model, version).unlink(missing_ok=True)
+        self._bk("reserve", model, version).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            vdir.parent.rmdir()  # only when empty
+
+    def evict(self, model: str, version: str, *, force: bool = False) -> bool:
+        """Remove a version from the tier (waits for a copy of it in progress). A pinned version
+        is refused (:class:`VersionPinned`) unless ``force``, which also unpins it. Returns
+        whether anything was there."""
+        if self.pinned(model, version) and not force:
+            raise VersionPinned(f"shm tier {self.root}: {model}/{version} is pinned; unpin it or evict with force=True")
+        with _locked(self._version_lock(model, version)), _locked(self._tier_lock()):
+            existed = self._dir(model, version).exists()
+            self._remove_version(model, version)
+            if force:
+                self.unpin(model, version)
+        return existed
+
+    def _collect_garbage(self, own: tuple[str, str]) -> None:
+        """Remove leftovers of copies that died (incomplete, nobody holds their lock) and stale
+        reservations. Caller holds the tier lock (and the lock of ``own``)."""
+        for m, v in self._versions_on_disk():
+            if (m, v) == own or self.complete(m, v):
+                continue
+            fd = _lock(self._version_lock(m, v), blocking=False)
+            if fd is None:
+                continue  # a copy in progress
+            try:
+                self._remove_version(m, v)
+            finally:
+                _unlock(fd)
+        rdir = self.meta / "reserve"
+        if rdir.is_dir():
+            for p in rdir.glob("*/*"):
+                m, v = p.parent.name, p.name
+                if (m, v) == own:
+                    continue
+                try:
+                    fd = _lock(self._version_lock(m, v), blocking=False)
+                except (StorageError, ValueError):
+                    continue
+                if fd is not None:
+                    p.unlink(missing_ok=True)
+                    _unlock(fd)
+
+    def _make_room(self, model: str, version: str, need: int, fs_need: int) -> list[str]:
+        """Reserve room for ``need`` bytes (``fs_need`` on the filesystem, block-rounded),
+        evicting LRU unpinned idle versions. Caller holds the tier lock and the version's lock.
+        Raises StorageFull, evicting nothing, when it cannot fit."""
+        cap = self.capacity_bytes
+        what = f"shm tier {self.root}: {model}/{version} needs {need} bytes"
+        if cap is not None and need > cap:
+            raise StorageFull(f"{what}, more than the whole budget of {cap} bytes (capacity_bytes); "
+                              "nothing was evicted")
+        used, pending = 0, 0  # budget bytes of others; bytes others' copies will still write
+        pinned_b, busy_b = 0, 0
+        candidates: list[tuple[float, str, str, int]] = []
+        for m, v in self._versions_on_disk():
+            if (m, v) == (model, version):
+                continue
+            ok, size = self._state(m, v)
+            if ok:
+                used += size
+                if self.pinned(m, v):
+                    pinned_b += size
+                else:
+                    candidates.append((self._last_used(m, v), m, v, size))
+            else:  # a copy in progress elsewhere (dead ones were collected)
+                res = self._reserved(m, v)
+                used += max(size, res)
+                pending += max(0, res - size)
+                busy_b += max(size, res)
+        candidates.sort()
+        held: list[tuple[int, str, str, int]] = []
+        try:
+            for _, m, v, size in candidates:
+                fd = _lock(self._version_lock(m, v), blocking=False)
+                if fd is None:
+                    busy_b += size  # being evicted/checked by another process
+                else:
+                    held.append((fd, m, v, size))
+            evictable = sum(size for *_, size in held)
+            fs_free = self._fs_free() - pending
+            if cap is not None and used - evictable + need > cap:
+                raise StorageFull(
+                    f"{what}; the budget is {cap} bytes with {max(cap - used, 0)} free and {evictable} "
+                    f"evictable ({pinned_b} pinned, {busy_b} in use by copies in progress); nothing was evicted")
+            if fs_need > fs_free + evictable:
+                raise StorageFull(
+                    f"{what} ({fs_need} in filesystem blocks); {self.root} has {max(fs_free, 0)} bytes free "
+                    f"and {evictable} evictable: /dev/shm is full (raise its size or free RAM); "
+                    "nothing was evicted")
+            evicted = []
+            for fd, m, v, size in held:
+                fits_budget = cap is None or used + need <= cap
+                if fits_budget and fs_need <= self._fs_free() - pending:
+                    break
+                self._remove_version(m, v)
+                used -= size
+                evicted.append(f"{m}/{v}")
+            if (cap is not None and used + need > cap) or fs_need > self._fs_free() - pending:
+                raise StorageFull(  # files still open/mapped elsewhere keep their RAM
+                    f"{what}; after evicting {evicted} only {self._fs_free() - pending} bytes are free on "
+                    f"{self.root} (evicted files still open by a loader keep their memory)")
+            return evicted
+        finally:
+            for fd, *_ in held:
+                _unlock(fd)
+
+    # Prewarm ----------------------------------------------------------------------------------
+    def prewarm(self, store: Storage, model: str, version: str = "latest", *, pin: bool = False) -> PrewarmReport:
+        """Make ``model``/``version`` (``"latest"``: the newest published in ``store``) complete in
+        the tier, copying it from ``store`` with sha256 verification if it is not there yet.
+        Idempotent; concurrent calls for one version copy it once (the others report a hit)."""
+        t0 = time.perf_counter()
+        if version == "latest":
+            found = latest_version(store, model)
+            if found is None:
+                raise VersionNotFound(f"{store.uri(join(DEFAULT_ROOT, model))}: no published version of "
+                                      f"{model!r} to prewarm")
+            version = found
+        prefix = version_prefix(model, version)
+        created_pin = pin and not self.pinned(model, version)
+        if pin:
+            self.pin(model, version)
+        try:
+            if self.complete(model, version):
+                return self._hit(model, version, t0)
+            with _locked(self._version_lock(model, version)):
+                if self.complete(model, version):  # another process copied it while we waited
+                    return self._hit(model, version, t0)
+                copied, evicted = self._fill(store, model, version, prefix)
+                self._touch(model, version)
+        except BaseException:
+            if created_pin:
+                self.unpin(model, version)
+            raise
+        seconds = time.perf_counter() - t0
+        _, size = self._state(model, version)
+        return PrewarmReport(model, version, False, copied, seconds, copied / seconds / 1e9 if seconds else 0.0,
+                             evicted, size, str(self._dir(model, version)))
+
+    def _hit(self, model: str, version: str, t0: float) -> PrewarmReport:
+        self._touch(model, version)
+        _, size = self._state(model, version)
+        return PrewarmReport(model, version, True, 0, time.perf_counter() - t0, 0.0, [], size,
+                             str(self._dir(model, version)))
+
+    def _fill(self, store: Storage, model: str, version: str, prefix: str) -> tuple[int, list[str]]:
+        """Copy the version (caller holds its lock). Returns ``(bytes copied, evicted)``."""
+        manifest_key = join(prefix, MANIFEST_NAME)
+        try:
+            raw = store.read(manifest_key)
+        except ObjectNotFound:
+            raise VersionNotFound(f"{store.uri(manifest_key)}: no such published version {version!r} "
+                                  f"of {model!r}") from None
+        try:
+            manifest = json.loads(raw)
+        except ValueError as e:
+            raise ExportError(f"{store.uri(manifest_key)}: unreadable manifest ({e})") from None
+        if manifest.get("format") != FORMAT:
+            raise ExportError(f"{store.uri(manifest_key)}: unsupported manifest format {manifest.get('format')!r}")
+        files = [(s["file"], int(s["bytes"]), s.get("sha256")) for s in manifest["shards"]]
+        idx = manifest.get("index")
+        if idx:
+            files.append((idx["file"], int(idx["bytes"]), idx.get("sha256")))
+        elif store.exists(join(prefix, INDEX_NAME)):
+            files.append((INDEX_NAME, store.stat(join(prefix, INDEX_NAME)).size, None))
+        need = sum(size for _, size, _ in files) + len(raw)
+        block = self._fs_block()
+        fs_need = sum(_round_up(size, block) for _, size, _ in files) + _round_up(len(raw), block)
+        vdir = self._dir(model, version)
+
+        with _locked(self._tier_lock()):
+            self._collect_garbage(own=(model, version))
+            shutil.rmtree(vdir, ignore_errors=True)  # our own leftover from a copy that died
+            evicted = self._make_room(model, version, need, fs_need)
+            res = self._bk("reserve", model, version)
+            res.parent.mkdir(parents=True, exist_ok=True)
+            res.write_text(str(need))
+            vdir.mkdir(parents=True, exist_ok=True)  # under the tier lock: its model dir stays
+
+        copied = 0
+        try:
+            for file, size, sha in files:
+                key = join(prefix, file)
+                info = copy_between(store, key, self.store, key, expected_sha256=sha)
+                if info.size != size:
+                    raise IntegrityError(f"{store.uri(key)}: {info.size} bytes, the manifest says {size}")
+                copied += info.size
+            self.store.write_atomic(manifest_key, raw)  # last: now the version is complete
+            copied += len(raw)
+        except BaseException as e:
+            shutil.rmtree(vdir, ignore_errors=True)
+            what = f"prewarm of {model}/{version} from {store.uri(prefix)} into shm tier {self.root}"
+            if isinstance(e, StorageFull):
+                raise StorageFull(f"{what}: the filesystem filled up after {copied} of {need} bytes "
+                                  f"({self._fs_free()} bytes free now): {e}. The partial copy was removed; "
+                                  "the tier is otherwise unchanged") from e
+            if isinstance(e, IntegrityError):
+                raise IntegrityError(f"{what}: {e} (corrupt or changed source). The partial copy was "
+                                     "removed; the tier is otherwise unchanged") from e
+            raise
+        finally:
+            self._bk("reserve", model, version).unlink(missing_ok=True)
+        return copied, evicted
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader's choice of source
+# ---------------------------------------------------------------------------------------------
+
+
+def _complete_on(store: Storage, model: str, version: str) -> bool:
+    """Every file of the published version is present in ``store`` with its manifest size."""
+    try:
+        manifest = read_manifest(store, model, version)
+        prefix = version_prefix(model, version)
+        files = [(s["file"], int(s["bytes"])) for s in manifest["shards"]]
+        if manifest.get("index"):
+            files.append((manifest["index"]["file"], int(manifest["index"]["bytes"])))
+        return all(store.stat(join(prefix, f)).size == size for f, size in files)
+    except (StorageError, ExportError, KeyError, TypeError, ValueError):
+        return False
+
+
+def resolve_source(
+    model: str,
+    version: str = "latest",
+    *,
+    tier: ShmTier | None,
+    local_cache: LocalStorage | None,
+    remote: Storage,
+) -> tuple[Storage, str]:
+    """Where the loader should read ``model``/``version`` from: the shm tier when the version is
+    complete there (``"shm"``; recency refreshed), else the local cache when it holds the whole
+    version (``"local"``), else ``remote`` (``"remote"``). ``"latest"`` is resolved on ``remote``."""
+    if version == "latest":
+        found = latest_version(remote, model)
+        if found is None:
+            raise VersionNotFound(f"{remote.uri(join(DEFAULT_ROOT, model))}: no published version of {model!r}")
+        version = found
+    version_prefix(model, version)
+    if tier is not None and tier.resolve(model, version) is not None:
+        return tier.storage(), "shm"
+    if local_cache is not None and _complete_on(local_cache, model, version):
+        return local_cache, "local"
+    return remote, "remote"
+
+
+__all__ = [
+    "DEFAULT_TIER_ROOT",
+    "PrewarmReport",
+    "ShmTier",
+    "TierEntry",
+    "VersionPinned",
+    "resolve_source",
+]

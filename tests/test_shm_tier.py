@@ -1,0 +1,397 @@
+"""The /dev/shm tier, for real: versions published with ``pipeline.export`` (local disk and S3) are
+pre-warmed into a tier directory and compared byte for byte; the budget, LRU eviction and pins, a
+full filesystem, corrupt sources, copies that fail or are killed midway, and two processes racing
+(``multiprocessing`` with spawn, released together by a barrier) are exercised.
+
+The tier lives on the real tmpfs (``/dev/shm/forgeline-test-*``) when this host has a writable
+/dev/shm, else under pytest's ``tmp_path`` (the code is the same; only the RAM backing differs);
+it is removed after each test.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing as mp
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import export as ex
+from pipeline import storage as st
+from pipeline.shm_tier import PrewarmReport, ShmTier, VersionPinned, resolve_source
+from pipeline.storage import IntegrityError, LocalStorage, Storage, StorageError, StorageFull, copy_between, join
+
+MODEL = "digits"
+SHARD_LIMIT = 100_000  # 4 tensors of 80 kB -> 4 shards per version
+
+
+def state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"layer{i}.weight": torch.randn(20_000, generator=g) for i in range(4)}
+
+
+def publish(store: Storage, version: str, seed: int = 0) -> dict:
+    return ex.export(state(seed), store, MODEL, version, max_shard_bytes=SHARD_LIMIT)
+
+
+def files_of(store: Storage, model: str, version: str) -> dict[str, bytes]:
+    prefix = ex.version_prefix(model, version)
+    return {o.key[len(prefix) + 1:]: store.read(o.key) for o in store.list(prefix)}
+
+
+def version_dirs(tier: ShmTier) -> list[str]:
+    base = tier.root / "models"
+    return sorted(f"{m.name}/{v.name}" for m in base.iterdir() for v in m.iterdir()) if base.is_dir() else []
+
+
+@pytest.fixture
+def tier_root(tmp_path) -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        root = shm / f"forgeline-test-{uuid.uuid4().hex[:12]}"  # the real tmpfs
+    else:  # no writable /dev/shm on this host: same code on an ordinary directory
+        root = tmp_path / "shm"
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage wrappers that misbehave on purpose (module level: picklable for spawned children)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, owner: "Wrapped", key: str, f):
+        self.owner, self.key, self.f, self.count = owner, key, f, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(65536 if n is None or n < 0 or n > 65536 else n) if n != 0 else b""
+        if n is None or n < 0:  # read() to the end
+            while more := self.f.read(65536):
+                data += more
+        self.count += len(data)
+        self.owner.on_read(self.key, self.count)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Wrapped(Storage):
+    """Delegates to ``inner``; ``on_read(key, bytes_so_far)`` is called after every read."""
+
+    def __init__(self, inner: Storage):
+        self.inner = inner
+
+    def on_read(self, key: str, count: int) -> None:
+        pass
+
+    def open_read(self, key):
+        return _Reader(self, key, self.inner.open_read(key))
+
+    def read_range(self, key, start, length):
+        return self.inner.read_range(key, start, length)
+
+    def open_write(self, key, **kw):
+        return self.inner.open_write(key, **kw)
+
+    def list(self, prefix=""):
+        return self.inner.list(prefix)
+
+    def stat(self, key):
+        return self.inner.stat(key)
+
+    def delete(self, key):
+        self.inner.delete(key)
+
+    def uri(self, key=""):
+        return self.inner.uri(key)
+
+
+class FailsMidway(Wrapped):
+    """Raises (a dropped connection, say) once ``after`` bytes of ``key`` have been read."""
+
+    def __init__(self, inner, key: str, after: int):
+        super().__init__(inner)
+        self.key, self.after = key, after
+
+    def on_read(self, key, count):
+        if key == self.key and count > self.after:
+            raise StorageError(f"{self.uri(key)}: connection reset (simulated) after {count} bytes")
+
+
+class StallsMidway(Wrapped):
+    """Once ``after`` bytes of ``key`` were read: drop ``marker`` and hang (to be killed)."""
+
+    def __init__(self, inner, key: str, after: int, marker: str):
+        super().__init__(inner)
+        self.key, self.after, self.marker = key, after, marker
+
+    def on_read(self, key, count):
+        if key == self.key and count > self.after:
+            Path(self.marker).touch()
+            time.sleep(120)
+
+
+class Slow(Wrapped):
+    def on_read(self, key, count):
+        time.sleep(0.05)
+
+
+def _prewarm_child(tier_root: str, store: Storage, version: str, barrier, results) -> None:
+    tier = ShmTier(tier_root)
+    if barrier is not None:
+        barrier.wait(timeout=60)
+    try:
+        report = tier.prewarm(store, MODEL, version)
+        results.put(("ok", report.hit, report.bytes))
+    except BaseException as e:  # reported to the parent, which fails the test
+        results.put(("error", repr(e), 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prewarm_miss_then_hit_identical_bytes(local_storage, tier_root):
+    publish(local_storage, "v1", seed=1)
+    m2 = publish(local_storage, "v2", seed=2)
+    tier = ShmTier(tier_root)
+    assert tier.needs_prewarm(local_storage, MODEL) == "v2"
+
+    first = tier.prewarm(local_storage, MODEL)  # "latest"
+    assert isinstance(first, PrewarmReport)
+    assert (first.model, first.version, first.hit) == (MODEL, "v2", False)
+    src = files_of(local_storage, MODEL, "v2")
+    assert first.bytes == first.version_bytes == sum(map(len, src.values()))
+    assert first.seconds > 0 and first.gbps > 0 and first.evicted == []
+    assert files_of(tier.storage(), MODEL, "v2") == src  # every byte, manifest included
+    assert len([f for f in src if f.endswith(".safetensors")]) == len(m2["shards"]) == 4
+    assert ex.verify(tier.storage(), MODEL, "v2") == []  # readers work on the tier unchanged
+    assert ex.list_versions(LocalStorage(tier_root), MODEL) == ["v2"]
+    got = ex.load_state_dict(tier.storage(), MODEL, "v2")
+    assert all(torch.equal(got[k], v) for k, v in state(2).items())
+    assert tier.needs_prewarm(local_storage, MODEL) is None
+
+    again = tier.prewarm(local_storage, MODEL, "v2")
+    assert again.hit and again.bytes == 0 and again.version_bytes == first.version_bytes
+    assert tier.complete(MODEL, "v2") and not tier.complete(MODEL, "v1")
+    assert tier.resolve(MODEL) == tier.resolve(MODEL, "v2") == tier_root.resolve() / "models" / MODEL / "v2"
+    assert tier.resolve(MODEL, "v1") is None
+    [entry] = tier.list()
+    assert (entry.model, entry.version, entry.bytes, entry.pinned) == (MODEL, "v2", first.version_bytes, False)
+    assert tier.used_bytes() == first.version_bytes
+    assert not list(tier.root.rglob("*.tmp-*"))
+
+
+def test_prewarm_from_s3(s3_storage, tier_root):
+    publish(s3_storage, "s1", seed=3)
+    tier = ShmTier(tier_root)
+    report = tier.prewarm(s3_storage, MODEL, "s1")
+    assert not report.hit and report.bytes > 0
+    assert files_of(tier.storage(), MODEL, "s1") == files_of(s3_storage, MODEL, "s1")
+    assert ex.verify(tier.storage(), MODEL, "s1") == []
+    assert tier.prewarm(s3_storage, MODEL, "s1").hit
+
+
+def test_budget_evicts_lru_unpinned(local_storage, tier_root):
+    for i, v in enumerate("abcde"):
+        publish(local_storage, v, seed=i)
+    probe = ShmTier(tier_root)
+    size = probe.prewarm(local_storage, MODEL, "a").version_bytes
+    probe.evict(MODEL, "a")
+    tier = ShmTier(tier_root, capacity_bytes=3 * size + size // 2)  # room for three versions
+
+    assert [tier.prewarm(local_storage, MODEL, v).evicted for v in "abc"] == [[], [], []]
+    assert tier.resolve(MODEL, "a") is not None  # a is now the most recently used: b is the LRU
+    d = tier.prewarm(local_storage, MODEL, "d")
+    assert not d.hit and d.evicted == [f"{MODEL}/b"]
+    assert [e.version for e in tier.list()] == ["c", "a", "d"]  # LRU first
+
+    tier.pin(MODEL, "c")  # c is the LRU now, but pinned: a goes instead
+    e = tier.prewarm(local_storage, MODEL, "e")
+    assert e.evicted == [f"{MODEL}/a"]
+    assert {(x.version, x.pinned) for x in tier.list()} == {("c", True), ("d", False), ("e", False)}
+    assert tier.used_bytes() <= tier.capacity_bytes
+    assert all(ex.verify(tier.storage(), MODEL, v) == [] for v in "cde")
+
+    with pytest.raises(VersionPinned, match="pinned"):
+        tier.evict(MODEL, "c")
+    assert tier.complete(MODEL, "c")
+    assert tier.evict(MODEL, "c", force=True) and not tier.complete(MODEL, "c") and not tier.pinned(MODEL, "c")
+
+    # prewarm(pin=True) protects the new version: with every other one pinned too, nothing fits
+    tier.prewarm(local_storage, MODEL, "b", pin=True)
+    tier.pin(MODEL, "d"), tier.pin(MODEL, "e")
+    before = sorted((x.version, x.bytes) for x in tier.list())
+    with pytest.raises(StorageFull, match=r"needs \d+ bytes; the budget is \d+ bytes .*pinned.*nothing was evicted"):
+        tier.prewarm(local_storage, MODEL, "a")
+    assert sorted((x.version, x.bytes) for x in tier.list()) == before
+
+
+def test_version_bigger_than_budget_or_full_shm(local_storage, tier_root):
+    publish(local_storage, "small", seed=0)
+    big = ex.export({"w": torch.randn(200_000)}, local_storage, MODEL, "big", max_shard_bytes=SHARD_LIMIT)
+    tier = ShmTier(tier_root, capacity_bytes=500_000)
+    tier.prewarm(local_storage, MODEL, "small")
+    before = (tier.list(), version_dirs(tier), tier.used_bytes())
+
+    with pytest.raises(StorageFull, match=r"digits/big needs \d+ bytes, more than the whole budget of 500000"):
+        tier.prewarm(local_storage, MODEL, "big")
+    assert (tier.list(), version_dirs(tier), tier.used_bytes()) == before
+    assert big["bytes"] > 500_000
+
+    # the filesystem itself is (reported) full: clear error, nothing evicted or written
+    roomy = ShmTier(tier_root)
+    roomy._fs_free = lambda: 4096
+    with pytest.raises(StorageFull, match=r"has 4096 bytes free .*/dev/shm is full.*nothing was evicted"):
+        roomy.prewarm(local_storage, MODEL, "big")
+    assert (tier.list(), version_dirs(tier), tier.used_bytes()) == before
+
+
+def test_enospc_mid_copy_leaves_tier_consistent(local_storage, tier_root, monkeypatch):
+    publish(local_storage, "keep", seed=0)
+    manifest = publish(local_storage, "v", seed=1)
+    tier = ShmTier(tier_root)
+    tier.prewarm(local_storage, MODEL, "keep")
+    second = manifest["shards"][1]["file"]
+    original = st._LocalWriter._write
+
+    def write(self, data):  # the kernel refuses the second shard's bytes: tmpfs is full
+        if self._store is tier.store and self.key.endswith(second):
+            self.abort()
+            st._raise_os(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), self._store.uri(self.key))
+        return original(self, data)
+
+    monkeypatch.setattr(st._LocalWriter, "_write", write)
+    with pytest.raises(StorageFull, match=r"filled up after \d+ of \d+ bytes.*no space left.*partial copy was removed"):
+        tier.prewarm(local_storage, MODEL, "v")
+    assert version_dirs(tier) == [f"{MODEL}/keep"] and not tier.complete(MODEL, "v")
+    assert [e.version for e in tier.list()] == ["keep"] and ex.verify(tier.storage(), MODEL, "keep") == []
+    assert not list(tier.root.rglob("*.tmp-*")) and not [p for p in (tier.meta / "reserve").rglob("*") if p.is_file()]
+
+    monkeypatch.setattr(st._LocalWriter, "_write", original)
+    assert not tier.prewarm(local_storage, MODEL, "v").hit
+    assert ex.verify(tier.storage(), MODEL, "v") == []
+
+
+def test_corrupt_source_shard_is_rejected(local_storage, tier_root):
+    manifest = publish(local_storage, "v", seed=0)
+    bad = manifest["shards"][2]["file"]
+    path = local_storage.local_path(join(ex.version_prefix(MODEL, "v"), bad))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes: only the sha256 can tell
+    path.write_bytes(bytes(data))
+    tier = ShmTier(tier_root)
+    with pytest.raises(IntegrityError, match=rf"{bad}: sha256 [0-9a-f]+ != expected {manifest['shards'][2]['sha256']}"):
+        tier.prewarm(local_storage, MODEL, "v")
+    assert version_dirs(tier) == [] and not tier.complete(MODEL, "v") and tier.used_bytes() == 0
+    assert tier.list() == [] and not list(tier.root.rglob("*.tmp-*"))
+
+
+def test_failure_mid_copy_then_retry(local_storage, tier_root):
+    manifest = publish(local_storage, "v", seed=0)
+    key = join(ex.version_prefix(MODEL, "v"), manifest["shards"][2]["file"])
+    tier = ShmTier(tier_root)
+    with pytest.raises(StorageError, match="connection reset"):
+        tier.prewarm(FailsMidway(local_storage, key, after=1000), MODEL, "v")
+    assert version_dirs(tier) == [] and tier.list() == [] and tier.used_bytes() == 0
+    report = tier.prewarm(local_storage, MODEL, "v")
+    assert not report.hit and ex.verify(tier.storage(), MODEL, "v") == []
+
+
+def test_killed_mid_copy_then_next_prewarm_succeeds(local_storage, tier_root, tmp_path):
+    manifest = publish(local_storage, "v", seed=0)
+    key = join(ex.version_prefix(MODEL, "v"), manifest["shards"][2]["file"])
+    marker = tmp_path / "stalled"
+    tier = ShmTier(tier_root, capacity_bytes=10_000_000)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_prewarm_child,
+                        args=(str(tier_root), StallsMidway(local_storage, key, 1000, str(marker)), "v", None, results))
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert child.is_alive() and time.monotonic() < deadline, "child never reached the middle of the copy"
+            time.sleep(0.02)
+        child.kill()  # SIGKILL in the middle of the third shard: no cleanup runs
+        child.join(10)
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+    assert child.exitcode == -9
+    vdir = tier_root.resolve() / "models" / MODEL / "v"
+    assert vdir.is_dir() and any(p.name.startswith(".") for p in vdir.iterdir())  # the partial copy
+    assert not tier.complete(MODEL, "v") and tier.list() == [] and tier.resolve(MODEL, "v") is None
+    assert (tier.meta / "reserve" / MODEL / "v").exists()  # its reservation, now stale
+
+    report = tier.prewarm(local_storage, MODEL, "v")  # the dead copier's lock was released by the kernel
+    assert not report.hit and files_of(tier.storage(), MODEL, "v") == files_of(local_storage, MODEL, "v")
+    assert not list(tier.root.rglob("*.tmp-*")) and not (tier.meta / "reserve" / MODEL / "v").exists()
+
+
+def test_two_processes_racing_copy_once(local_storage, tier_root):
+    publish(local_storage, "v", seed=0)
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    slow = Slow(local_storage)  # ~0.5 s of copying, so the second one arrives while it runs
+    procs = [ctx.Process(target=_prewarm_child, args=(str(tier_root), slow, "v", barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        outcomes = [results.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert [o[0] for o in outcomes] == ["ok", "ok"], outcomes
+    assert sorted(o[1] for o in outcomes) == [False, True]  # exactly one copied, the other hit
+    assert sorted(o[2] for o in outcomes)[0] == 0
+    tier = ShmTier(tier_root)
+    assert files_of(tier.storage(), MODEL, "v") == files_of(local_storage, MODEL, "v")
+    assert [e.version for e in tier.list()] == ["v"] and not list(tier.root.rglob("*.tmp-*"))
+
+
+def test_resolve_source_prefers_shm_then_local_then_remote(local_storage, tier_root, tmp_path):
+    remote = local_storage
+    publish(remote, "v1", seed=0)
+    publish(remote, "v2", seed=1)
+    cache = LocalStorage(tmp_path / "cache")
+    tier = ShmTier(tier_root)
+
+    def where(version="v2", **kw):
+        args = {"tier": tier, "local_cache": cache, "remote": remote, **kw}
+        source, w = resolve_source(MODEL, version, **args)
+        assert ex.verify(source, MODEL, "v2" if version == "latest" else version) == []
+        return w
+
+    assert where() == "remote"
+    prefix = ex.version_prefix(MODEL, "v2")
+    for o in remote.list(prefix):
+        copy_between(remote, o.key, cache, o.key)
+    assert where() == where("latest") == "local"
+    assert where("v1") == "remote"
+    tier.prewarm(remote, MODEL, "v2")
+    assert where() == where("latest") == "shm"
+    assert where(tier=None) == "local"
+    assert where(local_cache=None) == "shm"
+    tier.evict(MODEL, "v2")
+    assert where() == "local"
+    cache.delete(join(prefix, ex.read_manifest(remote, MODEL, "v2")["shards"][0]["file"]))  # incomplete cache
+    assert where() == "remote"
