@@ -4,6 +4,7 @@
     forgeline launch lifecycle --partition B [-c run_config.yaml]
     forgeline gen digits --batch B [--shifted] [--image-size 32]
     forgeline gen synthetic --batch B --size 2GB
+    forgeline load digits/latest --device cuda:0 [--json]   fast load, per-stage throughput
     forgeline demo                                   data → lifecycle → summary
     forgeline ui                                     Dagster UI on the same instance
 
@@ -287,6 +288,45 @@ def cmd_demo(args) -> int:
     return 0 if result.success else 1
 
 
+def _is_published(source: str) -> bool:
+    """``<model>/<version>`` (or ``<model>/latest``) rather than a path or URI."""
+    return "://" not in source and source.count("/") == 1 and not Path(source).exists()
+
+
+def cmd_load(args) -> int:
+    """Load a model and report per-stage throughput; published versions come from the shm tier
+    when it holds them, else from the storage."""
+    import json
+
+    from pipeline import loading
+
+    options = {"dtype": getattr(__import__("torch"), args.dtype) if args.dtype else None,
+               "verify": args.verify, "owned": args.owned}
+    where = "path"
+    if _is_published(args.source):
+        from pipeline.shm_tier import resolve_source
+        from resources.storage import open_storage, shm_from_env
+
+        model, version = args.source.split("/")
+        tier = None if args.no_shm else shm_from_env().tier()
+        options["storage"], where = resolve_source(model, version, tier=tier, local_cache=None, remote=open_storage())
+    with Progress(TextColumn(f"loading {args.source}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console, disable=args.json, transient=True) as progress:
+        task = progress.add_task("load", total=None)
+        tensors, rep = loading.load_with_report(
+            args.source, args.device, progress=lambda done, total: progress.update(task, completed=done, total=total),
+            **options)
+    out = {"tensors": rep.tensors, "bytes": rep.bytes, "seconds": rep.seconds_total, "gbps": rep.gbps,
+           "read_seconds": rep.seconds_read, "copy_seconds": rep.seconds_copy, "source_kind": rep.source_kind,
+           "path": rep.path, "from": where, "device": rep.device}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        console.print(f"[green]loaded[/] ({where}) {rep.summary()}")
+    del tensors
+    return 0
+
+
 def cmd_ui(args) -> int:
     from resources.storage import PROJECT_ROOT
 
@@ -321,6 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="rewrite a batch that already landed")
     s.set_defaults(fn=cmd_gen)
+
+    s = sub.add_parser("load", help="load a model (file, folder, index, s3://..., or <model>/<version>) and time it")
+    s.add_argument("source")
+    s.add_argument("--device", "-d", default="cpu", help="cpu or cuda[:N]")
+    s.add_argument("--dtype", help="cast floating tensors on the device, e.g. bfloat16")
+    s.add_argument("--verify", action="store_true", help="check sha256 against the manifest")
+    s.add_argument("--owned", action="store_true", help="copy into owned memory (CPU) instead of mapping")
+    s.add_argument("--no-shm", action="store_true", help="ignore the /dev/shm tier")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=cmd_load)
 
     s = sub.add_parser("ui", help="open the Dagster UI (dagster dev) on the embedded instance")
     s.add_argument("--host", default="127.0.0.1")

@@ -236,3 +236,27 @@ def test_new_version_sensor_requests_one_prewarm_per_version(tmp_path, instance)
 
     shm.tier().prewarm(storage.client(), "digits", v1)  # what the requested run does
     assert isinstance(new_model_version(dg.build_sensor_context(instance=instance, resources=resources)), dg.SkipReason)
+
+
+def test_cli_load_prefers_the_shm_copy(tmp_path, monkeypatch, capsys):
+    from jobs import cli
+    from pipeline import export
+    from pipeline.models import build_model
+    from resources.storage import ShmStorageResource
+
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
+    monkeypatch.setenv("FORGELINE_SHM_ROOT", str(tmp_path / "shm"))
+    store = LocalStorageResource(root=str(tmp_path / "store")).client()
+    model = build_model("digits_cnn")
+    export.export(export.from_module(model, architecture="digits_cnn"), store, "digits", "v1")
+
+    def load_json() -> dict:
+        assert cli.main(["load", "digits/latest", "--json"]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    cold = load_json()
+    assert cold["from"] == "remote" and cold["tensors"] == len(model.state_dict())
+    assert cold["bytes"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert {"seconds", "gbps"} <= cold.keys()
+    ShmStorageResource(root=str(tmp_path / "shm")).tier().prewarm(store, "digits", "v1")
+    assert load_json()["from"] == "shm"
