@@ -582,10 +582,11 @@ def cached_fraction(path: str | os.PathLike, *, max_pages: int = 1 << 16, window
         mm.close()
 
 
-def probe(path: str | os.PathLike) -> dict:
+def probe(path: str | os.PathLike, *, residency: bool = True) -> dict:
     """Where a file lives and how to read it: ``{"path", "mount", "fstype", "kind" (tmpfs/local/
     network), "size", "cached_fraction", "threads", "chunk_bytes"}`` (the last two from the table
-    in the module docstring)."""
+    in the module docstring). ``residency=False`` skips the page-cache scan (``cached_fraction``
+    None): the zero-copy CPU path does not need it, and it costs ~10 ms per GB."""
     path = os.fspath(path)
     mnt, fstype, src = _mount_of(path)
     kind = classify_fstype(fstype)
@@ -593,7 +594,7 @@ def probe(path: str | os.PathLike) -> dict:
         size = os.stat(path).st_size
     except OSError:
         size = None
-    cached = 1.0 if kind == "tmpfs" else (cached_fraction(path) if size is not None else None)
+    cached = 1.0 if kind == "tmpfs" else (cached_fraction(path) if residency and size is not None else None)
     threads, chunk = _tune(kind, cached)
     return {"path": path, "mount": mnt, "fstype": fstype, "source": src, "kind": kind, "size": size,
             "cached_fraction": cached, "threads": threads, "chunk_bytes": chunk}
@@ -1521,7 +1522,8 @@ def load(
     ``load_state_dict(strict=True, assign=True)`` — its parameters *are* the returned tensors;
     ``progress(bytes_done, bytes_total)``; ``report`` (a :class:`LoadReport`) is filled in.
     ``streams``: CUDA copy streams (2-4). ``prefetch``: ``MADV_WILLNEED`` on zero-copy mappings
-    (default: when the file is not fully cached). ``method`` forces a CPU strategy: ``"mmap"``,
+    (default off: plain faults with kernel readahead measured faster on cold files). ``method``
+    forces a CPU strategy: ``"mmap"``,
     ``"pread"`` (owned), or ``"ring"`` (the GPU pipeline with a CPU destination — for tests and
     benchmarks of the pipeline itself).
     """
@@ -1545,12 +1547,14 @@ def load(
     t_header = time.perf_counter()
 
     local = [s for s in src.shards if s.path is not None]
+    remote = any(s.path is None for s in src.shards)
+    zero_copy = dev.type == "cpu" and not remote and (method == "mmap" or (method is None and not owned))
     cached_weighted = 0.0
     cached_known = True
     kind = ""
     for s in src.shards:
         if s.path is not None:
-            info = probe(s.path)
+            info = probe(s.path, residency=not zero_copy)
             s.kind, s.cached = info["kind"], info["cached_fraction"]
             if s.cached is None:
                 cached_known = False
@@ -1583,15 +1587,15 @@ def load(
 
     quantized = dequantize and (src.quant is not None or any(_quantize.METADATA_KEY in s.metadata for s in src.shards))
     cast_now = None if quantized else dtype
-    remote = any(s.path is None for s in src.shards)
-    if dev.type == "cpu" and not remote and (method == "mmap" or (method is None and not owned)):
+    if zero_copy:
         path_name = "mmap-zero-copy"
         tensors: dict[str, torch.Tensor] = {}
         total = sum(e.nbytes for s in src.shards for e in s.entries)
         done = 0
         for s in src.shards:
-            pf = prefetch if prefetch is not None else (s.cached is not None and s.cached < 1.0)
-            part, _copied = _mmap_shard(s, pf)
+            # No MADV_WILLNEED by default: on cold files the kernel's fault readahead measured ~3x
+            # faster than asking for the whole mapping up front (bench/loaders.py, BENCHMARKS.md).
+            part, _copied = _mmap_shard(s, bool(prefetch))
             tensors.update(part)
             done += sum(e.nbytes for e in s.entries)
             if progress is not None:

@@ -40,32 +40,44 @@ def _answers_http(url: str) -> bool:
     return True
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Terminate a server subprocess, killing it if it does not exit in 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_moto_server(log_path: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start moto's S3 server as a subprocess on a free loopback port; return (process, endpoint).
+    Used by the fixture below and by bench/loaders.py."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    if log_path:
+        log.close()
+    deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
+    while not _answers_http(endpoint):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            detail = open(log_path).read() if log_path else ""
+            raise RuntimeError(f"moto server did not start on {endpoint}:\n{detail}")
+        time.sleep(0.1)
+    return proc, endpoint
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> Iterator[str]:
     """Endpoint URL of a moto S3 server running in a subprocess for the whole session."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    proc, endpoint = start_moto_server(str(tmp_path_factory.mktemp("moto") / "server.log"))
     try:
-        deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
-        while not _answers_http(endpoint):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto server did not start on {endpoint}:\n{log_path.read_text()}")
-            time.sleep(0.1)
         yield endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture

@@ -1,0 +1,255 @@
+"""Weight loading side by side: forgeline vs safetensors, Run:ai streamer, fastsafetensors and
+InstantTensor (whichever are installed: `pip install runai-model-streamer fastsafetensors
+instanttensor` — benchmark-only, not runtime dependencies), each run in a fresh process.
+
+    .venv/bin/python bench/loaders.py                          # CPU machine: ~1 GB checkpoint
+    .venv/bin/python bench/loaders.py --size-gb 16 --device cuda   # H100: Llama-3-8B-sized, 4 shards
+
+Checkpoint: Llama-3-8B tensor shapes (hidden 4096, MLP 14336, vocab 128256), bf16, random values,
+as many layers as fit ``--size-gb``, in 4 shards. Sources: /dev/shm (tmpfs), warm page cache,
+cold (every file dropped with posix_fadvise DONTNEED before the run), S3 (a local moto server).
+Time = until every tensor is resident on the device: for CUDA after torch.cuda.synchronize(); for
+CPU after one byte of every page was read (an mmap'ed "load" that never touches the data would
+otherwise look instantaneous). Targets on the H100 (ANCHORS.md): shm → GPU ≥ 48 GB/s, warm → GPU
+≥ 40 GB/s, cold ≥ 95% of parallel pread, S3 ≥ 1.5x Run:ai; on CPU: ≥ the best peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+HIDDEN, MLP, VOCAB, KV = 4096, 14336, 128256, 1024
+
+
+def make_checkpoint(out: Path, size_gb: float) -> list[Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    layer = {f"self_attn.{n}.weight": s for n, s in
+             (("q_proj", (HIDDEN, HIDDEN)), ("k_proj", (KV, HIDDEN)), ("v_proj", (KV, HIDDEN)), ("o_proj", (HIDDEN, HIDDEN)))}
+    layer |= {f"mlp.{n}.weight": s for n, s in (("gate_proj", (MLP, HIDDEN)), ("up_proj", (MLP, HIDDEN)), ("down_proj", (HIDDEN, MLP)))}
+    layer |= {"input_layernorm.weight": (HIDDEN,), "post_attention_layernorm.weight": (HIDDEN,)}
+    per_layer = sum(torch.Size(s).numel() for s in layer.values()) * 2
+    embed = VOCAB * HIDDEN * 2
+    with_embed = size_gb * 1e9 >= 2 * embed + per_layer  # small CPU checkpoints: decoder layers only
+    layers = max(1, int((size_gb * 1e9 - (2 * embed if with_embed else 0)) / per_layer))
+    names = [("model.embed_tokens.weight", (VOCAB, HIDDEN))] if with_embed else []
+    for i in range(layers):
+        names += [(f"model.layers.{i}.{k}", s) for k, s in layer.items()]
+    names += [("model.norm.weight", (HIDDEN,))] + ([("lm_head.weight", (VOCAB, HIDDEN))] if with_embed else [])
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    shards, per = [], -(-len(names) // 4)
+    for k in range(4):
+        part = names[k * per:(k + 1) * per]
+        tensors = {n: torch.randn(s, generator=g, dtype=torch.float32).to(torch.bfloat16) for n, s in part}
+        path = out / f"model-{k + 1:05d}-of-00004.safetensors"
+        save_file(tensors, str(path))
+        shards.append(path)
+    return shards
+
+
+def drop_cache(files) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def touch(tensors, device: str) -> int:
+    """Make every tensor resident: synchronize on CUDA, read a byte per page on CPU."""
+    import torch
+
+    n = 0
+    for t in tensors.values():
+        n += t.numel() * t.element_size()
+        if device == "cpu" and t.numel():
+            t.reshape(-1).view(torch.uint8)[::4096].sum()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return n
+
+
+def run_loader(name: str, files: list[str], device: str, s3: dict | None) -> dict:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.init()
+        torch.empty(1, device=device)  # CUDA context before the clock, as in ANCHORS.md
+    # Imports before the clock too: each loader is timed on loading, not on importing itself.
+    __import__({"forgeline": "pipeline.loading", "safetensors": "safetensors.torch", "runai": "runai_model_streamer",
+                "fastsafetensors": "fastsafetensors", "instanttensor": "instanttensor"}[name])
+    if s3:
+        __import__("pipeline.s3" if name == "forgeline" else "boto3")
+    t = time.perf_counter()
+    tensors: dict = {}
+    if name == "forgeline":
+        from pipeline.loading import load
+
+        if s3:
+            from pipeline.s3 import S3Storage
+
+            store = S3Storage(s3["bucket"], s3["prefix"], endpoint_url=s3["endpoint"], region_name="us-east-1")
+            tensors = load(f"s3://{s3['bucket']}/{s3['prefix']}", device, storage=store)
+        else:
+            for f in files:
+                tensors |= load(f, device)
+    elif name == "safetensors":
+        from safetensors.torch import load_file
+
+        if s3:
+            import boto3
+
+            c = boto3.client("s3", endpoint_url=s3["endpoint"], region_name="us-east-1")
+            from safetensors.torch import load
+
+            for f in files:
+                tensors |= {k: v.to(device) for k, v in load(c.get_object(Bucket=s3["bucket"], Key=f"{s3['prefix']}/{Path(f).name}")["Body"].read()).items()}
+        else:
+            for f in files:
+                tensors |= {k: v.to(device) for k, v in load_file(f).items()}
+    elif name == "runai":
+        from runai_model_streamer import SafetensorsStreamer
+
+        with SafetensorsStreamer() as st:
+            for f in files:
+                st.stream_file(f if not s3 else f"s3://{s3['bucket']}/{s3['prefix']}/{Path(f).name}")
+                for k, v in st.get_tensors():
+                    tensors[k] = v.to(device)  # the streamer reuses its buffer: .to() copies (clone on CPU)
+                    if device == "cpu":
+                        tensors[k] = tensors[k].clone()
+    elif name == "fastsafetensors":
+        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+
+        loader = SafeTensorsFileLoader(SingleGroup(), device, nogds=True)
+        loader.add_filenames({0: files})
+        fb = loader.copy_files_to_device()
+        for k in fb.key_to_rank_lidx:
+            tensors[k] = fb.get_tensor(k)
+        if device == "cpu":
+            tensors = {k: v.clone() for k, v in tensors.items()}  # the file buffer is freed with the loader
+        fb.close()
+        loader.close()
+    elif name == "instanttensor":
+        import instanttensor
+
+        tensors = dict(instanttensor.load(files, device=device))
+    n = touch(tensors, device)
+    secs = time.perf_counter() - t
+    return {"seconds": secs, "bytes": n, "gbps": n / secs / 1e9}
+
+
+def available(device: str, s3: bool) -> list[str]:
+    import importlib.util
+
+    mods = {"runai": "runai_model_streamer", "fastsafetensors": "fastsafetensors", "instanttensor": "instanttensor"}
+    out = ["forgeline", "safetensors"]
+    for name, mod in mods.items():
+        if importlib.util.find_spec(mod) is None:
+            continue
+        if name == "instanttensor" and device == "cpu":
+            continue  # GPU only
+        if s3 and name == "runai" and importlib.util.find_spec("runai_model_streamer_s3") is None:
+            continue
+        if s3 and name in ("fastsafetensors", "instanttensor"):
+            continue  # no S3 support
+        out.append(name)
+    return out
+
+
+def main() -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gb", type=float, default=1.0)
+    ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--root", default=str(ROOT / ".forgeline" / "bench" / "loaders"))
+    ap.add_argument("--sources", nargs="+", default=["shm", "warm", "cold", "s3"])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        spec = json.loads(a.child)
+        print(json.dumps(run_loader(spec["loader"], spec["files"], a.device, spec.get("s3"))))
+        return 0
+
+    disk = Path(a.root) / f"llama-{a.size_gb:g}gb"
+    files = sorted(disk.glob("*.safetensors")) or make_checkpoint(disk, a.size_gb)
+    size = sum(f.stat().st_size for f in files)
+    rows, server = [], None
+    for source in a.sources:
+        s3 = None
+        if source == "shm":
+            shm = Path("/dev/shm/forgeline-bench")
+            shm.mkdir(exist_ok=True)
+            src = [shm / f.name for f in files]
+            for f, d in zip(files, src):
+                if not d.exists():
+                    shutil.copyfile(f, d)
+        elif source == "s3":
+            import boto3
+
+            from tests.conftest import start_moto_server  # the same real server the tests use
+
+            server, endpoint = start_moto_server()
+            os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+            c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            c.create_bucket(Bucket="bench")
+            for f in files:
+                c.upload_file(str(f), "bench", f"ckpt/{f.name}")
+            s3 = {"bucket": "bench", "prefix": "ckpt", "endpoint": endpoint}
+            os.environ["FORGELINE_S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"] = endpoint
+            src = files
+        else:
+            src = files
+        for loader in available(a.device, s3 is not None):
+            best = None
+            for _ in range(a.repeat):
+                if source == "cold":
+                    drop_cache(src)
+                elif source == "warm":
+                    for f in src:
+                        with open(f, "rb") as fh:
+                            while fh.read(64 << 20):
+                                pass
+                spec = json.dumps({"loader": loader, "files": [str(f) for f in src], "s3": s3})
+                out = subprocess.run([sys.executable, __file__, "--device", a.device, "--child", spec],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    res = {"error": out.stderr.strip().splitlines()[-1][:120]}
+                else:
+                    res = json.loads(out.stdout.strip().splitlines()[-1])
+                if best is None or res.get("seconds", 1e9) < best.get("seconds", 1e9):
+                    best = res
+            rows.append({"source": source, "loader": loader, **best})
+        if source == "s3" and server is not None:
+            server.terminate()
+    name = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    table = Table(title=f"load {size / 1e9:.2f} GB ({len(files)} shards, bf16) → {a.device} on {name}; best of {a.repeat}")
+    for col in ("source", "loader", "seconds", "GB/s"):
+        table.add_column(col, justify="right" if col in ("seconds", "GB/s") else "left")
+    for r in rows:
+        table.add_row(r["source"], r["loader"], f"{r['seconds']:.3f}" if "seconds" in r else r.get("error", ""),
+                      f"{r['gbps']:.2f}" if "gbps" in r else "")
+    Console().print(table)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": name, "bytes": size, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
