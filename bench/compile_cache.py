@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--models", nargs="+", default=None,
-                   help="digits_cnn, convstack, resnet50 (default: digits_cnn convstack on CPU, digits_cnn resnet50 on GPU)")
+                   help="digits_cnn, convstack, resnet50 (default: all three)")
     p.add_argument("--modes", nargs="+", default=["default", "max-autotune"])
     p.add_argument("--batch", type=int, default=None, help="override the per-model batch size")
     p.add_argument("--repeat", type=int, default=3, help="warm runs per contender (median reported)")
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
 
     console = Console(width=None if sys.stdout.isatty() else 150)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    models = args.models or (["digits_cnn", "resnet50"] if device == "cuda" else ["digits_cnn", "convstack"])
+    models = args.models or ["digits_cnn", "convstack", "resnet50"]
     dev_name = torch.cuda.get_device_name(0) if device == "cuda" else (platform.processor() or platform.machine())
     if device == "cpu":
         try:

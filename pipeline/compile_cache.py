@@ -561,11 +561,14 @@ def cache_config_warnings() -> list[str]:
         import torch._inductor.config as iconf  # noqa: PLC0415
 
         if iconf.force_disable_caches:
-            out.append("torch.compiler.config.force_disable_caches is set: compile artifacts are neither saved nor reused")
+            out.append("torch.compiler.config.force_disable_caches is set: "
+                       "compile artifacts are neither saved nor reused")
         if not iconf.fx_graph_cache:
-            out.append("torch._inductor.config.fx_graph_cache is off (TORCHINDUCTOR_FX_GRAPH_CACHE=0?): the artifact cache cannot help")
+            out.append("torch._inductor.config.fx_graph_cache is off (TORCHINDUCTOR_FX_GRAPH_CACHE=0?): "
+                       "the artifact cache cannot help")
         if not fconf.enable_autograd_cache:
-            out.append("torch._functorch.config.enable_autograd_cache is off: AOTAutograd runs again on warm compiles")
+            out.append("torch._functorch.config.enable_autograd_cache is off: "
+                       "AOTAutograd runs again on warm compiles")
     except Exception:  # noqa: BLE001
         pass
     return out
@@ -707,10 +710,11 @@ def compile_with_cache(
 
         after = _counters()
         report.inductor_cache = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-        if report.hit and (report.inductor_cache.get("fxgraph_miss", 0) or report.inductor_cache.get("aotautograd_miss", 0)):
+        ic = report.inductor_cache
+        if report.hit and (ic.get("fxgraph_miss", 0) or ic.get("aotautograd_miss", 0)):
             report.warnings.append(
-                f"cache entry loaded but Inductor still compiled {report.inductor_cache.get('fxgraph_miss', 0)} graph(s) "
-                "cold (the entry does not match this program/environment)")
+                f"cache entry loaded but Inductor still compiled {ic.get('fxgraph_miss', 0)} graph(s) cold "
+                "(the entry does not match this program/environment)")
 
         if cache is not None and not report.hit and report.key is not None:
             t0 = time.perf_counter()

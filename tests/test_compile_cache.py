@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import _free_port, stop_server
 import torch
 from torch import nn
 
@@ -33,12 +35,6 @@ from pipeline.compile_cache import (
 from pipeline.models import DigitsCNN
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _key(**over):
@@ -90,12 +86,7 @@ def redis_url(tmp_path_factory):
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture
@@ -313,8 +304,10 @@ import torch
 from pipeline.compile_cache import LocalDirCache, compile_with_cache
 from pipeline.models import DigitsCNN
 torch.manual_seed(0)
-model = DigitsCNN().eval()
-x = torch.randn(8, 1, 28, 28)
+if sys.argv[3] == "digits":
+    model, x = DigitsCNN().eval(), torch.randn(8, 1, 28, 28)
+else:
+    model, x = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU()).eval(), torch.randn(4, 16)
 with torch.no_grad():
     eager = model(x)
     compiled, report = compile_with_cache(model, (x,), LocalDirCache(sys.argv[2]))
@@ -325,14 +318,14 @@ print("REPORT " + json.dumps(meta))
 """
 
 
-def _run_worker(tmp_path: Path, inductor_dir: Path, cache_dir: Path) -> dict:
+def _run_worker(tmp_path: Path, inductor_dir: Path, cache_dir: Path, model: str = "digits") -> dict:
     assert not inductor_dir.exists()
     inductor_dir.mkdir()
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir)}
     env.pop("TRITON_CACHE_DIR", None)
-    proc = subprocess.run([sys.executable, str(script), str(ROOT), str(cache_dir)], env=env,
+    proc = subprocess.run([sys.executable, str(script), str(ROOT), str(cache_dir), model], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")][-1]
@@ -358,3 +351,21 @@ def test_end_to_end_cold_then_warm_in_fresh_processes(tmp_path):
     assert warm["inductor_cache"]["aotautograd_hit"] >= 1 and warm["inductor_cache"]["aotautograd_miss"] == 0
     print(f"cold compile+first call {cold['seconds_compile_first_call']:.1f}s, "
           f"warm {warm['seconds_compile_first_call']:.1f}s (+{warm['seconds_load']:.2f}s load)")
+
+
+def test_bundled_kernel_that_will_not_load_falls_back_to_cold(tmp_path):
+    """A CPU kernel binary in the entry that this machine cannot load (here: garbage bytes under the
+    right name) must not fail the compile: the warm process compiles again, cold, with a warning."""
+    store = tmp_path / "artifacts"
+    cold = _run_worker(tmp_path, tmp_path / "inductor-cold", store, model="tiny")
+    assert cold["saved"] and cold["kernel_files"] > 0, cold
+    cache = LocalDirCache(store)
+    mega, files = unpack_bundle(cache.get(cold["key"], components=cold["components"]))
+    sos = [p for p in files if p.endswith(".main.so")]
+    assert sos, sorted(files)
+    cache.put(cold["key"], pack_bundle(mega, {**files, **{p: b"not an ELF file" for p in sos}}),
+              components=cold["components"])
+
+    warm = _run_worker(tmp_path, tmp_path / "inductor-warm", store, model="tiny")
+    assert warm["allclose"], warm
+    assert not warm["hit"] and any("compiled again cold" in w for w in warm["warnings"]), warm
