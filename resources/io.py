@@ -15,7 +15,8 @@ class StorageJsonIOManager(dg.ConfigurableIOManager):
     storage: dg.ResourceDependency[StorageResource]
     prefix: str = "assets"
 
-    def _key(self, context) -> str:
+    def _key(self, context: dg.OutputContext | dg.InputContext) -> str:
+        """Both contexts expose the asset key and (when partitioned) its partition directly."""
         path = "/".join(context.asset_key.path)
         if context.has_asset_partitions:
             path = join(path, context.asset_partition_key)
@@ -29,5 +30,5 @@ class StorageJsonIOManager(dg.ConfigurableIOManager):
         context.add_output_metadata({"value_uri": dg.MetadataValue.path(self.storage.client().uri(key))})
 
     def load_input(self, context: dg.InputContext):
-        key = self._key(context.upstream_output)
+        key = self._key(context)
         return json.loads(self.storage.client().read(key))
