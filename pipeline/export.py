@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from pipeline._libc import libc_function
 from pipeline.storage import CHUNK, ObjectNotFound, Storage, StorageError, check_key, join
 
 if TYPE_CHECKING:
@@ -332,19 +333,7 @@ def _release_pages(t: torch.Tensor) -> None:
         _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
 
 
-def _find_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_MADVISE = _find_madvise()
+_MADVISE = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
 
 
 class TensorSource:

@@ -135,6 +135,7 @@ import torch
 
 from pipeline import export as _export
 from pipeline import quantize as _quantize
+from pipeline._libc import libc_function
 from pipeline.storage import IntegrityError, ObjectNotFound, Storage, StorageError, check_key, join
 
 MiB = 1 << 20
@@ -522,19 +523,7 @@ def classify_fstype(fstype: str) -> str:
     return "local"
 
 
-def _find_mincore():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).mincore
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_MINCORE = _find_mincore()
+_MINCORE = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)])
 
 
 def cached_fraction(path: str | os.PathLike, *, max_pages: int = 1 << 16, windows: int = 64) -> float | None:

@@ -41,6 +41,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
+from pipeline._libc import libc_function
 from pipeline.storage import ObjectNotFound, Storage, from_spec, join
 
 CHECKPOINT_FORMAT = "forgeline.checkpoint/1"
@@ -145,11 +146,9 @@ def save_checkpoint(store: Storage, prefix: str, state: dict, keep: int) -> str:
 
 def _die_with_parent() -> None:
     """If torchrun's agent dies (SIGKILL), take this rank down too instead of orphaning it."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+    prctl = libc_function("prctl", [ctypes.c_int, ctypes.c_ulong])
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _fault(rank: int, epoch: int, step: int) -> None:
