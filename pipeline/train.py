@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -415,45 +416,46 @@ def launch(
     project_root = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = project_root + os.pathsep + child_env.get("PYTHONPATH", "")
 
-    tail: collections.deque[str] = collections.deque(maxlen=400)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env,
-                            cwd=project_root, start_new_session=True, preexec_fn=_die_with_parent)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            if on_line:
-                on_line(line)
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
     try:
-        rc = proc.wait(timeout=run_timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        reader.join(5)
-        raise TrainingTimeout(
-            f"training did not finish within {run_timeout_s:.0f}s and was stopped "
-            f"(world size {world_size}); last output:\n" + "\n".join(list(tail)[-30:])
-        ) from None
-    except BaseException:
-        _kill_group(proc)  # the caller was interrupted: do not leave ranks running
-        raise
-    reader.join(10)
-    secs = time.perf_counter() - t0
-    if rc != 0 or not result_path.exists():
-        cause = _root_cause(list(tail))
-        if re.search(r"timed out|timeout", cause, re.IGNORECASE):
-            cause = (f"a collective operation timed out after collective_timeout_s={config.collective_timeout_s:g}: "
-                     f"a rank is hung or unreachable; {cause}")
-        raise TrainingFailed(f"training failed (torchrun exit code {rc}, world size {world_size}): {cause}")
-    res = json.loads(result_path.read_text())
-    if own_tmp:
-        for p in (job_path, result_path):
-            p.unlink(missing_ok=True)
+        tail: collections.deque[str] = collections.deque(maxlen=400)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env,
+                                cwd=project_root, start_new_session=True, preexec_fn=_die_with_parent)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                tail.append(line)
+                if on_line:
+                    on_line(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=run_timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            reader.join(5)
+            raise TrainingTimeout(
+                f"training did not finish within {run_timeout_s:.0f}s and was stopped "
+                f"(world size {world_size}); last output:\n" + "\n".join(list(tail)[-30:])
+            ) from None
+        except BaseException:
+            _kill_group(proc)  # the caller was interrupted: do not leave ranks running
+            raise
+        reader.join(10)
+        secs = time.perf_counter() - t0
+        if rc != 0 or not result_path.exists():
+            cause = _root_cause(list(tail))
+            if re.search(r"timed out|timeout", cause, re.IGNORECASE):
+                cause = (f"a collective operation timed out after collective_timeout_s={config.collective_timeout_s:g}: "
+                         f"a rank is hung or unreachable; {cause}")
+            raise TrainingFailed(f"training failed (torchrun exit code {rc}, world size {world_size}): {cause}")
+        res = json.loads(result_path.read_text())
+    finally:
+        if own_tmp:  # a work dir the caller did not ask for is ours to remove, success or not
+            shutil.rmtree(work, ignore_errors=True)
     known = {f for f in TrainResult.__dataclass_fields__ if f not in ("seconds", "extra")}
     return TrainResult(seconds=secs, **{k: res.get(k) for k in known},
                        extra={k: v for k, v in res.items() if k not in known})

@@ -23,7 +23,7 @@ from pipeline import export as ex
 from pipeline import loading as ld
 from pipeline import quantize as qz
 from pipeline.loading import LoadError, LoadReport, load, load_with_report, parse_header, plan_reads
-from pipeline.storage import LocalStorage, join
+from pipeline.storage import join
 
 CPU_METHODS = [None, "pread", "ring"]  # mmap zero-copy, owned preadv, the staged (GPU) pipeline
 
