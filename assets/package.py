@@ -85,25 +85,22 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, e
     """int8/int4 weight-only versions of the exported model, published beside it, with their size
     ratio and held-out accuracy. The blocking gate stops everything downstream if accuracy drops."""
     store = storage.client()
-    name, version, spec = exported_model["model"], exported_model["version"], exported_model["spec"]
-    test_shards = ds.stage(store, exported_model["dataset"]["splits"]["test"], shard_cache_dir())
-    base = evaluate.evaluate(export.build_from_version(store, name, version), test_shards, spec)
-    variants, metadata, failures = {}, {"base_accuracy": base.accuracy}, []
-    for scheme in config.schemes:
-        pub = package.publish_quantized(store, name, version, scheme, group_size=config.group_size, symmetric=config.symmetric)
-        qname = package.quantized_name(name, scheme)
-        acc = evaluate.evaluate(package.load_quantized_module(store, qname, version), test_shards, spec).accuracy
-        drop = 100 * (base.accuracy - acc)
-        limit = config.max_drop_int8 if scheme == "int8" else config.max_drop_int4
-        if drop > limit:
-            failures.append(f"{scheme}: accuracy {acc:.4f} is {drop:.2f} points below {base.accuracy:.4f} (limit {limit})")
-        variants[scheme] = {"model": qname, "version": version, "accuracy": acc, "size_ratio": pub["ratio"]}
-        metadata.update({f"{scheme}_accuracy": acc, f"{scheme}_drop_points": drop, f"{scheme}_size_ratio": pub["ratio"],
-                         f"{scheme}_bytes": pub["manifest"]["bytes"],
-                         f"{scheme}_kept_full_precision": dg.MetadataValue.json(pub["skipped"])})
+    name, version = exported_model["model"], exported_model["version"]
+    result = package.quantize_and_gate(
+        store, name, version, ds.stage(store, exported_model["dataset"]["splits"]["test"], shard_cache_dir()),
+        exported_model["spec"], schemes=config.schemes, group_size=config.group_size, symmetric=config.symmetric,
+        max_drop_points={"int8": config.max_drop_int8, "int4": config.max_drop_int4},
+    )
+    metadata = {"base_accuracy": result["base_accuracy"]}
+    for scheme, v in result["variants"].items():
+        metadata.update({f"{scheme}_accuracy": v["accuracy"], f"{scheme}_drop_points": v["drop_points"],
+                         f"{scheme}_size_ratio": v["size_ratio"], f"{scheme}_bytes": v["bytes"],
+                         f"{scheme}_kept_full_precision": dg.MetadataValue.json(v["skipped"])})
+    variants = {s: {k: v[k] for k in ("model", "version", "accuracy", "size_ratio")} for s, v in result["variants"].items()}
     yield dg.Output({"base": {"model": name, "version": version}, "variants": variants}, metadata=metadata)
-    yield dg.AssetCheckResult(check_name="accuracy_gate", passed=not failures,
-                              metadata={"failures": dg.MetadataValue.json(failures), "base_accuracy": base.accuracy})
+    yield dg.AssetCheckResult(check_name="accuracy_gate", passed=not result["failures"],
+                              metadata={"failures": dg.MetadataValue.json(result["failures"]),
+                                        "base_accuracy": result["base_accuracy"]})
 
 
 class CompileConfig(dg.Config):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import export, quantize
+from pipeline.evaluate import evaluate
 from pipeline.models import build_model
 from pipeline.storage import Storage
 from pipeline.train import read_checkpoint
@@ -26,13 +27,16 @@ def quantized_name(model: str, scheme: str) -> str:
 
 
 def publish_quantized(
-    store: Storage, model: str, version: str, scheme: str, *, group_size: int = 128, symmetric: bool = True
+    store: Storage, model: str, version: str, scheme: str, *, group_size: int = 128, symmetric: bool = True,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Quantize the published ``model/version`` and publish it as ``<model>-<scheme>/<version>``.
-    Returns ``{"manifest", "ratio", "skipped", "quantization"}``."""
+    ``state``: the base version's tensors when the caller already loaded them (saves a verified
+    re-read). Returns ``{"manifest", "ratio", "skipped", "quantization"}``."""
     base = export.read_manifest(store, model, version)
-    qs = quantize.quantize_state_dict(export.load_state_dict(store, model, version), scheme,
-                                      group_size=group_size, symmetric=symmetric)
+    if state is None:
+        state = export.load_state_dict(store, model, version)
+    qs = quantize.quantize_state_dict(state, scheme, group_size=group_size, symmetric=symmetric)
     manifest = export.export(
         qs.tensors, store, quantized_name(model, scheme), version,
         config=base["config"], run_id=base.get("run_id"), data_version=base.get("data_version"),
@@ -48,3 +52,27 @@ def load_quantized_module(store: Storage, model: str, version: str) -> torch.nn.
     tensors = export.load_state_dict(store, model, version)
     state = quantize.dequantize_state_dict(tensors, manifest["metadata"]["quantization"])
     return export.module_from_state(manifest, state)
+
+
+def quantize_and_gate(
+    store: Storage, model: str, version: str, test_shards: list[str], spec: dict, *,
+    schemes: list[str], max_drop_points: dict[str, float], group_size: int = 128, symmetric: bool = True,
+) -> dict:
+    """Publish each scheme of ``model/version``, measure the held-out accuracy of what was
+    published (dequantized on load) against the base, and list every scheme whose drop exceeds its
+    limit. The base version is read and verified once. Returns ``{"base_accuracy", "variants":
+    {scheme: {model, version, accuracy, drop_points, size_ratio, bytes, skipped}}, "failures"}``."""
+    manifest = export.read_manifest(store, model, version)
+    state = export.load_state_dict(store, model, version)
+    base = evaluate(export.module_from_state(manifest, state), test_shards, spec).accuracy
+    variants, failures = {}, []
+    for scheme in schemes:
+        pub = publish_quantized(store, model, version, scheme, group_size=group_size, symmetric=symmetric, state=state)
+        qname = quantized_name(model, scheme)
+        acc = evaluate(load_quantized_module(store, qname, version), test_shards, spec).accuracy
+        drop, limit = 100 * (base - acc), max_drop_points[scheme]
+        if drop > limit:
+            failures.append(f"{scheme}: accuracy {acc:.4f} is {drop:.2f} points below {base:.4f} (limit {limit})")
+        variants[scheme] = {"model": qname, "version": version, "accuracy": acc, "drop_points": drop,
+                            "size_ratio": pub["ratio"], "bytes": pub["manifest"]["bytes"], "skipped": pub["skipped"]}
+    return {"base_accuracy": base, "variants": variants, "failures": failures}
