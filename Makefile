@@ -25,11 +25,16 @@ demo: $(STAMP)
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Real servers the tests start themselves: Debian's redis-server (the S3 server is moto, from PyPI).
+# Real programs the tests start themselves: Debian's redis-server and chromium (the S3 server is
+# moto, from PyPI). chromium is optional: without it the browser test skips and says why.
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing: sudo apt-get install redis-server" >&2; exit 1; fi; }
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	    || echo "chromium could not be installed: the browser test will skip" >&2; \
+	  else echo "chromium is missing (sudo apt-get install chromium): the browser test will skip" >&2; fi; }
 
 ## make ui: the Dagster UI on the same instance as `make demo`
 ui: $(STAMP)
