@@ -5,7 +5,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.partitions import batches
-from pipeline import ingest
+from pipeline import ingest, metrics
 from resources.storage import StorageResource
 
 
@@ -56,6 +56,7 @@ def raw_shards(context: dg.AssetExecutionContext, config: ShardIngestConfig, sto
             "seconds": result.seconds,
             "mb_per_s": result.bytes / 1e6 / max(result.seconds, 1e-9),
             "samples_per_s": result.samples / max(result.seconds, 1e-9),
+            **metrics.summary(result.shard_seconds, "shard_latency"),
         },
         check_results=[
             dg.AssetCheckResult(
@@ -94,6 +95,9 @@ def raw_table(context: dg.AssetExecutionContext, config: TableIngestConfig, stor
             "rows": result.rows,
             "bytes": sum(f.bytes for f in result.files),
             "seconds": result.seconds,
+            "mb_per_s": sum(f.bytes for f in result.files) / 1e6 / max(result.seconds, 1e-9),
+            "rows_per_s": result.rows / max(result.seconds, 1e-9),
+            **metrics.summary(result.file_seconds, "file_latency"),
             "splits": dg.MetadataValue.json(splits),
             "label_histogram": dg.MetadataValue.json({str(k): v for k, v in result.labels.items()}),
             "column_stats": dg.MetadataValue.json({f.source: f.columns for f in result.files}),

@@ -232,6 +232,11 @@ class ShardIngestResult:
         return sum(r.samples for r in self.published)
 
     @property
+    def shard_seconds(self) -> list[float]:
+        """Per shard: validate + publish (or quarantine), published and quarantined alike."""
+        return [r.seconds for r in self.published + self.quarantined]
+
+    @property
     def bytes(self) -> int:
         return sum(r.bytes for r in self.published) + sum(r.bytes for r in self.quarantined)
 
@@ -462,6 +467,7 @@ class TableIngestResult:
     published: list[str]
     manifest_key: str
     seconds: float
+    file_seconds: list[float] = field(default_factory=list)  # per file: validate + publish
 
     @property
     def rows(self) -> int:
@@ -498,16 +504,20 @@ def ingest_table(
     sources = [o.key for o in store.list(src_prefix) if o.key.endswith(".parquet")]
     if not sources:
         raise IngestError(f"{store.uri(src_prefix)}: no .parquet files to ingest")
-    reports = []
+    reports, file_seconds = [], []
     for key in sources:
+        t = time.perf_counter()
         with _local_file(store, key) as path:
             reports.append(validate_table(path, name=store.uri(key), schema=schema, ranges=ranges))
+        file_seconds.append(time.perf_counter() - t)
     keys = []
-    for key, rep in zip(sources, reports):
+    for i, (key, rep) in enumerate(zip(sources, reports)):
+        t = time.perf_counter()
         dst = join(dst_prefix, PurePosixPath(key).name)
         with store.open_read(key) as f:
             store.write_atomic(dst, f, expected_sha256=rep.sha256)  # source changed since validation → error
         keys.append(dst)
+        file_seconds[i] += time.perf_counter() - t
     manifest_key = join(dst_prefix, MANIFEST)
     manifest = {
         "format": "forgeline.table/1",
@@ -518,7 +528,7 @@ def ingest_table(
         "rows": sum(r.rows for r in reports),
     }
     store.write_atomic(manifest_key, json.dumps(manifest, indent=1, default=str).encode())
-    return TableIngestResult(batch, reports, keys, manifest_key, time.perf_counter() - t0)
+    return TableIngestResult(batch, reports, keys, manifest_key, time.perf_counter() - t0, file_seconds)
 
 
 __all__ = [

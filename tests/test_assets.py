@@ -38,6 +38,15 @@ def _checks(result) -> dict[str, bool]:
     return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
 
 
+def _assert_timed(md, latency: str, *throughput: str) -> None:
+    """The observability keys every stage records: wall seconds, throughput, P50/P95/P99 as
+    positive floats (so the UI plots them)."""
+    for key in ("seconds", *throughput, *(f"{latency}_p{q}_ms" for q in (50, 95, 99))):
+        assert isinstance(md[key].value, float) and md[key].value > 0, key
+    assert md[f"{latency}_p50_ms"].value <= md[f"{latency}_p95_ms"].value <= md[f"{latency}_p99_ms"].value
+    assert md[f"{latency}_count"].value > 0
+
+
 def test_materialize_good_batch(instance, storage):
     _land(storage, "b1", image_size=16)
     result = _materialize(instance, storage, "b1")
@@ -49,6 +58,9 @@ def test_materialize_good_batch(instance, storage):
     tmd = result.asset_materializations_for_node("raw_table")[0].metadata
     assert tmd["rows"].value == 1797
     assert tmd["splits"].value == {"test": 269, "train": 1259, "val": 269}
+    _assert_timed(md, "shard_latency", "mb_per_s", "samples_per_s")
+    _assert_timed(tmd, "file_latency", "mb_per_s", "rows_per_s")
+    assert md["shard_latency_count"].value == md["shards_published"].value
     assert _checks(result) == {"no_quarantined_shards": True, "all_classes_present": True, "every_split_present": True}
     # recorded on the instance, per partition
     assert instance.get_materialized_partitions(dg.AssetKey("raw_shards")) == {"b1"}
