@@ -11,7 +11,7 @@ from pydantic import Field
 
 from assets.ingest import raw_shards
 from pipeline import dataset as ds
-from pipeline import preprocess, train
+from pipeline import metrics, preprocess, train
 from resources.gpu import GpuPoolResource
 from resources.storage import StorageResource, default_state_dir
 
@@ -45,18 +45,22 @@ def preprocessed(
         local["train"], batch_size=config.batch_size, spec=spec, training=True,
         device="gpu" if lease.device_type == "cuda" else "cpu", lookahead=False,
         device_id=lease.devices[0].index if lease.devices else None,
-    ) as loader:
+    ) as loader, gpu_pool.sampler(lease) as sampler:
         for _ in loader.epoch(0):  # one timed pass: what training will see
             pass
         stats = dict(loader.stats)
+    util = sampler.summary()
     context.add_output_metadata({
         "dataset_version": data["version"],
         "batches": dg.MetadataValue.json(data["batches"]),
         "samples_train": data["samples"]["train"],
         "samples_val": data["samples"]["val"],
         "samples_test": data["samples"]["test"],
+        "seconds": stats["seconds"],
         "images_per_s": stats["images_per_s"],
         "stall_seconds": stats["stall_seconds"],
+        **metrics.summary(stats["batch_seconds"], "batch_latency"),
+        **{k: float(v) for k, v in util.items()},
         "device": lease.device_type,
         "mean": dg.MetadataValue.json(list(mean)),
         "std": dg.MetadataValue.json(list(std)),
@@ -150,6 +154,8 @@ def trained_model(
         "samples_per_s": sum(h["samples_per_s"] for h in hist) / len(hist),
         "train_seconds": train_seconds,
         "wall_seconds": result.seconds,
+        "seconds": result.seconds,
+        **{k: v for k, v in result.extra.items() if k.startswith("step_latency_")},
         "world_size": result.world_size,
         "amp_dtype": result.amp_dtype,
         "device": result.device_type,

@@ -351,7 +351,8 @@ class WebDatasetLoader:
     ``seconds`` (wall time since the call, consumer time included), ``stall_seconds`` (time the
     consumer waited on the loader, pipeline build included), ``images_per_s``, ``build_seconds`` and
     ``prebuilt`` (the pipeline was started during the previous epoch: its build is not in this
-    epoch's stall).
+    epoch's stall), ``batch_seconds`` (per batch, the time the consumer waited for it: the epoch's
+    stall without the pipeline build; :func:`pipeline.metrics.summary` turns it into P50/P95/P99).
 
     Beyond the trainer's API: ``shuffle_buffer`` (DALI ``initial_fill``), ``index_dir`` (cache shard
     indexes there instead of a private temporary directory), ``lookahead`` (default: ``training``).
@@ -522,7 +523,9 @@ class WebDatasetLoader:
                     images, labels = images[:last], labels[:last]
                 if target is not None:
                     labels = labels.to(target, non_blocking=True)
-                stall += time.perf_counter() - t0
+                waited = time.perf_counter() - t0
+                stall += waited
+                stats["batch_seconds"].append(waited)
                 consumed += images.shape[0]
                 now = time.perf_counter()
                 stats.update(
@@ -543,7 +546,7 @@ class WebDatasetLoader:
         self.stats.clear()
         self.stats.update(
             epoch=epoch, images=0, batches=0, seconds=0.0, stall_seconds=0.0, images_per_s=0.0,
-            build_seconds=0.0, prebuilt=False,
+            build_seconds=0.0, prebuilt=False, batch_seconds=[],
         )
 
     def _pipeline_key(self, order: list[ShardIndex], epoch: int) -> tuple:

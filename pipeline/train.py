@@ -254,11 +254,22 @@ def worker(job_path: str) -> None:
         model.train()
         return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2]), "samples": int(totals[2])}
 
+    from pipeline.metrics import summary as latency_summary
+
+    def step_mark():  # where an optimizer step ended: a CUDA event (the GPU's timeline) or the host clock
+        if not use_cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    step_seconds: list[float] = []  # every optimizer step this run took (not those of resumed epochs)
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
         random.seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
         model.train()
         t0 = time.perf_counter()
+        marks = [step_mark()]
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
         for step, (x, y) in enumerate(train_loader.epoch(epoch)):
@@ -279,6 +290,7 @@ def worker(job_path: str) -> None:
                 opt.zero_grad(set_to_none=True)
                 if sched.last_epoch + 1 < opt_steps_total:
                     sched.step()
+                marks.append(step_mark())
             loss_sum += loss.detach().double() * len(y)
             seen += len(y)
         counts = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
@@ -286,8 +298,12 @@ def worker(job_path: str) -> None:
         if use_cuda:
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
+        # per optimizer step, data wait included (the first one also waits for the epoch's pipeline)
+        epoch_steps = [a.elapsed_time(b) / 1e3 if use_cuda else b - a for a, b in zip(marks, marks[1:])]
+        step_seconds += epoch_steps
         row = {"epoch": epoch + 1, "train_loss": float(counts[0] / counts[1]), "seconds": secs,
-               "samples_per_s": float(counts[1]) / secs, "stall_seconds": train_loader.stats.get("stall_seconds", 0.0)}
+               "samples_per_s": float(counts[1]) / secs, "stall_seconds": train_loader.stats.get("stall_seconds", 0.0),
+               **latency_summary(epoch_steps, "step_latency")}
         if "val" in evals:
             v = evaluate(evals["val"])
             row.update(val_loss=v["loss"], val_acc=v["acc"])
@@ -304,7 +320,8 @@ def worker(job_path: str) -> None:
         dist.barrier()  # nobody starts the next epoch before the checkpoint is published
 
     result = {"history": history, "world_size": world, "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-              "device_type": device.type, "resumed_from_epoch": start_epoch or None}
+              "device_type": device.type, "resumed_from_epoch": start_epoch or None,
+              **latency_summary(step_seconds, "step_latency")}
     for split, loader in evals.items():
         m = evaluate(loader)
         result[f"{split}_acc"], result[f"{split}_loss"], result[f"{split}_samples"] = m["acc"], m["loss"], m["samples"]

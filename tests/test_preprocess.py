@@ -244,6 +244,8 @@ def test_stats_are_filled(data):
     assert 0 < s["stall_seconds"] <= s["seconds"] and s["images_per_s"] > 0
     assert s["images_per_s"] == pytest.approx(s["images"] / s["seconds"])
     assert 0 < s["build_seconds"] <= s["stall_seconds"]
+    assert len(s["batch_seconds"]) == 7 and all(b > 0 for b in s["batch_seconds"])
+    assert sum(s["batch_seconds"]) <= s["stall_seconds"]
 
 
 def test_normalization_stats_match_numpy(data):

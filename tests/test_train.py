@@ -55,6 +55,9 @@ def test_two_gloo_ranks_hold_identical_weights(data, tmp_path):
     assert res.world_size == 2 and res.device_type == "cpu"
     # each rank saw its own half of the data; together all of val was evaluated exactly once
     assert res.extra["val_samples"] == 269 and res.extra["test_samples"] == 269
+    # rank 0 timed every optimizer step: (1259 // 2) // 64 = 9 in the one epoch
+    assert res.extra["step_latency_count"] == res.history[0]["step_latency_count"] == 9
+    assert 0 < res.extra["step_latency_p50_ms"] <= res.extra["step_latency_p99_ms"] <= res.extra["step_latency_max_ms"]
 
 
 def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
