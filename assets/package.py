@@ -2,6 +2,7 @@
 ``quantized_model`` (int8 / int4 weight-only, behind a blocking accuracy gate) and
 ``compile_artifacts`` (torch.compile mega-cache in the compile cache)."""
 
+import time
 from typing import Optional
 
 import dagster as dg
@@ -10,7 +11,7 @@ from pydantic import Field
 from assets.train import GPU_POOL, shard_cache_dir
 from pipeline import compile_cache as cc
 from pipeline import dataset as ds
-from pipeline import evaluate, export, package
+from pipeline import evaluate, export, metrics, package
 from resources.cache import CompileCacheResource
 from resources.gpu import GpuPoolResource
 from resources.storage import StorageResource
@@ -36,14 +37,19 @@ def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trai
 
     store = storage.client()
     arch = trained_model["model"]
+    t0 = time.perf_counter()
     source = export.from_checkpoint(
         store, trained_model["checkpoint"], model_name=arch["name"], model_kwargs=arch["kwargs"],
         expected_sha256=trained_model["checkpoint_sha256"], dtype=getattr(torch, config.dtype) if config.dtype else None,
     )
     manifest = export.export(
         source, store, config.model_name, max_shard_bytes=config.max_shard_bytes, run_id=trained_model["run_id"],
-        data_version=trained_model["dataset_version"], metadata={"spec": trained_model["spec"]},
+        data_version=trained_model["dataset_version"],
+        # the drift checks compare new batches against exactly these batches
+        metadata={"spec": trained_model["spec"],
+                  "dataset": {"version": trained_model["dataset_version"], "batches": trained_model["dataset"]["batches"]}},
     )
+    seconds = time.perf_counter() - t0  # the export itself, not the bit-exact check below
     version = manifest["version"]
     test_shards = ds.stage(store, trained_model["dataset"]["splits"]["test"], shard_cache_dir())
     reference = package.module_from_checkpoint(store, trained_model["checkpoint"], trained_model["checkpoint_sha256"],
@@ -60,6 +66,9 @@ def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trai
             "tensors": manifest["tensors"],
             "total_bytes": manifest["total_size"],
             "dtypes": dg.MetadataValue.json(manifest["dtypes"]),
+            "seconds": seconds,
+            "mb_per_s": manifest["bytes"] / 1e6 / max(seconds, 1e-9),
+            **metrics.summary((s["seconds"] for s in manifest["shards"]), "shard_latency"),
         },
     )
     yield dg.AssetCheckResult(check_name="loads_back_bit_exact", passed=not problems,
@@ -86,15 +95,21 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, e
     ratio and held-out accuracy. The blocking gate stops everything downstream if accuracy drops."""
     store = storage.client()
     name, version = exported_model["model"], exported_model["version"]
+    t0 = time.perf_counter()
     result = package.quantize_and_gate(
         store, name, version, ds.stage(store, exported_model["dataset"]["splits"]["test"], shard_cache_dir()),
         exported_model["spec"], schemes=config.schemes, group_size=config.group_size, symmetric=config.symmetric,
         max_drop_points={"int8": config.max_drop_int8, "int4": config.max_drop_int4},
     )
-    metadata = {"base_accuracy": result["base_accuracy"]}
+    seconds = time.perf_counter() - t0
+    tensor_seconds = [s for v in result["variants"].values() for s in v["tensor_seconds"]]
+    metadata = {"base_accuracy": result["base_accuracy"], "seconds": seconds,
+                "tensors_per_s": len(tensor_seconds) / max(sum(tensor_seconds), 1e-9),
+                **metrics.summary(tensor_seconds, "tensor_latency")}
     for scheme, v in result["variants"].items():
         metadata.update({f"{scheme}_accuracy": v["accuracy"], f"{scheme}_drop_points": v["drop_points"],
                          f"{scheme}_size_ratio": v["size_ratio"], f"{scheme}_bytes": v["bytes"],
+                         f"{scheme}_seconds": v["seconds"],
                          f"{scheme}_kept_full_precision": dg.MetadataValue.json(v["skipped"])})
     variants = {s: {k: v[k] for k in ("model", "version", "accuracy", "size_ratio")} for s, v in result["variants"].items()}
     yield dg.Output({"base": {"model": name, "version": version}, "variants": variants}, metadata=metadata)
@@ -127,12 +142,17 @@ def compile_artifacts(
         _, report = cc.compile_with_cache(model, example, compile_cache.cache(), mode=config.mode)
     for w in report.warnings:
         context.log.warning(w)
+    transfer_s = report.seconds_fetch + report.seconds_load if report.hit else report.seconds_save
     return dg.MaterializeResult(metadata={
         "hit": report.hit,
         "key": report.key or "",
         "backend": report.backend,
         "compile_first_call_s": report.seconds_compile_first_call,
         "total_s": report.seconds_total,
+        "seconds": report.seconds_total,
+        **{f"{op}_seconds": s for op, s in report.op_seconds.items()},
+        "mb_per_s": report.artifact_bytes / 1e6 / transfer_s if transfer_s > 0 else 0.0,
+        **metrics.summary(report.op_seconds.values(), "op_latency"),
         "artifact_bytes": report.artifact_bytes,
         "device": device,
         "input_shape": dg.MetadataValue.json(list(example.shape)),

@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.package import quantized_model
-from pipeline import package
+from pipeline import metrics, package
 from resources.storage import ShmStorageResource, StorageResource
 
 
@@ -33,6 +33,8 @@ def shm_prewarm(context: dg.AssetExecutionContext, config: PrewarmConfig, export
         "bytes_copied": sum(r.bytes for r in reports),
         "seconds": sum(r.seconds for r in reports),
         "gbps": sum(r.bytes for r in reports) / 1e9 / max(sum(r.seconds for r in reports), 1e-9),
+        "mb_per_s": sum(r.bytes for r in reports) / 1e6 / max(sum(r.seconds for r in reports), 1e-9),
+        **metrics.summary((s for r in reports for s in r.file_seconds), "file_latency"),
         "evicted": dg.MetadataValue.json([e for r in reports for e in r.evicted]),
         "tier_used_bytes": tier.used_bytes(),
         "path": dg.MetadataValue.path(str(reports[0].path)),

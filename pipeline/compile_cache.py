@@ -524,6 +524,14 @@ class CompileReport:
         """JSON-safe dict (for Dagster metadata / logs)."""
         return asdict(self)
 
+    @property
+    def op_seconds(self) -> dict[str, float]:
+        """Seconds of each cache/compile operation that ran: ``fetch``, ``load`` (hit),
+        ``compile`` (torch.compile + first call), ``save`` (miss)."""
+        ops = {"fetch": self.seconds_fetch, "load": self.seconds_load, "compile": self.seconds_compile_first_call,
+               "save": self.seconds_save}
+        return {k: v for k, v in ops.items() if v > 0}
+
 
 def _fresh_artifact_recording():
     """Collect only this compile's mega-cache artifacts (the process-wide recorder otherwise

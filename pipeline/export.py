@@ -64,6 +64,7 @@ import re
 import secrets
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -614,10 +615,12 @@ def export(
             shard_entries = [by_name[n] for n in names]
             size = safetensors_size(shard_entries, header_meta)
             written.append(key)
+            t0 = time.perf_counter()
             with store.open_write(key, expected_size=size) as w:
                 write_safetensors(w, shard_entries, source.tensor, metadata=header_meta, after_tensor=after)
             assert w.info is not None
-            shards.append({"file": file, "bytes": w.info.size, "sha256": w.info.sha256, "tensors": names})
+            shards.append({"file": file, "bytes": w.info.size, "sha256": w.info.sha256, "tensors": names,
+                           "seconds": time.perf_counter() - t0})  # read, write and commit of the shard
 
         for s in shards:  # what is stored is what was written, before anything points at it
             key = join(prefix, s["file"])

@@ -136,6 +136,7 @@ import torch
 from pipeline import export as _export
 from pipeline import quantize as _quantize
 from pipeline._libc import libc_function
+from pipeline.metrics import Latencies
 from pipeline.storage import IntegrityError, ObjectNotFound, Storage, StorageError, check_key, join
 
 MiB = 1 << 20
@@ -618,6 +619,7 @@ class LoadReport:
     seconds_header: float = 0.0
     seconds_verify: float = 0.0
     source: str = ""
+    chunk_seconds: list[float] = field(default_factory=list)  # per read (a chunk, or a mapped shard)
 
     @property
     def read_gbps(self) -> float:
@@ -1300,6 +1302,7 @@ def _load_staged(
     dst_np: Any = None
     fds: dict[int, int] = {}
     read_span, copy_span = _Span(), _Span()
+    chunk_seconds = Latencies()
     try:
         for s, (kind, place, sizes, lo) in zip(shards, layouts):
             sb = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
@@ -1336,6 +1339,7 @@ def _load_staged(
                 _preadv_into(fd, _iovecs(p.copies, p.length, dst_np[p.shard], scratch), p.offset, s.display)
                 t1 = time.perf_counter()
                 read_span.add(t0, t1)
+                chunk_seconds.add(t1 - t0)
                 return None
             slot = ring_slot(i, n_slots)
             sv: Any = None
@@ -1355,6 +1359,7 @@ def _load_staged(
                 del data
             t1 = time.perf_counter()
             read_span.add(t0, t1)
+            chunk_seconds.add(t1 - t0)
             if keep is not None:  # CPU from a fetched buffer: copy into the tensors (numpy: no GIL)
                 src_np = np.frombuffer(keep, dtype=np.uint8)
                 for b, d, so, n in p.copies:
@@ -1435,6 +1440,7 @@ def _load_staged(
         ring = None
     report.seconds_read = read_span.seconds
     report.seconds_copy = copy_span.seconds if not direct else 0.0
+    report.chunk_seconds = chunk_seconds.values
     report.streams = copier.streams
     report.staging_bytes = n_slots * chunk if use_ring else (0 if direct else window * chunk)
     return out
@@ -1584,7 +1590,9 @@ def load(
         for s in src.shards:
             # No MADV_WILLNEED by default: on cold files the kernel's fault readahead measured ~3x
             # faster than asking for the whole mapping up front (bench/loaders.py, BENCHMARKS.md).
+            t0 = time.perf_counter()
             part, _copied = _mmap_shard(s, bool(prefetch))
+            rep.chunk_seconds.append(time.perf_counter() - t0)
             tensors.update(part)
             done += sum(e.nbytes for e in s.entries)
             if progress is not None:

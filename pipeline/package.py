@@ -4,6 +4,8 @@ scheme in every shard's safetensors metadata."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pipeline import export, quantize
@@ -32,7 +34,7 @@ def publish_quantized(
 ) -> dict:
     """Quantize the published ``model/version`` and publish it as ``<model>-<scheme>/<version>``.
     ``state``: the base version's tensors when the caller already loaded them (saves a verified
-    re-read). Returns ``{"manifest", "ratio", "skipped", "quantization"}``."""
+    re-read). Returns ``{"manifest", "ratio", "skipped", "quantization", "tensor_seconds"}``."""
     base = export.read_manifest(store, model, version)
     if state is None:
         state = export.load_state_dict(store, model, version)
@@ -43,7 +45,8 @@ def publish_quantized(
         header_metadata=quantize.metadata_for_safetensors(qs),
         metadata={"quantization": qs.metadata, "base": {"model": model, "version": version}},
     )
-    return {"manifest": manifest, "ratio": qs.ratio, "skipped": qs.skipped, "quantization": qs.metadata}
+    return {"manifest": manifest, "ratio": qs.ratio, "skipped": qs.skipped, "quantization": qs.metadata,
+            "tensor_seconds": qs.tensor_seconds}
 
 
 def load_quantized_module(store: Storage, model: str, version: str) -> torch.nn.Module:
@@ -61,12 +64,15 @@ def quantize_and_gate(
     """Publish each scheme of ``model/version``, measure the held-out accuracy of what was
     published (dequantized on load) against the base, and list every scheme whose drop exceeds its
     limit. The base version is read and verified once. Returns ``{"base_accuracy", "variants":
-    {scheme: {model, version, accuracy, drop_points, size_ratio, bytes, skipped}}, "failures"}``."""
+    {scheme: {model, version, accuracy, drop_points, size_ratio, bytes, skipped, seconds,
+    tensor_seconds}}, "failures"}`` (``seconds``: quantize, publish and evaluate the scheme;
+    ``tensor_seconds``: per quantized tensor)."""
     manifest = export.read_manifest(store, model, version)
     state = export.load_state_dict(store, model, version)
     base = evaluate(export.module_from_state(manifest, state), test_shards, spec).accuracy
     variants, failures = {}, []
     for scheme in schemes:
+        t0 = time.perf_counter()
         pub = publish_quantized(store, model, version, scheme, group_size=group_size, symmetric=symmetric, state=state)
         qname = quantized_name(model, scheme)
         acc = evaluate(load_quantized_module(store, qname, version), test_shards, spec).accuracy
@@ -74,5 +80,6 @@ def quantize_and_gate(
         if drop > limit:
             failures.append(f"{scheme}: accuracy {acc:.4f} is {drop:.2f} points below {base:.4f} (limit {limit})")
         variants[scheme] = {"model": qname, "version": version, "accuracy": acc, "drop_points": drop,
-                            "size_ratio": pub["ratio"], "bytes": pub["manifest"]["bytes"], "skipped": pub["skipped"]}
+                            "size_ratio": pub["ratio"], "bytes": pub["manifest"]["bytes"], "skipped": pub["skipped"],
+                            "seconds": time.perf_counter() - t0, "tensor_seconds": pub["tensor_seconds"]}
     return {"base_accuracy": base, "variants": variants, "failures": failures}

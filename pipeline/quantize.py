@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,7 @@ class QuantizedState:
     metadata: dict[str, Any]  # JSON-serializable; see metadata_for_safetensors
     orig_size_bytes: int
     skipped: dict[str, str] = field(default_factory=dict)  # kept tensors → why
+    tensor_seconds: list[float] = field(default_factory=list)  # per quantized tensor
 
     @property
     def size_bytes(self) -> int:
@@ -222,6 +224,7 @@ def quantize_state_dict(
     tensors: dict[str, Tensor] = {}
     infos: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
+    tensor_seconds: list[float] = []
     orig = 0
     with torch.no_grad():
         for name, t in state.items():
@@ -240,6 +243,7 @@ def quantize_state_dict(
                         raise ValueError(
                             f"tensor {name!r}: its companion name {companion!r} is already a key of the state dict"
                         )
+                t0 = time.perf_counter()
                 if scheme == "int8":
                     q, scale = _quantize_int8(name, t)
                     info.update(kind="int8")
@@ -254,6 +258,7 @@ def quantize_state_dict(
                     tensors[name], tensors[scale_name(name)] = packed.contiguous(), scale.contiguous()
                     if zero is not None:
                         tensors[zero_name(name)] = zero.contiguous()
+                tensor_seconds.append(time.perf_counter() - t0)
             infos[name] = info
     metadata = {
         "format": FORMAT,
@@ -266,7 +271,8 @@ def quantize_state_dict(
         "w = (u - zero) * scale, zero = 8 if symmetric",
         "tensors": infos,
     }
-    return QuantizedState(tensors=tensors, metadata=metadata, orig_size_bytes=orig, skipped=skipped)
+    return QuantizedState(tensors=tensors, metadata=metadata, orig_size_bytes=orig, skipped=skipped,
+                          tensor_seconds=tensor_seconds)
 
 
 def metadata_for_safetensors(qs: QuantizedState) -> dict[str, str]:

@@ -94,7 +94,8 @@ class VersionPinned(StorageError):
 class PrewarmReport:
     """What one :meth:`ShmTier.prewarm` did. ``bytes`` are the bytes copied into the tier by this
     call (0 on a hit); ``version_bytes`` is the version's size in the tier; ``seconds`` is the
-    whole call (lock waits included); ``gbps`` is ``bytes / seconds`` in GB/s (0 on a hit)."""
+    whole call (lock waits included); ``gbps`` is ``bytes / seconds`` in GB/s (0 on a hit);
+    ``file_seconds``: per file copied (verified copy of a shard or the index; empty on a hit)."""
 
     model: str
     version: str
@@ -105,6 +106,7 @@ class PrewarmReport:
     evicted: list[str] = field(default_factory=list)
     version_bytes: int = 0
     path: str = ""
+    file_seconds: list[float] = field(default_factory=list)
 
     def as_metadata(self) -> dict:
         """JSON-safe dict (e.g. Dagster asset metadata)."""
@@ -489,7 +491,7 @@ class ShmTier:
             with _locked(self._version_lock(model, version)):
                 if self.complete(model, version):  # another process copied it while we waited
                     return self._hit(model, version, t0)
-                copied, evicted = self._fill(store, model, version, prefix)
+                copied, evicted, file_seconds = self._fill(store, model, version, prefix)
                 self._touch(model, version)
         except BaseException:
             if created_pin:
@@ -498,7 +500,7 @@ class ShmTier:
         seconds = time.perf_counter() - t0
         _, size = self._state(model, version)
         return PrewarmReport(model, version, False, copied, seconds, copied / seconds / 1e9 if seconds else 0.0,
-                             evicted, size, str(self._dir(model, version)))
+                             evicted, size, str(self._dir(model, version)), file_seconds)
 
     def _hit(self, model: str, version: str, t0: float) -> PrewarmReport:
         self._touch(model, version)
@@ -506,8 +508,8 @@ class ShmTier:
         return PrewarmReport(model, version, True, 0, time.perf_counter() - t0, 0.0, [], size,
                              str(self._dir(model, version)))
 
-    def _fill(self, store: Storage, model: str, version: str, prefix: str) -> tuple[int, list[str]]:
-        """Copy the version (caller holds its lock). Returns ``(bytes copied, evicted)``."""
+    def _fill(self, store: Storage, model: str, version: str, prefix: str) -> tuple[int, list[str], list[float]]:
+        """Copy the version (caller holds its lock). Returns ``(bytes copied, evicted, seconds per file)``."""
         manifest_key = join(prefix, MANIFEST_NAME)
         try:
             raw = store.read(manifest_key)
@@ -540,11 +542,13 @@ class ShmTier:
             res.write_text(str(need))
             vdir.mkdir(parents=True, exist_ok=True)  # under the tier lock: its model dir stays
 
-        copied = 0
+        copied, file_seconds = 0, []
         try:
             for file, size, sha in files:
                 key = join(prefix, file)
+                t0 = time.perf_counter()
                 info = copy_between(store, key, self.store, key, expected_sha256=sha)
+                file_seconds.append(time.perf_counter() - t0)
                 if info.size != size:
                     raise IntegrityError(f"{store.uri(key)}: {info.size} bytes, the manifest says {size}")
                 copied += info.size
@@ -563,7 +567,7 @@ class ShmTier:
             raise
         finally:
             self._bk("reserve", model, version).unlink(missing_ok=True)
-        return copied, evicted
+        return copied, evicted, file_seconds
 
 
 # ---------------------------------------------------------------------------------------------

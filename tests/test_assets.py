@@ -192,13 +192,25 @@ def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
         assert md["resumed_from_epoch"].value == 0
         pmd = first.asset_materializations_for_node("preprocessed")[0].metadata
         assert pmd["samples_train"].value == 1259 and pmd["images_per_s"].value > 0
+        # observability: every stage's wall time, throughput and latency percentiles, utilization
+        # where the GPU pool leased (here CPU ranks: the host CPU is sampled)
+        _assert_timed(pmd, "batch_latency", "images_per_s")
+        _assert_timed(md, "step_latency", "samples_per_s")
+        assert md["step_latency_count"].value == 15 * (1259 // 2 // 64)  # every optimizer step, rank 0
+        for m in (pmd, md):
+            assert m["cpu_util_mean"].value >= 0 and m["cpu_samples"].value >= 1
+        _assert_timed(first.asset_materializations_for_node("exported_model")[0].metadata, "shard_latency", "mb_per_s")
         # packaging: bit-exact export, quantization within the gate, compile artifacts cached
         assert evals["loads_back_bit_exact"].passed and evals["accuracy_gate"].passed
         qmd = first.asset_materializations_for_node("quantized_model")[0].metadata
         assert qmd["int8_drop_points"].value <= 0.5 and qmd["int4_drop_points"].value <= 2.0
         assert 0.2 < qmd["int8_size_ratio"].value < 0.3 and qmd["int4_size_ratio"].value < 0.2
+        _assert_timed(qmd, "tensor_latency", "tensors_per_s")
+        assert qmd["int8_seconds"].value > 0 and qmd["int4_seconds"].value > 0
         cmd = first.asset_materializations_for_node("compile_artifacts")[0].metadata
         assert cmd["hit"].value is False and cmd["artifact_bytes"].value > 0
+        _assert_timed(cmd, "op_latency", "mb_per_s")
+        assert cmd["compile_seconds"].value > 0 and cmd["save_seconds"].value > 0
         store = storage.client()
         version = first.asset_materializations_for_node("exported_model")[0].metadata["version"].value
         assert store.exists(f"models/digits/{version}/manifest.json")
@@ -206,6 +218,7 @@ def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
         # serving: the version is in the shm tier, byte-identical
         smd = first.asset_materializations_for_node("shm_prewarm")[0].metadata
         assert smd["hit"].value is False and smd["version"].value == version
+        _assert_timed(smd, "file_latency", "mb_per_s")
         warm = tmp_path / "shm" / "models" / "digits" / version
         for shard in json.loads((warm / "manifest.json").read_text())["shards"]:
             assert (warm / shard["file"]).read_bytes() == store.read(f"models/digits/{version}/{shard['file']}")

@@ -180,6 +180,7 @@ def test_round_trip_from_live_module(local_storage):
                          max_shard_bytes=8 * 1024, run_id="run-1", data_version="b1+b2",
                          metadata={"val_acc": 0.97}, progress=lambda d, t: seen.append((d, t)))
     assert len(manifest["shards"]) > 2
+    assert all(s["seconds"] > 0 for s in manifest["shards"])  # time to write each shard
     check_published(local_storage, "digits", manifest, m.state_dict(), 8 * 1024)
     assert manifest["format"] == ex.FORMAT and manifest["model"] == "digits"
     assert manifest["config"] == {"architecture": "digits_cnn", "kwargs": KW, "dtype": "float32"}

@@ -498,10 +498,12 @@ def test_report_is_filled(st_file):
     assert rep.cached_fraction is not None and 0 <= rep.cached_fraction <= 1
     assert progress[-1] == (rep.bytes, rep.bytes) and progress == sorted(progress)
     assert "GB/s" in rep.summary()
+    assert len(rep.chunk_seconds) >= rep.bytes // 8192 and min(rep.chunk_seconds) > 0  # one per read
     _, rep = load_with_report(st_file)
-    assert rep.path == "mmap-zero-copy"
+    assert rep.path == "mmap-zero-copy" and len(rep.chunk_seconds) == 1  # one per mapped shard
     _, rep = load_with_report(st_file, method="ring", staging_bytes=1 << 16)
     assert rep.path == "pread-ring" and rep.staging_bytes <= 1 << 16 and rep.seconds_copy > 0
+    assert len(rep.chunk_seconds) >= rep.bytes // (1 << 16)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -205,6 +205,7 @@ def test_ineligible_tensors_kept_with_reasons():
         assert tensors["lin.weight"]["kind"] == scheme
         assert qs.skipped == {n: i["reason"] for n, i in tensors.items() if i["kind"] == "kept"}
         assert set(qs.skipped) == set(state) - {"lin.weight"}
+        assert len(qs.tensor_seconds) == 1 and qs.tensor_seconds[0] > 0  # one per quantized tensor
         assert qs.skipped["lin.bias"] == qs.skipped["norm.weight"] == "1-d tensor (bias/norm) kept in full precision"
         assert qs.skipped["bn.num_batches_tracked"] == "integer dtype int64 not quantizable"
         assert qs.skipped["ids"] == "integer dtype int64 not quantizable"

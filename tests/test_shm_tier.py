@@ -179,6 +179,7 @@ def test_prewarm_miss_then_hit_identical_bytes(local_storage, tier_root):
     assert first.seconds > 0 and first.gbps > 0 and first.evicted == []
     assert files_of(tier.storage(), MODEL, "v2") == src  # every byte, manifest included
     assert len([f for f in src if f.endswith(".safetensors")]) == len(m2["shards"]) == 4
+    assert len(first.file_seconds) == 4 + 1 and min(first.file_seconds) > 0  # every shard and the index
     assert ex.verify(tier.storage(), MODEL, "v2") == []  # readers work on the tier unchanged
     assert ex.list_versions(LocalStorage(tier_root), MODEL) == ["v2"]
     got = ex.load_state_dict(tier.storage(), MODEL, "v2")
@@ -186,7 +187,7 @@ def test_prewarm_miss_then_hit_identical_bytes(local_storage, tier_root):
     assert tier.needs_prewarm(local_storage, MODEL) is None
 
     again = tier.prewarm(local_storage, MODEL, "v2")
-    assert again.hit and again.bytes == 0 and again.version_bytes == first.version_bytes
+    assert again.hit and again.bytes == 0 and again.version_bytes == first.version_bytes and again.file_seconds == []
     assert tier.complete(MODEL, "v2") and not tier.complete(MODEL, "v1")
     assert tier.resolve(MODEL) == tier.resolve(MODEL, "v2") == tier_root.resolve() / "models" / MODEL / "v2"
     assert tier.resolve(MODEL, "v1") is None
