@@ -5,6 +5,7 @@ import hashlib
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Optional
 
 import dagster as dg
 from pydantic import Field
@@ -82,6 +83,13 @@ class TrainingConfig(dg.Config):
     collective_timeout_s: float = Field(default=120, description="gloo/NCCL timeout: a dead rank fails the run.")
     min_accuracy: float = Field(default=0.97, description="Held-out (test split) accuracy the check requires.")
     time_budget_s: float = Field(default=120, description="Training time the WARN check allows.")
+    nodes: int = Field(default=1, description="Machines for this run: > 1 runs one torchrun node per Kubernetes "
+                                              "pod (an Indexed Job, see deploy/README.md); 1 trains in this step.")
+    gpus_per_node: Optional[int] = Field(default=None, description="nodes > 1: GPUs per node pod; None = the GPU "
+                                                                   "pool's gpus_per_run (else 1); 0 = CPU nodes.")
+    node_image: Optional[str] = Field(default=None, description="nodes > 1: node pod image; None = $FORGELINE_IMAGE.")
+    node_namespace: Optional[str] = Field(default=None, description="nodes > 1: namespace; None = this pod's.")
+    rdzv_port: int = Field(default=29500, description="nodes > 1: c10d rendezvous port on node 0.")
 
 
 def _run_name(config: TrainingConfig, data_version: str, run_id: str) -> str:
@@ -90,6 +98,27 @@ def _run_name(config: TrainingConfig, data_version: str, run_id: str) -> str:
     ident = json.dumps({k: getattr(config, k) for k in keys} | {"data": data_version}, sort_keys=True)
     suffix = f"-{run_id[:8]}" if config.fresh else ""
     return f"{config.model}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}{suffix}"
+
+
+def _train_on_nodes(context, config: TrainingConfig, store, data: dict, spec: dict, tcfg, run_name: str,
+                    gpu_pool: GpuPoolResource) -> train.TrainResult:
+    """nodes > 1: write the node job to storage, run it as an Indexed Job of torchrun nodes, read
+    rank 0's result back. This step only orchestrates; the node pods hold the GPUs."""
+    from pipeline import k8s
+
+    gpus = config.gpus_per_node if config.gpus_per_node is not None else (gpu_pool.gpus_per_run or 1)
+    job_key = train.prepare_node_job(
+        storage=store, dataset=data, spec=spec, config=tcfg, checkpoint_prefix=f"checkpoints/{run_name}",
+        device_type="cuda" if gpus else "cpu", job_key=f"jobs/train/{run_name}/{context.run_id}.json")
+    manifests = k8s.torchrun_job(
+        name=k8s.job_name("forgeline-train", context.run_id), image=config.node_image or k8s.current_image(),
+        nnodes=config.nodes, job_key=job_key, storage_spec=store.spec()[0], run_timeout_s=config.run_timeout_s,
+        requirements=k8s.merge(gpu_pool.k8s_config(gpus), k8s.model_store_access_from_env()),
+        rdzv_port=config.rdzv_port, labels={"dagster/run-id": context.run_id})
+    # Past the Job's own deadline (activeDeadlineSeconds = run_timeout_s), so its reason is reported.
+    k8s.run_indexed_job(manifests, config.node_namespace or k8s.current_namespace(),
+                        timeout_s=config.run_timeout_s + 120, poll=5.0, on_line=context.log.info)
+    return train.read_node_result(store, job_key)
 
 
 @dg.asset(
@@ -121,14 +150,17 @@ def trained_model(
         model_kwargs={"in_channels": len(preprocessed["spec"]["mean"])},
         collective_timeout_s=config.collective_timeout_s,
     )
-    with gpu_pool.lease(f"trained_model:{context.run_id}") as lease, gpu_pool.sampler(lease) as sampler:
-        result = train.launch(
-            storage=store, shards=ds.stage_all(store, data, shard_cache_dir()), spec=preprocessed["spec"], config=tcfg,
-            checkpoint_prefix=f"checkpoints/{run_name}", world_size=lease.world_size,
-            device_type=lease.device_type, env=lease.env(), run_timeout_s=config.run_timeout_s,
-            on_line=context.log.info,
-        )
-    util = sampler.summary()
+    if config.nodes > 1:
+        result, util = _train_on_nodes(context, config, store, data, preprocessed["spec"], tcfg, run_name, gpu_pool), {}
+    else:
+        with gpu_pool.lease(f"trained_model:{context.run_id}") as lease, gpu_pool.sampler(lease) as sampler:
+            result = train.launch(
+                storage=store, shards=ds.stage_all(store, data, shard_cache_dir()), spec=preprocessed["spec"],
+                config=tcfg, checkpoint_prefix=f"checkpoints/{run_name}", world_size=lease.world_size,
+                device_type=lease.device_type, env=lease.env(), run_timeout_s=config.run_timeout_s,
+                on_line=context.log.info,
+            )
+        util = sampler.summary()
     hist = result.history
     train_seconds = sum(h["seconds"] for h in hist)
     record = {

@@ -8,9 +8,10 @@ from assets import serve as serve_assets
 from assets import train as train_assets
 from assets.partitions import batches
 from jobs.ingest import incoming_batches, ingest_job
+from jobs.k8s import executor_from_env
 from jobs.serve import new_model_version, prewarm_job
 from resources.cache import compile_cache_from_env
-from resources.gpu import GpuPoolResource
+from resources.gpu import gpu_pool_from_env
 from resources.io import StorageJsonIOManager
 from resources.storage import shm_from_env, storage_from_env
 
@@ -32,14 +33,17 @@ train_and_package_job = dg.define_asset_job(
 def build_defs() -> dg.Definitions:
     """Definitions with resources chosen from the environment at call time (see storage_from_env)."""
     storage = storage_from_env()
+    gpu_pool = gpu_pool_from_env()
+    assets = dg.load_assets_from_modules([ingest_assets, train_assets, package_assets, serve_assets])
     return dg.Definitions(
-        assets=dg.load_assets_from_modules([ingest_assets, train_assets, package_assets, serve_assets]),
+        assets=assets,
+        executor=executor_from_env(gpu_pool, assets),  # FORGELINE_EXECUTOR=k8s: a pod per step (jobs/k8s.py)
         jobs=[ingest_job, train_and_package_job, prewarm_job, lifecycle_job],
         sensors=[incoming_batches, new_model_version],
         resources={
             "storage": storage,
             "io_manager": StorageJsonIOManager(storage=storage),
-            "gpu_pool": GpuPoolResource(),
+            "gpu_pool": gpu_pool,
             "compile_cache": compile_cache_from_env(storage),
             "shm": shm_from_env(),
         },

@@ -14,6 +14,8 @@ On a machine without a GPU, ``lease()`` returns a CPU lease of ``cpu_ranks`` glo
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +24,7 @@ from pydantic import Field, PrivateAttr
 
 from pipeline import gpus as engine
 from pipeline.gpus import Device, Lease, UtilizationSampler
+from pipeline.k8s import json_env, parse_quantity
 from resources.storage import default_state_dir
 
 
@@ -110,3 +113,39 @@ class GpuPoolResource(dg.ConfigurableResource):
             tolerations=self.k8s_tolerations,
             shm_size=self.k8s_shm_size,
         )
+
+
+def gpu_pool_from_env(env: Optional[Mapping[str, str]] = None) -> GpuPoolResource:
+    """The GPU pool with its Kubernetes settings from the environment (the executor reads them at
+    definitions load, so run config cannot change them): ``FORGELINE_K8S_GPU_NODE_SELECTOR`` (JSON
+    object), ``FORGELINE_K8S_GPU_TOLERATIONS`` (JSON list), ``FORGELINE_K8S_SHM_SIZE`` (e.g. ``32Gi``;
+    ``none`` = the runtime's default /dev/shm), ``FORGELINE_K8S_GPU_RESOURCE``, and
+    ``FORGELINE_GPUS_PER_RUN``. Malformed values raise ``ValueError`` naming the variable."""
+    env = os.environ if env is None else env
+    kw: dict[str, Any] = {}
+    selector = json_env("FORGELINE_K8S_GPU_NODE_SELECTOR", dict, None, env)
+    if selector is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in selector.items()):
+            raise ValueError(f"FORGELINE_K8S_GPU_NODE_SELECTOR must map label names to string values, got {selector!r}")
+        kw["k8s_node_selector"] = selector
+    tolerations = json_env("FORGELINE_K8S_GPU_TOLERATIONS", list, None, env)
+    if tolerations is not None:
+        if not all(isinstance(t, dict) for t in tolerations):
+            raise ValueError(f"FORGELINE_K8S_GPU_TOLERATIONS must be a list of objects, got {tolerations!r}")
+        kw["k8s_tolerations"] = tolerations
+    shm = env.get("FORGELINE_K8S_SHM_SIZE", "").strip()
+    if shm:
+        if shm.lower() != "none":
+            try:
+                parse_quantity(shm)
+            except ValueError as e:
+                raise ValueError(f"FORGELINE_K8S_SHM_SIZE: {e}") from None
+        kw["k8s_shm_size"] = None if shm.lower() == "none" else shm
+    if env.get("FORGELINE_K8S_GPU_RESOURCE"):
+        kw["k8s_gpu_resource"] = env["FORGELINE_K8S_GPU_RESOURCE"]
+    if env.get("FORGELINE_GPUS_PER_RUN"):
+        try:
+            kw["gpus_per_run"] = int(env["FORGELINE_GPUS_PER_RUN"])
+        except ValueError:
+            raise ValueError(f"FORGELINE_GPUS_PER_RUN must be an integer, got {env['FORGELINE_GPUS_PER_RUN']!r}") from None
+    return GpuPoolResource(**kw)
