@@ -112,3 +112,65 @@ def s3_storage(s3_storage_factory) -> S3Storage:
 @pytest.fixture
 def local_storage(tmp_path) -> LocalStorage:
     return LocalStorage(tmp_path / "store")
+
+
+# ---------------------------------------------------------------------------------------------
+# A drift world: real digits split in two disjoint random halves, and a trained production model
+# ---------------------------------------------------------------------------------------------
+
+DRIFT_MODEL_KW = {"width": 8}
+
+
+def _train_small_cnn(shards: list[str], spec: dict, epochs: int = 4):
+    """A few epochs of a small DigitsCNN, in-process, on real shards (the production model of the
+    drift tests: real predictions, not random weights)."""
+    import torch
+
+    from pipeline.evaluate import _loader
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", **DRIFT_MODEL_KW)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    with _loader(shards, spec, 64, "cpu") as loader:
+        for epoch in range(epochs):
+            for x, y in loader.epoch(epoch):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def drift_world(tmp_path_factory) -> dict:
+    """Storage with three ingested batches — ``ref`` (a random half of the digits), ``fresh`` (the
+    other half: a fresh held-out sample of the same data), ``shifted`` (that half made brighter,
+    rotated and noisier) — and model ``digits`` published with ``ref`` as its training data."""
+    import numpy as np
+
+    from pipeline import dataset as ds
+    from pipeline import datagen, export, ingest
+
+    root = tmp_path_factory.mktemp("drift")
+    store = LocalStorage(root / "store", fsync=False)
+    d = datagen.load_digits()
+    perm = np.random.default_rng(7).permutation(len(d))
+    halves = [np.sort(perm[: len(d) // 2]), np.sort(perm[len(d) // 2 :])]
+    a, b = (datagen.Digits(d.images[i], d.labels[i], d.splits[i], d.ids[i]) for i in halves)
+    for batch, data in (("ref", a), ("fresh", b), ("shifted", datagen.shift(b))):
+        datagen.write_batch(store, f"incoming/{batch}", data)
+    for batch in ("ref", "fresh", "shifted"):
+        ingest.ingest_shards(store, batch)
+        ingest.ingest_table(store, batch)
+    spec = {"resize_shorter": 32, "crop": 28, "channels": 1, "mean": [0.3], "std": [0.4],
+            "random_crop": False, "random_flip": False, "half": False}
+    data = ds.collect(store, batches=["ref"])
+    train_paths = ds.stage(store, data["splits"]["train"], root / "cache")
+    model = _train_small_cnn(train_paths, spec)
+    manifest = export.export(
+        export.from_module(model, architecture="digits_cnn", model_kwargs=DRIFT_MODEL_KW), store, "digits",
+        data_version=data["version"],
+        metadata={"spec": spec, "dataset": {"version": data["version"], "batches": ["ref"]}},
+    )
+    return {"root": root, "store": store, "version": manifest["version"], "spec": spec, "cache": root / "cache"}

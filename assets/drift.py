@@ -1,0 +1,117 @@
+"""Drift checks on every ingested batch: the batch against the data the production model (the
+latest published version) was trained on. Each check writes Evidently's HTML report to storage,
+links it, and records the headline numbers; a drifted batch fails at WARN or ERROR severity by
+the share of drifted columns, and `drift_retrain` (jobs/automation.py) answers ERROR with a retrain."""
+
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from assets.ingest import raw_shards, raw_table
+from assets.partitions import batches
+from assets.train import shard_cache_dir
+from pipeline import dataset as ds
+from pipeline import drift
+from pipeline.storage import Storage
+from resources.storage import StorageResource
+
+DRIFT_CHECKS = ("table_drift", "image_drift", "prediction_drift")
+MAX_SCORE_ENTRIES = 16  # numeric per-column entries (most drifted first); the rest are in the JSON
+
+
+class DriftCheckConfig(dg.Config):
+    model_name: str = Field(default="digits", description="Published model whose training data is the reference.")
+    method: Optional[str] = Field(default=None, description="Evidently stattest for numerical columns "
+                                  "(ks, wasserstein, psi, ...); None = Evidently's default for the column.")
+    threshold: Optional[float] = Field(default=None, description="Threshold of `method` (p-value or distance).")
+    cat_method: Optional[str] = Field(default="jensenshannon", description="Stattest for categorical columns.")
+    cat_threshold: Optional[float] = Field(default=0.1, description="Threshold of `cat_method`.")
+    warn_share: float = Field(default=0.2, description="Share of drifted columns that fails the check at WARN.")
+    error_share: float = Field(default=0.5, description="Share of drifted columns that fails it at ERROR.")
+    max_rows: int = Field(default=20_000, description="Rows (or images) sampled per side at most.")
+
+    def policy(self) -> drift.DriftPolicy:
+        return drift.DriftPolicy(method=self.method, threshold=self.threshold, cat_method=self.cat_method,
+                                 cat_threshold=self.cat_threshold, warn_share=self.warn_share,
+                                 error_share=self.error_share, max_rows=self.max_rows)
+
+
+def _no_reference(store: Storage, batch: str, model: str) -> Optional[dg.AssetCheckResult]:
+    """A passing result that says why nothing was compared, or None when there is a reference."""
+    ref = drift.production_reference(store, model)
+    if ref is None:
+        why = f"no published version of {model!r} yet: nothing to compare against"
+    elif set(ref["batches"]) <= {batch}:
+        why = f"{batch!r} is the data {model}/{ref['version']} was trained on"
+    else:
+        return None
+    return dg.AssetCheckResult(passed=True, description=why, metadata={"reference": why})
+
+
+def _result(store: Storage, r: drift.DriftResult) -> dg.AssetCheckResult:
+    ranked = sorted(r.scores, key=lambda c: (c not in r.drifted, c))[:MAX_SCORE_ENTRIES]
+    uri = store.uri(r.report_key)
+    return dg.AssetCheckResult(
+        passed=r.verdict == "ok",
+        severity=dg.AssetCheckSeverity.ERROR if r.verdict == "error" else dg.AssetCheckSeverity.WARN,
+        description=f"{len(r.drifted)}/{r.columns} {r.view} columns drifted ({r.share:.0%}) against "
+                    f"{r.reference['model']}/{r.reference['version']}",
+        metadata={
+            "drift_share": r.share,
+            "drifted_columns": len(r.drifted),
+            "columns": r.columns,
+            "drifted": dg.MetadataValue.json(r.drifted),
+            **{f"score/{c}": r.scores[c] for c in ranked},
+            "scores": dg.MetadataValue.json(r.scores),
+            "methods": dg.MetadataValue.json(sorted(set(r.methods.values()))),
+            "rows_reference": r.rows_reference,
+            "rows_current": r.rows_current,
+            "reference": dg.MetadataValue.json(r.reference),
+            "report": dg.MetadataValue.path(uri) if "://" not in uri else dg.MetadataValue.url(uri),
+            "seconds": r.seconds,
+        },
+    )
+
+
+@dg.asset_check(asset=raw_table, partitions_def=batches,
+                description="Per-column drift of the batch's table against the production model's training tables.")
+def table_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig,
+                storage: StorageResource) -> dg.AssetCheckResult:
+    store, batch = storage.client(), context.partition_key
+    skipped = _no_reference(store, batch, config.model_name)
+    if skipped:
+        return skipped
+    ref = drift.production_reference(store, config.model_name)
+    return _result(store, drift.table_drift(store, batch, ref, policy=config.policy()))
+
+
+@dg.asset_check(asset=raw_shards, partitions_def=batches,
+                description="Drift of per-image features (brightness, contrast, entropy, channel means) and the "
+                            "label histogram against the production model's training shards.")
+def image_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig,
+                storage: StorageResource) -> dg.AssetCheckResult:
+    store, batch = storage.client(), context.partition_key
+    skipped = _no_reference(store, batch, config.model_name)
+    if skipped:
+        return skipped
+    ref = drift.production_reference(store, config.model_name)
+    return _result(store, drift.image_drift(store, batch, ref, policy=config.policy()))
+
+
+@dg.asset_check(asset=raw_shards, partitions_def=batches,
+                description="Drift of the production model's predicted classes and confidence on the batch "
+                            "against the same on its held-out (val/test) reference data.")
+def prediction_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig,
+                     storage: StorageResource) -> dg.AssetCheckResult:
+    store, batch = storage.client(), context.partition_key
+    skipped = _no_reference(store, batch, config.model_name)
+    if skipped:
+        return skipped
+    ref = drift.production_reference(store, config.model_name)
+    entries = drift.batch_shard_entries(store, [b for b in ref["batches"] if b != batch])
+    # the model has seen the training split and is overconfident there: compare unseen data with unseen data
+    held_out = [e for e in entries if ds.split_of(e["key"]) != "train"] or entries
+    paths = {"reference": ds.stage(store, held_out, shard_cache_dir()),
+             "current": ds.stage(store, drift.batch_shard_entries(store, [batch]), shard_cache_dir())}
+    return _result(store, drift.prediction_drift(store, batch, ref, shard_paths=paths, policy=config.policy()))

@@ -1,0 +1,118 @@
+"""Drift detection on real data (the digits): a fresh held-out half of the original data must not
+be flagged, the shifted half must be — for the table, the image features and the production
+model's predictions; Evidently's HTML report lands in storage."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline import dataset as ds
+from pipeline import drift
+from pipeline.storage import LocalStorage
+
+
+@pytest.fixture(scope="module")
+def world(drift_world):
+    return {**drift_world, "ref": drift.production_reference(drift_world["store"], "digits")}
+
+
+def test_reference_is_what_the_production_model_was_trained_on(world):
+    ref = world["ref"]
+    assert ref["model"] == "digits" and ref["version"] == world["version"]
+    assert ref["batches"] == ["ref"] and ref["spec"]["crop"] == 28
+
+
+def test_no_reference_before_anything_is_published(tmp_path):
+    assert drift.production_reference(LocalStorage(tmp_path), "digits") is None
+
+
+@pytest.mark.parametrize("method", [None, "wasserstein"])
+def test_table_drift_flags_shifted_batch_not_fresh_one(world, method):
+    store, ref = world["store"], world["ref"]
+    policy = drift.DriftPolicy(method=method)
+    fresh = drift.table_drift(store, "fresh", ref, policy=policy)
+    shifted = drift.table_drift(store, "shifted", ref, policy=policy)
+    assert fresh.verdict == "ok" and fresh.share < policy.warn_share, fresh.drifted
+    assert shifted.verdict == "error" and shifted.share >= 0.9
+    assert "label" not in shifted.drifted  # the shift changes pixels, not the classes
+    assert fresh.columns == shifted.columns == 65  # 64 pixels + label; id and split are not features
+    assert fresh.rows_reference == shifted.rows_reference == 898
+
+
+def test_image_feature_drift_flags_shifted_batch_not_fresh_one(world):
+    store, ref = world["store"], world["ref"]
+    fresh = drift.image_drift(store, "fresh", ref)
+    shifted = drift.image_drift(store, "shifted", ref)
+    assert fresh.verdict == "ok" and fresh.drifted == []
+    assert shifted.verdict == "error"
+    assert {"brightness", "contrast", "entropy"} <= set(shifted.drifted)
+    assert set(fresh.scores) == {"brightness", "contrast", "entropy", "label"}
+
+
+def test_prediction_drift_flags_shifted_batch_not_fresh_one(world):
+    store, ref = world["store"], world["ref"]
+    held_out = [e for e in drift.batch_shard_entries(store, ["ref"]) if ds.split_of(e["key"]) != "train"]
+    ref_paths = ds.stage(store, held_out, world["cache"])
+    out = {}
+    for batch in ("fresh", "shifted"):
+        cur = ds.stage(store, drift.batch_shard_entries(store, [batch]), world["cache"])
+        out[batch] = drift.prediction_drift(store, batch, ref, shard_paths={"reference": ref_paths, "current": cur})
+    assert out["fresh"].verdict == "ok", out["fresh"].scores
+    assert out["shifted"].verdict == "error" and "confidence" in out["shifted"].drifted, out["shifted"].scores
+
+
+def test_report_is_evidently_html_in_storage(world):
+    store, ref = world["store"], world["ref"]
+    r = drift.table_drift(store, "shifted", ref)
+    assert r.report_key == f"reports/drift/shifted/table-vs-digits-{world['version']}.html"
+    html = store.read(r.report_key)
+    assert html.lstrip().lower().startswith(b"<!doctype html") or b"<html" in html[:2000].lower()
+    assert b"drift" in html.lower() and b"px_36" in html and len(html) > 10_000  # per-column content
+    assert not [o.key for o in store.list("reports") if ".tmp" in o.key]  # published atomically
+
+
+def test_image_features_are_computed_per_image():
+    gray = np.zeros((4, 4, 1), np.uint8)
+    half = np.concatenate([np.zeros((4, 2, 1), np.uint8), np.full((4, 2, 1), 255, np.uint8)], axis=1)
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[..., 0] = 255
+    f = drift.image_features([gray, half], [3, 7])
+    assert f.columns == ["brightness", "contrast", "entropy", "label"]
+    assert f["brightness"].to_list() == [0.0, 0.5]
+    assert f["contrast"].to_list() == [0.0, 0.5]
+    assert f["entropy"].to_list() == [0.0, 1.0]  # one value: 0 bits; two equally likely values: 1 bit
+    assert f["label"].to_list() == [3, 7]
+    c = drift.image_features([rgb], [0])
+    assert c.row(0, named=True) | {} == {"brightness": pytest.approx(1 / 3), "contrast": pytest.approx(c["contrast"][0]),
+                                         "entropy": pytest.approx(c["entropy"][0]), "mean_c0": 1.0, "mean_c1": 0.0,
+                                         "mean_c2": 0.0, "label": 0}
+
+
+def test_features_of_a_batch_are_cached_by_content(world):
+    store = world["store"]
+    first = drift.batch_image_features(store, "fresh")
+    cached = [o.key for o in store.list(drift.FEATURE_CACHE) if o.key.split("/")[-1].startswith("fresh-")]
+    assert len(cached) == 1
+    assert drift.batch_image_features(store, "fresh").equals(first)
+
+
+def test_bad_inputs_are_clear_errors():
+    a = pl.DataFrame({"x": [1.0, 2.0, 3.0]})
+    with pytest.raises(drift.DriftError, match="share no feature columns"):
+        drift.compare(a, pl.DataFrame({"y": [1.0]}), view="table")
+    with pytest.raises(drift.DriftError, match="nothing to compare"):
+        drift.compare(a, a.clear(), view="table")
+    with pytest.raises(ValueError, match="warn_share"):
+        drift.DriftPolicy(warn_share=0.6, error_share=0.5)
+    with pytest.raises(drift.DriftError, match="mix channel counts"):
+        drift.image_features([np.zeros((2, 2, 1), np.uint8), np.zeros((2, 2, 3), np.uint8)], [0, 1])
+
+
+def test_model_without_training_batches_in_its_manifest_is_a_clear_error(tmp_path):
+    from pipeline import export, models
+
+    store = LocalStorage(tmp_path)
+    export.export(export.from_module(models.build_model("digits_cnn", width=4), architecture="digits_cnn",
+                                     model_kwargs={"width": 4}), store, "old")
+    with pytest.raises(drift.DriftError, match="does not say which batches"):
+        drift.production_reference(store, "old")
