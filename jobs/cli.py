@@ -5,6 +5,7 @@
     forgeline gen digits --batch B [--shifted] [--image-size 32]
     forgeline gen synthetic --batch B --size 2GB
     forgeline load digits/latest --device cuda:0 [--json]   fast load, per-stage throughput
+    forgeline report [--asset NAME] [--json]         latest timings, throughput, latencies, checks per asset
     forgeline demo                                   data → lifecycle → summary
     forgeline ui                                     Dagster UI on the same instance
 
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
@@ -298,7 +300,7 @@ def cmd_load(args) -> int:
     when it holds them, else from the storage."""
     import json
 
-    from pipeline import loading
+    from pipeline import loading, metrics
 
     options = {"dtype": getattr(__import__("torch"), args.dtype) if args.dtype else None,
                "verify": args.verify, "owned": args.owned}
@@ -318,13 +320,107 @@ def cmd_load(args) -> int:
             **options)
     out = {"tensors": rep.tensors, "bytes": rep.bytes, "seconds": rep.seconds_total, "gbps": rep.gbps,
            "read_seconds": rep.seconds_read, "copy_seconds": rep.seconds_copy, "source_kind": rep.source_kind,
-           "path": rep.path, "from": where, "device": rep.device}
+           "path": rep.path, "from": where, "device": rep.device,
+           **metrics.summary(rep.chunk_seconds, "chunk_latency")}
     if args.json:
         print(json.dumps(out))
     else:
         console.print(f"[green]loaded[/] ({where}) {rep.summary()}")
     del tensors
     return 0
+
+
+def _metric_rank(key: str) -> int:
+    """Sort order of numeric metadata: wall time, throughput, latency percentiles, other timings,
+    utilization, then the rest."""
+    if key == "seconds":
+        return 0
+    if key.endswith("_per_s") or key == "gbps":
+        return 1
+    if "_latency_" in key:
+        return 2
+    if key.endswith(("_seconds", "_s")):
+        return 3
+    if key.startswith(("gpu_", "cpu_")):
+        return 4
+    return 5
+
+
+def latest_report(instance, defs, asset: str | None = None) -> dict:
+    """Per asset key (lineage order), its latest materialization — time, partition, run id, numeric
+    metadata (timings first) — and the latest evaluation of each of its checks."""
+    import dagster as dg
+
+    graph = defs.resolve_asset_graph()
+    order = {k: i for i, k in enumerate(graph.toposorted_asset_keys)}
+    keys = set(instance.get_asset_keys()) | set(order)
+    if asset is not None:
+        keys &= {dg.AssetKey.from_user_string(asset)}
+    checks: dict = {}
+    for ck in graph.asset_check_keys:
+        checks.setdefault(ck.asset_key, []).append(ck)
+    out = {}
+    latest = instance.get_latest_materialization_events(list(keys))
+    for key in sorted(keys, key=lambda k: (order.get(k, len(order)), k.to_user_string())):
+        entry = latest.get(key)
+        if entry is None:
+            continue
+        mat = entry.asset_materialization
+        numbers = {k: v.value for k, v in mat.metadata.items()
+                   if isinstance(v, (dg.FloatMetadataValue, dg.IntMetadataValue)) and v.value is not None}
+        row = {
+            "materialized": datetime.fromtimestamp(entry.timestamp, timezone.utc).isoformat(timespec="seconds"),
+            "partition": mat.partition,
+            "run_id": entry.run_id,
+            "metrics": {k: numbers[k] for k in sorted(numbers, key=_metric_rank)},
+            "checks": [],
+        }
+        for ck in sorted(checks.get(key, []), key=lambda c: c.name):
+            rec = instance.get_latest_asset_check_evaluation_record(ck)
+            ev = rec.evaluation if rec is not None else None
+            if ev is None:
+                continue
+            row["checks"].append({"name": ck.name, "passed": ev.passed, "severity": ev.severity.value,
+                                  "partition": rec.partition, "run_id": rec.run_id})
+        out[key.to_user_string()] = row
+    return out
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def cmd_report(args) -> int:
+    """The latest numbers per asset on the instance: timings, throughput, latency percentiles,
+    utilization, the other numeric metadata, and the latest check results."""
+    import json
+
+    import dagster as dg
+
+    home = ensure_instance_home()
+    report = latest_report(dg.DagsterInstance.get(), _defs(), args.asset)
+    if args.json:
+        print(json.dumps({"instance": str(home), "assets": report}))
+    elif not report:
+        what = f"asset {args.asset!r} has" if args.asset else "no asset has"
+        console.print(f"{what} been materialized on the instance {home} yet: run `forgeline demo`, or "
+                      "`forgeline launch <job>`")
+    else:
+        table = Table(title=f"Latest materializations ({home})")
+        for col in ("asset", "materialized", "partition", "run", "timing / throughput / latency", "other numbers",
+                    "checks"):
+            table.add_column(col, overflow="fold")
+        for name, row in report.items():
+            m = row["metrics"]
+            timing = "\n".join(f"{k}={_fmt(v)}" for k, v in m.items() if _metric_rank(k) < 5)
+            other = "\n".join(f"{k}={_fmt(v)}" for k, v in m.items() if _metric_rank(k) == 5)
+            checks = "\n".join(
+                f"{c['name']}: " + ("[green]pass[/]" if c["passed"] else
+                                    f"[{'yellow' if c['severity'] == 'WARN' else 'red'}]fail ({c['severity']})[/]")
+                for c in row["checks"])
+            table.add_row(name, row["materialized"], row["partition"] or "", row["run_id"][:8], timing, other, checks)
+        console.print(table)
+    return 0 if report or not args.asset else 1
 
 
 def cmd_ui(args) -> int:
@@ -371,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-shm", action="store_true", help="ignore the /dev/shm tier")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=cmd_load)
+
+    s = sub.add_parser("report", help="latest materialization per asset: timings, throughput, latency, checks")
+    s.add_argument("--asset", "-a", help="only this asset key (e.g. trained_model)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("ui", help="open the Dagster UI (dagster dev) on the embedded instance")
     s.add_argument("--host", default="127.0.0.1")

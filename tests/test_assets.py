@@ -131,6 +131,52 @@ def test_cli_launch_runs_the_job_on_the_instance(tmp_path, monkeypatch):
         cli.main(["launch", "ingest"])
 
 
+def test_cli_report_prints_the_latest_numbers(tmp_path, monkeypatch, capsys):
+    import re
+
+    from rich.console import Console
+
+    from jobs import cli
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
+    monkeypatch.setattr(cli, "console", Console(width=300, record=True))  # wide: no folded numbers
+    assert cli.main(["report"]) == 0
+    assert "no asset has been materialized" in cli.console.export_text()
+    capsys.readouterr()
+    assert cli.main(["report", "--json"]) == 0 and json.loads(capsys.readouterr().out)["assets"] == {}
+
+    assert cli.main(["gen", "digits", "--batch", "rep-1", "--samples-per-shard", "900"]) == 0
+    assert cli.main(["launch", "ingest", "--partition", "rep-1"]) == 0
+    cli.console.export_text()  # drop what gen/launch printed
+    capsys.readouterr()
+
+    assert cli.main(["report"]) == 0
+    text = cli.console.export_text()
+    capsys.readouterr()
+    for row in ("raw_shards", "raw_table"):
+        assert re.search(rf"│ {row}\s+│ \d{{4}}-\d\d-\d\dT[\d:]+\+00:00\s+│ rep-1\s+│ [0-9a-f]{{8}}\s+│ seconds=[\d.]+", text)
+    for key in ("shard_latency_p50_ms", "shard_latency_p99_ms", "file_latency_p95_ms", "mb_per_s", "rows_per_s"):
+        assert re.search(rf"{key}=\d[\d.e+]*", text), key
+    assert "no_quarantined_shards: pass" in text and "every_split_present: pass" in text
+
+    assert cli.main(["report", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    shards = out["assets"]["raw_shards"]
+    assert shards["partition"] == "rep-1" and len(shards["run_id"]) == 36
+    metrics = shards["metrics"]
+    assert list(metrics)[0] == "seconds" and metrics["seconds"] > 0 and metrics["samples"] == 1797
+    assert 0 < metrics["shard_latency_p50_ms"] <= metrics["shard_latency_p95_ms"] <= metrics["shard_latency_p99_ms"]
+    assert metrics["shard_latency_count"] == metrics["shards_published"] > 0  # one per shard
+    assert {"name": "all_classes_present", "passed": True, "severity": "ERROR"}.items() <= next(
+        c for c in shards["checks"] if c["name"] == "all_classes_present").items()
+    assert out["assets"]["raw_table"]["metrics"]["file_latency_p50_ms"] > 0
+
+    assert cli.main(["report", "--json", "--asset", "raw_table"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["assets"]) == ["raw_table"]
+    assert cli.main(["report", "--asset", "trained_model"]) == 1  # not materialized here
+
+
 def test_ingest_on_s3_through_env_configured_resource(instance, s3_storage, s3_server, monkeypatch):
     """The same assets on S3: the resource is chosen and configured from the environment
     (credentials as EnvVars), against the real local S3 server."""
@@ -283,5 +329,6 @@ def test_cli_load_prefers_the_shm_copy(tmp_path, monkeypatch, capsys):
     assert cold["from"] == "remote" and cold["tensors"] == len(model.state_dict())
     assert cold["bytes"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert {"seconds", "gbps"} <= cold.keys()
+    assert cold["chunk_latency_count"] >= 1 and cold["chunk_latency_p99_ms"] > 0
     ShmStorageResource(root=str(tmp_path / "shm")).tier().prewarm(store, "digits", "v1")
     assert load_json()["from"] == "shm"
