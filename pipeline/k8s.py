@@ -17,6 +17,9 @@ and never imports dagster; :func:`run_indexed_job` imports the ``kubernetes`` cl
 * :func:`run_indexed_job`: creates the Service and the Job, waits, raises :class:`NodeJobFailed`
   naming the failed node (index, pod, reason, exit code, last log lines), and deletes both after.
 
+``python -m pipeline.k8s prewarm --model M ...`` is the DaemonSet's loop; ``python -m pipeline.k8s
+daemonset --image IMG --model M ...`` prints its manifest (deploy/k8s/shm-prewarm-daemonset.yaml).
+
 Pod requirements come in the shape of :func:`pipeline.gpus.k8s_requirements` (``container_config`` /
 ``pod_spec_config`` with snake_case keys, as dagster-k8s takes them), so the Dagster step pods and
 these pods get GPUs, ``/dev/shm``, node placement and model-store access from the same settings.
