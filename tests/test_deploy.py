@@ -554,9 +554,6 @@ def test_dockerfile_installs_the_same_pins_as_make():
     assert str(k8s.UID) in re.search(r"^USER (\S+)", text, re.M).group(1)
 
 
-@pytest.mark.xfail(strict=True, reason="constraints.txt pins nvidia-ml-py to a local wheel (file:///tmp/x/...), "
-                                       "which neither the image build nor a fresh machine has: regenerate the lock "
-                                       "with nvidia-ml-py==13.580.82, then drop this marker")
 def test_constraints_are_installable_anywhere():
     lines = [ln.strip() for ln in (ROOT / "constraints.txt").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
