@@ -2,11 +2,13 @@
 
 import dagster as dg
 
+from assets import drift as drift_assets
 from assets import ingest as ingest_assets
 from assets import package as package_assets
 from assets import serve as serve_assets
 from assets import train as train_assets
 from assets.partitions import batches
+from jobs.automation import build_schedules, drift_retrain, record_run_failure
 from jobs.ingest import incoming_batches, ingest_job
 from jobs.k8s import executor_from_env
 from jobs.serve import new_model_version, prewarm_job
@@ -37,9 +39,11 @@ def build_defs() -> dg.Definitions:
     assets = dg.load_assets_from_modules([ingest_assets, train_assets, package_assets, serve_assets])
     return dg.Definitions(
         assets=assets,
+        asset_checks=dg.load_asset_checks_from_modules([drift_assets]),
         executor=executor_from_env(gpu_pool, assets),  # FORGELINE_EXECUTOR=k8s: a pod per step (jobs/k8s.py)
         jobs=[ingest_job, train_and_package_job, prewarm_job, lifecycle_job],
-        sensors=[incoming_batches, new_model_version],
+        schedules=build_schedules(),
+        sensors=[incoming_batches, new_model_version, drift_retrain, record_run_failure],
         resources={
             "storage": storage,
             "io_manager": StorageJsonIOManager(storage=storage),

@@ -1,0 +1,155 @@
+"""Automation that closes the loop: nightly schedules for ingestion and retraining, the sensor that
+retrains when a drift check fails at ERROR, and the sensor that records every failed run.
+
+Schedules are built from the environment (``build_schedules``) so the cron strings and timezone are
+deployment settings, not code: FORGELINE_INGEST_CRON (default ``0 1 * * *``), FORGELINE_RETRAIN_CRON
+(``0 3 * * *``), FORGELINE_TIMEZONE (``UTC``; always explicit, never the server's local zone).
+"""
+
+import json
+import os
+import time
+from typing import Optional
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import dagster as dg
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster._utils.schedules import is_valid_cron_string
+
+from assets.drift import DRIFT_CHECKS
+from assets.partitions import batches
+from jobs.ingest import INCOMING, ready_batches
+from pipeline import dataset as ds
+from pipeline import drift
+from resources.storage import StorageResource
+
+WATCHED_MODEL = "digits"
+FAILURES_PREFIX = "runs/failures"
+DRIFT_CHECK_KEYS = [
+    dg.AssetCheckKey(dg.AssetKey("raw_table" if name == "table_drift" else "raw_shards"), name) for name in DRIFT_CHECKS
+]
+
+
+class AutomationConfigError(ValueError):
+    """A schedule setting from the environment is invalid (the message names the variable)."""
+
+
+def _cron(var: str, default: str) -> str:
+    value = os.environ.get(var, default).strip()
+    if not is_valid_cron_string(value):  # Dagster's own parser: what the daemon will accept
+        raise AutomationConfigError(f"{var}={value!r} is not a valid cron expression (e.g. '0 3 * * *')")
+    return value
+
+
+def _timezone() -> str:
+    tz = os.environ.get("FORGELINE_TIMEZONE", "UTC").strip()
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise AutomationConfigError(f"FORGELINE_TIMEZONE={tz!r} is not an IANA timezone (e.g. 'UTC', 'Europe/Berlin')") from None
+    return tz
+
+
+def build_schedules() -> list[dg.ScheduleDefinition]:
+    """The nightly ingest and retrain schedules, with cron and timezone from the environment."""
+    tz = _timezone()
+
+    @dg.schedule(job_name="ingest", cron_schedule=_cron("FORGELINE_INGEST_CRON", "0 1 * * *"),
+                 execution_timezone=tz, name="nightly_ingest",
+                 description="Ingests every landed (_READY) batch that has not been ingested yet, one run per "
+                             "batch (run_key per batch: a batch is never ingested twice by the schedule).")
+    def nightly_ingest(context: dg.ScheduleEvaluationContext, storage: StorageResource):
+        done = context.instance.get_materialized_partitions(dg.AssetKey("raw_shards"))
+        todo = [b for b in ready_batches(storage, INCOMING) if b not in done]
+        if not todo:
+            return dg.SkipReason(f"no landed batch waiting under {INCOMING}/")
+        # schedules cannot return partition requests (sensors can); adding is idempotent
+        context.instance.add_dynamic_partitions(batches.name, todo)
+        return [dg.RunRequest(partition_key=b, run_key=f"ingest:{b}") for b in todo]
+
+    @dg.schedule(job_name="train_and_package", cron_schedule=_cron("FORGELINE_RETRAIN_CRON", "0 3 * * *"),
+                 execution_timezone=tz, name="nightly_retrain",
+                 description="Retrains and repackages when the ingested data differs from what the production "
+                             "model was trained on; skips otherwise (no new version for the same data).")
+    def nightly_retrain(context: dg.ScheduleEvaluationContext, storage: StorageResource):
+        store = storage.client()
+        try:
+            data_version = ds.collect(store)["version"]
+        except ValueError as e:  # nothing ingested yet
+            return dg.SkipReason(str(e))
+        ref = drift.production_reference(store, WATCHED_MODEL)
+        if ref is not None and ref["data_version"] == data_version:
+            return dg.SkipReason(f"{WATCHED_MODEL}/{ref['version']} was trained on the current data ({data_version})")
+        return dg.RunRequest(run_key=f"retrain:{data_version}", tags={"forgeline/trigger": "schedule",
+                                                                       "forgeline/data_version": data_version})
+
+    return [nightly_ingest, nightly_retrain]
+
+
+def _evaluation(record) -> Optional[dg.AssetCheckEvaluation]:
+    ev = record.event.dagster_event if record.event else None
+    return ev.event_specific_data if ev is not None else None
+
+
+@dg.sensor(job_name="train_and_package", minimum_interval_seconds=60,
+           description="Requests `train_and_package` when a drift check (table_drift, image_drift, prediction_drift) "
+                       "fails at ERROR on a batch the production model was not trained on. One run per failing "
+                       "check evaluation batch (run_key), cursor = last evaluation seen.")
+def drift_retrain(context: dg.SensorEvaluationContext, storage: StorageResource):
+    cursor = int(context.cursor or 0)
+    seen = cursor
+    triggers = []
+    for key in DRIFT_CHECK_KEYS:
+        for rec in context.instance.event_log_storage.get_asset_check_execution_history(key, limit=200):
+            if rec.id <= cursor:
+                break  # newest first: everything further down was seen on an earlier tick
+            seen = max(seen, rec.id)
+            ev = _evaluation(rec)
+            if rec.status == AssetCheckExecutionRecordStatus.FAILED and ev is not None \
+                    and ev.severity == dg.AssetCheckSeverity.ERROR:
+                triggers.append((rec, key))
+    if not triggers:
+        return dg.SensorResult(skip_reason=dg.SkipReason("no new drift failure at ERROR"), cursor=str(seen))
+    ref = drift.production_reference(storage.client(), WATCHED_MODEL)
+    trained_on = set(ref["batches"]) if ref else set()
+    fresh = [(r, k) for r, k in triggers if r.partition not in trained_on]  # already retrained on that batch
+    if not fresh:
+        return dg.SensorResult(skip_reason=dg.SkipReason("drifted batches are already in the production model"),
+                               cursor=str(seen))
+    newest = max(r.id for r, _ in fresh)
+    what = sorted({f"{k.name}@{r.partition}" for r, k in fresh})
+    context.log.info(f"drift at ERROR: {', '.join(what)} → requesting train_and_package")
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=f"retrain-on-drift:{newest}",
+                                    tags={"forgeline/trigger": "drift", "forgeline/drift": ",".join(what)[:200]})],
+        cursor=str(seen),
+    )
+
+
+@dg.run_failure_sensor(name="record_run_failure", minimum_interval_seconds=30,
+                       description="Writes every failed run's job, partition, failing steps and errors to "
+                                   f"storage under {FAILURES_PREFIX}/<run_id>.json (and the run's log).")
+def record_run_failure(context: dg.RunFailureSensorContext, storage: StorageResource):
+    run = context.dagster_run
+    steps = []
+    for e in context.get_step_failure_events():
+        err = getattr(e.event_specific_data, "error", None)
+        chain = []
+        while err is not None:  # Dagster wraps the real error ("Error occurred while executing op"): keep causes
+            chain.append(err.message.strip())
+            err = err.cause
+        steps.append({"step": e.step_key, "error": chain[-1] if chain else e.message, "chain": chain})
+    record = {
+        "run_id": run.run_id,
+        "job": run.job_name,
+        "partition": run.tags.get("dagster/partition"),
+        "tags": {k: v for k, v in run.tags.items() if k.startswith("forgeline/")},
+        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "failed_steps": [s["step"] for s in steps],
+        "steps": steps,
+        "message": context.failure_event.message,
+    }
+    key = f"{FAILURES_PREFIX}/{run.run_id}.json"
+    storage.client().write_atomic(key, json.dumps(record, indent=1).encode())
+    context.log.info(f"run {run.run_id} ({run.job_name}) failed in {record['failed_steps'] or 'no step'}: "
+                     f"recorded at {storage.client().uri(key)}")

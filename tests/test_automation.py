@@ -1,0 +1,190 @@
+"""Automation on a real Dagster instance: the drift checks through Dagster, the retrain-on-drift
+sensor, the nightly schedules, the run-failure sensor, and the landing sensor on S3."""
+
+import json
+from datetime import datetime, timezone
+
+import dagster as dg
+import pytest
+
+from assets.drift import image_drift, prediction_drift, table_drift
+from assets.ingest import raw_shards, raw_table
+from assets.partitions import batches
+from jobs import automation
+from jobs.automation import build_schedules, drift_retrain, record_run_failure
+from jobs.definitions import defs
+from jobs.ingest import incoming_batches
+from pipeline import datagen
+from resources.storage import LocalStorageResource, S3StorageResource
+
+CHECKS = [table_drift, image_drift, prediction_drift]
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+@pytest.fixture(scope="module")
+def checked(drift_world):
+    """The drift checks run through Dagster on the fresh and the shifted batch (one instance)."""
+    storage = LocalStorageResource(root=str(drift_world["store"].root), fsync=False)
+    with dg.instance_for_test() as inst:
+        results = {}
+        for batch in ("fresh", "shifted"):
+            inst.add_dynamic_partitions(batches.name, [batch])
+            res = dg.materialize([raw_shards, raw_table, *CHECKS], partition_key=batch, instance=inst,
+                                 resources={"storage": storage})
+            assert res.success
+            results[batch] = {e.check_name: e for e in res.get_asset_check_evaluations()}
+        yield {"instance": inst, "storage": storage, "results": results, **drift_world}
+
+
+def test_drift_checks_pass_on_fresh_data_and_fail_at_error_on_shifted(checked):
+    fresh, shifted = checked["results"]["fresh"], checked["results"]["shifted"]
+    for name in ("table_drift", "image_drift", "prediction_drift"):
+        assert fresh[name].passed, (name, fresh[name].metadata.get("drifted"))
+        assert not shifted[name].passed and shifted[name].severity == dg.AssetCheckSeverity.ERROR, name
+    md = shifted["image_drift"].metadata
+    assert md["drift_share"].value >= 0.5 and md["columns"].value == 4
+    assert md["score/brightness"].value < 0.05  # KS p-value: the brightness shift is unmistakable
+    report = md["report"].value
+    assert report.endswith(".html") and open(report, "rb").read(200).lower().count(b"html")
+    assert md["reference"].value["version"] == checked["version"]
+
+
+def test_checks_pass_with_a_reason_when_there_is_no_reference(tmp_path, instance):
+    storage = LocalStorageResource(root=str(tmp_path / "s"), fsync=False)
+    datagen.write_batch(storage.client(), "incoming/first", datagen.load_digits())
+    instance.add_dynamic_partitions(batches.name, ["first"])
+    res = dg.materialize([raw_shards, raw_table, *CHECKS], partition_key="first", instance=instance,
+                         resources={"storage": storage})
+    evals = {e.check_name: e for e in res.get_asset_check_evaluations()}
+    for name in ("table_drift", "image_drift", "prediction_drift"):
+        assert evals[name].passed
+        assert "no published version of 'digits'" in evals[name].metadata["reference"].value
+
+
+def test_drift_at_error_requests_one_retrain(checked):
+    inst, storage = checked["instance"], checked["storage"]
+    ctx = dg.build_sensor_context(instance=inst, resources={"storage": storage})
+    out = drift_retrain(ctx)
+    assert len(out.run_requests) == 1
+    req = out.run_requests[0]
+    assert req.tags["forgeline/trigger"] == "drift"
+    assert "image_drift@shifted" in req.tags["forgeline/drift"] and "fresh" not in req.tags["forgeline/drift"]
+    # the next tick with the advanced cursor sees nothing new: no second retrain for the same drift
+    again = drift_retrain(dg.build_sensor_context(instance=inst, cursor=out.cursor, resources={"storage": storage}))
+    assert not again.run_requests and "no new drift failure" in again.skip_reason.skip_message
+    # the run key is stable, so even a reset cursor cannot make Dagster launch it twice
+    assert drift_retrain(dg.build_sensor_context(instance=inst, resources={"storage": storage})).run_requests[0].run_key == req.run_key
+
+
+def test_no_retrain_when_the_production_model_already_has_the_drifted_batch(checked, tmp_path):
+    from pipeline import export, models
+
+    store = LocalStorageResource(root=str(tmp_path / "s"), fsync=False)
+    export.export(export.from_module(models.build_model("digits_cnn", width=4), architecture="digits_cnn",
+                                     model_kwargs={"width": 4}), store.client(), "digits",
+                  metadata={"spec": checked["spec"], "dataset": {"version": "x", "batches": ["ref", "shifted"]}})
+    out = drift_retrain(dg.build_sensor_context(instance=checked["instance"], resources={"storage": store}))
+    assert not out.run_requests and "already in the production model" in out.skip_reason.skip_message
+
+
+def test_schedules_have_explicit_timezone_and_configurable_cron(monkeypatch):
+    monkeypatch.setenv("FORGELINE_RETRAIN_CRON", "30 4 * * 1-5")
+    monkeypatch.setenv("FORGELINE_TIMEZONE", "Europe/Berlin")
+    s = {x.name: x for x in build_schedules()}
+    assert s["nightly_retrain"].cron_schedule == "30 4 * * 1-5"
+    assert s["nightly_ingest"].cron_schedule == "0 1 * * *"
+    assert {x.execution_timezone for x in s.values()} == {"Europe/Berlin"}
+    assert {x.job_name for x in s.values()} == {"ingest", "train_and_package"}
+    monkeypatch.setenv("FORGELINE_RETRAIN_CRON", "every night")
+    with pytest.raises(automation.AutomationConfigError, match="FORGELINE_RETRAIN_CRON='every night'"):
+        build_schedules()
+    monkeypatch.delenv("FORGELINE_RETRAIN_CRON")
+    monkeypatch.setenv("FORGELINE_TIMEZONE", "Mars/Olympus")
+    with pytest.raises(automation.AutomationConfigError, match="FORGELINE_TIMEZONE"):
+        build_schedules()
+
+
+def test_nightly_ingest_requests_each_landed_batch_once(tmp_path, instance):
+    storage = LocalStorageResource(root=str(tmp_path / "s"), fsync=False)
+    nightly_ingest = {x.name: x for x in build_schedules()}["nightly_ingest"]
+    when = datetime(2026, 11, 23, 1, 0, tzinfo=timezone.utc)
+    ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=when, resources={"storage": storage},
+                                    repository_def=defs.get_repository_def())
+    assert isinstance(nightly_ingest.evaluate_tick(ctx).skip_message, str)  # nothing landed yet
+    datagen.write_batch(storage.client(), "incoming/night-1", datagen.load_digits())
+    datagen.write_batch(storage.client(), "incoming/unready", datagen.load_digits())
+    storage.client().delete("incoming/unready/_READY")  # still being written
+    reqs = nightly_ingest.evaluate_tick(ctx).run_requests
+    assert [(r.partition_key, r.run_key) for r in reqs] == [("night-1", "ingest:night-1")]
+    assert instance.get_dynamic_partitions(batches.name) == ["night-1"]
+    res = dg.materialize([raw_shards, raw_table], partition_key="night-1", instance=instance,
+                         resources={"storage": storage})
+    assert res.success
+    assert nightly_ingest.evaluate_tick(ctx).run_requests == []  # ingested: not requested again
+
+
+def test_nightly_retrain_skips_when_production_already_has_the_data(checked, instance, monkeypatch):
+    nightly_retrain = {x.name: x for x in build_schedules()}["nightly_retrain"]
+    storage = checked["storage"]
+    when = datetime(2026, 11, 23, 3, 0, tzinfo=timezone.utc)
+    ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=when, resources={"storage": storage},
+                                    repository_def=defs.get_repository_def())
+    # three batches are ingested, the production model was trained on one of them: retrain
+    reqs = nightly_retrain.evaluate_tick(ctx).run_requests
+    assert len(reqs) == 1 and reqs[0].tags["forgeline/trigger"] == "schedule"
+    from pipeline import dataset as ds
+
+    monkeypatch.setattr(automation.drift, "production_reference",
+                        lambda store, model: {"model": model, "version": "v", "batches": [],
+                                              "data_version": ds.collect(store)["version"]})
+    assert "trained on the current data" in nightly_retrain.evaluate_tick(ctx).skip_message
+
+
+def test_run_failure_sensor_records_the_failed_step(tmp_path, instance):
+    storage = LocalStorageResource(root=str(tmp_path / "s"), fsync=False)
+    datagen.write_batch(storage.client(), "incoming/bad", datagen.load_digits())
+    storage.client().write_atomic("incoming/bad/table.parquet", b"PAR1 this is not parquet")
+    instance.add_dynamic_partitions(batches.name, ["bad"])
+    job = defs.resolve_job_def("ingest")
+    res = job.execute_in_process(partition_key="bad", instance=instance, raise_on_error=False,
+                                 resources={"storage": storage})
+    assert not res.success
+    failure = next(e for e in res.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE)
+    ctx = dg.build_run_status_sensor_context(sensor_name="record_run_failure", dagster_instance=instance,
+                                             dagster_run=res.dagster_run, dagster_event=failure,
+                                             resources={"storage": storage}).for_run_failure()
+    record_run_failure(ctx)
+    rec = json.loads(storage.client().read(f"runs/failures/{res.run_id}.json"))
+    assert rec["job"] == "ingest" and rec["partition"] == "bad"
+    assert rec["failed_steps"] == ["raw_table"]
+    assert "incoming/bad/table.parquet" in rec["steps"][0]["error"]
+
+
+def test_landing_sensor_on_s3_requests_each_batch_once(s3_server, s3_storage_factory, instance):
+    store = s3_storage_factory()
+    resource = S3StorageResource(bucket=store.bucket, prefix=store.prefix, endpoint_url=s3_server,
+                                 region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    small = datagen.load_digits()
+    small = datagen.Digits(small.images[:60], small.labels[:60], small.splits[:60], small.ids[:60])
+    datagen.write_batch(store, "incoming/s3-a", small)
+    ctx = dg.build_sensor_context(instance=instance, resources={"storage": resource})
+    first = incoming_batches(ctx)
+    assert [(r.partition_key, r.run_key) for r in first.run_requests] == [("s3-a", "ingest:s3-a")]
+    assert first.dynamic_partitions_requests[0].partition_keys == ["s3-a"]
+    datagen.write_batch(store, "incoming/s3-b", small)
+    second = incoming_batches(dg.build_sensor_context(instance=instance, cursor=first.cursor,
+                                                      resources={"storage": resource}))
+    assert [r.partition_key for r in second.run_requests] == ["s3-b"]  # s3-a is not requested again
+    third = incoming_batches(dg.build_sensor_context(instance=instance, cursor=second.cursor,
+                                                     resources={"storage": resource}))
+    assert isinstance(third, dg.SkipReason)
+
+
+def test_definitions_carry_the_automation():
+    assert {s.name for s in defs.schedules} == {"nightly_ingest", "nightly_retrain"}
+    assert {"drift_retrain", "record_run_failure", "incoming_batches", "new_model_version"} <= {s.name for s in defs.sensors}
