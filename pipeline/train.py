@@ -73,6 +73,7 @@ class TrainConfig:
     num_threads: int = 0  # DALI + intra-op threads per rank; 0 = cores / ranks
     keep_checkpoints: int = 2
     collective_timeout_s: float = 120.0  # a dead peer fails the step after this long, not never
+    rdzv_join_timeout_s: int = 600  # multi-node: a node that never joins fails the others after this long
     save_rank_weights: bool = False  # tests: each rank dumps its final parameters
 
 
@@ -325,6 +326,10 @@ def worker(job_path: str) -> None:
     for split, loader in evals.items():
         m = evaluate(loader)
         result[f"{split}_acc"], result[f"{split}_loss"], result[f"{split}_samples"] = m["acc"], m["loss"], m["samples"]
+    # Each rank hashes its own parameters and rank 0 reports them all: proof that every rank (on
+    # every node) ended with the same weights, without shipping weights between nodes.
+    result["rank_params_sha256"] = [None] * world
+    dist.all_gather_object(result["rank_params_sha256"], params_sha256(model.named_parameters()))
     if cfg.save_rank_weights:
         torch.save({k: v.detach().cpu() for k, v in model.named_parameters()}, Path(job["work_dir"]) / f"rank{rank}.pt")
     if rank == 0:
@@ -335,6 +340,18 @@ def worker(job_path: str) -> None:
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, job["result_path"])
     dist.destroy_process_group()
+
+
+def params_sha256(named_tensors) -> str:
+    """sha256 over (name, dtype, shape, bytes) of each tensor, in order: equal hashes, equal weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class SyntheticLoader:
@@ -398,15 +415,17 @@ def launch(
     synthetic: dict | None = None,
     rdzv: dict | None = None,
     on_line: Callable[[str], None] | None = None,
-) -> TrainResult:
+) -> TrainResult | None:
     """Run training with torchrun and return rank 0's result.
 
     ``shards`` maps split → local shard paths; ``spec`` is a :class:`PreprocessSpec` as a dict;
     ``synthetic`` (``{"samples": N, "shape": [C, H, W], "classes": K}``) replaces the data with
     random device tensors (benchmarks of the training step itself);
     ``rdzv`` (``{"nnodes": K, "node_rank": i, "endpoint": "host:port", "id": "run"}``) makes this one
-    node of a multi-node run; default is a standalone single-node run. Raises
-    :class:`TrainingTimeout` / :class:`TrainingFailed` with the failing rank's error.
+    node of a multi-node run (c10d rendezvous; node 0 hosts the rendezvous store at ``endpoint``;
+    joining waits at most ``config.rdzv_join_timeout_s``); default is a standalone single-node run.
+    Multi-node, only the node whose torchrun hosts global rank 0 gets the result; the others get
+    None. Raises :class:`TrainingTimeout` / :class:`TrainingFailed` with the failing rank's error.
     """
     store_spec, store_env = storage.spec()
     own_tmp = work_dir is None
@@ -423,10 +442,18 @@ def launch(
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world_size}",
            "--max-restarts=0", "--monitor-interval=0.5"]
     if rdzv:
-        cmd += [f"--nnodes={rdzv['nnodes']}", f"--node-rank={rdzv.get('node_rank', 0)}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={rdzv['endpoint']}", f"--rdzv-id={rdzv.get('id', 'forgeline')}"]
+        node_rank, join_s = int(rdzv.get("node_rank", 0)), int(config.rdzv_join_timeout_s)
+        # is_host explicit: the hostname heuristic can miss in a pod (then nobody hosts the store)
+        # or match on several nodes of one host. read_timeout=join: a node whose store host never
+        # comes up gives up when the join timeout would have, not after torch's default 60 s.
+        # (no --node-rank: c10d ignores it and assigns ranks itself, so rank 0 may be on any node)
+        cmd += [f"--nnodes={rdzv['nnodes']}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={rdzv['endpoint']}", f"--rdzv-id={rdzv.get('id', 'forgeline')}",
+                f"--rdzv-conf=join_timeout={join_s},read_timeout={max(1, join_s // 2)},is_host={int(node_rank == 0)}"]
+        where = f"node {node_rank} of {rdzv['nnodes']}, {world_size} rank(s) per node"
     else:
         cmd += ["--standalone", "--nnodes=1"]
+        where = f"world size {world_size}"
     cmd += ["-m", "pipeline.train", str(job_path)]
     child_env = {**os.environ, **store_env, **(env or {}), "PYTHONUNBUFFERED": "1"}
     child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // world_size)))
@@ -456,19 +483,23 @@ def launch(
             reader.join(5)
             raise TrainingTimeout(
                 f"training did not finish within {run_timeout_s:.0f}s and was stopped "
-                f"(world size {world_size}); last output:\n" + "\n".join(list(tail)[-30:])
+                f"({where}); last output:\n" + "\n".join(list(tail)[-30:])
             ) from None
         except BaseException:
             _kill_group(proc)  # the caller was interrupted: do not leave ranks running
             raise
         reader.join(10)
         secs = time.perf_counter() - t0
+        if rc == 0 and rdzv and not result_path.exists():
+            return None  # a multi-node run that went well, but global rank 0 ran on another node
         if rc != 0 or not result_path.exists():
-            cause = _root_cause(list(tail))
-            if re.search(r"timed out|timeout", cause, re.IGNORECASE):
-                cause = (f"a collective operation timed out after collective_timeout_s={config.collective_timeout_s:g}: "
-                         f"a rank is hung or unreachable; {cause}")
-            raise TrainingFailed(f"training failed (torchrun exit code {rc}, world size {world_size}): {cause}")
+            cause = _rdzv_cause(list(tail), rdzv, config) if rdzv else None
+            if cause is None:
+                cause = _root_cause(list(tail))
+                if re.search(r"timed out|timeout", cause, re.IGNORECASE):
+                    cause = (f"a collective operation timed out after "
+                             f"collective_timeout_s={config.collective_timeout_s:g}: a rank is hung or unreachable; {cause}")
+            raise TrainingFailed(f"training failed (torchrun exit code {rc}, {where}): {cause}")
         res = json.loads(result_path.read_text())
     finally:
         if own_tmp:  # a work dir the caller did not ask for is ours to remove, success or not
@@ -514,7 +545,138 @@ def _root_cause(lines: list[str]) -> str:
     return "; ".join(parts + errors[-3:])
 
 
+def _rdzv_cause(lines: list[str], rdzv: dict, config: TrainConfig) -> str | None:
+    """A multi-node failure in words when the rendezvous failed or a peer node was lost, followed
+    by the launcher's own error lines (torchrun writes no failure summary for these); else None."""
+    text = "\n".join(lines)
+    endpoint, nnodes, join = rdzv["endpoint"], rdzv["nnodes"], config.rdzv_join_timeout_s
+    if "RendezvousTimeoutError" in text:
+        why = (f"rendezvous timed out: not all {nnodes} nodes joined within rdzv_join_timeout_s={join} "
+               f"(a node never started, died before joining, or cannot reach {endpoint})")
+    elif "RendezvousConnectionError" in text and "while trying to connect" in text:
+        why = (f"rendezvous failed: could not reach the rendezvous store at {endpoint} within about "
+               f"rdzv_join_timeout_s={join} (node 0, which hosts it, never started or is unreachable)")
+    elif "RendezvousConnectionError" in text:
+        why = (f"peer lost: the connection to the rendezvous store on node 0 ({endpoint}) broke "
+               "(node 0 died or became unreachable)")
+    elif m := re.search(r"(?:Connection (?:closed|reset) by peer|Read error|Write error)\s*(\[[^\]]+\](?::\d+)?)", text):
+        # the local ranks' own failures follow, so a crash on this node is not hidden behind this
+        return (f"peer lost: the rank at {m[1]} closed its connection (it died or its node was lost); "
+                f"{_root_cause(lines)}")
+    else:
+        return None
+    errors = list(dict.fromkeys(ln.strip() for ln in lines if re.search(r"\w(Error|Exception)\b", ln)
+                                and not ln.lstrip().startswith(("File ", "raise "))))
+    return "; ".join([why] + errors[-3:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-node: a job spec in storage, one `python -m pipeline.train node` per node (e.g. one pod of
+# an indexed Kubernetes Job each), rank 0's result back in storage
+# ---------------------------------------------------------------------------------------------
+
+NODE_JOB_FORMAT = "forgeline.train-node-job/1"
+
+
+def node_result_key(job_key: str) -> str:
+    return f"{job_key}.result.json"
+
+
+def prepare_node_job(*, storage: Storage, dataset: dict, spec: dict, config: TrainConfig, checkpoint_prefix: str,
+                     device_type: str, job_key: str) -> str:
+    """Write the job every node of a multi-node run reads, atomically, at ``job_key``; return it.
+
+    Shards travel as storage keys with their sha256 (from :func:`pipeline.dataset.collect`), not
+    local paths: each node stages and verifies them itself. A result left by an earlier run of the
+    same key is removed, so :func:`read_node_result` never returns a stale one.
+    """
+    job = {
+        "format": NODE_JOB_FORMAT, "config": asdict(config), "spec": spec, "checkpoint_prefix": checkpoint_prefix,
+        "device_type": device_type, "dataset_version": dataset.get("version"),
+        "shards": {split: [{k: e[k] for k in ("key", "sha256")} for e in entries]
+                   for split, entries in dataset["splits"].items()},
+    }
+    storage.delete(node_result_key(job_key))
+    storage.write_atomic(job_key, json.dumps(job, indent=1).encode())
+    return job_key
+
+
+def read_node_result(storage: Storage, job_key: str) -> TrainResult:
+    """The result the node hosting global rank 0 wrote for ``job_key``."""
+    key = node_result_key(job_key)
+    try:
+        res = json.loads(storage.read(key))
+    except ObjectNotFound:
+        raise TrainingFailed(f"{storage.uri(key)}: no result for training job {job_key!r}; the run has not "
+                             "finished, or failed (see the node logs)") from None
+    return TrainResult(**{k: res.get(k) for k in TrainResult.__dataclass_fields__ if k != "extra"},
+                       extra=res.get("extra") or {})
+
+
+def node_main(argv: list[str]) -> int:
+    """``python -m pipeline.train node ...``: one node of a multi-node run (exit 0 on success)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.train node",
+                                 description="Run one node of a multi-node training job (see docs/training.md).")
+    ap.add_argument("--storage", required=True, help="JSON of Storage.spec()[0]; credentials come from the environment")
+    ap.add_argument("--job-key", required=True, help="the key prepare_node_job wrote")
+    ap.add_argument("--nnodes", type=int, required=True)
+    ap.add_argument("--node-rank", type=int, help="default: $JOB_COMPLETION_INDEX (Kubernetes indexed Job)")
+    ap.add_argument("--rdzv-endpoint", required=True, help="HOST:PORT of node 0 (it hosts the rendezvous store)")
+    ap.add_argument("--rdzv-id", help="default: derived from --job-key (the same on every node)")
+    ap.add_argument("--nproc-per-node", type=int, help="default: the visible GPUs for a cuda job, else 1 CPU rank")
+    ap.add_argument("--run-timeout-s", type=float, default=3600.0)
+    ap.add_argument("--cache-dir", help="where shards are staged; default $FORGELINE_HOME/cache/shards")
+    args = ap.parse_args(argv)
+    node_rank = args.node_rank
+    if node_rank is None:
+        if "JOB_COMPLETION_INDEX" not in os.environ:
+            ap.error("--node-rank is required when JOB_COMPLETION_INDEX is not set")
+        node_rank = int(os.environ["JOB_COMPLETION_INDEX"])
+    if not 0 <= node_rank < args.nnodes:
+        ap.error(f"node rank {node_rank} is not in [0, {args.nnodes})")
+    tag = f"[forgeline] node {node_rank}/{args.nnodes}"
+
+    store = from_spec(json.loads(args.storage))
+    job = json.loads(store.read(args.job_key))
+    if job.get("format") != NODE_JOB_FORMAT:
+        raise SystemExit(f"{tag}: {store.uri(args.job_key)} is not a {NODE_JOB_FORMAT} job")
+    nproc = args.nproc_per_node
+    if nproc is None:
+        if job["device_type"] == "cuda":
+            import torch
+
+            nproc = torch.cuda.device_count()
+            if nproc == 0:
+                raise SystemExit(f"{tag}: the job wants cuda but this node sees no GPU")
+        else:
+            nproc = 1
+    home = Path(os.environ.get("FORGELINE_HOME", Path(__file__).resolve().parent.parent / ".forgeline"))
+    cache = Path(args.cache_dir) if args.cache_dir else home / "cache" / "shards"
+    from pipeline.dataset import stage  # here: the worker entry must not pay for it
+
+    shards = {split: stage(store, entries, cache) for split, entries in job["shards"].items()}
+    rdzv = {"nnodes": args.nnodes, "node_rank": node_rank, "endpoint": args.rdzv_endpoint,
+            "id": args.rdzv_id or "forgeline-" + hashlib.sha256(args.job_key.encode()).hexdigest()[:16]}
+    print(f"{tag}: {nproc} rank(s), rendezvous {rdzv['id']} at {rdzv['endpoint']}", flush=True)
+    try:
+        res = launch(storage=store, shards=shards, spec=job["spec"], config=TrainConfig(**job["config"]),
+                     checkpoint_prefix=job["checkpoint_prefix"], world_size=nproc, device_type=job["device_type"],
+                     run_timeout_s=args.run_timeout_s, rdzv=rdzv, on_line=lambda ln: print(ln, flush=True))
+    except TrainingFailed as e:
+        print(f"{tag}: {e}", file=sys.stderr, flush=True)
+        return 1
+    if res is not None:  # this node hosted global rank 0
+        store.write_atomic(node_result_key(args.job_key), json.dumps(asdict(res), indent=1).encode())
+        print(f"{tag}: result written to {store.uri(node_result_key(args.job_key))}", flush=True)
+    print(f"{tag}: done", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["node"]:  # torchrun always passes the worker an absolute job file path
+        sys.exit(node_main(sys.argv[2:]))
     from torch.distributed.elastic.multiprocessing.errors import record
 
     record(worker)(sys.argv[1])  # the failing rank's traceback reaches torchrun's root-cause report
