@@ -75,7 +75,8 @@ def _defs():
 # ---------------------------------------------------------------------------------------------
 
 
-def run_job(job_name: str, *, partition: str | None = None, run_config: dict | None = None, quiet: bool = False):
+def run_job(job_name: str, *, partition: str | None = None, run_config: dict | None = None, quiet: bool = False,
+            tags: dict | None = None):
     """Execute ``job_name`` on the embedded instance, showing step progress. Returns the result.
 
     A partition that does not exist yet is added first (dynamic partitions), so
@@ -105,7 +106,8 @@ def run_job(job_name: str, *, partition: str | None = None, run_config: dict | N
     def target():
         try:
             box["result"] = job.execute_in_process(
-                run_config=run_config, instance=instance, partition_key=partition, run_id=run_id, raise_on_error=False
+                run_config=run_config, instance=instance, partition_key=partition, run_id=run_id, raise_on_error=False,
+                tags=tags,
             )
         except BaseException as e:  # surfaced below
             box["error"] = e
@@ -286,8 +288,61 @@ def cmd_demo(args) -> int:
             datagen.write_batch(store, prefix, datagen.load_digits(), image_size=32)
     result = run_job("lifecycle", partition=args.batch)
     console.print(materialization_table(result))
+    if result.success and args.drift_batch:
+        ok = _demo_drift(store, args.drift_batch, retrain=args.retrain)
+    else:
+        ok = result.success
     console.print(f"storage: {store.uri()}   UI: `make ui` (instance {home})")
-    return 0 if result.success else 1
+    return 0 if ok else 1
+
+
+def _demo_drift(store, batch: str, *, retrain: bool) -> bool:
+    """The loop closing: a drifted batch lands and is ingested, its drift checks fail at ERROR, and
+    the `drift_retrain` sensor — evaluated here rather than by the daemon — asks for a retrain."""
+    import dagster as dg
+
+    from pipeline import datagen
+    from pipeline.storage import join
+
+    console.rule(f"[bold]a drifted batch lands: {batch} (brighter, rotated, noisier digits)")
+    prefix = join("incoming", batch)
+    if not store.exists(join(prefix, datagen.READY_MARKER)):
+        datagen.write_batch(store, prefix, datagen.shift(datagen.load_digits()), image_size=32)
+    ingest = run_job("ingest", partition=batch)
+    console.print(check_table(ingest))
+    if not ingest.success:
+        return False
+    defs = _defs()
+    sensor = defs.get_sensor_def("drift_retrain")
+    with dg.build_sensor_context(instance=dg.DagsterInstance.get(),
+                                 resources={"storage": defs.resources["storage"]}) as ctx:
+        out = sensor(ctx)
+    requests = getattr(out, "run_requests", None) or []
+    if not requests:
+        console.print(f"drift_retrain: {out.skip_reason.skip_message if out.skip_reason else 'nothing to do'}")
+        return True
+    req = requests[0]
+    console.print(f"drift_retrain requests [bold]train_and_package[/] ({req.tags.get('forgeline/drift')})")
+    if not retrain:
+        return True
+    run = run_job("train_and_package", tags=req.tags)
+    console.print(materialization_table(run))
+    return run.success
+
+
+def check_table(result) -> Table:
+    """Every asset check a run evaluated: verdict, severity and the drift headline when present."""
+    table = Table(title="Checks")
+    for col in ("check", "partition", "result", "detail"):
+        table.add_column(col, overflow="fold")
+    for e in result.get_asset_check_evaluations():
+        md = {k: v.value for k, v in e.metadata.items()}
+        verdict = "[green]passed" if e.passed else f"[red]failed ({e.severity.value})"
+        detail = e.description or ""
+        if "report" in md:
+            detail += f"\nreport: {md['report']}"
+        table.add_row(f"{e.asset_key.to_user_string()}:{e.check_name}", e.partition or "", verdict, detail)
+    return table
 
 
 def _is_published(source: str) -> bool:
@@ -480,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="generate data and run the lifecycle job end to end")
     s.add_argument("--batch", default="digits-0001")
+    s.add_argument("--drift-batch", default="digits-shifted",
+                   help="then land this drifted batch and ingest it ('' to skip)")
+    s.add_argument("--no-retrain", dest="retrain", action="store_false",
+                   help="do not run the retrain the drift sensor requests")
     s.set_defaults(fn=cmd_demo)
     return p
 
