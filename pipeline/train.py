@@ -639,7 +639,10 @@ def node_main(argv: list[str]) -> int:
     tag = f"[forgeline] node {node_rank}/{args.nnodes}"
 
     store = from_spec(json.loads(args.storage))
-    job = json.loads(store.read(args.job_key))
+    try:
+        job = json.loads(store.read(args.job_key))
+    except ObjectNotFound:
+        raise SystemExit(f"{tag}: no training job at {store.uri(args.job_key)} (prepare_node_job writes it)") from None
     if job.get("format") != NODE_JOB_FORMAT:
         raise SystemExit(f"{tag}: {store.uri(args.job_key)} is not a {NODE_JOB_FORMAT} job")
     nproc = args.nproc_per_node
