@@ -19,11 +19,11 @@ from dagster._utils.schedules import is_valid_cron_string
 from assets.drift import DRIFT_CHECKS
 from assets.partitions import batches
 from jobs.ingest import INCOMING, ready_batches
+from jobs.serve import WATCHED_MODEL
 from pipeline import dataset as ds
 from pipeline import drift
 from resources.storage import StorageResource
 
-WATCHED_MODEL = "digits"
 FAILURES_PREFIX = "runs/failures"
 DRIFT_CHECK_KEYS = [
     dg.AssetCheckKey(dg.AssetKey("raw_table" if name == "table_drift" else "raw_shards"), name) for name in DRIFT_CHECKS
