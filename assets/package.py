@@ -38,17 +38,26 @@ def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trai
     store = storage.client()
     arch = trained_model["model"]
     t0 = time.perf_counter()
-    source = export.from_checkpoint(
-        store, trained_model["checkpoint"], model_name=arch["name"], model_kwargs=arch["kwargs"],
-        expected_sha256=trained_model["checkpoint_sha256"], dtype=getattr(torch, config.dtype) if config.dtype else None,
-    )
-    manifest = export.export(
-        source, store, config.model_name, max_shard_bytes=config.max_shard_bytes, run_id=trained_model["run_id"],
-        data_version=trained_model["dataset_version"],
-        # the drift checks compare new batches against exactly these batches
-        metadata={"spec": trained_model["spec"],
-                  "dataset": {"version": trained_model["dataset_version"], "batches": trained_model["dataset"]["batches"]}},
-    )
+    # the same weights exported the same way are the same version: a re-run reuses it (verified below)
+    origin = {"checkpoint_sha256": trained_model["checkpoint_sha256"], "dtype": config.dtype,
+              "max_shard_bytes": config.max_shard_bytes}
+    reused = export.find_version(store, config.model_name, origin)
+    if reused is not None:
+        context.log.info(f"{config.model_name}/{reused} already holds these weights: reusing it")
+        manifest = export.read_manifest(store, config.model_name, reused)
+    else:
+        source = export.from_checkpoint(
+            store, trained_model["checkpoint"], model_name=arch["name"], model_kwargs=arch["kwargs"],
+            expected_sha256=trained_model["checkpoint_sha256"], dtype=getattr(torch, config.dtype) if config.dtype else None,
+        )
+        manifest = export.export(
+            source, store, config.model_name, max_shard_bytes=config.max_shard_bytes, run_id=trained_model["run_id"],
+            data_version=trained_model["dataset_version"],
+            # the drift checks compare new batches against exactly these batches
+            metadata={"spec": trained_model["spec"], "source": origin,
+                      "dataset": {"version": trained_model["dataset_version"],
+                                  "batches": trained_model["dataset"]["batches"]}},
+        )
     seconds = time.perf_counter() - t0  # the export itself, not the bit-exact check below
     version = manifest["version"]
     test_shards = ds.stage(store, trained_model["dataset"]["splits"]["test"], shard_cache_dir())
@@ -61,14 +70,16 @@ def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trai
          "dataset": trained_model["dataset"], "run_id": trained_model["run_id"]},
         metadata={
             "version": version,
+            "reused": reused is not None,
             "manifest": dg.MetadataValue.path(store.uri(export.version_prefix(config.model_name, version) + "/manifest.json")),
             "shards": len(manifest["shards"]),
             "tensors": manifest["tensors"],
             "total_bytes": manifest["total_size"],
             "dtypes": dg.MetadataValue.json(manifest["dtypes"]),
             "seconds": seconds,
-            "mb_per_s": manifest["bytes"] / 1e6 / max(seconds, 1e-9),
-            **metrics.summary((s["seconds"] for s in manifest["shards"]), "shard_latency"),
+            **({} if reused else {  # a reused version wrote nothing: no throughput to report
+                "mb_per_s": manifest["bytes"] / 1e6 / max(seconds, 1e-9),
+                **metrics.summary((s["seconds"] for s in manifest["shards"]), "shard_latency")}),
         },
     )
     yield dg.AssetCheckResult(check_name="loads_back_bit_exact", passed=not problems,
@@ -104,12 +115,12 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, e
     seconds = time.perf_counter() - t0
     tensor_seconds = [s for v in result["variants"].values() for s in v["tensor_seconds"]]
     metadata = {"base_accuracy": result["base_accuracy"], "seconds": seconds,
-                "tensors_per_s": len(tensor_seconds) / max(sum(tensor_seconds), 1e-9),
+                **({"tensors_per_s": len(tensor_seconds) / max(sum(tensor_seconds), 1e-9)} if tensor_seconds else {}),
                 **metrics.summary(tensor_seconds, "tensor_latency")}
     for scheme, v in result["variants"].items():
         metadata.update({f"{scheme}_accuracy": v["accuracy"], f"{scheme}_drop_points": v["drop_points"],
                          f"{scheme}_size_ratio": v["size_ratio"], f"{scheme}_bytes": v["bytes"],
-                         f"{scheme}_seconds": v["seconds"],
+                         f"{scheme}_seconds": v["seconds"], f"{scheme}_reused": v["reused"],
                          f"{scheme}_kept_full_precision": dg.MetadataValue.json(v["skipped"])})
     variants = {s: {k: v[k] for k in ("model", "version", "accuracy", "size_ratio")} for s, v in result["variants"].items()}
     yield dg.Output({"base": {"model": name, "version": version}, "variants": variants}, metadata=metadata)

@@ -701,6 +701,16 @@ def latest_version(store: Storage, model: str, root: str = DEFAULT_ROOT) -> str 
     return max(versions, key=lambda v: (read_manifest(store, model, v, root=root).get("created", ""), v))
 
 
+def find_version(store: Storage, model: str, source: dict, *, root: str = DEFAULT_ROOT) -> str | None:
+    """The newest published version of ``model`` whose manifest records exactly this ``source``
+    (``metadata.source``, e.g. the checkpoint sha256 and export options), or None. Lets a re-run on
+    the same weights reuse the version instead of publishing an identical one."""
+    for v in sorted(list_versions(store, model, root), reverse=True):
+        if (read_manifest(store, model, v, root=root).get("metadata") or {}).get("source") == source:
+            return v
+    return None
+
+
 def read_manifest(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT) -> dict:
     key = join(version_prefix(model, version, root), MANIFEST_NAME)
     try:

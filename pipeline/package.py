@@ -34,8 +34,15 @@ def publish_quantized(
 ) -> dict:
     """Quantize the published ``model/version`` and publish it as ``<model>-<scheme>/<version>``.
     ``state``: the base version's tensors when the caller already loaded them (saves a verified
-    re-read). Returns ``{"manifest", "ratio", "skipped", "quantization", "tensor_seconds"}``."""
+    re-read). Returns ``{"manifest", "ratio", "skipped", "quantization", "tensor_seconds", "reused"}``.
+
+    Versions are immutable: when ``<model>-<scheme>/<version>`` is already published with the same
+    parameters (a re-run on a reused base version) it is verified and returned (``reused``), and
+    with different parameters it is a :class:`export.VersionExists` error."""
     base = export.read_manifest(store, model, version)
+    qname = quantized_name(model, scheme)
+    if version in export.list_versions(store, qname):
+        return _reuse_quantized(store, qname, version, scheme, group_size, symmetric)
     if state is None:
         state = export.load_state_dict(store, model, version)
     qs = quantize.quantize_state_dict(state, scheme, group_size=group_size, symmetric=symmetric)
@@ -43,10 +50,27 @@ def publish_quantized(
         qs.tensors, store, quantized_name(model, scheme), version,
         config=base["config"], run_id=base.get("run_id"), data_version=base.get("data_version"),
         header_metadata=quantize.metadata_for_safetensors(qs),
-        metadata={"quantization": qs.metadata, "base": {"model": model, "version": version}},
+        metadata={"quantization": qs.metadata, "base": {"model": model, "version": version}, "skipped": qs.skipped,
+                  "size_ratio": qs.ratio},
     )
     return {"manifest": manifest, "ratio": qs.ratio, "skipped": qs.skipped, "quantization": qs.metadata,
-            "tensor_seconds": qs.tensor_seconds}
+            "tensor_seconds": qs.tensor_seconds, "reused": False}
+
+
+def _reuse_quantized(store: Storage, qname: str, version: str, scheme: str, group_size: int,
+                     symmetric: bool) -> dict:
+    manifest = export.read_manifest(store, qname, version)
+    q = manifest["metadata"]["quantization"]
+    want = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None, "symmetric": symmetric}
+    have = {k: q.get(k) for k in want}
+    if have != want:
+        raise export.VersionExists(f"{qname}/{version} is published with {have}, not {want}; versions are immutable: "
+                                   "export a new base version to quantize it differently")
+    problems = export.verify(store, qname, version)
+    if problems:
+        raise export.VerificationFailed(f"{qname}/{version}", problems)
+    return {"manifest": manifest, "ratio": manifest["metadata"]["size_ratio"], "quantization": q,
+            "skipped": manifest["metadata"].get("skipped", {}), "tensor_seconds": [], "reused": True}
 
 
 def load_quantized_module(store: Storage, model: str, version: str) -> torch.nn.Module:
@@ -81,5 +105,6 @@ def quantize_and_gate(
             failures.append(f"{scheme}: accuracy {acc:.4f} is {drop:.2f} points below {base:.4f} (limit {limit})")
         variants[scheme] = {"model": qname, "version": version, "accuracy": acc, "drop_points": drop,
                             "size_ratio": pub["ratio"], "bytes": pub["manifest"]["bytes"], "skipped": pub["skipped"],
-                            "seconds": time.perf_counter() - t0, "tensor_seconds": pub["tensor_seconds"]}
+                            "seconds": time.perf_counter() - t0, "tensor_seconds": pub["tensor_seconds"],
+                            "reused": pub["reused"]}
     return {"base_accuracy": base, "variants": variants, "failures": failures}

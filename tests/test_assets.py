@@ -273,8 +273,16 @@ def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
         md2 = again.asset_materializations_for_node("trained_model")[0].metadata
         assert md2["resumed_from_epoch"].value == 15  # nothing left to train: same checkpoint
         assert md2["test_accuracy"].value == md["test_accuracy"].value
-        # same weights → same compile key → the artifacts come from the cache
+        # same weights → the same version (verified, not republished), the same compile key → the
+        # artifacts come from the cache, and the version is already warm
+        emd2 = again.asset_materializations_for_node("exported_model")[0].metadata
+        assert emd2["version"].value == version and emd2["reused"].value is True
+        assert again.asset_materializations_for_node("quantized_model")[0].metadata["int8_reused"].value is True
         assert again.asset_materializations_for_node("compile_artifacts")[0].metadata["hit"].value is True
+        assert again.asset_materializations_for_node("shm_prewarm")[0].metadata["hit"].value is True
+        from pipeline import export
+
+        assert export.list_versions(store, "digits") == [version]
 
         # an impossible gate fails the blocking check and nothing downstream of it runs
         strict = {"ops": {"quantized_model": {"config": {"max_drop_int4": -100.0}}}}

@@ -358,6 +358,38 @@ def test_list_and_latest_versions(local_storage):
     assert ex.latest_version(local_storage, "digits") == "a"
 
 
+
+def test_find_version_by_source(local_storage):
+    m = trained_cnn()
+    src = {"checkpoint_sha256": "abc", "dtype": None}
+    assert ex.find_version(local_storage, "digits", src) is None
+    ex.export(ex.from_module(m), local_storage, "digits", "v1", metadata={"source": {"checkpoint_sha256": "old"}})
+    ex.export(ex.from_module(m), local_storage, "digits", "v2", metadata={"source": src})
+    ex.export(ex.from_module(m), local_storage, "digits", "v3")  # no source recorded: never matched
+    assert ex.find_version(local_storage, "digits", src) == "v2"
+    assert ex.find_version(local_storage, "digits", {**src, "dtype": "bfloat16"}) is None
+
+
+def test_quantized_version_is_reused_not_republished(local_storage):
+    from pipeline import package
+
+    ex.export(ex.from_module(trained_cnn(), architecture="digits_cnn", model_kwargs=KW), local_storage, "digits", "v1")
+    first = package.publish_quantized(local_storage, "digits", "v1", "int8")
+    files = {o.key: local_storage.checksum(o.key) for o in local_storage.list("models/digits-int8")}
+    again = package.publish_quantized(local_storage, "digits", "v1", "int8")
+    assert not first["reused"] and again["reused"]
+    assert again["manifest"] == first["manifest"] and again["ratio"] == first["ratio"]
+    assert again["skipped"] == first["skipped"]
+    assert {o.key: local_storage.checksum(o.key) for o in local_storage.list("models/digits-int8")} == files
+    package.publish_quantized(local_storage, "digits", "v1", "int4", group_size=16)
+    with pytest.raises(ex.VersionExists, match="immutable"):
+        package.publish_quantized(local_storage, "digits", "v1", "int4", group_size=32)
+    shard = next(o.key for o in local_storage.list("models/digits-int8") if o.key.endswith(".safetensors"))
+    local_storage.write_atomic(shard, local_storage.read(shard)[:-1] + b"\0")
+    with pytest.raises(ex.VerificationFailed):
+        package.publish_quantized(local_storage, "digits", "v1", "int8")
+
+
 # ---------------------------------------------------------------------------------------------
 # S3
 # ---------------------------------------------------------------------------------------------
