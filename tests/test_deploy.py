@@ -172,13 +172,11 @@ def test_torchrun_indexed_job_and_headless_service(tmp_path):
 def test_node_args_are_what_the_node_cli_accepts(tmp_path):
     """The container's arguments go through pipeline.train's own node CLI: parsing succeeds and it
     gets as far as reading the (absent) job from the storage the spec names."""
-    from pipeline.storage import ObjectNotFound
-
     spec = LocalStorage(tmp_path).spec()[0]
     _, job = k8s.torchrun_job(name="forgeline-train-x", image=IMAGE, nnodes=2, job_key="jobs/train/none.json",
                               storage_spec=spec, requirements={}, run_timeout_s=60)
     args = [a.replace("$(FORGELINE_NODE_RANK)", "1") for a in job["spec"]["template"]["spec"]["containers"][0]["args"]]
-    with pytest.raises(ObjectNotFound):
+    with pytest.raises(SystemExit, match="node 1/2: no training job at .*jobs/train/none.json"):
         train.node_main(args)
 
 
