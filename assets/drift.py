@@ -4,7 +4,7 @@ links it, and records the headline numbers; a drifted batch fails at WARN or ERR
 the share of drifted columns, and `drift_retrain` (jobs/automation.py) answers ERROR with a retrain."""
 
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import dagster as dg
 from pydantic import Field
@@ -41,15 +41,18 @@ class DriftCheckConfig(dg.Config):
                                  error_share=self.error_share, max_rows=self.max_rows)
 
 
-def _no_reference(store: Storage, batch: str, model: str) -> Optional[dg.AssetCheckResult]:
-    """A passing result that says why nothing was compared, or None when there is a reference."""
+def _run(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig, storage: StorageResource,
+         compare: Callable[[Storage, str, dict], drift.DriftResult]) -> dg.AssetCheckResult:
+    """Run ``compare(store, batch, reference)`` against the production model's training data, or
+    pass with the reason when there is nothing to compare against."""
+    store, batch, model = storage.client(), context.partition_key, config.model_name
     ref = drift.production_reference(store, model)
     if ref is None:
         why = f"no published version of {model!r} yet: nothing to compare against"
     elif set(ref["batches"]) <= {batch}:
         why = f"{batch!r} is the data {model}/{ref['version']} was trained on"
     else:
-        return None
+        return _result(store, compare(store, batch, ref))
     return dg.AssetCheckResult(passed=True, description=why, metadata={"reference": why})
 
 
@@ -82,12 +85,8 @@ def _result(store: Storage, r: drift.DriftResult) -> dg.AssetCheckResult:
                 description="Per-column drift of the batch's table against the production model's training tables.")
 def table_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig,
                 storage: StorageResource) -> dg.AssetCheckResult:
-    store, batch = storage.client(), context.partition_key
-    skipped = _no_reference(store, batch, config.model_name)
-    if skipped:
-        return skipped
-    ref = drift.production_reference(store, config.model_name)
-    return _result(store, drift.table_drift(store, batch, ref, policy=config.policy()))
+    return _run(context, config, storage, lambda store, batch, ref: drift.table_drift(
+        store, batch, ref, policy=config.policy()))
 
 
 @dg.asset_check(asset=raw_shards, partitions_def=batches,
@@ -95,12 +94,8 @@ def table_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig
                             "label histogram against the production model's training shards.")
 def image_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig,
                 storage: StorageResource) -> dg.AssetCheckResult:
-    store, batch = storage.client(), context.partition_key
-    skipped = _no_reference(store, batch, config.model_name)
-    if skipped:
-        return skipped
-    ref = drift.production_reference(store, config.model_name)
-    return _result(store, drift.image_drift(store, batch, ref, policy=config.policy()))
+    return _run(context, config, storage, lambda store, batch, ref: drift.image_drift(
+        store, batch, ref, policy=config.policy()))
 
 
 @dg.asset_check(asset=raw_shards, partitions_def=batches,
@@ -108,14 +103,12 @@ def image_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig
                             "against the same on its held-out (val/test) reference data.")
 def prediction_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig,
                      storage: StorageResource) -> dg.AssetCheckResult:
-    store, batch = storage.client(), context.partition_key
-    skipped = _no_reference(store, batch, config.model_name)
-    if skipped:
-        return skipped
-    ref = drift.production_reference(store, config.model_name)
-    entries = drift.batch_shard_entries(store, [b for b in ref["batches"] if b != batch])
-    # the model has seen the training split and is overconfident there: compare unseen data with unseen data
-    held_out = [e for e in entries if ds.split_of(e["key"]) != "train"] or entries
-    paths = {"reference": ds.stage(store, held_out, shard_cache_dir()),
-             "current": ds.stage(store, drift.batch_shard_entries(store, [batch]), shard_cache_dir())}
-    return _result(store, drift.prediction_drift(store, batch, ref, shard_paths=paths, policy=config.policy()))
+    def compare(store: Storage, batch: str, ref: dict) -> drift.DriftResult:
+        entries = drift.batch_shard_entries(store, [b for b in ref["batches"] if b != batch])
+        # the model has seen the training split and is overconfident there: compare unseen with unseen
+        held_out = [e for e in entries if ds.split_of(e["key"]) != "train"] or entries
+        paths = {"reference": ds.stage(store, held_out, shard_cache_dir()),
+                 "current": ds.stage(store, drift.batch_shard_entries(store, [batch]), shard_cache_dir())}
+        return drift.prediction_drift(store, batch, ref, shard_paths=paths, policy=config.policy())
+
+    return _run(context, config, storage, compare)
