@@ -970,6 +970,27 @@ def _remote_get(shard: _Shard, off: int, n: int, *, exact: bool = True) -> tuple
     return data, size
 
 
+def _remote_get_into(shard: _Shard, off: int, out: Any) -> None:
+    """Fill the writable buffer ``out`` with ``len(out)`` bytes at ``off`` of a remote shard. S3
+    pieces land in place as they arrive (no assembled copy in between); other storages read the
+    range and copy it once."""
+    store, key = shard.store, shard.key
+    assert store is not None and key is not None
+    n = len(out)
+    if shard.kind == "s3":
+        try:
+            got, _, _ = store.get_into(key, off, out, shard.etag)  # type: ignore[attr-defined]
+        except IntegrityError as e:
+            raise LoadError(shard.display, f"object changed during load (ETag {shard.etag}): {e}") from None
+    else:
+        data = _retry(lambda: store.read_range(key, off, n), shard.display)
+        got = len(data)
+        out[:got] = np.frombuffer(data, dtype=np.uint8)
+    if got != n:
+        raise LoadError(shard.display, f"got {got} of {n} bytes at offset {off}: object truncated "
+                                       "or changed during load")
+
+
 def _retry(fn: Callable[[], bytes], what: str, attempts: int = 4) -> bytes:
     for attempt in range(1, attempts + 1):
         try:
@@ -1348,22 +1369,27 @@ def _load_staged(
                 sv = ring_np[slot * chunk : slot * chunk + p.length]
             t0 = time.perf_counter()
             keep: Any = None
+            in_place = False
             if fd is not None:
                 _preadv_into(fd, [sv], p.offset, s.display)
+            elif slot_remote:
+                _remote_get_into(s, p.offset, sv)  # network pieces land in the (pinned) slot
             else:
-                data, _ = _remote_get(s, p.offset, p.length)
-                if slot_remote:
-                    sv[:] = np.frombuffer(data, dtype=np.uint8)
+                # a part that is one tensor's bytes (large tensors span several parts) is read
+                # straight into the tensor; others into a buffer, then scattered
+                in_place = len(p.copies) == 1 and p.copies[0][2] == 0 and p.copies[0][3] == p.length
+                if in_place:
+                    b, d, _, n = p.copies[0]
+                    keep = dst_np[p.shard][b][d : d + n]  # type: ignore[index]
                 else:
-                    keep = data
-                del data
+                    keep = np.empty(p.length, np.uint8)
+                _remote_get_into(s, p.offset, keep)
             t1 = time.perf_counter()
             read_span.add(t0, t1)
             chunk_seconds.add(t1 - t0)
-            if keep is not None:  # CPU from a fetched buffer: copy into the tensors (numpy: no GIL)
-                src_np = np.frombuffer(keep, dtype=np.uint8)
-                for b, d, so, n in p.copies:
-                    dst_np[p.shard][b][d : d + n] = src_np[so : so + n]  # type: ignore[index]
+            if keep is not None:  # CPU: copy a fetched buffer into the tensors (numpy: no GIL)
+                for b, d, so, n in ([] if in_place else p.copies):
+                    dst_np[p.shard][b][d : d + n] = keep[so : so + n]  # type: ignore[index]
                 ev = None
             else:
                 base = ring[slot * chunk : slot * chunk + p.length]  # type: ignore[index]

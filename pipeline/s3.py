@@ -200,13 +200,36 @@ class S3Storage(Storage):
 
     def _get(self, key: str, start: int, end: int, etag: str | None = None) -> tuple[bytes, str | None, int]:
         """Bytes ``[start, end]`` (inclusive; ``end`` may lie past the object's end, then fewer
-        come back) as ``(data, etag, object_size)``.
+        come back) as ``(data, etag, object_size)``. See :meth:`_stream` for resume and ETag pinning."""
+        pieces: list[bytes] = []
+        etag, size, _ = self._stream(key, start, end, etag, lambda piece, at: pieces.append(piece))
+        return b"".join(pieces), etag, size
+
+    def get_into(self, key: str, start: int, out, etag: str | None = None) -> tuple[int, str | None, int]:
+        """Read ``len(out)`` bytes at ``start`` straight into the writable buffer ``out`` (e.g. a
+        pinned staging slot or the destination tensor's memory): each network piece is copied once,
+        to its place, with no assembled intermediate. Returns ``(bytes_read, etag, object_size)``;
+        fewer bytes than ``len(out)`` only past the object's end. Same resume and ETag pinning as
+        :meth:`_get`."""
+        view = memoryview(out).cast("B")
+        if len(view) == 0:
+            return 0, etag, self.stat(key).size
+
+        def place(piece: bytes, at: int) -> None:
+            view[at - start : at - start + len(piece)] = piece
+
+        etag, size, end = self._stream(key, start, start + len(view) - 1, etag, place)
+        return end - start, etag, size
+
+    def _stream(self, key: str, start: int, end: int, etag: str | None,
+                sink: Callable[[bytes, int], None]) -> tuple[str | None, int, int]:
+        """GET bytes ``[start, end]`` and hand each piece to ``sink(piece, offset)`` in order;
+        returns ``(etag, object_size, offset after the last byte)``.
 
         A connection that breaks mid-body is resumed from the last byte received, with
         ``If-Match`` on the ETag of the first response (or the one given), so the pieces always
         belong to one version. ``max_attempts`` bounds consecutive failures without progress.
         """
-        pieces: list[bytes] = []
         pos = start
         size: int | None = None
         failures = 0
@@ -222,16 +245,18 @@ class S3Storage(Storage):
                 size = int(resp["ContentRange"].rpartition("/")[2])
                 body = resp["Body"]
                 try:
-                    while piece := body.read(_NET_CHUNK):
-                        pieces.append(piece)
+                    while piece := body.read(min(_NET_CHUNK, end + 1 - pos)):
+                        sink(piece, pos)
                         pos += len(piece)
+                        if pos > end:
+                            break
                 finally:
                     body.close()
-                return b"".join(pieces), etag, size
+                return etag, size, pos
             except ClientError as e:
                 code = _code(e)
                 if code == "InvalidRange":  # start at or past the end: no bytes, size is known
-                    return b"", etag, int(e.response["Error"].get("ActualObjectSize", start))
+                    return etag, int(e.response["Error"].get("ActualObjectSize", start)), pos
                 if etag and code in ("PreconditionFailed", *_NOT_FOUND):
                     raise IntegrityError(
                         f"{self.uri(key)}: object changed during read (ETag {etag} no longer "
@@ -242,7 +267,7 @@ class S3Storage(Storage):
                 if size is not None and pos >= min(end + 1, size):
                     # The error came after the last byte; a range starting past it would be
                     # invalid, so there is nothing to resume.
-                    return b"".join(pieces), etag, size
+                    return etag, size, pos
                 failures = 1 if pos > progress_at_try else failures + 1
                 if not _transient(e) or failures >= self.max_attempts:
                     raise self._error(e, key, f"GET bytes={pos}-{end}") from e
