@@ -453,3 +453,25 @@ def test_copy_between_s3_and_local(local_storage, s3_storage):
     info = copy_between(s3_storage, "shard", local_storage, "cache/shard", expected_sha256=sha)
     assert info.sha256 == hashlib.sha256(BIG).hexdigest()
     assert local_storage.local_path("cache/shard").read_bytes() == BIG
+
+
+def test_s3_get_into_fills_the_buffer_in_place_across_a_resume(s3_storage, monkeypatch):
+    import numpy as np
+
+    s3_storage.write_atomic("r", BIG)
+    etag = s3_storage.etag("r")
+
+    def break_first(n, kw, real):
+        resp = real(**kw)
+        if n == 1:
+            resp["Body"] = _BreakingBody(resp["Body"], good=1_000_003)
+        return resp
+
+    calls = _count_calls(monkeypatch, s3_storage.client, "get_object", break_first)
+    out = np.zeros(2 * MiB, np.uint8)
+    got, seen, size = s3_storage.get_into("r", 5, out)
+    assert (got, seen, size) == (2 * MiB, etag, len(BIG))
+    assert out.tobytes() == BIG[5 : 5 + 2 * MiB]
+    assert calls[1]["Range"] == f"bytes={5 + 1_000_003}-{5 + 2 * MiB - 1}" and calls[1]["IfMatch"] == etag
+    tail = bytearray(100)  # past the end: only what exists, and says so
+    assert s3_storage.get_into("r", len(BIG) - 10, tail)[0] == 10 and bytes(tail[:10]) == BIG[-10:]
