@@ -12,7 +12,7 @@ from pydantic import Field
 
 from assets.ingest import raw_shards
 from pipeline import dataset as ds
-from pipeline import metrics, preprocess, train
+from pipeline import k8s, metrics, preprocess, train
 from resources.gpu import GpuPoolResource
 from resources.storage import StorageResource, default_state_dir
 
@@ -100,27 +100,6 @@ def _run_name(config: TrainingConfig, data_version: str, run_id: str) -> str:
     return f"{config.model}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}{suffix}"
 
 
-def _train_on_nodes(context, config: TrainingConfig, store, data: dict, spec: dict, tcfg, run_name: str,
-                    gpu_pool: GpuPoolResource) -> train.TrainResult:
-    """nodes > 1: write the node job to storage, run it as an Indexed Job of torchrun nodes, read
-    rank 0's result back. This step only orchestrates; the node pods hold the GPUs."""
-    from pipeline import k8s
-
-    gpus = config.gpus_per_node if config.gpus_per_node is not None else (gpu_pool.gpus_per_run or 1)
-    job_key = train.prepare_node_job(
-        storage=store, dataset=data, spec=spec, config=tcfg, checkpoint_prefix=f"checkpoints/{run_name}",
-        device_type="cuda" if gpus else "cpu", job_key=f"jobs/train/{run_name}/{context.run_id}.json")
-    manifests = k8s.torchrun_job(
-        name=k8s.job_name("forgeline-train", context.run_id), image=config.node_image or k8s.current_image(),
-        nnodes=config.nodes, job_key=job_key, storage_spec=store.spec()[0], run_timeout_s=config.run_timeout_s,
-        requirements=k8s.merge(gpu_pool.k8s_config(gpus), k8s.model_store_access_from_env()),
-        rdzv_port=config.rdzv_port, labels={"dagster/run-id": context.run_id})
-    # Past the Job's own deadline (activeDeadlineSeconds = run_timeout_s), so its reason is reported.
-    k8s.run_indexed_job(manifests, config.node_namespace or k8s.current_namespace(),
-                        timeout_s=config.run_timeout_s + 120, poll=5.0, on_line=context.log.info)
-    return train.read_node_result(store, job_key)
-
-
 @dg.asset(
     group_name="train",
     kinds={"pytorch"},
@@ -150,8 +129,14 @@ def trained_model(
         model_kwargs={"in_channels": len(preprocessed["spec"]["mean"])},
         collective_timeout_s=config.collective_timeout_s,
     )
-    if config.nodes > 1:
-        result, util = _train_on_nodes(context, config, store, data, preprocessed["spec"], tcfg, run_name, gpu_pool), {}
+    if config.nodes > 1:  # torchrun pods on the cluster (pipeline.k8s); this step only waits for them
+        gpus = config.gpus_per_node if config.gpus_per_node is not None else (gpu_pool.gpus_per_run or 1)
+        result, util = k8s.train_on_nodes(
+            store, dataset=data, spec=preprocessed["spec"], config=tcfg, checkpoint_prefix=f"checkpoints/{run_name}",
+            run_id=context.run_id, nnodes=config.nodes, device_type="cuda" if gpus else "cpu",
+            requirements=k8s.merge(gpu_pool.k8s_config(gpus), k8s.model_store_access_from_env()),
+            run_timeout_s=config.run_timeout_s, image=config.node_image, namespace=config.node_namespace,
+            rdzv_port=config.rdzv_port, on_line=context.log.info), {}
     else:
         with gpu_pool.lease(f"trained_model:{context.run_id}") as lease, gpu_pool.sampler(lease) as sampler:
             result = train.launch(

@@ -35,7 +35,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 __all__ = [
@@ -585,6 +585,42 @@ def _describe(core, namespace: str, name: str, *, failed_only: bool, log_lines: 
                 pass  # a pod that never started has no log
         parts.append(part)
     return "; ".join(parts) if parts else "no pod reported a failure"
+
+
+def train_on_nodes(
+    store: Any,
+    *,
+    dataset: dict,
+    spec: dict,
+    config: Any,
+    checkpoint_prefix: str,
+    run_id: str,
+    nnodes: int,
+    requirements: Mapping[str, Any],
+    device_type: str,
+    run_timeout_s: float,
+    image: str | None = None,
+    namespace: str | None = None,
+    rdzv_port: int = 29500,
+    on_line: Callable[[str], None] | None = None,
+) -> Any:
+    """One multi-node training run on the cluster: the node job spec goes to storage
+    (:func:`pipeline.train.prepare_node_job`), ``nnodes`` torchrun pods run it as an Indexed Job
+    (:func:`torchrun_job`, :func:`run_indexed_job`), and global rank 0's result comes back from
+    storage as a :class:`pipeline.train.TrainResult`. The caller only orchestrates; the pods hold the GPUs."""
+    from pipeline import train
+
+    job_key = train.prepare_node_job(
+        storage=store, dataset=dataset, spec=spec, config=config, checkpoint_prefix=checkpoint_prefix,
+        device_type=device_type, job_key=f"jobs/train/{PurePosixPath(checkpoint_prefix).name}/{run_id}.json")
+    manifests = torchrun_job(
+        name=job_name("forgeline-train", run_id), image=image or current_image(), nnodes=nnodes, job_key=job_key,
+        storage_spec=store.spec()[0], run_timeout_s=run_timeout_s, requirements=requirements,
+        rdzv_port=rdzv_port, labels={"dagster/run-id": run_id})
+    # Past the Job's own deadline (activeDeadlineSeconds = run_timeout_s), so its reason is reported.
+    run_indexed_job(manifests, namespace or current_namespace(), timeout_s=run_timeout_s + 120, poll=5.0,
+                    on_line=on_line)
+    return train.read_node_result(store, job_key)
 
 
 def run_indexed_job(
