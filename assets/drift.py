@@ -10,6 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.ingest import raw_shards, raw_table
+from assets.package import MODEL_NAME
 from assets.partitions import batches
 from assets.train import shard_cache_dir
 from pipeline import dataset as ds
@@ -25,7 +26,7 @@ MAX_SCORE_ENTRIES = 16  # numeric per-column entries (most drifted first); the r
 
 
 class DriftCheckConfig(dg.Config):
-    model_name: str = Field(default="digits", description="Published model whose training data is the reference.")
+    model_name: str = Field(default=MODEL_NAME, description="Published model whose training data is the reference.")
     method: Optional[str] = Field(default=None, description="Evidently stattest for numerical columns "
                                   "(ks, wasserstein, psi, ...); None = Evidently's default for the column.")
     threshold: Optional[float] = Field(default=None, description="Threshold of `method` (p-value or distance).")

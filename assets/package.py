@@ -2,6 +2,7 @@
 ``quantized_model`` (int8 / int4 weight-only, behind a blocking accuracy gate) and
 ``compile_artifacts`` (torch.compile mega-cache in the compile cache)."""
 
+import os
 import time
 from typing import Optional
 
@@ -17,8 +18,14 @@ from resources.gpu import GpuPoolResource
 from resources.storage import StorageResource
 
 
+# The published model's name: one place for the export default, the drift checks' reference and
+# the sensors that watch new versions (a deployment setting, like the storage).
+MODEL_NAME = os.environ.get("FORGELINE_MODEL_NAME", "digits")
+
+
 class ExportConfig(dg.Config):
-    model_name: str = Field(default="digits", description="Published name: versions live at models/<name>/<version>/.")
+    model_name: str = Field(default=MODEL_NAME, description="Published name: versions live at "
+                            "models/<name>/<version>/ (default: $FORGELINE_MODEL_NAME, else 'digits').")
     max_shard_bytes: int = Field(default=2 * 1024**3, description="Largest shard file (tensors are never split).")
     dtype: Optional[str] = Field(default=None, description="Cast floating tensors on export, e.g. 'bfloat16'.")
 

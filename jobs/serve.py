@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.package import MODEL_NAME
 from pipeline import export
 from resources.storage import ShmStorageResource, StorageResource
 
@@ -10,7 +11,7 @@ prewarm_job = dg.define_asset_job(
     description="Copy the latest (or a given) model version into this node's /dev/shm tier.",
 )
 
-WATCHED_MODEL = "digits"
+WATCHED_MODEL = MODEL_NAME
 
 
 @dg.sensor(job=prewarm_job, minimum_interval_seconds=30,
