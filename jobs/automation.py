@@ -13,8 +13,7 @@ from typing import Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dagster as dg
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-from dagster._utils.schedules import is_valid_cron_string
+from dagster._utils.schedules import is_valid_cron_string  # Dagster's own parser (not re-exported)
 
 from assets.drift import DRIFT_CHECKS
 from assets.partitions import batches
@@ -105,7 +104,7 @@ def drift_retrain(context: dg.SensorEvaluationContext, storage: StorageResource)
                 break  # newest first: everything further down was seen on an earlier tick
             seen = max(seen, rec.id)
             ev = _evaluation(rec)
-            if rec.status == AssetCheckExecutionRecordStatus.FAILED and ev is not None \
+            if rec.status.value == "FAILED" and ev is not None \
                     and ev.severity == dg.AssetCheckSeverity.ERROR:
                 triggers.append((rec, key))
     if not triggers:
@@ -128,7 +127,7 @@ def drift_retrain(context: dg.SensorEvaluationContext, storage: StorageResource)
 
 @dg.run_failure_sensor(name="record_run_failure", minimum_interval_seconds=30,
                        description="Writes every failed run's job, partition, failing steps and errors to "
-                                   f"storage under {FAILURES_PREFIX}/<run_id>.json (and the run's log).")
+                                   f"storage under {FAILURES_PREFIX}/<run_id>.json (and the sensor's log).")
 def record_run_failure(context: dg.RunFailureSensorContext, storage: StorageResource):
     run = context.dagster_run
     steps = []
