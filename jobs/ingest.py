@@ -38,6 +38,8 @@ def ready_batches(storage: StorageResource, incoming: str = INCOMING) -> list[st
 )
 def incoming_batches(context: dg.SensorEvaluationContext, storage: StorageResource):
     seen = set(json.loads(context.cursor)) if context.cursor else set()
+    # ingested already (by hand, the schedule, an earlier cursor): seen, not requested again
+    seen |= context.instance.get_materialized_partitions(dg.AssetKey("raw_shards"))
     new = [b for b in ready_batches(storage) if b not in seen]
     if not new:
         return dg.SkipReason(f"no new ready batch under {INCOMING}/ ({len(seen)} seen)")

@@ -1,6 +1,7 @@
 """Plain Dagster tooling against the code location, for real: `dagster job launch -w workspace.yaml`
 queues a run, `dagster-daemon` (started here as a subprocess) dequeues and executes it, and the
-run's materializations land on the instance."""
+run's materializations land on the instance; then `dagster sensor start` switches on the landing
+sensor and the same daemon ingests the next batch that lands."""
 
 import json
 import os
@@ -22,8 +23,18 @@ def _env(tmp_path) -> dict:
             "PYTHONPATH": str(ROOT)}
 
 
+def _runs(env: dict) -> list[list]:
+    """(job, status, partition, sensor) of every run on the instance, read by a separate client."""
+    out = subprocess.run([sys.executable, "-c", (
+        "import dagster as dg, json; i = dg.DagsterInstance.get(); "
+        "print(json.dumps([(r.job_name, r.status.value, r.tags.get('dagster/partition'), "
+        "r.tags.get('dagster/sensor_name')) for r in i.get_runs()]))")],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
-def test_dagster_job_launch_is_executed_by_the_daemon(tmp_path):
+def test_dagster_job_launch_and_a_sensor_are_executed_by_the_daemon(tmp_path):
     env = _env(tmp_path)
     forgeline = [str(BIN / "forgeline")]
     small = ["gen", "digits", "--batch", "cli-1", "--samples-per-shard", "512"]
@@ -46,17 +57,31 @@ def test_dagster_job_launch_is_executed_by_the_daemon(tmp_path):
     try:
         status, deadline = None, time.monotonic() + 300
         while time.monotonic() < deadline:
-            out = subprocess.run([sys.executable, "-c", (
-                "import dagster as dg, json; i = dg.DagsterInstance.get(); "
-                "rs = i.get_runs(); print(json.dumps([(r.job_name, r.status.value, r.tags.get('dagster/partition')) "
-                "for r in rs]))")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-            runs = json.loads(out.stdout.strip().splitlines()[-1])
+            runs = _runs(env)
             assert len(runs) == 1 and runs[0][0] == "ingest" and runs[0][2] == "cli-1", runs
             status = runs[0][1]
             if status in ("SUCCESS", "FAILURE", "CANCELED"):
                 break
             time.sleep(2)
         assert status == "SUCCESS", f"run ended {status}; daemon log:\n" + (tmp_path / "daemon.log").read_text()[-3000:]
+
+        # the landing sensor under the same daemon: a new batch lands, the sensor is switched on
+        # with Dagster's CLI, and only the new batch is ingested (cli-1 is already materialized)
+        subprocess.run(forgeline + ["gen", "digits", "--batch", "cli-2", "--samples-per-shard", "512"], env=env,
+                       cwd=ROOT, check=True, capture_output=True, timeout=120)
+        start = subprocess.run([str(BIN / "dagster"), "sensor", "start", "incoming_batches", "-w", "workspace.yaml"],
+                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert start.returncode == 0, start.stdout + start.stderr
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            runs = _runs(env)
+            done = [r for r in runs if r[2] == "cli-2" and r[1] in ("SUCCESS", "FAILURE", "CANCELED")]
+            if done:
+                break
+            time.sleep(2)
+        assert sorted((r[0], r[2], r[1]) for r in runs) == [("ingest", "cli-1", "SUCCESS"), ("ingest", "cli-2", "SUCCESS")], \
+            f"{runs}; daemon log:\n" + (tmp_path / "daemon.log").read_text()[-3000:]
+        assert [r[3] for r in runs if r[2] == "cli-2"] == ["incoming_batches"]
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:
