@@ -1,6 +1,6 @@
 """Weight loading side by side: forgeline vs safetensors, Run:ai streamer, fastsafetensors and
-InstantTensor (whichever are installed: `pip install runai-model-streamer fastsafetensors
-instanttensor` — benchmark-only, not runtime dependencies), each run in a fresh process.
+InstantTensor (whichever are installed: `pip install -e ".[bench]"`, plus `instanttensor` on a GPU;
+benchmark-only, not runtime dependencies), each run in a fresh process.
 
     .venv/bin/python bench/loaders.py                          # CPU machine: ~1 GB checkpoint
     .venv/bin/python bench/loaders.py --size-gb 16 --device cuda   # H100: Llama-3-8B-sized, 4 shards
