@@ -349,12 +349,19 @@ def _finish(store: Storage, result: DriftResult, snapshot: Any, batch: str, refe
 
 
 def table_drift(store: Storage, batch: str, reference: dict, *, policy: DriftPolicy = DriftPolicy(),
-                report_prefix: str = REPORT_PREFIX) -> DriftResult:
-    """Per-column drift of the batch's Parquet table against the reference batches' tables."""
+                columns: list[str] | None = None, report_prefix: str = REPORT_PREFIX) -> DriftResult:
+    """Per-column drift of the batch's Parquet table against the reference batches' tables, over
+    every feature column or only ``columns`` (wide tables: Evidently costs ~90 ms per column)."""
     ref_batches = [b for b in reference["batches"] if b != batch]
     if not ref_batches:
         raise DriftError(f"batch {batch!r} is itself the whole reference of {reference['model']}/{reference['version']}")
-    result, snap = compare(table_rows(store, ref_batches), table_rows(store, [batch]), view="table", policy=policy)
+    ref, cur = table_rows(store, ref_batches), table_rows(store, [batch])
+    if columns is not None:
+        unknown = sorted(set(columns) - (set(ref.columns) & set(cur.columns)))
+        if unknown:
+            raise DriftError(f"table drift of batch {batch!r}: columns {unknown} are not in both tables")
+        ref, cur = ref.select(columns), cur.select(columns)
+    result, snap = compare(ref, cur, view="table", policy=policy)
     return _finish(store, result, snap, batch, reference, report_prefix)
 
 

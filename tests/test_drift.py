@@ -39,6 +39,14 @@ def test_table_drift_flags_shifted_batch_not_fresh_one(world, method):
     assert fresh.rows_reference == shifted.rows_reference == 898
 
 
+def test_table_drift_over_chosen_columns(world):
+    store, ref = world["store"], world["ref"]
+    r = drift.table_drift(store, "shifted", ref, columns=["px_27", "px_36", "label"])
+    assert r.columns == 3 and set(r.drifted) == {"px_27", "px_36"}
+    with pytest.raises(drift.DriftError, match=r"columns \['nope'\] are not in both tables"):
+        drift.table_drift(store, "shifted", ref, columns=["px_27", "nope"])
+
+
 def test_image_feature_drift_flags_shifted_batch_not_fresh_one(world):
     store, ref = world["store"], world["ref"]
     fresh = drift.image_drift(store, "fresh", ref)
