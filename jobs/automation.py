@@ -17,7 +17,7 @@ from dagster._utils.schedules import is_valid_cron_string  # Dagster's own parse
 
 from assets.drift import DRIFT_CHECKS
 from assets.partitions import batches
-from jobs.ingest import INCOMING, ready_batches
+from jobs.ingest import INCOMING, pending_batches
 from jobs.serve import WATCHED_MODEL
 from pipeline import dataset as ds
 from pipeline import drift
@@ -58,8 +58,7 @@ def build_schedules() -> list[dg.ScheduleDefinition]:
                  description="Ingests every landed (_READY) batch that has not been ingested yet, one run per "
                              "batch (run_key per batch: a batch is never ingested twice by the schedule).")
     def nightly_ingest(context: dg.ScheduleEvaluationContext, storage: StorageResource):
-        done = context.instance.get_materialized_partitions(dg.AssetKey("raw_shards"))
-        todo = [b for b in ready_batches(storage, INCOMING) if b not in done]
+        todo = pending_batches(context.instance, storage)
         if not todo:
             return dg.SkipReason(f"no landed batch waiting under {INCOMING}/")
         # schedules cannot return partition requests (sensors can); adding is idempotent

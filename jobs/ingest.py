@@ -30,6 +30,13 @@ def ready_batches(storage: StorageResource, incoming: str = INCOMING) -> list[st
     return sorted(out)
 
 
+def pending_batches(instance: dg.DagsterInstance, storage: StorageResource, skip=()) -> list[str]:
+    """Ready batches that are not ingested yet (no ``raw_shards`` materialization, by whatever ran
+    it: the sensor, the schedule, a hand launch) and not in ``skip``."""
+    done = instance.get_materialized_partitions(dg.AssetKey("raw_shards")) | set(skip)
+    return [b for b in ready_batches(storage) if b not in done]
+
+
 @dg.sensor(
     job=ingest_job,
     minimum_interval_seconds=30,
@@ -38,9 +45,7 @@ def ready_batches(storage: StorageResource, incoming: str = INCOMING) -> list[st
 )
 def incoming_batches(context: dg.SensorEvaluationContext, storage: StorageResource):
     seen = set(json.loads(context.cursor)) if context.cursor else set()
-    # ingested already (by hand, the schedule, an earlier cursor): seen, not requested again
-    seen |= context.instance.get_materialized_partitions(dg.AssetKey("raw_shards"))
-    new = [b for b in ready_batches(storage) if b not in seen]
+    new = pending_batches(context.instance, storage, skip=seen)
     if not new:
         return dg.SkipReason(f"no new ready batch under {INCOMING}/ ({len(seen)} seen)")
     return dg.SensorResult(
