@@ -404,15 +404,8 @@ def batch_shard_entries(store: Storage, batches: list[str], published: str = "ra
     return sorted(out, key=lambda e: e["key"])
 
 
-def summary(result: DriftResult) -> dict:
-    """JSON-friendly headline numbers of a result."""
-    return {"view": result.view, "verdict": result.verdict, "share": result.share, "drifted": result.drifted,
-            "columns": result.columns, "scores": result.scores, "rows_reference": result.rows_reference,
-            "rows_current": result.rows_current, "report": result.report_key, "reference": result.reference}
-
-
 __all__ = [
     "DriftError", "DriftPolicy", "DriftResult", "batch_image_features", "batch_shard_entries", "compare",
     "image_drift", "image_features", "prediction_drift", "prediction_frame", "production_reference",
-    "summary", "table_drift", "table_rows", "write_report",
+    "table_drift", "table_rows", "write_report",
 ]
