@@ -1,0 +1,306 @@
+"""Every ``FORGELINE_*`` environment setting, read here and nowhere else.
+
+Each setting is one function that takes an optional ``env`` mapping (default ``os.environ``), so a
+caller can evaluate another environment (a pod's, a test's) without touching the process's. A bad
+value raises :class:`SettingError` with one line naming the variable and what it accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+Env = Optional[Mapping[str, str]]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SHM_ROOT = "/dev/shm/forgeline"
+DEFAULT_MODEL_NAME = "digits"
+DEFAULT_GPU_POOL = "gpu"
+
+
+class SettingError(ValueError):
+    """An environment setting is malformed; the message names the variable."""
+
+
+def _env(env: Env) -> Mapping[str, str]:
+    return os.environ if env is None else env
+
+
+def raw(name: str, env: Env = None) -> str | None:
+    """The stripped value of ``name``, or ``None`` when unset or empty."""
+    value = _env(env).get(name, "").strip()
+    return value or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers (shared with the CLI, which accepts the same spellings)
+# ---------------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtTpP]?)(i?)([bB]?)")
+
+
+def parse_size(text: str | int) -> int:
+    """A byte count as users write it: ``1000``, ``100MB`` / ``2G`` (powers of 1000), ``512MiB`` /
+    ``16Gi`` (powers of 1024, also Kubernetes quantities). ``ValueError`` otherwise."""
+    m = _SIZE.fullmatch(str(text).strip())
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 1000, 100MB, 512MiB, 16Gi)")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
+    if binary and not unit:
+        raise ValueError(f"not a size: {text!r} (use e.g. 1000, 100MB, 512MiB, 16Gi)")
+    power = " KMGTP".index(unit) if unit else 0
+    return int(num * (1024 if binary else 1000) ** power)
+
+
+def gib(n_bytes: int) -> str:
+    """Bytes as a whole-GiB Kubernetes quantity, rounded up."""
+    return f"{max(1, math.ceil(n_bytes / 2**30))}Gi"
+
+
+def size_setting(name: str, default: int | None, env: Env = None) -> int | None:
+    value = raw(name, env)
+    if value is None:
+        return default
+    try:
+        n = parse_size(value)
+    except ValueError as e:
+        raise SettingError(f"{name}: {e}") from None
+    if n <= 0:
+        raise SettingError(f"{name}={value!r} must be a positive size")
+    return n
+
+
+def int_setting(name: str, default: int | None, env: Env = None, *, minimum: int = 0) -> int | None:
+    value = raw(name, env)
+    if value is None:
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise SettingError(f"{name} must be an integer, got {value!r}") from None
+    if n < minimum:
+        raise SettingError(f"{name}={n} must be >= {minimum}")
+    return n
+
+
+def json_setting(name: str, kind: type, default: Any, env: Env = None) -> Any:
+    """The JSON value of ``name`` (``default`` when unset), which must be a ``kind`` (dict or list)."""
+    value = raw(name, env)
+    if value is None:
+        return default
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise SettingError(f"{name} is not valid JSON ({e.msg} at character {e.pos}): {value!r}") from None
+    if not isinstance(parsed, kind):
+        want = "a JSON object" if kind is dict else "a JSON list" if kind is list else kind.__name__
+        raise SettingError(f"{name} must be {want}, got {type(parsed).__name__}: {value!r}")
+    return parsed
+
+
+def _choice(name: str, default: str, allowed: tuple[str, ...], env: Env) -> str:
+    value = (raw(name, env) or default).lower()
+    if value not in allowed:
+        raise SettingError(f"{name}={value!r}: use one of {', '.join(allowed)}")
+    return value
+
+
+def _name(name: str, default: str, env: Env) -> str:
+    value = raw(name, env) or default
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+        raise SettingError(f"{name}={value!r} must be a plain name (letters, digits, '.', '_', '-')")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Where things live
+# ---------------------------------------------------------------------------------------------
+
+
+def home(env: Env = None) -> Path:
+    """``FORGELINE_HOME``: everything the embedded defaults write (default ``<project>/.forgeline``)."""
+    return Path(raw("FORGELINE_HOME", env) or PROJECT_ROOT / ".forgeline")
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where the model store is: S3 when ``bucket`` is set, else the directory ``root``.
+    Credentials are never here: boto3's chain (``AWS_*``) or Dagster ``EnvVar`` config supply them."""
+
+    bucket: str | None = None
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region_name: str | None = None
+    root: Path | None = None
+    root_from_env: bool = False  # FORGELINE_STORAGE_ROOT was set (a shared mount, e.g. on Kubernetes)
+
+    @property
+    def kind(self) -> str:
+        return "s3" if self.bucket else "local"
+
+
+def storage(env: Env = None) -> StorageSettings:
+    """``FORGELINE_S3_BUCKET`` (+ ``FORGELINE_S3_PREFIX``, ``FORGELINE_S3_ENDPOINT_URL``,
+    ``AWS_REGION``) → S3; else ``FORGELINE_STORAGE_ROOT``; else ``$FORGELINE_HOME/storage``."""
+    region = raw("AWS_REGION", env) or raw("AWS_DEFAULT_REGION", env)
+    if raw("FORGELINE_S3_BUCKET", env):
+        return StorageSettings(bucket=raw("FORGELINE_S3_BUCKET", env), prefix=raw("FORGELINE_S3_PREFIX", env) or "",
+                               endpoint_url=s3_endpoint(env), region_name=region)
+    root = raw("FORGELINE_STORAGE_ROOT", env)
+    return StorageSettings(root=Path(root) if root else home(env) / "storage", root_from_env=bool(root),
+                           endpoint_url=s3_endpoint(env), region_name=region)
+
+
+def s3_endpoint(env: Env = None) -> str | None:
+    """``FORGELINE_S3_ENDPOINT_URL``: an S3-compatible endpoint (MinIO, Ceph RGW, ...); None = AWS."""
+    return raw("FORGELINE_S3_ENDPOINT_URL", env)
+
+
+def shm_root(env: Env = None) -> str:
+    """``FORGELINE_SHM_ROOT``: the pre-warm tier's directory (default ``/dev/shm/forgeline``)."""
+    return raw("FORGELINE_SHM_ROOT", env) or DEFAULT_SHM_ROOT
+
+
+def shm_capacity_bytes(env: Env = None) -> int | None:
+    """``FORGELINE_SHM_CAPACITY_BYTES``: the tier's byte budget (``64GiB``, ``512MB``, ``1000000``);
+    unset = whatever the filesystem has free."""
+    return size_setting("FORGELINE_SHM_CAPACITY_BYTES", None, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# What runs
+# ---------------------------------------------------------------------------------------------
+
+
+def model_name(env: Env = None) -> str:
+    """``FORGELINE_MODEL_NAME``: the model the lifecycle exports, watches and serves (default ``digits``)."""
+    return _name("FORGELINE_MODEL_NAME", DEFAULT_MODEL_NAME, env)
+
+
+def gpu_pool(env: Env = None) -> str:
+    """``FORGELINE_GPU_POOL``: the Dagster concurrency pool every GPU step declares (default ``gpu``)."""
+    return _name("FORGELINE_GPU_POOL", DEFAULT_GPU_POOL, env)
+
+
+def gpus_per_run(env: Env = None) -> int | None:
+    """``FORGELINE_GPUS_PER_RUN``: GPUs one GPU step leases (unset: all free ones)."""
+    return int_setting("FORGELINE_GPUS_PER_RUN", None, env, minimum=1)
+
+
+def executor(env: Env = None) -> str:
+    """``FORGELINE_EXECUTOR``: ``default`` (Dagster's multiprocess executor) or ``k8s`` (a pod per step)."""
+    return _choice("FORGELINE_EXECUTOR", "default", ("default", "k8s"), env)
+
+
+def compile_cache(env: Env = None) -> tuple[str, str | None]:
+    """``FORGELINE_COMPILE_CACHE`` (``local``, ``storage`` or ``redis``) and, for redis,
+    ``FORGELINE_COMPILE_CACHE_URL``."""
+    kind = _choice("FORGELINE_COMPILE_CACHE", "local", ("local", "storage", "redis"), env)
+    url = raw("FORGELINE_COMPILE_CACHE_URL", env)
+    if kind == "redis" and not url:
+        raise SettingError("FORGELINE_COMPILE_CACHE=redis needs FORGELINE_COMPILE_CACHE_URL (redis://host:port/db)")
+    return kind, url
+
+
+def cron(name: str, default: str, env: Env = None) -> str:
+    """A schedule's cron expression (``FORGELINE_INGEST_CRON``, ``FORGELINE_RETRAIN_CRON``); the
+    caller validates it with Dagster's parser (the engine does not import dagster)."""
+    return raw(name, env) or default
+
+
+def timezone(env: Env = None) -> str:
+    """``FORGELINE_TIMEZONE``: the schedules' IANA timezone (default UTC)."""
+    tz = raw("FORGELINE_TIMEZONE", env) or "UTC"
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise SettingError(f"FORGELINE_TIMEZONE={tz!r} is not an IANA timezone (e.g. 'UTC', 'Europe/Berlin')") from None
+    return tz
+
+
+def train_fault(env: Env = None) -> str | None:
+    """``FORGELINE_TRAIN_FAULT``: the test suite's chaos hook (``rank:epoch:step:kill|exit|hang``)."""
+    return raw("FORGELINE_TRAIN_FAULT", env)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes (read by the executor config, the training node Job and the pre-warm DaemonSet)
+# ---------------------------------------------------------------------------------------------
+
+
+def image(env: Env = None) -> str | None:
+    """``FORGELINE_IMAGE``, else the Dagster chart's ``DAGSTER_CURRENT_IMAGE``."""
+    return raw("FORGELINE_IMAGE", env) or raw("DAGSTER_CURRENT_IMAGE", env)
+
+
+def k8s_namespace(env: Env = None) -> str | None:
+    return raw("FORGELINE_K8S_NAMESPACE", env)
+
+
+def k8s_s3_secret(env: Env = None) -> str | None:
+    """``FORGELINE_K8S_S3_SECRET``: the Secret whose keys (``FORGELINE_S3_*``, ``AWS_*``) every pod gets."""
+    return raw("FORGELINE_K8S_S3_SECRET", env)
+
+
+def k8s_model_store_pvc(env: Env = None) -> str | None:
+    """``FORGELINE_K8S_MODEL_STORE_PVC``: a ReadWriteMany claim mounted at ``FORGELINE_STORAGE_ROOT``."""
+    pvc = raw("FORGELINE_K8S_MODEL_STORE_PVC", env)
+    if pvc and not raw("FORGELINE_STORAGE_ROOT", env):
+        raise SettingError(f"FORGELINE_K8S_MODEL_STORE_PVC={pvc!r} needs FORGELINE_STORAGE_ROOT: the path the "
+                           "volume is mounted at, which is also the storage root every pod uses")
+    return pvc
+
+
+def k8s_shm_tier_host_path(env: Env = None) -> str:
+    return raw("FORGELINE_K8S_SHM_TIER_HOST_PATH", env) or DEFAULT_SHM_ROOT
+
+
+def k8s_shm_size(env: Env = None) -> str | None:
+    """``FORGELINE_K8S_SHM_SIZE``: the GPU pods' memory-backed /dev/shm (``32Gi``; ``none`` = the
+    runtime's default). Returns the quantity, ``"none"``, or None when unset."""
+    value = raw("FORGELINE_K8S_SHM_SIZE", env)
+    if value is None or value.lower() == "none":
+        return value and "none"
+    try:
+        parse_size(value)
+    except ValueError as e:
+        raise SettingError(f"FORGELINE_K8S_SHM_SIZE: {e}") from None
+    return value
+
+
+def k8s_gpu_resource(env: Env = None) -> str | None:
+    return raw("FORGELINE_K8S_GPU_RESOURCE", env)
+
+
+def k8s_gpu_node_selector(env: Env = None) -> dict | None:
+    selector = json_setting("FORGELINE_K8S_GPU_NODE_SELECTOR", dict, None, env)
+    if selector is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in selector.items()):
+        raise SettingError(f"FORGELINE_K8S_GPU_NODE_SELECTOR must map label names to string values, got {selector!r}")
+    return selector
+
+
+def k8s_gpu_tolerations(env: Env = None) -> list | None:
+    tolerations = json_setting("FORGELINE_K8S_GPU_TOLERATIONS", list, None, env)
+    if tolerations is not None and not all(isinstance(t, dict) for t in tolerations):
+        raise SettingError(f"FORGELINE_K8S_GPU_TOLERATIONS must be a list of objects, got {tolerations!r}")
+    return tolerations
+
+
+def k8s_serving_node_selector(default: dict | None, env: Env = None) -> dict | None:
+    return json_setting("FORGELINE_K8S_SERVING_NODE_SELECTOR", dict, default, env)
+
+
+def k8s_resources(name: str, default: dict, env: Env = None) -> dict:
+    """``FORGELINE_K8S_STEP_RESOURCES`` / ``FORGELINE_K8S_GPU_STEP_RESOURCES``: a JSON object with
+    ``requests`` and/or ``limits``."""
+    res = json_setting(name, dict, default, env)
+    unknown = set(res) - {"requests", "limits"}
+    if unknown:
+        raise SettingError(f"{name} takes 'requests' and 'limits', not {sorted(unknown)}: {res!r}")
+    return res
