@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pipeline.s3 import MIN_PART_SIZE, S3Storage
 from pipeline.storage import LocalStorage
+from pipeline.storage.s3 import MIN_PART_SIZE, S3Storage
 
 _SERVER_START_TIMEOUT_S = 30
 

@@ -11,7 +11,6 @@ import re
 import pytest
 from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
 
-from pipeline.s3 import MIN_PART_SIZE, S3Storage
 from pipeline.storage import (
     IntegrityError,
     ObjectNotFound,
@@ -20,6 +19,7 @@ from pipeline.storage import (
     StorageFull,
     copy_between,
 )
+from pipeline.storage.s3 import MIN_PART_SIZE, S3Storage
 
 MiB = 1024 * 1024
 
@@ -271,7 +271,7 @@ def test_s3_multipart_really_uses_parts(s3_storage):
     digest = hashlib.sha256(BIG).hexdigest()
     # sha256 declared up front: metadata is set when the upload starts, no copy afterwards
     s3_storage.write_atomic("declared", BIG, expected_sha256=digest)
-    assert s3_storage.etag("declared").endswith('-3"')  # S3's ETag of a 3-part upload
+    assert s3_storage.stat("declared").version.endswith('-3"')  # S3's ETag of a 3-part upload
     # sha256 unknown until the end (streamed): set afterwards by a server-side copy
     with s3_storage.open_write("streamed") as w:
         w.write(BIG)
@@ -367,7 +367,7 @@ class _BreakingBody:
 
 def test_s3_read_resumes_mid_body_pinned_to_etag(s3_storage, monkeypatch):
     s3_storage.write_atomic("r", BIG)
-    etag = s3_storage.etag("r")
+    etag = s3_storage.stat("r").version
 
     def break_first(n, kw, real):
         resp = real(**kw)
@@ -459,7 +459,7 @@ def test_s3_get_into_fills_the_buffer_in_place_across_a_resume(s3_storage, monke
     import numpy as np
 
     s3_storage.write_atomic("r", BIG)
-    etag = s3_storage.etag("r")
+    etag = s3_storage.stat("r").version
 
     def break_first(n, kw, real):
         resp = real(**kw)

@@ -1,4 +1,4 @@
-"""The S3 tier: the :class:`~pipeline.storage.Storage` interface over an S3 bucket (AWS or any
+"""The S3 tier: the :class:`~pipeline.storage.base.Storage` interface over an S3 bucket (AWS or any
 S3-compatible server: MinIO, Ceph RGW, moto).
 
 Writes are atomic the S3 way: small objects go up in one PUT, large ones as a multipart upload
@@ -7,8 +7,10 @@ metadata (``x-amz-meta-sha256``), so ``stat`` can report it without reading the 
 
 Reads are pinned to one version of the object: the first response's ETag is sent as ``If-Match``
 with every later request for the same read, so a read that has to re-request (the next window of
-a streaming read, or a resume after a dropped connection) fails loudly with ``IntegrityError``
+a streaming read, or a resume after a dropped connection) fails loudly with ``ObjectChanged``
 when the object was replaced meanwhile, instead of returning bytes of two different versions.
+The ETag is also the object's ``stat(key).version``, so a caller can pin several ranged reads
+(``read_range`` / ``read_into`` with ``version=``) to one version.
 
 Usage::
 
@@ -40,9 +42,11 @@ from botocore.exceptions import (
     SSLError,
 )
 
-from pipeline.storage import (
+from pipeline import settings
+from pipeline.storage.base import (
     AtomicWriter,
     IntegrityError,
+    ObjectChanged,
     ObjectInfo,
     ObjectNotFound,
     Storage,
@@ -94,6 +98,8 @@ class S3Storage(Storage):
     it, including those in the middle of a response body, which the SDK cannot retry.
     """
 
+    kind = "s3"
+
     def __init__(
         self,
         bucket: str,
@@ -134,7 +140,7 @@ class S3Storage(Storage):
         self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
         self._session = session
         self._spec = {
-            "kind": "s3", "bucket": bucket, "prefix": self.prefix, "endpoint_url": endpoint_url,
+            "kind": self.kind, "bucket": bucket, "prefix": self.prefix, "endpoint_url": endpoint_url,
             "region_name": region_name, "max_attempts": max_attempts, "part_size": part_size,
             "multipart_threshold": multipart_threshold, "max_pool_connections": max_pool_connections,
         }
@@ -258,7 +264,7 @@ class S3Storage(Storage):
                 if code == "InvalidRange":  # start at or past the end: no bytes, size is known
                     return etag, int(e.response["Error"].get("ActualObjectSize", start)), pos
                 if etag and code in ("PreconditionFailed", *_NOT_FOUND):
-                    raise IntegrityError(
+                    raise ObjectChanged(
                         f"{self.uri(key)}: object changed during read (ETag {etag} no longer "
                         f"current: {code}); not mixing bytes of two versions"
                     ) from e
@@ -277,18 +283,29 @@ class S3Storage(Storage):
     def open_read(self, key: str) -> "_S3Reader":
         return _S3Reader(self, key)
 
-    def read_range(self, key: str, start: int, length: int) -> bytes:
+    def read_range(self, key: str, start: int, length: int, *, version: str | None = None) -> bytes:
         if start < 0 or length < 0:
             raise ValueError(f"{self.uri(key)}: negative range start={start} length={length}")
         if length == 0:
             self.stat(key)  # like a local file: an empty range of a missing object is an error
             return b""
-        data, _, size = self._get(key, start, start + length - 1)
-        if len(data) != length:
+        data, _, size = self._get(key, start, start + length - 1, version)
+        self._check_range(key, start, length, len(data), size)
+        return data
+
+    def read_into(self, key: str, start: int, out, *, version: str | None = None) -> None:
+        """See :meth:`Storage.read_into`: each network piece is copied once, to its place."""
+        if start < 0:
+            raise ValueError(f"{self.uri(key)}: negative range start={start}")
+        length = len(memoryview(out).cast("B"))
+        got, _, size = self.get_into(key, start, out, version)
+        self._check_range(key, start, length, got, size)
+
+    def _check_range(self, key: str, start: int, length: int, got: int, size: int) -> None:
+        if got != length:
             raise IntegrityError(
                 f"{self.uri(key)}: range [{start}, {start + length}) past end of object ({size} bytes)"
             )
-        return data
 
     def open_write(self, key, *, expected_size=None, expected_sha256=None) -> AtomicWriter:
         self._full(key)  # reject a bad key now, not at the first network request
@@ -317,12 +334,10 @@ class S3Storage(Storage):
         return out
 
     def stat(self, key: str) -> ObjectInfo:
+        """Size, recorded sha256 and the ETag as ``version`` (it changes whenever the object is
+        replaced)."""
         head = self._head(key)
-        return ObjectInfo(key, head["ContentLength"], head.get("Metadata", {}).get("sha256"))
-
-    def etag(self, key: str) -> str:
-        """The object's current ETag (changes whenever the object is replaced)."""
-        return self._head(key)["ETag"]
+        return ObjectInfo(key, head["ContentLength"], head.get("Metadata", {}).get("sha256"), head["ETag"])
 
     def delete(self, key: str) -> None:
         self._call("DELETE", key, self.client.delete_object)
@@ -358,7 +373,7 @@ class S3Storage(Storage):
         except (BotoCoreError, ClientError) as e:
             # "412": the HEAD s3transfer issues first carries the condition too, and has no body.
             if isinstance(e, ClientError) and _code(e) in ("PreconditionFailed", "412"):
-                raise IntegrityError(f"{self.uri(src_key)}: object changed during copy") from e
+                raise ObjectChanged(f"{self.uri(src_key)}: object changed during copy") from e
             raise self._error(e, dst_key, f"COPY from {self.uri(src_key)}") from e
 
 
@@ -530,7 +545,7 @@ class _S3Writer(AtomicWriter):
             # our own object, not one a concurrent writer published since.
             try:
                 store._server_copy(self.key, self.key, head["ETag"], {"sha256": sha256})
-            except IntegrityError:
+            except ObjectChanged:
                 pass  # replaced by another writer meanwhile: theirs wins, as with a later write
         return ObjectInfo(self.key, self.size, sha256)
 
@@ -548,4 +563,20 @@ class _S3Writer(AtomicWriter):
             pass
 
 
-__all__ = ["S3Storage"]
+def for_bucket(bucket: str, like: Storage | None = None) -> S3Storage:
+    """An S3Storage over the whole of ``bucket``: the endpoint, region and credentials of ``like``
+    when it is an S3Storage too (another bucket on the same server), else the endpoint from
+    ``FORGELINE_S3_ENDPOINT_URL`` and the region and credentials from the AWS environment."""
+    if isinstance(like, S3Storage):
+        spec, env = like.spec()
+        return S3Storage(
+            bucket, "", endpoint_url=spec.get("endpoint_url"), region_name=spec.get("region_name"),
+            aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=env.get("AWS_SESSION_TOKEN"),
+        )
+    region = settings.raw("AWS_REGION") or settings.raw("AWS_DEFAULT_REGION")
+    return S3Storage(bucket, "", endpoint_url=settings.s3_endpoint(), region_name=region)
+
+
+__all__ = ["MIN_PART_SIZE", "S3Storage", "for_bucket"]

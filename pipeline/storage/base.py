@@ -1,0 +1,258 @@
+"""The storage interface every tier implements (:class:`Storage`), its errors and key helpers.
+
+Keys are relative POSIX paths (``raw/shards/batch-1/train-000000.tar``). Every write is atomic: an
+:class:`AtomicWriter` publishes the object only after its size and sha256 are verified, so a reader
+sees either the previous object or the complete new one. Reads can be pinned to one version of an
+object (``stat(key).version``), so a multi-request read never mixes bytes of two versions.
+
+This module knows no backend; they subclass :class:`Storage` in ``local``, ``shm`` and ``s3``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+CHUNK = 8 * 1024 * 1024  # streaming granularity: large enough for full disk/network rate, small for RSS
+TMP_MARK = ".tmp-"  # in the names of unpublished temporaries (never valid keys)
+
+
+class StorageError(Exception):
+    """Base class for storage failures. Messages always name the object."""
+
+
+class ObjectNotFound(StorageError, FileNotFoundError):
+    pass
+
+
+class IntegrityError(StorageError):
+    """Size or sha256 of written/read bytes does not match what was expected."""
+
+
+class ObjectChanged(IntegrityError):
+    """A read pinned to one version of an object found it replaced or deleted."""
+
+
+class StorageFull(StorageError):
+    """No space left (disk full, tmpfs full, or a configured capacity reached)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    sha256: str | None = None  # known without reading (recorded at write time), else None
+    version: str | None = None  # pins reads to this content (S3: the ETag); None: not versioned
+
+
+def check_key(key: str) -> str:
+    """Validate a storage key: relative, normalized, no ``..``, no temp-name marker."""
+    if not key or key.startswith("/") or "\\" in key:
+        raise ValueError(f"invalid storage key {key!r}: must be a relative POSIX path")
+    parts = PurePosixPath(key).parts
+    if any(p in ("", ".", "..") for p in parts) or str(PurePosixPath(*parts)) != key.rstrip("/"):
+        raise ValueError(f"invalid storage key {key!r}: must be normalized (no '.', '..' or '//')")
+    if any(p.startswith(".") and TMP_MARK in p for p in parts):
+        raise ValueError(f"invalid storage key {key!r}: reserved temporary name")
+    return key
+
+
+def join(*parts: str) -> str:
+    """Join key parts, ignoring empty ones (``join("a", "", "b") == "a/b"``)."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def sha256_stream(f: BinaryIO, chunk: int = CHUNK) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    while b := f.read(chunk):
+        h.update(b)
+        n += len(b)
+    return h.hexdigest(), n
+
+
+class AtomicWriter(ABC):
+    """Streaming writer whose object becomes visible only on :meth:`commit`.
+
+    Tracks size and sha256 of what was written; ``expected_size`` / ``expected_sha256`` given to
+    ``open_write`` are checked before publishing, so a short or corrupted copy never lands.
+    """
+
+    def __init__(self, key: str, expected_size: int | None, expected_sha256: str | None):
+        self.key = key
+        self.expected_size = expected_size
+        self.expected_sha256 = expected_sha256
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+        self.info: ObjectInfo | None = None  # set by commit()
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the bytes written so far."""
+        return self._hash.hexdigest()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.closed:
+            raise StorageError(f"{self.key}: write after commit/abort")
+        self._hash.update(data)
+        self.size += len(data)
+        self._write(data)
+        return len(data)
+
+    def _verify_stream(self) -> str:
+        digest = self.sha256
+        if self.expected_size is not None and self.size != self.expected_size:
+            raise IntegrityError(f"{self.key}: wrote {self.size} bytes, expected {self.expected_size}")
+        if self.expected_sha256 is not None and digest != self.expected_sha256:
+            raise IntegrityError(f"{self.key}: sha256 {digest} != expected {self.expected_sha256}")
+        return digest
+
+    def commit(self) -> ObjectInfo:
+        if self.closed:
+            raise StorageError(f"{self.key}: already committed or aborted")
+        try:
+            digest = self._verify_stream()
+            self.info = self._commit(digest)
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+        return self.info
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._abort()
+
+    def __enter__(self) -> "AtomicWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            if not self.closed:
+                self.commit()
+        else:
+            self.abort()
+
+    @abstractmethod
+    def _write(self, data) -> None: ...
+
+    @abstractmethod
+    def _commit(self, sha256: str) -> ObjectInfo: ...
+
+    @abstractmethod
+    def _abort(self) -> None: ...
+
+
+class Storage(ABC):
+    """The interface every backend implements. Subclasses implement the abstract methods; the
+    rest are derived from them and may be overridden where a backend can do better.
+
+    Backends retry transient failures (dropped connections) themselves; an error that reaches the
+    caller is final."""
+
+    kind = "storage"  # the backend's name in specs and reports ("local", "shm", "s3")
+
+    @abstractmethod
+    def open_read(self, key: str) -> BinaryIO:
+        """A streaming, sequential reader over the whole object."""
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, length: int, *, version: str | None = None) -> bytes:
+        """``length`` bytes from offset ``start``; raises IntegrityError if the object is shorter.
+        ``version`` (from :meth:`stat`) pins the read: :class:`ObjectChanged` when the object was
+        replaced since. Backends whose ``stat`` reports no version are only given None."""
+
+    @abstractmethod
+    def open_write(
+        self, key: str, *, expected_size: int | None = None, expected_sha256: str | None = None
+    ) -> AtomicWriter: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object under ``prefix`` (recursive), sorted by key. Temporary files are hidden."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove one object; a missing object is not an error."""
+
+    @abstractmethod
+    def uri(self, key: str = "") -> str: ...
+
+    # Derived operations -------------------------------------------------------------------
+    def read_into(self, key: str, start: int, out, *, version: str | None = None) -> None:
+        """Fill the writable buffer ``out`` with ``len(out)`` bytes from offset ``start`` (same
+        errors and ``version`` pinning as :meth:`read_range`). Backends that can land network
+        bytes in place, without an assembled intermediate, override it (S3)."""
+        view = memoryview(out).cast("B")
+        view[:] = self.read_range(key, start, len(view), version=version)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+            return True
+        except ObjectNotFound:
+            return False
+
+    def read(self, key: str) -> bytes:
+        with self.open_read(key) as f:
+            return f.read()
+
+    def write_atomic(
+        self,
+        key: str,
+        data: bytes | bytearray | memoryview | BinaryIO,
+        *,
+        expected_sha256: str | None = None,
+    ) -> ObjectInfo:
+        """Write a whole object atomically from bytes or a readable file object."""
+        expected_size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
+        src = io.BytesIO(data) if expected_size is not None else data
+        with self.open_write(key, expected_size=expected_size, expected_sha256=expected_sha256) as w:
+            while chunk := src.read(CHUNK):
+                w.write(chunk)
+        assert w.info is not None
+        return w.info
+
+    def checksum(self, key: str) -> str:
+        """sha256 of the stored bytes, computed by reading them (never trusted from metadata)."""
+        with self.open_read(key) as f:
+            return sha256_stream(f)[0]
+
+    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+        """Copy within this storage, atomically at the destination."""
+        with self.open_read(src_key) as f:
+            return self.write_atomic(dst_key, f)
+
+    def local_path(self, key: str) -> Path | None:
+        """A filesystem path for the object when the backend is a mounted filesystem, else None
+        (then :meth:`read_range` / :meth:`read_into` are the way to its bytes). Lets fast paths
+        (mmap, polars scans, preadv) skip the streaming interface."""
+        return None
+
+    def spec(self) -> tuple[dict, dict[str, str]]:
+        """``(spec, env)`` to rebuild this storage in another process with ``from_spec``: the
+        JSON-safe ``spec`` holds no secrets; credentials, if any, are returned as environment
+        variables for the child process."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be described for another process")
+
+    def delete_prefix(self, prefix: str) -> int:
+        objs = self.list(prefix)
+        for o in objs:
+            self.delete(o.key)
+        return len(objs)
+
+
+def copy_between(src: Storage, src_key: str, dst: Storage, dst_key: str, *, expected_sha256: str | None = None) -> ObjectInfo:
+    """Stream one object from one storage to another (e.g. S3 → shm), atomically at ``dst``."""
+    with src.open_read(src_key) as f:
+        return dst.write_atomic(dst_key, f, expected_sha256=expected_sha256)
+
+
