@@ -1,0 +1,228 @@
+"""The local tier: a directory on any POSIX filesystem (local disk, NFS, Ceph and other mounts).
+
+Publishing is ``write a temporary name -> fsync -> verify sha256 -> rename``, so an object appears
+complete or not at all; temporaries left by a killed writer are hidden and listed by
+:meth:`LocalStorage.stale_temporaries`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+
+from pipeline.storage.base import (
+    CHUNK,
+    TMP_MARK,
+    AtomicWriter,
+    IntegrityError,
+    ObjectInfo,
+    ObjectNotFound,
+    Storage,
+    StorageError,
+    StorageFull,
+    check_key,
+    sha256_stream,
+)
+
+
+def _raise_os(err: OSError, what: str) -> None:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StorageFull(f"{what}: no space left on device ({err.strerror})") from err
+    if err.errno == errno.ENOENT:
+        raise ObjectNotFound(f"{what}: not found") from err
+    raise StorageError(f"{what}: {err.strerror or err}") from err
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (tmpfs on old kernels, some NFS) refuse directory fsync
+    finally:
+        os.close(fd)
+
+
+class _LocalWriter(AtomicWriter):
+    def __init__(self, store: "LocalStorage", key: str, final: Path, verify: bool, **kw):
+        super().__init__(key, **kw)
+        self._store = store
+        self._final = final
+        self._verify_disk = verify
+        self._tmp = final.parent / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self._tmp, "wb")
+        except OSError as e:
+            _raise_os(e, store.uri(key))
+
+    def _write(self, data) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:
+            self.abort()
+            _raise_os(e, self._store.uri(self.key))
+
+    def _commit(self, sha256: str) -> ObjectInfo:
+        where = self._store.uri(self.key)
+        try:
+            self._f.flush()
+            if self._store.fsync:
+                os.fsync(self._f.fileno())
+            self._f.close()
+            size = self._tmp.stat().st_size
+            if size != self.size:
+                raise IntegrityError(f"{where}: {size} bytes on disk, {self.size} written")
+            if self._verify_disk:
+                with open(self._tmp, "rb") as f:
+                    on_disk, _ = sha256_stream(f)
+                if on_disk != sha256:
+                    raise IntegrityError(f"{where}: sha256 on disk {on_disk} != written {sha256}")
+            os.replace(self._tmp, self._final)
+            if self._store.fsync:
+                _fsync_dir(self._final.parent)
+        except OSError as e:
+            _raise_os(e, where)
+        return ObjectInfo(self.key, self.size, sha256)
+
+    def _abort(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        self._tmp.unlink(missing_ok=True)
+
+
+class LocalStorage(Storage):
+    """A directory on a POSIX filesystem. Publishing is ``write tmp → fsync → verify → rename``.
+
+    ``verify`` re-reads the temporary file to check its sha256 before the rename (catches bad
+    disks/NFS caches; costs one read, usually from the page cache). ``fsync`` makes published
+    objects durable across a power loss.
+    """
+
+    kind = "local"
+
+    def __init__(self, root: str | os.PathLike, *, verify: bool = True, fsync: bool = True):
+        self.root = Path(root).expanduser().resolve()
+        self.verify = verify
+        self.fsync = fsync
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _raise_os(e, str(self.root))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def uri(self, key: str = "") -> str:
+        return str(self.root / key) if key else str(self.root)
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def open_read(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb", buffering=CHUNK)
+        except IsADirectoryError as e:
+            raise ObjectNotFound(f"{self.uri(key)}: is a directory, not an object") from e
+        except OSError as e:
+            _raise_os(e, self.uri(key))
+            raise  # unreachable; keeps type checkers quiet
+
+    def read_range(self, key: str, start: int, length: int, *, version: str | None = None) -> bytes:
+        if start < 0 or length < 0:
+            raise ValueError(f"{self.uri(key)}: negative range start={start} length={length}")
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except OSError as e:
+            _raise_os(e, self.uri(key))
+        try:
+            data = os.pread(fd, length, start)
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise IntegrityError(
+                f"{self.uri(key)}: range [{start}, {start + length}) past end of object "
+                f"({start + len(data)} bytes available)"
+            )
+        return data
+
+    def open_write(self, key, *, expected_size=None, expected_sha256=None) -> AtomicWriter:
+        self._check_space(key, expected_size)
+        return _LocalWriter(
+            self,
+            key,
+            self._path(key),
+            self.verify,
+            expected_size=expected_size,
+            expected_sha256=expected_sha256,
+        )
+
+    def _check_space(self, key: str, size: int | None) -> None:
+        if not size:
+            return
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if size > free:
+            raise StorageFull(f"{self.uri(key)}: needs {size} bytes, {free} free on {self.root}")
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self.root / prefix if prefix else self.root
+        if prefix:
+            check_key(prefix)
+        if base.is_file():
+            return [ObjectInfo(prefix, base.stat().st_size)]
+        out = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.startswith(".") and TMP_MARK in name:
+                    continue
+                p = Path(dirpath) / name
+                try:
+                    size = p.stat().st_size
+                except FileNotFoundError:
+                    continue  # deleted while listing
+                out.append(ObjectInfo(p.relative_to(self.root).as_posix(), size))
+        out.sort(key=lambda o: o.key)
+        return out
+
+    def stat(self, key: str) -> ObjectInfo:
+        p = self._path(key)
+        try:
+            st = p.stat()
+        except OSError as e:
+            _raise_os(e, self.uri(key))
+        if not p.is_file():
+            raise ObjectNotFound(f"{self.uri(key)}: not an object")
+        return ObjectInfo(key, st.st_size)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            _raise_os(e, self.uri(key))
+
+    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+        src = self._path(src_key)
+        if not src.is_file():
+            raise ObjectNotFound(f"{self.uri(src_key)}: not found")
+        with open(src, "rb") as f:
+            return self.write_atomic(dst_key, f)
+
+    def spec(self) -> tuple[dict, dict[str, str]]:
+        return {"kind": self.kind, "root": str(self.root), "verify": self.verify, "fsync": self.fsync}, {}
+
+    def stale_temporaries(self) -> list[Path]:
+        """Temporary files left by writers that died (crash, kill -9) — safe to delete."""
+        return [p for p in self.root.rglob(f".*{TMP_MARK}*") if p.is_file()]
