@@ -1,0 +1,334 @@
+"""The model server's HTTP side: Open Inference Protocol v2 on Starlette, served by uvicorn.
+
+    app = build_app(registry)            # any object with ModelRegistry's interface
+    serve(registry, "127.0.0.1", 8000)   # blocks; SIGTERM/SIGINT drain, then return 0
+
+Routes (KServe / Triton HTTP, what ``tritonclient.http`` calls):
+
+    GET  /v2/health/live | /v2/health/ready
+    GET  /v2                                            server metadata (name, version, extensions)
+    GET  /v2/models/{name}[/versions/{version}]         model metadata
+    GET  /v2/models/{name}[/versions/{version}]/ready
+    POST /v2/models/{name}[/versions/{version}]/infer   JSON or binary tensor data
+    POST /v2/repository/index                           {"ready": true} lists only ready models
+    POST /v2/repository/models/{name}/load | /unload
+    GET  /metrics                                       Prometheus text (the registry's metrics)
+
+Errors are ``{"error": "<one line>"}`` with the status of the :class:`ProtocolError` or
+``ServingError`` raised (404 unknown model/version, 400 bad input, 413 body too large, 503 with a
+``Retry-After`` header when a model cannot take the request now); anything else is a 500 with the
+exception's one-line message, logged with its traceback. No request can stop the server.
+
+The ASGI lifespan starts the registry (``await registry.start()``) and, on shutdown, stops it
+(``await registry.stop(drain_timeout_s)``). :func:`serve` runs uvicorn so that SIGTERM/SIGINT
+close the listening socket, let every request already in flight finish (``drain_timeout_s`` at
+most), stop the registry, and return normally (exit status 0) instead of re-raising the signal.
+
+This module is part of the engine: it never imports dagster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from typing import Any
+
+import anyio
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from pipeline.serving.protocol import (
+    DEFAULT_MAX_BODY_BYTES,
+    HEADER_LENGTH,
+    ProtocolError,
+    decode_request,
+    load_json,
+    decompress,
+    encode_response,
+    error_body,
+    read_body_limit,
+)
+
+log = logging.getLogger("forgeline.serving")
+
+SERVER_NAME = "forgeline"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+# Bodies above this are decoded (and responses encoded) off the event loop, so a large JSON
+# request does not hold up the other connections.
+_OFFLOAD_BYTES = 256 * 1024
+
+
+def _server_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("forgeline")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "0"
+
+
+def _status_of(exc: BaseException) -> int | None:
+    """The HTTP status a ServingError/ProtocolError carries (duck-typed: the registry module's
+    classes are not imported here, so any registry with ``status`` attributes works)."""
+    status = getattr(exc, "status", None)
+    return status if isinstance(status, int) and 400 <= status <= 599 else None
+
+
+def error_response(exc: BaseException | str, status: int | None = None) -> Response:
+    if isinstance(exc, BaseException):
+        status = status or _status_of(exc) or 500
+        message = str(exc) or type(exc).__name__
+    else:
+        message = exc
+        status = status or 500
+    headers = {}
+    if status == 503:
+        retry = getattr(exc, "retry_after_s", None)
+        headers["Retry-After"] = str(max(1, math.ceil(retry))) if isinstance(retry, (int, float)) else "1"
+    return Response(error_body(message), status_code=status, media_type="application/json", headers=headers)
+
+
+class _Handler:
+    """Route handlers bound to one registry; every exception becomes a protocol error response."""
+
+    def __init__(self, registry: Any, *, max_body_bytes: int, drain: dict):
+        self.registry = registry
+        self.max_body_bytes = max_body_bytes
+        self.drain = drain
+        self.version = _server_version()
+
+    async def guard(self, fn, request: Request) -> Response:
+        try:
+            return await fn(request)
+        except ProtocolError as e:
+            return error_response(e, e.status)
+        except Exception as e:  # noqa: BLE001 - any failure is an answer, never a dead server
+            status = _status_of(e)
+            if status is None:
+                log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(e, status)
+
+    # -- health and metadata -----------------------------------------------------------------
+
+    async def live(self, request: Request) -> Response:
+        return Response(status_code=200 if self.registry.live() else 503)
+
+    async def ready(self, request: Request) -> Response:
+        ok = not self.drain["draining"] and self.registry.ready()
+        return Response(status_code=200 if ok else 503)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse({"name": SERVER_NAME, "version": self.version, "extensions": EXTENSIONS})
+
+    async def model_metadata(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        return JSONResponse(self.registry.metadata(name, version))
+
+    async def model_ready(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        ok = not self.drain["draining"] and self.registry.model_ready(name, version)
+        return Response(status_code=200 if ok else 503)
+
+    # -- inference ---------------------------------------------------------------------------
+
+    async def _body(self, request: Request) -> bytes:
+        read_body_limit(request.headers.get("content-length"), self.max_body_bytes)
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > self.max_body_bytes:
+                raise ProtocolError(f"request body is over the server's limit of {self.max_body_bytes} bytes", 413)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        return decompress(body, request.headers.get("content-encoding"), self.max_body_bytes)
+
+    async def infer(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        body = await self._body(request)
+        header_length = request.headers.get(HEADER_LENGTH)
+        if len(body) > _OFFLOAD_BYTES:
+            req = await anyio.to_thread.run_sync(decode_request, body, header_length)
+        else:
+            req = decode_request(body, header_length)
+        del body
+        for input_name, arr in req.inputs.items():
+            if arr.dtype == object:
+                raise ProtocolError(f"input {input_name!r}: BYTES tensors are not supported "
+                                    "(forgeline models take numeric tensors)")
+        outputs = await self.registry.infer(name, version, req.inputs)
+        served = getattr(outputs, "version", None) or version or self._current_version(name)
+        size = sum(a.nbytes for a in outputs.values() if isinstance(a, np.ndarray))
+        if size > _OFFLOAD_BYTES:
+            data, headers = await anyio.to_thread.run_sync(encode_response, name, served, outputs, req)
+        else:
+            data, headers = encode_response(name, served, outputs, req)
+        return Response(data, status_code=200, headers=headers)
+
+    def _current_version(self, name: str) -> str | None:
+        """The version the registry reports for ``name`` (model_version in the response is
+        optional in the protocol: None leaves it out)."""
+        try:
+            for row in self.registry.index():
+                if row.get("name") == name and row.get("state") == "READY":
+                    return row.get("version")
+        except Exception:  # noqa: BLE001
+            pass
+        return None
+
+    # -- model repository extension ---------------------------------------------------------
+
+    async def _json_object(self, request: Request) -> dict:
+        body = await self._body(request)
+        if not body.strip():
+            return {}
+        obj = load_json(body, "request")
+        if not isinstance(obj, dict):
+            raise ProtocolError("request must be a JSON object")
+        return obj
+
+    async def repository_index(self, request: Request) -> Response:
+        opts = await self._json_object(request)
+        ready_only = opts.get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise ProtocolError("'ready' must be true or false")
+        rows = self.registry.index()
+        if ready_only:
+            rows = [r for r in rows if r.get("state") == "READY"]
+        return JSONResponse(rows)
+
+    async def load(self, request: Request) -> Response:
+        opts = await self._json_object(request)
+        params = opts.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ProtocolError("'parameters' must be an object")
+        if "config" in params or any(k.startswith("file:") for k in params):
+            raise ProtocolError("load with an override config or files is not supported: "
+                                "publish a version and load the model by name")
+        await self.registry.load(request.path_params["name"])
+        return Response(status_code=200)
+
+    async def unload(self, request: Request) -> Response:
+        await self._json_object(request)  # validated; unload_dependents has no meaning here
+        await self.registry.unload(request.path_params["name"])
+        return Response(status_code=200)
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    async def metrics(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        metrics = getattr(self.registry, "metrics", None)
+        reg = getattr(metrics, "registry", None)
+        if reg is None:
+            return Response(b"", media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_app(registry: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout_s: float = 30.0,
+              manage_registry: bool = True) -> Starlette:
+    """The OIP v2 Starlette app over ``registry``. With ``manage_registry`` (default) the app's
+    lifespan starts the registry and stops it (draining ``drain_timeout_s`` at most) at shutdown."""
+    drain = {"draining": False}
+    h = _Handler(registry, max_body_bytes=max_body_bytes, drain=drain)
+
+    def route(path: str, fn, methods: list[str]) -> Route:
+        async def endpoint(request: Request) -> Response:
+            return await h.guard(fn, request)
+
+        return Route(path, endpoint, methods=methods)
+
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    routes = [
+        route("/v2/health/live", h.live, ["GET"]),
+        route("/v2/health/ready", h.ready, ["GET"]),
+        route("/v2", h.server_metadata, ["GET"]),
+        route(model, h.model_metadata, ["GET"]),
+        route(versioned, h.model_metadata, ["GET"]),
+        route(model + "/ready", h.model_ready, ["GET"]),
+        route(versioned + "/ready", h.model_ready, ["GET"]),
+        route(model + "/infer", h.infer, ["POST"]),
+        route(versioned + "/infer", h.infer, ["POST"]),
+        route("/v2/repository/index", h.repository_index, ["POST"]),
+        route("/v2/repository/models/{name}/load", h.load, ["POST"]),
+        route("/v2/repository/models/{name}/unload", h.unload, ["POST"]),
+        route("/metrics", h.metrics, ["GET"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if manage_registry:
+            await registry.start()
+        try:
+            yield
+        finally:
+            drain["draining"] = True
+            if manage_registry:
+                t0 = time.perf_counter()
+                await registry.stop(drain_timeout_s=drain_timeout_s)
+                log.info("registry stopped in %.2fs", time.perf_counter() - t0)
+
+    async def not_found(request: Request, exc) -> Response:
+        status = getattr(exc, "status_code", 404)
+        detail = getattr(exc, "detail", None) or "not found"
+        if status == 404:
+            detail = f"no route {request.method} {request.url.path}"
+        return error_response(str(detail), status)
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app.state.drain = drain
+    app.state.registry = registry
+    return app
+
+
+class _Server:
+    """Factory for a uvicorn.Server that drains on SIGTERM/SIGINT and then returns normally."""
+
+    @staticmethod
+    def make(config, on_signal):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):  # noqa: D401 - uvicorn's hook
+                on_signal(sig)
+                # Like uvicorn's, minus remembering the signal (uvicorn re-raises it after the
+                # shutdown, which would turn a clean drain into death by SIGTERM).
+                if self.should_exit and sig == signal.SIGINT:
+                    self.force_exit = True
+                else:
+                    self.should_exit = True
+
+        return Server(config)
+
+
+def make_server(registry: Any, host: str = "127.0.0.1", port: int = 8000, *,
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout_s: float = 30.0,
+                log_level: str = "warning", **uvicorn_options):
+    """A configured uvicorn server for ``registry`` (call ``.run()``; ``.should_exit = True`` stops
+    it from another thread)."""
+    import uvicorn
+
+    app = build_app(registry, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s)
+
+    def on_signal(sig: int) -> None:
+        if not app.state.drain["draining"]:
+            log.warning("%s: draining in-flight requests (at most %.0fs)", signal.Signals(sig).name, drain_timeout_s)
+        app.state.drain["draining"] = True
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=drain_timeout_s, **uvicorn_options)
+    return _Server.make(config, on_signal)
+
+
+def serve(registry: Any, host: str = "127.0.0.1", port: int = 8000, **options) -> int:
+    """Serve ``registry`` until SIGTERM/SIGINT, then drain and return 0 (1 when the server could
+    not start, e.g. the port is taken or the registry failed to start)."""
+    server = make_server(registry, host, port, **options)
+    server.run()
+    return 0 if server.started else 1

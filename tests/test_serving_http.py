@@ -1,0 +1,587 @@
+"""The model server's HTTP side (pipeline.serving.app / protocol) driven by the official
+``tritonclient.http`` client and by raw HTTP for the requests a client library would never send.
+
+The server is real (uvicorn on 127.0.0.1, a free port); the registry behind it is ``FakeRegistry``
+below, which implements the serving core's interface (pipeline.serving.registry.ModelRegistry)
+with tiny numpy "models", so these tests pin the HTTP contract on their own. The SIGTERM test runs
+the server in a subprocess (``python tests/test_serving_http.py PORT``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the subprocess runs this file as a script
+    sys.path.insert(0, str(ROOT))
+
+
+# ---------------------------------------------------------------------------------------------
+# A registry with ModelRegistry's interface and numpy models
+# ---------------------------------------------------------------------------------------------
+
+
+class ServingError(Exception):
+    status = 500
+
+
+class ModelNotFound(ServingError):
+    status = 404
+
+
+class InvalidInput(ServingError):
+    status = 400
+
+
+class Unavailable(ServingError):
+    status = 503
+
+    def __init__(self, msg: str, retry_after_s: float = 2.0):
+        super().__init__(msg)
+        self.retry_after_s = retry_after_s
+
+
+def _metrics():
+    try:
+        from pipeline.serving.metrics import ServingMetrics
+
+        return ServingMetrics()
+    except ImportError:  # the core's module not there yet
+        from prometheus_client import CollectorRegistry
+
+        return type("M", (), {"registry": CollectorRegistry(), "observe_request": lambda *a, **k: None})()
+
+
+def _double(x):
+    return {"y": (x["x"] * 2).astype(np.float32), "idx": np.argmax(x["x"], axis=-1).astype(np.int64)}
+
+
+class FakeRegistry:
+    """Models: ``double`` (x FP32 [-1,4] -> y = 2x, idx = argmax), ``echo`` (outputs = inputs,
+    any numeric dtype), ``slow`` (echo after ``slow_s``), ``busy`` (always 503), ``broken``
+    (raises a plain exception), ``nan`` (returns NaN)."""
+
+    VERSION = "v1"
+
+    def __init__(self, slow_s: float = 0.5):
+        self.slow_s = slow_s
+        self.metrics = _metrics()
+        self.loaded = {"double", "echo", "slow", "busy", "broken", "nan"}
+        self.known = set(self.loaded) | {"cold"}
+        self.started = self.stopped = False
+        self.inflight = 0
+
+    async def start(self):
+        self.started = True
+
+    async def stop(self, drain_timeout_s=30.0):
+        self.stopped = True
+
+    def live(self):
+        return True
+
+    def ready(self):
+        return self.started and not self.stopped
+
+    def index(self):
+        return [{"name": n, "version": self.VERSION, "state": "READY" if n in self.loaded else "UNAVAILABLE",
+                 "reason": "" if n in self.loaded else "unloaded"} for n in sorted(self.known)]
+
+    def _check(self, name, version):
+        if name not in self.known:
+            raise ModelNotFound(f"unknown model {name!r}")
+        if version not in (None, self.VERSION):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}")
+
+    async def load(self, name):
+        self._check(name, None)
+        self.loaded.add(name)
+
+    async def unload(self, name):
+        self._check(name, None)
+        self.loaded.discard(name)
+
+    def model_ready(self, name, version=None):
+        return name in self.known and version in (None, self.VERSION) and name in self.loaded
+
+    def metadata(self, name, version=None):
+        self._check(name, version)
+        tensor = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+        return {"name": name, "versions": [self.VERSION], "platform": "pytorch",
+                "inputs": tensor, "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]},
+                                              {"name": "idx", "datatype": "INT64", "shape": [-1]}],
+                "parameters": {}}
+
+    async def infer(self, name, version, inputs):
+        self._check(name, version)
+        if name not in self.loaded:
+            raise Unavailable(f"model {name!r} is not loaded", retry_after_s=2.5)
+        t0 = time.perf_counter()
+        if name == "busy":
+            raise Unavailable("queue full", retry_after_s=0.2)
+        if name == "broken":
+            raise RuntimeError("the model fell over\nsecond line")
+        if any(a.dtype == object for a in inputs.values()):
+            raise InvalidInput("BYTES inputs are not supported")
+        if name == "double":
+            if set(inputs) != {"x"} or inputs["x"].dtype != np.float32 or inputs["x"].ndim != 2:
+                raise InvalidInput("double takes x: FP32 [-1, 4]")
+            out = _double(inputs)
+        elif name == "nan":
+            out = {"y": np.array([np.nan], dtype=np.float32)}
+        else:
+            if name == "slow":
+                self.inflight += 1
+                try:
+                    await asyncio.sleep(self.slow_s)
+                finally:
+                    self.inflight -= 1
+            out = {f"{k}_out": v for k, v in inputs.items()}
+        self.metrics.observe_request(name, self.VERSION, time.perf_counter() - t0)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Server fixtures
+# ---------------------------------------------------------------------------------------------
+
+MAX_BODY = 1 << 20
+
+
+class ThreadServer:
+    def __init__(self, registry, **options):
+        from pipeline.serving.app import make_server
+
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"127.0.0.1:{self.port}"
+        self.server = make_server(registry, "127.0.0.1", self.port, **options)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return FakeRegistry(slow_s=0.3)
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    with ThreadServer(registry, max_body_bytes=MAX_BODY, drain_timeout_s=5) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(server.url, connection_timeout=10, network_timeout=10)
+    yield c
+    c.close()
+
+
+def raw(server, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None):
+    """(status, headers, body) of one plain HTTP request."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        if isinstance(body, str):
+            body = body.encode()
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def _input(name, arr, binary=True):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    return httpclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype)).set_data_from_numpy(
+        arr, binary_data=binary)
+
+
+# ---------------------------------------------------------------------------------------------
+# tritonclient against the server
+# ---------------------------------------------------------------------------------------------
+
+
+def test_health_and_metadata(client, registry):
+    assert registry.started
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta["name"] == "forgeline" and {"binary_tensor_data", "model_repository"} <= set(meta["extensions"])
+    m = client.get_model_metadata("double")
+    assert m["name"] == "double" and m["versions"] == ["v1"] and m["inputs"][0]["shape"] == [-1, 4]
+    assert client.get_model_metadata("double", "v1")["name"] == "double"
+    assert client.is_model_ready("double") and client.is_model_ready("double", "v1")
+    assert not client.is_model_ready("double", "v9") and not client.is_model_ready("nope")
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_metadata("nope")
+    assert e.value.status() == "404" and "nope" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_metadata("double", "v9")
+    assert e.value.status() == "404"
+
+
+def test_infer_binary_default(client):
+    x = np.random.default_rng(0).standard_normal((3, 4), dtype=np.float32)
+    res = client.infer("double", [_input("x", x)], request_id="r1")
+    np.testing.assert_array_equal(res.as_numpy("y"), x * 2)
+    np.testing.assert_array_equal(res.as_numpy("idx"), x.argmax(-1))
+    r = res.get_response()
+    assert r["model_name"] == "double" and r["model_version"] == "v1" and r["id"] == "r1"
+    assert all("binary_data_size" in o["parameters"] for o in r["outputs"])
+    # by version too
+    res = client.infer("double", [_input("x", x)], model_version="v1")
+    np.testing.assert_array_equal(res.as_numpy("y"), x * 2)
+
+
+def test_infer_json_and_mixed_outputs(client):
+    import tritonclient.http as httpclient
+
+    x = np.arange(8, dtype=np.float32).reshape(2, 4) - 3.5
+    outs = [httpclient.InferRequestedOutput("y", binary_data=False)]
+    res = client.infer("double", [_input("x", x, binary=False)], outputs=outs)
+    r = res.get_response()
+    assert [o["name"] for o in r["outputs"]] == ["y"] and r["outputs"][0]["data"] == (x * 2).ravel().tolist()
+    np.testing.assert_array_equal(res.as_numpy("y"), x * 2)
+    # one output binary, one JSON, JSON input
+    outs = [httpclient.InferRequestedOutput("idx", binary_data=False), httpclient.InferRequestedOutput("y")]
+    res = client.infer("double", [_input("x", x, binary=False)], outputs=outs)
+    np.testing.assert_array_equal(res.as_numpy("y"), x * 2)
+    np.testing.assert_array_equal(res.as_numpy("idx"), [3, 3])
+    assert "data" in res.get_output("idx") and "binary_data_size" in res.get_output("y")["parameters"]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_every_numeric_datatype_round_trips(client, binary):
+    rng = np.random.default_rng(1)
+    arrays = {"b": rng.integers(0, 2, (2, 3)).astype(bool)}
+    for dt in ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64"):
+        info = np.iinfo(dt)
+        a = rng.integers(0, 100, (2, 3)).astype(dt)
+        a[0, 0], a[1, 2] = info.min, info.max  # the extremes survive JSON and bytes
+        arrays[dt] = a
+    for dt in ("float16", "float32", "float64"):
+        arrays[dt] = rng.standard_normal((2, 3)).astype(dt)
+    res = client.infer("echo", [_input(k, v, binary) for k, v in arrays.items()])
+    for k, v in arrays.items():
+        got = res.as_numpy(f"{k}_out")
+        assert got.dtype == v.dtype and got.shape == v.shape, k
+        np.testing.assert_array_equal(got, v)
+
+
+def test_empty_and_scalar_shapes(client):
+    x = np.zeros((0, 4), dtype=np.float32)
+    res = client.infer("echo", [_input("x", x)])
+    assert res.as_numpy("x_out").shape == (0, 4)
+    res = client.infer("echo", [_input("x", x, binary=False)])
+    assert res.as_numpy("x_out").shape == (0, 4)
+
+
+def test_bytes_rejected_cleanly(client, server):
+    from tritonclient.utils import InferenceServerException
+
+    s = np.array([b"abc", b"de"], dtype=object)
+    for binary in (True, False):
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("echo", [_input("s", s, binary)])
+        assert e.value.status() == "400" and "BYTES" in e.value.message()
+    assert client.is_server_live()
+
+
+def test_repository_index_load_unload(client):
+    from tritonclient.utils import InferenceServerException
+
+    index = client.get_model_repository_index()
+    assert {r["name"]: r["state"] for r in index}["cold"] == "UNAVAILABLE"
+    assert {r["name"] for r in index} >= {"double", "cold"}
+    assert all(set(r) >= {"name", "version", "state", "reason"} for r in index)
+    client.load_model("cold")
+    assert client.is_model_ready("cold")
+    client.unload_model("cold")
+    assert not client.is_model_ready("cold")
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("cold", [_input("x", np.zeros((1, 4), np.float32))])
+    assert e.value.status() == "503"
+    with pytest.raises(InferenceServerException) as e:
+        client.load_model("nope")
+    assert e.value.status() == "404"
+    with pytest.raises(InferenceServerException) as e:
+        client.load_model("cold", config='{"backend": "x"}')
+    assert e.value.status() == "400"
+
+
+def test_ready_only_index(server):
+    status, _, body = raw(server, "POST", "/v2/repository/index", json.dumps({"ready": True}))
+    assert status == 200
+    rows = json.loads(body)
+    assert rows and all(r["state"] == "READY" for r in rows) and "cold" not in {r["name"] for r in rows}
+
+
+def test_concurrent_clients(server):
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(server.url, concurrency=8)
+    try:
+        xs = [np.full((1, 4), i, dtype=np.float32) for i in range(32)]
+        pending = [c.async_infer("double", [_input("x", x)]) for x in xs]
+        for x, p in zip(xs, pending):
+            np.testing.assert_array_equal(p.get_result().as_numpy("y"), x * 2)
+    finally:
+        c.close()
+
+
+def test_request_compression(client):
+    x = np.ones((2, 4), dtype=np.float32)
+    for algo in ("gzip", "deflate"):
+        res = client.infer("double", [_input("x", x)], request_compression_algorithm=algo,
+                           response_compression_algorithm=algo)
+        np.testing.assert_array_equal(res.as_numpy("y"), x * 2)
+
+
+def test_metrics_endpoint(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.infer("double", [_input("x", np.ones((1, 4), np.float32))])
+    status, headers, body = raw(server, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    if "forgeline_serving_requests" in families:  # the core's ServingMetrics
+        samples = [s for s in families["forgeline_serving_requests"].samples if s.labels.get("model") == "double"]
+        assert sum(s.value for s in samples if s.name.endswith("_total")) >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad requests: each answered with the right status and a one-line error; the server lives on
+# ---------------------------------------------------------------------------------------------
+
+_X = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+
+
+def _binary_body(header: dict, payload: bytes) -> tuple[bytes, dict]:
+    h = json.dumps(header).encode()
+    return h + payload, {"Inference-Header-Content-Length": str(len(h))}
+
+
+BAD = {
+    "malformed JSON": (b'{"inputs": [', {}, 400, "not valid JSON"),
+    "not an object": (b"[1, 2]", {}, 400, "JSON object"),
+    "no inputs": (b"{}", {}, 400, "inputs"),
+    "empty inputs": (b'{"inputs": []}', {}, 400, "inputs"),
+    "input without name": (json.dumps({"inputs": [{"shape": [1], "datatype": "FP32", "data": [1]}]}), {}, 400, "name"),
+    "no datatype": (json.dumps({"inputs": [{"name": "x", "shape": [1], "data": [1]}]}), {}, 400, "datatype"),
+    "unknown datatype": (json.dumps({"inputs": [{**_X, "datatype": "FP8"}]}), {}, 400, "unknown datatype"),
+    "BF16": (json.dumps({"inputs": [{**_X, "datatype": "BF16"}]}), {}, 400, "BF16"),
+    "no shape": (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "data": [1]}]}), {}, 400, "shape"),
+    "bad shape": (json.dumps({"inputs": [{**_X, "shape": [1, "4"]}]}), {}, 400, "shape"),
+    "negative dim": (json.dumps({"inputs": [{**_X, "shape": [-1, 4]}]}), {}, 400, "negative"),
+    "no data": (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32"}]}), {}, 400, "data"),
+    "shape x data mismatch": (json.dumps({"inputs": [{**_X, "shape": [2, 4]}]}), {}, 400, "needs 8 elements"),
+    "ragged data": (json.dumps({"inputs": [{**_X, "data": [[1, 2], [3]]}]}), {}, 400, "ragged"),
+    "strings for FP32": (json.dumps({"inputs": [{**_X, "data": ["a", "b", "c", "d"]}]}), {}, 400, "numbers"),
+    "floats for INT32": (json.dumps({"inputs": [{**_X, "datatype": "INT32", "data": [1.5, 2, 3, 4]}]}), {}, 400,
+                         "integers"),
+    "INT8 out of range": (json.dumps({"inputs": [{**_X, "datatype": "INT8", "data": [1, 2, 3, 300]}]}), {}, 400,
+                          "out of range"),
+    "numbers for BOOL": (json.dumps({"inputs": [{**_X, "datatype": "BOOL", "data": [1, 0, 1, 0]}]}), {}, 400, "BOOL"),
+    "duplicate input": (json.dumps({"inputs": [_X, _X]}), {}, 400, "twice"),
+    "bad binary_data_output": (json.dumps({"inputs": [_X], "parameters": {"binary_data_output": "yes"}}), {}, 400,
+                               "binary_data_output"),
+    "unknown output": (json.dumps({"inputs": [_X], "outputs": [{"name": "zzz"}]}), {}, 400, "unknown output"),
+    "shared memory": (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                              "parameters": {"shared_memory_region": "r"}}]}), {}, 400,
+                      "shared-memory"),
+    "binary size without header": (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                                           "parameters": {"binary_data_size": 16}}]}), {}, 400,
+                                   "Inference-Header-Content-Length"),
+    "binary size != shape x dtype": (*_binary_body({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                                                 "parameters": {"binary_data_size": 12}}]},
+                                                   b"\0" * 12), 400, "16 bytes"),
+    "binary past the end": (*_binary_body({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                                       "parameters": {"binary_data_size": 16}}]}, b"\0" * 8),
+                            400, "past the end"),
+    "binary bytes left over": (*_binary_body({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                                          "parameters": {"binary_data_size": 16}}]}, b"\0" * 20),
+                               400, "add up to 16"),
+    "negative binary size": (*_binary_body({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                                        "parameters": {"binary_data_size": -4}}]}, b""), 400,
+                             "non-negative"),
+    "header length past body": (b'{"inputs": []}', {"Inference-Header-Content-Length": "999"}, 400, "999"),
+    "header length not a number": (b'{"inputs": []}', {"Inference-Header-Content-Length": "ten"}, 400, "integer"),
+    "bad gzip": (b"not gzip", {"Content-Encoding": "gzip"}, 400, "gzip"),
+    "unknown encoding": (b"{}", {"Content-Encoding": "br"}, 415, "Content-Encoding"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_request(server, case):
+    body, headers, status, words = BAD[case]
+    st, hdrs, out = raw(server, "POST", "/v2/models/double/infer", body, {"Content-Type": "application/json",
+                                                                          **headers})
+    assert st == status, (st, out)
+    err = json.loads(out)["error"]
+    assert words in err and "\n" not in err, err
+    assert raw(server, "GET", "/v2/health/live")[0] == 200
+
+
+def test_body_over_limit_is_413(server, client):
+    big = json.dumps({"inputs": [{"name": "x", "shape": [MAX_BODY], "datatype": "UINT8",
+                                  "data": [1] * MAX_BODY}]})
+    st, _, out = raw(server, "POST", "/v2/models/double/infer", big)
+    assert st == 413 and "limit" in json.loads(out)["error"]
+    # chunked (no Content-Length): counted while reading
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("POST", "/v2/models/double/infer", body=iter([b"x" * 65536] * 20), encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413
+    conn.close()
+    # a gzip bomb: small on the wire, over the limit inflated
+    import gzip
+
+    bomb = gzip.compress(b" " * (MAX_BODY + 10))
+    st, _, out = raw(server, "POST", "/v2/models/double/infer", bomb, {"Content-Encoding": "gzip"})
+    assert st == 413
+    # tritonclient sees the status too
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("double", [_input("x", np.zeros((MAX_BODY // 16, 4), np.float32))])
+    assert e.value.status() == "413"
+    assert client.is_server_live()
+
+
+def test_model_errors(server, client):
+    from tritonclient.utils import InferenceServerException
+
+    x = np.ones((1, 4), np.float32)
+    cases = [("nope", None, "404"), ("double", "v9", "404"), ("double", "x", None), ("broken", None, "500"),
+             ("busy", None, "503")]
+    for name, version, status in cases:
+        if status is None:
+            continue
+        with pytest.raises(InferenceServerException) as e:
+            client.infer(name, [_input("x", x)], model_version=version or "")
+        assert e.value.status() == status, (name, e.value)
+        assert "\n" not in e.value.message()
+    # wrong input for the model: the registry's InvalidInput
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("double", [_input("x", np.ones((1, 4), np.float64))])
+    assert e.value.status() == "400"
+    # 503 carries Retry-After (rounded up to whole seconds, at least 1)
+    st, headers, out = raw(server, "POST", "/v2/models/busy/infer", json.dumps({"inputs": [_X]}))
+    assert st == 503 and headers["retry-after"] == "1" and json.loads(out)["error"] == "queue full"
+    st, headers, _ = raw(server, "POST", "/v2/models/cold/infer", json.dumps({"inputs": [_X]}))
+    assert st == 503 and headers["retry-after"] == "3"
+    # NaN cannot go as JSON: a clean 500, binary works
+    st, _, out = raw(server, "POST", "/v2/models/nan/infer", json.dumps({"inputs": [_X]}))
+    assert st == 500 and "NaN" in json.loads(out)["error"]
+    assert np.isnan(client.infer("nan", [_input("x", x)]).as_numpy("y")).all()
+    assert client.is_server_live() and client.is_server_ready()
+
+
+def test_routes_and_methods(server):
+    st, _, out = raw(server, "GET", "/v2/nothing/here")
+    assert st == 404 and "no route" in json.loads(out)["error"]
+    st, _, out = raw(server, "GET", "/v2/models/double/infer")
+    assert st == 405 and json.loads(out)["error"]
+    st, _, out = raw(server, "POST", "/v2/repository/index", b"{bad")
+    assert st == 400
+    st, _, out = raw(server, "POST", "/v2/repository/index", json.dumps({"ready": "yes"}))
+    assert st == 400
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM: requests in flight complete, the process exits 0
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_in_flight_requests():
+    import gevent
+    import tritonclient.http as httpclient
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, __file__, str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{port}", concurrency=4)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if c.is_server_ready():
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.05)
+        xs = [np.full((1, 4), i, np.float32) for i in range(4)]
+        t0 = time.monotonic()
+        pending = [c.async_infer("slow", [_input("x", x)]) for x in xs]
+        gevent.sleep(0.4)  # (tritonclient is gevent-based) all four are inside the model, which takes 1.5 s
+        proc.send_signal(signal.SIGTERM)
+        results = [p.get_result(timeout=20) for p in pending]
+        assert time.monotonic() - t0 >= 1.5
+        for x, r in zip(xs, results):
+            np.testing.assert_array_equal(r.as_numpy("x_out"), x)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, out
+        assert "SIGTERM: draining" in out and "drained: stop called with 0 in flight" in out, out
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+        c.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+class _ReportingRegistry(FakeRegistry):
+    async def stop(self, drain_timeout_s=30.0):
+        print(f"drained: stop called with {self.inflight} in flight", flush=True)
+        await super().stop(drain_timeout_s)
+
+
+if __name__ == "__main__":  # the SIGTERM test's server process
+    from pipeline.serving.app import serve
+
+    sys.exit(serve(_ReportingRegistry(slow_s=1.5), "127.0.0.1", int(sys.argv[1]), drain_timeout_s=20))
