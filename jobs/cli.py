@@ -8,6 +8,7 @@
     forgeline report [--asset NAME] [--json]         latest timings, throughput, latencies, checks per asset
     forgeline demo                                   data → lifecycle → summary
     forgeline ui                                     Dagster UI on the same instance
+    forgeline serve [--models a,b] [--port 8000]     model server (KServe/Triton v2 HTTP); `serve status`
 
 The instance is ``$DAGSTER_HOME`` (default: ``.forgeline/dagster_home`` in the project, SQLite), the
 same one ``make ui`` opens, so runs launched here show up in the UI.
@@ -532,6 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=3000)
     s.set_defaults(fn=cmd_ui)
+
+    from jobs.serve_cli import add_parser as add_serve_parser  # forgeline serve [status]
+
+    add_serve_parser(sub)
 
     s = sub.add_parser("demo", help="generate data and run the lifecycle job end to end")
     s.add_argument("--batch", default="digits-0001")

@@ -1,0 +1,343 @@
+"""``forgeline serve``: the model server (Open Inference Protocol v2 over HTTP), and ``forgeline serve
+status``: per-model latency, traffic, memory and swaps of a running one, from its ``/metrics``.
+
+    forgeline serve [--models a,b] [--host 127.0.0.1] [--port 8000] [--device cpu] [--budget 2GiB]
+                    [--max-batch-size 32] [--max-queue-delay-ms 2] [--compile] [--poll-s 2]
+    forgeline serve status [--url http://127.0.0.1:8000] [--json]
+
+Storage and the /dev/shm tier come from the same settings as every other command
+(``FORGELINE_STORAGE_ROOT`` / ``FORGELINE_S3_*``, ``FORGELINE_SHM_ROOT``...; see pipeline.settings);
+``--compile`` uses the compile cache ``FORGELINE_COMPILE_CACHE`` selects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import types
+import urllib.error
+import urllib.request
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+PREFIX = "forgeline_serving"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad flags: one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        # Left-over words would otherwise reach the top-level parser, which prints its usage too.
+        ns, extras = argparse.ArgumentParser.parse_known_args(self, args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
+
+def _size(text: str) -> int:
+    from pipeline.settings import parse_size
+
+    try:
+        n = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
+    return n
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not v > 0 or (isinstance(v, float) and not math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return v
+
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be zero or more: {text!r}")
+    return v
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r} (0..65535)")
+    return v
+
+
+def _models(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--models needs at least one model name (a,b,c)")
+    bad = [n for n in names if "/" in n]
+    if bad:
+        raise argparse.ArgumentTypeError(f"a model name, not a version path: {bad[0]!r}")
+    return names
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``serve`` (and ``serve status``) on the CLI's subparsers."""
+    s = sub.add_parser("serve", help="serve published models over HTTP (KServe/Triton v2 protocol)",
+                       description=__doc__.split("\n\n")[0])
+    # The CLI's subparsers make plain parsers: give this one the one-line behaviour.
+    s.error = types.MethodType(_OneLineParser.error, s)
+    s.parse_known_args = types.MethodType(_OneLineParser.parse_known_args, s)
+    s.add_argument("--models", type=_models, default=None,
+                   help="comma-separated model names to load at start (default: every published model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_port, default=8000)
+    s.add_argument("--device", "-d", default="cpu", help="cpu or cuda[:N]")
+    s.add_argument("--budget", type=_size, default=None,
+                   help="bytes of weights resident at once (e.g. 2GiB); least recently used models are unloaded")
+    s.add_argument("--max-batch-size", type=_positive(int), default=32, help="rows per forward (dynamic batching)")
+    s.add_argument("--max-queue-delay-ms", type=_non_negative, default=2.0,
+                   help="longest a request waits for others to batch with")
+    s.add_argument("--queue-limit", type=_positive(int), default=256,
+                   help="requests queued per model before answering 503")
+    s.add_argument("--compile", action="store_true", help="torch.compile each version (cached compile artifacts)")
+    s.add_argument("--compile-mode", default="default", help="torch.compile mode")
+    s.add_argument("--poll-s", type=_positive(float), default=2.0,
+                   help="seconds between checks for a newly promoted version (hot swap)")
+    s.add_argument("--no-shm", action="store_true", help="ignore the /dev/shm tier")
+    s.add_argument("--max-body", type=_size, default=None, help="largest request body (default 64MiB)")
+    s.add_argument("--drain-timeout-s", type=_positive(float), default=30.0,
+                   help="on SIGTERM, how long in-flight requests may take to finish")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(fn=cmd_serve)
+
+    ssub = s.add_subparsers(dest="serve_cmd", parser_class=_OneLineParser)
+    st = ssub.add_parser("status", help="per-model latency, requests, queue wait, memory, loads/swaps of a server")
+    st.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("--timeout-s", type=_positive(float), default=5.0)
+    st.set_defaults(fn=cmd_status)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# forgeline serve
+# ---------------------------------------------------------------------------------------------
+
+
+def build_registry(args):
+    """The serving core over the environment's storage (and shm tier / compile cache)."""
+    from pipeline.serving.registry import ModelRegistry, ServeConfig
+    from resources.storage import open_storage, shm_from_env, storage_from_env
+
+    config = ServeConfig(models=args.models, device=args.device, budget_bytes=args.budget,
+                         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
+                         queue_limit=args.queue_limit, poll_s=args.poll_s, compile=args.compile,
+                         compile_mode=args.compile_mode)
+    resource = storage_from_env()
+    store = open_storage(resource)
+    tier = None if args.no_shm else shm_from_env().tier()
+    cache = None
+    if args.compile:
+        import dagster as dg
+
+        from resources.cache import compile_cache_from_env
+
+        with dg.build_resources({"storage": resource, "compile_cache": compile_cache_from_env(resource)}) as res:
+            cache = res.compile_cache.cache()
+    return ModelRegistry(store, config, tier=tier, cache=cache), store
+
+
+def cmd_serve(args) -> int:
+    from pipeline.serving.app import serve
+    from pipeline.serving.protocol import DEFAULT_MAX_BODY_BYTES
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        registry, store = build_registry(args)
+    except Exception as e:  # noqa: BLE001 - bad settings, unreachable storage: one line
+        print(f"forgeline serve: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1
+    what = ",".join(args.models) if args.models else "every published model"
+    print(f"forgeline serve: {what} from {store.uri()} on {args.device}; http://{args.host}:{args.port}/v2 "
+          f"(metrics: /metrics; SIGTERM drains)", file=sys.stderr, flush=True)
+    return serve(registry, args.host, args.port, max_body_bytes=args.max_body or DEFAULT_MAX_BODY_BYTES,
+                 drain_timeout_s=args.drain_timeout_s, log_level=args.log_level)
+
+
+# ---------------------------------------------------------------------------------------------
+# forgeline serve status
+# ---------------------------------------------------------------------------------------------
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Estimate the ``q`` quantile from cumulative ``(upper_bound, count)`` buckets, as
+    Prometheus's ``histogram_quantile`` does: linear within the bucket that holds it; a quantile
+    in the ``+Inf`` bucket is the largest finite bound. None without observations."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if math.isinf(upper):
+                return lower
+            if count == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
+
+
+def _merge(hists: dict, key: str, samples) -> None:
+    """Add bucket counts of one labelled histogram into ``hists[key]`` (summing versions)."""
+    acc = hists.setdefault(key, {"buckets": {}, "count": 0.0, "sum": 0.0})
+    for s in samples:
+        if s.name.endswith("_bucket"):
+            le = float(s.labels["le"])
+            acc["buckets"][le] = acc["buckets"].get(le, 0.0) + s.value
+        elif s.name.endswith("_count"):
+            acc["count"] += s.value
+        elif s.name.endswith("_sum"):
+            acc["sum"] += s.value
+
+
+def summarize_metrics(text: str) -> dict[str, dict]:
+    """Per model, from a server's Prometheus text: request counts by result, latency
+    P50/P95/P99 (ms, estimated from the histogram), queue wait P50/P99 and mean, resident bytes,
+    loads/swaps/evictions by result, versions seen."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    models: dict[str, dict] = {}
+    hists: dict[str, dict[str, dict]] = {"request": {}, "queue": {}}
+
+    def row(model: str) -> dict:
+        return models.setdefault(model, {"versions": set(), "requests": {}, "resident_bytes": 0.0, "loads": {},
+                                         "swaps": {}, "evictions": 0.0, "queue_depth": 0.0})
+
+    for fam in text_string_to_metric_families(text):
+        name = fam.name
+        by_model: dict[str, list] = {}
+        for s in fam.samples:
+            if "model" in s.labels:
+                by_model.setdefault(s.labels["model"], []).append(s)
+        for model, samples in by_model.items():
+            r = row(model)
+            for s in samples:
+                if s.labels.get("version"):
+                    r["versions"].add(s.labels["version"])
+            if name == f"{PREFIX}_request_seconds":
+                _merge(hists["request"], model, samples)
+            elif name == f"{PREFIX}_queue_wait_seconds":
+                _merge(hists["queue"], model, samples)
+            elif name == f"{PREFIX}_requests":
+                for s in samples:
+                    if s.name.endswith("_total"):
+                        res = s.labels.get("result", "ok")
+                        r["requests"][res] = r["requests"].get(res, 0.0) + s.value
+            elif name in (f"{PREFIX}_loads", f"{PREFIX}_swaps"):
+                key = name.rsplit("_", 1)[1]
+                for s in samples:
+                    if s.name.endswith("_total"):
+                        res = s.labels.get("result", "ok")
+                        r[key][res] = r[key].get(res, 0.0) + s.value
+            elif name == f"{PREFIX}_evictions":
+                r["evictions"] += sum(s.value for s in samples if s.name.endswith("_total"))
+            elif name == f"{PREFIX}_resident_bytes":
+                r["resident_bytes"] = sum(s.value for s in samples)
+            elif name == f"{PREFIX}_queue_depth":
+                r["queue_depth"] = sum(s.value for s in samples)
+
+    out = {}
+    for model in sorted(models):
+        r = models[model]
+        req = hists["request"].get(model)
+        que = hists["queue"].get(model)
+        entry = {
+            "versions": sorted(r["versions"]),
+            "requests": int(sum(r["requests"].values())),
+            "requests_by_result": {k: int(v) for k, v in sorted(r["requests"].items())},
+        }
+        for q in (50, 95, 99):
+            v = histogram_quantile(q / 100, list(req["buckets"].items())) if req else None
+            entry[f"p{q}_ms"] = None if v is None else v * 1e3
+        for q in (50, 99):
+            v = histogram_quantile(q / 100, list(que["buckets"].items())) if que else None
+            entry[f"queue_wait_p{q}_ms"] = None if v is None else v * 1e3
+        entry["queue_wait_mean_ms"] = (que["sum"] / que["count"] * 1e3) if que and que["count"] else None
+        entry.update(queue_depth=int(r["queue_depth"]), resident_bytes=int(r["resident_bytes"]),
+                     loads={k: int(v) for k, v in sorted(r["loads"].items())},
+                     swaps={k: int(v) for k, v in sorted(r["swaps"].items())}, evictions=int(r["evictions"]))
+        out[model] = entry
+    return out
+
+
+def _ms(v) -> str:
+    return "—" if v is None else (f"{v:.2f}" if v < 10 else f"{v:.1f}")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _counts(d: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in d.items()) or "0"
+
+
+def cmd_status(args) -> int:
+    url = args.url.rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=args.timeout_s) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        print(f"forgeline serve status: cannot read {url}/metrics: {reason}", file=sys.stderr)
+        return 1
+    try:
+        summary = summarize_metrics(text)
+    except Exception as e:  # noqa: BLE001 - not a Prometheus exposition
+        print(f"forgeline serve status: {url}/metrics is not Prometheus text: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"url": url, "models": summary}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not summary:
+        console.print(f"{url}: no model has been loaded or asked for yet")
+        return 0
+    table = Table(title=f"forgeline serve status ({url})")
+    for col in ("model", "versions", "requests", "P50 ms", "P95 ms", "P99 ms", "queue wait P50/P99 ms", "queued",
+                "resident", "loads", "swaps", "evictions"):
+        table.add_column(col, overflow="fold")
+    for model, e in summary.items():
+        table.add_row(model, ", ".join(e["versions"]), _counts(e["requests_by_result"]), _ms(e["p50_ms"]),
+                      _ms(e["p95_ms"]), _ms(e["p99_ms"]),
+                      f"{_ms(e['queue_wait_p50_ms'])} / {_ms(e['queue_wait_p99_ms'])}", str(e["queue_depth"]),
+                      human_bytes(e["resident_bytes"]), _counts(e["loads"]), _counts(e["swaps"]), str(e["evictions"]))
+    console.print(table)
+    console.print("latency percentiles are estimated from the histogram buckets (as Prometheus does)")
+    return 0
