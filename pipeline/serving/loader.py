@@ -1,0 +1,375 @@
+"""Loading one published version into the server (synchronous; the registry runs it in a thread).
+
+:func:`load_version` does, in order:
+
+1. reads the version's manifest from *storage* (the authority; the tier only holds a copy) and
+   refuses a version that is incomplete or rejected (:func:`pipeline.export.version_problem`);
+2. builds the architecture on the meta device and fills it with :func:`pipeline.loading.load`
+   (``module=``: the loaded tensors *are* the parameters, one copy, never two). On the CPU the
+   tensors get their own memory (``owned=True``): a mapping of the tier's or the storage's files
+   would keep following those files, so bytes changed under the server after the check would be
+   served; on CUDA the weights land in device memory anyway;
+3. reads from the shm tier when the version is complete there. Every shard of the tier copy must
+   have the size and sha256 the *storage* manifest records (checked while loading,
+   ``verify=True, expected_sha256=``); a copy that does not is dropped from the tier and the
+   version re-read from storage (``LoadedVersion.tier_problem`` says why). Wrong weights are never
+   served: storage reads are sha256-verified too;
+4. runs the golden check: the version's ``golden.safetensors`` (recorded at export: a fixed batch
+   and the eval-mode float32 outputs) is fed through the module that will serve (compiled, if
+   asked) and every output must be within ``golden_atol`` of the recorded one
+   (:class:`GoldenMismatch` otherwise). This also warms the module up. A version without golden
+   outputs is accepted unless ``require_golden`` (``LoadedVersion.golden["checked"]`` is False);
+5. with ``compile=True``: ``torch.compile`` through :func:`pipeline.compile_cache.compile_with_cache`
+   (``dynamic=True``: one program for every batch size; warmed on batch sizes 1, 8 and
+   ``max_batch_size``). Compiles run one at a time in the process (Dynamo is not thread-safe).
+
+Input/output specs (:class:`TensorSpec`) come from the golden tensors when present (their shape
+past the batch dimension), else from the architecture's ``in_channels``/``num_classes`` kwargs with
+``-1`` for what it does not fix.
+
+This module never imports dagster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import export
+from pipeline.loading import LoadError, LoadReport, load
+from pipeline.storage import Storage, StorageError, join
+
+log = logging.getLogger("forgeline.serving")
+
+_COMPILE_LOCK = threading.Lock()
+_DATATYPES = {np.dtype(np.float32): "FP32"}
+
+
+class GoldenMismatch(Exception):
+    """The loaded version does not reproduce the outputs its export recorded."""
+
+
+class VersionUnusable(Exception):
+    """The version cannot be served (incomplete, rejected, no architecture, ...)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # without the batch dimension; -1 = any size
+    dtype: np.dtype = np.dtype(np.float32)
+
+    @property
+    def datatype(self) -> str:
+        return _DATATYPES.get(self.dtype, str(self.dtype).upper())
+
+    def as_metadata(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.shape]}
+
+
+@dataclass
+class LoadedVersion:
+    model: str
+    version: str
+    manifest: dict
+    module: torch.nn.Module  # the eager module (owns the weights)
+    forward: Callable[[torch.Tensor], torch.Tensor]  # what serves: the module or its compiled form
+    device: torch.device
+    input: TensorSpec
+    output: TensorSpec
+    nbytes: int  # weight bytes held (parameters + buffers)
+    source: str  # "shm" | "storage"
+    tier_problem: str | None = None
+    golden: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    load_report: str = ""
+    compile: dict | None = None
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """One forward on a stacked float32 batch; float32 rows back (runs in an executor thread)."""
+        x = torch.from_numpy(batch)
+        dtype = _float_dtype(self.module)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        with torch.inference_mode():
+            y = self.forward(x.to(self.device, non_blocking=True))
+            y = y.detach().to("cpu", torch.float32)
+        return y.numpy()
+
+    def lineage(self) -> dict:
+        m = self.manifest
+        meta = m.get("metadata") or {}
+        out = {"run_id": m.get("run_id"), "data_version": m.get("data_version"), "created": m.get("created")}
+        if meta.get("base"):
+            out["base"] = meta["base"]
+        if meta.get("quantization"):
+            out["quantization"] = meta["quantization"].get("scheme")
+        return out
+
+
+def _float_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind the module's parameters and buffers."""
+    seen: dict[Any, int] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.is_meta:
+            continue
+        s = t.untyped_storage()
+        seen[(s.device, s.data_ptr())] = s.nbytes()
+    return sum(seen.values())
+
+
+def meta_module(manifest: dict) -> torch.nn.Module:
+    """The manifest's architecture on the meta device (no memory), ready for ``load(module=)``."""
+    from pipeline.models import build_model
+
+    cfg = manifest.get("config") or {}
+    arch = cfg.get("architecture")
+    if not arch:
+        raise VersionUnusable(f"{manifest.get('model')}/{manifest.get('version')}: the manifest names no architecture")
+    with torch.device("meta"):
+        return build_model(arch, **(cfg.get("kwargs") or {}))
+
+
+def estimate_bytes(manifest: dict) -> int:
+    """Resident bytes the version will take once loaded (before loading it): the manifest's tensor
+    bytes; for a quantized version, the architecture's tensors at the exported floating dtype (it
+    is dequantized on load)."""
+    if not _quantized(manifest):
+        return int(manifest.get("total_size") or 0)
+    try:
+        module = meta_module(manifest)
+    except Exception:  # noqa: BLE001 - an unusable version fails later, with its reason
+        return int(manifest.get("total_size") or 0)
+    dt = getattr(torch, str((manifest.get("config") or {}).get("dtype")), None)
+    size = torch.empty((), dtype=dt).element_size() if isinstance(dt, torch.dtype) else None
+    return sum(t.numel() * (size if size and t.is_floating_point() else t.element_size())
+               for t in module.state_dict().values())
+
+
+def _quantized(manifest: dict) -> bool:
+    return bool((manifest.get("metadata") or {}).get("quantization"))
+
+
+def io_specs(manifest: dict, golden: dict[str, torch.Tensor] | None) -> tuple[TensorSpec, TensorSpec]:
+    if golden is not None:
+        return (TensorSpec("input", tuple(int(s) for s in golden["input"].shape[1:])),
+                TensorSpec("output", tuple(int(s) for s in golden["output"].shape[1:])))
+    kwargs = (manifest.get("config") or {}).get("kwargs") or {}
+    arch = (manifest.get("config") or {}).get("architecture")
+    channels = int(kwargs.get("in_channels", 1 if arch == "digits_cnn" else 3))
+    classes = int(kwargs.get("num_classes", 10 if arch == "digits_cnn" else 1000))
+    return TensorSpec("input", (channels, -1, -1)), TensorSpec("output", (classes,))
+
+
+def spec_for(store: Storage, model: str, version: str, *, root: str = export.DEFAULT_ROOT) -> tuple[TensorSpec, TensorSpec]:
+    """Input/output specs of a published version without loading its weights (a golden read)."""
+    manifest = export.read_manifest(store, model, version, root=root)
+    golden = export.read_golden(store, model, version, root=root) if manifest.get("golden") else None
+    return io_specs(manifest, golden)
+
+
+# ---------------------------------------------------------------------------------------------
+# references: the production alias, discovery
+# ---------------------------------------------------------------------------------------------
+
+
+def serving_reference(store: Storage, model: str, *, root: str = export.DEFAULT_ROOT,
+                      latest_without_alias: bool = True) -> tuple[str | None, dict | None]:
+    """``(version to serve, alias record)``: the production alias's version; without an alias the
+    newest complete, non-rejected version (when ``latest_without_alias``), else None."""
+    from pipeline import promotion
+
+    record = promotion.production(store, model, root=root)
+    if record is not None:
+        return record.get("version"), record
+    if latest_without_alias:
+        return export.latest_version(store, model, root), None
+    return None, None
+
+
+def discover_models(store: Storage, *, root: str = export.DEFAULT_ROOT) -> list[str]:
+    """Names under ``<root>/`` with at least one manifest or a production alias."""
+    names = set()
+    for obj in store.list(root):
+        parts = obj.key[len(root) + 1:].split("/")
+        if (len(parts) == 3 and parts[2] == export.MANIFEST_NAME) or (len(parts) == 2 and parts[1] == "production"):
+            names.add(parts[0])
+    return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _tier_problem(tier: Any, model: str, version: str, manifest: dict) -> str | None:
+    """Why the tier's copy cannot be used as-is (None: sizes match the storage manifest)."""
+    folder = tier.resolve(model, version)
+    if folder is None:
+        return "absent"
+    try:
+        copy = json.loads((folder / export.MANIFEST_NAME).read_bytes())
+    except (OSError, ValueError) as e:
+        return f"tier manifest unreadable ({e})"
+    want = {s["file"]: (int(s["bytes"]), s["sha256"]) for s in manifest["shards"]}
+    have = {s["file"]: (int(s["bytes"]), s.get("sha256")) for s in copy.get("shards", [])}
+    if want != have:
+        return "tier manifest lists other shards than storage's"
+    for f, (size, _) in want.items():
+        try:
+            got = (folder / f).stat().st_size
+        except OSError:
+            return f"shard {f} missing"
+        if got != size:
+            return f"shard {f}: {got} bytes, the manifest says {size}"
+    return None
+
+
+def _fill(source: str, device: torch.device, manifest: dict, storage: Storage) -> tuple[torch.nn.Module, LoadReport]:
+    module = meta_module(manifest)
+    rep = LoadReport()
+    load(source, device, storage=storage, module=module, verify=True, owned=device.type == "cpu", report=rep,
+         expected_sha256={s["file"]: s["sha256"] for s in manifest["shards"]})
+    return module.eval(), rep
+
+
+def _check_golden(fn: Callable, golden: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+                  atol: float, what: str) -> dict:
+    with torch.inference_mode():
+        got = fn(golden["input"].to(device, dtype)).detach().to("cpu", torch.float32)
+    want = golden["output"]
+    if got.shape != want.shape:
+        raise GoldenMismatch(f"{what}: golden check failed: outputs are {list(got.shape)}, "
+                             f"the export recorded {list(want.shape)}")
+    diff = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
+    if not diff <= atol:  # also catches NaN
+        raise GoldenMismatch(f"{what}: golden check failed: max |output - recorded| = {diff:.3g} > atol {atol:g} "
+                             f"on the {want.shape[0]} recorded inputs")
+    return {"checked": True, "max_abs_diff": diff, "rows": int(want.shape[0]), "atol": atol}
+
+
+def load_version(
+    store: Storage,
+    model: str,
+    version: str,
+    *,
+    device: str | torch.device = "cpu",
+    tier: Any = None,
+    cache: Any = None,
+    compile: bool = False,
+    compile_mode: str = "default",
+    golden_atol: float = 1e-4,
+    require_golden: bool = False,
+    max_batch_size: int = 32,
+    root: str = export.DEFAULT_ROOT,
+    on_tier_reject: Callable[[str], None] | None = None,
+) -> LoadedVersion:
+    """Load, check and warm ``model/version`` (see the module docstring). Raises
+    :class:`VersionUnusable`, :class:`GoldenMismatch`, or the loader's/storage's own errors."""
+    what = f"{model}/{version}"
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    problem = export.version_problem(store, model, version, root=root)
+    if problem is not None:
+        raise VersionUnusable(problem)
+    manifest = export.read_manifest(store, model, version, root=root)
+    golden = export.read_golden(store, model, version, root=root) if manifest.get("golden") else None
+    if golden is None and require_golden:
+        raise VersionUnusable(f"{what} has no golden outputs (require_golden is on)")
+    source, tier_problem = "storage", None
+    module = rep = None
+    if tier is not None and root == export.DEFAULT_ROOT:
+        why = _tier_problem(tier, model, version, manifest)
+        if why is None:
+            try:
+                module, rep = _fill(f"{model}/{version}", dev, manifest, tier.storage())
+                source = "shm"
+            except (LoadError, StorageError, OSError, RuntimeError) as e:
+                why = str(e).splitlines()[0]
+        if why is not None and why != "absent":
+            tier_problem = why
+            log.warning("%s: the shm tier copy is not served (%s); dropping it and reading from storage", what, why)
+            if on_tier_reject is not None:
+                on_tier_reject(why)
+            try:
+                tier.evict(model, version, force=True)
+            except Exception as e:  # noqa: BLE001 - the copy is not used either way
+                log.warning("%s: could not drop the tier copy: %s", what, e)
+    if module is None:
+        key = f"{model}/{version}" if root == export.DEFAULT_ROOT else export.version_prefix(model, version, root)
+        module, rep = _fill(key, dev, manifest, store)
+    t_loaded = time.perf_counter()
+
+    inp, out = io_specs(manifest, golden)
+    dtype = _float_dtype(module)
+    forward: Callable = module
+    compile_info = None
+    t_compile = 0.0
+    if compile:
+        from pipeline.compile_cache import compile_with_cache
+
+        shape = [max_batch_size, *(s if s > 0 else 28 for s in inp.shape)]
+        example = (golden["input"][:1].expand(max_batch_size, *golden["input"].shape[1:]).contiguous()
+                   if golden is not None else torch.zeros(shape)).to(dev, dtype)
+        tc = time.perf_counter()
+        with _COMPILE_LOCK, torch.inference_mode():
+            forward, creport = compile_with_cache(module, (example,), cache, mode=compile_mode, dynamic=True)
+            for n in sorted({1, max_batch_size}):
+                forward(example[:n])
+        t_compile = time.perf_counter() - tc
+        compile_info = {"hit": creport.hit, "key": creport.key, "seconds": t_compile, "warnings": list(creport.warnings)}
+
+    tg = time.perf_counter()
+    if golden is not None:
+        golden_info = _check_golden(forward, golden, dev, dtype, golden_atol, what)
+    else:
+        golden_info = {"checked": False, "reason": "the version has no golden outputs"}
+        with torch.inference_mode():  # still warm it up once
+            forward(torch.zeros(1, *(s if s > 0 else 28 for s in inp.shape), dtype=dtype, device=dev))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t_end = time.perf_counter()
+    return LoadedVersion(
+        model=model, version=version, manifest=manifest, module=module, forward=forward, device=dev,
+        input=inp, output=out, nbytes=weight_bytes(module), source=source, tier_problem=tier_problem,
+        golden=golden_info, load_report=rep.summary() if rep is not None else "", compile=compile_info,
+        seconds={"load": t_loaded - t0, "compile": t_compile, "golden": t_end - tg, "total": t_end - t0},
+    )
+
+
+def release(loaded: LoadedVersion) -> None:
+    """Drop the version's weights (device memory goes back to the allocator's cache, then the device)."""
+    dev = loaded.device
+    loaded.forward = None  # type: ignore[assignment]
+    loaded.module = None  # type: ignore[assignment]
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+__all__ = [
+    "GoldenMismatch",
+    "LoadedVersion",
+    "TensorSpec",
+    "VersionUnusable",
+    "discover_models",
+    "estimate_bytes",
+    "io_specs",
+    "load_version",
+    "meta_module",
+    "release",
+    "serving_reference",
+    "spec_for",
+    "weight_bytes",
+]
