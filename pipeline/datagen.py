@@ -4,9 +4,11 @@ synthetic volumes for benchmarks.
 
 Layout written for one batch under ``prefix`` (normally ``incoming/<batch>``)::
 
-    <prefix>/shards/{train,val,test}-NNNNNN.tar    NNNNNN.png (or .jpg) + NNNNNN.cls per sample
+    <prefix>/shards/{train,val,test}-NNNNNN.tar    NNNNNN.png (or another image format) + NNNNNN.cls
     <prefix>/table.parquet                         id, px_00..px_63 (0..16), label, split
     <prefix>/_READY                                written last: the batch is complete
+
+Shard members are named and labels written by the conventions of :mod:`pipeline.webdataset`.
 """
 
 from __future__ import annotations
@@ -21,11 +23,22 @@ from typing import Callable, Iterable
 import numpy as np
 
 from pipeline.storage import ObjectInfo, Storage, join
+from pipeline.webdataset import IMAGE_EXTS, LABEL_EXT, format_label, member_name
 
 NUM_CLASSES = 10
 PIXEL_MAX = 16  # digits pixels are integers 0..16
 SPLITS = ("train", "val", "test")
 READY_MARKER = "_READY"
+# Pillow's encoder per image extension (every one of IMAGE_EXTS) and its options
+_PIL_FORMATS = {
+    "bmp": ("BMP", {}),
+    "jpeg": ("JPEG", {"quality": 90}),
+    "jpg": ("JPEG", {"quality": 90}),
+    "png": ("PNG", {"compress_level": 1}),
+    "tif": ("TIFF", {}),
+    "tiff": ("TIFF", {}),
+    "webp": ("WEBP", {"lossless": True}),
+}
 
 
 @dataclass(frozen=True)
@@ -82,30 +95,29 @@ def shift(
 
 
 def encode_image(img: np.ndarray, image_size: int | None = None, fmt: str = "png") -> bytes:
-    """8-bit grayscale PNG/JPEG of a 0..16 digit, optionally upscaled (real decode work downstream)."""
+    """8-bit grayscale image of a 0..16 digit in format ``fmt`` (one of ``IMAGE_EXTS``), optionally
+    upscaled (real decode work downstream)."""
     from PIL import Image
 
+    if fmt not in _PIL_FORMATS:
+        raise ValueError(f"unsupported image format {fmt!r}: use one of {', '.join(IMAGE_EXTS)}")
     im = Image.fromarray((img.astype(np.float32) * (255.0 / PIXEL_MAX)).round().astype(np.uint8), mode="L")
     if image_size and image_size != im.width:
         im = im.resize((image_size, image_size), Image.BICUBIC)
     buf = io.BytesIO()
-    if fmt == "png":
-        im.save(buf, format="PNG", compress_level=1)
-    elif fmt in ("jpg", "jpeg"):
-        im.save(buf, format="JPEG", quality=90)
-    else:
-        raise ValueError(f"unsupported image format {fmt!r}: use 'png' or 'jpg'")
+    pil_format, options = _PIL_FORMATS[fmt]
+    im.save(buf, format=pil_format, **options)
     return buf.getvalue()
 
 
 def write_tar(store: Storage, key: str, samples: Iterable[tuple[str, str, bytes, int]]) -> ObjectInfo:
-    """Write one WebDataset shard from ``(stem, image_ext, image_bytes, label)`` tuples, atomically.
+    """Write one WebDataset shard from ``(key, image_ext, image_bytes, label)`` tuples, atomically.
     Stream mode ("w|") writes sequentially into the atomic writer: nothing is held in memory."""
     now = int(time.time())
     with store.open_write(key) as w:
         with tarfile.open(fileobj=w, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-            for stem, ext, image, label in samples:
-                for name, payload in ((f"{stem}.{ext}", image), (f"{stem}.cls", f"{label}\n".encode())):
+            for key, ext, image, label in samples:
+                for name, payload in ((member_name(key, ext), image), (member_name(key, LABEL_EXT), format_label(label))):
                     info = tarfile.TarInfo(name)
                     info.size, info.mtime, info.mode = len(payload), now, 0o644
                     tar.addfile(info, io.BytesIO(payload))

@@ -5,7 +5,8 @@ Three views of a batch, each a plain table that Evidently's data-drift preset co
 column (its per-column stattest and threshold, configurable here):
 
 * **table** — the batch's published Parquet rows (every feature column, the label as categorical);
-* **image** — per-image features computed with polars from the published WebDataset shards:
+* **image** — per-image features computed with polars from the published WebDataset shards (read
+  by the conventions of :mod:`pipeline.webdataset`, as ingestion and the loader read them):
   brightness, contrast, entropy of the pixel histogram, mean per channel (colour images only; for
   grayscale it would repeat brightness), and the label as categorical;
 * **prediction** — the production model's predicted class (categorical) and confidence on the
@@ -22,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 import tempfile
 import time
 import warnings
@@ -32,11 +32,11 @@ from typing import Any, Iterator
 import numpy as np
 import polars as pl
 
-from pipeline import export
+from pipeline import export, promotion
 from pipeline.ingest import MANIFEST, read_shard_manifest
 from pipeline.storage import Storage, join
+from pipeline.webdataset import LABEL_EXT, WebDatasetError, image_ext, parse_label, read_samples, sample_problem
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 REPORT_PREFIX = "reports/drift"
 FEATURE_CACHE = "drift/features"
 NON_FEATURES = ("id", "split")  # identifiers and bookkeeping, not data
@@ -102,11 +102,12 @@ class DriftResult:
 
 
 def production_reference(store: Storage, model: str) -> dict | None:
-    """``{"model", "version", "batches", "spec", "data_version"}`` of the latest published version
-    of ``model`` (what serving loads), or None when nothing is published yet."""
-    version = export.latest_version(store, model)
-    if version is None:
+    """``{"model", "version", "batches", "spec", "data_version"}`` of the production version of
+    ``model`` (the promotion alias: what serving loads), or None when nothing is promoted yet."""
+    current = promotion.production(store, model)
+    if current is None:
         return None
+    version = current["version"]
     manifest = export.read_manifest(store, model, version)
     meta = manifest.get("metadata") or {}
     dataset = meta.get("dataset") or {}
@@ -151,23 +152,24 @@ def _decode(name: str, data: bytes) -> np.ndarray:
 
 def _shard_samples(store: Storage, key: str, limit: int) -> Iterator[tuple[np.ndarray, int]]:
     """(HWC uint8 image, label) pairs of a published shard, in stored order, at most ``limit``."""
-    pending: dict[str, dict[str, bytes]] = {}
+    if limit < 1:
+        return
     n = 0
-    with store.open_read(key) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            stem, _, ext = m.name.rpartition(".")
-            data = tar.extractfile(m).read()  # type: ignore[union-attr]
-            entry = pending.setdefault(stem, {})
-            entry["." + ext.lower()] = data
-            img_ext = next((e for e in IMAGE_EXTS if e in entry), None)
-            if img_ext and ".cls" in entry:
-                del pending[stem]
-                yield _decode(f"{store.uri(key)}:{stem}{img_ext}", entry[img_ext]), int(entry[".cls"].strip())
+    with store.open_read(key) as f:
+        try:
+            for sample, fields in read_samples(f):
+                where = f"{store.uri(key)}:{sample}"
+                problem = sample_problem(fields)
+                label = None if problem else parse_label(fields[LABEL_EXT])
+                if label is None:
+                    raise DriftError(f"{where}: {problem or 'label is not a non-negative integer'}")
+                ext = image_ext(fields)
+                yield _decode(f"{where}.{ext}", fields[ext]), label
                 n += 1
                 if n >= limit:
                     return
+        except WebDatasetError as e:
+            raise DriftError(f"{store.uri(key)}: {e}") from None
 
 
 def image_features(images: list[np.ndarray], labels: list[int] | np.ndarray) -> pl.DataFrame:
@@ -226,12 +228,12 @@ def prediction_frame(model: Any, shard_paths: list[str], spec: dict, *, max_imag
     (local files), preprocessed exactly as in evaluation."""
     import torch
 
-    from pipeline.evaluate import _loader
+    from pipeline.evaluate import eval_loader
 
     preds, confs = [], []
     n = 0
     model = model.to(device).eval()
-    with torch.no_grad(), _loader(shard_paths, spec, batch_size, device) as loader:
+    with torch.no_grad(), eval_loader(shard_paths, spec, batch_size, device) as loader:
         for x, _ in loader.epoch(0):
             p = torch.softmax(model(x).float(), dim=1)
             conf, cls = p.max(dim=1)

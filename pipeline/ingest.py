@@ -29,9 +29,17 @@ from typing import BinaryIO, Callable, Iterator
 
 from pipeline.datagen import NUM_CLASSES, PIXEL_MAX, SPLITS
 from pipeline.storage import CHUNK, AtomicWriter, ObjectNotFound, Storage, StorageError, join, sha256_stream
+from pipeline.webdataset import (
+    IMAGE_EXTS,
+    LABEL_EXT,
+    WebDatasetError,
+    group_samples,
+    image_ext,
+    parse_label,
+    sample_problem,
+    split_key,
+)
 
-IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"})
-LABEL_EXT = "cls"
 MAX_MEMBER_BYTES = 64 * 1024 * 1024  # larger members are rejected rather than read into memory
 MANIFEST = "manifest.json"
 
@@ -118,15 +126,6 @@ def _check_member(m: tarfile.TarInfo) -> None:
         raise ShardInvalid(f"member {name!r}: {m.size} bytes exceeds the {MAX_MEMBER_BYTES}-byte limit")
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """WebDataset convention: the sample key is the path up to the first '.' of the basename."""
-    p = PurePosixPath(name)
-    stem, dot, ext = p.name.partition(".")
-    if not dot or not stem or not ext:
-        raise ShardInvalid(f"member {name!r}: no '<key>.<ext>' name")
-    return str(p.parent / stem) if str(p.parent) != "." else stem, ext.lower()
-
-
 def _check_image(name: str, data: bytes) -> None:
     from PIL import Image, UnidentifiedImageError
 
@@ -141,11 +140,10 @@ def _check_image(name: str, data: bytes) -> None:
 
 
 def _check_label(name: str, data: bytes, num_classes: int) -> int:
-    try:
-        label = int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise ShardInvalid(f"member {name!r}: label {data[:20]!r} is not an integer") from None
-    if not 0 <= label < num_classes:
+    label = parse_label(data)
+    if label is None:
+        raise ShardInvalid(f"member {name!r}: label {data[:20]!r} is not an integer in [0, {num_classes})")
+    if label >= num_classes:
         raise ShardInvalid(f"member {name!r}: label {label} outside [0, {num_classes})")
     return label
 
@@ -154,66 +152,54 @@ def validate_shard(stream: BinaryIO, *, num_classes: int = NUM_CLASSES, sink=Non
     """Validate one WebDataset tar from a sequential stream, copying its bytes to ``sink``.
 
     Returns ``(samples, class_histogram, sha256, bytes)``; raises :class:`ShardInvalid` with the
-    member and problem. The whole stream is consumed (so sha256 covers the full file) even though
-    tarfile stops at the end-of-archive marker.
+    member and problem. Members are named and grouped by :mod:`pipeline.webdataset`; every sample
+    needs one image the loader decodes and a label. The whole stream is consumed (so sha256 covers
+    the full file) even though tarfile stops at the end-of-archive marker.
     """
     tee = _TeeReader(stream, sink)
-    classes: Counter = Counter()
-    samples = 0
-    seen: set[str] = set()
-    current: str | None = None
-    fields: set[str] = set()
 
-    def finish(key: str | None, exts: set[str]) -> None:
-        if key is None:
-            return
-        if not exts & IMAGE_EXTS:
-            raise ShardInvalid(f"sample {key!r}: no image member (has {sorted(exts)})")
-        if LABEL_EXT not in exts:
-            raise ShardInvalid(f"sample {key!r}: no .{LABEL_EXT} label member (has {sorted(exts)})")
-
-    try:
+    def members() -> Iterator[tuple[str, tuple[str, bytes]]]:
+        """``(name, (name, payload))`` of the regular members; only images and labels are kept."""
         with tarfile.open(fileobj=io.BufferedReader(tee, CHUNK), mode="r|") as tar:
             for m in tar:
                 _check_member(m)
                 if m.isdir():
                     continue
-                key, ext = _split_key(m.name)
-                if key != current:
-                    finish(current, fields)
-                    if key in seen:
-                        raise ShardInvalid(f"sample {key!r}: members are not contiguous (key seen twice)")
-                    seen.add(key)
-                    current, fields = key, set()
-                    samples += 1
-                if ext in fields:
-                    raise ShardInvalid(f"member {m.name!r}: duplicate field .{ext} for sample {key!r}")
-                fields.add(ext)
+                split = split_key(m.name)
                 f = tar.extractfile(m)
-                if ext in IMAGE_EXTS or ext == LABEL_EXT:
+                if split and (split[1] in IMAGE_EXTS or split[1] == LABEL_EXT):
                     data = f.read()
                     got = len(data)
-                else:  # other fields (json, txt, npy, ...) are carried, not parsed
+                else:  # other fields (json, txt, npy, ...) and hidden members are carried, not parsed
                     data, got = b"", 0
                     while b := f.read(CHUNK):
                         got += len(b)
                 # stream-mode tarfile returns short reads at EOF instead of raising
                 if got != m.size:
                     raise ShardInvalid(f"truncated tar: member {m.name!r} has {got} of {m.size} bytes")
-                if ext in IMAGE_EXTS:
-                    _check_image(m.name, data)
-                elif ext == LABEL_EXT:
-                    classes[_check_label(m.name, data, num_classes)] += 1
+                yield m.name, (m.name, data)
+        tee.drain()
+        # Stream-mode tarfile treats a cut inside or at a header as the end; a complete archive ends
+        # in two zero blocks. Checked before the last sample is closed so a cut reads as "truncated".
+        if tee.nbytes % 512 or tee.tail[-1024:] != bytes(1024):
+            raise ShardInvalid(f"truncated tar: no end-of-archive marker after {tee.nbytes} bytes")
+
+    classes: Counter = Counter()
+    samples = 0
+    try:
+        for key, fields in group_samples(members()):
+            problem = sample_problem(fields)
+            if problem:
+                raise ShardInvalid(f"sample {key!r}: {problem} (has {sorted(fields)})")
+            _check_image(*fields[image_ext(fields)])
+            classes[_check_label(*fields[LABEL_EXT], num_classes)] += 1
+            samples += 1
+    except WebDatasetError as e:
+        raise ShardInvalid(str(e)) from None
     except tarfile.TarError as e:
         raise ShardInvalid(f"corrupt or truncated tar: {e}") from None
     except EOFError as e:
         raise ShardInvalid(f"truncated tar: {e}") from None
-    tee.drain()
-    # Stream-mode tarfile treats a cut inside or at a header as the end; a complete archive ends
-    # in two zero blocks. Checked before the last sample so a cut reads as "truncated".
-    if tee.nbytes % 512 or tee.tail[-1024:] != bytes(1024):
-        raise ShardInvalid(f"truncated tar: no end-of-archive marker after {tee.nbytes} bytes")
-    finish(current, fields)
     if samples == 0:
         raise ShardInvalid("no samples (empty archive)")
     return samples, classes, tee.sha256, tee.nbytes

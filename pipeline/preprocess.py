@@ -2,9 +2,10 @@
 
 One stage, two devices. ``device="gpu"`` decodes with nvJPEG / the hardware JPEG decoder
 (``fn.decoders.image(device="mixed")``) and resizes, crops and normalizes on the GPU; ``device="cpu"``
-runs the same graph on CPU threads with a CPU-only pipeline (``device_id=None``). Shards are the
-published layout (``NNNNNN.png|jpg`` + ``NNNNNN.cls``, label = ASCII integer, see
-docs/ingestion.md) and must be local paths (local disk, NFS, /dev/shm: ``Storage.local_path``).
+runs the same graph on CPU threads with a CPU-only pipeline (``device_id=None``). Shards follow the
+conventions of :mod:`pipeline.webdataset` (one image of ``IMAGE_EXTS`` + a ``.cls`` label per
+sample, see docs/ingestion.md) and must be local paths (local disk, NFS, /dev/shm:
+``Storage.local_path``).
 
     spec = PreprocessSpec(resize_shorter=32, crop=28)
     train = WebDatasetLoader(paths, batch_size=256, spec=spec, training=True,
@@ -58,6 +59,17 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from pipeline.webdataset import (
+    IMAGE_EXTS,
+    LABEL_EXT,
+    MAX_LABEL_DIGITS,
+    WebDatasetError,
+    group_samples,
+    image_ext,
+    parse_label,
+    sample_problem,
+)
+
 if TYPE_CHECKING:  # torch is imported lazily too: loading the code location stays cheap
     import torch
 
@@ -65,11 +77,7 @@ DALI_INSTALL_HINT = (
     "pip install nvidia-dali-cuda130==2.4.0  (the CUDA 13 wheel; it also runs CPU-only with "
     "device='cpu'; the pinned version is in pyproject.toml)"
 )
-IMAGE_EXTS = ("png", "jpg", "jpeg")
-LABEL_EXT = "cls"
-MAX_LABEL_DIGITS = 18  # fits int64
 _READER = "reader"
-_WS = frozenset(b" \t\r\n\0")
 
 
 class PreprocessError(RuntimeError):
@@ -97,16 +105,6 @@ def _dali():
     except ImportError as e:
         raise DaliNotInstalled(f"NVIDIA DALI is required for preprocessing but is not installed ({e}): {DALI_INSTALL_HINT}") from e
     return dali, fn, types, Pipeline
-
-
-def dali_version() -> str | None:
-    """The installed DALI version, or None (for metadata; never raises)."""
-    try:
-        import nvidia.dali as dali
-
-        return dali.__version__
-    except ImportError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,9 +141,6 @@ class PreprocessSpec:
         if any(not s > 0 for s in self.std):
             raise ValueError(f"PreprocessSpec: std must be > 0, got {self.std}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def with_stats(self, mean: Sequence[float], std: Sequence[float]) -> "PreprocessSpec":
         """The same spec normalizing with ``mean``/``std`` (e.g. from :func:`normalization_stats`)."""
         return PreprocessSpec(**{**asdict(self), "mean": tuple(mean), "std": tuple(std)})
@@ -161,19 +156,6 @@ class ShardIndex:
     path: str
     index_path: str
     samples: int
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """WebDataset key/extension split, exactly as DALI does it: at the first dot of the basename."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
-
-
-def _parse_label(raw: bytes) -> int | None:
-    text = raw.strip(bytes(_WS))
-    if not text or len(text) > MAX_LABEL_DIGITS or not text.isdigit():
-        return None
-    return int(text)
 
 
 def _index_cache_name(path: str, st: os.stat_result) -> str:
@@ -201,59 +183,42 @@ def index_shard(path: str | os.PathLike, index_dir: str | os.PathLike) -> ShardI
             return ShardIndex(path, idx_path, int(head[1]))
 
     lines: list[str] = []
-    cur_key: str | None = None
-    cur: list[tuple[str, int, int, str]] = []
-    seen: set[str] = set()
-
-    def close_sample() -> None:
-        if cur_key is None:
-            return
-        exts = [e.lower() for e, *_ in cur]
-        n_img = sum(e in IMAGE_EXTS for e in exts)
-        if n_img != 1 or exts.count(LABEL_EXT) != 1:
-            what = "no image (.png/.jpg)" if n_img == 0 else f"{n_img} images" if n_img > 1 else "no .cls label"
-            if n_img == 1 and exts.count(LABEL_EXT) > 1:
-                what = "several .cls labels"
-            raise ShardError(path, f"sample {cur_key!r} has {what} (members: {', '.join(n for *_, n in cur)})")
-        lines.append(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in cur))
-
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise ShardError(path, f"cannot open: {e.strerror or e}") from e
     try:
         with os.fdopen(os.dup(fd), "rb") as fobj, tarfile.open(fileobj=fobj, mode="r:") as tar:
-            while True:
-                try:
-                    m = tar.next()
-                except (tarfile.TarError, EOFError, UnicodeError) as e:
-                    raise ShardError(path, f"corrupt tar archive near byte {tar.offset}: {e}") from e
-                if m is None:
-                    break
-                if not m.isreg():
-                    continue
-                if m.offset_data + m.size > st.st_size:
-                    raise ShardError(
-                        path, f"truncated: member {m.name!r} needs bytes up to {m.offset_data + m.size}, file has {st.st_size}"
-                    )
-                key, ext = _split_name(m.name)
-                if not key or key.endswith("/"):  # hidden files: DALI skips them too
-                    continue
-                if any(c.isspace() for c in m.name):
-                    raise ShardError(path, f"member name {m.name!r} contains whitespace (unsupported by the DALI index)")
-                if key != cur_key:
-                    close_sample()
-                    if key in seen:
-                        raise ShardError(path, f"sample {key!r} is split across non-adjacent members")
-                    seen.add(key)
-                    cur_key, cur = key, []
-                if ext.lower() == LABEL_EXT:
-                    raw = os.pread(fd, m.size, m.offset_data) if m.size <= 64 else b"x"
-                    if _parse_label(raw) is None:
-                        raise ShardError(path, f"sample {key!r}: label {raw[:32]!r} is not a non-negative integer")
-                cur.append((ext, m.offset_data, m.size, m.name))
-            close_sample()
+
+            def members() -> Iterator[tuple[str, tuple[int, int, str]]]:
+                """``(name, (offset, size, name))`` of the regular members, in archive order."""
+                while True:
+                    try:
+                        m = tar.next()
+                    except (tarfile.TarError, EOFError, UnicodeError) as e:
+                        raise ShardError(path, f"corrupt tar archive near byte {tar.offset}: {e}") from e
+                    if m is None:
+                        return
+                    if not m.isreg():
+                        continue
+                    if m.offset_data + m.size > st.st_size:
+                        raise ShardError(
+                            path, f"truncated: member {m.name!r} needs bytes up to {m.offset_data + m.size}, file has {st.st_size}"
+                        )
+                    yield m.name, (m.offset_data, m.size, m.name)
+
+            for key, fields in group_samples(members()):
+                problem = sample_problem(fields)
+                if problem:
+                    raise ShardError(path, f"sample {key!r} has {problem} (members: {', '.join(n for *_, n in fields.values())})")
+                off, size, _ = fields[LABEL_EXT]
+                raw = os.pread(fd, size, off) if size <= 64 else b"x"
+                if parse_label(raw) is None:
+                    raise ShardError(path, f"sample {key!r}: label {raw[:32]!r} is not a non-negative integer")
+                lines.append(" ".join(f"{e} {o} {s} {n}" for e, (o, s, n) in fields.items()))
             end = tar.offset
+    except WebDatasetError as e:
+        raise ShardError(path, str(e)) from None
     except tarfile.ReadError as e:
         raise ShardError(path, f"not a readable tar archive: {e}") from e
     except OSError as e:
@@ -701,7 +666,7 @@ def _first_undecodable(shard: ShardIndex, start: int, stop: int) -> tuple[str, s
     samples = _read_index(shard.index_path)[start:stop]
     with open(shard.path, "rb") as f:
         for comp in samples:
-            (off, size, name) = next(v for k, v in comp.items() if k in IMAGE_EXTS)
+            (off, size, name) = comp[image_ext(comp)]
             f.seek(off)
             try:
                 with Image.open(BytesIO(f.read(size))) as im:
@@ -790,7 +755,6 @@ __all__ = [
     "ShardError",
     "ShardIndex",
     "WebDatasetLoader",
-    "dali_version",
     "index_shard",
     "normalization_stats",
     "parse_labels",

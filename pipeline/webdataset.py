@@ -1,0 +1,141 @@
+"""WebDataset conventions, in one place: how shard members are named and grouped into samples,
+which image extensions a sample may carry, how a label is written and parsed.
+
+``pipeline.datagen`` writes shards with these rules, ``pipeline.ingest`` validates landed shards
+against them, ``pipeline.preprocess`` indexes shards for DALI by them and ``pipeline.drift`` reads
+published shards by them, so what ingestion publishes is what the loader and the drift checks read.
+The choices (first-dot keys, the image formats, hidden members) are explained in docs/ingestion.md.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from typing import BinaryIO, Iterable, Iterator, TypeVar
+
+# Exactly the formats the preprocess path decodes: DALI's fn.decoders.image (CPU and "mixed"
+# devices) and Pillow (its error diagnosis, the drift features) both read every one of these.
+IMAGE_EXTS = ("bmp", "jpeg", "jpg", "png", "tif", "tiff", "webp")
+LABEL_EXT = "cls"  # ASCII decimal class index, e.g. b"7\n"
+MAX_LABEL_DIGITS = 18  # fits int64
+_LABEL_PAD = b" \t\r\n\0"  # around a label: whitespace, and the NUL padding of DALI's label batches
+
+T = TypeVar("T")
+
+
+class WebDatasetError(ValueError):
+    """A shard breaks the conventions; the message names the member or the sample."""
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """``(key, extension)`` of the tar member ``name``, WebDataset's rule: the key is the path up to
+    the first dot of the basename, the extension everything after it, lower-cased
+    (``"d/0001.seg.png"`` → ``("d/0001", "seg.png")``). None for a hidden member (basename starting
+    with a dot, e.g. macOS ``._*`` files): it belongs to no sample and every reader skips it.
+    Raises :class:`WebDatasetError` for a name without ``<key>.<ext>`` or with whitespace (the DALI
+    index format is space-separated)."""
+    parent, _, base = name.rpartition("/")
+    if base.startswith("."):
+        return None
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem or not ext:
+        raise WebDatasetError(f"member {name!r}: no '<key>.<ext>' name")
+    if any(c.isspace() for c in name):
+        raise WebDatasetError(f"member {name!r}: whitespace in the name (unsupported by the DALI index)")
+    return (f"{parent}/{stem}" if parent else stem), ext.lower()
+
+
+def member_name(key: str, ext: str) -> str:
+    """The member name of field ``ext`` of sample ``key``; raises :class:`WebDatasetError` if it would
+    not split back into ``(key, ext)`` (a dot in the key's basename, an upper-case extension)."""
+    name = f"{key}.{ext}"
+    if split_key(name) != (key, ext):
+        raise WebDatasetError(f"member {name!r} would not read back as key {key!r}, extension {ext!r}")
+    return name
+
+
+def format_label(label: int | str) -> bytes:
+    """The payload of a ``.cls`` member."""
+    return f"{label}\n".encode("ascii")
+
+
+def parse_label(raw: bytes) -> int | None:
+    """The class index in a ``.cls`` payload (ASCII digits, surrounding whitespace or NUL padding
+    allowed), or None when it is not a non-negative integer of at most ``MAX_LABEL_DIGITS`` digits."""
+    text = raw.strip(_LABEL_PAD)
+    if not text or len(text) > MAX_LABEL_DIGITS or not text.isdigit():
+        return None
+    return int(text)
+
+
+def image_ext(exts: Iterable[str]) -> str | None:
+    """The extension of a sample's image field (the first of ``exts`` in ``IMAGE_EXTS``), or None."""
+    return next((e for e in exts if e in IMAGE_EXTS), None)
+
+
+def sample_problem(exts: Iterable[str]) -> str | None:
+    """Why a sample with fields ``exts`` is not a training sample (it needs exactly one image in
+    ``IMAGE_EXTS`` and one ``.cls`` label; other fields are carried), or None."""
+    exts = list(exts)
+    images = [e for e in exts if e in IMAGE_EXTS]
+    if not images:
+        return f"no image member (one of .{', .'.join(IMAGE_EXTS)})"
+    if len(images) > 1:
+        return f"{len(images)} image members (.{', .'.join(images)})"
+    if LABEL_EXT not in exts:
+        return f"no .{LABEL_EXT} label"
+    return None
+
+
+def group_samples(members: Iterable[tuple[str, T]]) -> Iterator[tuple[str, dict[str, T]]]:
+    """Group ``(member name, payload)`` pairs, in archive order, into ``(key, {ext: payload})``
+    samples. A sample's members are contiguous; hidden members are skipped. Raises
+    :class:`WebDatasetError` for a key seen again after another one or a field seen twice."""
+    seen: set[str] = set()
+    key: str | None = None
+    fields: dict[str, T] = {}
+    for name, payload in members:
+        split = split_key(name)
+        if split is None:
+            continue
+        k, ext = split
+        if k != key:
+            if key is not None:
+                yield key, fields
+            if k in seen:
+                raise WebDatasetError(f"sample {k!r}: members are not contiguous (key seen twice)")
+            seen.add(k)
+            key, fields = k, {}
+        if ext in fields:
+            raise WebDatasetError(f"member {name!r}: duplicate field .{ext} for sample {k!r}")
+        fields[ext] = payload
+    if key is not None:
+        yield key, fields
+
+
+def read_samples(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of a tar read sequentially from ``stream``: ``(key, {ext: bytes})`` in stored
+    order (regular members only). Raises :class:`WebDatasetError` as :func:`group_samples`."""
+
+    def members() -> Iterator[tuple[str, bytes]]:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for m in tar:
+                if m.isfile():
+                    yield m.name, tar.extractfile(m).read()  # type: ignore[union-attr]
+
+    return group_samples(members())
+
+
+__all__ = [
+    "IMAGE_EXTS",
+    "LABEL_EXT",
+    "MAX_LABEL_DIGITS",
+    "WebDatasetError",
+    "format_label",
+    "group_samples",
+    "image_ext",
+    "member_name",
+    "parse_label",
+    "read_samples",
+    "sample_problem",
+    "split_key",
+]
