@@ -32,9 +32,15 @@ READY_MARKER = "_READY"
 # Pillow's encoder per image extension (every one of IMAGE_EXTS) and its options
 _PIL_FORMATS = {
     "bmp": ("BMP", {}),
+    "j2k": ("JPEG2000", {"no_jp2": True}),
+    "jp2": ("JPEG2000", {}),
     "jpeg": ("JPEG", {"quality": 90}),
     "jpg": ("JPEG", {"quality": 90}),
+    "pbm": ("PPM", {}),  # Netpbm: Pillow writes the variant the image mode needs (P5 for gray)
+    "pgm": ("PPM", {}),
     "png": ("PNG", {"compress_level": 1}),
+    "pnm": ("PPM", {}),
+    "ppm": ("PPM", {}),
     "tif": ("TIFF", {}),
     "tiff": ("TIFF", {}),
     "webp": ("WEBP", {"lossless": True}),

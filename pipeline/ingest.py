@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator
 
 from pipeline.datagen import NUM_CLASSES, PIXEL_MAX, SPLITS
-from pipeline.storage import CHUNK, AtomicWriter, ObjectNotFound, Storage, StorageError, join, sha256_stream
+from pipeline.storage import CHUNK, AtomicWriter, ObjectNotFound, Storage, join, sha256_stream
 from pipeline.webdataset import (
     IMAGE_EXTS,
     LABEL_EXT,
@@ -522,7 +522,6 @@ __all__ = [
     "ShardIngestResult",
     "ShardInvalid",
     "ShardReport",
-    "StorageError",
     "TableIngestResult",
     "TableReport",
     "ingest_shards",

@@ -14,7 +14,7 @@ from typing import BinaryIO, Iterable, Iterator, TypeVar
 
 # Exactly the formats the preprocess path decodes: DALI's fn.decoders.image (CPU and "mixed"
 # devices) and Pillow (its error diagnosis, the drift features) both read every one of these.
-IMAGE_EXTS = ("bmp", "jpeg", "jpg", "png", "tif", "tiff", "webp")
+IMAGE_EXTS = ("bmp", "j2k", "jp2", "jpeg", "jpg", "pbm", "pgm", "png", "pnm", "ppm", "tif", "tiff", "webp")
 LABEL_EXT = "cls"  # ASCII decimal class index, e.g. b"7\n"
 MAX_LABEL_DIGITS = 18  # fits int64
 _LABEL_PAD = b" \t\r\n\0"  # around a label: whitespace, and the NUL padding of DALI's label batches
