@@ -1,0 +1,358 @@
+"""The serving core (pipeline.serving.registry) against real published versions: tiny DigitsCNN
+versions exported into a LocalStorage, promoted with pipeline.promotion, served on the CPU.
+Every answer is compared with the eager module it came from."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import export, promotion
+from pipeline.models import DigitsCNN
+from pipeline.serving import InvalidInput, ModelNotFound, ModelRegistry, ServeConfig, Unavailable
+from pipeline.shm_tier import ShmTier
+from pipeline.storage import LocalStorage
+
+WIDTH = 4
+SHAPE = (1, 28, 28)
+
+
+def make_module(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    m = DigitsCNN(width=WIDTH)
+    with torch.no_grad():  # BatchNorm statistics that differ per version
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def publish(store, name: str, version: str, seed: int, *, golden_shift: float = 0.0) -> torch.nn.Module:
+    """Export a DigitsCNN version with golden outputs (``golden_shift`` makes them wrong)."""
+    m = make_module(seed)
+    golden = export.golden_outputs(m, export.golden_input(SHAPE))
+    if golden_shift:
+        golden["output"] = golden["output"] + golden_shift
+    export.export(export.from_module(m, architecture="digits_cnn", model_kwargs={"width": WIDTH}), store, name,
+                  version, golden=golden)
+    return m
+
+
+def eager(m: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return m(torch.from_numpy(x)).numpy()
+
+
+def batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *SHAPE), dtype=np.float32)
+
+
+def config(**kw) -> ServeConfig:
+    base = dict(poll_s=0.05, max_queue_delay_ms=1.0, load_timeout_s=30.0)
+    return ServeConfig(**{**base, **kw})
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 50))
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalStorage(tmp_path / "store")
+
+
+async def wait_until(pred, timeout: float = 5.0, step: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(step)
+
+
+def test_infer_matches_eager_and_validates_inputs(store):
+    v1 = publish(store, "digits", "v1", 1)
+    v2 = publish(store, "digits", "v2", 2)
+    promotion.promote(store, "digits", "v1")
+
+    async def main():
+        reg = ModelRegistry(store, config())
+        await reg.start()
+        assert reg.live() and reg.ready()
+        assert [r["name"] for r in reg.index()] == ["digits"]
+        assert not reg.model_ready("digits")
+        x = batch(5)
+        out = await reg.infer("digits", None, {"input": x})
+        np.testing.assert_allclose(out["output"], eager(v1, x), atol=1e-5)
+        assert reg.model_ready("digits")
+        md = reg.metadata("digits")
+        assert md["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+        assert md["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]
+        p = md["parameters"]
+        assert (p["production"], p["serving"], p["state"], p["last_error"]) == ("v1", "v1", "READY", None)
+        assert p["golden"]["checked"] and p["golden"]["max_abs_diff"] <= 1e-4
+        assert reg.index() == [{"name": "digits", "version": "v1", "state": "READY", "reason": ""}]
+
+        # a specific version that is not resident loads beside the serving one
+        out2 = await reg.infer("digits", "v2", {"input": x})
+        np.testing.assert_allclose(out2["output"], eager(v2, x), atol=1e-5)
+        assert reg.model_ready("digits", "v2") and reg.metadata("digits")["parameters"]["serving"] == "v1"
+
+        for bad, words in [
+            ({"images": x}, "expected exactly one input 'input' FP32 [-1, 1, 28, 28]"),
+            ({"input": x.astype(np.float64)}, "is FP64, expected 'input' FP32"),
+            ({"input": x[:, :, :14]}, "has shape [5, 1, 14, 28]"),
+            ({"input": x[0]}, "has shape [1, 28, 28]"),
+            ({"input": batch(33)}, "exceeds max_batch_size 32"),
+        ]:
+            with pytest.raises(InvalidInput, match=None) as e:
+                await reg.infer("digits", None, bad)
+            assert words in str(e.value) and e.value.status == 400
+        with pytest.raises(ModelNotFound):
+            await reg.infer("nope", None, {"input": x})
+        with pytest.raises(ModelNotFound):
+            await reg.infer("digits", "v9", {"input": x})
+        with pytest.raises(ModelNotFound):
+            reg.metadata("nope")
+        assert reg.metrics.value("requests_total", model="digits", version="v1", result="invalid") == 5
+        assert b"forgeline_serving_request_seconds_bucket" in reg.metrics.render()
+        assert reg.metrics.latency("digits")["count"] == 2
+        await reg.stop()
+        assert not reg.live()
+
+    run(main())
+
+
+def test_hot_swap_under_load_and_instant_rollback(store):
+    mods = {"v1": publish(store, "digits", "v1", 1), "v2": publish(store, "digits", "v2", 2)}
+    promotion.promote(store, "digits", "v1")
+
+    async def main():
+        reg = ModelRegistry(store, config(max_queue_delay_ms=2.0))
+        await reg.start()
+        await reg.load("digits")
+        answers: list[tuple[np.ndarray, np.ndarray]] = []
+        failures: list[BaseException] = []
+        stop = asyncio.Event()
+
+        async def client(seed: int):
+            rng = np.random.default_rng(seed)
+            while not stop.is_set():
+                x = batch(int(rng.integers(1, 5)), int(rng.integers(1 << 30)))
+                try:
+                    answers.append((x, (await reg.infer("digits", None, {"input": x}))["output"]))
+                except BaseException as e:  # noqa: BLE001
+                    failures.append(e)
+
+        clients = [asyncio.create_task(client(i)) for i in range(6)]
+        await wait_until(lambda: len(answers) > 30)
+        promotion.promote(store, "digits", "v2")
+        t0 = time.monotonic()
+        await wait_until(lambda: reg.metadata("digits")["parameters"]["serving"] == "v2", timeout=10)
+        swapped_after = time.monotonic() - t0
+        n_at_swap = len(answers)
+        await wait_until(lambda: len(answers) > n_at_swap + 30)
+        stop.set()
+        await asyncio.gather(*clients)
+
+        assert failures == []
+        seen = []
+        for x, y in answers:
+            match = [v for v, m in mods.items() if np.allclose(y, eager(m, x), atol=1e-5)]
+            assert len(match) == 1, "an answer matches neither version"
+            seen.append(match[0])
+        assert "v1" in seen and "v2" in seen
+        assert seen[-10:] == ["v2"] * 10
+        assert swapped_after < 40 * reg.config.poll_s + 2  # a few poll periods plus the (tiny) load
+        p = reg.metadata("digits")["parameters"]
+        assert p["previous"] == "v1" and p["last_swap"]["from"] == "v1" and p["last_swap"]["loaded"]
+        assert reg.metrics.value("swaps_total", model="digits", result="ok") == 1
+        loads = reg.metrics.value("loads_total", model="digits", result="ok")
+        assert loads == 2
+
+        # rollback: the previous version is still resident -> swapped back without a load
+        promotion.rollback(store, "digits")
+        await wait_until(lambda: reg.metadata("digits")["parameters"]["serving"] == "v1")
+        assert reg.metrics.value("loads_total", model="digits", result="ok") == loads
+        assert reg.metadata("digits")["parameters"]["last_swap"]["loaded"] is False
+        x = batch(3, 7)
+        np.testing.assert_allclose((await reg.infer("digits", None, {"input": x}))["output"],
+                                   eager(mods["v1"], x), atol=1e-5)
+        await reg.stop()
+
+    run(main())
+
+
+def test_golden_mismatch_is_refused_and_old_version_keeps_serving(store):
+    v1 = publish(store, "digits", "v1", 1)
+    publish(store, "digits", "v2", 2, golden_shift=0.5)  # recorded outputs the weights do not produce
+    promotion.promote(store, "digits", "v1")
+
+    async def main():
+        reg = ModelRegistry(store, config())
+        await reg.start()
+        x = batch(4)
+        await reg.infer("digits", None, {"input": x})
+        promotion.promote(store, "digits", "v2")
+        await wait_until(lambda: reg.metadata("digits")["parameters"]["last_error"] is not None)
+        p = reg.metadata("digits")["parameters"]
+        assert p["serving"] == "v1" and p["production"] == "v2" and p["state"] == "READY"
+        assert "v2" in p["last_error"] and "golden check failed" in p["last_error"]
+        assert reg.metrics.value("swaps_total", model="digits", result="failed") == 1
+        assert reg.metrics.value("loads_total", model="digits", result="failed") == 1
+        np.testing.assert_allclose((await reg.infer("digits", None, {"input": x}))["output"], eager(v1, x), atol=1e-5)
+        await asyncio.sleep(10 * reg.config.poll_s)  # the watcher does not retry a failed version
+        assert reg.metrics.value("loads_total", model="digits", result="failed") == 1
+        with pytest.raises(Unavailable, match="golden check failed"):  # an explicit load retries, and says why
+            await reg.load("digits")
+        assert reg.model_ready("digits") and not reg.model_ready("digits", "v2")
+        await reg.stop()
+
+    run(main())
+
+
+def test_lru_budget_evicts_idle_models_and_reloads(store):
+    mods = {n: publish(store, n, "v1", i) for i, n in enumerate(["a", "b", "c"])}
+    size = sum(t.numel() * t.element_size() for t in mods["a"].state_dict().values())
+
+    async def main():
+        reg = ModelRegistry(store, config(budget_bytes=int(size * 2.5)))
+        await reg.start()
+        x = batch(2)
+        for name in ["a", "b", "c"] * 2:
+            out = await reg.infer(name, None, {"input": x})
+            np.testing.assert_allclose(out["output"], eager(mods[name], x), atol=1e-5)
+            assert reg.metrics.value("resident_models") <= 2
+            assert reg._used() <= int(size * 2.5)
+        loads = sum(reg.metrics.value("loads_total", model=n, result="ok") for n in "abc")
+        evictions = sum(reg.metrics.value("evictions_total", model=n, reason="lru") for n in "abc")
+        assert loads == 6 and evictions == 4
+        rows = {r["name"]: r for r in reg.index()}
+        assert rows["a"]["state"] == "UNAVAILABLE" and "evicted (LRU)" in rows["a"]["reason"]
+        assert rows["b"]["state"] == rows["c"]["state"] == "READY"
+        # a model with a request in flight is never evicted: hold "b" busy while "a" loads
+        busy = asyncio.create_task(reg.infer("b", None, {"input": x}))
+        await asyncio.sleep(0)
+        await reg.infer("a", None, {"input": x})
+        await busy
+        assert reg.model_ready("a") and reg.model_ready("b") and not reg.model_ready("c")
+        # too small for even one model
+        small = ModelRegistry(store, config(budget_bytes=size // 2))
+        await small.start()
+        with pytest.raises(Unavailable, match="more than the whole budget"):
+            await small.infer("a", None, {"input": x})
+        await small.stop()
+        await reg.stop()
+
+    run(main())
+
+
+def test_corrupted_shm_copy_is_never_served(store, tmp_path):
+    true = publish(store, "digits", "v1", 1)
+    promotion.promote(store, "digits", "v1")
+    tier = ShmTier(tmp_path / "shm")
+    assert tier.prewarm(store, "digits", "v1").bytes > 0
+
+    async def serve_once() -> tuple[np.ndarray, dict, ModelRegistry]:
+        reg = ModelRegistry(store, config(), tier=tier)
+        await reg.start()
+        x = batch(4)
+        out = (await reg.infer("digits", None, {"input": x}))["output"]
+        np.testing.assert_allclose(out, eager(true, x), atol=1e-5)
+        p = reg.metadata("digits")["parameters"]
+        await reg.stop()
+        return out, p, reg
+
+    # an intact copy is served from the tier
+    _, p, reg = run(serve_once())
+    assert p["source"] == "shm" and p["last_swap"]["tier_problem"] is None
+
+    # flip one byte of tensor data in the tier's copy (same size: only the sha256 can tell)
+    shard = tier.resolve("digits", "v1") / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-17] ^= 0x40
+    shard.write_bytes(bytes(data))
+    assert tier.complete("digits", "v1")
+    _, p, reg = run(serve_once())
+    assert p["source"] == "storage" and "sha256 mismatch" in p["last_swap"]["tier_problem"]
+    assert not tier.complete("digits", "v1")  # dropped from the tier
+    assert reg.metrics.value("tier_rejects_total", model="digits") == 1
+
+
+def test_queue_bound_and_slow_load_does_not_block_other_models(store):
+    fast = publish(store, "fast", "v1", 1)
+    publish(store, "slow", "v1", 2)
+    publish(store, "slow2", "v1", 3)
+
+    async def main():
+        reg = ModelRegistry(store, config(queue_limit=2))
+        real = reg._load_fn
+
+        def slow_load(store, name, version, **kw):
+            if name.startswith("slow"):
+                time.sleep(1.0)
+            return real(store, name, version, **kw)
+
+        reg._load_fn = slow_load
+        await reg.start()
+        x = batch(2)
+        await reg.infer("fast", None, {"input": x})
+
+        slow = [asyncio.create_task(reg.infer("slow", None, {"input": x})) for _ in range(5)]
+        slow2 = asyncio.create_task(reg.infer("slow2", None, {"input": x}))
+        await asyncio.sleep(0.05)
+        assert {r["name"]: r["state"] for r in reg.index()}["slow"] == "LOADING"
+        t0 = time.monotonic()
+        for i in range(20):  # the other model answers while "slow" loads
+            out = await reg.infer("fast", None, {"input": batch(1, i)})
+            np.testing.assert_allclose(out["output"], eager(fast, batch(1, i)), atol=1e-5)
+        assert time.monotonic() - t0 < 0.5
+        results = await asyncio.gather(*slow, slow2, return_exceptions=True)
+        # loads of different models ran at the same time (two 1 s loads in well under 2 s)
+        assert time.monotonic() - t0 < 1.8
+        rejected = [r for r in results if isinstance(r, Unavailable)]
+        assert len(rejected) == 3 and all("queue_limit 2" in str(r) and r.retry_after_s > 0 for r in rejected)
+        assert sum(isinstance(r, dict) for r in results) == 3
+        await reg.stop()
+
+    run(main())
+
+
+def test_stop_drains_in_flight_requests_and_unload(store):
+    m = publish(store, "digits", "v1", 1)
+
+    async def main():
+        reg = ModelRegistry(store, config(max_queue_delay_ms=300.0))
+        await reg.start()
+        await reg.load("digits")
+        xs = [batch(1, i) for i in range(3)]
+        pending = [asyncio.create_task(reg.infer("digits", None, {"input": x})) for x in xs]
+        await asyncio.sleep(0.05)  # they wait in the batcher (300 ms delay)
+        stopping = asyncio.create_task(reg.stop(drain_timeout_s=5))
+        await asyncio.sleep(0.01)
+        assert not reg.ready()
+        with pytest.raises(Unavailable, match="draining"):
+            await reg.infer("digits", None, {"input": xs[0]})
+        outs = await asyncio.gather(*pending)
+        await stopping
+        for x, o in zip(xs, outs):
+            np.testing.assert_allclose(o["output"], eager(m, x), atol=1e-5)
+        assert not reg.live()
+
+        reg = ModelRegistry(store, config())
+        await reg.start()
+        await reg.load("digits")
+        await reg.unload("digits")
+        assert not reg.model_ready("digits")
+        with pytest.raises(Unavailable, match="unloaded"):
+            await reg.infer("digits", None, {"input": xs[0]})
+        await wait_until(lambda: reg._used() == 0)
+        await reg.load("digits")
+        assert reg.model_ready("digits")
+        await reg.stop()
+
+    run(main())
