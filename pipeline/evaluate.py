@@ -17,7 +17,9 @@ class EvalResult:
     samples: int
 
 
-def _loader(shards: list[str], spec: dict, batch_size: int, device: str) -> WebDatasetLoader:
+def eval_loader(shards: list[str], spec: dict, batch_size: int, device: str) -> WebDatasetLoader:
+    """Every sample of ``shards`` in stored order, preprocessed as in evaluation (center crop, no
+    shuffling), on ``device`` (a torch device string: ``cpu``, ``cuda:1``)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     return WebDatasetLoader(shards, batch_size=batch_size, spec=PreprocessSpec(**spec), training=False,
@@ -29,7 +31,7 @@ def evaluate(model: torch.nn.Module, shards: list[str], spec: dict, *, batch_siz
     """Accuracy and mean cross-entropy of ``model`` over every sample of ``shards`` (eval mode)."""
     model = model.to(device).eval()
     correct, loss_sum, n = 0, 0.0, 0
-    with _loader(shards, spec, batch_size, device) as loader:
+    with eval_loader(shards, spec, batch_size, device) as loader:
         for x, y in loader.epoch(0):
             out = model(x).float()
             loss_sum += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
@@ -43,7 +45,7 @@ def evaluate(model: torch.nn.Module, shards: list[str], spec: dict, *, batch_siz
 def fixed_batch(shards: list[str], spec: dict, *, size: int = 64) -> torch.Tensor:
     """The first ``size`` preprocessed images of ``shards`` in stored order: a deterministic input
     for checking that two copies of a model compute the same outputs."""
-    with _loader(shards, spec, size, "cpu") as loader:
+    with eval_loader(shards, spec, size, "cpu") as loader:
         for x, _ in loader.epoch(0):
             return x.clone()  # the loader reuses its buffers
     raise ValueError(f"no samples in {shards}")
