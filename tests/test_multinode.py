@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pipeline import datagen, dataset, train
+from pipeline.train import checkpoints, worker
 from pipeline.ingest import ingest_shards
 from pipeline.models import build_model
 from pipeline.storage import LocalStorage
@@ -142,11 +143,11 @@ def test_two_nodes_train_to_identical_weights(store, tmp_path, nodes):
     # Each rank hashed its own parameters; both equal the checkpoint rank 0 wrote, and training moved them.
     hashes = res.extra["rank_params_sha256"]
     names = [n for n, _ in build_model("digits_cnn").named_parameters()]
-    ckpt = train.read_checkpoint(store, res.checkpoint, res.checkpoint_sha256)["model"]
+    ckpt = checkpoints.read_checkpoint(store, res.checkpoint, res.checkpoint_sha256)["model"]
     torch.manual_seed(0)
     init = build_model("digits_cnn").named_parameters()
-    assert len(hashes) == 2 and hashes[0] == hashes[1] == train.params_sha256((n, ckpt[n]) for n in names)
-    assert hashes[0] != train.params_sha256(init)
+    assert len(hashes) == 2 and hashes[0] == hashes[1] == worker.params_sha256((n, ckpt[n]) for n in names)
+    assert hashes[0] != worker.params_sha256(init)
     _assert_no_leftovers(run_id)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import datagen, dataset, train
+from pipeline.train import checkpoints, worker
 from pipeline.ingest import ingest_shards
 from pipeline.models import build_model
 from pipeline.preprocess import PreprocessSpec
@@ -65,7 +66,7 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     ref = _launch(data, tmp_path, "ckpt/ref", epochs=3)
     with pytest.raises(train.TrainingFailed):
         _launch(data, tmp_path, "ckpt/killed", epochs=3, env={"FORGELINE_TRAIN_FAULT": "0:1:3:kill"})
-    assert train.latest_checkpoint(store, "ckpt/killed")["epoch"] == 1  # epoch 2 never completed
+    assert checkpoints.latest_checkpoint(store, "ckpt/killed")["epoch"] == 1  # epoch 2 never completed
     resumed = _launch(data, tmp_path, "ckpt/killed", epochs=3)
     assert resumed.resumed_from_epoch == 1
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
@@ -97,12 +98,12 @@ def test_run_timeout_stops_a_stuck_run(data, tmp_path):
 
 
 def test_amp_modes():
-    assert train.resolve_amp("auto", "cpu") == (torch.bfloat16, False)
-    assert train.resolve_amp("fp32", "cpu") == (None, False)
+    assert worker.resolve_amp("auto", "cpu") == (torch.bfloat16, False)
+    assert worker.resolve_amp("fp32", "cpu") == (None, False)
     with pytest.raises(ValueError, match="fp16 autocast needs a CUDA device"):
-        train.resolve_amp("fp16", "cpu")
+        worker.resolve_amp("fp16", "cpu")
     with pytest.raises(ValueError, match="amp must be"):
-        train.resolve_amp("int8", "cpu")
+        worker.resolve_amp("int8", "cpu")
 
 
 def test_bf16_autocast_run_on_cpu(data, tmp_path):
@@ -132,4 +133,41 @@ def test_synthetic_mode_trains_resnet_shapes_without_data(tmp_path):
     res = train.launch(storage=store, shards={}, spec={}, config=cfg, checkpoint_prefix="syn", world_size=2,
                        work_dir=tmp_path / "w", synthetic={"samples": 32, "shape": [3, 28, 28], "classes": 5})
     assert res.history[0]["samples_per_s"] > 0 and res.val_acc is None
-    assert train.latest_checkpoint(store, "syn")["epoch"] == 1
+    assert checkpoints.latest_checkpoint(store, "syn")["epoch"] == 1
+
+
+def test_trained_model_reports_each_epoch_through_pipes(data, tmp_path, monkeypatch):
+    """The asset runs torchrun inside a Dagster Pipes session: rank 0 logs every epoch's metrics
+    through Pipes, and each line reaches the event log when its epoch ends, not with the result."""
+    import dagster as dg
+
+    from assets.train import trained_model
+    from resources.gpu import GpuPoolResource
+    from resources.storage import LocalStorageResource
+
+    store, _ = data
+    monkeypatch.setenv("FORGELINE_HOME", str(tmp_path / "home"))
+
+    @dg.asset(name="preprocessed")
+    def stub() -> dict:
+        return {"dataset": dataset.collect(store), "spec": SPEC}
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [stub, trained_model], instance=instance,
+            resources={"storage": LocalStorageResource(root=str(store.root)),
+                       "gpu_pool": GpuPoolResource(lock_dir=str(tmp_path / "locks"))},
+            run_config={"ops": {"trained_model": {"config": {"epochs": 2, "fresh": True, "min_accuracy": 0.0}}}},
+        )
+        assert result.success
+        logs = [e for e in instance.all_logs(result.run_id) if e.user_message and e.step_key == "trained_model"]
+    epochs = {n: next(e for e in logs if e.user_message.startswith(f"epoch {n}/2:")) for n in (1, 2)}
+    for e in epochs.values():
+        for key in ("train_loss=", "val_acc=", "samples_per_s=", "seconds="):
+            assert key in e.user_message, e.user_message
+    assert any("[pipes] external process successfully opened dagster pipes" in e.user_message for e in logs)
+    assert not any("did not receive" in e.user_message for e in logs)  # rank 0 closed the session cleanly
+    hist = result.asset_materializations_for_node("trained_model")[0].metadata["epoch_seconds"].value
+    assert len(hist) == 2
+    # live: epoch 1's line was in the event log while epoch 2 was still training
+    assert epochs[2].timestamp - epochs[1].timestamp >= 0.5 * hist[1]
