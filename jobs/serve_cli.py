@@ -326,16 +326,18 @@ def cmd_status(args) -> int:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # piped: one row per model, not folded to 80 columns
+        console = Console(width=200)
     if not summary:
         console.print(f"{url}: no model has been loaded or asked for yet")
         return 0
     table = Table(title=f"forgeline serve status ({url})")
-    for col in ("model", "versions", "requests", "P50 ms", "P95 ms", "P99 ms", "queue wait P50/P99 ms", "queued",
+    for col in ("model", "versions", "requests", "latency P50/P95/P99 ms", "queue wait P50/P99 ms", "queued",
                 "resident", "loads", "swaps", "evictions"):
         table.add_column(col, overflow="fold")
     for model, e in summary.items():
-        table.add_row(model, ", ".join(e["versions"]), _counts(e["requests_by_result"]), _ms(e["p50_ms"]),
-                      _ms(e["p95_ms"]), _ms(e["p99_ms"]),
+        table.add_row(model, ", ".join(e["versions"]), _counts(e["requests_by_result"]),
+                      f"{_ms(e['p50_ms'])} / {_ms(e['p95_ms'])} / {_ms(e['p99_ms'])}",
                       f"{_ms(e['queue_wait_p50_ms'])} / {_ms(e['queue_wait_p99_ms'])}", str(e["queue_depth"]),
                       human_bytes(e["resident_bytes"]), _counts(e["loads"]), _counts(e["swaps"]), str(e["evictions"]))
     console.print(table)

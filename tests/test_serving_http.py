@@ -575,6 +575,98 @@ def test_sigterm_drains_in_flight_requests():
             proc.wait()
 
 
+
+# ---------------------------------------------------------------------------------------------
+# forgeline serve status / flags
+# ---------------------------------------------------------------------------------------------
+
+
+def test_histogram_quantile():
+    from jobs.serve_cli import histogram_quantile
+
+    assert histogram_quantile(0.5, []) is None
+    assert histogram_quantile(0.5, [(1.0, 0), (float("inf"), 0)]) is None
+    # 10 in (0, 1], 10 in (1, 2]: the median is the bucket edge, P75 halfway into the second
+    b = [(1.0, 10), (2.0, 20), (float("inf"), 20)]
+    assert histogram_quantile(0.5, b) == pytest.approx(1.0)
+    assert histogram_quantile(0.75, b) == pytest.approx(1.5)
+    assert histogram_quantile(0.25, b) == pytest.approx(0.5)
+    # beyond the last finite bound: that bound
+    assert histogram_quantile(0.99, [(1.0, 1), (float("inf"), 10)]) == 1.0
+
+
+def test_serve_status_from_metrics(server, client, capsys):
+    from jobs.cli import main
+
+    for _ in range(5):
+        client.infer("double", [_input("x", np.ones((1, 4), np.float32))])
+    assert main(["serve", "status", "--url", f"http://{server.url}", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    if "double" not in out["models"]:
+        pytest.skip("the serving core's metrics module is not there")
+    d = out["models"]["double"]
+    assert d["requests"] >= 5 and d["versions"] == ["v1"]
+    assert 0 < d["p50_ms"] <= d["p95_ms"] <= d["p99_ms"] < 1000
+    assert main(["serve", "status", "--url", server.url]) == 0  # the table
+    assert "double" in capsys.readouterr().out
+
+
+def test_serve_status_summarizes_every_metric():
+    pytest.importorskip("pipeline.serving.metrics")
+    from prometheus_client import generate_latest
+
+    from jobs.serve_cli import summarize_metrics
+    from pipeline.serving.metrics import ServingMetrics
+
+    m = ServingMetrics()
+    for i in range(100):
+        m.observe_request("a", "v1" if i < 50 else "v2", 0.004)  # all in the (2 ms, 5 ms] bucket
+    m.observe_request("a", "v2", 0.0, result="unavailable")
+    m.queue_wait_seconds.labels("a").observe(0.0015)
+    m.loads.labels("a", "ok").inc(2)
+    m.swaps.labels("a", "ok").inc()
+    m.swaps.labels("a", "failed").inc()
+    m.evictions.labels(**{n: "b" if n == "model" else "lru" for n in m.evictions._labelnames}).inc()
+    m.resident_bytes.labels("a").set(3 * 2**20)
+    s = summarize_metrics(generate_latest(m.registry).decode())
+    a = s["a"]
+    assert a["versions"] == ["v1", "v2"] and a["requests"] == 101
+    assert a["requests_by_result"] == {"ok": 100, "unavailable": 1}
+    assert 2 < a["p50_ms"] < a["p99_ms"] <= 5
+    assert 1 < a["queue_wait_p50_ms"] <= 2 and a["queue_wait_mean_ms"] == pytest.approx(1.5)
+    assert a["resident_bytes"] == 3 * 2**20 and a["loads"] == {"ok": 2} and a["swaps"] == {"failed": 1, "ok": 1}
+    assert s["b"]["evictions"] == 1 and s["b"]["p50_ms"] is None
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["serve", "--budget", "lots"], "not a size"),
+    (["serve", "--port", "70000"], "not a port"),
+    (["serve", "--max-batch-size", "0"], "must be positive"),
+    (["serve", "--max-queue-delay-ms", "-1"], "zero or more"),
+    (["serve", "--models", ","], "at least one model"),
+    (["serve", "--models", "digits/v1"], "not a version path"),
+    (["serve", "--bogus"], "unrecognized arguments"),
+    (["serve", "status", "--bogus"], "unrecognized arguments"),
+    (["serve", "statsu"], "invalid choice"),
+])
+def test_serve_bad_flags_one_line(argv, words, capsys):
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_serve_status_unreachable(capsys):
+    from jobs.cli import main
+
+    assert main(["serve", "status", "--url", f"127.0.0.1:{_free_port()}", "--timeout-s", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read" in err and err.count("\n") == 1
+
+
+
 class _ReportingRegistry(FakeRegistry):
     async def stop(self, drain_timeout_s=30.0):
         print(f"drained: stop called with {self.inflight} in flight", flush=True)
