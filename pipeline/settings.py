@@ -42,7 +42,7 @@ def raw(name: str, env: Env = None) -> str | None:
 # Value parsers (shared with the CLI, which accepts the same spellings)
 # ---------------------------------------------------------------------------------------------
 
-_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtTpP]?)(i?)([bB]?)")
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtTpPeE]?)(i?)([bB]?)")
 
 
 def parse_size(text: str | int) -> int:
@@ -54,8 +54,19 @@ def parse_size(text: str | int) -> int:
     num, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
     if binary and not unit:
         raise ValueError(f"not a size: {text!r} (use e.g. 1000, 100MB, 512MiB, 16Gi)")
-    power = " KMGTP".index(unit) if unit else 0
+    power = " KMGTPE".index(unit) if unit else 0
     return int(num * (1024 if binary else 1000) ** power)
+
+
+_QUANTITY = re.compile(r"[0-9]+(?:\.[0-9]+)?(?:[KMGTPE]i|[kKMGTPE])?")
+
+
+def check_quantity(name: str, value: str) -> str:
+    """``value`` if it is a Kubernetes memory quantity (``16Gi``, ``512Mi``, ``500M``: what a
+    manifest takes verbatim, so no ``GiB``/``GB``), else :class:`SettingError` naming ``name``."""
+    if not _QUANTITY.fullmatch(value.strip()):
+        raise SettingError(f"{name}: not a Kubernetes memory quantity: {value!r} (use e.g. 16Gi, 512Mi)")
+    return value.strip()
 
 
 def gib(n_bytes: int) -> str:
@@ -144,6 +155,13 @@ class StorageSettings:
     def kind(self) -> str:
         return "s3" if self.bucket else "local"
 
+    def spec(self) -> dict[str, Any]:
+        """The store as a :func:`pipeline.storage.from_spec` spec (for processes outside Dagster)."""
+        if self.bucket:
+            return {"kind": "s3", "bucket": self.bucket, "prefix": self.prefix,
+                    "endpoint_url": self.endpoint_url, "region_name": self.region_name}
+        return {"kind": "local", "root": str(self.root)}
+
 
 def storage(env: Env = None) -> StorageSettings:
     """``FORGELINE_S3_BUCKET`` (+ ``FORGELINE_S3_PREFIX``, ``FORGELINE_S3_ENDPOINT_URL``,
@@ -152,9 +170,14 @@ def storage(env: Env = None) -> StorageSettings:
     if raw("FORGELINE_S3_BUCKET", env):
         return StorageSettings(bucket=raw("FORGELINE_S3_BUCKET", env), prefix=raw("FORGELINE_S3_PREFIX", env) or "",
                                endpoint_url=s3_endpoint(env), region_name=region)
-    root = raw("FORGELINE_STORAGE_ROOT", env)
+    root = storage_root(env)
     return StorageSettings(root=Path(root) if root else home(env) / "storage", root_from_env=bool(root),
                            endpoint_url=s3_endpoint(env), region_name=region)
+
+
+def storage_root(env: Env = None) -> str | None:
+    """``FORGELINE_STORAGE_ROOT``: the model store's directory (a shared mount on Kubernetes)."""
+    return raw("FORGELINE_STORAGE_ROOT", env)
 
 
 def s3_endpoint(env: Env = None) -> str | None:
@@ -251,7 +274,7 @@ def k8s_s3_secret(env: Env = None) -> str | None:
 def k8s_model_store_pvc(env: Env = None) -> str | None:
     """``FORGELINE_K8S_MODEL_STORE_PVC``: a ReadWriteMany claim mounted at ``FORGELINE_STORAGE_ROOT``."""
     pvc = raw("FORGELINE_K8S_MODEL_STORE_PVC", env)
-    if pvc and not raw("FORGELINE_STORAGE_ROOT", env):
+    if pvc and not storage_root(env):
         raise SettingError(f"FORGELINE_K8S_MODEL_STORE_PVC={pvc!r} needs FORGELINE_STORAGE_ROOT: the path the "
                            "volume is mounted at, which is also the storage root every pod uses")
     return pvc
@@ -267,11 +290,7 @@ def k8s_shm_size(env: Env = None) -> str | None:
     value = raw("FORGELINE_K8S_SHM_SIZE", env)
     if value is None or value.lower() == "none":
         return value and "none"
-    try:
-        parse_size(value)
-    except ValueError as e:
-        raise SettingError(f"FORGELINE_K8S_SHM_SIZE: {e}") from None
-    return value
+    return check_quantity("FORGELINE_K8S_SHM_SIZE", value)
 
 
 def k8s_gpu_resource(env: Env = None) -> str | None:
