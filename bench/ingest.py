@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from jobs.cli import parse_size  # noqa: E402
+from pipeline.settings import parse_size  # noqa: E402
 from pipeline import datagen  # noqa: E402
 from pipeline.storage import LocalStorage  # noqa: E402
 

@@ -7,10 +7,8 @@ deployment settings, not code: FORGELINE_INGEST_CRON (default ``0 1 * * *``), FO
 """
 
 import json
-import os
 import time
 from typing import Optional
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dagster as dg
 from dagster._utils.schedules import is_valid_cron_string  # Dagster's own parser (not re-exported)
@@ -18,9 +16,8 @@ from dagster._utils.schedules import is_valid_cron_string  # Dagster's own parse
 from assets.drift import DRIFT_CHECKS
 from assets.partitions import batches
 from jobs.ingest import INCOMING, pending_batches
-from jobs.serve import WATCHED_MODEL
 from pipeline import dataset as ds
-from pipeline import drift
+from pipeline import drift, settings
 from resources.storage import StorageResource
 
 FAILURES_PREFIX = "runs/failures"
@@ -29,24 +26,22 @@ DRIFT_CHECK_KEYS = [
 ]
 
 
-class AutomationConfigError(ValueError):
+class AutomationConfigError(settings.SettingError):
     """A schedule setting from the environment is invalid (the message names the variable)."""
 
 
 def _cron(var: str, default: str) -> str:
-    value = os.environ.get(var, default).strip()
+    value = settings.cron(var, default)
     if not is_valid_cron_string(value):  # Dagster's own parser: what the daemon will accept
         raise AutomationConfigError(f"{var}={value!r} is not a valid cron expression (e.g. '0 3 * * *')")
     return value
 
 
 def _timezone() -> str:
-    tz = os.environ.get("FORGELINE_TIMEZONE", "UTC").strip()
     try:
-        ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise AutomationConfigError(f"FORGELINE_TIMEZONE={tz!r} is not an IANA timezone (e.g. 'UTC', 'Europe/Berlin')") from None
-    return tz
+        return settings.timezone()
+    except settings.SettingError as e:
+        raise AutomationConfigError(str(e)) from None
 
 
 def build_schedules() -> list[dg.ScheduleDefinition]:
@@ -75,9 +70,10 @@ def build_schedules() -> list[dg.ScheduleDefinition]:
             data_version = ds.collect(store)["version"]
         except ValueError as e:  # nothing ingested yet
             return dg.SkipReason(str(e))
-        ref = drift.production_reference(store, WATCHED_MODEL)
+        model = settings.model_name()
+        ref = drift.production_reference(store, model)
         if ref is not None and ref["data_version"] == data_version:
-            return dg.SkipReason(f"{WATCHED_MODEL}/{ref['version']} was trained on the current data ({data_version})")
+            return dg.SkipReason(f"{model}/{ref['version']} was trained on the current data ({data_version})")
         return dg.RunRequest(run_key=f"retrain:{data_version}", tags={"forgeline/trigger": "schedule",
                                                                        "forgeline/data_version": data_version})
 
@@ -108,7 +104,7 @@ def drift_retrain(context: dg.SensorEvaluationContext, storage: StorageResource)
                 triggers.append((rec, key))
     if not triggers:
         return dg.SensorResult(skip_reason=dg.SkipReason("no new drift failure at ERROR"), cursor=str(seen))
-    ref = drift.production_reference(storage.client(), WATCHED_MODEL)
+    ref = drift.production_reference(storage.client(), settings.model_name())
     trained_on = set(ref["batches"]) if ref else set()
     fresh = [(r, k) for r, k in triggers if r.partition not in trained_on]  # already retrained on that batch
     if not fresh:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import threading
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from pipeline import settings
 
 console = Console()
 
@@ -45,9 +46,7 @@ concurrency:
 
 def ensure_instance_home() -> Path:
     """Point DAGSTER_HOME at the project-local instance unless the user chose one."""
-    from resources.storage import default_state_dir
-
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(default_state_dir() / "dagster_home")))
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings.home() / "dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     if not cfg.exists():
@@ -56,13 +55,11 @@ def ensure_instance_home() -> Path:
 
 
 def parse_size(text: str) -> int:
-    """'2GB' → 2_000_000_000, '512MiB' → 536_870_912, '1000' → 1000."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 100MB, 2GiB)")
-    num, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
-    power = " KMGT".index(unit) if unit else 0
-    return int(num * (1024 if binary else 1000) ** power)
+    """An argparse type for sizes ('2GB', '512MiB', '1000'): :func:`pipeline.settings.parse_size`."""
+    try:
+        return settings.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _defs():
@@ -480,13 +477,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from resources.storage import PROJECT_ROOT
-
     ensure_instance_home()
     dagster = Path(sys.executable).with_name("dagster")
-    argv = [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    argv = [str(dagster), "dev", "-w", str(settings.PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
     console.print(f"Dagster UI on http://{args.host}:{args.port} (instance {os.environ['DAGSTER_HOME']})")
-    os.chdir(PROJECT_ROOT)
+    os.chdir(settings.PROJECT_ROOT)
     os.execv(argv[0], argv)
 
 

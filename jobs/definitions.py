@@ -10,7 +10,7 @@ from assets import train as train_assets
 from assets.partitions import batches
 from jobs.automation import build_schedules, drift_retrain, record_run_failure
 from jobs.ingest import incoming_batches, ingest_job
-from jobs.k8s import executor_from_env
+from jobs.executor import executor_from_env
 from jobs.serve import new_model_version, prewarm_job
 from resources.cache import compile_cache_from_env
 from resources.gpu import gpu_pool_from_env
@@ -40,7 +40,7 @@ def build_defs() -> dg.Definitions:
     return dg.Definitions(
         assets=assets,
         asset_checks=dg.load_asset_checks_from_modules([drift_assets]),
-        executor=executor_from_env(gpu_pool, assets),  # FORGELINE_EXECUTOR=k8s: a pod per step (jobs/k8s.py)
+        executor=executor_from_env(gpu_pool, assets),  # FORGELINE_EXECUTOR=k8s: a pod per step (jobs/executor.py)
         jobs=[ingest_job, train_and_package_job, prewarm_job, lifecycle_job],
         schedules=build_schedules(),
         sensors=[incoming_batches, new_model_version, drift_retrain, record_run_failure],

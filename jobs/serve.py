@@ -2,25 +2,24 @@
 
 import dagster as dg
 
-from assets.package import MODEL_NAME
-from pipeline import export
+from pipeline import promotion, settings
 from resources.storage import ShmStorageResource, StorageResource
 
 prewarm_job = dg.define_asset_job(
     "prewarm", selection=dg.AssetSelection.assets("shm_prewarm"),
-    description="Copy the latest (or a given) model version into this node's /dev/shm tier.",
+    description="Copy the production (or a given) model version into this node's /dev/shm tier.",
 )
-
-WATCHED_MODEL = MODEL_NAME
 
 
 @dg.sensor(job=prewarm_job, minimum_interval_seconds=30,
-           description="Requests `prewarm` for each newly published version of the model that is not in the "
-                       "shm tier yet (run_key per version: one pre-warm per version).")
+           description="Requests `prewarm` for each newly promoted production version of the model that is not "
+                       "in the shm tier yet (run_key per version: one pre-warm per version).")
 def new_model_version(context: dg.SensorEvaluationContext, storage: StorageResource, shm: ShmStorageResource):
-    version = shm.tier().needs_prewarm(storage.client(), WATCHED_MODEL)
+    model = settings.model_name()
+    version = shm.tier().needs_prewarm(storage.client(), model, promotion.ALIAS)
     if version is None:
-        latest = export.latest_version(storage.client(), WATCHED_MODEL)
-        return dg.SkipReason(f"{WATCHED_MODEL}: {'no published version' if latest is None else latest + ' already warm'}")
-    return dg.RunRequest(run_key=f"prewarm:{WATCHED_MODEL}/{version}",
+        current = promotion.production(storage.client(), model)
+        return dg.SkipReason(f"{model}: " + ("nothing in production" if current is None
+                                             else f"production {current['version']} already warm or not servable"))
+    return dg.RunRequest(run_key=f"prewarm:{model}/{version}",
                          run_config={"ops": {"shm_prewarm": {"config": {"version": version}}}})

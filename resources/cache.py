@@ -1,15 +1,15 @@
 """Compile-artifact cache resources: one interface (``cache()`` → :class:`ArtifactCache`), three
 backends — a local directory (default), the storage resource (S3 or a shared mount), Redis."""
 
-import os
 from abc import abstractmethod
 from typing import Optional
 
 import dagster as dg
 from pydantic import Field
 
+from pipeline import settings
 from pipeline.compile_cache import ArtifactCache, LocalDirCache, RedisCache, StorageCache
-from resources.storage import StorageResource, default_state_dir
+from resources.storage import StorageResource
 
 
 class CompileCacheResource(dg.ConfigurableResource):
@@ -18,9 +18,9 @@ class CompileCacheResource(dg.ConfigurableResource):
 
 
 class LocalCompileCacheResource(CompileCacheResource):
-    """A directory on this host (default ``.forgeline/compile-cache``)."""
+    """A directory on this host (default ``$FORGELINE_HOME/compile-cache``)."""
 
-    path: str = Field(default_factory=lambda: str(default_state_dir() / "compile-cache"))
+    path: str = Field(default_factory=lambda: str(settings.home() / "compile-cache"))
 
     def cache(self) -> ArtifactCache:
         return LocalDirCache(self.path)
@@ -49,12 +49,10 @@ class RedisCompileCacheResource(CompileCacheResource):
 
 def compile_cache_from_env(storage: StorageResource) -> CompileCacheResource:
     """``FORGELINE_COMPILE_CACHE``: ``local`` (default), ``storage``, or ``redis`` (URL in
-    ``FORGELINE_COMPILE_CACHE_URL``)."""
-    kind = os.environ.get("FORGELINE_COMPILE_CACHE", "local")
+    ``FORGELINE_COMPILE_CACHE_URL``, passed as an ``EnvVar``: it may hold a password)."""
+    kind, _url = settings.compile_cache()
     if kind == "redis":
         return RedisCompileCacheResource(url=dg.EnvVar("FORGELINE_COMPILE_CACHE_URL"))
     if kind == "storage":
         return StorageCompileCacheResource(storage=storage)
-    if kind == "local":
-        return LocalCompileCacheResource()
-    raise ValueError(f"FORGELINE_COMPILE_CACHE={kind!r}: use local, storage or redis")
+    return LocalCompileCacheResource()

@@ -2,7 +2,7 @@
 
 Two layers keep GPU steps from oversubscribing a host:
 
-* **Dagster concurrency pool** ``pool`` (default ``"gpu"``): GPU assets declare
+* **Dagster concurrency pool** ``pool`` (``FORGELINE_GPU_POOL``, default ``"gpu"``): GPU assets declare
   ``@dg.asset(pool=gpu_pool.pool)`` and the instance limits how many such steps run at once
   (``dagster instance concurrency set gpu <pool_limit()>``, or ``concurrency: pools:`` in
   ``dagster.yaml``) — steps wait in the queue instead of failing.
@@ -14,8 +14,6 @@ On a machine without a GPU, ``lease()`` returns a CPU lease of ``cpu_ranks`` glo
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,9 +21,8 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from pipeline import gpus as engine
+from pipeline import settings
 from pipeline.gpus import Device, Lease, UtilizationSampler
-from pipeline.k8s import json_env, parse_quantity
-from resources.storage import default_state_dir
 
 
 class GpuPoolResource(dg.ConfigurableResource):
@@ -41,10 +38,11 @@ class GpuPoolResource(dg.ConfigurableResource):
     lock_dir: Optional[str] = Field(
         default=None,
         description="Directory of per-GPU lock files shared by every run on the host (local disk); "
-        "None = .forgeline/locks in the project state directory.",
+        "None = $FORGELINE_HOME/locks.",
     )
     lease_timeout_s: float = Field(default=600, description="Seconds to wait for enough free GPUs.")
-    pool: str = Field(default="gpu", description="Dagster concurrency pool that GPU assets declare.")
+    pool: str = Field(default_factory=settings.gpu_pool,
+                      description="Dagster concurrency pool that GPU assets declare ($FORGELINE_GPU_POOL, else 'gpu').")
     k8s_gpu_resource: str = Field(default="nvidia.com/gpu", description="Kubernetes extended resource for a GPU.")
     k8s_node_selector: dict[str, str] = Field(default={}, description="Node selector for GPU pods.")
     k8s_tolerations: list[dict[str, Any]] = Field(
@@ -58,7 +56,7 @@ class GpuPoolResource(dg.ConfigurableResource):
 
     def lock_path(self) -> Path:
         """The lock directory in effect."""
-        return Path(self.lock_dir) if self.lock_dir else default_state_dir() / "locks"
+        return Path(self.lock_dir) if self.lock_dir else settings.home() / "locks"
 
     def _all_devices(self) -> list[Device]:
         if self._discovered is None:
@@ -115,37 +113,23 @@ class GpuPoolResource(dg.ConfigurableResource):
         )
 
 
-def gpu_pool_from_env(env: Optional[Mapping[str, str]] = None) -> GpuPoolResource:
-    """The GPU pool with its Kubernetes settings from the environment (the executor reads them at
-    definitions load, so run config cannot change them): ``FORGELINE_K8S_GPU_NODE_SELECTOR`` (JSON
-    object), ``FORGELINE_K8S_GPU_TOLERATIONS`` (JSON list), ``FORGELINE_K8S_SHM_SIZE`` (e.g. ``32Gi``;
-    ``none`` = the runtime's default /dev/shm), ``FORGELINE_K8S_GPU_RESOURCE``, and
-    ``FORGELINE_GPUS_PER_RUN``. Malformed values raise ``ValueError`` naming the variable."""
-    env = os.environ if env is None else env
-    kw: dict[str, Any] = {}
-    selector = json_env("FORGELINE_K8S_GPU_NODE_SELECTOR", dict, None, env)
+def gpu_pool_from_env(env: settings.Env = None) -> GpuPoolResource:
+    """The GPU pool with its settings from the environment (the executor reads them at definitions
+    load, so run config cannot change them): ``FORGELINE_GPU_POOL``, ``FORGELINE_GPUS_PER_RUN``,
+    ``FORGELINE_K8S_GPU_NODE_SELECTOR`` (JSON object), ``FORGELINE_K8S_GPU_TOLERATIONS`` (JSON list),
+    ``FORGELINE_K8S_SHM_SIZE`` (e.g. ``32Gi``; ``none`` = the runtime's default /dev/shm) and
+    ``FORGELINE_K8S_GPU_RESOURCE``. Malformed values raise ``ValueError`` naming the variable."""
+    kw: dict[str, Any] = {"pool": settings.gpu_pool(env), "gpus_per_run": settings.gpus_per_run(env)}
+    selector = settings.k8s_gpu_node_selector(env)
     if selector is not None:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in selector.items()):
-            raise ValueError(f"FORGELINE_K8S_GPU_NODE_SELECTOR must map label names to string values, got {selector!r}")
         kw["k8s_node_selector"] = selector
-    tolerations = json_env("FORGELINE_K8S_GPU_TOLERATIONS", list, None, env)
+    tolerations = settings.k8s_gpu_tolerations(env)
     if tolerations is not None:
-        if not all(isinstance(t, dict) for t in tolerations):
-            raise ValueError(f"FORGELINE_K8S_GPU_TOLERATIONS must be a list of objects, got {tolerations!r}")
         kw["k8s_tolerations"] = tolerations
-    shm = env.get("FORGELINE_K8S_SHM_SIZE", "").strip()
-    if shm:
-        if shm.lower() != "none":
-            try:
-                parse_quantity(shm)
-            except ValueError as e:
-                raise ValueError(f"FORGELINE_K8S_SHM_SIZE: {e}") from None
-        kw["k8s_shm_size"] = None if shm.lower() == "none" else shm
-    if env.get("FORGELINE_K8S_GPU_RESOURCE"):
-        kw["k8s_gpu_resource"] = env["FORGELINE_K8S_GPU_RESOURCE"]
-    if env.get("FORGELINE_GPUS_PER_RUN"):
-        try:
-            kw["gpus_per_run"] = int(env["FORGELINE_GPUS_PER_RUN"])
-        except ValueError:
-            raise ValueError(f"FORGELINE_GPUS_PER_RUN must be an integer, got {env['FORGELINE_GPUS_PER_RUN']!r}") from None
+    shm = settings.k8s_shm_size(env)
+    if shm is not None:
+        kw["k8s_shm_size"] = None if shm == "none" else shm
+    resource = settings.k8s_gpu_resource(env)
+    if resource is not None:
+        kw["k8s_gpu_resource"] = resource
     return GpuPoolResource(**kw)

@@ -6,22 +6,14 @@ Pick one in ``Definitions`` by configuration (see :func:`storage_from_env`); ass
 
 from __future__ import annotations
 
-import os
 from abc import abstractmethod
-from pathlib import Path
 from typing import Optional
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from pipeline import settings
 from pipeline.storage import LocalStorage, ShmStorage, Storage
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def default_state_dir() -> Path:
-    """Project-local folder for everything the embedded defaults write (``.forgeline/``)."""
-    return Path(os.environ.get("FORGELINE_HOME", PROJECT_ROOT / ".forgeline"))
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -52,7 +44,7 @@ class ShmStorageResource(StorageResource):
     """The RAM-backed /dev/shm tier, with an optional byte budget. ``client()`` is the raw storage;
     ``tier()`` manages whole model versions in it (pre-warm, LRU eviction, pins)."""
 
-    root: str = Field(default="/dev/shm/forgeline", description="Directory on a tmpfs mount.")
+    root: str = Field(default=settings.DEFAULT_SHM_ROOT, description="Directory on a tmpfs mount.")
     capacity_bytes: Optional[int] = Field(default=None, description="Budget for this tier (bytes).")
 
     def _make_client(self) -> Storage:
@@ -79,7 +71,7 @@ class S3StorageResource(StorageResource):
     part_size: int = Field(default=8 * 1024 * 1024, description="Multipart part / ranged GET size.")
 
     def _make_client(self) -> Storage:
-        from pipeline.s3 import S3Storage
+        from pipeline.storage.s3 import S3Storage
 
         return S3Storage(
             self.bucket,
@@ -97,36 +89,33 @@ class S3StorageResource(StorageResource):
 
 def shm_from_env() -> ShmStorageResource:
     """The /dev/shm tier: ``FORGELINE_SHM_ROOT`` (default /dev/shm/forgeline) and
-    ``FORGELINE_SHM_CAPACITY_BYTES`` (default: no budget beyond the filesystem's free space)."""
-    cap = os.environ.get("FORGELINE_SHM_CAPACITY_BYTES")
-    return ShmStorageResource(root=os.environ.get("FORGELINE_SHM_ROOT", "/dev/shm/forgeline"),
-                              capacity_bytes=int(cap) if cap else None)
+    ``FORGELINE_SHM_CAPACITY_BYTES`` (``64GiB``, ``512MB``, bytes; default: no budget beyond the
+    filesystem's free space)."""
+    return ShmStorageResource(root=settings.shm_root(), capacity_bytes=settings.shm_capacity_bytes())
 
 
-def _env(name: str) -> Optional[dg.EnvVar]:
-    return dg.EnvVar(name) if os.environ.get(name) else None
+def _credential(name: str) -> Optional[dg.EnvVar]:
+    """An AWS credential as an ``EnvVar``, so its value never appears in resource config."""
+    return dg.EnvVar(name) if settings.raw(name) else None
 
 
 def storage_from_env() -> StorageResource:
-    """The storage the code location uses, chosen by environment:
-
-    * ``FORGELINE_S3_BUCKET`` set → S3 (``FORGELINE_S3_PREFIX``, ``FORGELINE_S3_ENDPOINT_URL``,
-      ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``).
-    * else local disk at ``FORGELINE_STORAGE_ROOT`` (default ``.forgeline/storage`` in the project).
-    """
-    if os.environ.get("FORGELINE_S3_BUCKET"):
+    """The storage the code location uses, as :func:`pipeline.settings.storage` describes it:
+    S3 when ``FORGELINE_S3_BUCKET`` is set (credentials ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
+    ``AWS_SESSION_TOKEN`` as ``EnvVar``s, or boto3's chain), else a directory (``FORGELINE_STORAGE_ROOT``,
+    default ``$FORGELINE_HOME/storage``)."""
+    where = settings.storage()
+    if where.kind == "s3":
         return S3StorageResource(
-            bucket=dg.EnvVar("FORGELINE_S3_BUCKET"),
-            prefix=os.environ.get("FORGELINE_S3_PREFIX", ""),
-            endpoint_url=_env("FORGELINE_S3_ENDPOINT_URL"),
-            region_name=_env("AWS_REGION"),
-            aws_access_key_id=_env("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=_env("AWS_SECRET_ACCESS_KEY"),
-            aws_session_token=_env("AWS_SESSION_TOKEN"),
+            bucket=where.bucket,
+            prefix=where.prefix,
+            endpoint_url=where.endpoint_url,
+            region_name=where.region_name,
+            aws_access_key_id=_credential("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=_credential("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=_credential("AWS_SESSION_TOKEN"),
         )
-    if os.environ.get("FORGELINE_STORAGE_ROOT"):
-        return LocalStorageResource(root=dg.EnvVar("FORGELINE_STORAGE_ROOT"))
-    return LocalStorageResource(root=str(default_state_dir() / "storage"))
+    return LocalStorageResource(root=str(where.root))
 
 
 def open_storage(resource: StorageResource | None = None) -> Storage:

@@ -25,9 +25,9 @@ from dagster_k8s.job import UserDefinedDagsterK8sConfig, construct_dagster_k8s_j
 from kubernetes import client as k8s_client
 
 from jobs.definitions import defs
-from jobs.k8s import executor_from_env, gpu_steps, k8s_executor_config, shm_steps
-from pipeline import k8s
-from pipeline import train
+from jobs.executor import executor_from_env, gpu_steps, k8s_executor_config, shm_steps
+from pipeline.train import nodes
+from pipeline.k8s import manifests, prewarm, runner
 from pipeline.storage import LocalStorage, from_spec
 from resources.gpu import GpuPoolResource, gpu_pool_from_env
 
@@ -98,9 +98,9 @@ def test_daemonset_file_is_the_builder_output():
 
 
 def test_daemonset_shares_the_node_tier_and_budgets_its_memory():
-    ds = k8s.prewarm_daemonset(image=IMAGE, models=["digits", "digits-int8"], capacity_bytes=64 * 2**30,
-                               node_selector={"forgeline.dev/serving": "true"}, tolerations=[GPU_TOLERATION],
-                               access=k8s.model_store_access(s3_secret="forgeline-s3"))
+    ds = manifests.prewarm_daemonset(image=IMAGE, models=["digits", "digits-int8"], capacity_bytes=64 * 2**30,
+                                     node_selector={"forgeline.dev/serving": "true"}, tolerations=[GPU_TOLERATION],
+                                     access=manifests.model_store_access(s3_secret="forgeline-s3"))
     validate(ds)
     pod = ds["spec"]["template"]["spec"]
     (tier,) = [v for v in pod["volumes"] if v["name"] == "shm-tier"]
@@ -119,12 +119,12 @@ def test_prewarm_loop_warms_the_latest_version(tmp_path):
 
     store, tier = LocalStorage(tmp_path / "store"), ShmTier(tmp_path / "tier")
     lines: list[str] = []
-    k8s.prewarm_loop(["digits"], every_s=0, rounds=1, store=store, tier=tier,
-                     ready_file=str(tmp_path / "ready"), log=lines.append)
+    prewarm.prewarm_loop(["digits"], every_s=0, rounds=1, store=store, tier=tier,
+                         ready_file=str(tmp_path / "ready"), log=lines.append)
     assert not (tmp_path / "ready").exists() and "no published version" in lines[-1]
     export.export({"w": torch.ones(8)}, store, "digits", "v1")
-    k8s.prewarm_loop(["digits"], every_s=0, rounds=2, store=store, tier=tier,
-                     ready_file=str(tmp_path / "ready"), log=lines.append)
+    prewarm.prewarm_loop(["digits"], every_s=0, rounds=2, store=store, tier=tier,
+                         ready_file=str(tmp_path / "ready"), log=lines.append)
     assert tier.complete("digits", "v1") and (tmp_path / "ready").exists()
     assert sum("prewarmed digits/v1" in ln for ln in lines) == 1  # the second round is a no-op
 
@@ -136,14 +136,14 @@ def test_prewarm_loop_warms_the_latest_version(tmp_path):
 
 def node_requirements() -> dict:
     pool = GpuPoolResource(k8s_node_selector=GPU_SELECTOR, k8s_tolerations=[GPU_TOLERATION], k8s_shm_size="32Gi")
-    return k8s.merge(pool.k8s_config(8), k8s.model_store_access(s3_secret="forgeline-s3"))
+    return manifests.merge(pool.k8s_config(8), manifests.model_store_access(s3_secret="forgeline-s3"))
 
 
 def test_torchrun_indexed_job_and_headless_service(tmp_path):
     spec = {"kind": "local", "root": str(tmp_path)}
-    svc, job = k8s.torchrun_job(name="forgeline-train-7f3c2a10", image=IMAGE, nnodes=4, job_key="jobs/train/x.json",
-                                storage_spec=spec, requirements=node_requirements(), run_timeout_s=5400.5,
-                                namespace="forgeline")
+    svc, job = manifests.torchrun_job(name="forgeline-train-7f3c2a10", image=IMAGE, nnodes=4, job_key="jobs/train/x.json",
+                                      storage_spec=spec, requirements=node_requirements(), run_timeout_s=5400.5,
+                                      namespace="forgeline")
     validate(svc)
     validate(job)
     name = job["metadata"]["name"]
@@ -173,17 +173,17 @@ def test_node_args_are_what_the_node_cli_accepts(tmp_path):
     """The container's arguments go through pipeline.train's own node CLI: parsing succeeds and it
     gets as far as reading the (absent) job from the storage the spec names."""
     spec = LocalStorage(tmp_path).spec()[0]
-    _, job = k8s.torchrun_job(name="forgeline-train-x", image=IMAGE, nnodes=2, job_key="jobs/train/none.json",
-                              storage_spec=spec, requirements={}, run_timeout_s=60)
+    _, job = manifests.torchrun_job(name="forgeline-train-x", image=IMAGE, nnodes=2, job_key="jobs/train/none.json",
+                                    storage_spec=spec, requirements={}, run_timeout_s=60)
     args = [a.replace("$(FORGELINE_NODE_RANK)", "1") for a in job["spec"]["template"]["spec"]["containers"][0]["args"]]
     with pytest.raises(SystemExit, match="node 1/2: no training job at .*jobs/train/none.json"):
-        train.node_main(args)
+        nodes.node_main(args)
 
 
 def test_pytorchjob_equivalent():
-    pj = k8s.pytorchjob(name="forgeline-train-x", image=IMAGE, nnodes=3, job_key="jobs/train/x.json",
-                        storage_spec={"kind": "s3", "bucket": "models", "prefix": "p q"},
-                        requirements=node_requirements(), run_timeout_s=600)
+    pj = manifests.pytorchjob(name="forgeline-train-x", image=IMAGE, nnodes=3, job_key="jobs/train/x.json",
+                              storage_spec={"kind": "s3", "bucket": "models", "prefix": "p q"},
+                              requirements=node_requirements(), run_timeout_s=600)
     assert (pj["apiVersion"], pj["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
     reps = pj["spec"]["pytorchReplicaSpecs"]
     assert reps["Master"]["replicas"] == 1 and reps["Worker"]["replicas"] == 2
@@ -223,7 +223,7 @@ class FakeKube:
         return k8s_client.V1Job(status=status)
 
     def list_namespaced_pod(self, namespace, label_selector):
-        assert label_selector == f"{k8s.JOB_LABEL}=forgeline-train-x"
+        assert label_selector == f"{manifests.JOB_LABEL}=forgeline-train-x"
         return k8s_client.V1PodList(items=self.pods)
 
     def read_namespaced_pod_log(self, name, namespace, tail_lines):
@@ -243,23 +243,23 @@ def pod(index: int, *, phase="Running", terminated=None, scheduled=True):
         message="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")]
     return k8s_client.V1Pod(
         metadata=k8s_client.V1ObjectMeta(name=f"forgeline-train-x-{index}-abcde",
-                                         annotations={k8s.COMPLETION_INDEX_ANNOTATION: str(index)}),
+                                         annotations={manifests.COMPLETION_INDEX_ANNOTATION: str(index)}),
         status=k8s_client.V1PodStatus(phase=phase, conditions=conditions, container_statuses=[
             k8s_client.V1ContainerStatus(name="node", image=IMAGE, image_id="", ready=False, restart_count=0,
                                          state=state)]))
 
 
-def manifests():
-    return k8s.torchrun_job(name="forgeline-train-x", image=IMAGE, nnodes=2, job_key="k.json",
-                            storage_spec={"kind": "local", "root": "/m"}, requirements={}, run_timeout_s=60)
+def node_job_manifests():
+    return manifests.torchrun_job(name="forgeline-train-x", image=IMAGE, nnodes=2, job_key="k.json",
+                                  storage_spec={"kind": "local", "root": "/m"}, requirements={}, run_timeout_s=60)
 
 
 def test_run_indexed_job_waits_for_completion_and_cleans_up():
     api = FakeKube([k8s_client.V1JobStatus(active=2), k8s_client.V1JobStatus(active=1, succeeded=1),
                     k8s_client.V1JobStatus(succeeded=2, conditions=[k8s_client.V1JobCondition(type="Complete", status="True")])])
     lines: list[str] = []
-    out = k8s.run_indexed_job(manifests(), "forgeline", timeout_s=30, poll=0, core_api=api, batch_api=api,
-                              on_line=lines.append)
+    out = runner.run_indexed_job(node_job_manifests(), "forgeline", timeout_s=30, poll=0, core_api=api, batch_api=api,
+                                 on_line=lines.append)
     assert out["succeeded"] == 2 and out["job"] == "forgeline-train-x"
     assert api.calls == [("create", "Service", "forgeline-train-x"), ("create", "Job", "forgeline-train-x"),
                          ("delete", "Job", "forgeline-train-x"), ("delete", "Service", "forgeline-train-x")]
@@ -273,8 +273,8 @@ def test_run_indexed_job_names_the_failed_node():
                         message="Job has reached the specified backoff limit")])],
                    pods=[pod(0), pod(1, phase="Failed", terminated=oom)],
                    logs={"forgeline-train-x-1-abcde": "epoch 3 step 40\ntorch.OutOfMemoryError: CUDA out of memory"})
-    with pytest.raises(k8s.NodeJobFailed) as err:
-        k8s.run_indexed_job(manifests(), "forgeline", timeout_s=30, poll=0, core_api=api, batch_api=api)
+    with pytest.raises(runner.NodeJobFailed) as err:
+        runner.run_indexed_job(node_job_manifests(), "forgeline", timeout_s=30, poll=0, core_api=api, batch_api=api)
     msg = str(err.value)
     assert "BackoffLimitExceeded" in msg and "node 1 (pod forgeline-train-x-1-abcde)" in msg
     assert "OOMKilled, exit code 137" in msg and "CUDA out of memory" in msg
@@ -284,8 +284,8 @@ def test_run_indexed_job_names_the_failed_node():
 
 def test_run_indexed_job_timeout_says_what_is_stuck():
     api = FakeKube([k8s_client.V1JobStatus(active=1)], pods=[pod(0), pod(1, phase="Pending", scheduled=False)])
-    with pytest.raises(k8s.NodeJobFailed, match=r"did not finish within 0s.*node 1 .*Insufficient nvidia.com/gpu"):
-        k8s.run_indexed_job(manifests(), "forgeline", timeout_s=0, poll=0, core_api=api, batch_api=api)
+    with pytest.raises(runner.NodeJobFailed, match=r"did not finish within 0s.*node 1 .*Insufficient nvidia.com/gpu"):
+        runner.run_indexed_job(node_job_manifests(), "forgeline", timeout_s=0, poll=0, core_api=api, batch_api=api)
     assert api.calls[-2:] == [("delete", "Job", "forgeline-train-x"), ("delete", "Service", "forgeline-train-x")]
 
 
@@ -308,10 +308,10 @@ def test_trained_model_with_nodes_runs_the_node_job(tmp_path, monkeypatch):
         result = {"history": [{"epoch": 1, "train_loss": 0.1, "val_acc": 0.99, "seconds": 2.0, "samples_per_s": 900.0}],
                   "world_size": 16, "amp_dtype": "bfloat16", "device_type": "cuda", "checkpoint": "checkpoints/c/e1.pt",
                   "checkpoint_sha256": "0" * 64, "seconds": 3.0, "val_acc": 0.99, "test_acc": 0.985, "extra": {}}
-        store.write_atomic(train.node_result_key(job_key), json.dumps(result).encode())
+        store.write_atomic(nodes.node_result_key(job_key), json.dumps(result).encode())
         return {"job": job["metadata"]["name"], "succeeded": 2}
 
-    monkeypatch.setattr(k8s, "run_indexed_job", fake_run)
+    monkeypatch.setattr(runner, "run_indexed_job", fake_run)
     monkeypatch.setenv("FORGELINE_IMAGE", IMAGE)
     monkeypatch.setenv("FORGELINE_K8S_NAMESPACE", "forgeline")
     monkeypatch.setenv("FORGELINE_K8S_S3_SECRET", "forgeline-s3")
@@ -418,6 +418,26 @@ def test_every_step_pod_dagster_k8s_builds_validates():
         elif op not in gpu:
             assert "nodeSelector" not in pod and "tolerations" not in pod, op
             assert limits["memory"] == "8Gi", op
+
+
+def test_gpu_pool_name_is_one_setting():
+    """FORGELINE_GPU_POOL renames the pool everywhere at once: the assets declare it, the GPU pool
+    resource carries it, and the executor still gives those steps their GPU pod config (definitions
+    built in a fresh process with that environment, as a code location would load them)."""
+    code = ("import json; from jobs.definitions import defs; from jobs.executor import gpu_steps, k8s_executor_config; "
+            "pool = defs.resources['gpu_pool']; cfg = k8s_executor_config(pool, defs.assets); "
+            "print(json.dumps({'pool': pool.pool, 'gpu_steps': gpu_steps(defs.assets, pool.pool), "
+            "'per_step': cfg['per_step_k8s_config']}))")
+    env = {**os.environ, "FORGELINE_GPU_POOL": "other", "FORGELINE_EXECUTOR": "k8s", "FORGELINE_S3_BUCKET": "models"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["pool"] == "other"
+    assert got["gpu_steps"] == ["compile_artifacts", "preprocessed", "trained_model"]
+    for op in got["gpu_steps"]:
+        step = got["per_step"][op]
+        assert step["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1", op
+        assert any(v["name"] == "dshm" for v in step["pod_spec_config"]["volumes"]), op
 
 
 def test_model_store_on_a_shared_volume_instead_of_s3():
@@ -549,7 +569,7 @@ def test_dockerfile_installs_the_same_pins_as_make():
                                                                (ROOT / "constraints.txt").read_text().splitlines()]
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}", text, re.M) and re.search(r"nvidia/cuda:13\.[0-9.]+-cudnn-runtime", text)
     assert re.search(r"^USER 10001", text, re.M)  # non-root, the uid the pod specs use
-    assert str(k8s.UID) in re.search(r"^USER (\S+)", text, re.M).group(1)
+    assert str(manifests.UID) in re.search(r"^USER (\S+)", text, re.M).group(1)
 
 
 def test_constraints_are_installable_anywhere():
