@@ -677,3 +677,175 @@ if __name__ == "__main__":  # the SIGTERM test's server process
     from pipeline.serving.app import serve
 
     sys.exit(serve(_ReportingRegistry(slow_s=1.5), "127.0.0.1", int(sys.argv[1]), drain_timeout_s=20))
+
+
+# ---------------------------------------------------------------------------------------------
+# The real serving core behind the HTTP side: tiny published DigitsCNN versions
+# ---------------------------------------------------------------------------------------------
+
+SHAPE = (1, 28, 28)
+
+
+def _publish(store, name: str, version: str, seed: int):
+    import torch
+
+    from pipeline import export
+    from pipeline.models import DigitsCNN
+
+    torch.manual_seed(seed)
+    m = DigitsCNN(width=4).eval()
+    golden = export.golden_outputs(m, export.golden_input(SHAPE))
+    export.export(export.from_module(m, architecture="digits_cnn", model_kwargs={"width": 4}), store, name, version,
+                  golden=golden)
+    return m
+
+
+def _eager(m, x):
+    import torch
+
+    with torch.no_grad():
+        return m(torch.from_numpy(x)).numpy()
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    pytest.importorskip("pipeline.serving.registry")
+    from pipeline import promotion
+    from pipeline.storage import LocalStorage
+
+    root = tmp_path_factory.mktemp("serving-store")
+    store = LocalStorage(root / "store")
+    mods = {"v1": _publish(store, "digits", "v1", 1), "v2": _publish(store, "digits", "v2", 2),
+            "t1": _publish(store, "tiny", "t1", 3)}
+    promotion.promote(store, "digits", "v1")
+    return root, store, mods
+
+
+def _wait(pred, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_real_registry_end_to_end(published, capsys):
+    """tritonclient → HTTP → ModelRegistry → published versions: load, infer (binary and JSON) equal
+    to eager, a promotion hot-swaps over HTTP, rollback, unload/load, bad shapes, metrics."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from jobs.cli import main
+    from pipeline import promotion
+    from pipeline.serving.registry import ModelRegistry, ServeConfig
+
+    _, store, mods = published
+    reg = ModelRegistry(store, ServeConfig(poll_s=0.05, max_queue_delay_ms=1.0, load_timeout_s=60))
+    with ThreadServer(reg, drain_timeout_s=5) as s:
+        c = httpclient.InferenceServerClient(s.url, network_timeout=60)
+        assert c.is_server_live() and c.is_server_ready()
+        index = {r["name"]: r for r in c.get_model_repository_index()}
+        assert set(index) == {"digits", "tiny"} and index["digits"]["state"] == "UNAVAILABLE"
+        assert not c.is_model_ready("digits")
+        meta = c.get_model_metadata("digits")  # read from the manifest without loading
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+
+        c.load_model("digits")
+        assert c.is_model_ready("digits") and c.is_model_ready("digits", "v1")
+        assert {r["name"]: r["state"] for r in c.get_model_repository_index()}["digits"] == "READY"
+        x = np.random.default_rng(0).standard_normal((5, *SHAPE), dtype=np.float32)
+        res = c.infer("digits", [_input("input", x)])
+        assert res.get_response()["model_version"] == "v1"
+        np.testing.assert_allclose(res.as_numpy("output"), _eager(mods["v1"], x), atol=1e-5)
+        res = c.infer("digits", [_input("input", x[:2], binary=False)],
+                      outputs=[httpclient.InferRequestedOutput("output", binary_data=False)])
+        np.testing.assert_allclose(res.as_numpy("output"), _eager(mods["v1"], x[:2]), atol=1e-5)
+        # a model never promoted serves its newest version, loaded on its first request
+        np.testing.assert_allclose(c.infer("tiny", [_input("input", x)]).as_numpy("output"),
+                                   _eager(mods["t1"], x), atol=1e-5)
+
+        # hot swap: promote v2; the watcher swaps it in, answers follow
+        promotion.promote(store, "digits", "v2")
+        _wait(lambda: c.infer("digits", [_input("input", x)]).get_response()["model_version"] == "v2")
+        res = c.infer("digits", [_input("input", x)])
+        np.testing.assert_allclose(res.as_numpy("output"), _eager(mods["v2"], x), atol=1e-5)
+        # the previous version stays addressable by version
+        res = c.infer("digits", [_input("input", x)], model_version="v1")
+        np.testing.assert_allclose(res.as_numpy("output"), _eager(mods["v1"], x), atol=1e-5)
+        promotion.rollback(store, "digits")
+        _wait(lambda: c.infer("digits", [_input("input", x)]).get_response()["model_version"] == "v1")
+
+        # the registry's own input checks arrive as 400 with its message
+        for bad, words in [(x[:, :, :14], "has shape"), (x.astype(np.float64), "FP64")]:
+            with pytest.raises(InferenceServerException) as e:
+                c.infer("digits", [_input("input", bad)])
+            assert e.value.status() == "400" and words in e.value.message()
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("digits", [_input("images", x)])
+        assert e.value.status() == "400"
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("digits", [_input("input", x)], model_version="v9")
+        assert e.value.status() == "404"
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("nope", [_input("input", x)])
+        assert e.value.status() == "404"
+
+        c.unload_model("digits")
+        assert not c.is_model_ready("digits")
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("digits", [_input("input", x)])
+        assert e.value.status() == "503"
+        c.load_model("digits")
+        np.testing.assert_allclose(c.infer("digits", [_input("input", x)]).as_numpy("output"),
+                                   _eager(mods["v1"], x), atol=1e-5)
+
+        capsys.readouterr()
+        assert main(["serve", "status", "--url", s.url, "--json"]) == 0
+        d = json.loads(capsys.readouterr().out)["models"]["digits"]
+        assert d["requests_by_result"]["ok"] >= 8 and d["p50_ms"] and d["resident_bytes"] > 0
+        assert d["loads"].get("ok", 0) >= 2 and d["swaps"].get("ok", 0) >= 2
+        c.close()
+    assert not reg.live()  # the lifespan stopped it
+
+
+def test_forgeline_serve_cli(published, tmp_path):
+    """``forgeline serve`` as users run it: storage and shm tier from the environment, the listed
+    model preloaded, answers equal to eager, SIGTERM → exit 0."""
+    import tritonclient.http as httpclient
+
+    from pipeline import promotion
+
+    root, store, mods = published
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FORGELINE_HOME": str(tmp_path / "home"),
+           "FORGELINE_STORAGE_ROOT": str(root / "store"), "FORGELINE_SHM_ROOT": str(tmp_path / "shm")}
+    env.pop("FORGELINE_S3_BUCKET", None)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from jobs.cli import main; sys.exit(main())", "serve",
+                             "--models", "digits", "--port", str(port), "--max-queue-delay-ms", "1",
+                             "--poll-s", "0.2", "--log-level", "warning"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
+
+        def ready():
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return c.is_model_ready("digits")
+            except Exception:  # noqa: BLE001 - not listening yet
+                return False
+
+        _wait(ready, timeout=90)  # preloaded (--models) without any request
+        version = promotion.production(store, "digits")["version"]
+        x = np.random.default_rng(1).standard_normal((3, *SHAPE), dtype=np.float32)
+        res = c.infer("digits", [_input("input", x)])
+        assert res.get_response()["model_version"] == version
+        np.testing.assert_allclose(res.as_numpy("output"), _eager(mods[version], x), atol=1e-5)
+        assert [r["name"] for r in c.get_model_repository_index()] == ["digits"]  # --models limits it
+        c.close()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert f"http://127.0.0.1:{port}/v2" in out and str(root / "store") in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
