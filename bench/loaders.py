@@ -10,7 +10,7 @@ as many layers as fit ``--size-gb``, in 4 shards. Sources: /dev/shm (tmpfs), war
 cold (every file dropped with posix_fadvise DONTNEED before the run), S3 (a local moto server).
 Time = until every tensor is resident on the device: for CUDA after torch.cuda.synchronize(); for
 CPU after one byte of every page was read (an mmap'ed "load" that never touches the data would
-otherwise look instantaneous). Targets on the H100 (ANCHORS.md): shm → GPU ≥ 48 GB/s, warm → GPU
+otherwise look instantaneous). Targets on the H100: shm → GPU ≥ 48 GB/s, warm → GPU
 ≥ 40 GB/s, cold ≥ 95% of parallel pread, S3 ≥ 1.5x Run:ai; on CPU: ≥ the best peer.
 """
 
@@ -85,19 +85,19 @@ def run_loader(name: str, files: list[str], device: str, s3: dict | None) -> dic
 
     if device.startswith("cuda"):
         torch.cuda.init()
-        torch.empty(1, device=device)  # CUDA context before the clock, as in ANCHORS.md
+        torch.empty(1, device=device)  # CUDA context before the clock, for every loader alike
     # Imports before the clock too: each loader is timed on loading, not on importing itself.
     __import__({"forgeline": "pipeline.loading", "safetensors": "safetensors.torch", "runai": "runai_model_streamer",
                 "fastsafetensors": "fastsafetensors", "instanttensor": "instanttensor"}[name])
     if s3:
-        __import__("pipeline.s3" if name == "forgeline" else "boto3")
+        __import__("pipeline.storage.s3" if name == "forgeline" else "boto3")
     t = time.perf_counter()
     tensors: dict = {}
     if name == "forgeline":
         from pipeline.loading import load
 
         if s3:
-            from pipeline.s3 import S3Storage
+            from pipeline.storage.s3 import S3Storage
 
             store = S3Storage(s3["bucket"], s3["prefix"], endpoint_url=s3["endpoint"], region_name="us-east-1")
             tensors = load(f"s3://{s3['bucket']}/{s3['prefix']}", device, storage=store)

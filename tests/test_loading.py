@@ -20,9 +20,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline import export as ex
-from pipeline import loading as ld
 from pipeline import quantize as qz
-from pipeline.loading import LoadError, LoadReport, load, load_with_report, parse_header, plan_reads
+from pipeline.loading import LoadError, LoadReport, load, load_with_report, probe, staged
+from pipeline.loading.header import parse_header
+from pipeline.loading.plan import plan_reads, ring_slot
+from pipeline.loading.probe import cached_fraction, classify_fstype
+from pipeline.safetensors_format import DTYPES
 from pipeline.storage import join
 
 CPU_METHODS = [None, "pread", "ring"]  # mmap zero-copy, owned preadv, the staged (GPU) pipeline
@@ -44,7 +47,7 @@ def assert_bit_exact(got: dict, want: dict) -> None:
 def every_dtype_state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     sd: dict[str, torch.Tensor] = {}
-    for code, dt in ld.DTYPES.items():
+    for code, dt in DTYPES.items():
         if code == "F8_E8M0":
             continue  # safetensors 0.8's Python side does not map it
         raw = torch.randint(0, 256, (3 * 5 * dt.itemsize,), dtype=torch.uint8, generator=g)
@@ -381,20 +384,20 @@ def test_plan_reads_merges_splits_and_covers():
 
 
 def test_ring_slots_recycle_in_order():
-    assert [ld.ring_slot(i, 3) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert [ring_slot(i, 3) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
     seen, order = [], []
 
     def work(i, part):
         return part * 2
 
-    ld._pump(list(range(20)), work, lambda i, r: (order.append(i), seen.append(r)), threads=4, window=3)
+    staged.pump(list(range(20)), work, lambda i, r: (order.append(i), seen.append(r)), threads=4, window=3)
     assert order == list(range(20)) and seen == [2 * i for i in range(20)]
     with pytest.raises(RuntimeError, match="boom"):
-        ld._pump(list(range(20)), lambda i, p: (_ for _ in ()).throw(RuntimeError("boom")) if i == 5 else p,
+        staged.pump(list(range(20)), lambda i, p: (_ for _ in ()).throw(RuntimeError("boom")) if i == 5 else p,
                  lambda i, r: None, threads=2, window=2)
 
 
-class AsyncCopier(ld._Copier):
+class AsyncCopier(staged.HostCopier):
     """Stands in for the CUDA copier: copies run later on another thread and read the staging
     slot only then (like a DMA engine), so a slot recycled before its copy finished would
     corrupt the result."""
@@ -443,7 +446,7 @@ class AsyncCopier(ld._Copier):
 
 
 def test_ring_pipeline_with_asynchronous_copies(monkeypatch, st_file, local_storage):
-    monkeypatch.setattr(ld, "_Copier", AsyncCopier)
+    monkeypatch.setattr(staged, "HostCopier", AsyncCopier)
     want = load_file(str(st_file))
     for staging in (2 * 4096, 5 * 4096):
         rep = LoadReport()
@@ -456,11 +459,11 @@ def test_ring_pipeline_with_asynchronous_copies(monkeypatch, st_file, local_stor
 
 
 def test_probe_classifies_and_measures_page_cache(tmp_path, st_file):
-    assert ld.classify_fstype("tmpfs") == "tmpfs" and ld.classify_fstype("nfs4") == "network"
-    assert ld.classify_fstype("fuse.s3fs") == "network" and ld.classify_fstype("xfs") == "local"
+    assert classify_fstype("tmpfs") == "tmpfs" and classify_fstype("nfs4") == "network"
+    assert classify_fstype("fuse.s3fs") == "network" and classify_fstype("xfs") == "local"
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(4 * 1024 * 1024))
-    info = ld.probe(big)
+    info = probe(big)
     assert info["kind"] in ("local", "tmpfs", "network") and info["threads"] >= 1 and info["chunk_bytes"] > 0
     if Path("/dev/shm").is_dir():
         shm = Path("/dev/shm") / f"forgeline-test-{os.getpid()}.safetensors"
@@ -472,16 +475,16 @@ def test_probe_classifies_and_measures_page_cache(tmp_path, st_file):
             shm.unlink(missing_ok=True)
     if info["kind"] == "local" and info["cached_fraction"] is not None:
         big.read_bytes()
-        assert ld.cached_fraction(big) > 0.9
-        assert ld.cached_fraction(big, max_pages=64, windows=8) > 0.9  # the sampled branch
+        assert cached_fraction(big) > 0.9
+        assert cached_fraction(big, max_pages=64, windows=8) > 0.9  # the sampled branch
         for f in (big, st_file):
             fd = os.open(f, os.O_RDONLY)
             os.fsync(fd)  # dirty pages cannot be dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
-        if ld.cached_fraction(big) > 0.5:
+        if cached_fraction(big) > 0.5:
             pytest.skip("this filesystem ignores POSIX_FADV_DONTNEED; cold path not testable here")
-        assert ld.cached_fraction(big, max_pages=64, windows=8) < 0.5
+        assert cached_fraction(big, max_pages=64, windows=8) < 0.5
         got, rep = load_with_report(st_file, owned=True)  # the cold path
         assert rep.cached_fraction < 0.5 and rep.threads == 8 and rep.chunk_bytes == 16 << 20
         assert_bit_exact(got, load_file(str(st_file)))

@@ -13,6 +13,7 @@ from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
 
 from pipeline.storage import (
     IntegrityError,
+    ObjectChanged,
     ObjectNotFound,
     ShmStorage,
     StorageError,
@@ -318,6 +319,22 @@ def test_s3_unchanged_object_reads_across_windows(s3_storage):
         assert f.tell() == MIN_PART_SIZE + 1
         assert f.read() == BIG[MIN_PART_SIZE + 1 :]
         assert f.read(10) == b""
+
+
+def test_ranged_reads_into_a_buffer_pinned_to_a_version(store):
+    data = payload(100_000)
+    store.write_atomic("r", data)
+    info = store.stat("r")
+    out = bytearray(1000)
+    store.read_into("r", 500, out, version=info.version)
+    assert bytes(out) == data[500:1500]
+    assert store.read_range("r", 10, 5, version=info.version) == data[10:15]
+    with pytest.raises(IntegrityError, match="past end"):
+        store.read_into("r", len(data) - 10, bytearray(20))
+    if info.version is not None:  # a versioned backend (S3): a replaced object is never mixed in
+        store.write_atomic("r", payload(100_000, seed=1))
+        with pytest.raises(ObjectChanged):
+            store.read_into("r", 0, bytearray(10), version=info.version)
 
 
 def _count_calls(monkeypatch, client, name, fail):

@@ -1,0 +1,367 @@
+"""The loader's entry points: :func:`load` / :func:`load_with_report` and the :class:`LoadReport`.
+
+A load resolves the source into shards (:mod:`.sources`), validates every header (:mod:`.header`),
+probes where the files live (:mod:`.probe`), verifies local shards' sha256, then either maps local
+files zero-copy (CPU) or runs the staged copy pipeline (:mod:`.staged`); quantized versions are
+dequantized at the end. How each path works and why is in docs/loading.md.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import quantize as _quantize
+from pipeline.loading.header import LoadError
+from pipeline.loading.probe import probe, tune
+from pipeline.loading.sources import Shard, Source, hash_file, resolve
+from pipeline.loading.staged import StagedCopy, u8
+from pipeline.storage import Storage
+
+MiB = 1 << 20
+DEFAULT_STAGING_BYTES = 256 * MiB
+DEFAULT_STREAMS = 4
+
+
+@dataclass
+class LoadReport:
+    """What a load did and how fast. Pass one as ``report=`` to have it filled in."""
+
+    tensors: int = 0
+    bytes: int = 0  # tensor bytes read from the source (before any cast/dequantization)
+    seconds_total: float = 0.0
+    seconds_read: float = 0.0  # first read issued to last completed
+    seconds_copy: float = 0.0  # first copy into the destination to the final synchronize
+    gbps: float = 0.0  # bytes / seconds_total / 1e9
+    source_kind: str = ""  # tmpfs / local / network / s3 / storage
+    path: str = ""  # mmap-zero-copy / pread-owned / pread-pinned-streams / s3-ranged / ...
+    threads: int = 0
+    chunk_bytes: int = 0
+    cached_fraction: float | None = None  # page-cache residency of local sources (None: remote)
+    shards: int = 0
+    device: str = "cpu"
+    streams: int = 0
+    staging_bytes: int = 0
+    verified: int = 0  # shards whose sha256 was checked
+    dequantized: bool = False
+    seconds_header: float = 0.0
+    seconds_verify: float = 0.0
+    source: str = ""
+    chunk_seconds: list[float] = field(default_factory=list)  # per read (a chunk, or a mapped shard)
+
+    @property
+    def read_gbps(self) -> float:
+        return self.bytes / self.seconds_read / 1e9 if self.seconds_read > 0 else 0.0
+
+    @property
+    def copy_gbps(self) -> float:
+        return self.bytes / self.seconds_copy / 1e9 if self.seconds_copy > 0 else 0.0
+
+    def summary(self) -> str:
+        cached = "" if self.cached_fraction is None else f", {self.cached_fraction:.0%} cached"
+        return (f"{self.tensors} tensors, {self.bytes / 1e9:.3f} GB from {self.source_kind}{cached} "
+                f"via {self.path} ({self.threads} threads, {self.chunk_bytes // MiB} MiB chunks) -> "
+                f"{self.device}: read {self.seconds_read:.3f}s ({self.read_gbps:.2f} GB/s), copy "
+                f"{self.seconds_copy:.3f}s ({self.copy_gbps:.2f} GB/s), total {self.seconds_total:.3f}s "
+                f"({self.gbps:.2f} GB/s)")
+
+
+def load(
+    source: Any,
+    device: Any = "cpu",
+    *,
+    storage: Storage | None = None,
+    dtype: torch.dtype | None = None,
+    verify: bool = False,
+    dequantize: bool = True,
+    owned: bool = False,
+    staging_bytes: int = DEFAULT_STAGING_BYTES,
+    threads: int | None = None,
+    chunk_bytes: int | None = None,
+    module: torch.nn.Module | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    report: LoadReport | None = None,
+    expected_sha256: Mapping[str, str] | None = None,
+    streams: int = DEFAULT_STREAMS,
+    prefetch: bool | None = None,
+    method: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load every tensor of ``source`` onto ``device``; returns ``{name: tensor}`` in file order
+    (dequantized order for quantized versions). Bad input raises :class:`LoadError` naming the
+    file, before anything is allocated; a failure mid-load frees what was allocated.
+
+    source: a ``.safetensors`` file, a folder (published version, index or ``*.safetensors``), an
+        index file, ``s3://bucket/prefix``, ``<model>/<version>`` (``latest`` too) in ``storage``,
+        or a key inside ``storage``.
+    device: ``"cpu"`` or a CUDA device.
+    storage: where ``<model>/<version>`` and keys are looked up; an S3 storage is also reused for
+        ``s3://`` URIs inside it (its client, retries and pool).
+    dtype: cast floating-point tensors to this dtype (on the device).
+    verify: check each shard's sha256 against the manifest.
+    dequantize: dequantize quantized versions (int8/int4) on load.
+    owned: CPU tensors get their own memory instead of copy-on-write views of the file.
+    staging_bytes: bound on host staging (pinned ring / remote parts in flight).
+    threads: parallel reads (default: by storage kind, see docs/loading.md).
+    chunk_bytes: size of each read request (default: by storage kind).
+    module: a module built on the meta device, filled with ``load_state_dict(strict=True,
+        assign=True)``: its parameters *are* the returned tensors.
+    progress: called as ``progress(bytes_done, bytes_total)``.
+    report: a :class:`LoadReport` to fill in.
+    expected_sha256: ``{file name: hex}`` to check for sources without a manifest; when given,
+        always checked.
+    streams: CUDA copy streams (2-4).
+    prefetch: ``MADV_WILLNEED`` on zero-copy mappings (default off: plain faults with kernel
+        readahead measured faster on cold files).
+    method: force a CPU strategy: ``"mmap"``, ``"pread"`` (owned), or ``"ring"`` (the GPU
+        pipeline with a CPU destination, for tests and benchmarks of the pipeline itself).
+    """
+    t_start = time.perf_counter()
+    rep = report if report is not None else LoadReport()
+    rep.__dict__.update(LoadReport().__dict__)  # a reused report starts afresh
+    dev = _parse_device(device)
+    if staging_bytes < 1:
+        raise ValueError(f"staging_bytes must be positive, got {staging_bytes}")
+    if method not in (None, "mmap", "pread", "ring"):
+        raise ValueError(f"method must be None, 'mmap', 'pread' or 'ring', got {method!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype cast must be a floating-point dtype, got {dtype}")
+    if sys.byteorder != "little":  # pragma: no cover
+        raise RuntimeError("safetensors is little-endian; big-endian hosts are not supported")
+
+    src = resolve(source, storage)
+    for s in src.shards:
+        s.read_header()
+    src.check_names()
+    t_header = time.perf_counter()
+
+    remote = any(s.path is None for s in src.shards)
+    zero_copy = dev.type == "cpu" and not remote and (method == "mmap" or (method is None and not owned))
+    kind, cached = _probe_shards(src, residency=not zero_copy)
+    auto_threads, auto_chunk = tune(kind, cached)
+    n_threads = threads or auto_threads
+    chunk = chunk_bytes or auto_chunk
+    if n_threads < 1 or chunk < 1:
+        raise ValueError("threads and chunk_bytes must be positive")
+
+    # sha256: local files are hashed first (in parallel, before anything is allocated); remote
+    # shards on the way, in order, from the parts as they arrive.
+    wanted = {i: h for i, s in enumerate(src.shards)
+              if (h := s.expected_sha256(expected_sha256)) and (verify or expected_sha256)}
+    hash_remote = {i: h for i, h in wanted.items() if src.shards[i].path is None}
+    _verify_local(src, {i: h for i, h in wanted.items() if src.shards[i].path is not None}, rep)
+
+    quantized = dequantize and (src.quant is not None or any(_quantize.METADATA_KEY in s.metadata for s in src.shards))
+    cast_now = None if quantized else dtype
+    if zero_copy:
+        path_name = "mmap-zero-copy"
+        tensors = _load_mapped(src, bool(prefetch), cast_now, progress, rep)
+        n_threads, chunk = 0, 0
+    else:
+        direct = dev.type == "cpu" and not remote and method != "ring"
+        if remote:
+            path_name = f"{kind}-ranged" + ("-pinned-streams" if dev.type == "cuda" else "")
+        elif dev.type == "cuda":
+            path_name = "pread-pinned-streams"
+        else:
+            path_name = "pread-owned" if direct else "pread-ring"
+        if not direct:
+            if staging_bytes < 2 * chunk:  # at least two slots, so reads and copies overlap
+                chunk = max(4096, staging_bytes // 2)
+            n_threads = max(1, min(n_threads, staging_bytes // chunk))
+        staged = StagedCopy(
+            src, dev, threads=n_threads, chunk=chunk, staging=staging_bytes, hash_remote=hash_remote,
+            direct=direct, per_tensor=dev.type == "cpu" and method != "ring", n_streams=max(1, streams),
+            progress=progress, cast=cast_now,
+        )
+        tensors = staged.run()
+        rep.seconds_read = staged.read_span.seconds
+        rep.seconds_copy = staged.copy_span.seconds if not direct else 0.0
+        rep.chunk_seconds = staged.chunk_seconds.values
+        rep.streams = staged.copier.streams
+        rep.staging_bytes = staged.staging_bytes
+        rep.verified += staged.verified
+
+    rep.dequantized = False
+    if quantized:
+        deq = _dequantize(src, tensors, dtype)
+        if deq is not None:
+            tensors = _release_views(deq, tensors) if dev.type == "cuda" else deq
+            rep.dequantized = True
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    if module is not None:
+        _fill_module(module, tensors, src.display)
+
+    rep.source = src.display
+    rep.tensors = len(tensors)
+    rep.bytes = sum(e.nbytes for s in src.shards for e in s.entries)
+    rep.shards = len(src.shards)
+    rep.source_kind = kind
+    rep.path = path_name
+    rep.threads = n_threads
+    rep.chunk_bytes = chunk
+    rep.cached_fraction = cached
+    rep.device = str(dev)
+    rep.seconds_header = t_header - t_start
+    rep.seconds_total = time.perf_counter() - t_start
+    rep.gbps = rep.bytes / rep.seconds_total / 1e9 if rep.seconds_total > 0 else 0.0
+    return tensors
+
+
+def load_with_report(source: Any, device: Any = "cpu", **options: Any) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """:func:`load`, returning ``(tensors, LoadReport)``."""
+    rep = options.pop("report", None) or LoadReport()
+    return load(source, device, report=rep, **options), rep
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps of a load
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_device(device: Any) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} requested but torch.cuda.is_available() is False")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: only cpu and cuda are supported")
+    return dev
+
+
+def _probe_shards(src: Source, *, residency: bool) -> tuple[str, float | None]:
+    """Probe every local shard (sets ``kind``/``cached``); returns the source's kind and the
+    size-weighted page-cache residency of its local shards (None when unknown or remote)."""
+    local = [s for s in src.shards if s.path is not None]
+    cached_weighted = 0.0
+    cached_known = True
+    kind = ""
+    for s in src.shards:
+        if s.path is not None:
+            info = probe(s.path, residency=residency)
+            s.kind, s.cached = info["kind"], info["cached_fraction"]
+            if s.cached is None:
+                cached_known = False
+            else:
+                cached_weighted += s.cached * (s.size or 0)
+        kind = kind or s.kind
+    total_file = sum(s.size or 0 for s in local)
+    cached = (cached_weighted / total_file if total_file else 1.0) if local and cached_known else None
+    return kind, cached
+
+
+def _verify_local(src: Source, want: dict[int, str], rep: LoadReport) -> None:
+    """Hash the local shards in ``want`` (in parallel) and compare."""
+    if not want:
+        return
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(min(len(want), os.cpu_count() or 1)) as pool:
+        got = dict(zip(want, pool.map(lambda i: hash_file(src.shards[i].path), want)))
+    for i, h in want.items():
+        if got[i] != h:
+            raise src.shards[i].mismatch(got[i], h)
+    rep.verified += len(want)
+    rep.seconds_verify = time.perf_counter() - t0
+
+
+def _load_mapped(src: Source, prefetch: bool, cast: torch.dtype | None,
+                 progress: Callable[[int, int], None] | None, rep: LoadReport) -> dict[str, torch.Tensor]:
+    """The zero-copy CPU path: every local shard mapped, its tensors viewing the mapping."""
+    tensors: dict[str, torch.Tensor] = {}
+    total = sum(e.nbytes for s in src.shards for e in s.entries)
+    done = 0
+    for s in src.shards:
+        # No MADV_WILLNEED by default: on cold files the kernel's fault readahead measured ~3x
+        # faster than asking for the whole mapping up front (bench/loaders.py, BENCHMARKS.md).
+        t0 = time.perf_counter()
+        tensors.update(_map_shard(s, prefetch))
+        rep.chunk_seconds.append(time.perf_counter() - t0)
+        done += sum(e.nbytes for e in s.entries)
+        if progress is not None:
+            progress(done, total)
+    if cast is not None:
+        t0 = time.perf_counter()
+        tensors = {n: (t.to(cast) if t.is_floating_point() else t) for n, t in tensors.items()}
+        rep.seconds_copy = time.perf_counter() - t0
+    return tensors
+
+
+def _map_shard(shard: Shard, prefetch: bool) -> dict[str, torch.Tensor]:
+    """Tensors viewing a private (copy-on-write) mapping of the file; misaligned ones copied."""
+    assert shard.path is not None
+    fd = os.open(shard.path, os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_size != shard.size:
+            raise LoadError(shard.display, "file changed size since its header was read")
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # MAP_PRIVATE: writes never reach the file
+    finally:
+        os.close(fd)
+    if prefetch and hasattr(mm, "madvise"):
+        try:
+            mm.madvise(mmap.MADV_WILLNEED)
+        except OSError:
+            pass
+    mv = memoryview(mm)  # every tensor holds this export: the mapping lives (and cannot be
+    out: dict[str, torch.Tensor] = {}  # closed) while any of them does
+    for e in shard.entries:
+        numel = math.prod(e.shape)
+        if numel == 0:
+            out[e.name] = torch.empty(e.shape, dtype=e.dtype)
+        elif e.start % e.itemsize == 0:
+            out[e.name] = torch.frombuffer(mv, dtype=e.dtype, count=numel, offset=e.start).view(e.shape)
+        else:
+            t = torch.empty(e.shape, dtype=e.dtype)
+            u8(t)[:] = np.frombuffer(mv, dtype=np.uint8, count=e.nbytes, offset=e.start)
+            out[e.name] = t
+    del mv, mm
+    return out
+
+
+def _dequantize(src: Source, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
+    md: Any = src.quant
+    if md is None:
+        for s in src.shards:
+            if _quantize.METADATA_KEY in s.metadata:
+                md = s.metadata
+                break
+    if md is None:
+        return None
+    try:
+        return _quantize.dequantize_state_dict(tensors, md, dtype=dtype, strict=src.complete)
+    except ValueError as e:
+        raise LoadError(src.display, f"cannot dequantize: {e}") from None
+
+
+def _release_views(result: dict[str, torch.Tensor], raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """On a device: after dequantization, results still viewing a shard buffer whose other
+    tensors were replaced are cloned, so the raw shard buffers can be freed."""
+    dropped = {raw[n].untyped_storage().data_ptr() for n in raw if n not in result or result[n] is not raw[n]}
+    return {n: (t.clone() if n in raw and t is raw[n] and t.untyped_storage().data_ptr() in dropped else t)
+            for n, t in result.items()}
+
+
+def _fill_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], display: str) -> None:
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise LoadError(display, f"does not fit {type(module).__name__}: {e}") from None
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise LoadError(display, f"{type(module).__name__}: {left[:3]} not in the checkpoint "
+                                 "(non-persistent buffers?) and still on the meta device")
+
+
+__all__ = ["LoadReport", "load", "load_with_report"]

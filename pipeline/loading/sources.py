@@ -1,0 +1,379 @@
+"""What to load: turning a source (a path, an ``s3://`` URI, ``<model>/<version>`` in a storage, or
+a key in a storage) into its shards, and reading each shard's header and bytes.
+
+A shard is either a local file (``path``: mmap / preadv) or an object read through the storage
+interface with ranged reads pinned to the version seen at resolution (``stat().version``), so an
+object replaced mid-load is an error, never a mix of two versions. No tensor bytes are read here
+except through :meth:`Shard.read_into`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import export as _export
+from pipeline.loading.header import LoadError, TensorInfo, header_length, parse_header
+from pipeline.storage import IntegrityError, ObjectChanged, ObjectNotFound, Storage, check_key, from_uri, join
+
+MiB = 1 << 20
+_REMOTE_HEADER_PROBE = 64 * 1024  # first ranged read of a remote shard: the header usually fits
+_PUBLISHED_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._+-]*)/([A-Za-z0-9][A-Za-z0-9._+-]*)$")
+_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+@dataclass
+class Shard:
+    """One safetensors file of a source, and what the loader learns about it."""
+
+    display: str  # path or uri, for messages
+    file: str  # file name, for expected_sha256 lookups
+    path: str | None = None  # local filesystem path
+    store: Storage | None = None  # else: read through this storage
+    key: str | None = None
+    sha256: str | None = None  # expected
+    size: int | None = None  # expected (manifest), then actual
+    names: list[str] | None = None  # tensors the index/manifest places here
+    version: str | None = None  # remote reads are pinned to it (S3: ETag)
+    header_len: int = 0
+    entries: list[TensorInfo] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    kind: str = ""  # tmpfs / local / network (probe), or the storage's kind (s3)
+    cached: float | None = None
+
+    # Remote bytes --------------------------------------------------------------------------
+    def read(self, off: int, n: int) -> bytes:
+        """``n`` bytes at ``off`` of a remote shard, from the pinned version."""
+        if n <= 0:
+            return b""
+        assert self.store is not None and self.key is not None
+        try:
+            return self.store.read_range(self.key, off, n, version=self.version)
+        except IntegrityError as e:
+            raise self._changed(e) from None
+
+    def read_into(self, off: int, out: Any) -> None:
+        """Fill the writable buffer ``out`` with ``len(out)`` bytes at ``off`` of a remote shard
+        (S3 pieces land in place as they arrive)."""
+        assert self.store is not None and self.key is not None
+        try:
+            self.store.read_into(self.key, off, out, version=self.version)
+        except IntegrityError as e:
+            raise self._changed(e) from None
+
+    def _changed(self, e: IntegrityError) -> LoadError:
+        if isinstance(e, ObjectChanged):
+            return LoadError(self.display, f"object changed during load (ETag {self.version}): {e}")
+        return LoadError(self.display, f"{e}: object truncated or changed during load")
+
+    # Header --------------------------------------------------------------------------------
+    def read_header(self) -> None:
+        """Read and validate the header (sets ``size``, ``header_len``, ``entries``, ``metadata``)."""
+        if self.path is not None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise LoadError(self.display, f"cannot open: {e.strerror or e}") from None
+            try:
+                size = os.fstat(fd).st_size
+                if self.size is not None and size != self.size:
+                    raise LoadError(self.display, f"{size} bytes on disk, the manifest says {self.size} "
+                                                  "(truncated or replaced)")
+                self.size = size
+                self.header_len, self.entries, self.metadata = parse_header(fd, size, self.display)
+            finally:
+                os.close(fd)
+            return
+        size = self.size or 0
+        first = self.read(0, min(_REMOTE_HEADER_PROBE, size))
+        n = header_length(first[:8], size, self.display)
+        if 8 + n > len(first):
+            first += self.read(len(first), 8 + n - len(first))
+        self.header_len, self.entries, self.metadata = parse_header(first, size, self.display)
+
+    # sha256 --------------------------------------------------------------------------------
+    def expected_sha256(self, expected: Mapping[str, str] | None) -> str | None:
+        """The sha256 to check: from ``expected`` (by file name, path or key), else the manifest's."""
+        if expected:
+            for k in (self.file, self.display, self.path or "", self.key or ""):
+                if k and k in expected:
+                    return expected[k]
+        return self.sha256
+
+    def mismatch(self, got: str, want: str) -> LoadError:
+        return LoadError(self.display, f"sha256 mismatch: the bytes hash to {got}, expected {want}")
+
+
+@dataclass
+class Source:
+    display: str
+    kind: str  # file / folder / index / published
+    shards: list[Shard]
+    quant: dict | None = None  # quantization metadata (manifest)
+    complete: bool = True  # the shards are a whole model (strict dequantization)
+
+    def check_names(self) -> None:
+        """Every tensor the index/manifest places in a shard is there, and no tensor is in two."""
+        seen: dict[str, str] = {}
+        for s in self.shards:
+            have = {e.name for e in s.entries}
+            if s.names is not None:
+                missing = [n for n in s.names if n not in have]
+                if missing:
+                    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                    raise LoadError(s.display, f"tensor {missing[0]!r}{more} is placed in this shard by "
+                                               f"{self.display} but the shard does not hold it")
+                if self.kind == "published" and len(have) != len(s.names):
+                    extra = sorted(have - set(s.names))
+                    raise LoadError(s.display, f"holds tensors the manifest does not list: {extra[:3]}")
+            for e in s.entries:
+                if e.name in seen:
+                    raise LoadError(s.display, f"tensor {e.name!r} is also in {seen[e.name]}")
+                seen[e.name] = s.display
+
+
+def hash_file(path: str, chunk: int = 8 * MiB) -> str:
+    h = hashlib.sha256()
+    mv = memoryview(bytearray(chunk))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        off = 0
+        while (n := os.preadv(fd, [mv], off)) > 0:
+            h.update(mv[:n])  # hashlib releases the GIL for large updates: shards hash in parallel
+            off += n
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve(source: Any, storage: Storage | None = None) -> Source:
+    """Turn ``source`` into the list of shards to load (no tensor bytes are read)."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str) or not source:
+        raise LoadError(source, "source must be a path, an s3:// URI or <model>/<version>")
+    if _URI_RE.match(source):
+        try:
+            store, rel = from_uri(source, storage)
+            if rel:
+                check_key(rel)
+        except ValueError as e:
+            raise LoadError(source, str(e)) from None
+        return _storage_source(store, rel, source)
+    m = _PUBLISHED_RE.match(source)
+    if storage is not None and m and not os.path.exists(source):
+        model, version = m.groups()
+        try:
+            if version == "latest":
+                latest = _export.latest_version(storage, model)
+                if latest is None:
+                    raise LoadError(f"{model}/latest", f"no published version of {model!r} in {storage.uri()}")
+                version = latest
+            manifest = _export.read_manifest(storage, model, version)
+        except _export.VersionNotFound as e:
+            manifest = None
+            err = e
+        except _export.ExportError as e:
+            raise LoadError(f"{model}/{version}", str(e)) from None
+        if manifest is not None:
+            prefix = _export.version_prefix(model, version)
+            return _store_manifest_source(storage, prefix, manifest, f"{model}/{version}")
+        if not storage.list(source):
+            raise LoadError(source, str(err)) from None
+    if os.path.exists(source):
+        return _local_source(source)
+    if storage is not None:
+        try:
+            check_key(source.strip("/"))
+        except ValueError:
+            raise LoadError(source, "no such file or directory") from None
+        return _storage_source(storage, source)
+    raise LoadError(source, "no such file or directory (pass storage= for <model>/<version> or storage keys)")
+
+
+def _read_json(display: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoadError(display, f"not valid JSON: {e}") from None
+
+
+def _is_manifest(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("format") == _export.FORMAT
+
+
+def _index_shards(display: str, index: Any) -> list[tuple[str, list[str]]]:
+    """[(shard file, tensor names)] of a HF-style index, in first-appearance order."""
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise LoadError(display, "index has no weight_map (tensor name -> shard file)")
+    files: dict[str, list[str]] = {}
+    for tname, file in wm.items():
+        if not isinstance(file, str) or not file or file.startswith("/") or ".." in file.split("/"):
+            raise LoadError(display, f"weight_map[{tname!r}] = {file!r} is not a relative file name")
+        files.setdefault(file, []).append(tname)
+    return list(files.items())
+
+
+def _manifest_shards(display: str, manifest: Any) -> list[dict]:
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(shards, list) or not shards:
+        raise LoadError(display, "manifest lists no shards")
+    for s in shards:
+        if not isinstance(s, dict) or not isinstance(s.get("file"), str) or "/" in s["file"] or ".." in s["file"]:
+            raise LoadError(display, f"manifest shard entry {s!r} is malformed")
+    return shards
+
+
+def _manifest_fields(s: dict) -> dict:
+    """The Shard fields a manifest's shard entry gives."""
+    return {"sha256": s.get("sha256"), "size": s.get("bytes"), "names": list(s.get("tensors") or []) or None}
+
+
+def _quant_of(manifest: dict) -> dict | None:
+    md = manifest.get("metadata") if isinstance(manifest, dict) else None
+    q = md.get("quantization") if isinstance(md, dict) else None
+    return q if isinstance(q, dict) else None
+
+
+def _local_source(path: str) -> Source:
+    p = Path(path)
+    if p.is_dir():
+        manifest = p / _export.MANIFEST_NAME
+        if manifest.is_file():
+            m = _read_json(str(manifest), manifest.read_bytes())
+            if _is_manifest(m):
+                return _local_manifest_source(str(p), m, str(manifest))
+        indexes = sorted(p.glob("*.safetensors.index.json"))
+        if indexes:
+            pick = p / _export.INDEX_NAME if (p / _export.INDEX_NAME) in indexes else indexes[0]
+            if len(indexes) > 1 and pick != p / _export.INDEX_NAME:
+                raise LoadError(path, f"several index files ({', '.join(i.name for i in indexes)}); name one")
+            return _local_index_source(str(pick))
+        files = sorted(f for f in p.glob("*.safetensors") if f.is_file())
+        if not files:
+            raise LoadError(path, "folder holds no manifest.json, no *.safetensors.index.json and no *.safetensors")
+        return Source(path, "folder", [Shard(str(f), f.name, path=str(f)) for f in files])
+    if not p.exists():
+        raise LoadError(path, "no such file or directory")
+    if p.name == _export.MANIFEST_NAME:
+        m = _read_json(path, p.read_bytes())
+        if not _is_manifest(m):
+            raise LoadError(path, f"not a {_export.FORMAT} manifest")
+        return _local_manifest_source(str(p.parent), m, path)
+    if p.name.endswith(".json"):
+        return _local_index_source(path)
+    return Source(path, "file", [Shard(path, p.name, path=path)], complete=False)
+
+
+def _local_index_source(index_path: str) -> Source:
+    p = Path(index_path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise LoadError(index_path, f"cannot read index: {e.strerror or e}") from None
+    shards = []
+    for file, names in _index_shards(index_path, _read_json(index_path, data)):
+        sp = p.parent / file
+        if not sp.is_file():
+            raise LoadError(str(sp), f"shard {file!r} named by the index {index_path} is missing")
+        shards.append(Shard(str(sp), file, path=str(sp), names=names))
+    return Source(index_path, "index", shards)
+
+
+def _local_manifest_source(folder: str, m: dict, display: str) -> Source:
+    shards = []
+    for s in _manifest_shards(display, m):
+        sp = Path(folder) / s["file"]
+        if not sp.is_file():
+            raise LoadError(str(sp), f"shard {s['file']!r} listed in {display} is missing")
+        shards.append(Shard(str(sp), s["file"], path=str(sp), **_manifest_fields(s)))
+    return Source(folder, "published", shards, quant=_quant_of(m))
+
+
+def _store_shard(store: Storage, key: str, file: str, **kw: Any) -> Shard:
+    """A shard inside a storage: a local path when the storage has one, else ranged reads pinned
+    to the object's current version."""
+    display = store.uri(key)
+    path = store.local_path(key)
+    if path is not None:
+        if not Path(path).is_file():
+            raise LoadError(display, f"shard {file!r} is missing")
+        return Shard(str(path), file, path=str(path), **kw)
+    try:
+        info = store.stat(key)
+    except ObjectNotFound:
+        raise LoadError(display, f"shard {file!r} is missing") from None
+    if kw.get("size") is not None and info.size != kw["size"]:
+        raise LoadError(display, f"object has {info.size} bytes, the manifest says {kw['size']}")
+    kw["size"] = info.size
+    return Shard(display, file, store=store, key=key, version=info.version, kind=store.kind, **kw)
+
+
+def _storage_source(store: Storage, key: str, display: str | None = None) -> Source:
+    """A file, index, manifest or folder inside a storage."""
+    key = key.strip("/")
+    display = display or store.uri(key)
+    local = store.local_path(key) if key else None
+    if local is not None and Path(local).exists():
+        return _local_source(str(local))
+    base = key.rsplit("/", 1)[0] if "/" in key else ""
+    if key.endswith(".json"):
+        try:
+            data = store.read(key)
+        except ObjectNotFound:
+            raise LoadError(display, "no such object") from None
+        doc = _read_json(display, data)
+        if key.rsplit("/", 1)[-1] == _export.MANIFEST_NAME:
+            if not _is_manifest(doc):
+                raise LoadError(display, f"not a {_export.FORMAT} manifest")
+            return _store_manifest_source(store, base, doc, display)
+        shards = [_store_shard(store, join(base, f), f, names=names) for f, names in _index_shards(display, doc)]
+        return Source(display, "index", shards)
+    if key.endswith(".safetensors"):
+        try:
+            return Source(display, "file", [_store_shard(store, key, key.rsplit("/", 1)[-1])], complete=False)
+        except LoadError:
+            pass  # maybe a "folder" named *.safetensors; fall through
+    try:
+        objs = store.list(key) if key else store.list()
+    except ValueError as e:
+        raise LoadError(display, str(e)) from None
+    children = {o.key[len(key) + 1 :] if key else o.key: o for o in objs}
+    children = {n: o for n, o in children.items() if n and "/" not in n}
+    if not children:
+        raise LoadError(display, "no such object or prefix")
+    if _export.MANIFEST_NAME in children:
+        doc = _read_json(display, store.read(join(key, _export.MANIFEST_NAME)))
+        if _is_manifest(doc):
+            return _store_manifest_source(store, key, doc, display)
+    indexes = sorted(n for n in children if n.endswith(".safetensors.index.json"))
+    if indexes:
+        pick = _export.INDEX_NAME if _export.INDEX_NAME in indexes else indexes[0]
+        if len(indexes) > 1 and pick != _export.INDEX_NAME:
+            raise LoadError(display, f"several index files ({', '.join(indexes)}); name one")
+        return _storage_source(store, join(key, pick))
+    files = sorted(n for n in children if n.endswith(".safetensors"))
+    if not files:
+        raise LoadError(display, "no manifest.json, *.safetensors.index.json or *.safetensors under this prefix")
+    return Source(display, "folder", [_store_shard(store, join(key, f), f) for f in files])
+
+
+def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str) -> Source:
+    shards = [_store_shard(store, join(prefix, s["file"]), s["file"], **_manifest_fields(s))
+              for s in _manifest_shards(display, m)]
+    return Source(display, "published", shards, quant=_quant_of(m))
+
+
+__all__ = ["Shard", "Source", "hash_file", "resolve"]
