@@ -10,6 +10,14 @@ its compile finds them there. What is left for the warm process is Dynamo tracin
 and loading the kernels. This module keeps those bytes in an :class:`ArtifactCache` under a key that
 names everything they depend on.
 
+The key names the program, not the weights (:func:`cache_key`, :func:`architecture`): the model's
+architecture (module tree with classes and train/eval flags; parameter and buffer names, shapes,
+dtypes, ``requires_grad``, tying; the bytecode of non-torch module classes), input shapes and
+dtypes, compile mode, ``dynamic``, grad mode, the device (GPU model and capability, or CPU ISA and
+feature flags) and torch / triton / Python versions. Weights are inputs of the compiled graphs, so
+the entry stored for version 1 of a model serves version 2 (retrained, same architecture), and the
+compiled model computes with its own weights.
+
 What the mega-cache holds (torch 2.13): the FX graph cache entries (``inductor``: pickled compiled
 graphs, with the Triton kernels bundled inside on GPU), the AOTAutograd cache entries
 (``aot_autograd``), autotuning results (``autotune``) and profile-guided dynamic-shape hints
@@ -48,8 +56,11 @@ import platform
 import re
 import struct
 import sys
+import threading
 import time
+import types
 import uuid
+from collections import OrderedDict
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,30 +83,89 @@ _KERNEL_PATH = re.compile(r"^[a-z0-9_]{2}/[A-Za-z0-9_.-]+$")  # "<2 chars>/<file
 # ---------------------------------------------------------------------------------------------
 
 
-def model_hash(state_dict: dict[str, Any]) -> str:
-    """sha256 over every entry of ``state_dict`` in name order: name, dtype, shape and raw bytes.
+def _code_digest(code: types.CodeType, h) -> None:
+    """Feed what a code object executes into ``h``: bytecode, names and constants (nested code
+    objects recursively, sets sorted), not its file name or line numbers, so the same source at
+    another path or line hashes the same."""
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars)).encode())
 
-    Deterministic across processes and machines (same values → same hash); the order the module
-    registers its parameters in does not matter. Tensors on another device are copied to the CPU
-    to be hashed; meta tensors have no bytes and are refused."""
-    h = hashlib.sha256(b"forgeline-model-hash-v1\0")
-    for name in sorted(state_dict):
-        value = state_dict[name]
+    def const(c: Any) -> None:
+        if isinstance(c, types.CodeType):
+            _code_digest(c, h)
+        elif isinstance(c, (frozenset, set)):
+            h.update(b"{" + "|".join(sorted(repr(x) for x in c)).encode() + b"}")
+        elif isinstance(c, tuple):
+            h.update(b"(")
+            for x in c:
+                const(x)
+            h.update(b")")
+        else:
+            h.update(f"{type(c).__name__}:{c!r};".encode())
+
+    for c in code.co_consts:
+        const(c)
+
+
+def _class_digest(cls: type, h) -> None:
+    """The code of the methods ``cls`` and its bases define, up to torch's own classes (those are
+    covered by the torch version in the key)."""
+    for klass in cls.__mro__:
+        if klass is object or (getattr(klass, "__module__", "") or "").split(".")[0] == "torch":
+            continue
+        h.update(f"class {klass.__module__}.{klass.__qualname__}\0".encode())
+        for name, attr in sorted(vars(klass).items()):
+            fn = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+            fn = fn.fget if isinstance(fn, property) else fn
+            code = getattr(fn, "__code__", None)
+            if isinstance(code, types.CodeType):
+                h.update(f"def {name}\0".encode())
+                _code_digest(code, h)
+
+
+def architecture(model: Any) -> tuple[str, dict[str, Any]]:
+    """``(digest, summary)`` of the program ``model`` is, without its weight values: every
+    submodule's name, class and train/eval flag; every parameter's and buffer's name, shape, dtype
+    and ``requires_grad`` (tied parameters named as such, non-persistent buffers marked); and the
+    bytecode of the methods of non-torch module classes. Two versions of a model that differ only
+    in weight values get the same digest; one changed layer size, dtype, name or ``forward`` gets
+    another. ``model`` may also be a plain function (its code is hashed). Tensors on the meta
+    device are fine here (only their metadata is read)."""
+    h = hashlib.sha256(b"forgeline-architecture-v1\0")
+    if not isinstance(model, torch.nn.Module):
+        target = model if hasattr(model, "__code__") else type(model)
+        name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
         h.update(name.encode() + b"\0")
-        if isinstance(value, torch.Tensor):
-            if value.device.type == "meta":
-                raise ValueError(f"model_hash: {name!r} is a meta tensor (no data to hash)")
-            t = value.detach()
-            h.update(f"{t.dtype}|{tuple(t.shape)}\0".encode())
-            t = t.cpu().contiguous()
-            try:
-                raw = t.reshape(-1).view(torch.uint8).numpy()
-            except (RuntimeError, TypeError):  # quantized and other exotic layouts
-                raw = bytes(t.untyped_storage())
-            h.update(memoryview(raw))
-        else:  # _extra_state and other picklable non-tensors
-            h.update(f"{type(value).__qualname__}|{value!r}\0".encode())
-    return h.hexdigest()
+        if isinstance(getattr(target, "__code__", None), types.CodeType):
+            _code_digest(target.__code__, h)
+        else:
+            _class_digest(target, h)
+        return h.hexdigest(), {"model_class": name}
+    classes: dict[str, type] = {}
+    n_modules = 0
+    for name, mod in model.named_modules(remove_duplicate=False):
+        cls = type(mod)
+        qual = f"{cls.__module__}.{cls.__qualname__}"
+        classes.setdefault(qual, cls)
+        h.update(f"m|{name}|{qual}|{int(mod.training)}\0".encode())
+        n_modules += 1
+    first: dict[int, str] = {}
+    n_tensors = 0
+    for kind, items in (("p", model.named_parameters(remove_duplicate=False)),
+                        ("b", model.named_buffers(remove_duplicate=False))):
+        for name, t in items:
+            tied = first.setdefault(id(t), name)
+            h.update(f"{kind}|{name}|{tuple(t.shape)}|{t.dtype}|{int(t.requires_grad)}|"
+                     f"{tied if tied != name else ''}\0".encode())
+            n_tensors += 1
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            h.update(f"np|{mod_name}.{b}\0".encode())
+    for qual in sorted(classes):
+        _class_digest(classes[qual], h)
+    top = type(model)
+    return h.hexdigest(), {"model_class": f"{top.__module__}.{top.__qualname__}",
+                           "modules": n_modules, "tensors": n_tensors}
 
 
 def _triton_version() -> str | None:
@@ -154,7 +224,7 @@ def device_components(device: str | torch.device) -> dict[str, Any]:
 
 def cache_key(
     *,
-    model_hash: str,
+    architecture: str,
     input_shapes: list[tuple],
     dtype: str,
     mode: str,
@@ -165,7 +235,8 @@ def cache_key(
     """``(key, components)``: a stable hex key (sha256 of the canonical JSON of ``components``)
     and the components: format version, torch version (+ git commit), triton version or None,
     Python version (Dynamo works on bytecode), device identity (:func:`device_components`),
-    model hash, input shapes, dtype, compile mode, ``dynamic`` and any ``extra`` entries."""
+    the architecture digest (:func:`architecture`: no weight values), input shapes, input dtypes,
+    compile mode, ``dynamic`` and any ``extra`` entries."""
     components: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "torch": torch.__version__,
@@ -173,7 +244,7 @@ def cache_key(
         "triton": _triton_version(),
         "python": f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}",
         **device_components(device),
-        "model_hash": model_hash,
+        "architecture": architecture,
         "input_shapes": [list(s) if isinstance(s, (tuple, list, torch.Size)) else s for s in input_shapes],
         "dtype": str(dtype),
         "mode": mode or "default",
@@ -593,15 +664,43 @@ def _auto_key(model, inputs: tuple, mode: str, dynamic: bool) -> tuple[str, dict
     device = tensors[0].device if tensors else next((p.device for p in model.parameters()), torch.device("cpu"))
     shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else repr(x) for x in inputs]
     dtype = ",".join(str(x.dtype).removeprefix("torch.") for x in tensors) or "none"
-    target = model if not isinstance(model, torch.nn.Module) and hasattr(model, "__qualname__") else type(model)
-    extra = {
-        "model_class": f"{getattr(target, '__module__', '?')}.{target.__qualname__}",
-        "training": bool(getattr(model, "training", False)),
-        "grad_enabled": torch.is_grad_enabled(),
-    }
-    sd = model.state_dict() if isinstance(model, torch.nn.Module) else {}
-    return cache_key(model_hash=model_hash(sd), input_shapes=shapes, dtype=dtype, mode=mode,
-                     device=str(device), dynamic=dynamic, extra=extra)
+    digest, summary = architecture(model)
+    extra = {**summary, "grad_enabled": torch.is_grad_enabled()}
+    return cache_key(architecture=digest, input_shapes=shapes, dtype=dtype, mode=mode, device=str(device),
+                     dynamic=dynamic, extra=extra)
+
+
+def _check_materialized(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        return
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.device.type == "meta":
+                raise ValueError(
+                    f"compile_with_cache: {kind} {name!r} is still on the meta device; materialize the model "
+                    "first (load_state_dict(..., assign=True), and initialize non-persistent buffers)")
+
+
+# The bundle each key's compile recorded (or loaded) in this process, newest last. When Dynamo
+# reuses code it compiled earlier in this process (same program, e.g. version 2 of a model after
+# version 1), nothing reaches Inductor and the recording of this compile is empty: the bundle of
+# that earlier compile is the right entry for the key, since the key names the program.
+_RECORDED: OrderedDict[str, bytes] = OrderedDict()
+_RECORDED_MAX = 8
+_RECORDED_LOCK = threading.Lock()
+
+
+def _remember(key: str, bundle: bytes) -> None:
+    with _RECORDED_LOCK:
+        _RECORDED[key] = bundle
+        _RECORDED.move_to_end(key)
+        while len(_RECORDED) > _RECORDED_MAX:
+            _RECORDED.popitem(last=False)
+
+
+def _recorded(key: str) -> bytes | None:
+    with _RECORDED_LOCK:
+        return _RECORDED.get(key)
 
 
 def _sync(inputs: tuple) -> None:
@@ -630,17 +729,36 @@ def compile_with_cache(
     """``torch.compile(model)`` and its first call on ``example_inputs``, with artifacts from
     ``cache`` when there is a valid entry (hit), else cold, storing the new artifacts (miss).
 
-    ``key``: None computes one from the model (state-dict hash, class, train/eval, grad mode),
-    the inputs (shapes, dtypes, device), ``mode``, ``dynamic`` and the environment; a
-    ``(key, components)`` pair from :func:`cache_key` is used as given; a bare string is used as
-    the key, with the computed components still checked. Cache problems become
-    ``report.warnings``; only errors of the compile itself propagate.
+    Parameters:
 
-    Inductor's caches must be on (the defaults): ``cache_config_warnings()`` says when not. The
-    artifacts only help a process whose local Inductor cache does not already have them; in the
-    same process Dynamo reuses what it compiled and nothing new is recorded."""
+    - ``model``: the module (eval/train mode and grad mode as it will run) or function to compile;
+      a module built on the meta device must be materialized first (``load_state_dict(sd,
+      assign=True)``; non-persistent buffers initialized), else ValueError.
+    - ``example_inputs``: a tensor or a tuple of positional arguments for the first call; their
+      shapes, dtypes and device are part of the key.
+    - ``cache``: an :class:`ArtifactCache` (``LocalDirCache``, ``StorageCache``, ``RedisCache``),
+      or None to compile without one.
+    - ``mode``: ``torch.compile`` mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``…
+    - ``dynamic``: ``torch.compile``'s ``dynamic`` flag (part of the key).
+    - ``key``: None computes one (:func:`architecture` of the model, not its weight values; the
+      inputs; ``mode``; ``dynamic``; grad mode; the device and software versions); a
+      ``(key, components)`` pair from :func:`cache_key` is used as given; a bare string is used as
+      the key, with the computed components still checked.
+    - ``bundle_cpu_kernels``: on CPU, also store the C++ kernel binaries the mega-cache leaves out.
+
+    Returns ``(compiled, report)``: the compiled callable (already called once) and a
+    :class:`CompileReport`. Cache problems become ``report.warnings``; only errors of the compile
+    itself propagate. Weights are inputs of the compiled program, so an entry stored for one
+    version of a model serves every version with the same architecture, and ``compiled`` computes
+    with ``model``'s own weights.
+
+    Inductor's caches must be on (the defaults): ``cache_config_warnings()`` says when not. When
+    Dynamo reuses code this process compiled earlier for the same key (version 2 after version 1),
+    nothing is recorded by this compile; the entry stored on a miss is then the bundle that earlier
+    compile recorded (or loaded)."""
     t_start = time.perf_counter()
     inputs = _normalize_inputs(example_inputs)
+    _check_materialized(model)
     report = CompileReport(hit=False, key=None, seconds_compile_first_call=0.0, artifact_bytes=0, saved=False,
                            backend=cache.describe() if cache is not None else "none")
     report.warnings.extend(cache_config_warnings())
@@ -691,8 +809,9 @@ def compile_with_cache(
         report.seconds_load = time.perf_counter() - t0
 
     before = _counters()
-    kernel_keys_before = _cpp_cache_keys()
-    files_before = _kernel_files(root) if (is_cpu and bundle_cpu_kernels and not report.hit) else set()
+    collect_kernels = is_cpu and bundle_cpu_kernels
+    kernel_keys_before = _cpp_cache_keys() if collect_kernels else set()
+    files_before = _kernel_files(root) if collect_kernels else set()
 
     with _fresh_artifact_recording():
         if report.hit:
@@ -719,27 +838,27 @@ def compile_with_cache(
         after = _counters()
         report.inductor_cache = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         ic = report.inductor_cache
-        if report.hit and (ic.get("fxgraph_miss", 0) or ic.get("aotautograd_miss", 0)):
+        cold_parts = [f"{n} {what}" for n, what in ((ic.get("fxgraph_miss", 0), "graph(s) cold in Inductor"),
+                                                    (ic.get("aotautograd_miss", 0), "graph(s) cold in AOTAutograd"))
+                      if n]
+        refresh = report.hit and bool(cold_parts)
+        if refresh:
             report.warnings.append(
-                f"cache entry loaded but Inductor still compiled {ic.get('fxgraph_miss', 0)} graph(s) cold "
-                "(the entry does not match this program/environment)")
+                f"cache entry loaded but this compile still compiled {' and '.join(cold_parts)} (the entry does "
+                "not fully match this program/environment); the entry is replaced by this compile's artifacts")
 
-        if cache is not None and not report.hit and report.key is not None:
+        if cache is not None and report.key is not None and (refresh or not report.hit):
             t0 = time.perf_counter()
+            bundle, files = None, {}
             try:
                 saved = torch.compiler.save_cache_artifacts()
             except Exception as e:  # noqa: BLE001
                 saved = None
                 report.warnings.append(f"save_cache_artifacts failed: {_describe_error(e)}")
-            if saved is None:
-                report.warnings.append(
-                    "no compile artifacts to store (nothing was compiled in this call: already compiled in "
-                    "this process, or Inductor's caches are off)")
-            else:
+            if saved is not None:
                 mega, info = saved
                 report.artifacts = {k: len(v) for k, v in info.artifacts.items()}
-                files: dict[str, bytes] = {}
-                if is_cpu and bundle_cpu_kernels:
+                if collect_kernels:
                     new_keys = _cpp_cache_keys() - kernel_keys_before
                     rels = (_kernel_files(root) - files_before) | _files_for_keys(root, new_keys)
                     for rel in sorted(rels):
@@ -748,15 +867,40 @@ def compile_with_cache(
                         except OSError:
                             continue
                 bundle = pack_bundle(mega, files)
+                _remember(report.key, bundle)
+            elif (bundle := _recorded(report.key)) is not None:
+                # Dynamo reused what this process compiled for this key earlier: store that.
+                try:
+                    mega, files = unpack_bundle(bundle)
+                    report.artifacts = {k: len(v) for k, v in _artifact_counts(mega).items()}
+                except EntryError:
+                    bundle = None
+            if bundle is None:
+                report.warnings.append(
+                    "no compile artifacts to store: nothing reached Inductor in this call (Dynamo reused code "
+                    "compiled earlier in this process outside compile_with_cache, or Inductor's caches are off)")
+            else:
                 cache.put(report.key, bundle, components=components)
                 if cache.last_error:
                     report.warnings.append(f"compile artifacts not stored: {cache.last_error}")
                 else:
                     report.saved, report.artifact_bytes, report.kernel_files = True, len(bundle), len(files)
             report.seconds_save = time.perf_counter() - t0
+        elif report.hit and payload is not None:
+            _remember(report.key, payload)  # type: ignore[arg-type]
 
     report.seconds_total = time.perf_counter() - t_start
     return compiled, report
+
+
+def _artifact_counts(mega: bytes) -> dict[str, list]:
+    """Mega-cache entries by type, read without writing them anywhere (for the report)."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager  # noqa: PLC0415
+
+        return CacheArtifactManager.deserialize(mega) or {}
+    except Exception:  # noqa: BLE001
+        return {}
 
 
 __all__ = [
@@ -766,12 +910,12 @@ __all__ = [
     "LocalDirCache",
     "RedisCache",
     "StorageCache",
+    "architecture",
     "cache_config_warnings",
     "cache_key",
     "compile_with_cache",
     "device_components",
     "frame",
-    "model_hash",
     "pack_bundle",
     "unframe",
     "unpack_bundle",

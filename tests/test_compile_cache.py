@@ -23,10 +23,10 @@ from pipeline.compile_cache import (
     LocalDirCache,
     RedisCache,
     StorageCache,
+    architecture,
     cache_key,
     compile_with_cache,
     frame,
-    model_hash,
     pack_bundle,
     unframe,
     unpack_bundle,
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _key(**over):
-    kw = dict(model_hash="ab" * 32, input_shapes=[(8, 1, 28, 28)], dtype="float32", mode="default", device="cpu")
+    kw = dict(architecture="ab" * 32, input_shapes=[(8, 1, 28, 28)], dtype="float32", mode="default", device="cpu")
     kw.update(over)
     return cache_key(**kw)
 
@@ -106,25 +106,62 @@ def _tiny():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_model_hash_is_deterministic_and_content_sensitive():
+class _Block(nn.Module):
+    def __init__(self, hidden: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(16, hidden)
+        self.register_buffer("scale", torch.ones(hidden))
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) * self.scale
+
+
+class _BlockGelu(_Block):  # same parameters, another forward
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.fc(x)) * self.scale
+
+
+def test_architecture_ignores_weight_values_and_sees_the_program():
     torch.manual_seed(0)
-    a = DigitsCNN()
-    torch.manual_seed(0)
-    b = DigitsCNN()
-    assert model_hash(a.state_dict()) == model_hash(b.state_dict())
-    # insertion order does not matter
-    sd = a.state_dict()
-    assert model_hash(dict(reversed(list(sd.items())))) == model_hash(sd)
-    # one changed value, dtype or name changes it
-    with torch.no_grad():
-        b.head[-1].bias[0] += 1e-3
-    assert model_hash(b.state_dict()) != model_hash(a.state_dict())
-    assert model_hash({k: v.double() for k, v in sd.items()}) != model_hash(sd)
-    assert model_hash({"x." + k: v for k, v in sd.items()}) != model_hash(sd)
-    # bf16 (no numpy dtype) works too
-    assert len(model_hash({k: v.bfloat16() for k, v in sd.items()})) == 64
-    with pytest.raises(ValueError, match="meta"):
-        model_hash({"w": torch.empty(2, device="meta")})
+    a = _Block().eval()
+    torch.manual_seed(1)
+    b = _Block().eval()
+    digest, summary = architecture(a)
+    assert architecture(b)[0] == digest  # other weights, same program
+    assert summary["model_class"].endswith("._Block") and summary["tensors"] == 3
+    with torch.device("meta"):  # built on meta, then materialized with b's weights
+        m = _Block().eval()
+    assert architecture(m)[0] == digest
+    m.load_state_dict(b.state_dict(), assign=True)
+    assert architecture(m)[0] == digest
+
+    others = {
+        architecture(_Block(hidden=12).eval())[0],  # a shape
+        architecture(_Block().eval().double())[0],  # dtypes
+        architecture(_Block())[0],  # train mode
+        architecture(_BlockGelu().eval())[0],  # class / forward
+        architecture(nn.Sequential(_Block()).eval())[0],  # module tree / names
+        architecture(_Block().eval().requires_grad_(False))[0],
+    }
+    assert digest not in others and len(others) == 6
+    tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    untied_digest = architecture(tied)[0]
+    tied[1].weight = tied[0].weight
+    assert architecture(tied)[0] != untied_digest
+    # stable across processes (no id() / hash-seed dependence)
+    code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r); import torch; "
+            "from test_compile_cache import _Block; from pipeline.compile_cache import architecture; "
+            "print(architecture(_Block().eval())[0])" % (str(ROOT), str(ROOT / "tests")))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONHASHSEED": "7"})
+    assert out.stdout.strip().splitlines()[-1] == digest
+
+
+def test_unmaterialized_meta_model_is_refused():
+    with torch.device("meta"):
+        m = _Block().eval()
+    with pytest.raises(ValueError, match="meta device"):
+        compile_with_cache(m, (torch.randn(4, 16),), None)
 
 
 def test_cache_key_stable_and_sensitive():
@@ -137,7 +174,7 @@ def test_cache_key_stable_and_sensitive():
     others = {
         _key(input_shapes=[(16, 1, 28, 28)])[0],
         _key(mode="max-autotune")[0],
-        _key(model_hash="cd" * 32)[0],
+        _key(architecture="cd" * 32)[0],
         _key(dtype="bfloat16")[0],
         _key(dynamic=True)[0],
         _key(extra={"training": True})[0],
@@ -145,7 +182,7 @@ def test_cache_key_stable_and_sensitive():
     assert key not in others and len(others) == 6
     # stable across processes (no dict-order, id() or hash-seed dependence)
     code = ("import sys; sys.path.insert(0, %r); from pipeline.compile_cache import cache_key; "
-            "print(cache_key(model_hash='ab'*32, input_shapes=[(8,1,28,28)], dtype='float32', mode='default', "
+            "print(cache_key(architecture='ab'*32, input_shapes=[(8,1,28,28)], dtype='float32', mode='default', "
             "device='cpu')[0])" % str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"})
@@ -368,3 +405,132 @@ def test_bundled_kernel_that_will_not_load_falls_back_to_cold(tmp_path):
     warm = _run_worker(tmp_path, tmp_path / "inductor-warm", store, model="tiny")
     assert warm["allclose"], warm
     assert not warm["hit"] and any("compiled again cold" in w for w in warm["warnings"]), warm
+
+
+# ---------------------------------------------------------------------------------------------
+# model versions: the key names the program, not the weights
+# ---------------------------------------------------------------------------------------------
+
+_VERSIONS_WORKER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from torch import nn
+from pipeline.compile_cache import LocalDirCache, compile_with_cache
+
+
+class Net(nn.Module):
+    def __init__(self, hidden=8):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, hidden), nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def weights(seed, hidden=8):
+    torch.manual_seed(seed)
+    return Net(hidden).state_dict()
+
+
+x = torch.randn(4, 16, generator=torch.Generator().manual_seed(123))
+for step in json.loads(sys.argv[2]):
+    hidden, batch = step.get("hidden", 8), step.get("batch", 4)
+    with torch.device("meta"):  # as a model server loads a version: skeleton on meta, then the weights
+        model = Net(hidden)
+    model.load_state_dict(weights(step["seed"], hidden), assign=True)
+    model.eval()
+    xs = x.repeat(batch // 4 + 1, 1)[:batch]
+    with torch.no_grad():
+        compiled, report = compile_with_cache(model, (xs,), LocalDirCache(step["store"]))
+        out = compiled(xs)
+        other = Net(hidden).eval()
+        other.load_state_dict(weights(step.get("other_seed", 0), hidden))
+        meta = report.to_metadata()
+        meta["equals_eager"] = bool(torch.allclose(out, model(xs), rtol=1e-5, atol=1e-6))
+        meta["equals_other_weights"] = bool(torch.allclose(out, other(xs), rtol=1e-3, atol=1e-3))
+    print("REPORT " + json.dumps(meta), flush=True)
+"""
+
+
+def _run_versions(tmp_path: Path, name: str, steps: list[dict]) -> list[dict]:
+    """Run ``steps`` (compiles of model versions) in one fresh process with its own empty Inductor dir."""
+    inductor_dir = tmp_path / f"inductor-{name}"
+    inductor_dir.mkdir()
+    script = tmp_path / "versions_worker.py"
+    script.write_text(_VERSIONS_WORKER)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir)}
+    env.pop("TRITON_CACHE_DIR", None)
+    proc = subprocess.run([sys.executable, str(script), str(ROOT), json.dumps(steps)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(ln[len("REPORT "):]) for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
+
+
+@pytest.fixture(scope="module")
+def version_1_then_2(tmp_path_factory):
+    """One fresh process: version 1 (weights A, seed 1) compiled into an empty cache ``first``, then
+    version 2 (weights B, seed 2) into another empty cache ``second``."""
+    tmp = tmp_path_factory.mktemp("versions")
+    first, second = str(tmp / "first"), str(tmp / "second")
+    v1, v2 = _run_versions(tmp, "v1-v2", [{"seed": 1, "store": first}, {"seed": 2, "store": second}])
+    return tmp, first, second, v1, v2
+
+
+def test_version_2_hits_the_entry_of_version_1_in_a_fresh_process(version_1_then_2):
+    """Version 1 (weights A) compiled and stored by one fresh process; version 2 (same architecture,
+    weights B, loaded on meta then assigned) in another fresh process with another empty Inductor dir
+    hits it, compiles nothing cold, and computes with weights B."""
+    tmp, first, _, v1, _ = version_1_then_2
+    assert not v1["hit"] and v1["saved"] and v1["miss_reason"] == "no entry" and v1["warnings"] == [], v1
+    assert v1["equals_eager"] and v1["inductor_cache"]["fxgraph_miss"] >= 1
+    assert "model_hash" not in v1["components"] and v1["components"]["architecture"]
+
+    (v2,) = _run_versions(tmp, "v2", [{"seed": 2, "other_seed": 1, "store": first}])
+    assert v2["key"] == v1["key"]
+    assert v2["hit"] and not v2["saved"] and v2["warnings"] == [], v2
+    assert v2["inductor_cache"]["fxgraph_hit"] >= 1 and v2["inductor_cache"]["fxgraph_miss"] == 0
+    assert v2["inductor_cache"]["aotautograd_miss"] == 0
+    assert v2["inductor_cache"]["fxgraph_miss"] < v1["inductor_cache"]["fxgraph_miss"]
+    assert v2["equals_eager"], "version 2 must compute with its own weights (B)"
+    assert not v2["equals_other_weights"], "version 2 computed with version 1's weights (A)"
+
+
+def test_second_version_in_the_same_process_still_stores_a_usable_entry(version_1_then_2):
+    """Version 1 then version 2 in one process: Dynamo reuses version 1's code for version 2, so
+    nothing reaches Inductor; the entry stored for version 2 (into another, empty cache) must still be
+    complete: a fresh process hits it without compiling anything cold."""
+    tmp, _, second, v1, v2 = version_1_then_2
+    assert v2["key"] == v1["key"]
+    assert not v2["hit"] and v2["saved"] and v2["warnings"] == [], v2
+    assert v2["inductor_cache"]["fxgraph_miss"] == 0 and v2["equals_eager"]
+    assert v2["artifact_bytes"] == v1["artifact_bytes"] and v2["kernel_files"] == v1["kernel_files"] > 0
+
+    (v3,) = _run_versions(tmp, "v3", [{"seed": 3, "other_seed": 2, "store": second}])
+    assert v3["hit"] and v3["warnings"] == [], v3
+    assert v3["inductor_cache"]["fxgraph_miss"] == 0 and v3["inductor_cache"]["fxgraph_hit"] >= 1
+    assert v3["equals_eager"] and not v3["equals_other_weights"]
+
+
+def test_other_input_shape_or_architecture_misses(tmp_path, fresh_dynamo):
+    cache = LocalDirCache(tmp_path / "cc")
+    model, x = _tiny()
+    with torch.no_grad():
+        _, stored = compile_with_cache(model, (x,), cache)
+        assert stored.saved
+        torch.manual_seed(5)
+        retrained = nn.Sequential(nn.Linear(16, 8), nn.ReLU()).eval()
+        torch._dynamo.reset()
+        compiled, same = compile_with_cache(retrained, (x,), cache)
+        assert same.hit and same.key == stored.key
+        torch.testing.assert_close(compiled(x), retrained(x))
+        # a hit that compiles nothing cold says nothing
+        assert not any("cold" in w for w in same.warnings), same.warnings
+
+        for other_model, other_x in ((model, torch.randn(6, 16)),  # input shape
+                                     (nn.Sequential(nn.Linear(16, 12), nn.ReLU()).eval(), x),  # layer size
+                                     (nn.Sequential(nn.Linear(16, 8), nn.GELU()).eval(), x)):  # module class
+            torch._dynamo.reset()
+            _, r = compile_with_cache(other_model, (other_x,), cache)
+            assert not r.hit and r.miss_reason == "no entry" and r.key != stored.key, r
+            assert r.warnings == [], r.warnings
