@@ -14,7 +14,7 @@ compile-related call to the first output (CUDA synchronized), inference (eval, n
   (no forgeline): what the mega-cache alone gives;
 - ``fl cold``: forgeline's miss path (key, fetch miss, cold compile, save + put into a
   ``LocalDirCache``);
-- ``warm``: forgeline's hit path (key incl. model hash, fetch, checks, kernel restore, load, compile,
+- ``warm``: forgeline's hit path (key incl. architecture digest, fetch, checks, kernel restore, load, compile,
   first call) — ``ratio`` = cold / warm; ``bare ratio`` = cold / bare warm.
 
 Warm runs are repeated ``--repeat`` times (alternating bare / forgeline), cold ones
