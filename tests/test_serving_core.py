@@ -13,6 +13,7 @@ import torch
 
 from pipeline import export, promotion
 from pipeline.models import DigitsCNN
+from pipeline.serving.batching import DynamicBatcher, QueueFull
 from pipeline.serving import InvalidInput, ModelNotFound, ModelRegistry, ServeConfig, Unavailable
 from pipeline.shm_tier import ShmTier
 from pipeline.storage import LocalStorage
@@ -166,6 +167,8 @@ def test_hot_swap_under_load_and_instant_rollback(store):
             assert len(match) == 1, "an answer matches neither version"
             seen.append(match[0])
         assert "v1" in seen and "v2" in seen
+        # concurrent requests were batched: fewer forwards than requests
+        assert 0 < reg.metrics.value("batch_size_count", model="digits") < len(answers)
         assert seen[-10:] == ["v2"] * 10
         assert swapped_after < 40 * reg.config.poll_s + 2  # a few poll periods plus the (tiny) load
         p = reg.metadata("digits")["parameters"]
@@ -211,6 +214,50 @@ def test_golden_mismatch_is_refused_and_old_version_keeps_serving(store):
             await reg.load("digits")
         assert reg.model_ready("digits") and not reg.model_ready("digits", "v2")
         await reg.stop()
+
+        # a model whose only version fails: requests say why, and do not reload it on every request
+        publish(store, "broken", "v1", 3, golden_shift=0.5)
+        reg = ModelRegistry(store, config())
+        await reg.start()
+        for _ in range(3):
+            with pytest.raises(Unavailable, match="golden check failed") as e:
+                await reg.infer("broken", None, {"input": x})
+            assert e.value.retry_after_s >= 1
+        assert reg.metrics.value("loads_total", model="broken", result="failed") == 1
+        row = [r for r in reg.index() if r["name"] == "broken"][0]
+        assert row["state"] == "UNAVAILABLE" and "golden check failed" in row["reason"]
+        await reg.stop()
+
+    run(main())
+
+
+def test_dynamic_batcher_triton_semantics():
+    calls: list[int] = []
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        calls.append(x.shape[0])
+        return x * 2
+
+    async def main():
+        b = DynamicBatcher(forward, max_batch_size=4, max_queue_delay_ms=50, queue_limit=16)
+        xs = [np.full((1, 2), i, np.float32) for i in range(10)]
+        outs = await asyncio.gather(*(b.submit(x) for x in xs))
+        assert all((o == x * 2).all() for o, x in zip(outs, xs))  # each caller gets its own rows back
+        assert calls == [4, 4, 2]  # full batches go at once, the rest after the delay
+        calls.clear()
+        t0 = time.monotonic()
+        await b.submit(np.zeros((3, 2), np.float32))  # alone: waits max_queue_delay_ms, then runs
+        assert 0.04 <= time.monotonic() - t0 < 1 and calls == [3]
+        calls.clear()
+        # a request never splits: 3 + 3 rows do not fit in 4 -> two forwards
+        await asyncio.gather(b.submit(np.zeros((3, 2), np.float32)), b.submit(np.zeros((3, 2), np.float32)))
+        assert calls == [3, 3]
+        small = DynamicBatcher(forward, max_batch_size=4, max_queue_delay_ms=100, queue_limit=2)
+        tasks = [asyncio.create_task(small.submit(np.zeros((1, 2), np.float32))) for _ in range(3)]
+        res = await asyncio.gather(*tasks, return_exceptions=True)
+        assert sum(isinstance(r, QueueFull) for r in res) == 1
+        await b.close()
+        await small.close()
 
     run(main())
 

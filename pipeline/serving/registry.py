@@ -104,6 +104,7 @@ class ServeConfig:
     infer_workers: int = 8  # concurrent forwards (threads), all models together
     retry_after_s: float = 1.0  # what Unavailable suggests to clients
     discover_s: float = 30.0  # how often models/ is re-listed when models is None
+    retry_failed_s: float = 30.0  # a version that failed to load is not loaded again for requests within this
     root: str = export.DEFAULT_ROOT
 
 
@@ -183,6 +184,7 @@ class _Model:
     last_error: str | None = None
     last_swap: dict | None = None
     failed: dict[str, str] = field(default_factory=dict)  # version -> why (not retried by the watcher)
+    failed_at: dict[str, float] = field(default_factory=dict)  # version -> time.monotonic() of the failure
     waiting: int = 0  # requests waiting for a load
     activating: asyncio.Task | None = None
     follow: asyncio.Task | None = None
@@ -258,12 +260,14 @@ class ModelRegistry:
             log.warning("stop: %d request(s) still in flight after %.1fs; they fail", left, drain_timeout_s)
         for t in list(self._tasks):
             t.cancel()
+        residents = []
         for m in self._models.values():
-            if m.activating is not None:
-                m.activating.cancel()
-            for v in list(m.versions):
-                self._evict_now(m, v, "server stopped", count=False)
-        await asyncio.sleep(0)
+            residents += m.versions.values()
+            m.versions.clear()
+            m.serving = m.previous = None
+        await asyncio.gather(*(r.batcher.close() for r in residents), return_exceptions=True)
+        for r in residents:
+            loader.release(r.loaded)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._io_pool.shutdown(wait=False, cancel_futures=True)
@@ -319,6 +323,7 @@ class ModelRegistry:
         m.unloaded = False
         version, alias = await self._reference(m)
         m.failed.pop(version, None)
+        m.failed_at.pop(version, None)
         try:
             await self._swap(m, version, why="repository load")
         except ServingError:
@@ -403,9 +408,9 @@ class ModelRegistry:
         ``{"output": float32 [N, ...]}``. Batched with concurrent requests to the same version."""
         t0 = time.perf_counter()
         self._check_accepting()
-        m = await self._model(name)
+        m = await self._model(name)  # unknown names raise here, before any metric gets their label
         r: _Resident | None = None
-        label, result = version or "", "error"
+        label, result = "", "error"  # a version label only once resolved (bounded label values)
         try:
             r = await self._acquire(m, version)
             label = r.version
@@ -485,8 +490,9 @@ class ModelRegistry:
         except ServingError:
             raise
         except asyncio.CancelledError:
-            if task.cancelled() and not self._draining:
-                raise Unavailable(f"{m.name}: its load was cancelled", self.config.retry_after_s) from None
+            if task.cancelled():  # the load was cancelled (server stopping), not this request
+                raise Unavailable(f"{m.name}: its load was cancelled (the server is stopping)",
+                                  self.config.retry_after_s) from None
             raise
         except Exception as e:  # noqa: BLE001 - the load failed: say why
             raise Unavailable(f"{m.name} failed to load: {_one_line(e)}", self.config.retry_after_s) from None
@@ -587,6 +593,10 @@ class ModelRegistry:
 
     async def _activate(self, m: _Model) -> None:
         version, _ = await self._reference(m)
+        since = time.monotonic() - m.failed_at.get(version, -1e18)
+        if version in m.failed and version not in m.versions and since < self.config.retry_failed_s:
+            raise Unavailable(f"{m.name}/{version} failed to load {since:.0f}s ago: {m.failed[version]}",
+                              max(self.config.retry_after_s, self.config.retry_failed_s - since))
         await self._swap(m, version, why="request")  # a resident version (e.g. previous) swaps without loading
 
     def _version_task(self, m: _Model, version: str) -> asyncio.Task:
@@ -627,6 +637,7 @@ class ModelRegistry:
                 msg = _one_line(e)
                 m.last_error = msg if version in msg else f"{version}: {msg}"
                 m.failed[version] = msg
+                m.failed_at[version] = time.monotonic()
                 if old is not None:
                     self.metrics.swaps.labels(m.name, "failed").inc()
                     log.error("%s: swap %s -> %s failed (%s); %s keeps serving", m.name, old, version, msg, old)
@@ -634,10 +645,13 @@ class ModelRegistry:
                     log.error("%s: %s could not be loaded (%s)", m.name, version, msg)
                 raise
             m.guard[version] -= 1
+            if m.unloaded:  # unloaded while this version was loading: do not serve it
+                self._drop_when_idle(m, version, "unloaded")
+                return
             m.serving = version
-            m.unloaded = False
             m.evicted = None
             m.failed.pop(version, None)
+            m.failed_at.pop(version, None)
             m.last_error = None
             if old is not None and old != version:
                 m.previous = old if self.config.keep_previous else None
