@@ -165,7 +165,13 @@ def cmd_serve(args) -> int:
     from pipeline.serving.app import serve
     from pipeline.serving.protocol import DEFAULT_MAX_BODY_BYTES
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # forgeline's own loggers at --log-level (loads, swaps, evictions, drain); libraries stay at WARNING.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours = logging.getLogger("forgeline")
+    ours.addHandler(handler)
+    ours.setLevel(args.log_level.upper())
+    ours.propagate = False
     try:
         registry, store = build_registry(args)
     except Exception as e:  # noqa: BLE001 - bad settings, unreachable storage: one line
@@ -175,7 +181,8 @@ def cmd_serve(args) -> int:
     print(f"forgeline serve: {what} from {store.uri()} on {args.device}; http://{args.host}:{args.port}/v2 "
           f"(metrics: /metrics; SIGTERM drains)", file=sys.stderr, flush=True)
     return serve(registry, args.host, args.port, max_body_bytes=args.max_body or DEFAULT_MAX_BODY_BYTES,
-                 drain_timeout_s=args.drain_timeout_s, log_level=args.log_level)
+                 drain_timeout_s=args.drain_timeout_s, log_level=args.log_level,
+                 access_log=args.log_level == "debug")  # one line per request only when debugging
 
 
 # ---------------------------------------------------------------------------------------------
