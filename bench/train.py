@@ -5,7 +5,7 @@ adds) against a bare PyTorch eager loop on the same model, batch and device, syn
     .venv/bin/python bench/train.py --model resnet50 --image-size 224 --batch-size 128   # GPU
 
 Each variant runs in a fresh process; the first epoch is warm-up and excluded. On a GPU the bare loop
-is run in fp32, tf32 and bf16 autocast (channels_last, SGD), the numbers ANCHORS.md quotes; forgeline
+is run in fp32, tf32 and bf16 autocast (channels_last, SGD), like published reference numbers; forgeline
 runs bf16 on one rank (NCCL). On CPU it also measures the DDP overhead of 2 gloo ranks vs 1 rank
 with the same total cores. Targets (H100, ResNet-50, batch 128): forgeline ≥ 95% of bare bf16;
 CPU: 2-rank DDP overhead ≤ 25%.
