@@ -227,7 +227,7 @@ def _merge(hists: dict, key: str, samples) -> None:
 def summarize_metrics(text: str) -> dict[str, dict]:
     """Per model, from a server's Prometheus text: request counts by result, latency
     P50/P95/P99 (ms, estimated from the histogram), queue wait P50/P99 and mean, resident bytes,
-    loads/swaps/evictions by result, versions seen."""
+    loads/swaps by result, evictions by reason, versions seen."""
     from prometheus_client.parser import text_string_to_metric_families
 
     models: dict[str, dict] = {}
@@ -235,7 +235,7 @@ def summarize_metrics(text: str) -> dict[str, dict]:
 
     def row(model: str) -> dict:
         return models.setdefault(model, {"versions": set(), "requests": {}, "resident_bytes": 0.0, "loads": {},
-                                         "swaps": {}, "evictions": 0.0, "queue_depth": 0.0})
+                                         "swaps": {}, "evictions": {}, "queue_depth": 0.0})
 
     for fam in text_string_to_metric_families(text):
         name = fam.name
@@ -264,7 +264,10 @@ def summarize_metrics(text: str) -> dict[str, dict]:
                         res = s.labels.get("result", "ok")
                         r[key][res] = r[key].get(res, 0.0) + s.value
             elif name == f"{PREFIX}_evictions":
-                r["evictions"] += sum(s.value for s in samples if s.name.endswith("_total"))
+                for s in samples:
+                    if s.name.endswith("_total"):
+                        why = s.labels.get("reason", "lru")
+                        r["evictions"][why] = r["evictions"].get(why, 0.0) + s.value
             elif name == f"{PREFIX}_resident_bytes":
                 r["resident_bytes"] = sum(s.value for s in samples)
             elif name == f"{PREFIX}_queue_depth":
@@ -289,7 +292,9 @@ def summarize_metrics(text: str) -> dict[str, dict]:
         entry["queue_wait_mean_ms"] = (que["sum"] / que["count"] * 1e3) if que and que["count"] else None
         entry.update(queue_depth=int(r["queue_depth"]), resident_bytes=int(r["resident_bytes"]),
                      loads={k: int(v) for k, v in sorted(r["loads"].items())},
-                     swaps={k: int(v) for k, v in sorted(r["swaps"].items())}, evictions=int(r["evictions"]))
+                     swaps={k: int(v) for k, v in sorted(r["swaps"].items())},
+                     evictions=int(sum(r["evictions"].values())),
+                     evictions_by_reason={k: int(v) for k, v in sorted(r["evictions"].items())})
         out[model] = entry
     return out
 
@@ -346,7 +351,7 @@ def cmd_status(args) -> int:
         table.add_row(model, ", ".join(e["versions"]), _counts(e["requests_by_result"]),
                       f"{_ms(e['p50_ms'])} / {_ms(e['p95_ms'])} / {_ms(e['p99_ms'])}",
                       f"{_ms(e['queue_wait_p50_ms'])} / {_ms(e['queue_wait_p99_ms'])}", str(e["queue_depth"]),
-                      human_bytes(e["resident_bytes"]), _counts(e["loads"]), _counts(e["swaps"]), str(e["evictions"]))
+                      human_bytes(e["resident_bytes"]), _counts(e["loads"]), _counts(e["swaps"]), _counts(e["evictions_by_reason"]))
     console.print(table)
     console.print("latency percentiles are estimated from the histogram buckets (as Prometheus does)")
     return 0

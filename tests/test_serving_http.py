@@ -635,7 +635,7 @@ def test_serve_status_summarizes_every_metric():
     assert 2 < a["p50_ms"] < a["p99_ms"] <= 5
     assert 1 < a["queue_wait_p50_ms"] <= 2 and a["queue_wait_mean_ms"] == pytest.approx(1.5)
     assert a["resident_bytes"] == 3 * 2**20 and a["loads"] == {"ok": 2} and a["swaps"] == {"failed": 1, "ok": 1}
-    assert s["b"]["evictions"] == 1 and s["b"]["p50_ms"] is None
+    assert s["b"]["evictions"] == 1 and s["b"]["evictions_by_reason"] == {"lru": 1} and s["b"]["p50_ms"] is None
 
 
 @pytest.mark.parametrize("argv, words", [
