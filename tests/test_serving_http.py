@@ -377,6 +377,13 @@ def test_metrics_endpoint(server, client):
     status, headers, body = raw(server, "GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    # the HTTP side's own counters see what never reaches the registry (400s from the codec too)
+    raw(server, "POST", "/v2/models/double/infer", b"{bad")
+    _, _, body = raw(server, "GET", "/metrics")
+    http = {(s.labels["endpoint"], s.labels["code"]): s.value
+            for f in text_string_to_metric_families(body.decode()) if f.name == "forgeline_http_requests"
+            for s in f.samples if s.name.endswith("_total")}
+    assert http[("infer", "200")] >= 1 and http[("infer", "400")] >= 1 and http[("metrics", "200")] >= 1
     if "forgeline_serving_requests" in families:  # the core's ServingMetrics
         samples = [s for s in families["forgeline_serving_requests"].samples if s.labels.get("model") == "double"]
         assert sum(s.value for s in samples if s.name.endswith("_total")) >= 1

@@ -12,7 +12,7 @@ Routes (KServe / Triton HTTP, what ``tritonclient.http`` calls):
     POST /v2/models/{name}[/versions/{version}]/infer   JSON or binary tensor data
     POST /v2/repository/index                           {"ready": true} lists only ready models
     POST /v2/repository/models/{name}/load | /unload
-    GET  /metrics                                       Prometheus text (the registry's metrics)
+    GET  /metrics                                       Prometheus text (the registry's metrics + HTTP ones)
 
 Errors are ``{"error": "<one line>"}`` with the status of the :class:`ProtocolError` or
 ``ServingError`` raised (404 unknown model/version, 400 bad input, 413 body too large, 503 with a
@@ -23,6 +23,10 @@ The ASGI lifespan starts the registry (``await registry.start()``) and, on shutd
 (``await registry.stop(drain_timeout_s)``). :func:`serve` runs uvicorn so that SIGTERM/SIGINT
 close the listening socket, let every request already in flight finish (``drain_timeout_s`` at
 most), stop the registry, and return normally (exit status 0) instead of re-raising the signal.
+
+The response's ``model_version`` is the one the registry's answer names (a mapping with a
+``.version`` attribute), else the model's serving version in ``registry.index()`` when the answer
+is sent.
 
 This module is part of the engine: it never imports dagster.
 """
@@ -94,6 +98,27 @@ def error_response(exc: BaseException | str, status: int | None = None) -> Respo
     return Response(error_body(message), status_code=status, media_type="application/json", headers=headers)
 
 
+class HttpMetrics:
+    """What the HTTP side sees (requests refused before they reach the registry included), on its
+    own CollectorRegistry: ``forgeline_http_requests_total{endpoint,code}`` and
+    ``forgeline_http_request_seconds{endpoint}`` (body read, decode, registry, encode). ``endpoint``
+    is the handler (infer, model_metadata, ...), never the raw path, so labels stay bounded."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("forgeline_http_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "code"], registry=self.registry)
+        self.seconds = Histogram("forgeline_http_request_seconds", "HTTP request handling time", ["endpoint"],
+                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+                                          5.0, 10.0, 30.0), registry=self.registry)
+
+    def observe(self, endpoint: str, code: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(code)).inc()
+        self.seconds.labels(endpoint).observe(seconds)
+
+
 class _Handler:
     """Route handlers bound to one registry; every exception becomes a protocol error response."""
 
@@ -102,17 +127,21 @@ class _Handler:
         self.max_body_bytes = max_body_bytes
         self.drain = drain
         self.version = _server_version()
+        self.http = HttpMetrics()
 
     async def guard(self, fn, request: Request) -> Response:
+        t0 = time.perf_counter()
         try:
-            return await fn(request)
+            response = await fn(request)
         except ProtocolError as e:
-            return error_response(e, e.status)
+            response = error_response(e, e.status)
         except Exception as e:  # noqa: BLE001 - any failure is an answer, never a dead server
             status = _status_of(e)
             if status is None:
                 log.exception("%s %s failed", request.method, request.url.path)
-            return error_response(e, status)
+            response = error_response(e, status)
+        self.http.observe(fn.__name__, response.status_code, time.perf_counter() - t0)
+        return response
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -225,9 +254,8 @@ class _Handler:
 
         metrics = getattr(self.registry, "metrics", None)
         reg = getattr(metrics, "registry", None)
-        if reg is None:
-            return Response(b"", media_type=CONTENT_TYPE_LATEST)
-        return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
+        core = generate_latest(reg) if reg is not None else b""
+        return Response(core + generate_latest(self.http.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def build_app(registry: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout_s: float = 30.0,
