@@ -530,6 +530,29 @@ def test_routes_and_methods(server):
     assert st == 400
 
 
+def test_client_gone_mid_body(server, caplog):
+    # declares 4096 bytes, sends 100, hangs up: the server shrugs and answers the next request
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"POST /v2/models/double/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n" + b"{" * 100)
+    time.sleep(0.2)
+    assert raw(server, "GET", "/v2/health/ready")[0] == 200
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and r.name == "forgeline.serving"]
+
+
+def test_registry_that_cannot_start():
+    from pipeline.serving.app import serve
+
+    class Broken(FakeRegistry):
+        async def start(self):
+            raise RuntimeError("no storage")
+
+    assert serve(Broken(), "127.0.0.1", _free_port(), log_level="critical") == 3
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert serve(FakeRegistry(), "127.0.0.1", taken.getsockname()[1], log_level="critical") == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # SIGTERM: requests in flight complete, the process exits 0
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from typing import Any
 import anyio
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -135,6 +135,8 @@ class _Handler:
             response = await fn(request)
         except ProtocolError as e:
             response = error_response(e, e.status)
+        except ClientDisconnect:  # the client went away mid-body: nobody to answer, nothing to log
+            response = error_response("client disconnected before the request body was complete", 400)
         except Exception as e:  # noqa: BLE001 - any failure is an answer, never a dead server
             status = _status_of(e)
             if status is None:
@@ -355,8 +357,11 @@ def make_server(registry: Any, host: str = "127.0.0.1", port: int = 8000, *,
 
 
 def serve(registry: Any, host: str = "127.0.0.1", port: int = 8000, **options) -> int:
-    """Serve ``registry`` until SIGTERM/SIGINT, then drain and return 0 (1 when the server could
-    not start, e.g. the port is taken or the registry failed to start)."""
+    """Serve ``registry`` until SIGTERM/SIGINT, then drain and return 0 (3, uvicorn's startup
+    failure, when the port cannot be bound or the registry failed to start; uvicorn logs why)."""
     server = make_server(registry, host, port, **options)
-    server.run()
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn's sys.exit(3) when it cannot start; it logged why
+        return e.code if isinstance(e.code, int) and e.code else 1
     return 0 if server.started else 1
