@@ -793,10 +793,26 @@ def test_real_registry_end_to_end(published, capsys):
         np.testing.assert_allclose(c.infer("tiny", [_input("input", x)]).as_numpy("output"),
                                    _eager(mods["t1"], x), atol=1e-5)
 
-        # hot swap: promote v2; the watcher swaps it in, answers follow
+        # hot swap under load: promote v2 while 4 requests at a time keep coming; none fails, each
+        # answer is exactly one version's, and v2 takes over
+        import gevent
+
+        want = {v: _eager(mods[v], x) for v in ("v1", "v2")}
+        pool = httpclient.InferenceServerClient(s.url, concurrency=4, network_timeout=60)
         promotion.promote(store, "digits", "v2")
-        _wait(lambda: c.infer("digits", [_input("input", x)]).get_response()["model_version"] == "v2")
+        seen, deadline = [], time.monotonic() + 30
+        while not seen or seen[-1] != "v2":
+            assert time.monotonic() < deadline, seen
+            for p in [pool.async_infer("digits", [_input("input", x)]) for _ in range(4)]:
+                r = p.get_result(timeout=60)
+                v = r.get_response()["model_version"]
+                matches = [k for k, y in want.items() if np.allclose(r.as_numpy("output"), y, atol=1e-5)]
+                assert matches, v
+                seen.append(matches[0])
+            gevent.sleep(0.01)
+        pool.close()
         res = c.infer("digits", [_input("input", x)])
+        assert res.get_response()["model_version"] == "v2"
         np.testing.assert_allclose(res.as_numpy("output"), _eager(mods["v2"], x), atol=1e-5)
         # the previous version stays addressable by version
         res = c.infer("digits", [_input("input", x)], model_version="v1")
