@@ -281,9 +281,12 @@ def test_lru_budget_evicts_idle_models_and_reloads(store):
         rows = {r["name"]: r for r in reg.index()}
         assert rows["a"]["state"] == "UNAVAILABLE" and "evicted (LRU)" in rows["a"]["reason"]
         assert rows["b"]["state"] == rows["c"]["state"] == "READY"
-        # a model with a request in flight is never evicted: hold "b" busy while "a" loads
+        # a model with a request in flight is never evicted: hold "b" (the LRU one) busy while "a" loads
+        batcher = reg._models["b"].resident().batcher
+        run_b = batcher.run
+        batcher.run = lambda x: (time.sleep(0.5), run_b(x))[1]
         busy = asyncio.create_task(reg.infer("b", None, {"input": x}))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
         await reg.infer("a", None, {"input": x})
         await busy
         assert reg.model_ready("a") and reg.model_ready("b") and not reg.model_ready("c")
@@ -357,7 +360,7 @@ def test_queue_bound_and_slow_load_does_not_block_other_models(store):
         for i in range(20):  # the other model answers while "slow" loads
             out = await reg.infer("fast", None, {"input": batch(1, i)})
             np.testing.assert_allclose(out["output"], eager(fast, batch(1, i)), atol=1e-5)
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < 0.9  # well before the 1 s load of "slow" ends
         results = await asyncio.gather(*slow, slow2, return_exceptions=True)
         # loads of different models ran at the same time (two 1 s loads in well under 2 s)
         assert time.monotonic() - t0 < 1.8

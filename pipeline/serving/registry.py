@@ -621,9 +621,12 @@ class ModelRegistry:
     async def _swap(self, m: _Model, version: str, *, why: str) -> None:
         """Make ``version`` serve: load it (unless resident), then switch in one step. Raises on
         failure after recording it (the old version keeps serving)."""
+        asked = time.monotonic()
         async with m.lock:
             if m.serving == version and version in m.versions:
                 return
+            if version in m.failed and m.failed_at.get(version, 0.0) >= asked:  # failed while we waited
+                raise Unavailable(f"{m.name}/{version} failed to load: {m.failed[version]}", self.config.retry_after_s)
             t0 = time.perf_counter()
             old = m.serving if m.serving in m.versions else None
             was_resident = version in m.versions
@@ -832,8 +835,8 @@ class ModelRegistry:
     async def _poll(self) -> None:
         if self.config.models is None and time.monotonic() - self._last_discovery >= self.config.discover_s:
             await self._discover()
-        active = [m for m in self._models.values()
-                  if not m.unloaded and (m.versions or m.loading)]
+        # models that serve: a model without a serving version loads on its next request instead
+        active = [m for m in self._models.values() if not m.unloaded and m.resident() is not None]
         if not active:
             return
 
