@@ -22,9 +22,9 @@ WIDTH = 4
 SHAPE = (1, 28, 28)
 
 
-def make_module(seed: int) -> torch.nn.Module:
+def make_module(seed: int, width: int = WIDTH) -> torch.nn.Module:
     torch.manual_seed(seed)
-    m = DigitsCNN(width=WIDTH)
+    m = DigitsCNN(width=width)
     with torch.no_grad():  # BatchNorm statistics that differ per version
         for mod in m.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
@@ -33,13 +33,14 @@ def make_module(seed: int) -> torch.nn.Module:
     return m.eval()
 
 
-def publish(store, name: str, version: str, seed: int, *, golden_shift: float = 0.0) -> torch.nn.Module:
+def publish(store, name: str, version: str, seed: int, *, golden_shift: float = 0.0,
+            width: int = WIDTH) -> torch.nn.Module:
     """Export a DigitsCNN version with golden outputs (``golden_shift`` makes them wrong)."""
-    m = make_module(seed)
+    m = make_module(seed, width)
     golden = export.golden_outputs(m, export.golden_input(SHAPE))
     if golden_shift:
         golden["output"] = golden["output"] + golden_shift
-    export.export(export.from_module(m, architecture="digits_cnn", model_kwargs={"width": WIDTH}), store, name,
+    export.export(export.from_module(m, architecture="digits_cnn", model_kwargs={"width": width}), store, name,
                   version, golden=golden)
     return m
 
@@ -403,6 +404,31 @@ def test_stop_drains_in_flight_requests_and_unload(store):
         await wait_until(lambda: reg._used() == 0)
         await reg.load("digits")
         assert reg.model_ready("digits")
+        await reg.stop()
+
+    run(main())
+
+
+def test_quantized_variant_is_served_dequantized(store):
+    from pipeline import package
+
+    publish(store, "digits", "v1", 1, width=16)  # wide enough for layers to be quantized
+    package.publish_quantized(store, "digits", "v1", "int8")
+    reference = package.load_quantized_module(store, "digits-int8", "v1")
+
+    async def main():
+        reg = ModelRegistry(store, config(models=["digits-int8"]))
+        await reg.start()  # preloads the listed model (never promoted: its newest version serves)
+        await wait_until(lambda: reg.model_ready("digits-int8"))
+        x = batch(6)
+        out = await reg.infer("digits-int8", None, {"input": x})
+        np.testing.assert_allclose(out["output"], eager(reference, x), atol=1e-5)
+        p = reg.metadata("digits-int8")["parameters"]
+        assert p["lineage"]["quantization"] == "int8" and p["lineage"]["base"] == {"model": "digits", "version": "v1"}
+        assert p["golden"]["checked"] and p["production"] == "v1" and p["alias"] is None
+        assert p["resident_bytes"] == sum(t.numel() * t.element_size() for t in reference.state_dict().values())
+        with pytest.raises(ModelNotFound, match="this server serves"):
+            await reg.infer("digits", None, {"input": x})
         await reg.stop()
 
     run(main())

@@ -16,7 +16,8 @@ rank, shape or dtype; the message says what was expected), :class:`Unavailable` 
 
 **Which version serves.** Each model follows its production alias (``pipeline.promotion``;
 without one, its newest complete, non-rejected version when ``latest_without_alias``). The alias
-is re-read every ``poll_s`` for models that are resident or loading, and on :meth:`load`. A model
+is re-read every ``poll_s`` for models that serve, and on :meth:`load` (the newest version of a
+never-promoted model every ``discover_s``: finding it costs a stat per file per version). A model
 that is not resident loads on its first request (requests wait in a queue bounded by
 ``queue_limit``; past it: Unavailable).
 
@@ -189,6 +190,7 @@ class _Model:
     activating: asyncio.Task | None = None
     follow: asyncio.Task | None = None
     unloaded: bool = False
+    latest_checked: float = 0.0  # time.monotonic() of the last "latest version" lookup by the watcher
     evicted: str | None = None
     specs: dict[str, tuple[loader.TensorSpec, loader.TensorSpec]] = field(default_factory=dict)
 
@@ -840,12 +842,21 @@ class ModelRegistry:
         if not active:
             return
 
+        now = time.monotonic()
+
         def read_all() -> dict[str, tuple[str | None, dict | None, str | None]]:
             out = {}
             for m in active:
                 try:
+                    # the alias every round (one small read); "newest complete version" (a stat per
+                    # file per version) for never-promoted models only every discover_s
+                    latest = self.config.latest_without_alias and now - m.latest_checked >= self.config.discover_s
                     v, a = loader.serving_reference(self.store, m.name, root=self.config.root,
-                                                    latest_without_alias=self.config.latest_without_alias)
+                                                    latest_without_alias=latest)
+                    if a is None and not latest:
+                        v = m.production
+                    elif a is None:
+                        m.latest_checked = now
                     out[m.name] = (v, a, None)
                 except Exception as e:  # noqa: BLE001 - storage hiccup: keep serving what we have
                     out[m.name] = (None, None, _one_line(e))
