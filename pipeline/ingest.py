@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 import time
@@ -27,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator
 
-from pipeline.datagen import NUM_CLASSES, PIXEL_MAX, SPLITS
-from pipeline.storage import CHUNK, AtomicWriter, ObjectNotFound, Storage, join, sha256_stream
+from pipeline.datagen import NUM_CLASSES, PIXEL_MAX, READY_MARKER, SPLITS
+from pipeline.storage import CHUNK, AtomicWriter, ObjectNotFound, Storage, check_key, join, sha256_stream
 from pipeline.webdataset import (
     IMAGE_EXTS,
+    IMAGE_FORMATS,
     LABEL_EXT,
     WebDatasetError,
     group_samples,
@@ -50,6 +52,68 @@ class IngestError(Exception):
 
 class ShardInvalid(IngestError):
     pass
+
+
+class BadBatchName(IngestError, ValueError):
+    """A batch (partition) name that cannot name a folder of its own."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: names, readiness, what landed
+# ---------------------------------------------------------------------------------------------
+
+MAX_BATCH_NAME = 128
+_BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SHARDS_DIR = "shards"  # incoming/<batch>/shards/**.tar are the batch's shards
+
+
+def check_batch_name(name) -> str:
+    """``name`` if it can name a batch, else :class:`BadBatchName` saying why. A batch name is one
+    path segment of letters, digits, ``.``, ``_`` and ``-`` that starts with a letter or digit (so
+    not ``''``, ``.``, ``..``, ``a/b``, ``-x``, whitespace or a hidden name), at most 128 characters.
+    It becomes a storage folder (``incoming/<batch>/``, ``raw/shards/<batch>/``) and a Dagster
+    partition key, so it is checked before either is written."""
+    if not isinstance(name, str) or not name:
+        raise BadBatchName(f"batch name {name!r}: empty")
+    if len(name) > MAX_BATCH_NAME:
+        raise BadBatchName(f"batch name {name[:40]!r}…: {len(name)} characters, at most {MAX_BATCH_NAME}")
+    if not _BATCH_NAME.fullmatch(name):
+        why = ("a path ('/' or '\\')" if "/" in name or "\\" in name
+               else "whitespace" if any(c.isspace() for c in name)
+               else "starts with '-' or '.'" if name[0] in "-."
+               else "characters other than letters, digits, '.', '_', '-'")
+        raise BadBatchName(f"batch name {name!r}: {why}; use letters, digits, '.', '_', '-', "
+                           "starting with a letter or digit")
+    return name
+
+
+def batch_ready(store: Storage, batch: str, *, incoming: str = "incoming") -> bool:
+    """Whether ``<incoming>/<batch>/_READY`` exists (the producer has finished landing it). Raises
+    :class:`BadBatchName` for a name that is not a batch name."""
+    return store.exists(join(incoming, check_batch_name(batch), READY_MARKER))
+
+
+def landed_links(store: Storage, prefix: str) -> dict[str, str]:
+    """``{key: link target}`` of every symbolic link at or below ``prefix`` on filesystem storage,
+    files and folders (never followed: a linked folder is not entered). Object stores (S3) have no
+    links, so there it is always empty."""
+    root = store.local_path(prefix)
+    if root is None:
+        return {}
+    if root.is_symlink():
+        return {prefix: os.readlink(root)}
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            if p.is_symlink():
+                out[join(prefix, p.relative_to(root).as_posix())] = os.readlink(p)
+    return out
+
+
+def _link_reason(target: str) -> str:
+    return (f"symbolic link (-> {target!r}): landed files must be regular files; "
+            "links are not followed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,15 +190,43 @@ def _check_member(m: tarfile.TarInfo) -> None:
         raise ShardInvalid(f"member {name!r}: {m.size} bytes exceeds the {MAX_MEMBER_BYTES}-byte limit")
 
 
-def _check_image(name: str, data: bytes) -> None:
-    from PIL import Image, UnidentifiedImageError
+def _image_limit() -> int | None:
+    """Pixels an image may have: Pillow's ``Image.MAX_IMAGE_PIXELS`` (read at each call, so a process
+    that changes it is obeyed), the size past which Pillow itself calls an image a decompression bomb."""
+    from PIL import Image
 
+    return Image.MAX_IMAGE_PIXELS
+
+
+def _check_image(name: str, ext: str, data: bytes) -> None:
+    """Decode ``data`` fully, as training will: a header that parses is not enough (a truncated or
+    garbled body fails only at decode time). Refused: no data, an unknown format, a format other than
+    the extension's (:data:`IMAGE_FORMATS`), more pixels than :func:`_image_limit` (a decompression
+    bomb: refused before any pixel is allocated), and whatever the decoder raises."""
+    from PIL import Image
+
+    if not data:
+        raise ShardInvalid(f"member {name!r}: empty image (0 bytes)")
+    limit = _image_limit()
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-            im.verify()  # checks the header/chunk structure without a full decode
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ShardInvalid(f"member {name!r}: not a decodable image ({e})") from None
+            if limit and w * h > limit:  # Pillow only warns between 1x and 2x its limit: an error here
+                raise ShardInvalid(
+                    f"member {name!r}: {w}x{h} image ({w * h} pixels) exceeds the {limit}-pixel limit "
+                    "(decompression bomb)")
+            if im.format not in IMAGE_FORMATS[ext]:
+                raise ShardInvalid(
+                    f"member {name!r}: holds a {im.format} image, not {' or '.join(IMAGE_FORMATS[ext])} "
+                    f"as .{ext} says")
+            im.load()  # the full decode: every pixel, as the loader will
+    except ShardInvalid:
+        raise
+    except Image.DecompressionBombError as e:  # over 2x the limit: Pillow refuses in open()
+        raise ShardInvalid(f"member {name!r}: decompression bomb ({e})") from None
+    except Exception as e:  # noqa: BLE001 — any decoder failure (OSError, SyntaxError, ValueError,
+        # struct.error, EOFError, UnidentifiedImageError, IndexError, ...) means training cannot read it
+        raise ShardInvalid(f"member {name!r}: not a decodable image ({type(e).__name__}: {e})") from None
     if w <= 0 or h <= 0:
         raise ShardInvalid(f"member {name!r}: empty image {w}x{h}")
 
@@ -191,7 +283,9 @@ def validate_shard(stream: BinaryIO, *, num_classes: int = NUM_CLASSES, sink=Non
             problem = sample_problem(fields)
             if problem:
                 raise ShardInvalid(f"sample {key!r}: {problem} (has {sorted(fields)})")
-            _check_image(*fields[image_ext(fields)])
+            ext = image_ext(fields)
+            image_name, image_data = fields[ext]
+            _check_image(image_name, ext, image_data)
             classes[_check_label(*fields[LABEL_EXT], num_classes)] += 1
             samples += 1
     except WebDatasetError as e:
@@ -243,10 +337,29 @@ def _read_manifest(store: Storage, key: str) -> dict | None:
         raise IngestError(f"{store.uri(key)}: published manifest is not valid JSON ({e})") from e
 
 
-def _quarantine(store: Storage, src_key: str, qkey: str, reason: str) -> None:
-    store.copy(src_key, qkey)
+def _note(store: Storage, src_key: str, qkey: str, reason: str) -> None:
     note = {"source": store.uri(src_key), "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     store.write_atomic(qkey + ".reason.json", json.dumps(note, indent=1).encode())
+
+
+def _quarantine(store: Storage, src_key: str, qkey: str, reason: str) -> None:
+    store.copy(src_key, qkey)
+    _note(store, src_key, qkey, reason)
+
+
+def _shard_name(src_prefix: str, key: str) -> tuple[str | None, str | None]:
+    """``(name, None)``: the name a landed ``.tar`` is published under, its path below
+    ``<batch>/shards/`` (``shards/a/x.tar`` → ``a/x.tar``, so same-named files in two folders stay
+    two shards); or ``(None, reason)`` when it cannot be a shard."""
+    rel = key[len(src_prefix) + 1:]
+    if not rel.startswith(SHARDS_DIR + "/"):
+        return None, f"not under {SHARDS_DIR}/: a batch's shards land as <batch>/{SHARDS_DIR}/**.tar"
+    name = rel[len(SHARDS_DIR) + 1:]
+    try:
+        check_key(name)
+    except ValueError as e:  # object stores accept keys such as 'a//x.tar' or '../x.tar'
+        return None, f"landed key is not a plain relative path ({e})"
+    return name, None
 
 
 def ingest_shards(
@@ -260,23 +373,53 @@ def ingest_shards(
     workers: int = 4,
     on_shard: Callable[[ShardReport], None] | None = None,
 ) -> ShardIngestResult:
-    """Ingest every ``*.tar`` under ``<incoming>/<batch>/`` into ``<published>/<batch>/``.
+    """Ingest every ``*.tar`` under ``<incoming>/<batch>/shards/`` into ``<published>/<batch>/``,
+    each under its path below ``shards/`` (``shards/a/x.tar`` → ``<published>/<batch>/a/x.tar``).
 
+    Rejected with a reason, never read: a symbolic link (file or folder), a ``.tar`` outside
+    ``shards/``. A corrupt shard is quarantined with a reason file; the others still publish.
     Published shards are immutable: a shard whose name is already published with other content is
     quarantined ("conflicts with published shard"), never overwritten. The manifest is rewritten
     last and keeps earlier entries, so a re-run never drops what was published before.
     """
     t0 = time.perf_counter()
+    check_batch_name(batch)
     src_prefix, dst_prefix, q_prefix = join(incoming, batch), join(published, batch), join(quarantine, batch)
-    sources = [o.key for o in store.list(src_prefix) if o.key.endswith(".tar")]
-    if not sources:
+    links = landed_links(store, src_prefix)
+    if src_prefix in links:
+        raise IngestError(f"{store.uri(src_prefix)}: the batch folder is a {_link_reason(links[src_prefix])}")
+    landed = [o.key for o in store.list(src_prefix) if o.key.endswith(".tar") and o.key not in links]
+    if not landed and not links:
         raise IngestError(f"{store.uri(src_prefix)}: no .tar shards to ingest")
     manifest_key = join(dst_prefix, MANIFEST)
     previous = {s["key"]: s for s in (_read_manifest(store, manifest_key) or {}).get("shards", [])}
 
-    def one(src_key: str) -> ShardReport:
+    rejected: list[ShardReport] = []  # refused without reading their bytes
+
+    def reject(src_key: str, reason: str) -> None:
+        r = ShardReport(src_key, None, 0, "", reason=reason)
+        name, _ = _shard_name(src_prefix, src_key)
+        # the note sits where the shard would be quarantined; no copy (a link is not followed)
+        _note(store, src_key, join(q_prefix, name or join("_rejected", src_key[len(src_prefix) + 1:])), reason)
+        if on_shard:
+            on_shard(r)
+        rejected.append(r)
+
+    for key, target in sorted(links.items()):
+        if key.endswith(".tar") or (store.local_path(key) or Path()).is_dir():
+            reject(key, _link_reason(target) + (" (a linked folder is not entered)" if not key.endswith(".tar") else ""))
+    sources = []
+    for key in landed:
+        name, why = _shard_name(src_prefix, key)
+        if why:
+            reject(key, why)
+        else:
+            sources.append((key, name))
+
+    def one(src: tuple[str, str]) -> ShardReport:
+        src_key, name = src
         t = time.perf_counter()
-        dst_key = join(dst_prefix, PurePosixPath(src_key).name)
+        dst_key = join(dst_prefix, name)
         report = ShardReport(src_key, dst_key, 0, "")
         with store.open_read(src_key) as f, store.open_write(dst_key) as w:
             try:
@@ -293,7 +436,7 @@ def ingest_shards(
                 w.abort()  # nothing is published under dst_key
                 report.reason, report.key = str(e), None
         if not report.ok:
-            qkey = join(q_prefix, PurePosixPath(src_key).name)
+            qkey = join(q_prefix, name)
             _quarantine(store, src_key, qkey, report.reason)
             if not report.sha256:  # stopped before the end of the stream: record the whole file
                 report.sha256, report.bytes = store.checksum(qkey), store.stat(qkey).size
@@ -305,7 +448,7 @@ def ingest_shards(
     with ThreadPoolExecutor(max(1, workers)) as pool:
         reports = list(pool.map(one, sources))
     good = [r for r in reports if r.ok]
-    bad = [r for r in reports if not r.ok]
+    bad = rejected + [r for r in reports if not r.ok]
     entries = dict(previous)
     for r in good:
         entries[r.key] = {"key": r.key, "bytes": r.bytes, "sha256": r.sha256, "samples": r.samples,
@@ -486,10 +629,23 @@ def ingest_table(
     """Validate every ``*.parquet`` under ``<incoming>/<batch>/``; publish them all (manifest last)
     only if every file passes. Any bad file raises :class:`IngestError` and publishes nothing."""
     t0 = time.perf_counter()
+    check_batch_name(batch)
     src_prefix, dst_prefix = join(incoming, batch), join(published, batch)
+    links = landed_links(store, src_prefix)
+    for key, target in sorted(links.items()):  # the table is all or nothing: a link stops it
+        if key == src_prefix or key.endswith(".parquet") or (store.local_path(key) or Path()).is_dir():
+            what = "the batch folder" if key == src_prefix else "this file" if key.endswith(".parquet") else "this folder"
+            raise IngestError(f"{store.uri(key)}: {what} is a {_link_reason(target)}")
     sources = [o.key for o in store.list(src_prefix) if o.key.endswith(".parquet")]
     if not sources:
         raise IngestError(f"{store.uri(src_prefix)}: no .parquet files to ingest")
+    names = {}
+    for key in sources:  # published under its path below the batch: a/t.parquet and b/t.parquet are two files
+        names[key] = key[len(src_prefix) + 1:]
+        try:
+            check_key(names[key])
+        except ValueError as e:
+            raise IngestError(f"{store.uri(key)}: landed key is not a plain relative path ({e})") from None
     reports, file_seconds = [], []
     for key in sources:
         t = time.perf_counter()
@@ -499,7 +655,7 @@ def ingest_table(
     keys = []
     for i, (key, rep) in enumerate(zip(sources, reports)):
         t = time.perf_counter()
-        dst = join(dst_prefix, PurePosixPath(key).name)
+        dst = join(dst_prefix, names[key])
         with store.open_read(key) as f:
             store.write_atomic(dst, f, expected_sha256=rep.sha256)  # source changed since validation → error
         keys.append(dst)

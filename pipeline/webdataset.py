@@ -15,6 +15,23 @@ from typing import BinaryIO, Iterable, Iterator, TypeVar
 # Exactly the formats the preprocess path decodes: DALI's fn.decoders.image (CPU and "mixed"
 # devices) and Pillow (its error diagnosis, the drift features) both read every one of these.
 IMAGE_EXTS = ("bmp", "j2k", "jp2", "jpeg", "jpg", "pbm", "pgm", "png", "pnm", "ppm", "tif", "tiff", "webp")
+# The format Pillow must find in an image member's bytes for its extension (``Image.format``): a
+# ``.png`` that holds a JPEG is refused, so an image is what its name says to every reader.
+IMAGE_FORMATS = {
+    "bmp": ("BMP",),
+    "j2k": ("JPEG2000",),
+    "jp2": ("JPEG2000",),
+    "jpeg": ("JPEG", "MPO"),  # MPO: a JPEG with extra pictures (phone cameras); decoders read the first
+    "jpg": ("JPEG", "MPO"),
+    "pbm": ("PPM",),  # Pillow names every Netpbm variant PPM
+    "pgm": ("PPM",),
+    "png": ("PNG",),
+    "pnm": ("PPM",),
+    "ppm": ("PPM",),
+    "tif": ("TIFF",),
+    "tiff": ("TIFF",),
+    "webp": ("WEBP",),
+}
 LABEL_EXT = "cls"  # ASCII decimal class index, e.g. b"7\n"
 MAX_LABEL_DIGITS = 18  # fits int64
 _LABEL_PAD = b" \t\r\n\0"  # around a label: whitespace, and the NUL padding of DALI's label batches
@@ -127,6 +144,7 @@ def read_samples(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 __all__ = [
     "IMAGE_EXTS",
+    "IMAGE_FORMATS",
     "LABEL_EXT",
     "MAX_LABEL_DIGITS",
     "WebDatasetError",
