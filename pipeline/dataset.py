@@ -9,6 +9,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from pipeline.datagen import SPLITS
+from pipeline.ingest import withdrawn
 from pipeline.storage import LocalStorage, Storage, copy_between
 
 MANIFEST = "manifest.json"
@@ -24,17 +25,25 @@ def collect(store: Storage, *, published: str = "raw/shards", batches: list[str]
     """Gather the published shard manifests into one dataset description.
 
     ``version`` is a hash of the exact shard contents, so the same data always gives the same
-    version and any new or changed shard gives a new one.
+    version and any new or changed shard gives a new one. Batches and shards withdrawn with
+    :func:`pipeline.ingest.withdraw` are left out (``withdrawn`` lists what was skipped).
     """
     manifests = sorted(o.key for o in store.list(published) if PurePosixPath(o.key).name == MANIFEST)
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    used = []
+    used, skipped = [], []
+    gone_batches, gone_shards = withdrawn(store)
     for key in manifests:
         m = json.loads(store.read(key))
         if batches is not None and m["batch"] not in batches:
             continue
+        if m["batch"] in gone_batches:
+            skipped.append(m["batch"])
+            continue
         used.append(m["batch"])
         for entry in m["shards"]:
+            if entry["key"] in gone_shards:
+                skipped.append(entry["key"])
+                continue
             splits[split_of(entry["key"])].append(
                 {k: entry[k] for k in ("key", "sha256", "bytes", "samples")}
             )
@@ -46,6 +55,7 @@ def collect(store: Storage, *, published: str = "raw/shards", batches: list[str]
     return {
         "version": hashlib.sha256(fingerprint.encode()).hexdigest()[:16],
         "batches": used,
+        "withdrawn": skipped,
         "splits": splits,
         "samples": {s: sum(e["samples"] for e in es) for s, es in splits.items()},
         "bytes": sum(e["bytes"] for es in splits.values() for e in es),

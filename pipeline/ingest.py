@@ -475,6 +475,106 @@ def read_shard_manifest(store: Storage, batch: str, published: str = "raw/shards
 
 
 # ---------------------------------------------------------------------------------------------
+# Withdrawal: taking published data back out of training
+# ---------------------------------------------------------------------------------------------
+
+WITHDRAWN = "withdrawn"  # <WITHDRAWN>/<batch>/<time>-<id>.json: one record per withdrawal
+
+
+def _who() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name (some containers)
+        user = f"uid-{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def withdraw(
+    store: Storage,
+    batch: str,
+    shard: str | None = None,
+    *,
+    reason: str,
+    by: str | None = None,
+    published: str = "raw/shards",
+    records: str = WITHDRAWN,
+) -> dict:
+    """Take a published batch (or one of its shards) out of training, for bad data that got through.
+
+    Writes a record ``<records>/<batch>/<time>-<id>.json`` (batch, shard key, the sha256 of what is
+    withdrawn, reason, who, when) and returns it; :func:`pipeline.dataset.collect`, where training
+    finds its shards, skips what the records name. Nothing published is deleted or rewritten: the
+    shards stay for inspection, the record is the audit trail. ``shard`` is the shard's name in the
+    batch (``train-000003.tar``, ``a/x.tar``) or its full key. A withdrawn batch stays withdrawn for
+    shards published into it later. Raises :class:`IngestError` for an unknown batch or shard or an
+    empty reason.
+    """
+    check_batch_name(batch)
+    reason = (reason or "").strip()
+    if not reason:
+        raise IngestError("a withdrawal needs a reason (what is wrong with the data)")
+    entries = {e["key"]: e for e in read_shard_manifest(store, batch, published)["shards"]}
+    if shard is not None:
+        prefix = join(published, batch)
+        key = shard if shard in entries else join(prefix, shard.strip("/"))
+        if key not in entries:
+            by_base = [k for k in entries if PurePosixPath(k).name == shard]
+            if len(by_base) != 1:
+                names = ", ".join(k[len(prefix) + 1:] for k in sorted(entries)[:8])
+                raise IngestError(f"batch {batch!r} has {'several' if by_base else 'no'} published shard(s) named "
+                                  f"{shard!r} (published: {names}{', …' if len(entries) > 8 else ''})")
+            key = by_base[0]
+        withdrawn = [entries[key]]
+    else:
+        key, withdrawn = None, list(entries.values())
+    now = time.gmtime()
+    record = {
+        "format": "forgeline.withdrawal/1",
+        "batch": batch,
+        "shard": key,  # None: the whole batch
+        "shards": [{"key": e["key"], "sha256": e["sha256"], "samples": e["samples"]} for e in withdrawn],
+        "reason": reason,
+        "by": by or _who(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", now),
+    }
+    rkey = join(records, batch, f"{time.strftime('%Y%m%dT%H%M%SZ', now)}-{os.urandom(4).hex()}.json")
+    store.write_atomic(rkey, json.dumps(record, indent=1).encode())
+    return {**record, "record": rkey}
+
+
+def withdrawals(store: Storage, *, records: str = WITHDRAWN) -> list[dict]:
+    """Every withdrawal record, oldest first (each with ``record``: its key). A record that is not
+    valid JSON raises :class:`IngestError` naming it: training must not silently use what someone
+    withdrew."""
+    out = []
+    for o in store.list(records):
+        if not o.key.endswith(".json"):
+            continue
+        try:
+            rec = json.loads(store.read(o.key))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IngestError(f"{store.uri(o.key)}: unreadable withdrawal record ({type(e).__name__}: {e})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("batch"), str):
+            raise IngestError(f"{store.uri(o.key)}: withdrawal record without a 'batch'")
+        out.append({**rec, "record": o.key})
+    return sorted(out, key=lambda r: (r.get("time", ""), r["record"]))
+
+
+def withdrawn(store: Storage, *, records: str = WITHDRAWN) -> tuple[set[str], set[str]]:
+    """``(batches, shard keys)`` taken out of training by :func:`withdraw`."""
+    batches, shards = set(), set()
+    for rec in withdrawals(store, records=records):
+        if rec.get("shard"):
+            shards.add(rec["shard"])
+        else:
+            batches.add(rec["batch"])
+    return batches, shards
+
+
+# ---------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------
 
@@ -674,6 +774,7 @@ def ingest_table(
 
 
 __all__ = [
+    "BadBatchName",
     "IngestError",
     "ShardIngestResult",
     "ShardInvalid",
@@ -682,7 +783,13 @@ __all__ = [
     "TableReport",
     "ingest_shards",
     "ingest_table",
+    "batch_ready",
+    "check_batch_name",
+    "landed_links",
     "read_shard_manifest",
     "validate_shard",
     "validate_table",
+    "withdraw",
+    "withdrawals",
+    "withdrawn",
 ]
