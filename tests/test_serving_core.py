@@ -137,7 +137,7 @@ def test_hot_swap_under_load_and_instant_rollback(store):
         reg = ModelRegistry(store, config(max_queue_delay_ms=2.0))
         await reg.start()
         await reg.load("digits")
-        answers: list[tuple[np.ndarray, np.ndarray]] = []
+        answers: list[tuple[np.ndarray, np.ndarray, str]] = []
         failures: list[BaseException] = []
         stop = asyncio.Event()
 
@@ -146,7 +146,8 @@ def test_hot_swap_under_load_and_instant_rollback(store):
             while not stop.is_set():
                 x = batch(int(rng.integers(1, 5)), int(rng.integers(1 << 30)))
                 try:
-                    answers.append((x, (await reg.infer("digits", None, {"input": x}))["output"]))
+                    out = await reg.infer("digits", None, {"input": x})
+                    answers.append((x, out["output"], out.version))
                 except BaseException as e:  # noqa: BLE001
                     failures.append(e)
 
@@ -163,9 +164,10 @@ def test_hot_swap_under_load_and_instant_rollback(store):
 
         assert failures == []
         seen = []
-        for x, y in answers:
+        for x, y, served in answers:
             match = [v for v, m in mods.items() if np.allclose(y, eager(m, x), atol=1e-5)]
             assert len(match) == 1, "an answer matches neither version"
+            assert served == match[0], "the answer names a version that did not compute it"
             seen.append(match[0])
         assert "v1" in seen and "v2" in seen
         # concurrent requests were batched: fewer forwards than requests

@@ -114,6 +114,15 @@ def _one_line(message: Any) -> str:
     return text.splitlines()[0] if text else type(message).__name__
 
 
+class Outputs(dict):
+    """An inference result: output name -> array, and ``version``, the version that computed it
+    (the one the request was admitted to, even when a swap happened while it ran)."""
+
+    def __init__(self, data: Mapping[str, np.ndarray], version: str):
+        super().__init__(data)
+        self.version = version
+
+
 class ServingError(Exception):
     """Base serving error: ``status`` is the HTTP status; the message is one line."""
 
@@ -404,10 +413,10 @@ class ModelRegistry:
         }
 
     # inference ------------------------------------------------------------------------------------
-    async def infer(self, name: str, version: str | None, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(self, name: str, version: str | None, inputs: Mapping[str, np.ndarray]) -> Outputs:
         """Run ``inputs["input"]`` (float32, ``[N, *input shape]``, ``N <= max_batch_size``)
         through ``name`` (its serving version when ``version`` is None) and return
-        ``{"output": float32 [N, ...]}``. Batched with concurrent requests to the same version."""
+        ``Outputs({"output": float32 [N, ...]}, version=<the version that answered>)``. Batched with concurrent requests to the same version."""
         t0 = time.perf_counter()
         self._check_accepting()
         m = await self._model(name)  # unknown names raise here, before any metric gets their label
@@ -428,7 +437,7 @@ class ModelRegistry:
                 log.error("%s/%s: forward failed: %s", name, r.version, _one_line(e))
                 raise ServingError(f"{name}/{r.version}: inference failed: {_one_line(e)}") from None
             result = "ok"
-            return {r.loaded.output.name: y}
+            return Outputs({r.loaded.output.name: y}, r.version)
         except InvalidInput:
             result = "invalid"
             raise
