@@ -252,6 +252,11 @@ def train_fault(env: Env = None) -> str | None:
     return raw("FORGELINE_TRAIN_FAULT", env)
 
 
+def debug(env: Env = None) -> bool:
+    """``FORGELINE_DEBUG=1``: the CLIs print full tracebacks instead of one line per error."""
+    return (raw("FORGELINE_DEBUG", env) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 # ---------------------------------------------------------------------------------------------
 # Kubernetes (read by the executor config, the training node Job and the pre-warm DaemonSet)
 # ---------------------------------------------------------------------------------------------
