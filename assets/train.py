@@ -12,15 +12,17 @@ from pydantic import Field
 
 from assets.ingest import raw_shards
 from pipeline import dataset as ds
-from pipeline import k8s, metrics, preprocess, train
+from pipeline import metrics, preprocess, settings, train
+from pipeline.k8s import manifests as k8s_manifests
+from pipeline.k8s import runner as k8s_runner
 from resources.gpu import GpuPoolResource
-from resources.storage import StorageResource, default_state_dir
+from resources.storage import StorageResource
 
-GPU_POOL = "gpu"  # Dagster concurrency pool: GPU steps never oversubscribe it (limit in dagster.yaml)
+GPU_POOL = settings.gpu_pool()  # Dagster concurrency pool: GPU steps never oversubscribe it (limit in dagster.yaml)
 
 
 def shard_cache_dir() -> Path:
-    return default_state_dir() / "cache" / "shards"
+    return settings.home() / "cache" / "shards"
 
 
 class PreprocessConfig(dg.Config):
@@ -119,7 +121,8 @@ def trained_model(
     gpu_pool: GpuPoolResource,
 ):
     """DDP training via torchrun over the leased GPUs (or CPU ranks), resuming from the last
-    checkpoint of an identical earlier run; rank 0 alone checkpoints and reports."""
+    checkpoint of an identical earlier run; rank 0 alone checkpoints, logs each epoch's metrics to
+    this run through Dagster Pipes, and returns the result recorded as metadata."""
     store = storage.client()
     data = preprocessed["dataset"]
     run_name = _run_name(config, data["version"], context.run_id)
@@ -131,19 +134,22 @@ def trained_model(
     )
     if config.nodes > 1:  # torchrun pods on the cluster (pipeline.k8s); this step only waits for them
         gpus = config.gpus_per_node if config.gpus_per_node is not None else (gpu_pool.gpus_per_run or 1)
-        result, util = k8s.train_on_nodes(
+        result, util = k8s_runner.train_on_nodes(
             store, dataset=data, spec=preprocessed["spec"], config=tcfg, checkpoint_prefix=f"checkpoints/{run_name}",
             run_id=context.run_id, nnodes=config.nodes, device_type="cuda" if gpus else "cpu",
-            requirements=k8s.merge(gpu_pool.k8s_config(gpus), k8s.model_store_access_from_env()),
+            requirements=k8s_manifests.merge(gpu_pool.k8s_config(gpus), k8s_manifests.model_store_access_from_env()),
             run_timeout_s=config.run_timeout_s, image=config.node_image, namespace=config.node_namespace,
             rdzv_port=config.rdzv_port, on_line=context.log.info), {}
     else:
-        with gpu_pool.lease(f"trained_model:{context.run_id}") as lease, gpu_pool.sampler(lease) as sampler:
+        # rank 0 logs every epoch through Pipes: the lines reach the event log while training runs
+        with gpu_pool.lease(f"trained_model:{context.run_id}") as lease, gpu_pool.sampler(lease) as sampler, \
+                dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
+                                      message_reader=dg.PipesTempFileMessageReader()) as pipes:
             result = train.launch(
                 storage=store, shards=ds.stage_all(store, data, shard_cache_dir()), spec=preprocessed["spec"],
                 config=tcfg, checkpoint_prefix=f"checkpoints/{run_name}", world_size=lease.world_size,
-                device_type=lease.device_type, env=lease.env(), run_timeout_s=config.run_timeout_s,
-                on_line=context.log.info,
+                device_type=lease.device_type, env={**lease.env(), **pipes.get_bootstrap_env_vars()},
+                run_timeout_s=config.run_timeout_s,
             )
         util = sampler.summary()
     hist = result.history
