@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors
 import torch
 from botocore.exceptions import EndpointConnectionError
 from safetensors.torch import load_file, save_file
@@ -331,12 +332,208 @@ def test_failure_mid_load_leaves_nothing(st_file, method):
     assert live_tensors() <= live and open_fds() == fds
 
 
-def test_gaps_between_tensors_are_allowed(tmp_path):
-    p = _craft(tmp_path, "gap.safetensors", {"a": F, "b": {**F, "data_offsets": [100, 108]}},
-               np.arange(27, dtype=np.float32).tobytes())
-    for method in CPU_METHODS:
-        got = load(p, method=method, chunk_bytes=64)
-        assert got["a"].tolist() == [0, 1] and got["b"].tolist() == [25, 26]
+def test_gaps_and_trailing_bytes_are_rejected_like_safetensors(tmp_path):
+    """Deliberate (docs/loading.md, Validation): what safetensors refuses, forgeline refuses, so a
+    file that loads here loads in every other safetensors reader."""
+    data = np.arange(27, dtype=np.float32).tobytes()
+    cases = {
+        "gap": (_craft(tmp_path, "gap.safetensors", {"a": F, "b": {**F, "data_offsets": [100, 108]}}, data[:108]),
+                "gap of 92 unreferenced bytes after tensor 'a'"),
+        "gap first": (_craft(tmp_path, "gap0.safetensors", {"a": {**F, "data_offsets": [4, 12]}}, data[:12]),
+                      "gap of 4 unreferenced bytes at the start"),
+        "trailing": (_craft(tmp_path, "tail.safetensors", {"a": F}, data[:12]), "4 trailing bytes"),
+        "zero-size inside": (_craft(tmp_path, "z.safetensors", {"a": F, "z": {**F, "shape": [0], "data_offsets": [4, 4]}},
+                                    data[:8]), "overlap"),
+    }
+    for what, (p, msg) in cases.items():
+        with pytest.raises(Exception):
+            safetensors.deserialize(p.read_bytes())
+        for method in CPU_METHODS:
+            with pytest.raises(LoadError, match=msg) as ei:
+                load(p, method=method)
+            assert ei.value.path == str(p), what
+    ok = _craft(tmp_path, "z.safetensors", {"a": F, "z": {**F, "shape": [0], "data_offsets": [8, 8]}}, data[:8])
+    safetensors.deserialize(ok.read_bytes())
+    assert load(ok)["a"].tolist() == [0, 1] and load(ok)["z"].numel() == 0
+
+
+# -- Fuzzing the header against safetensors 0.8 -------------------------------------------------
+
+
+def _st_accepts(blob: bytes) -> bool:
+    try:
+        safetensors.deserialize(blob)
+    except Exception:  # SafetensorError; anything else is a refusal too
+        return False
+    return True
+
+
+def _our_verdict(blob: bytes) -> bool:
+    """True when parse_header accepts; False on LoadError; anything else propagates (a failure)."""
+    try:
+        parse_header(blob, len(blob), "fuzz.safetensors")
+    except LoadError as e:
+        assert e.path == "fuzz.safetensors" and str(e).startswith("fuzz.safetensors: ")
+        return False
+    return True
+
+
+_WEIRD = [None, True, False, 0, -1, 1.5, 2**63, 2**64 - 1, 2**64, -(2**64), "", "F32", "x", [], {}, [1], [[1]],
+          {"a": 1}, "\udc80", float("nan"), 1e308]
+_DTYPES_ALL = ["F32", "F16", "BF16", "F64", "I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "BOOL", "C64",
+               "F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4", "F6_E2M3", "F6_E3M2",
+               "f32", "F33", "F8", "Q4", " F32"]
+
+
+def _valid_header(rng) -> tuple[dict, int]:
+    """A random valid header (tensors packed in random key order) and its data size."""
+    header, at = {}, 0
+    for i in range(rng.randint(0, 4)):
+        code = rng.choice(["F32", "F16", "BF16", "I64", "U8", "BOOL", "C64", "F8_E4M3"])
+        shape = [rng.randint(0, 3) for _ in range(rng.randint(0, 3))]
+        n = int(np.prod(shape, dtype=np.int64)) * {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "C64": 8}.get(code, 1)
+        header[f"t{i}"] = {"dtype": code, "shape": shape, "data_offsets": [at, at + n]}
+        at += n
+    if rng.random() < 0.3:
+        header["__metadata__"] = {"format": "pt", "k": "v"}
+    keys = list(header)
+    rng.shuffle(keys)
+    return {k: header[k] for k in keys}, at
+
+
+def _mutate_header(rng, header: dict, size: int) -> tuple[dict | list | str, int]:
+    try:
+        return _mutate_header_once(rng, header, size)
+    except (TypeError, IndexError, KeyError):  # an earlier mutation left a value this one cannot edit
+        return header, size
+
+
+def _mutate_header_once(rng, header: dict, size: int) -> tuple[dict | list | str, int]:
+    """One semantic mutation of a valid header: a field's type or value, an offset, a tensor added
+    or removed, metadata, extra fields; returns (header, data size)."""
+    h = json.loads(json.dumps(header))
+    tensors = [k for k in h if k != "__metadata__"]
+    r = rng.randrange(14)
+    t = h[rng.choice(tensors)] if tensors else None
+    if r == 0 and t:
+        t["dtype"] = rng.choice(_DTYPES_ALL + _WEIRD)
+    elif r == 1 and t:
+        t["shape"] = rng.choice([_WEIRD, [rng.choice(_WEIRD)], t["shape"] + [rng.choice([0, 1, 2, -1, 2**64, 2**62])]])
+    elif r == 2 and t:
+        t["data_offsets"] = rng.choice([_WEIRD, [rng.choice(_WEIRD), t["data_offsets"][1]],
+                                        t["data_offsets"][::-1], t["data_offsets"] + [0], t["data_offsets"][:1]])
+    elif r == 3 and t:
+        d = rng.choice([-9, -8, -4, -2, -1, 1, 2, 4, 8, 2**64])
+        i = rng.randrange(2)
+        t["data_offsets"][i] += d
+        if rng.random() < 0.5:
+            t["data_offsets"][1 - i] += d
+    elif r == 4 and t:
+        del t[rng.choice(["dtype", "shape", "data_offsets"])]
+    elif r == 5 and t:
+        t[rng.choice(["extra", "dtype2", "x"])] = rng.choice(_WEIRD)
+    elif r == 6:
+        h["__metadata__"] = rng.choice(_WEIRD + [{"a": rng.choice(_WEIRD)}, {"a": "b"}])
+    elif r == 7:
+        at = rng.choice([0, size, size + 4, max(size - 4, 0)])
+        h[rng.choice(["new", "t0"])] = {"dtype": "F32", "shape": [1], "data_offsets": [at, at + 4]}
+        size = max(size, at + 4) if rng.random() < 0.7 else size
+    elif r == 8 and tensors:
+        del h[rng.choice(tensors)]
+    elif r == 9:
+        size += rng.choice([-8, -4, -1, 1, 4, 8])
+    elif r == 10 and t:
+        t["shape"] = [2**32, 2**32, 2**rng.choice([0, 1, 2])]
+        t["data_offsets"] = [0, 2**64 + rng.randrange(3)]
+    elif r == 11 and t:  # zero-size tensor moved around
+        t["shape"], t["dtype"] = [0], "F32"
+        at = rng.randrange(size + 2)
+        t["data_offsets"] = [at, at]
+    elif r == 12:
+        return rng.choice([[], [1], "x", 1, None, [{"a": 1}]]), size
+    else:
+        k = rng.choice(tensors) if tensors else "__metadata__"
+        h[k] = rng.choice(_WEIRD)
+    return h, max(size, 0)
+
+
+def _byte_mutation(rng, text: bytes) -> bytes:
+    """Syntax-level damage: a byte changed, inserted or deleted; a key duplicated; deep nesting;
+    a constant or number JSON or serde_json refuses; invalid UTF-8."""
+    b = bytearray(text)
+    r = rng.randrange(8)
+    if r == 0 and b:
+        b[rng.randrange(len(b))] = rng.randrange(256)
+    elif r == 1:
+        b.insert(rng.randrange(len(b) + 1), rng.choice(b'{}[]",:0-e \\\x00\xff'))
+    elif r == 2 and b:
+        del b[rng.randrange(len(b))]
+    elif r == 3:
+        depth = rng.choice([100, 126, 127, 128, 129, 2000, 50_000])
+        nest = b"[" * depth + b"]" * depth if rng.random() < 0.5 else b'{"a":' * depth + b"1" + b"}" * depth
+        return text[:1] + b'"zz":{"dtype":"F32","shape":[0],"data_offsets":[0,0],"x":' + nest + b"}," + text[1:] \
+            if len(text) > 2 else b"{" + b'"__metadata__":' + nest + b"}"
+    elif r == 4:
+        return text[:1] + rng.choice([b'"__metadata__":null,', b'"__metadata__":{},', b'"a":NaN,', b'"x":Infinity,',
+                                      b'"__metadata__":{"k":"\\ud800"},', b'"__metadata__":{"k":"v","k":"w"},',
+                                      b'"__metadata__":{"k":1e999},',
+                                      b'"zz":{"dtype":"F32","shape":[0],"data_offsets":[0,0],"x":1e999},',
+                                      b'"zz":{"dtype":"F32","shape":[0],"data_offsets":[0,0],"x":-1.5e308},',
+                                      b'"zz":{"dtype":"F32","shape":[0],"data_offsets":[0,0],"x":123456789012345678901234567890},',
+                                      b'"\xed\xa0\x80":1,']) + text[1:]
+    elif r == 5:  # the first entry's text, again (a duplicate tensor name)
+        body = text[1:-1]
+        if body:
+            return b"{" + body + b"," + body + b"}"
+    elif r == 6:
+        return text + rng.choice([b" ", b"\n\t ", b"x", b"}", b"\x00"])
+    else:
+        return rng.choice([b" ", b"\xef\xbb\xbf", b"["]) + text
+    return bytes(b)
+
+
+def _fuzz_file(rng) -> bytes:
+    header, size = _valid_header(rng)
+    if rng.random() < 0.85:
+        for _ in range(rng.choice([1, 1, 1, 2, 3])):
+            if isinstance(header, dict):
+                header, size = _mutate_header(rng, header, size)
+    text = json.dumps(header, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+    if rng.random() < 0.4:
+        text = _byte_mutation(rng, text)
+    text += b" " * (-len(text) % 8 if rng.random() < 0.7 else 0)
+    n = len(text)
+    r = rng.random()
+    if r < 0.05:
+        n = rng.choice([0, 1, len(text) + 1, len(text) + 1000, 100_000_001, 2**63, 2**64 - 1])
+    elif r < 0.1:
+        n = max(len(text) - rng.randint(1, 4), 0)
+    blob = struct.pack("<Q", n) + text + bytes(range(256)) * (size // 256) + bytes(size % 256)
+    if rng.random() < 0.05:
+        blob = blob[: rng.randrange(len(blob) + 1)]
+    return blob
+
+
+def test_header_fuzz_against_safetensors():
+    """Property: for many mutated headers, whenever safetensors rejects the file we raise
+    LoadError naming it (never another exception type), and whenever we accept, safetensors
+    accepts too. (We refuse a few files safetensors accepts: duplicate tensor names, dtypes this
+    torch cannot hold.)"""
+    import random
+
+    rng = random.Random(20240611)
+    counts = {"both accept": 0, "both reject": 0, "only we reject": 0}
+    for i in range(6000):
+        blob = _fuzz_file(rng)
+        theirs = _st_accepts(blob)
+        try:
+            ours = _our_verdict(blob)
+        except Exception as e:  # pragma: no cover - the failure report
+            raise AssertionError(f"case {i}: {type(e).__name__}: {e}\n{blob[:300]!r}") from e
+        assert theirs or not ours, f"case {i}: we accept what safetensors rejects:\n{blob[:300]!r}"
+        counts["both accept" if ours else "both reject" if not theirs else "only we reject"] += 1
+    # the generator exercises both sides of the property
+    assert counts["both accept"] > 500 and counts["both reject"] > 2000, counts
 
 
 def test_index_problems_are_named(tmp_path):
