@@ -1,5 +1,5 @@
 """Drift checks on every ingested batch: the batch against the data the production model (the
-latest published version) was trained on. Each check writes Evidently's HTML report to storage,
+promoted version) was trained on. Each check writes Evidently's HTML report to storage,
 links it, and records the headline numbers; a drifted batch fails at WARN or ERROR severity by
 the share of drifted columns, and `drift_retrain` (jobs/automation.py) answers ERROR with a retrain."""
 
@@ -10,11 +10,10 @@ import dagster as dg
 from pydantic import Field
 
 from assets.ingest import raw_shards, raw_table
-from assets.package import MODEL_NAME
 from assets.partitions import batches
 from assets.train import shard_cache_dir
 from pipeline import dataset as ds
-from pipeline import drift
+from pipeline import drift, settings
 from pipeline.storage import Storage
 from resources.storage import StorageResource
 
@@ -26,7 +25,7 @@ MAX_SCORE_ENTRIES = 16  # numeric per-column entries (most drifted first); the r
 
 
 class DriftCheckConfig(dg.Config):
-    model_name: str = Field(default=MODEL_NAME, description="Published model whose training data is the reference.")
+    model_name: str = Field(default=settings.model_name(), description="Published model whose training data is the reference.")
     method: Optional[str] = Field(default=None, description="Evidently stattest for numerical columns "
                                   "(ks, wasserstein, psi, ...); None = Evidently's default for the column.")
     threshold: Optional[float] = Field(default=None, description="Threshold of `method` (p-value or distance).")

@@ -1,8 +1,8 @@
-"""Packaging assets: ``exported_model`` (chunked safetensors, immutable versions),
-``quantized_model`` (int8 / int4 weight-only, behind a blocking accuracy gate) and
-``compile_artifacts`` (torch.compile mega-cache in the compile cache)."""
+"""Packaging assets: ``exported_model`` (chunked safetensors, immutable versions, golden outputs),
+``quantized_model`` (int8 / int4 weight-only, behind a blocking accuracy gate), ``promoted_model``
+(the production alias, moved only past both blocking checks) and ``compile_artifacts``
+(torch.compile mega-cache in the compile cache)."""
 
-import os
 import time
 from typing import Optional
 
@@ -12,19 +12,15 @@ from pydantic import Field
 from assets.train import GPU_POOL, shard_cache_dir
 from pipeline import compile_cache as cc
 from pipeline import dataset as ds
-from pipeline import evaluate, export, metrics, package
+from pipeline import export, metrics, package, promotion, settings
 from resources.cache import CompileCacheResource
 from resources.gpu import GpuPoolResource
 from resources.storage import StorageResource
 
 
-# The published model's name: one place for the export default, the drift checks' reference and
-# the sensors that watch new versions (a deployment setting, like the storage).
-MODEL_NAME = os.environ.get("FORGELINE_MODEL_NAME", "digits")
-
 
 class ExportConfig(dg.Config):
-    model_name: str = Field(default=MODEL_NAME, description="Published name: versions live at "
+    model_name: str = Field(default=settings.model_name(), description="Published name: versions live at "
                             "models/<name>/<version>/ (default: $FORGELINE_MODEL_NAME, else 'digits').")
     max_shard_bytes: int = Field(default=2 * 1024**3, description="Largest shard file (tensors are never split).")
     dtype: Optional[str] = Field(default=None, description="Cast floating tensors on export, e.g. 'bfloat16'.")
@@ -39,50 +35,35 @@ class ExportConfig(dg.Config):
                     "on a fixed batch match.")],
 )
 def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trained_model: dict, storage: StorageResource):
-    """The trained weights as an immutable, chunked safetensors version, streamed from the checkpoint."""
-    import torch
-
+    """The trained weights as an immutable, chunked safetensors version with its golden outputs,
+    streamed from the checkpoint (the same weights exported the same way reuse their version)."""
     store = storage.client()
     arch = trained_model["model"]
-    t0 = time.perf_counter()
-    # the same weights exported the same way are the same version: a re-run reuses it (verified below)
-    origin = {"checkpoint_sha256": trained_model["checkpoint_sha256"], "dtype": config.dtype,
-              "max_shard_bytes": config.max_shard_bytes}
-    reused = export.find_version(store, config.model_name, origin)
-    if reused is not None:
-        context.log.info(f"{config.model_name}/{reused} already holds these weights: reusing it")
-        manifest = export.read_manifest(store, config.model_name, reused)
-    else:
-        source = export.from_checkpoint(
-            store, trained_model["checkpoint"], model_name=arch["name"], model_kwargs=arch["kwargs"],
-            expected_sha256=trained_model["checkpoint_sha256"], dtype=getattr(torch, config.dtype) if config.dtype else None,
-        )
-        manifest = export.export(
-            source, store, config.model_name, max_shard_bytes=config.max_shard_bytes, run_id=trained_model["run_id"],
-            data_version=trained_model["dataset_version"],
-            # the drift checks compare new batches against exactly these batches
-            metadata={"spec": trained_model["spec"], "source": origin,
-                      "dataset": {"version": trained_model["dataset_version"],
-                                  "batches": trained_model["dataset"]["batches"]}},
-        )
-    seconds = time.perf_counter() - t0  # the export itself, not the bit-exact check below
+    result = package.export_trained(
+        store, config.model_name, checkpoint=trained_model["checkpoint"],
+        checkpoint_sha256=trained_model["checkpoint_sha256"], architecture=arch["name"], model_kwargs=arch["kwargs"],
+        spec=trained_model["spec"], check_shards=ds.stage(store, trained_model["dataset"]["splits"]["test"], shard_cache_dir()),
+        run_id=trained_model["run_id"], data_version=trained_model["dataset_version"],
+        batches=trained_model["dataset"]["batches"], dtype=config.dtype, max_shard_bytes=config.max_shard_bytes,
+    )
+    manifest, reused, seconds, problems = result["manifest"], result["reused"], result["seconds"], result["problems"]
+    if reused:
+        context.log.info(f"{config.model_name}/{manifest['version']} already holds these weights: reused it")
     version = manifest["version"]
-    test_shards = ds.stage(store, trained_model["dataset"]["splits"]["test"], shard_cache_dir())
-    reference = package.module_from_checkpoint(store, trained_model["checkpoint"], trained_model["checkpoint_sha256"],
-                                               arch["name"], arch["kwargs"])
-    problems = export.check_version(store, config.model_name, version, reference,
-                                    evaluate.fixed_batch(test_shards, trained_model["spec"]))
+    gate = {"passed": not problems, "value": len(problems), "limit": 0, "unit": "problems", "problems": problems}
     yield dg.Output(
         {"model": config.model_name, "version": version, "config": manifest["config"], "spec": trained_model["spec"],
-         "dataset": trained_model["dataset"], "run_id": trained_model["run_id"]},
+         "dataset": trained_model["dataset"], "run_id": trained_model["run_id"],
+         "gates": {"loads_back_bit_exact": gate}},
         metadata={
             "version": version,
-            "reused": reused is not None,
+            "reused": reused,
             "manifest": dg.MetadataValue.path(store.uri(export.version_prefix(config.model_name, version) + "/manifest.json")),
             "shards": len(manifest["shards"]),
             "tensors": manifest["tensors"],
             "total_bytes": manifest["total_size"],
             "dtypes": dg.MetadataValue.json(manifest["dtypes"]),
+            "golden": "golden" in manifest,
             "seconds": seconds,
             **({} if reused else {  # a reused version wrote nothing: no throughput to report
                 "mb_per_s": manifest["bytes"] / 1e6 / max(seconds, 1e-9),
@@ -130,10 +111,36 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, e
                          f"{scheme}_seconds": v["seconds"], f"{scheme}_reused": v["reused"],
                          f"{scheme}_kept_full_precision": dg.MetadataValue.json(v["skipped"])})
     variants = {s: {k: v[k] for k in ("model", "version", "accuracy", "size_ratio")} for s, v in result["variants"].items()}
-    yield dg.Output({"base": {"model": name, "version": version}, "variants": variants}, metadata=metadata)
+    yield dg.Output({"base": {"model": name, "version": version}, "variants": variants, "gates": result["gates"]},
+                    metadata=metadata)
     yield dg.AssetCheckResult(check_name="accuracy_gate", passed=not result["failures"],
                               metadata={"failures": dg.MetadataValue.json(result["failures"]),
                                         "base_accuracy": result["base_accuracy"]})
+
+
+@dg.asset(group_name="package", kinds={"json"})
+def promoted_model(context: dg.AssetExecutionContext, exported_model: dict, quantized_model: dict,
+                   storage: StorageResource) -> dg.Output:
+    """The exported version (and its quantized variants) made production: the alias
+    ``models/<model>/production`` that the pre-warm, the drift reference and serving follow.
+    Downstream of both blocking checks (bit-exact export, quantization gate): a failed gate stops
+    this step, so production stays where it was."""
+    store = storage.client()
+    name, version = exported_model["model"], exported_model["version"]
+    gates = {**exported_model["gates"], **quantized_model["gates"]}
+    reason = f"passed {', '.join(sorted(gates))}"
+    record = promotion.promote(store, name, version, run_id=context.run_id, gates=gates, reason=reason)
+    variants = {}
+    for scheme, v in quantized_model["variants"].items():
+        variants[scheme] = promotion.promote(store, v["model"], v["version"], run_id=context.run_id,
+                                             gates={"accuracy_gate": gates[f"accuracy_gate.{scheme}"]}, reason=reason)
+    return dg.Output(
+        {"model": name, "version": version, "previous": record["previous"],
+         "variants": {s: {"model": r["model"], "version": r["version"]} for s, r in variants.items()}},
+        metadata={"version": version, "previous": record["previous"] or "", "promoted_at": record["promoted_at"],
+                  "gates": dg.MetadataValue.json(gates),
+                  "alias": dg.MetadataValue.path(store.uri(export.version_prefix(name, promotion.ALIAS)))},
+    )
 
 
 class CompileConfig(dg.Config):
@@ -156,7 +163,7 @@ def compile_artifacts(
     with gpu_pool.lease(f"compile_artifacts:{context.run_id}") as lease:
         device = f"cuda:{lease.devices[0].index}" if lease.devices else "cpu"
         model = export.build_from_version(store, name, version).to(device)
-        example = torch.randn(config.batch_size, len(spec["mean"]), spec["crop"], spec["crop"], device=device)
+        example = torch.randn(config.batch_size, *package.input_shape(spec), device=device)
         _, report = cc.compile_with_cache(model, example, compile_cache.cache(), mode=config.mode)
     for w in report.warnings:
         context.log.warning(w)

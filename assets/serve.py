@@ -1,30 +1,31 @@
-"""Serving-side assets: ``shm_prewarm`` puts a published version into the node's /dev/shm tier so
-the loader starts from RAM."""
+"""Serving-side assets: ``shm_prewarm`` puts the production version (the promotion alias) into the
+node's /dev/shm tier so the loader starts from RAM."""
 
 from typing import Optional
 
 import dagster as dg
 from pydantic import Field
 
-from assets.package import quantized_model
-from pipeline import metrics, package
+from pipeline import metrics, package, promotion
 from resources.storage import ShmStorageResource, StorageResource
 
 
 class PrewarmConfig(dg.Config):
-    version: Optional[str] = Field(default=None, description="Version to pre-warm (default: the exported one).")
+    version: Optional[str] = Field(default=None, description="Version to pre-warm (default: production).")
     quantized: list[str] = Field(default=[], description="Also pre-warm these quantized variants, e.g. ['int8'].")
     pin: bool = Field(default=False, description="Protect the version from LRU eviction.")
 
 
-@dg.asset(group_name="serve", kinds={"shm"}, deps=[quantized_model])
-def shm_prewarm(context: dg.AssetExecutionContext, config: PrewarmConfig, exported_model: dict,
+@dg.asset(group_name="serve", kinds={"shm"})
+def shm_prewarm(context: dg.AssetExecutionContext, config: PrewarmConfig, promoted_model: dict,
                 storage: StorageResource, shm: ShmStorageResource) -> dg.MaterializeResult:
-    """Copy the model version (verified, atomically, within the tier's budget) into /dev/shm.
-    Downstream of the quantization gate: a version that failed it is never pre-warmed."""
+    """Copy the production version of the model (verified, atomically, within the tier's budget)
+    into /dev/shm. It follows the promotion alias, which only moves past the blocking gates: a
+    version that failed them is never pre-warmed."""
     tier, store = shm.tier(), storage.client()
-    version = config.version or exported_model["version"]
-    names = [exported_model["model"]] + [package.quantized_name(exported_model["model"], q) for q in config.quantized]
+    model = promoted_model["model"]
+    version = config.version or promotion.resolve(store, model, promotion.ALIAS)
+    names = [model] + [package.quantized_name(model, q) for q in config.quantized]
     reports = [tier.prewarm(store, name, version, pin=config.pin) for name in names]
     return dg.MaterializeResult(metadata={
         "version": version,

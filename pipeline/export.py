@@ -8,6 +8,7 @@ A published model version lives under ``<root>/<model>/<version>/`` (``root`` de
         model-00002-of-00003.safetensors
         model-00003-of-00003.safetensors
         model.safetensors.index.json          # Hugging Face style: metadata.total_size, weight_map
+        golden.safetensors                    # optional: the model's outputs on a fixed input
         manifest.json                         # written LAST: its presence *is* the version
 
 **Format.** Every shard is a standard safetensors file (8-byte little-endian header length, JSON
@@ -43,6 +44,17 @@ export (no manifest) are removed by the next export of the same version. Exporti
 whose manifest exists raises :class:`VersionExists`. Do not export the *same explicit* version
 from two processes at once: the default versions (UTC timestamp + random suffix) never collide.
 
+**Golden outputs.** Given ``golden={"input", "output"}`` (see :func:`golden_outputs`), export writes
+them as ``golden.safetensors`` (both float32; the input is :func:`golden_input`, a seeded batch of
+8) and lists it as ``manifest["golden"] = {"file", "size", "sha256"}``; :func:`verify` covers it
+and :func:`read_golden` reads it back. A server that swaps in a version checks its outputs on that
+input against the recorded ones.
+
+**Completeness and rejection.** :func:`version_problem` is the one answer to "is this published
+version complete (every file its manifest lists, with its size) and not rejected": a version whose
+gate failed carries ``manifest["rejected"]`` (:func:`record_gates`, the only rewrite a manifest
+ever gets) and is never the :func:`latest_version`.
+
 Usage::
 
     src = from_checkpoint(store, "checkpoints/run-7/epoch-0015.pt", model_name="digits_cnn")
@@ -73,6 +85,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from pipeline._libc import libc_function
+from pipeline.safetensors_format import CODES as _ST_CODES
+from pipeline.safetensors_format import itemsize as _itemsize
 from pipeline.storage import CHUNK, ObjectNotFound, Storage, StorageError, check_key, join
 
 if TYPE_CHECKING:
@@ -84,28 +98,12 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_SHARD_NAME = "model.safetensors"
+GOLDEN_NAME = "golden.safetensors"
+GOLDEN_BATCH = 8
+GOLDEN_SEED = 0
+# names under <root>/<model>/ that are not versions (refs and the promotion records)
+RESERVED_VERSIONS = ("latest", "production", "promotions")
 
-# torch dtype -> safetensors dtype code (the codes the Rust crate and safetensors.torch accept)
-_ST_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.complex64: "C64",
-}
-for _attr, _code in (
-    ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
-    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
-    ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
-):
-    if hasattr(torch, _attr):
-        _ST_CODES[getattr(torch, _attr)] = _code
 _FROM_CODE = {v: k for k, v in _ST_CODES.items()}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -170,11 +168,6 @@ def st_dtype(dtype: torch.dtype | str) -> str:
     except KeyError:
         raise ExportError(f"dtype {dtype} has no safetensors encoding; supported: "
                           f"{sorted(str(d).removeprefix('torch.') for d in _ST_CODES)}") from None
-
-
-def _itemsize(dtype: torch.dtype | str) -> int:
-    dt = _FROM_CODE[dtype] if isinstance(dtype, str) else dtype
-    return torch.empty((), dtype=dt).element_size()
 
 
 def _entry_json(e: TensorEntry, begin: int, end: int) -> str:
@@ -552,8 +545,12 @@ def export(
     data_version: str | None = None,
     config: dict | None = None,
     header_metadata: Mapping[str, str] | None = None,
+    golden: Mapping[str, torch.Tensor] | None = None,
 ) -> dict:
     """Publish ``source`` as ``<root>/<model>/<version>/`` and return its manifest.
+
+    ``golden`` (``{"input", "output"}``, from :func:`golden_outputs`) is written as
+    ``golden.safetensors`` and listed in the manifest under ``"golden"``.
 
     ``header_metadata`` (str → str) is added to every shard's safetensors ``__metadata__`` — e.g.
     the quantization scheme, so a reader of any single file knows how to dequantize it.
@@ -567,6 +564,8 @@ def export(
     if isinstance(source, Mapping):
         source = TensorSource(source)
     version = version or new_version()
+    if version in RESERVED_VERSIONS:
+        raise ValueError(f"version {version!r} of {model!r}: {RESERVED_VERSIONS} name references, not versions")
     prefix = version_prefix(model, version, root)
     manifest_key = join(prefix, MANIFEST_NAME)
     index_key = join(prefix, INDEX_NAME)
@@ -579,6 +578,7 @@ def export(
     cfg = {**source.config, **(config or {})}
     extra = dict(metadata or {})
     json.dumps([cfg, extra, source.info])  # not serializable -> fail now, before writing anything
+    golden_tensors = _golden_tensors(golden) if golden is not None else None
     header_meta = {"format": "pt", "forgeline.model": model, "forgeline.version": version}
     if run_id is not None:
         header_meta["forgeline.run_id"] = str(run_id)
@@ -634,6 +634,15 @@ def export(
                  "weight_map": {n: s["file"] for s in shards for n in s["tensors"]}}
         written.append(index_key)
         index_info = store.write_atomic(index_key, json.dumps(index, indent=1).encode())
+        golden_entry = None
+        if golden_tensors is not None:
+            golden_key = join(prefix, GOLDEN_NAME)
+            entries_g = [entry_for(n, t) for n, t in golden_tensors.items()]
+            written.append(golden_key)
+            with store.open_write(golden_key, expected_size=safetensors_size(entries_g, header_meta)) as w:
+                write_safetensors(w, entries_g, golden_tensors.__getitem__, metadata=header_meta)
+            assert w.info is not None
+            golden_entry = {"file": GOLDEN_NAME, "size": w.info.size, "sha256": w.info.sha256}
 
         dtypes: dict[str, int] = {}
         for e in entries:
@@ -656,6 +665,8 @@ def export(
             "source": source.info,
             "metadata": extra,
         }
+        if golden_entry is not None:
+            manifest["golden"] = golden_entry
         if store.exists(manifest_key):  # someone published this version meanwhile: theirs stands
             cleanup = False  # (same file names: deleting "ours" would delete theirs)
             raise VersionExists(f"{store.uri(manifest_key)} appeared during the export; version "
@@ -693,12 +704,74 @@ def list_versions(store: Storage, model: str, root: str = DEFAULT_ROOT) -> list[
     return sorted(out)
 
 
+def manifest_files(manifest: dict) -> list[tuple[str, int, str | None]]:
+    """``(file, bytes, sha256)`` of every file a manifest lists: shards, index, golden outputs."""
+    files = [(s["file"], int(s["bytes"]), s.get("sha256")) for s in manifest["shards"]]
+    if manifest.get("index"):
+        files.append((manifest["index"]["file"], int(manifest["index"]["bytes"]), manifest["index"].get("sha256")))
+    if manifest.get("golden"):
+        files.append((manifest["golden"]["file"], int(manifest["golden"]["size"]), manifest["golden"].get("sha256")))
+    return files
+
+
+def version_problem(
+    store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT, allow_rejected: bool = False
+) -> str | None:
+    """Why ``model/version`` in ``store`` is not a complete, usable published version, or None when
+    it is: its manifest is there in the supported format, every file it lists (shards, index,
+    golden outputs) is present with the listed size and, unless ``allow_rejected``, no gate
+    rejected it. Sizes only (a stat per file): :func:`verify` recomputes the hashes."""
+    what = f"{model}/{version}"
+    try:
+        manifest = read_manifest(store, model, version, root=root)
+        files = manifest_files(manifest)
+        prefix = version_prefix(model, version, root)
+    except (ExportError, StorageError) as e:
+        return str(e)
+    except (KeyError, TypeError, ValueError) as e:
+        return f"{what}: unreadable or malformed manifest ({type(e).__name__}: {e})"
+    for file, size, _ in files:
+        try:
+            got = store.stat(join(prefix, file)).size
+        except StorageError as e:
+            return f"{what}: {file} is missing or unreadable ({e})"
+        if got != size:
+            return f"{what}: {file} has {got} bytes, the manifest says {size}"
+    rejected = manifest.get("rejected")
+    if rejected and not allow_rejected:
+        return f"{what} is rejected: {rejected.get('reason') if isinstance(rejected, dict) else rejected}"
+    return None
+
+
 def latest_version(store: Storage, model: str, root: str = DEFAULT_ROOT) -> str | None:
-    """The most recently created published version (by the manifests' ``created``), or None."""
-    versions = list_versions(store, model, root)
-    if not versions:
-        return None
-    return max(versions, key=lambda v: (read_manifest(store, model, v, root=root).get("created", ""), v))
+    """The most recently created (by the manifests' ``created``) published version that is
+    complete and not rejected (:func:`version_problem`), or None."""
+    best = None
+    for v in list_versions(store, model, root):
+        if version_problem(store, model, v, root=root) is not None:
+            continue
+        key = (read_manifest(store, model, v, root=root).get("created", ""), v)
+        best = key if best is None or key > best else best
+    return best[1] if best else None
+
+
+def record_gates(store: Storage, model: str, version: str, gates: Mapping[str, dict], *,
+                 root: str = DEFAULT_ROOT) -> dict:
+    """Record gate results (``{name: {"passed", "value", "limit", ...}}``) in the manifest of a
+    published version, rewritten atomically; a failed gate marks the version rejected
+    (``manifest["rejected"] = {"at", "reason"}``), a passing re-evaluation clears that. The files
+    of the version are untouched. Returns the new manifest."""
+    manifest = read_manifest(store, model, version, root=root)
+    gates = {name: dict(g) for name, g in gates.items()}
+    manifest["gates"] = {**(manifest.get("gates") or {}), **gates}
+    failed = sorted(name for name, g in manifest["gates"].items() if not g.get("passed"))
+    if failed:
+        manifest["rejected"] = {"at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                                "reason": "failed gate(s): " + ", ".join(failed)}
+    else:
+        manifest.pop("rejected", None)
+    store.write_atomic(join(version_prefix(model, version, root), MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+    return manifest
 
 
 def find_version(store: Storage, model: str, source: dict, *, root: str = DEFAULT_ROOT) -> str | None:
@@ -731,6 +804,8 @@ def verify(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT
     problems = []
     for s in manifest["shards"]:
         problems += _shard_problems(store, join(prefix, s["file"]), s)
+    if g := manifest.get("golden"):
+        problems += _file_problems(store, join(prefix, g["file"]), f"golden {g['file']}", g["size"], g["sha256"])
     idx = manifest.get("index") or {"file": INDEX_NAME}
     try:
         index = json.loads(store.read(join(prefix, idx["file"])))
@@ -745,20 +820,74 @@ def verify(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT
 
 
 def _shard_problems(store: Storage, key: str, shard: dict, data_sha256: str | None = None) -> list[str]:
-    file = shard["file"]
+    return _file_problems(store, key, f"shard {shard['file']}", shard["bytes"], shard["sha256"], data_sha256)
+
+
+def _file_problems(store: Storage, key: str, what: str, want_size: int, want_sha256: str,
+                   data_sha256: str | None = None) -> list[str]:
     try:
         size = store.stat(key).size
     except ObjectNotFound:
-        return [f"shard {file}: missing ({store.uri(key)})"]
-    if size != shard["bytes"]:
-        return [f"shard {file}: {size} bytes stored, manifest says {shard['bytes']}"]
+        return [f"{what}: missing ({store.uri(key)})"]
+    if size != want_size:
+        return [f"{what}: {size} bytes stored, manifest says {want_size}"]
     try:
         digest = data_sha256 or store.checksum(key)
     except StorageError as e:
-        return [f"shard {file}: unreadable ({e})"]
-    if digest != shard["sha256"]:
-        return [f"shard {file}: sha256 mismatch (stored bytes hash to {digest}, manifest says {shard['sha256']})"]
+        return [f"{what}: unreadable ({e})"]
+    if digest != want_sha256:
+        return [f"{what}: sha256 mismatch (stored bytes hash to {digest}, manifest says {want_sha256})"]
     return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def golden_input(shape: Sequence[int], *, batch: int = GOLDEN_BATCH, seed: int = GOLDEN_SEED) -> torch.Tensor:
+    """The fixed input golden outputs are recorded on: ``batch`` samples of ``shape`` (one sample,
+    e.g. ``(1, 28, 28)``), float32, standard normal from a generator seeded with ``seed``."""
+    return torch.randn(batch, *(int(s) for s in shape), generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float32)
+
+
+@torch.no_grad()
+def golden_outputs(module: "nn.Module", inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"input", "output"}`` for :func:`export`'s ``golden``: ``module``'s eval-mode output on
+    the CPU for ``inputs`` (cast to the module's floating dtype on the way in), both float32."""
+    module = module.eval().cpu()
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    out = module(inputs.to(dtype))
+    return {"input": inputs.detach().to(torch.float32).contiguous(), "output": out.detach().to(torch.float32).contiguous()}
+
+
+def _golden_tensors(golden: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if set(golden) != {"input", "output"}:
+        raise ExportError(f"golden outputs are {{'input', 'output'}}, got {sorted(golden)}")
+    out = {}
+    for name in ("input", "output"):
+        t = golden[name]
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise ExportError(f"golden {name!r} must be a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def read_golden(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT) -> dict[str, torch.Tensor] | None:
+    """The golden ``{"input", "output"}`` of a published version (sha256 checked against the
+    manifest), or None when it has none."""
+    from safetensors.torch import load as st_load
+
+    manifest = read_manifest(store, model, version, root=root)
+    g = manifest.get("golden")
+    if not g:
+        return None
+    key = join(version_prefix(model, version, root), g["file"])
+    data = store.read(key)
+    if len(data) != g["size"] or hashlib.sha256(data).hexdigest() != g["sha256"]:
+        raise VerificationFailed(f"{model}/{version}", [f"golden {g['file']}: size or sha256 differs from the manifest"])
+    return st_load(data)
 
 
 def load_state_dict(
@@ -892,6 +1021,7 @@ __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
     "ExportError",
     "FORMAT",
+    "GOLDEN_NAME",
     "INDEX_NAME",
     "MANIFEST_NAME",
     "TensorEntry",
@@ -905,12 +1035,17 @@ __all__ = [
     "export",
     "from_checkpoint",
     "from_module",
+    "golden_input",
+    "golden_outputs",
     "latest_version",
     "list_versions",
     "load_state_dict",
+    "manifest_files",
     "new_version",
     "plan_shards",
+    "read_golden",
     "read_manifest",
+    "record_gates",
     "safetensors_size",
     "shard_file_names",
     "shard_layout",
@@ -918,5 +1053,6 @@ __all__ = [
     "tensor_bytes",
     "verify",
     "version_prefix",
+    "version_problem",
     "write_safetensors",
 ]

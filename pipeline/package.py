@@ -1,6 +1,8 @@
-"""Packaging steps composed from the engine: the trained module back from its checkpoint, and
-quantized versions published beside the exported one (``<model>-int8/<version>``) with their
-scheme in every shard's safetensors metadata."""
+"""Packaging steps composed from the engine, one call per asset: :func:`export_trained` (find or
+export the trained checkpoint as a version with its golden outputs, then check it bit for bit) and
+:func:`quantize_and_gate` (quantized versions published beside it, ``<model>-int8/<version>``, with
+their scheme in every shard's safetensors metadata, measured against the base and gated; a variant
+that fails is marked rejected in its manifest)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,10 @@ import time
 import torch
 
 from pipeline import export, quantize
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate, fixed_batch
 from pipeline.models import build_model
 from pipeline.storage import Storage
-from pipeline.train import read_checkpoint
+from pipeline.train.checkpoints import read_checkpoint
 
 
 def module_from_checkpoint(store: Storage, key: str, sha256: str | None, name: str, kwargs: dict) -> torch.nn.Module:
@@ -22,6 +24,49 @@ def module_from_checkpoint(store: Storage, key: str, sha256: str | None, name: s
         module = build_model(name, **kwargs)
     module.load_state_dict(state, assign=True)
     return module.eval()
+
+
+def input_shape(spec: dict) -> tuple[int, int, int]:
+    """One sample's shape as the preprocessing ``spec`` produces it: ``(channels, crop, crop)``."""
+    return (len(spec["mean"]), int(spec["crop"]), int(spec["crop"]))
+
+
+def export_trained(
+    store: Storage, model: str, *, checkpoint: str, checkpoint_sha256: str, architecture: str, model_kwargs: dict,
+    spec: dict, check_shards: list[str], run_id: str | None = None, data_version: str | None = None,
+    batches: list[str] | None = None, dtype: str | None = None, max_shard_bytes: int = export.DEFAULT_MAX_SHARD_BYTES,
+) -> dict:
+    """Publish a training checkpoint as a version of ``model`` and check it.
+
+    The same weights exported the same way (checkpoint sha256, ``dtype``, ``max_shard_bytes``) are
+    the same version: a re-run reuses it instead of publishing a copy. Otherwise the checkpoint is
+    streamed into a new version with golden outputs (the exported model on
+    ``export.golden_input(input_shape(spec))``) and, in the manifest metadata, the ``spec`` and the
+    training ``batches`` (the drift checks' reference). Then every shard is verified and every
+    tensor and the outputs on the first samples of ``check_shards`` compared with the checkpoint's
+    model (``export.check_version``). Returns ``{"manifest", "reused", "seconds" (the export,
+    not the check), "problems"}``."""
+    t0 = time.perf_counter()
+    origin = {"checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "max_shard_bytes": max_shard_bytes}
+    reused = export.find_version(store, model, origin)
+    if reused is not None:
+        manifest = export.read_manifest(store, model, reused)
+    else:
+        source = export.from_checkpoint(store, checkpoint, model_name=architecture, model_kwargs=model_kwargs,
+                                        expected_sha256=checkpoint_sha256,
+                                        dtype=getattr(torch, dtype) if dtype else None)
+        exported = export.module_from_state({"model": model, "version": "(new)", "config": source.config}, dict(source))
+        golden = export.golden_outputs(exported, export.golden_input(input_shape(spec)))
+        del exported
+        manifest = export.export(
+            source, store, model, max_shard_bytes=max_shard_bytes, run_id=run_id, data_version=data_version,
+            metadata={"spec": spec, "source": origin, "dataset": {"version": data_version, "batches": batches}},
+            golden=golden,
+        )
+    seconds = time.perf_counter() - t0
+    reference = module_from_checkpoint(store, checkpoint, checkpoint_sha256, architecture, model_kwargs)
+    problems = export.check_version(store, model, manifest["version"], reference, fixed_batch(check_shards, spec))
+    return {"manifest": manifest, "reused": reused is not None, "seconds": seconds, "problems": problems}
 
 
 def quantized_name(model: str, scheme: str) -> str:
@@ -46,12 +91,19 @@ def publish_quantized(
     if state is None:
         state = export.load_state_dict(store, model, version)
     qs = quantize.quantize_state_dict(state, scheme, group_size=group_size, symmetric=symmetric)
+    base_golden = export.read_golden(store, model, version)
+    golden = None
+    if base_golden is not None:  # the dequantized model on the base's golden input
+        module = export.module_from_state(base, quantize.dequantize_state_dict(qs.tensors, qs.metadata))
+        golden = export.golden_outputs(module, base_golden["input"])
+        del module
     manifest = export.export(
         qs.tensors, store, quantized_name(model, scheme), version,
         config=base["config"], run_id=base.get("run_id"), data_version=base.get("data_version"),
         header_metadata=quantize.metadata_for_safetensors(qs),
         metadata={"quantization": qs.metadata, "base": {"model": model, "version": version}, "skipped": qs.skipped,
                   "size_ratio": qs.ratio},
+        golden=golden,
     )
     return {"manifest": manifest, "ratio": qs.ratio, "skipped": qs.skipped, "quantization": qs.metadata,
             "tensor_seconds": qs.tensor_seconds, "reused": False}
@@ -87,14 +139,17 @@ def quantize_and_gate(
 ) -> dict:
     """Publish each scheme of ``model/version``, measure the held-out accuracy of what was
     published (dequantized on load) against the base, and list every scheme whose drop exceeds its
-    limit. The base version is read and verified once. Returns ``{"base_accuracy", "variants":
-    {scheme: {model, version, accuracy, drop_points, size_ratio, bytes, skipped, seconds,
-    tensor_seconds}}, "failures"}`` (``seconds``: quantize, publish and evaluate the scheme;
-    ``tensor_seconds``: per quantized tensor)."""
+    limit. The base version is read and verified once. Each variant's gate result is recorded in its
+    manifest (``export.record_gates``, as ``accuracy_gate``): a failing variant is rejected, so it is
+    never ``latest`` nor promotable. Returns ``{"base_accuracy", "variants": {scheme: {model,
+    version, accuracy, drop_points, size_ratio, bytes, skipped, seconds, tensor_seconds, reused,
+    gate}}, "gates": {"accuracy_gate.<scheme>": gate}, "failures"}`` (``gate``: ``{"passed",
+    "value" (drop, points), "limit", "unit", "accuracy", "base_accuracy"}``; ``seconds``:
+    quantize, publish and evaluate the scheme; ``tensor_seconds``: per quantized tensor)."""
     manifest = export.read_manifest(store, model, version)
     state = export.load_state_dict(store, model, version)
     base = evaluate(export.module_from_state(manifest, state), test_shards, spec).accuracy
-    variants, failures = {}, []
+    variants, gates, failures = {}, {}, []
     for scheme in schemes:
         t0 = time.perf_counter()
         pub = publish_quantized(store, model, version, scheme, group_size=group_size, symmetric=symmetric, state=state)
@@ -103,8 +158,12 @@ def quantize_and_gate(
         drop, limit = 100 * (base - acc), max_drop_points[scheme]
         if drop > limit:
             failures.append(f"{scheme}: accuracy {acc:.4f} is {drop:.2f} points below {base:.4f} (limit {limit})")
+        gate = {"passed": drop <= limit, "value": drop, "limit": limit, "unit": "accuracy points dropped",
+                "accuracy": acc, "base_accuracy": base}
+        export.record_gates(store, qname, version, {"accuracy_gate": gate})
+        gates[f"accuracy_gate.{scheme}"] = gate
         variants[scheme] = {"model": qname, "version": version, "accuracy": acc, "drop_points": drop,
                             "size_ratio": pub["ratio"], "bytes": pub["manifest"]["bytes"], "skipped": pub["skipped"],
                             "seconds": time.perf_counter() - t0, "tensor_seconds": pub["tensor_seconds"],
-                            "reused": pub["reused"]}
-    return {"base_accuracy": base, "variants": variants, "failures": failures}
+                            "reused": pub["reused"], "gate": gate}
+    return {"base_accuracy": base, "variants": variants, "gates": gates, "failures": failures}

@@ -13,7 +13,8 @@ published versions), plus the tier's own bookkeeping in ``.tier/``::
         .tier/reserve/<model>/<version>      # bytes reserved by a copy in progress
 
 **Complete.** A version is in the tier when its ``manifest.json`` is there and every file it lists
-(shards and index) is present with the listed size. The manifest is copied last (atomically, by
+(shards, index, golden outputs) is present with the listed size (:func:`pipeline.export.version_problem`
+on the tier, the same test as everywhere). The manifest is copied last (atomically, by
 rename), and every other file is copied to a temporary name, sha256-verified against the manifest
 and renamed, so a crash at any point leaves a version that is *not* complete; the next prewarm of
 that version (or any prewarm's garbage collection, once no process holds its lock) removes it.
@@ -39,7 +40,7 @@ them (unlinking does not invalidate them), but tmpfs frees their RAM only when i
 Usage::
 
     tier = ShmTier("/dev/shm/forgeline", capacity_bytes=64 * 2**30)
-    report = tier.prewarm(store, "digits")                 # latest published version
+    report = tier.prewarm(store, "digits", "production")   # or "latest", or a version id
     report.hit, report.bytes, report.seconds, report.gbps, report.evicted
     source, where = resolve_source("digits", report.version, tier=tier, local_cache=None, remote=store)
     module = build_from_version(source, "digits", report.version)
@@ -67,10 +68,12 @@ from pipeline.export import (
     MANIFEST_NAME,
     ExportError,
     VersionNotFound,
-    latest_version,
-    read_manifest,
+    manifest_files,
     version_prefix,
+    version_problem,
 )
+from pipeline.promotion import ALIAS, LATEST, PromotionError
+from pipeline.promotion import resolve as resolve_ref
 from pipeline.storage import (
     IntegrityError,
     LocalStorage,
@@ -242,23 +245,12 @@ class ShmTier:
     # State ------------------------------------------------------------------------------------
     def _state(self, model: str, version: str) -> tuple[bool, int]:
         """``(complete, bytes on disk)`` of a version directory."""
-        vdir = self._dir(model, version)
-        try:
-            manifest = json.loads((vdir / MANIFEST_NAME).read_bytes())
-            files = [(s["file"], int(s["bytes"])) for s in manifest["shards"]]
-            idx = manifest.get("index")
-            if idx:
-                files.append((idx["file"], int(idx["bytes"])))
-            ok = manifest.get("format") == FORMAT and all(
-                (vdir / f).stat().st_size == size for f, size in files
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            ok = False
-        return ok, _tree_bytes(vdir)
+        return self.complete(model, version), _tree_bytes(self._dir(model, version))
 
     def complete(self, model: str, version: str) -> bool:
-        """The version is in the tier: manifest present and every listed file has its size."""
-        return self._state(model, version)[0]
+        """The version is in the tier: manifest present and every listed file has its size (a
+        version rejected after it was copied still counts: it holds the bytes)."""
+        return version_problem(self.store, model, version, allow_rejected=True) is None
 
     def _touch(self, model: str, version: str) -> None:
         stamp = self._bk("used", model, version)
@@ -324,7 +316,7 @@ class ShmTier:
     def _latest_here(self, model: str) -> str | None:
         best = None
         for m, v in self._versions_on_disk():
-            if m != model or not self.complete(m, v):
+            if m != model or version_problem(self.store, m, v) is not None:
                 continue
             try:
                 created = json.loads((self._dir(m, v) / MANIFEST_NAME).read_bytes()).get("created", "")
@@ -336,7 +328,7 @@ class ShmTier:
 
     def resolve(self, model: str, version: str = "latest") -> Path | None:
         """The version's folder in the tier when it is complete (its recency is refreshed), else
-        None. ``"latest"`` is the most recently created version present in the tier."""
+        None. ``"latest"`` is the most recently created version present in the tier and not rejected."""
         if version == "latest":
             found = self._latest_here(model)
             if found is None:
@@ -347,11 +339,15 @@ class ShmTier:
         self._touch(model, version)
         return self._dir(model, version)
 
-    def needs_prewarm(self, store: Storage, model: str) -> str | None:
-        """The latest version published in ``store`` when it is not in the tier yet, else None
-        (what a sensor asks before requesting a prewarm run)."""
-        v = latest_version(store, model)
-        return v if v is not None and not self.complete(model, v) else None
+    def needs_prewarm(self, store: Storage, model: str, ref: str = LATEST) -> str | None:
+        """The version ``ref`` names in ``store`` (``"latest"``, ``"production"`` or an id) when it
+        is not in the tier yet, else None, also when ``ref`` names nothing (what a sensor asks
+        before requesting a prewarm run)."""
+        try:
+            v = resolve_ref(store, model, ref)
+        except PromotionError:
+            return None
+        return v if not self.complete(model, v) else None
 
     # Removal ----------------------------------------------------------------------------------
     def _remove_version(self, model: str, version: str) -> None:
@@ -470,17 +466,13 @@ class ShmTier:
                 _unlock(fd)
 
     # Prewarm ----------------------------------------------------------------------------------
-    def prewarm(self, store: Storage, model: str, version: str = "latest", *, pin: bool = False) -> PrewarmReport:
-        """Make ``model``/``version`` (``"latest"``: the newest published in ``store``) complete in
-        the tier, copying it from ``store`` with sha256 verification if it is not there yet.
-        Idempotent; concurrent calls for one version copy it once (the others report a hit)."""
+    def prewarm(self, store: Storage, model: str, version: str = LATEST, *, pin: bool = False) -> PrewarmReport:
+        """Make ``model``/``version`` (``"latest"``: the newest complete, non-rejected version
+        published in ``store``; ``"production"``: the promoted one) complete in the tier, copying
+        it from ``store`` with sha256 verification if it is not there yet. Idempotent; concurrent
+        calls for one version copy it once (the others report a hit)."""
         t0 = time.perf_counter()
-        if version == "latest":
-            found = latest_version(store, model)
-            if found is None:
-                raise VersionNotFound(f"{store.uri(join(DEFAULT_ROOT, model))}: no published version of "
-                                      f"{model!r} to prewarm")
-            version = found
+        version = _version_for(store, model, version, "to prewarm")
         prefix = version_prefix(model, version)
         created_pin = pin and not self.pinned(model, version)
         if pin:
@@ -522,11 +514,8 @@ class ShmTier:
             raise ExportError(f"{store.uri(manifest_key)}: unreadable manifest ({e})") from None
         if manifest.get("format") != FORMAT:
             raise ExportError(f"{store.uri(manifest_key)}: unsupported manifest format {manifest.get('format')!r}")
-        files = [(s["file"], int(s["bytes"]), s.get("sha256")) for s in manifest["shards"]]
-        idx = manifest.get("index")
-        if idx:
-            files.append((idx["file"], int(idx["bytes"]), idx.get("sha256")))
-        elif store.exists(join(prefix, INDEX_NAME)):
+        files = manifest_files(manifest)
+        if not manifest.get("index") and store.exists(join(prefix, INDEX_NAME)):
             files.append((INDEX_NAME, store.stat(join(prefix, INDEX_NAME)).size, None))
         need = sum(size for _, size, _ in files) + len(raw)
         block = self._fs_block()
@@ -575,17 +564,15 @@ class ShmTier:
 # ---------------------------------------------------------------------------------------------
 
 
-def _complete_on(store: Storage, model: str, version: str) -> bool:
-    """Every file of the published version is present in ``store`` with its manifest size."""
+def _version_for(store: Storage, model: str, ref: str, purpose: str) -> str:
+    """``ref`` when it is a version id, else what ``"latest"``/``"production"`` names in ``store``."""
+    if ref not in (LATEST, ALIAS):
+        return ref
     try:
-        manifest = read_manifest(store, model, version)
-        prefix = version_prefix(model, version)
-        files = [(s["file"], int(s["bytes"])) for s in manifest["shards"]]
-        if manifest.get("index"):
-            files.append((manifest["index"]["file"], int(manifest["index"]["bytes"])))
-        return all(store.stat(join(prefix, f)).size == size for f, size in files)
-    except (StorageError, ExportError, KeyError, TypeError, ValueError):
-        return False
+        return resolve_ref(store, model, ref)
+    except PromotionError as e:
+        raise VersionNotFound(f"{store.uri(join(DEFAULT_ROOT, model))}: no {ref} version of {model!r} "
+                              f"{purpose} ({e})") from None
 
 
 def resolve_source(
@@ -598,16 +585,13 @@ def resolve_source(
 ) -> tuple[Storage, str]:
     """Where the loader should read ``model``/``version`` from: the shm tier when the version is
     complete there (``"shm"``; recency refreshed), else the local cache when it holds the whole
-    version (``"local"``), else ``remote`` (``"remote"``). ``"latest"`` is resolved on ``remote``."""
-    if version == "latest":
-        found = latest_version(remote, model)
-        if found is None:
-            raise VersionNotFound(f"{remote.uri(join(DEFAULT_ROOT, model))}: no published version of {model!r}")
-        version = found
+    version (``"local"``), else ``remote`` (``"remote"``). ``"latest"`` and ``"production"`` are
+    resolved on ``remote``."""
+    version = _version_for(remote, model, version, "to load")
     version_prefix(model, version)
     if tier is not None and tier.resolve(model, version) is not None:
         return tier.storage(), "shm"
-    if local_cache is not None and _complete_on(local_cache, model, version):
+    if local_cache is not None and version_problem(local_cache, model, version, allow_rejected=True) is None:
         return local_cache, "local"
     return remote, "remote"
 

@@ -126,14 +126,14 @@ def _train_small_cnn(shards: list[str], spec: dict, epochs: int = 4):
     drift tests: real predictions, not random weights)."""
     import torch
 
-    from pipeline.evaluate import _loader
+    from pipeline.evaluate import eval_loader
     from pipeline.models import build_model
 
     torch.manual_seed(0)
     model = build_model("digits_cnn", **DRIFT_MODEL_KW)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    with _loader(shards, spec, 64, "cpu") as loader:
+    with eval_loader(shards, spec, 64, "cpu") as loader:
         for epoch in range(epochs):
             for x, y in loader.epoch(epoch):
                 opt.zero_grad()
@@ -150,7 +150,7 @@ def drift_world(tmp_path_factory) -> dict:
     import numpy as np
 
     from pipeline import dataset as ds
-    from pipeline import datagen, export, ingest
+    from pipeline import datagen, export, ingest, promotion
 
     root = tmp_path_factory.mktemp("drift")
     store = LocalStorage(root / "store", fsync=False)
@@ -173,4 +173,5 @@ def drift_world(tmp_path_factory) -> dict:
         data_version=data["version"],
         metadata={"spec": spec, "dataset": {"version": data["version"], "batches": ["ref"]}},
     )
+    promotion.promote(store, "digits", manifest["version"])  # the drift reference follows production
     return {"root": root, "store": store, "version": manifest["version"], "spec": spec, "cache": root / "cache"}

@@ -261,6 +261,15 @@ def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
         version = first.asset_materializations_for_node("exported_model")[0].metadata["version"].value
         assert store.exists(f"models/digits/{version}/manifest.json")
         assert store.exists(f"models/digits-int8/{version}/manifest.json")
+        # promotion: past both gates the version (and its variants) is production, golden outputs recorded
+        from pipeline import export, promotion
+
+        assert promotion.production(store, "digits")["version"] == version
+        assert promotion.resolve(store, "digits-int4", "production") == version
+        assert first.asset_materializations_for_node("promoted_model")[0].metadata["version"].value == version
+        golden = export.read_golden(store, "digits", version)
+        assert golden["input"].shape == (8, 1, 28, 28) and golden["output"].shape == (8, 10)
+        assert export.read_golden(store, "digits-int4", version)["input"].equal(golden["input"])
         # serving: the version is in the shm tier, byte-identical
         smd = first.asset_materializations_for_node("shm_prewarm")[0].metadata
         assert smd["hit"].value is False and smd["version"].value == version
@@ -280,8 +289,6 @@ def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
         assert again.asset_materializations_for_node("quantized_model")[0].metadata["int8_reused"].value is True
         assert again.asset_materializations_for_node("compile_artifacts")[0].metadata["hit"].value is True
         assert again.asset_materializations_for_node("shm_prewarm")[0].metadata["hit"].value is True
-        from pipeline import export
-
         assert export.list_versions(store, "digits") == [version]
 
         # an impossible gate fails the blocking check and nothing downstream of it runs
@@ -291,13 +298,18 @@ def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
         gate = next(e for e in gated.get_asset_check_evaluations() if e.check_name == "accuracy_gate")
         assert not gate.passed and "int4: accuracy" in str(gate.metadata["failures"].value)
         assert not gated.asset_materializations_for_node("compile_artifacts")
+        assert not gated.asset_materializations_for_node("promoted_model")
+        assert [h["version"] for h in promotion.history(store, "digits")] == [version, version]  # runs 1 and 2
+        assert export.read_manifest(store, "digits-int4", version)["rejected"]  # the variant that failed
+        assert export.latest_version(store, "digits-int4") is None
+        assert promotion.resolve(store, "digits", "production") == version  # production stays where it was
 
 
 def test_new_version_sensor_requests_one_prewarm_per_version(tmp_path, instance):
     import torch
 
     from jobs.serve import new_model_version
-    from pipeline import export
+    from pipeline import export, promotion
     from pipeline.models import build_model
     from resources.storage import ShmStorageResource
 
@@ -309,6 +321,9 @@ def test_new_version_sensor_requests_one_prewarm_per_version(tmp_path, instance)
     torch.manual_seed(0)
     source = export.from_module(build_model("digits_cnn"), architecture="digits_cnn")
     v1 = export.export(source, storage.client(), "digits", "v1")["version"]
+    msg = new_model_version(dg.build_sensor_context(instance=instance, resources=resources)).skip_message
+    assert "nothing in production" in msg  # published is not enough: the sensor follows the alias
+    promotion.promote(storage.client(), "digits", v1)
     req = new_model_version(dg.build_sensor_context(instance=instance, resources=resources))
     assert req.run_key == "prewarm:digits/v1"
     assert req.run_config == {"ops": {"shm_prewarm": {"config": {"version": v1}}}}

@@ -82,12 +82,13 @@ def test_drift_at_error_requests_one_retrain(checked):
 
 
 def test_no_retrain_when_the_production_model_already_has_the_drifted_batch(checked, tmp_path):
-    from pipeline import export, models
+    from pipeline import export, models, promotion
 
     store = LocalStorageResource(root=str(tmp_path / "s"), fsync=False)
-    export.export(export.from_module(models.build_model("digits_cnn", width=4), architecture="digits_cnn",
-                                     model_kwargs={"width": 4}), store.client(), "digits",
-                  metadata={"spec": checked["spec"], "dataset": {"version": "x", "batches": ["ref", "shifted"]}})
+    m = export.export(export.from_module(models.build_model("digits_cnn", width=4), architecture="digits_cnn",
+                                         model_kwargs={"width": 4}), store.client(), "digits",
+                      metadata={"spec": checked["spec"], "dataset": {"version": "x", "batches": ["ref", "shifted"]}})
+    promotion.promote(store.client(), "digits", m["version"])
     out = drift_retrain(dg.build_sensor_context(instance=checked["instance"], resources={"storage": store}))
     assert not out.run_requests and "already in the production model" in out.skip_reason.skip_message
 

@@ -117,10 +117,11 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_model_without_training_batches_in_its_manifest_is_a_clear_error(tmp_path):
-    from pipeline import export, models
+    from pipeline import export, models, promotion
 
     store = LocalStorage(tmp_path)
-    export.export(export.from_module(models.build_model("digits_cnn", width=4), architecture="digits_cnn",
-                                     model_kwargs={"width": 4}), store, "old")
+    old = export.export(export.from_module(models.build_model("digits_cnn", width=4), architecture="digits_cnn",
+                                           model_kwargs={"width": 4}), store, "old")
+    promotion.promote(store, "old", old["version"])
     with pytest.raises(drift.DriftError, match="does not say which batches"):
         drift.production_reference(store, "old")

@@ -21,8 +21,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import export as ex
-from pipeline import models, train
+from pipeline import models
 from pipeline.storage import LocalStorage, join
+from pipeline.train import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 KW = {"width": 8}  # a small DigitsCNN: ~13k parameters in 25 tensors
@@ -62,9 +63,9 @@ def version_files(store, model: str, version: str) -> list[str]:
 
 
 def save_ckpt(store, prefix: str, module: nn.Module) -> str:
-    state = {"format": train.CHECKPOINT_FORMAT, "epoch": 3, "model": module.state_dict(),
+    state = {"format": checkpoints.CHECKPOINT_FORMAT, "epoch": 3, "model": module.state_dict(),
              "optimizer": {"state": {}, "param_groups": []}, "history": "[]"}
-    return train.save_checkpoint(store, prefix, state, keep=2)
+    return checkpoints.save_checkpoint(store, prefix, state, keep=2)
 
 
 def all_dtypes_state() -> dict[str, torch.Tensor]:
@@ -204,12 +205,12 @@ def test_round_trip_from_meta_and_checkpoint(local_storage):
     m = trained_cnn(seed=3)
     key = save_ckpt(local_storage, "ckpt/run-3", m)
     src = ex.from_checkpoint(local_storage, key, model_name="digits_cnn", model_kwargs=KW,
-                             expected_sha256=train.latest_checkpoint(local_storage, "ckpt/run-3")["sha256"])
+                             expected_sha256=checkpoints.latest_checkpoint(local_storage, "ckpt/run-3")["sha256"])
     assert [e.name for e in src.entries] == list(m.state_dict())  # metadata first, in module order
     assert all(t.device.type == "cpu" for _, t in src)
     manifest = ex.export(src, local_storage, "digits", "v1", max_shard_bytes=16 * 1024, run_id="run-3")
     check_published(local_storage, "digits", manifest, m.state_dict(), 16 * 1024)
-    assert manifest["source"] == {"source": "checkpoint", "checkpoint": local_storage.uri(key), "checkpoint_format": train.CHECKPOINT_FORMAT,
+    assert manifest["source"] == {"source": "checkpoint", "checkpoint": local_storage.uri(key), "checkpoint_format": checkpoints.CHECKPOINT_FORMAT,
                                   "checkpoint_epoch": 3, "checkpoint_sha256": src.info["checkpoint_sha256"]}
     assert ex.check_version(local_storage, "digits", "v1", m, batch()) == []
     # the source stays usable after export released its pages: they come back from the file
@@ -356,7 +357,41 @@ def test_list_and_latest_versions(local_storage):
     local_storage.write_atomic(join(ex.version_prefix("digits", "c"), "model.safetensors"), b"partial")
     assert ex.list_versions(local_storage, "digits") == ["a", "b"]
     assert ex.latest_version(local_storage, "digits") == "a"
+    ex.record_gates(local_storage, "digits", "a", {"gate": {"passed": False, "value": 1, "limit": 0}})
+    assert ex.latest_version(local_storage, "digits") == "b"  # a rejected version is never latest
+    assert ex.version_problem(local_storage, "digits", "a") == "digits/a is rejected: failed gate(s): gate"
+    ex.record_gates(local_storage, "digits", "a", {"gate": {"passed": True, "value": 0, "limit": 0}})
+    assert ex.latest_version(local_storage, "digits") == "a"  # a passing re-evaluation clears it
 
+
+def test_golden_outputs_are_published_verified_and_read_back(local_storage):
+    m = trained_cnn()
+    golden = ex.golden_outputs(m, ex.golden_input((1, 28, 28)))
+    assert golden["input"].shape == (8, 1, 28, 28) and golden["input"].dtype == golden["output"].dtype == torch.float32
+    assert torch.equal(golden["input"], ex.golden_input((1, 28, 28)))  # fixed and seeded
+    manifest = ex.export(ex.from_module(m, architecture="digits_cnn", model_kwargs=KW), local_storage, "digits", "v1",
+                         golden=golden)
+    prefix = ex.version_prefix("digits", "v1")
+    key = join(prefix, "golden.safetensors")
+    data = local_storage.read(key)
+    assert manifest["golden"] == {"file": "golden.safetensors", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with safe_open(str(local_storage.local_path(key)), "pt") as f:
+        assert set(f.keys()) == {"input", "output"}
+    got = ex.read_golden(local_storage, "digits", "v1")
+    assert torch.equal(got["output"], ex.build_from_version(local_storage, "digits", "v1")(got["input"]).detach())
+    assert ex.verify(local_storage, "digits", "v1") == [] and ex.version_problem(local_storage, "digits", "v1") is None
+
+    local_storage.write_atomic(key, data[:-1] + bytes([data[-1] ^ 1]))  # same size, other bytes
+    [problem] = ex.verify(local_storage, "digits", "v1")
+    assert problem.startswith("golden golden.safetensors: sha256 mismatch")
+    with pytest.raises(ex.VerificationFailed, match="golden"):
+        ex.read_golden(local_storage, "digits", "v1")
+    local_storage.delete(key)
+    assert "golden.safetensors is missing" in ex.version_problem(local_storage, "digits", "v1")
+    assert ex.latest_version(local_storage, "digits") is None
+    with pytest.raises(ex.ExportError, match="float32"):
+        ex.export(ex.from_module(m), local_storage, "digits", "v2", golden={"input": golden["input"].double(),
+                                                                          "output": golden["output"]})
 
 
 def test_find_version_by_source(local_storage):
@@ -473,8 +508,6 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
     models.REGISTRY["blob"] = Blob
     root, n, numel, shard, release = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
-    if not release:
-        ex._MADVISE = None
     store = LocalStorage(root, fsync=False)
     torch.zeros(1).sum()
     try:
@@ -484,6 +517,8 @@ _MEMORY_SCRIPT = textwrap.dedent("""
         pass  # the peak so far is the imports', about the current RSS
     base = status()
     src = ex.from_checkpoint(store, "ckpt.pt", model_name="blob", model_kwargs={"n": n, "numel": numel})
+    if not release:
+        src.release = lambda name: None  # keep the mapped pages: what the page release saves
     manifest = ex.export(src, store, "blob", "v" + sys.argv[5], max_shard_bytes=shard)
     end = status()
     print(json.dumps({"base": max(base["VmRSS"], base["VmHWM"]), "peak": end["VmHWM"], "end_anon": end["RssAnon"],

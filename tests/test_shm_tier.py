@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from pipeline import export as ex
-from pipeline import storage as st
 from pipeline.shm_tier import PrewarmReport, ShmTier, VersionPinned, resolve_source
 from pipeline.storage import IntegrityError, LocalStorage, Storage, StorageError, StorageFull, copy_between, join
 
@@ -268,22 +267,25 @@ def test_enospc_mid_copy_leaves_tier_consistent(local_storage, tier_root, monkey
     tier = ShmTier(tier_root)
     tier.prewarm(local_storage, MODEL, "keep")
     second = manifest["shards"][1]["file"]
-    original = st._LocalWriter._write
+    real_open_write = tier.store.open_write
 
-    def write(self, data):  # the kernel refuses the second shard's bytes: tmpfs is full
-        if self._store is tier.store and self.key.endswith(second):
-            self.abort()
-            st._raise_os(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), self._store.uri(self.key))
-        return original(self, data)
+    def open_write(key, **kw):  # the kernel refuses the second shard's bytes: tmpfs is full
+        w = real_open_write(key, **kw)
+        if key.endswith(second):
+            def write(data):
+                w.abort()
+                raise StorageFull(f"{tier.store.uri(key)}: no space left on device ({os.strerror(errno.ENOSPC)})")
+            w.write = write
+        return w
 
-    monkeypatch.setattr(st._LocalWriter, "_write", write)
+    monkeypatch.setattr(tier.store, "open_write", open_write)
     with pytest.raises(StorageFull, match=r"filled up after \d+ of \d+ bytes.*no space left.*partial copy was removed"):
         tier.prewarm(local_storage, MODEL, "v")
     assert version_dirs(tier) == [f"{MODEL}/keep"] and not tier.complete(MODEL, "v")
     assert [e.version for e in tier.list()] == ["keep"] and ex.verify(tier.storage(), MODEL, "keep") == []
     assert not list(tier.root.rglob("*.tmp-*")) and not [p for p in (tier.meta / "reserve").rglob("*") if p.is_file()]
 
-    monkeypatch.setattr(st._LocalWriter, "_write", original)
+    monkeypatch.undo()
     assert not tier.prewarm(local_storage, MODEL, "v").hit
     assert ex.verify(tier.storage(), MODEL, "v") == []
 
