@@ -33,6 +33,7 @@ class TableIngestConfig(dg.Config):
 def raw_shards(context: dg.AssetExecutionContext, config: ShardIngestConfig, storage: StorageResource) -> dg.MaterializeResult:
     """Validated WebDataset shards of one landed batch; corrupt shards are quarantined, not published."""
     store = storage.client()
+    ingest.require_ready(store, context.partition_key, incoming=config.incoming_prefix)
     result = ingest.ingest_shards(
         store,
         context.partition_key,
@@ -86,6 +87,7 @@ def raw_shards(context: dg.AssetExecutionContext, config: ShardIngestConfig, sto
 def raw_table(context: dg.AssetExecutionContext, config: TableIngestConfig, storage: StorageResource) -> dg.MaterializeResult:
     """The batch's Parquet table after schema, null, range and duplicate-id checks."""
     store = storage.client()
+    ingest.require_ready(store, context.partition_key, incoming=config.incoming_prefix)
     result = ingest.ingest_table(store, context.partition_key, incoming=config.incoming_prefix)
     splits = result.splits
     return dg.MaterializeResult(

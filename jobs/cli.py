@@ -6,6 +6,7 @@
     forgeline gen synthetic --batch B --size 2GB
     forgeline load digits/latest --device cuda:0 [--json]   fast load, per-stage throughput
     forgeline report [--asset NAME] [--json]         latest timings, throughput, latencies, checks per asset
+    forgeline withdraw B [--shard NAME] --reason T   take a published batch/shard out of training (recorded)
     forgeline demo                                   data → lifecycle → summary
     forgeline ui                                     Dagster UI on the same instance
     forgeline serve [--models a,b] [--port 8000]     model server (KServe/Triton v2 HTTP); `serve status`
@@ -91,6 +92,10 @@ def run_job(job_name: str, *, partition: str | None = None, run_config: dict | N
         if pdef is None:
             raise SystemExit(f"job {job_name!r} is not partitioned; drop --partition")
         if isinstance(pdef, dg.DynamicPartitionsDefinition) and not instance.has_dynamic_partition(pdef.name, partition):
+            if pdef.name == "batches":  # only a valid name of a batch that has landed completely
+                from jobs.withdraw_cli import check_new_partition
+
+                check_new_partition(defs.resources["storage"].client(), partition)
             instance.add_dynamic_partitions(pdef.name, [partition])
     elif job.partitions_def is not None:
         raise SystemExit(f"job {job_name!r} is partitioned: pass --partition (see `forgeline batches`)")
@@ -214,7 +219,9 @@ def cmd_batches(args) -> int:
 
     ensure_instance_home()
     keys = dg.DagsterInstance.get().get_dynamic_partitions("batches")
-    console.print("\n".join(keys) if keys else "no batches yet: `forgeline gen digits --batch NAME` then launch")
+    from jobs.withdraw_cli import show_batches  # withdrawn batches/shards are marked
+
+    show_batches(console, keys)
     return 0
 
 
@@ -486,6 +493,8 @@ def cmd_ui(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jobs.withdraw_cli import batch_name, optional_batch_name  # batch names checked before anything is written
+
     p = argparse.ArgumentParser(prog="forgeline", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("jobs", help="list jobs").set_defaults(fn=cmd_jobs)
@@ -499,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("gen", help="land a batch of generated data under incoming/<batch>/")
     s.add_argument("kind", choices=["digits", "synthetic"])
-    s.add_argument("--batch", required=True)
+    s.add_argument("--batch", required=True, type=batch_name)
     s.add_argument("--shifted", action="store_true", help="digits with brightness/rotation/noise drift")
     s.add_argument("--image-size", type=int, default=None, help="upscale images to N x N pixels")
     s.add_argument("--format", choices=["png", "jpg"], default="png")
@@ -533,9 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
+    from jobs.withdraw_cli import add_parser as add_withdraw_parser  # forgeline withdraw
+
+    add_withdraw_parser(sub)
+
     s = sub.add_parser("demo", help="generate data and run the lifecycle job end to end")
-    s.add_argument("--batch", default="digits-0001")
-    s.add_argument("--drift-batch", default="digits-shifted",
+    s.add_argument("--batch", default="digits-0001", type=batch_name)
+    s.add_argument("--drift-batch", default="digits-shifted", type=optional_batch_name,
                    help="then land this drifted batch and ingest it ('' to skip)")
     s.add_argument("--no-retrain", dest="retrain", action="store_false",
                    help="do not run the retrain the drift sensor requests")

@@ -8,6 +8,7 @@ import dagster as dg
 
 from assets.partitions import batches
 from pipeline.datagen import READY_MARKER
+from pipeline.ingest import BadBatchName, check_batch_name
 from resources.storage import StorageResource
 
 INCOMING = "incoming"
@@ -20,21 +21,32 @@ ingest_job = dg.define_asset_job(
 )
 
 
-def ready_batches(storage: StorageResource, incoming: str = INCOMING) -> list[str]:
-    """Batches under ``incoming/`` whose writer has finished (``<batch>/_READY`` exists)."""
-    out = set()
+def landed_batches(storage: StorageResource, incoming: str = INCOMING) -> tuple[list[str], dict[str, str]]:
+    """``(ready, refused)``: batches under ``incoming/`` whose writer has finished
+    (``<batch>/_READY`` exists) and have a valid name; ``{folder: why}`` for ready folders whose name
+    cannot be a batch (they never become partitions)."""
+    ready, refused = set(), {}
     for o in storage.client().list(incoming):
         p = PurePosixPath(o.key)
         if p.name == READY_MARKER and len(p.parts) == 3:
-            out.add(p.parts[1])
-    return sorted(out)
+            try:
+                ready.add(check_batch_name(p.parts[1]))
+            except BadBatchName as e:
+                refused[p.parts[1]] = str(e)
+    return sorted(ready), refused
 
 
-def pending_batches(instance: dg.DagsterInstance, storage: StorageResource, skip=()) -> list[str]:
+def ready_batches(storage: StorageResource, incoming: str = INCOMING) -> list[str]:
+    """Batches under ``incoming/`` whose writer has finished (``<batch>/_READY`` exists) and whose
+    name is a valid batch name (:func:`pipeline.ingest.check_batch_name`)."""
+    return landed_batches(storage, incoming)[0]
+
+
+def pending_batches(instance: dg.DagsterInstance, storage: StorageResource, skip=(), ready=None) -> list[str]:
     """Ready batches that are not ingested yet (no ``raw_shards`` materialization, by whatever ran
     it: the sensor, the schedule, a hand launch) and not in ``skip``."""
     done = instance.get_materialized_partitions(dg.AssetKey("raw_shards")) | set(skip)
-    return [b for b in ready_batches(storage) if b not in done]
+    return [b for b in (ready_batches(storage) if ready is None else ready) if b not in done]
 
 
 @dg.sensor(
@@ -45,7 +57,10 @@ def pending_batches(instance: dg.DagsterInstance, storage: StorageResource, skip
 )
 def incoming_batches(context: dg.SensorEvaluationContext, storage: StorageResource):
     seen = set(json.loads(context.cursor)) if context.cursor else set()
-    new = pending_batches(context.instance, storage, skip=seen)
+    ready, refused = landed_batches(storage)
+    for folder, why in refused.items():
+        context.log.warning(f"{INCOMING}/{folder}/ is ready but not ingested: {why}")
+    new = pending_batches(context.instance, storage, skip=seen, ready=ready)
     if not new:
         return dg.SkipReason(f"no new ready batch under {INCOMING}/ ({len(seen)} seen)")
     return dg.SensorResult(

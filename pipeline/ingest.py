@@ -93,6 +93,16 @@ def batch_ready(store: Storage, batch: str, *, incoming: str = "incoming") -> bo
     return store.exists(join(incoming, check_batch_name(batch), READY_MARKER))
 
 
+def require_ready(store: Storage, batch: str, *, incoming: str = "incoming") -> None:
+    """Raise :class:`IngestError` (:class:`BadBatchName` for a bad name) unless ``batch`` has landed
+    completely: what must hold before a ``batches`` partition is added or a batch ingested."""
+    if not batch_ready(store, batch, incoming=incoming):
+        prefix = join(incoming, batch)
+        what = "has not finished landing (no _READY marker)" if store.list(prefix) else "does not exist"
+        raise IngestError(f"batch {batch!r}: {store.uri(prefix)} {what}; land it first, e.g. "
+                          f"`forgeline gen digits --batch {batch}`, or have the producer write {READY_MARKER} last")
+
+
 def landed_links(store: Storage, prefix: str) -> dict[str, str]:
     """``{key: link target}`` of every symbolic link at or below ``prefix`` on filesystem storage,
     files and folders (never followed: a linked folder is not entered). Object stores (S3) have no
@@ -787,6 +797,7 @@ __all__ = [
     "check_batch_name",
     "landed_links",
     "read_shard_manifest",
+    "require_ready",
     "validate_shard",
     "validate_table",
     "withdraw",
