@@ -845,7 +845,7 @@ def compile_with_cache(
         if refresh:
             report.warnings.append(
                 f"cache entry loaded but this compile still compiled {' and '.join(cold_parts)} (the entry does "
-                "not fully match this program/environment); the entry is replaced by this compile's artifacts")
+                "not fully match this program/environment); storing this compile's artifacts in its place")
 
         if cache is not None and report.key is not None and (refresh or not report.hit):
             t0 = time.perf_counter()

@@ -534,3 +534,30 @@ def test_other_input_shape_or_architecture_misses(tmp_path, fresh_dynamo):
             _, r = compile_with_cache(other_model, (other_x,), cache)
             assert not r.hit and r.miss_reason == "no entry" and r.key != stored.key, r
             assert r.warnings == [], r.warnings
+
+
+def test_entry_that_leaves_graphs_cold_is_replaced(tmp_path, fresh_dynamo, monkeypatch):
+    """A hit whose artifacts do not cover the program (here: model ``b`` compiled under ``a``'s key)
+    says how many graphs still compiled cold and stores this compile's artifacts in its place; the
+    next compile under that key, with an empty Inductor dir, compiles nothing cold and says nothing."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-1"))
+    cache = LocalDirCache(tmp_path / "cc")
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    a, b = nn.Sequential(nn.Linear(16, 8), nn.Tanh()).eval(), nn.Sequential(nn.Linear(16, 8), nn.Sigmoid()).eval()
+    with torch.no_grad():
+        _, ra = compile_with_cache(a, (x,), cache)
+        assert ra.saved
+        torch._dynamo.reset()
+        compiled, rb = compile_with_cache(b, (x,), cache, key=(ra.key, ra.components))
+        torch.testing.assert_close(compiled(x), b(x))
+        assert rb.hit and rb.saved and rb.inductor_cache["fxgraph_miss"] >= 1, rb
+        assert any(f"{rb.inductor_cache['fxgraph_miss']} graph(s) cold in Inductor" in w for w in rb.warnings)
+        assert not any(" 0 graph(s)" in w for w in rb.warnings), rb.warnings
+
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-2"))
+        torch._dynamo.reset()
+        compiled, again = compile_with_cache(b, (x,), cache, key=(ra.key, ra.components))
+        torch.testing.assert_close(compiled(x), b(x))
+    assert again.hit and not again.saved and again.warnings == [], again
+    assert again.inductor_cache["fxgraph_miss"] == 0 and again.inductor_cache["fxgraph_hit"] >= 1
