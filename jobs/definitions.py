@@ -1,5 +1,7 @@
 """The one ``Definitions`` object of the forgeline code location (loaded by ``workspace.yaml``)."""
 
+import warnings
+
 import dagster as dg
 
 from assets import drift as drift_assets
@@ -7,7 +9,6 @@ from assets import ingest as ingest_assets
 from assets import package as package_assets
 from assets import serve as serve_assets
 from assets import train as train_assets
-from assets.partitions import batches
 from jobs.automation import build_schedules, drift_retrain, record_run_failure
 from jobs.ingest import incoming_batches, ingest_job
 from jobs.executor import executor_from_env
@@ -17,11 +18,15 @@ from resources.gpu import gpu_pool_from_env
 from resources.io import StorageJsonIOManager
 from resources.storage import shm_from_env, storage_from_env
 
+# Dagster's own resource initialization (pythonic resources with nested resources) reads the
+# deprecated InitResourceContext.dagster_run itself; nothing of ours calls it.
+warnings.filterwarnings("ignore", message=r"InitResourceContext\.dagster_run is deprecated",
+                        category=DeprecationWarning, module=r"dagster\._core\.execution\.context\.init")
+
 # Every stage that exists, end to end. `make demo` runs this job.
 lifecycle_job = dg.define_asset_job(
     "lifecycle",
-    selection=dg.AssetSelection.all(),
-    partitions_def=batches,
+    selection=dg.AssetSelection.all(),  # partitioned by `batches`, inferred from the assets
     description="The whole lifecycle for one batch: every stage that exists, in dependency order.",
 )
 

@@ -15,8 +15,7 @@ INCOMING = "incoming"
 
 ingest_job = dg.define_asset_job(
     "ingest",
-    selection=dg.AssetSelection.groups("ingest"),
-    partitions_def=batches,
+    selection=dg.AssetSelection.groups("ingest"),  # partitioned by `batches`, inferred from the assets
     description="Validate and publish one landed batch (WebDataset shards + Parquet table).",
 )
 
