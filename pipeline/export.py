@@ -368,9 +368,6 @@ class TensorSource:
         """Casts apply to floating-point tensors only (integer buffers and masks keep theirs)."""
         return self._cast if self._cast is not None and t.is_floating_point() else None
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def tensor(self, name: str) -> torch.Tensor:
         t = self._state[name].detach()
         cast = self._cast_to(t)
@@ -384,15 +381,6 @@ class TensorSource:
         """The exporter is done with ``name``: drop its memory-mapped pages if it has any."""
         if self._mapped:
             _release_pages(self._state[name])
-
-    def close(self) -> None:
-        self._state = {}
-
-    def __enter__(self) -> "TensorSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _main_dtype(entries: Sequence[TensorEntry]) -> str | None:

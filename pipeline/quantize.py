@@ -9,8 +9,7 @@ Usage::
     with safe_open(path, "pt") as f:                 # load: dequantize while streaming ...
         md = parse_metadata(f.metadata())
         state = {n: dequantize_tensor(n, f.get_tensor, md) for n in md["tensors"]}
-    # ... or all at once: dequantize_state_dict(tensors, f.metadata()),
-    # or keep int8 for kernels that consume it: int8_for_kernels(tensors, md)
+    # ... or all at once: dequantize_state_dict(tensors, f.metadata())
 
 Conventions (format ``forgeline.quant/1``)
 ------------------------------------------
@@ -348,16 +347,6 @@ def _expect(name: str, what: str, t: Tensor, dtype: torch.dtype | None, shape: t
         raise ValueError(f"tensor {name!r}: {what} is {_dtype_name(t.dtype)} {tuple(t.shape)}, expected {want}{shape}")
 
 
-def companion_names(name: str, metadata: Mapping[str, Any]) -> list[str]:
-    """The stored tensors a loader must read to rebuild ``name`` (itself first)."""
-    info = _info(parse_metadata(metadata), name)
-    if info["kind"] == "kept":
-        return [name]
-    if info["kind"] == "int4" and not info["symmetric"]:
-        return [name, scale_name(name), zero_name(name)]
-    return [name, scale_name(name)]
-
-
 def dequantize_tensor(
     name: str, source: Source, metadata: Mapping[str, Any], *, dtype: torch.dtype | None = None
 ) -> Tensor:
@@ -423,17 +412,3 @@ def dequantize_state_dict(
             continue
         result[name] = dequantize_tensor(name, tensors, md, dtype=dtype)
     return result
-
-
-def int8_for_kernels(tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{name: (int8 weight in its original shape, float32 per-output-channel scale [out])}``."""
-    md = parse_metadata(metadata)
-    out: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, info in md["tensors"].items():
-        if isinstance(info, Mapping) and info.get("kind") == "int8" and name in tensors:
-            _info(md, name)
-            q, scale = tensors[name], _fetch(tensors.__getitem__, scale_name(name), name)
-            _expect(name, "int8 weight", q, torch.int8, tuple(info["orig_shape"]))
-            _expect(name, "scale", scale, torch.float32, (q.shape[0],))
-            out[name] = (q, scale)
-    return out

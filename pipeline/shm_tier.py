@@ -58,7 +58,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.export import (
@@ -110,10 +110,6 @@ class PrewarmReport:
     version_bytes: int = 0
     path: str = ""
     file_seconds: list[float] = field(default_factory=list)
-
-    def as_metadata(self) -> dict:
-        """JSON-safe dict (e.g. Dagster asset metadata)."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,8 @@ from pipeline.models import DigitsCNN
 from pipeline.quantize import (
     FORMAT,
     METADATA_KEY,
-    companion_names,
     dequantize_state_dict,
     dequantize_tensor,
-    int8_for_kernels,
     metadata_for_safetensors,
     pack_int4,
     parse_metadata,
@@ -271,30 +269,12 @@ def test_safetensors_round_trip_bit_exact(tmp_path, scheme, symmetric):
         loaded = {k: f.get_tensor(k) for k in f.keys()}
         # streaming: one tensor at a time straight from the file handle
         streamed = {n: dequantize_tensor(n, f.get_tensor, md) for n in md["tensors"]}
-        needed = {c for n in md["tensors"] for c in companion_names(n, md)}
-        assert needed == set(f.keys())
     from_file = dequantize_state_dict(loaded, raw)
     for result in (from_file, streamed):
         assert list(result) == list(state)
         for name, t in state.items():
             assert result[name].dtype == t.dtype and result[name].shape == t.shape
             assert torch.equal(result[name], memory[name])
-
-
-def test_int8_for_kernels():
-    g = _gen(9)
-    state = {"fc.weight": torch.randn(32, 128, generator=g), "fc.bias": torch.randn(32, generator=g)}
-    qs = quantize_state_dict(state, "int8")
-    kern = int8_for_kernels(qs.tensors, qs.metadata)
-    assert list(kern) == ["fc.weight"]
-    q, scale = kern["fc.weight"]
-    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (32,)
-    x = torch.randn(4, 128, generator=g)
-    # what an int8 kernel computes: (x @ q^T) * scale  ==  x @ dequantized^T
-    y_kernel = (x @ q.float().T) * scale
-    y_deq = x @ dequantize_state_dict(qs.tensors, qs.metadata)["fc.weight"].T
-    assert torch.allclose(y_kernel, y_deq, rtol=1e-4, atol=1e-4)
-    assert int8_for_kernels(*_int4_qs()) == {}
 
 
 def _int4_qs():
