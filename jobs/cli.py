@@ -19,20 +19,51 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import socket
 import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pipeline import settings
 
 console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class UserError(Exception):
+    """A mistake the user can fix (unknown job, bad config, ...): one line, no traceback."""
+
+
+class RunCanceled(Exception):
+    """The run was canceled from this CLI (Ctrl-C, SIGTERM)."""
+
+
+# Run monitoring (needs the daemon: `make ui` / `dagster dev` / `dagster-daemon run`): a run stuck
+# starting, or a canceling run whose process is gone, is failed / marked canceled; slots still
+# held by a run that ended are freed; a run past max_runtime_seconds (e.g. its run worker was
+# SIGKILLed or its machine lost: the default run launcher cannot health-check its workers) is
+# failed. Runs executed in-process by `forgeline launch` are also checked by the CLI itself before
+# each launch (a run STARTED whose process is gone is failed and its slots freed).
+_RUN_MONITORING_YAML = """\
+# Stale runs (a run worker killed hard, a lost machine) must not hold pool slots forever.
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  cancel_timeout_seconds: 180
+  max_runtime_seconds: 43200
+  poll_interval_seconds: 30
+  free_slots_after_run_end_seconds: 30
+"""
 
 _DAGSTER_YAML = """\
 # Embedded defaults: SQLite run/event/schedule storage under this folder.
@@ -42,17 +73,50 @@ telemetry:
 concurrency:
   pools:
     default_limit: 1
-"""
+""" + _RUN_MONITORING_YAML
 
 
 def ensure_instance_home() -> Path:
-    """Point DAGSTER_HOME at the project-local instance unless the user chose one."""
+    """Point DAGSTER_HOME at the project-local instance unless the user chose one; write its
+    dagster.yaml if missing, and add run monitoring to an existing one that lacks it."""
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings.home() / "dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     if not cfg.exists():
         cfg.write_text(_DAGSTER_YAML)
+    else:
+        _add_run_monitoring(cfg)
     return home
+
+
+def _add_run_monitoring(cfg: Path) -> None:
+    """An instance made before run monitoring was shipped: append the block (the user's other
+    settings and comments stay as they are) and say so in one line; if the file cannot be
+    written, say how to add it."""
+    import yaml
+
+    text = cfg.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{cfg} is not valid YAML ({_first_line(e)}): fix it or remove it to get the defaults") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{cfg} must be a YAML mapping of instance settings: fix it or remove it to get the defaults")
+    if data and "run_monitoring" in data:
+        return
+    try:
+        with cfg.open("a") as f:
+            f.write(("\n" if text and not text.endswith("\n") else "") + _RUN_MONITORING_YAML)
+    except OSError:
+        err_console.print(f"forgeline: {cfg} has no run_monitoring: add `run_monitoring: {{enabled: true, "
+                          "max_runtime_seconds: 43200}}` so a killed run cannot hold pool slots forever")
+        return
+    err_console.print(f"forgeline: added run_monitoring to {cfg} (stale runs are failed and their pool slots freed)")
+
+
+def _first_line(e: BaseException | str) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
 
 
 def parse_size(text: str) -> int:
@@ -73,35 +137,260 @@ def _defs():
 # Running a job with a live view of its steps
 # ---------------------------------------------------------------------------------------------
 
+# Who executes a run this CLI launched: stale-run detection compares them with the living processes.
+TAG_PID = "forgeline/launcher_pid"
+TAG_HOST = "forgeline/launcher_host"
+TAG_STARTED = "forgeline/launcher_started"  # the process's start time: a reused pid is not the same process
+
+
+def _process_tags() -> dict:
+    import psutil
+
+    return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname(),
+            TAG_STARTED: f"{psutil.Process().create_time():.2f}"}
+
+
+def _launcher_alive(tags) -> bool | None:
+    """Whether the process that executes a run is alive; None when this host cannot tell (a run
+    launched by the daemon, the UI, or on another machine)."""
+    import psutil
+
+    if tags.get(TAG_HOST) != socket.gethostname() or TAG_PID not in tags:
+        return None
+    try:
+        proc = psutil.Process(int(tags[TAG_PID]))
+        started = proc.create_time()
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+    except psutil.AccessDenied:
+        return True
+    try:
+        return abs(started - float(tags.get(TAG_STARTED, started))) < 1.0
+    except ValueError:
+        return True
+
+
+def reap_stale_runs(instance) -> list[str]:
+    """Fail the runs a process of this CLI on this host executed and that are still in progress
+    although the process is gone (SIGKILL, OOM kill, a crash), and free the pool slots they, or any
+    run that already ended, still hold. Returns one line per run fixed."""
+    import dagster as dg
+
+    notes = []
+    in_progress = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+                   dg.DagsterRunStatus.CANCELING]
+    storage = instance.event_log_storage
+    for rec in instance.get_run_records(filters=dg.RunsFilter(statuses=in_progress,
+                                                               tags={TAG_HOST: socket.gethostname()})):
+        run = rec.dagster_run
+        if _launcher_alive(run.tags) is not False:
+            continue
+        why = (f"the process that executed it (pid {run.tags.get(TAG_PID)}) is gone (killed or crashed); "
+               "marked by forgeline before the next launch")
+        if run.status == dg.DagsterRunStatus.CANCELING:
+            instance.report_run_canceled(run, message=f"Canceled: {why}")
+            verdict = "canceled"
+        else:
+            instance.report_run_failed(run, message=f"Failed: {why}")
+            verdict = "failed"
+        storage.free_concurrency_slots_for_run(run.run_id)
+        notes.append(f"run {run.run_id[:8]} ({_run_label(run)}) was {run.status.value} but its process is gone: "
+                     f"marked {verdict}, its pool slots freed")
+    if storage.supports_global_concurrency_limits:
+        ended = set()
+        for key in storage.get_concurrency_keys():
+            for slot in storage.get_concurrency_info(key).claimed_slots:
+                run = instance.get_run_by_id(slot.run_id)
+                if slot.run_id not in ended and (run is None or run.is_finished):
+                    ended.add(slot.run_id)
+                    storage.free_concurrency_slots_for_run(slot.run_id)
+                    notes.append(f"freed the {key!r} pool slot still held by run {slot.run_id[:8]}, which "
+                                 + ("no longer exists" if run is None else f"ended {run.status.value}"))
+    return notes
+
+
+def _run_label(run) -> str:
+    part = run.tags.get("dagster/partition")
+    return run.job_name + (f" [{part}]" if part else "")
+
+
+def _resolve_job(defs, job_name: str):
+    names = sorted(j.name for j in defs.resolve_all_job_defs() if not j.name.startswith("__"))
+    if job_name not in names:
+        raise UserError(f"unknown job {job_name!r}; jobs: {', '.join(names)} (see `forgeline jobs`)")
+    return defs.resolve_job_def(job_name)
+
+
+def validate_run_config(job, run_config: dict) -> dict:
+    """Check ``run_config`` against the job's schema and every step's ``dg.Config`` class (types,
+    enumerations, ranges) before anything runs; a mistake raises :class:`UserError` naming the
+    step and the field. Returns the config Dagster resolved (defaults filled in)."""
+    import dagster as dg
+    from pydantic import ValidationError
+
+    try:
+        resolved = dg.validate_run_config(job, run_config)
+    except dg.DagsterInvalidConfigError as e:
+        msgs = [err.message.replace("root:ops:", "").replace(":config:", ".") for err in e.errors]
+        raise UserError("invalid run config: " + "; ".join(" ".join(m.split()) for m in msgs)) from None
+    for name, node_cfg in (resolved.get("ops") or {}).items():
+        node = job.graph.node_dict.get(name)
+        compute_fn = getattr(getattr(node, "definition", None), "compute_fn", None)
+        has_config = getattr(compute_fn, "has_config_arg", None)
+        if compute_fn is None or has_config is None or not has_config():
+            continue
+        cls = compute_fn.get_config_arg().annotation
+        if not (isinstance(cls, type) and issubclass(cls, dg.Config)):
+            continue
+        values = (node_cfg or {}).get("config") or {}
+        try:
+            cls(**cls._get_non_default_public_field_values_cls(values))  # as Dagster builds it for the step
+        except ValidationError as e:
+            msgs = [f"{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+                    for err in e.errors()]
+            raise UserError("invalid run config: " + "; ".join(msgs)) from None
+    return resolved
+
+
+def root_cause(error) -> str:
+    """The user's exception inside Dagster's wrappers: the first error of the ``cause`` chain that
+    is not Dagster's own (e.g. the IngestError naming the file and column), as ``Type: message``."""
+    chain, e = [], error
+    while e is not None:
+        chain.append(e)
+        e = e.cause
+    ours = [e for e in chain if not (e.cls_name or "").startswith("Dagster")]
+    pick = ours[0] if ours else chain[-1]
+    msg = (pick.message or "").strip()
+    if pick.cls_name:  # "pkg.mod.IngestError: text" -> "IngestError: text"
+        head, sep, rest = msg.partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == pick.cls_name:
+            msg = rest
+        msg = f"{pick.cls_name}: {msg}"
+    return msg
+
+
+def run_failure(instance, run_id: str) -> str:
+    """One line saying why a run failed: the first failed step's root cause, else the run's."""
+    first = None
+    for rec in instance.all_logs(run_id):
+        ev = rec.dagster_event
+        err = getattr(ev.event_specific_data, "error", None) if ev is not None else None
+        if err is None:
+            continue
+        where = f"step {ev.step_key}" if ev.step_key else "run"
+        line = f"{where}: {_first_line(root_cause(err))}"
+        if ev.event_type_value == "STEP_FAILURE":
+            return line
+        first = first or line
+    return first or "see `make ui` for its event log"
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a `kill`, a CI timeout) stops a launch the way Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _raise_in_thread(thread: threading.Thread, exc: type[BaseException]) -> None:
+    import ctypes
+
+    if thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc))
+
+
+def cancel_run(instance, run_id: str, thread: threading.Thread, *, grace_s: float = 60.0) -> None:
+    """Cancel a run executing in ``thread``: mark it CANCELING, interrupt its step (the training
+    launcher then stops torchrun's process group), wait for Dagster to record CANCELED, and free
+    its pool slots. A run that does not stop within ``grace_s`` is marked CANCELED anyway."""
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    run = instance.get_run_by_id(run_id)
+    if run is not None and not run.is_finished:
+        instance.report_run_canceling(run, message="Canceling: interrupted in `forgeline launch` (Ctrl-C / SIGTERM)")
+    deadline = time.monotonic() + grace_s
+    try:
+        _raise_in_thread(thread, DagsterExecutionInterruptedError)
+        thread.join(min(20.0, grace_s))
+        if thread.is_alive():  # it was in native code, or the exception landed where it was swallowed
+            _raise_in_thread(thread, DagsterExecutionInterruptedError)
+            thread.join(max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+        pass
+    run = instance.get_run_by_id(run_id)
+    if run is not None and not run.is_finished:
+        instance.report_run_canceled(run, message="Canceled from `forgeline launch` (the run did not stop in time)")
+    instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+
+
+def _pool_holders(instance, pool: str, run_id: str) -> str:
+    try:
+        info = instance.event_log_storage.get_concurrency_info(pool)
+    except Exception:  # noqa: BLE001 - the view must not fail the run
+        return ""
+    holders = []
+    for slot in info.claimed_slots:
+        if slot.run_id == run_id:
+            continue
+        run = instance.get_run_by_id(slot.run_id)
+        who = f"run {slot.run_id[:8]}"
+        if run is not None:
+            pid = run.tags.get(TAG_PID)
+            who += f" ({_run_label(run)}, {run.status.value}" + (f", pid {pid}" if pid else "") + ")"
+        holders.append(f"{who} step {slot.step_key}")
+    limit = f" (limit {info.limit})" if info.limit is not None else ""
+    return f"{limit}, held by " + "; ".join(holders) if holders else limit
+
 
 def run_job(job_name: str, *, partition: str | None = None, run_config: dict | None = None, quiet: bool = False,
             tags: dict | None = None):
     """Execute ``job_name`` on the embedded instance, showing step progress. Returns the result.
 
-    A partition that does not exist yet is added first (dynamic partitions), so
-    ``forgeline launch ingest --partition new-batch`` is all a user needs.
+    The run config is validated first (nothing runs on a mistake). Runs an earlier process of
+    this CLI left in progress when it was killed are failed and their pool slots freed. A
+    partition that does not exist yet is added first (dynamic partitions), so ``forgeline launch
+    ingest --partition new-batch`` is all a user needs. Ctrl-C
+    or SIGTERM cancels the run (:class:`RunCanceled`).
     """
     import dagster as dg
 
     ensure_instance_home()
     defs = _defs()
-    job = defs.resolve_job_def(job_name)
+    job = _resolve_job(defs, job_name)
     instance = dg.DagsterInstance.get()
+    if partition is not None and job.partitions_def is None:
+        raise UserError(f"job {job_name!r} is not partitioned; drop --partition")
+    if partition is None and job.partitions_def is not None:
+        raise UserError(f"job {job_name!r} is partitioned: pass --partition (see `forgeline batches`)")
+    # The progress view replaces Dagster's console log (failures included: the view prints their
+    # root cause); the UI keeps the full event log.
+    run_config = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}, **(run_config or {})}
+    validate_run_config(job, run_config)
+    for note in reap_stale_runs(instance):
+        err_console.print(f"forgeline: {note}")
     if partition is not None:
         pdef = job.partitions_def
-        if pdef is None:
-            raise SystemExit(f"job {job_name!r} is not partitioned; drop --partition")
-        if isinstance(pdef, dg.DynamicPartitionsDefinition) and not instance.has_dynamic_partition(pdef.name, partition):
-            if pdef.name == "batches":  # only a valid name of a batch that has landed completely
-                from jobs.withdraw_cli import check_new_partition
+        if isinstance(pdef, dg.DynamicPartitionsDefinition):
+            if not instance.has_dynamic_partition(pdef.name, partition):
+                if pdef.name == "batches":  # only a valid name of a batch that has landed completely
+                    from jobs.withdraw_cli import check_new_partition
 
-                check_new_partition(defs.resources["storage"].client(), partition)
-            instance.add_dynamic_partitions(pdef.name, [partition])
-    elif job.partitions_def is not None:
-        raise SystemExit(f"job {job_name!r} is partitioned: pass --partition (see `forgeline batches`)")
+                    check_new_partition(defs.resources["storage"].client(), partition)
+                instance.add_dynamic_partitions(pdef.name, [partition])
+        elif partition not in pdef.get_partition_keys(dynamic_partitions_store=instance):
+            raise UserError(f"unknown partition {partition!r} of job {job_name!r}")
 
-    # The progress view replaces Dagster's DEBUG console log; the UI keeps the full event log.
-    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}, **(run_config or {})}
     steps = sorted(job.graph.node_names())
     run_id = str(uuid.uuid4())
     box: dict = {}
@@ -110,15 +399,34 @@ def run_job(job_name: str, *, partition: str | None = None, run_config: dict | N
         try:
             box["result"] = job.execute_in_process(
                 run_config=run_config, instance=instance, partition_key=partition, run_id=run_id, raise_on_error=False,
-                tags=tags,
+                tags={**(tags or {}), **_process_tags()},
             )
         except BaseException as e:  # surfaced below
             box["error"] = e
 
-    t = threading.Thread(target=target, daemon=True)
+    t = threading.Thread(target=target, name=f"forgeline-run-{run_id[:8]}", daemon=True)
     t0 = time.perf_counter()
-    t.start()
+    with _terminate_as_interrupt():
+        try:
+            t.start()
+            _watch(instance, job_name, partition, run_id, steps, t, quiet)
+        except KeyboardInterrupt:
+            err_console.print(f"forgeline: canceling run {run_id[:8]} ...")
+            cancel_run(instance, run_id, t)
+            raise RunCanceled(run_id) from None
+    if "error" in box:
+        raise box["error"]
+    result = box["result"]
+    secs = time.perf_counter() - t0
+    status = "[green]SUCCESS" if result.success else "[red]FAILURE"
+    if not quiet:
+        console.print(f"{status}[/] run {run_id} ({secs:.1f}s) — view it with `make ui`")
+    return result
+
+
+def _watch(instance, job_name, partition, run_id, steps, t, quiet) -> None:
     state = {s: "waiting" for s in steps}
+    blocked: dict[str, str] = {}
     with Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
@@ -142,6 +450,7 @@ def run_job(job_name: str, *, partition: str | None = None, run_config: dict | N
                 kind = ev.event_type_value
                 if kind == "STEP_START":
                     state[step] = "running"
+                    blocked.pop(step, None)
                     progress.console.log(f"[cyan]▶ {step}")
                 elif kind == "STEP_SUCCESS":
                     state[step] = "ok"
@@ -149,7 +458,13 @@ def run_job(job_name: str, *, partition: str | None = None, run_config: dict | N
                 elif kind == "STEP_FAILURE":
                     state[step] = "failed"
                     err = ev.event_specific_data.error
-                    progress.console.log(f"[red]✘ {step}: {err.message.strip() if err else 'failed'}")
+                    progress.console.log(f"[red]✘ {step}: {escape(root_cause(err)) if err else 'failed'}", highlight=False)
+                elif kind == "ENGINE_EVENT" and "pool" in (getattr(ev.event_specific_data, "metadata", None) or {}):
+                    pool = ev.event_specific_data.metadata["pool"].value
+                    held = _pool_holders(instance, pool, run_id)
+                    if blocked.get(step) != held:  # say it once, and again when the holder changes
+                        blocked[step] = held
+                        progress.console.log(f"[yellow]⏸ {step} is waiting for pool {pool!r}{escape(held)}", highlight=False)
                 elif kind == "ASSET_CHECK_EVALUATION":
                     d = ev.event_specific_data
                     mark = "[green]pass" if d.passed else f"[yellow]{d.severity.value.lower()}"
@@ -159,14 +474,6 @@ def run_job(job_name: str, *, partition: str | None = None, run_config: dict | N
             if not alive:
                 break
             time.sleep(0.2)
-    if "error" in box:
-        raise box["error"]
-    result = box["result"]
-    secs = time.perf_counter() - t0
-    status = "[green]SUCCESS" if result.success else "[red]FAILURE"
-    if not quiet:
-        console.print(f"{status}[/] run {run_id} ({secs:.1f}s) — view it with `make ui`")
-    return result
 
 
 def materialization_table(result) -> Table:
@@ -225,17 +532,54 @@ def cmd_batches(args) -> int:
     return 0
 
 
-def cmd_launch(args) -> int:
-    run_config = None
-    if args.config:
-        import yaml
+def load_run_config(items: list[str]) -> dict:
+    """``--config`` values, merged in order: each a YAML/JSON file, or an inline JSON/YAML mapping."""
+    import yaml
 
-        run_config = {}
-        for path in args.config:
-            run_config.update(yaml.safe_load(Path(path).read_text()) or {})
+    out: dict = {}
+    for item in items:
+        path = Path(item)
+        if path.is_file():
+            text, where = path.read_text(), str(path)
+        elif item.lstrip().startswith("{"):
+            text, where = item, "the inline --config"
+        else:
+            raise UserError(f"--config {item!r}: no such file (pass a YAML/JSON file or an inline JSON object)")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"{where} is not valid YAML/JSON: {' '.join(str(e).split())}") from None
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise UserError(f"{where} must be a mapping such as {{\"ops\": {{\"trained_model\": {{\"config\": "
+                            f"{{\"epochs\": 5}}}}}}}}, not a {type(data).__name__}")
+        _merge(out, data)
+    return out
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def cmd_launch(args) -> int:
+    run_config = load_run_config(args.config) if args.config else None
     result = run_job(args.job, partition=args.partition, run_config=run_config)
     console.print(materialization_table(result))
-    return 0 if result.success else 1
+    return 0 if result.success else _report_failure(result)
+
+
+def _report_failure(result) -> int:
+    """The one line a failed run leaves on stderr: its root cause. Returns the exit status."""
+    import dagster as dg
+
+    err_console.print(f"forgeline: run {result.run_id[:8]} failed: "
+                      f"{run_failure(dg.DagsterInstance.get(), result.run_id)}", markup=False)
+    return 1
 
 
 def _storage():
@@ -293,7 +637,9 @@ def cmd_demo(args) -> int:
             datagen.write_batch(store, prefix, datagen.load_digits(), image_size=32)
     result = run_job("lifecycle", partition=args.batch)
     console.print(materialization_table(result))
-    if result.success and args.drift_batch:
+    if not result.success:
+        return _report_failure(result)
+    if args.drift_batch:
         ok = _demo_drift(store, args.drift_batch, retrain=args.retrain)
     else:
         ok = result.success
@@ -316,6 +662,7 @@ def _demo_drift(store, batch: str, *, retrain: bool) -> bool:
     ingest = run_job("ingest", partition=batch)
     console.print(check_table(ingest))
     if not ingest.success:
+        _report_failure(ingest)
         return False
     defs = _defs()
     sensor = defs.get_sensor_def("drift_retrain")
@@ -332,6 +679,8 @@ def _demo_drift(store, batch: str, *, retrain: bool) -> bool:
         return True
     run = run_job("train_and_package", tags=req.tags)
     console.print(materialization_table(run))
+    if not run.success:
+        _report_failure(run)
     return run.success
 
 
@@ -492,11 +841,19 @@ def cmd_ui(args) -> int:
     os.execv(argv[0], argv)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A misused command: one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jobs.withdraw_cli import batch_name, optional_batch_name  # batch names checked before anything is written
 
-    p = argparse.ArgumentParser(prog="forgeline", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _OneLineParser(prog="forgeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--debug", action="store_true", help="full Python tracebacks on errors (or FORGELINE_DEBUG=1)")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_OneLineParser)
     sub.add_parser("jobs", help="list jobs").set_defaults(fn=cmd_jobs)
     sub.add_parser("batches", help="list ingested batches (partitions)").set_defaults(fn=cmd_batches)
 
@@ -557,11 +914,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. A user error, a failed run or an interrupted one ends in one line on
+    stderr and a non-zero status; ``--debug`` (anywhere on the line) or ``FORGELINE_DEBUG=1``
+    shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv = [a for a in argv if a != "--debug"]
     try:
+        debug = debug or settings.debug()
+        args = build_parser().parse_args(argv)
         return args.fn(args)
-    except KeyboardInterrupt:
+    except RunCanceled as e:
+        err_console.print(f"forgeline: run {str(e)[:8]} canceled: its processes are stopped and its pool slots freed",
+                          markup=False)
         return 130
+    except KeyboardInterrupt:
+        err_console.print("forgeline: interrupted", markup=False)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - every error a user meets is one line
+        if debug:
+            raise
+        err_console.print(f"forgeline: {_error_line(e)}", markup=False)
+        return 1
+
+
+def _error_line(e: BaseException) -> str:
+    """A user-facing line for an error: its own message for the ones we raise, its type too otherwise."""
+    import dagster as dg
+    from pydantic import ValidationError
+
+    if isinstance(e, (UserError, settings.SettingError)):
+        return " ".join(str(e).split())
+    if isinstance(e, dg.DagsterInvalidConfigError):
+        return "invalid config: " + "; ".join(" ".join(err.message.split()) for err in e.errors)
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return f"no such file or directory: {e.filename}"
+    return f"{type(e).__name__}: {_first_line(e)} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":
