@@ -12,6 +12,16 @@ when the object was replaced meanwhile, instead of returning bytes of two differ
 The ETag is also the object's ``stat(key).version``, so a caller can pin several ranged reads
 (``read_range`` / ``read_into`` with ``version=``) to one version.
 
+Failures: every request has a connect and a read timeout, and is retried by ONE layer, this
+module's (botocore's own retries are off): connection errors, timeouts, truncated bodies,
+throttling and 5xx answers are retried with jittered exponential backoff, at most
+``max_attempts`` times in a row and for at most ``retry_deadline`` seconds of stalled time (time
+spent in failed attempts and backing off, see :class:`_Budget`). A streaming read that breaks mid-body resumes from its last byte, which
+botocore cannot do. So an endpoint that accepts connections and never answers (or answers the
+headers and stalls the body, or refuses connections) fails after at most about
+``retry_deadline + read_timeout`` seconds (35 s with the defaults) with one line naming the
+endpoint, the object and the cause.
+
 Usage::
 
     store = S3Storage("my-bucket", "forgeline")            # credentials: boto3's usual chain
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import random
 import time
@@ -61,27 +72,86 @@ MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
 _NET_CHUNK = 1024 * 1024  # granularity of reading a response body (progress kept across resumes)
 _BACKOFF_BASE_S = 0.25
 _BACKOFF_CAP_S = 8.0
+log = logging.getLogger(__name__)
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})  # HEAD answers a bare "404", no body
 _FULL = frozenset({"QuotaExceeded", "XMinioStorageFull"})  # Ceph RGW quota, MinIO out of disk
 
 
-def _transient(err: Exception) -> bool:
-    """A dropped/refused/timed-out connection or a truncated body: worth another try.
-    TLS certificate failures are connection errors too, but retrying cannot fix them."""
+# Answers worth another try: botocore's standard-mode list (throttling, transient 5xx), which
+# this module now applies itself, botocore's retries being off.
+_RETRY_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "TransactionInProgressException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled",
+    "SlowDown", "PriorRequestNotComplete", "EC2ThrottledException", "RequestTimeout", "RequestTimeoutException",
+    "InternalError", "ServiceUnavailable",
+})
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+def _unreachable(err: Exception) -> bool:
+    """A refused/timed-out/dropped connection or a truncated body: the endpoint did not answer
+    (in full). TLS certificate failures are connection errors too, but retrying cannot fix them."""
     if isinstance(err, SSLError):
         return False
     return isinstance(err, (BotoConnectionError, HTTPClientError, IncompleteReadError))
+
+
+def _transient(err: Exception) -> bool:
+    """Worth another try: the endpoint did not answer, or answered "slow down" / a 5xx."""
+    if isinstance(err, ClientError):
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return _code(err) in _RETRY_CODES or status in _RETRY_STATUS
+    return _unreachable(err)
 
 
 def _code(err: ClientError) -> str:
     return err.response.get("Error", {}).get("Code", "")
 
 
-def _backoff(attempt: int) -> None:
-    """Sleep before retry number ``attempt`` (1-based): exponential, capped, with jitter so many
-    workers hitting the same hiccup do not retry in lockstep."""
-    time.sleep(min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+def _backoff_s(attempt: int) -> float:
+    """The pause before retry number ``attempt`` (1-based): exponential, capped, with jitter so
+    many workers hitting the same hiccup do not retry in lockstep."""
+    return min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+class _Budget:
+    """The retry budget of one request: at most ``max_attempts`` consecutive failures without
+    progress, and at most ``deadline`` seconds of stalled time in all (each failed attempt's time
+    since it started or last received bytes, plus the backoff pauses). Time spent receiving bytes
+    is not counted, so a long streaming read that breaks once still resumes, while an endpoint
+    that trickles a few bytes and stalls runs out of budget."""
+
+    def __init__(self, max_attempts: int, deadline: float):
+        self.max_attempts, self.deadline = max_attempts, deadline
+        self.attempts = self.failures = 0
+        self.stalled = 0.0
+        self.started = self._mark = time.monotonic()
+
+    def attempt(self) -> None:
+        self.attempts += 1
+        self._mark = time.monotonic()
+
+    def progress(self) -> None:
+        self.failures = 0
+        self._mark = time.monotonic()
+
+    def retry(self, err: Exception) -> bool:
+        """After a failed attempt: sleep and return True when another attempt is due."""
+        self.stalled += time.monotonic() - self._mark
+        self.failures += 1
+        if not _transient(err) or self.failures >= self.max_attempts:
+            return False
+        pause = _backoff_s(self.failures)
+        if self.stalled + pause >= self.deadline:
+            return False
+        time.sleep(pause)
+        self.stalled += pause
+        return True
+
+    def summary(self) -> str:
+        return f"{self.attempts} attempt{'s' if self.attempts != 1 else ''} in {time.monotonic() - self.started:.1f} s"
 
 
 class S3Storage(Storage):
@@ -93,9 +163,13 @@ class S3Storage(Storage):
 
     ``part_size`` is the multipart part size and also the size of each ranged GET of a streaming
     read. Objects smaller than ``multipart_threshold`` (and than one part) are sent in a single
-    PUT. ``max_attempts`` bounds the SDK's own retries of each request (standard mode: throttling,
-    5xx, connection errors) and, separately, this class's retries of connection errors that reach
-    it, including those in the middle of a response body, which the SDK cannot retry.
+    PUT.
+
+    Failures (see the module docstring): ``connect_timeout`` / ``read_timeout`` (seconds) bound
+    opening a connection and each wait for bytes; a failed request is retried by this class
+    alone (botocore's retries are off) at most ``max_attempts`` times in a row and while its
+    stalled time stays under ``retry_deadline`` seconds; a read broken mid-body resumes from its
+    last byte. Worst case for an endpoint that never answers: ``retry_deadline + read_timeout``.
     """
 
     kind = "s3"
@@ -114,11 +188,19 @@ class S3Storage(Storage):
         part_size: int = 8 * 1024 * 1024,
         multipart_threshold: int = 8 * 1024 * 1024,
         max_pool_connections: int = 32,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 15.0,
+        retry_deadline: float = 20.0,
     ):
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size {part_size} is below S3's minimum part size {MIN_PART_SIZE}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        for what, v in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout),
+                        ("retry_deadline", retry_deadline)):
+            if not (isinstance(v, (int, float)) and 0 < v < math.inf):
+                raise ValueError(f"{what} must be a positive number of seconds, got {v!r}")
+        self.connect_timeout, self.read_timeout, self.retry_deadline = connect_timeout, read_timeout, retry_deadline
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         if self.prefix:
@@ -133,16 +215,21 @@ class S3Storage(Storage):
             region_name=region_name,
         )
         config = Config(
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            # One retry layer: ours (_Budget), which also resumes broken bodies; botocore's is off.
+            retries={"mode": "standard", "total_max_attempts": 1},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             max_pool_connections=max_pool_connections,
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
         self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self.endpoint = self.client.meta.endpoint_url
         self._session = session
         self._spec = {
             "kind": self.kind, "bucket": bucket, "prefix": self.prefix, "endpoint_url": endpoint_url,
             "region_name": region_name, "max_attempts": max_attempts, "part_size": part_size,
             "multipart_threshold": multipart_threshold, "max_pool_connections": max_pool_connections,
+            "connect_timeout": connect_timeout, "read_timeout": read_timeout, "retry_deadline": retry_deadline,
         }
         # Server-side copies: same part size as uploads; s3transfer grows it past 10,000 parts.
         self._transfer_config = TransferConfig(
@@ -173,33 +260,50 @@ class S3Storage(Storage):
         return "s3://" + join(self.bucket, self.prefix, key)
 
     # Requests -----------------------------------------------------------------------------
-    def _error(self, err: Exception, key: str, op: str) -> StorageError:
-        """The StorageError for a failed request on ``key``, naming its s3:// uri."""
+    def _error(self, err: Exception, key: str, op: str, budget: _Budget | None = None) -> StorageError:
+        """The StorageError for a failed request on ``key``: one line naming its s3:// uri, the
+        endpoint when it did not answer, the attempts and the cause. ``unreachable`` is set on it
+        when the endpoint did not answer (then cleanup requests are not worth trying)."""
         where = self.uri(key)
+        tries = f" after {budget.summary()}" if budget is not None and budget.attempts > 1 else ""
         if not isinstance(err, ClientError):
-            return StorageError(f"{where}: {op} failed: {err}")
+            if isinstance(err, HTTPClientError) and "timeout" in type(err).__name__.lower():
+                why = f"no answer within read_timeout={self.read_timeout:g} s ({err})"
+            elif "ConnectTimeout" in type(err).__name__:
+                why = f"no connection within connect_timeout={self.connect_timeout:g} s ({err})"
+            else:
+                why = str(err)
+            out = StorageError(f"{where}: {op} failed{tries} at endpoint {self.endpoint}: {why}")
+            out.unreachable = _unreachable(err)  # type: ignore[attr-defined]
+            return out
         code, message = _code(err), err.response.get("Error", {}).get("Message", "")
         if code == "NoSuchBucket":
-            return StorageError(f"{where}: bucket {self.bucket!r} does not exist")
+            return StorageError(f"{where}: bucket {self.bucket!r} does not exist (endpoint {self.endpoint})")
         if code in _NOT_FOUND:
             return ObjectNotFound(f"{where}: not found")
         if code in _FULL:
             return StorageFull(f"{where}: {op} refused, storage full ({code}: {message})")
-        return StorageError(f"{where}: {op} failed ({code}: {message})")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return StorageError(f"{where}: {op} failed{tries} ({code or status}: {message or 'no message'}; "
+                            f"endpoint {self.endpoint})")
+
+    def _retrying(self, op: str, key: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` retried within the retry budget; a final failure is raised as a StorageError
+        subclass whose message carries the cause (the botocore exception is not chained: the
+        last line of the traceback is the whole story)."""
+        budget = _Budget(self.max_attempts, self.retry_deadline)
+        while True:
+            budget.attempt()
+            try:
+                return fn()
+            except (BotoCoreError, ClientError) as e:
+                if not budget.retry(e):
+                    raise self._error(e, key, op, budget) from None
 
     def _call(self, op: str, key: str, fn: Callable[..., Any], **kw: Any) -> Any:
-        """``fn(Bucket=..., Key=<full key>, **kw)``, retried on connection errors with backoff;
-        other failures are raised as StorageError subclasses."""
+        """``fn(Bucket=..., Key=<full key>, **kw)``, retried (:meth:`_retrying`)."""
         full = self._full(key)
-        attempt = 1
-        while True:
-            try:
-                return fn(Bucket=self.bucket, Key=full, **kw)
-            except (BotoCoreError, ClientError) as e:
-                if not _transient(e) or attempt >= self.max_attempts:
-                    raise self._error(e, key, op) from e
-            _backoff(attempt)
-            attempt += 1
+        return self._retrying(op, key, lambda: fn(Bucket=self.bucket, Key=full, **kw))
 
     def _head(self, key: str) -> dict:
         return self._call("HEAD", key, self.client.head_object)
@@ -238,10 +342,10 @@ class S3Storage(Storage):
         """
         pos = start
         size: int | None = None
-        failures = 0
+        budget = _Budget(self.max_attempts, self.retry_deadline)
         while True:
-            progress_at_try = pos
             conditions = {"IfMatch": etag} if etag else {}
+            budget.attempt()
             try:
                 resp = self.client.get_object(
                     Bucket=self.bucket, Key=self._full(key), Range=f"bytes={pos}-{end}", **conditions
@@ -254,6 +358,7 @@ class S3Storage(Storage):
                     while piece := body.read(min(_NET_CHUNK, end + 1 - pos)):
                         sink(piece, pos)
                         pos += len(piece)
+                        budget.progress()
                         if pos > end:
                             break
                 finally:
@@ -267,17 +372,16 @@ class S3Storage(Storage):
                     raise ObjectChanged(
                         f"{self.uri(key)}: object changed during read (ETag {etag} no longer "
                         f"current: {code}); not mixing bytes of two versions"
-                    ) from e
-                raise self._error(e, key, "GET") from e
+                    ) from None
+                if not budget.retry(e):
+                    raise self._error(e, key, f"GET bytes={pos}-{end}", budget) from None
             except BotoCoreError as e:
                 if size is not None and pos >= min(end + 1, size):
                     # The error came after the last byte; a range starting past it would be
                     # invalid, so there is nothing to resume.
                     return etag, size, pos
-                failures = 1 if pos > progress_at_try else failures + 1
-                if not _transient(e) or failures >= self.max_attempts:
-                    raise self._error(e, key, f"GET bytes={pos}-{end}") from e
-                _backoff(failures)
+                if not budget.retry(e):
+                    raise self._error(e, key, f"GET bytes={pos}-{end}", budget) from None
 
     # Storage interface --------------------------------------------------------------------
     def open_read(self, key: str) -> "_S3Reader":
@@ -318,18 +422,20 @@ class S3Storage(Storage):
         base = join(self.prefix, prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
         out = []
-        try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    if self.prefix and not obj["Key"].startswith(self.prefix + "/"):
-                        continue
-                    rel = obj["Key"][strip:]
-                    if prefix and rel != prefix and not rel.startswith(prefix + "/"):
-                        continue
-                    out.append(ObjectInfo(rel, obj["Size"]))
-        except (BotoCoreError, ClientError) as e:
-            raise self._error(e, prefix, "LIST") from e
+        token: dict[str, str] = {}
+        while True:  # one page per request, each retried on its own
+            page = self._retrying("LIST", prefix, lambda: self.client.list_objects_v2(
+                Bucket=self.bucket, Prefix=base, **token))
+            for obj in page.get("Contents", []):
+                if self.prefix and not obj["Key"].startswith(self.prefix + "/"):
+                    continue
+                rel = obj["Key"][strip:]
+                if prefix and rel != prefix and not rel.startswith(prefix + "/"):
+                    continue
+                out.append(ObjectInfo(rel, obj["Size"]))
+            if not page.get("IsTruncated") or not page.get("NextContinuationToken"):
+                break
+            token = {"ContinuationToken": page["NextContinuationToken"]}
         out.sort(key=lambda o: o.key)
         return out
 
@@ -362,19 +468,23 @@ class S3Storage(Storage):
         extra: dict[str, Any] = {"CopySourceIfMatch": src_etag}
         if metadata is not None:
             extra |= {"MetadataDirective": "REPLACE", "Metadata": metadata}
-        try:
-            self.client.copy(
-                {"Bucket": self.bucket, "Key": self._full(src_key)},
-                self.bucket,
-                self._full(dst_key),
-                ExtraArgs=extra,
-                Config=self._transfer_config,
-            )
-        except (BotoCoreError, ClientError) as e:
-            # "412": the HEAD s3transfer issues first carries the condition too, and has no body.
-            if isinstance(e, ClientError) and _code(e) in ("PreconditionFailed", "412"):
-                raise ObjectChanged(f"{self.uri(src_key)}: object changed during copy") from e
-            raise self._error(e, dst_key, f"COPY from {self.uri(src_key)}") from e
+        def copy() -> None:
+            try:
+                self.client.copy(
+                    {"Bucket": self.bucket, "Key": self._full(src_key)},
+                    self.bucket,
+                    self._full(dst_key),
+                    ExtraArgs=extra,
+                    Config=self._transfer_config,
+                )
+            except ClientError as e:
+                # "412": the HEAD s3transfer issues first carries the condition too, and has no body.
+                if _code(e) in ("PreconditionFailed", "412"):
+                    raise ObjectChanged(f"{self.uri(src_key)}: object changed during copy") from None
+                raise
+
+        # Idempotent (If-Match on the source), so a failed copy is simply started again.
+        self._retrying(f"COPY from {self.uri(src_key)}", dst_key, copy)
 
 
 class _S3Reader(io.RawIOBase):
@@ -453,11 +563,19 @@ class _S3Writer(AtomicWriter):
         self._buf = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict] = []
+        self._unreachable = False  # the last request failed because the endpoint did not answer
         self._part_size = store.part_size
         if self.expected_size is not None:
             # Big enough that the declared size fits in S3's 10,000 parts.
             self._part_size = max(self._part_size, math.ceil(self.expected_size / MAX_PARTS))
         self._multipart_at = max(store.multipart_threshold, self._part_size)
+
+    def _request(self, op: str, fn: Callable[..., Any], **kw: Any) -> Any:
+        try:
+            return self._store._call(op, self.key, fn, **kw)
+        except StorageError as e:
+            self._unreachable = getattr(e, "unreachable", False)
+            raise
 
     def _write(self, data) -> None:
         self._buf += data
@@ -477,9 +595,8 @@ class _S3Writer(AtomicWriter):
         metadata = {"sha256": self.expected_sha256} if self.expected_sha256 else {}
         # CRC32 per part, declared up front, so S3 checks every part on arrival and the
         # completion request can list the part checksums it then requires.
-        resp = self._store._call(
+        resp = self._request(
             "CreateMultipartUpload",
-            self.key,
             self._store.client.create_multipart_upload,
             Metadata=metadata,
             ChecksumAlgorithm="CRC32",
@@ -493,9 +610,8 @@ class _S3Writer(AtomicWriter):
                 f"{self._store.uri(self.key)}: more than {MAX_PARTS} parts of {self._part_size} bytes; "
                 "pass expected_size to open_write or raise part_size"
             )
-        resp = self._store._call(
+        resp = self._request(
             f"UploadPart {number}",
-            self.key,
             self._store.client.upload_part,
             UploadId=self._upload_id,
             PartNumber=number,
@@ -510,9 +626,8 @@ class _S3Writer(AtomicWriter):
     def _commit(self, sha256: str) -> ObjectInfo:
         store, where = self._store, self._store.uri(self.key)
         if self._upload_id is None:
-            store._call(
+            self._request(
                 "PUT",
-                self.key,
                 store.client.put_object,
                 Body=bytes(self._buf),
                 Metadata={"sha256": sha256},
@@ -522,9 +637,8 @@ class _S3Writer(AtomicWriter):
         else:
             if self._buf:
                 self._upload_part(bytes(self._buf))
-            store._call(
+            self._request(
                 "CompleteMultipartUpload",
-                self.key,
                 store.client.complete_multipart_upload,
                 UploadId=self._upload_id,
                 MultipartUpload={"Parts": self._parts},
@@ -554,13 +668,20 @@ class _S3Writer(AtomicWriter):
         if self._upload_id is None:
             return
         upload_id, self._upload_id = self._upload_id, None
+        store = self._store
+        # Best effort, one attempt, and never an exception: this runs while the real failure is
+        # on its way to the caller, and must neither mask it nor delay it by another retry
+        # budget. The parts stay invisible either way; a bucket lifecycle rule
+        # (AbortIncompleteMultipartUpload) reclaims them.
+        if self._unreachable:
+            log.warning("%s: endpoint %s did not answer; multipart upload %s left for the bucket's "
+                        "lifecycle rule to reclaim", store.uri(self.key), store.endpoint, upload_id)
+            return
         try:
-            store = self._store
-            store._call("AbortMultipartUpload", self.key, store.client.abort_multipart_upload, UploadId=upload_id)
-        except StorageError:
-            # Best effort: the parts stay invisible either way, and a bucket lifecycle rule
-            # (AbortIncompleteMultipartUpload) reclaims them.
-            pass
+            store.client.abort_multipart_upload(Bucket=store.bucket, Key=store._full(self.key), UploadId=upload_id)
+        except Exception as e:  # noqa: BLE001 - see above
+            log.warning("%s: could not abort multipart upload %s (%s); the bucket's lifecycle rule "
+                        "reclaims its parts", store.uri(self.key), upload_id, e)
 
 
 def for_bucket(bucket: str, like: Storage | None = None) -> S3Storage:
@@ -569,8 +690,9 @@ def for_bucket(bucket: str, like: Storage | None = None) -> S3Storage:
     ``FORGELINE_S3_ENDPOINT_URL`` and the region and credentials from the AWS environment."""
     if isinstance(like, S3Storage):
         spec, env = like.spec()
+        tuning = {k: spec[k] for k in ("max_attempts", "connect_timeout", "read_timeout", "retry_deadline")}
         return S3Storage(
-            bucket, "", endpoint_url=spec.get("endpoint_url"), region_name=spec.get("region_name"),
+            bucket, "", endpoint_url=spec.get("endpoint_url"), region_name=spec.get("region_name"), **tuning,
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
             aws_session_token=env.get("AWS_SESSION_TOKEN"),

@@ -1,0 +1,267 @@
+"""Storage faults a user meets in the first hour, against real sockets: an S3 endpoint that accepts
+connections and never answers, one that answers the headers and stalls the body, one that refuses
+connections, and answers injected into a real (moto) server's traffic. Each fails fast (within
+``retry_deadline + read_timeout``), with one line naming the endpoint, the object and the cause,
+and requests are retried by exactly one layer."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+
+import pytest
+from botocore.awsrequest import AWSResponse
+
+from pipeline.storage import StorageError
+from pipeline.storage.s3 import MIN_PART_SIZE, S3Storage
+
+MiB = 1024 * 1024
+FAST = {"connect_timeout": 0.5, "read_timeout": 0.3, "retry_deadline": 1.0, "max_attempts": 5}
+BOUND_S = FAST["retry_deadline"] + FAST["read_timeout"] + 1.5  # + slack for backoff jitter and a slow CI
+
+
+class FakeEndpoint:
+    """A TCP server on 127.0.0.1 whose every connection is handed to ``respond(n, request_head)``
+    (n counts requests from 1); what it returns is sent, then the connection stays open and
+    silent until the test ends (``None``: send nothing at all)."""
+
+    def __init__(self, respond: Callable[[int, bytes], bytes | None]):
+        self.respond = respond
+        self.requests: list[bytes] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            self.requests.append(head)
+            out = self.respond(len(self.requests), head)
+            if out:
+                conn.sendall(out)
+            self._stop.wait()  # then stall: never another byte
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        for c in self._conns:
+            c.close()
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Callable[..., FakeEndpoint]]:
+    made: list[FakeEndpoint] = []
+
+    def make(respond: Callable[[int, bytes], bytes | None] = lambda n, head: None) -> FakeEndpoint:
+        made.append(FakeEndpoint(respond))
+        return made[-1]
+
+    yield make
+    for e in made:
+        e.close()
+
+
+def refused_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there any more: connections are refused
+
+
+def store_at(url: str, **kw) -> S3Storage:
+    return S3Storage("bkt", "data", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing", part_size=MIN_PART_SIZE,
+                     multipart_threshold=MIN_PART_SIZE, **{**FAST, **kw})
+
+
+def headers_then_stall(n: int, head: bytes) -> bytes:
+    """An answer's status and headers (a 100-byte object), and 10 bytes of its body at most."""
+    if head.startswith(b"HEAD "):
+        return (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"e1\"\r\n\r\n")
+    return (b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100\r\nContent-Range: bytes 0-99/100\r\n"
+            b"ETag: \"e1\"\r\n\r\n" + b"x" * 10)
+
+
+OPS: dict[str, Callable[[S3Storage], object]] = {
+    "stat": lambda s: s.stat("models/m/v1/model.safetensors"),
+    "read_range": lambda s: s.read_range("models/m/v1/model.safetensors", 0, 100),
+    "open_read": lambda s: s.open_read("models/m/v1/model.safetensors").read(),
+    "write_atomic": lambda s: s.write_atomic("models/m/v1/model.safetensors", b"w" * 1000),
+    "write_multipart": lambda s: s.write_atomic("models/m/v1/model.safetensors", b"w" * (MIN_PART_SIZE + 1)),
+    "list": lambda s: s.list("models/m"),
+}
+
+
+def assert_one_clear_line(err: BaseException, store: S3Storage, *, key: str | None = "models/m/v1/model.safetensors"):
+    msg = str(err)
+    assert "\n" not in msg, msg
+    assert store.endpoint in msg, msg
+    assert (store.uri(key) if key else store.uri()) in msg, msg
+    # the traceback's last line is the root cause: nothing chained after (or in front of) it
+    assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__), msg
+    assert traceback.format_exception_only(err)[-1].strip().endswith(msg)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("server", ["silent", "headers-then-stall", "refused"])
+def test_dead_endpoint_fails_fast_naming_endpoint_and_object(endpoint, server, op):
+    if server == "headers-then-stall" and op == "stat":
+        pytest.skip("a HEAD answer is its headers: nothing to stall")
+    if server == "refused":
+        url = refused_url()
+    else:
+        url = endpoint(headers_then_stall if server == "headers-then-stall" else lambda n, head: None).url
+    store = store_at(url)
+    t0 = time.monotonic()
+    with pytest.raises(StorageError) as ei:
+        OPS[op](store)
+    took = time.monotonic() - t0
+    assert took < BOUND_S, f"{server}/{op}: {took:.1f} s"
+    assert_one_clear_line(ei.value, store, key="models/m" if op == "list" else "models/m/v1/model.safetensors")
+    if server == "refused":
+        assert "Could not connect to the endpoint URL" in str(ei.value)
+    else:
+        assert "no answer within read_timeout=0.3 s" in str(ei.value)
+
+
+def test_trickling_body_cannot_hold_a_read_forever(endpoint):
+    """10 bytes per attempt, then a stall: progress each time, but the stalled time adds up."""
+    ep = endpoint(headers_then_stall)
+    store = store_at(ep.url, max_attempts=100)
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match="read_timeout"):
+        store.read_range("k", 0, 100)
+    assert time.monotonic() - t0 < BOUND_S
+    assert 2 <= len(ep.requests) <= 5
+
+
+def test_body_stall_is_resumed_from_the_last_byte(endpoint):
+    """The first GET stalls after 1 MiB + a bit of its body; the resume asks for the rest from the
+    last byte handed over, pinned to the ETag, and the bytes come out whole."""
+    data = bytes(range(256)) * (3 * MiB // 256)
+
+    def respond(n: int, head: bytes) -> bytes:
+        first, last = (int(x) for x in head.split(b"ange: bytes=")[1].split(b"\r\n")[0].split(b"-"))
+        last = min(last, len(data) - 1)
+        body = data[first : last + 1]
+        answer = (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
+                  f"Content-Range: bytes {first}-{last}/{len(data)}\r\nETag: \"e1\"\r\n\r\n").encode()
+        return answer + (body[: MiB + 1000] if n == 1 else body)
+
+    ep = endpoint(respond)
+    assert store_at(ep.url).read_range("k", 0, 3 * MiB) == data
+    second = ep.requests[1].lower()
+    assert f"range: bytes={MiB}-{3 * MiB - 1}".encode() in second and b'if-match: "e1"' in second
+
+
+def test_one_retry_layer(endpoint):
+    """botocore's retries are off: every HTTP request on the wire is one of ours."""
+    store = store_at(refused_url(), max_attempts=3, retry_deadline=60)
+    assert store.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 1}
+    sends = []
+    store.client.meta.events.register("before-send.s3", lambda request, **kw: sends.append(request.method))
+    with pytest.raises(StorageError, match="after 3 attempts"):
+        store.stat("k")
+    assert sends == ["HEAD"] * 3
+    ep = endpoint()
+    store = store_at(ep.url, max_attempts=3, retry_deadline=60)
+    with pytest.raises(StorageError, match="after 3 attempts"):
+        store.read_range("k", 0, 10)
+    assert len(ep.requests) == 3
+
+
+def test_defaults_bound_a_hang_well_under_a_minute():
+    store = S3Storage("b", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",
+                      aws_access_key_id="x", aws_secret_access_key="x")
+    cfg = store.client.meta.config
+    assert (cfg.connect_timeout, cfg.read_timeout) == (store.connect_timeout, store.read_timeout)
+    assert store.retry_deadline + store.read_timeout <= 40
+    spec, _ = store.spec()
+    assert {k: spec[k] for k in ("connect_timeout", "read_timeout", "retry_deadline")} == {
+        "connect_timeout": 5.0, "read_timeout": 15.0, "retry_deadline": 20.0}
+    for bad in ({"read_timeout": 0}, {"connect_timeout": -1}, {"retry_deadline": float("inf")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            S3Storage("b", endpoint_url="http://127.0.0.1:9", region_name="us-east-1", **bad)
+
+
+# -- Answers injected into a real server's traffic (moto) --------------------------------------
+
+
+class _Raw:
+    def __init__(self, body: bytes):
+        self._body = body
+
+    def stream(self, **kw):
+        yield self._body
+
+
+def inject(store: S3Storage, operation: str, status: int, code: str, times: int | None = None) -> list[int]:
+    """Answer ``operation`` with ``status``/``code`` (the first ``times`` requests, or all) instead
+    of sending it to the server; returns a list that counts the requests seen."""
+    seen: list[int] = []
+
+    def answer(request, **kw):
+        seen.append(1)
+        if times is None or len(seen) <= times:
+            body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                    f"<Message>injected {code}</Message></Error>").encode()
+            return AWSResponse(request.url, status, {"Content-Type": "application/xml"}, _Raw(body))
+        return None
+
+    store.client.meta.events.register(f"before-send.s3.{operation}", answer)
+    return seen
+
+
+def test_throttling_and_5xx_are_retried(s3_storage_factory):
+    store = s3_storage_factory(**FAST)
+    seen = inject(store, "PutObject", 503, "SlowDown", times=2)
+    store.write_atomic("k", b"hello")
+    assert len(seen) == 3 and store.read("k") == b"hello"
+    seen = inject(store, "GetObject", 500, "InternalError", times=1)
+    assert store.read_range("k", 1, 3) == b"ell" and len(seen) == 2
+
+
+def test_failed_upload_shows_its_root_cause_not_the_abort(s3_storage_factory, caplog):
+    store = s3_storage_factory(**{**FAST, "max_attempts": 2})
+    parts = inject(store, "UploadPart", 500, "InternalError")
+    aborts = inject(store, "AbortMultipartUpload", 403, "AccessDenied")
+    with pytest.raises(StorageError) as ei:
+        store.write_atomic("models/m/v1/model.safetensors", b"p" * (2 * MIN_PART_SIZE))
+    assert "UploadPart 1 failed after 2 attempts" in str(ei.value) and "InternalError" in str(ei.value)
+    assert "AccessDenied" not in str(ei.value)
+    assert len(parts) == 2 and len(aborts) == 1  # the abort: one best-effort attempt ...
+    assert "could not abort multipart upload" in caplog.text  # ... whose failure is only logged
+    assert_one_clear_line(ei.value, store)
+    assert not store.exists("models/m/v1/model.safetensors")
+
+
+def test_access_denied_is_not_retried(s3_storage_factory):
+    store = s3_storage_factory(**FAST)
+    seen = inject(store, "HeadObject", 403, "AccessDenied")
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=r"HEAD failed \(AccessDenied: injected AccessDenied"):
+        store.stat("k")
+    assert len(seen) == 1 and time.monotonic() - t0 < 1
