@@ -67,7 +67,13 @@ class S3StorageResource(StorageResource):
     aws_access_key_id: Optional[str] = None
     aws_secret_access_key: Optional[str] = None
     aws_session_token: Optional[str] = None
-    max_attempts: int = Field(default=5, description="Attempts per request (exponential backoff).")
+    max_attempts: int = Field(default=5, ge=1, le=20,
+                              description="Attempts per request, retried with jittered exponential backoff.")
+    connect_timeout: float = Field(default=5.0, gt=0, le=300, description="Seconds to open a connection.")
+    read_timeout: float = Field(default=15.0, gt=0, le=900, description="Seconds to wait for the next bytes of an answer.")
+    retry_deadline: float = Field(default=20.0, gt=0, le=3600,
+                                  description="Seconds of failed attempts and backoff one request may spend before it "
+                                              "fails (a dead endpoint fails after about retry_deadline + read_timeout).")
     part_size: int = Field(default=8 * 1024 * 1024, description="Multipart part / ranged GET size.")
 
     def _make_client(self) -> Storage:
@@ -82,6 +88,9 @@ class S3StorageResource(StorageResource):
             aws_secret_access_key=self.aws_secret_access_key,
             aws_session_token=self.aws_session_token,
             max_attempts=self.max_attempts,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            retry_deadline=self.retry_deadline,
             part_size=self.part_size,
             multipart_threshold=self.part_size,
         )
