@@ -28,12 +28,12 @@ class DriftCheckConfig(dg.Config):
     model_name: str = Field(default=settings.model_name(), description="Published model whose training data is the reference.")
     method: Optional[str] = Field(default=None, description="Evidently stattest for numerical columns "
                                   "(ks, wasserstein, psi, ...); None = Evidently's default for the column.")
-    threshold: Optional[float] = Field(default=None, description="Threshold of `method` (p-value or distance).")
+    threshold: Optional[float] = Field(default=None, gt=0, description="Threshold of `method` (p-value or distance).")
     cat_method: Optional[str] = Field(default="jensenshannon", description="Stattest for categorical columns.")
-    cat_threshold: Optional[float] = Field(default=0.1, description="Threshold of `cat_method`.")
-    warn_share: float = Field(default=0.2, description="Share of drifted columns that fails the check at WARN.")
-    error_share: float = Field(default=0.5, description="Share of drifted columns that fails it at ERROR.")
-    max_rows: int = Field(default=20_000, description="Rows (or images) sampled per side at most.")
+    cat_threshold: Optional[float] = Field(default=0.1, gt=0, description="Threshold of `cat_method`.")
+    warn_share: float = Field(default=0.2, ge=0, le=1, description="Share of drifted columns that fails the check at WARN.")
+    error_share: float = Field(default=0.5, ge=0, le=1, description="Share of drifted columns that fails it at ERROR.")
+    max_rows: int = Field(default=20_000, ge=1, description="Rows (or images) sampled per side at most.")
     table_columns: Optional[list[str]] = Field(default=None, description="table_drift only: compare these "
                                                "columns (None = every feature column; wide tables cost ~90 ms/column).")
 

@@ -11,8 +11,8 @@ from resources.storage import StorageResource
 
 class ShardIngestConfig(dg.Config):
     incoming_prefix: str = Field(default="incoming", description="Landing prefix; shards under <prefix>/<batch>/.")
-    num_classes: int = Field(default=10, description="Labels must lie in [0, num_classes).")
-    workers: int = Field(default=4, description="Shards validated concurrently.")
+    num_classes: int = Field(default=10, ge=1, description="Labels must lie in [0, num_classes).")
+    workers: int = Field(default=4, ge=1, description="Shards validated concurrently.")
 
 
 class TableIngestConfig(dg.Config):

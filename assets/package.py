@@ -4,10 +4,10 @@
 (torch.compile mega-cache in the compile cache)."""
 
 import time
-from typing import Optional
+from typing import Literal, Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from assets.train import GPU_POOL, shard_cache_dir
 from pipeline import compile_cache as cc
@@ -22,8 +22,16 @@ from resources.storage import StorageResource
 class ExportConfig(dg.Config):
     model_name: str = Field(default=settings.model_name(), description="Published name: versions live at "
                             "models/<name>/<version>/ (default: $FORGELINE_MODEL_NAME, else 'digits').")
-    max_shard_bytes: int = Field(default=2 * 1024**3, description="Largest shard file (tensors are never split).")
-    dtype: Optional[str] = Field(default=None, description="Cast floating tensors on export, e.g. 'bfloat16'.")
+    max_shard_bytes: int = Field(default=2 * 1024**3, ge=1, description="Largest shard file (tensors are never split).")
+    dtype: Optional[str] = Field(default=None, description="Cast floating tensors on export: bfloat16 | float16 | "
+                                 "float32 | float64 (None keeps them).")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v):  # Dagster config cannot express Optional[Literal]
+        if v is not None and v not in ("bfloat16", "float16", "float32", "float64"):
+            raise ValueError("must be one of bfloat16, float16, float32, float64 (or null)")
+        return v
 
 
 @dg.asset(
@@ -75,11 +83,18 @@ def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trai
 
 
 class QuantizeConfig(dg.Config):
-    schemes: list[str] = Field(default=["int8", "int4"], description="Weight-only schemes to publish.")
-    group_size: int = Field(default=128, description="int4 group size along the input dimension.")
+    schemes: list[str] = Field(default=["int8", "int4"], description="Weight-only schemes to publish: int8, int4.")
+    group_size: int = Field(default=128, ge=1, description="int4 group size along the input dimension.")
     symmetric: bool = Field(default=True, description="int4 without zero points.")
-    max_drop_int8: float = Field(default=0.5, description="Allowed held-out accuracy drop, points.")
-    max_drop_int4: float = Field(default=2.0, description="Allowed held-out accuracy drop, points.")
+    max_drop_int8: float = Field(default=0.5, ge=0, description="Allowed held-out accuracy drop, points.")
+    max_drop_int4: float = Field(default=2.0, ge=0, description="Allowed held-out accuracy drop, points.")
+
+    @field_validator("schemes")
+    @classmethod
+    def _known_schemes(cls, v):  # Dagster config cannot express list[Literal]
+        if bad := [s for s in v if s not in ("int8", "int4")]:
+            raise ValueError(f"unknown scheme(s) {bad}: use int8, int4")
+        return v
 
 
 @dg.asset(
@@ -144,8 +159,8 @@ def promoted_model(context: dg.AssetExecutionContext, exported_model: dict, quan
 
 
 class CompileConfig(dg.Config):
-    batch_size: int = Field(default=64, description="Input batch the serving path compiles for.")
-    mode: str = Field(default="default", description="torch.compile mode: default | reduce-overhead | max-autotune")
+    batch_size: int = Field(default=64, ge=1, description="Input batch the serving path compiles for.")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(default="default", description="torch.compile mode: default | reduce-overhead | max-autotune")
 
 
 @dg.asset(group_name="package", kinds={"pytorch"}, pool=GPU_POOL, deps=[quantized_model])

@@ -4,7 +4,7 @@ node's /dev/shm tier so the loader starts from RAM."""
 from typing import Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline import metrics, package, promotion
 from resources.storage import ShmStorageResource, StorageResource
@@ -14,6 +14,13 @@ class PrewarmConfig(dg.Config):
     version: Optional[str] = Field(default=None, description="Version to pre-warm (default: production).")
     quantized: list[str] = Field(default=[], description="Also pre-warm these quantized variants, e.g. ['int8'].")
     pin: bool = Field(default=False, description="Protect the version from LRU eviction.")
+
+    @field_validator("quantized")
+    @classmethod
+    def _known_schemes(cls, v):  # Dagster config cannot express list[Literal]
+        if bad := [s for s in v if s not in ("int8", "int4")]:
+            raise ValueError(f"unknown quantized variant(s) {bad}: use int8, int4")
+        return v
 
 
 @dg.asset(group_name="serve", kinds={"shm"})

@@ -3,9 +3,10 @@
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import dagster as dg
 from pydantic import Field
@@ -18,6 +19,10 @@ from pipeline.k8s import runner as k8s_runner
 from resources.gpu import GpuPoolResource
 from resources.storage import StorageResource
 
+# Dagster's PipesMessageHandler reads its own preview property PipesMessageReader.expected_writer_count
+# on every open_pipes_session (nothing of ours calls it): keep that one warning quiet.
+warnings.filterwarnings("ignore", category=dg.PreviewWarning, message=r".*PipesMessageReader\.expected_writer_count",
+                        module=r"dagster\._core\.pipes\.context")
 GPU_POOL = settings.gpu_pool()  # Dagster concurrency pool: GPU steps never oversubscribe it (limit in dagster.yaml)
 
 
@@ -26,10 +31,10 @@ def shard_cache_dir() -> Path:
 
 
 class PreprocessConfig(dg.Config):
-    resize_shorter: int = Field(default=32, description="Resize so the shorter side has this many pixels.")
-    crop: int = Field(default=28, description="Square crop fed to the model (random when training, center otherwise).")
+    resize_shorter: int = Field(default=32, ge=1, description="Resize so the shorter side has this many pixels.")
+    crop: int = Field(default=28, ge=1, description="Square crop fed to the model (random when training, center otherwise).")
     random_flip: bool = Field(default=False, description="Horizontal flips (off for digits).")
-    batch_size: int = Field(default=128, description="Batch size for the throughput measurement.")
+    batch_size: int = Field(default=128, ge=1, description="Batch size for the throughput measurement.")
 
 
 @dg.asset(deps=[raw_shards], group_name="train", kinds={"dali"}, pool=GPU_POOL)
@@ -72,26 +77,26 @@ def preprocessed(
 
 
 class TrainingConfig(dg.Config):
-    epochs: int = 15
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-    batch_size: int = Field(default=64, description="Per rank, per micro-batch.")
-    accumulation: int = Field(default=1, description="Micro-batches per optimizer step.")
-    amp: str = Field(default="auto", description="auto (bf16 where supported, else fp16+GradScaler) | bf16 | fp16 | fp32")
-    seed: int = 0
-    model: str = "digits_cnn"
+    epochs: int = Field(default=15, ge=1)
+    lr: float = Field(default=1e-2, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    batch_size: int = Field(default=64, ge=1, description="Per rank, per micro-batch.")
+    accumulation: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = Field(default="auto", description="auto (bf16 where supported, else fp16+GradScaler) | bf16 | fp16 | fp32")
+    seed: int = Field(default=0, ge=0)
+    model: Literal["digits_cnn", "resnet50"] = Field(default="digits_cnn", description="Architecture (pipeline/models.py).")
     fresh: bool = Field(default=False, description="Ignore checkpoints of an earlier identical run and start over.")
-    run_timeout_s: float = Field(default=3600, description="Wall-clock limit for the whole training run.")
-    collective_timeout_s: float = Field(default=120, description="gloo/NCCL timeout: a dead rank fails the run.")
-    min_accuracy: float = Field(default=0.97, description="Held-out (test split) accuracy the check requires.")
-    time_budget_s: float = Field(default=120, description="Training time the WARN check allows.")
-    nodes: int = Field(default=1, description="Machines for this run: > 1 runs one torchrun node per Kubernetes "
+    run_timeout_s: float = Field(default=3600, gt=0, description="Wall-clock limit for the whole training run.")
+    collective_timeout_s: float = Field(default=120, gt=0, description="gloo/NCCL timeout: a dead rank fails the run.")
+    min_accuracy: float = Field(default=0.97, ge=0, le=1, description="Held-out (test split) accuracy the check requires.")
+    time_budget_s: float = Field(default=120, gt=0, description="Training time the WARN check allows.")
+    nodes: int = Field(default=1, ge=1, description="Machines for this run: > 1 runs one torchrun node per Kubernetes "
                                               "pod (an Indexed Job, see deploy/README.md); 1 trains in this step.")
-    gpus_per_node: Optional[int] = Field(default=None, description="nodes > 1: GPUs per node pod; None = the GPU "
+    gpus_per_node: Optional[int] = Field(default=None, ge=0, description="nodes > 1: GPUs per node pod; None = the GPU "
                                                                    "pool's gpus_per_run (else 1); 0 = CPU nodes.")
     node_image: Optional[str] = Field(default=None, description="nodes > 1: node pod image; None = $FORGELINE_IMAGE.")
     node_namespace: Optional[str] = Field(default=None, description="nodes > 1: namespace; None = this pod's.")
-    rdzv_port: int = Field(default=29500, description="nodes > 1: c10d rendezvous port on node 0.")
+    rdzv_port: int = Field(default=29500, ge=1, le=65535, description="nodes > 1: c10d rendezvous port on node 0.")
 
 
 def _run_name(config: TrainingConfig, data_version: str, run_id: str) -> str:

@@ -246,7 +246,8 @@ def validate_run_config(job, run_config: dict) -> dict:
         try:
             cls(**cls._get_non_default_public_field_values_cls(values))  # as Dagster builds it for the step
         except ValidationError as e:
-            msgs = [f"{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+            msgs = [f"{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')} "
+                    f"(got {err.get('input')!r})"
                     for err in e.errors()]
             raise UserError("invalid run config: " + "; ".join(msgs)) from None
     return resolved
@@ -704,6 +705,49 @@ def _is_published(source: str) -> bool:
     return "://" not in source and source.count("/") == 1 and not Path(source).exists()
 
 
+# `forgeline load --dtype`: the cast targets, with their common short names.
+LOAD_DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32",
+               "float64": "float64", "fp64": "float64", "double": "float64"}
+
+
+def load_dtype(text: str) -> str:
+    """An argparse type for ``--dtype``: the canonical torch dtype name."""
+    name = LOAD_DTYPES.get(text.strip().lower().removeprefix("torch."))
+    if name is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dtype to cast to: use one of "
+                                         f"{', '.join(sorted(set(LOAD_DTYPES.values())))} "
+                                         f"(or {', '.join(k for k in LOAD_DTYPES if k not in LOAD_DTYPES.values())})")
+    return name
+
+
+def load_device(text: str) -> str:
+    """An argparse type for ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (availability is checked
+    by the command, where torch is imported)."""
+    import re
+
+    t = text.strip().lower()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", t):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
+    return t
+
+
+def _check_cuda_device(device: str) -> None:
+    """A CUDA ``device`` this host does not have is a one-line :class:`UserError`."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}, "
+                        f"torch.cuda.is_available() is False); use --device cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise UserError(f"--device {device}: this host has {count} CUDA device{'s' if count > 1 else ''} "
+                        f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
+
+
 def cmd_load(args) -> int:
     """Load a model and report per-stage throughput; published versions come from the shm tier
     when it holds them, else from the storage."""
@@ -711,6 +755,7 @@ def cmd_load(args) -> int:
 
     from pipeline import loading, metrics
 
+    _check_cuda_device(args.device)
     options = {"dtype": getattr(__import__("torch"), args.dtype) if args.dtype else None,
                "verify": args.verify, "owned": args.owned}
     where = "path"
@@ -877,8 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("load", help="load a model (file, folder, index, s3://..., or <model>/<version>) and time it")
     s.add_argument("source")
-    s.add_argument("--device", "-d", default="cpu", help="cpu or cuda[:N]")
-    s.add_argument("--dtype", help="cast floating tensors on the device, e.g. bfloat16")
+    s.add_argument("--device", "-d", default="cpu", type=load_device, help="cpu, cuda or cuda:N")
+    s.add_argument("--dtype", type=load_dtype, metavar="{float16,bfloat16,float32,float64}",
+                   help="cast floating tensors on the device (also fp16, bf16, fp32, fp64, half, float, double)")
     s.add_argument("--verify", action="store_true", help="check sha256 against the manifest")
     s.add_argument("--owned", action="store_true", help="copy into owned memory (CPU) instead of mapping")
     s.add_argument("--no-shm", action="store_true", help="ignore the /dev/shm tier")
