@@ -48,11 +48,12 @@ def make_checkpoint(out: Path, size_gb: float) -> list[Path]:
         names += [(f"model.layers.{i}.{k}", s) for k, s in layer.items()]
     names += [("model.norm.weight", (HIDDEN,))] + ([("lm_head.weight", (VOCAB, HIDDEN))] if with_embed else [])
     out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
+    gen = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers for 16 GB: seconds on a GPU, minutes on CPUs
+    g = torch.Generator(device=gen).manual_seed(0)
     shards, per = [], -(-len(names) // 4)
     for k in range(4):
         part = names[k * per:(k + 1) * per]
-        tensors = {n: torch.randn(s, generator=g, dtype=torch.float32).to(torch.bfloat16) for n, s in part}
+        tensors = {n: torch.randn(s, generator=g, dtype=torch.float32, device=gen).to(torch.bfloat16).cpu() for n, s in part}
         path = out / f"model-{k + 1:05d}-of-00004.safetensors"
         save_file(tensors, str(path))
         shards.append(path)
@@ -179,6 +180,7 @@ def main() -> int:
     ap.add_argument("--sources", nargs="+", default=["shm", "warm", "cold", "s3"])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json")
+    ap.add_argument("--child-timeout", type=float, default=None, help="seconds per fresh loader process (then an error row)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -227,8 +229,11 @@ def main() -> int:
                             while fh.read(64 << 20):
                                 pass
                 spec = json.dumps({"loader": loader, "files": [str(f) for f in src], "s3": s3})
-                out = subprocess.run([sys.executable, __file__, "--device", a.device, "--child", spec],
-                                     capture_output=True, text=True)
+                try:
+                    out = subprocess.run([sys.executable, __file__, "--device", a.device, "--child", spec],
+                                         capture_output=True, text=True, timeout=a.child_timeout)
+                except subprocess.TimeoutExpired:
+                    out = subprocess.CompletedProcess([], 1, "", f"timeout after {a.child_timeout:g} s")
                 if out.returncode:
                     res = {"error": out.stderr.strip().splitlines()[-1][:120]}
                 else:
