@@ -8,6 +8,7 @@ output, enforces the run timeout, and turns a failed or hung run into :class:`Tr
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import json
 import os
@@ -135,7 +136,8 @@ def launch(
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         try:
-            rc = proc.wait(timeout=run_timeout_s)
+            with _sigterm_raises():
+                rc = proc.wait(timeout=run_timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             reader.join(5)
@@ -144,7 +146,7 @@ def launch(
                 f"({where}); last output:\n" + "\n".join(list(tail)[-30:])
             ) from None
         except BaseException:
-            _kill_group(proc)  # the caller was interrupted: do not leave ranks running
+            _kill_group(proc)  # the caller was interrupted (Ctrl-C, SIGTERM, a canceled run): do not leave ranks running
             raise
         reader.join(10)
         secs = time.perf_counter() - t0
@@ -165,6 +167,25 @@ def launch(
     known = {f for f in TrainResult.__dataclass_fields__ if f not in ("seconds", "extra")}
     return TrainResult(seconds=secs, **{k: res.get(k) for k in known},
                        extra={k: v for k, v in res.items() if k not in known})
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While waiting for torchrun in a main thread whose SIGTERM is still the default (which would
+    end the process without cleanup, orphaning the ranks), SIGTERM raises KeyboardInterrupt so
+    the process group is stopped first. A handler someone installed (Dagster's) is left alone."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
