@@ -918,3 +918,25 @@ def test_cuda_load_bit_exact(tmp_path, local_storage, st_file):
     save_file(nn.Linear(4, 3).state_dict(), str(tmp_path / "lin.safetensors"))
     t = load(tmp_path / "lin.safetensors", "cuda", module=m)
     assert m.weight.device.type == "cuda" and m.weight.data_ptr() == t["weight"].data_ptr()
+
+
+def test_cli_load_validates_dtype_and_device(monkeypatch, capsys):
+    from jobs import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["load", "m.safetensors", "--dtype", "BF16", "--device", "CUDA:1"])
+    assert (args.dtype, args.device) == ("bfloat16", "cuda:1")
+    for flag, bad, names in (("--dtype", "bf17", "bfloat16, float16, float32, float64"),
+                             ("--device", "gpu", "cpu, cuda or cuda:N"), ("--device", "cuda:x", "cpu, cuda or cuda:N")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["load", "m.safetensors", flag, bad])
+        assert names in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["load", "m.safetensors", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device cuda: no CUDA device is available" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cli.main(["load", "m.safetensors", "--device", "cuda:2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "this host has 2 CUDA devices (cuda:0..cuda:1)" in err

@@ -231,12 +231,18 @@ def load_with_report(source: Any, device: Any = "cpu", **options: Any) -> tuple[
 
 
 def _parse_device(device: Any) -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but torch.cuda.is_available() is False")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ValueError(f"device {device!r}: this host has {n} CUDA device{'s' if n != 1 else ''}")
     elif dev.type != "cpu":
         raise ValueError(f"device {device!r}: only cpu and cuda are supported")
     return dev
