@@ -553,10 +553,14 @@ def test_dockerfile_installs_the_same_pins_as_make():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     (torch_pin,) = [d for d in pyproject["project"]["dependencies"] if d.startswith("torch==")]
     runs = [ln for ln in text.splitlines() if ln.startswith("RUN ") and "pip install" in ln]
-    (torch_run,) = [r for r in runs if "torch==" in r]
-    image_torch = re.search(r"torch==([0-9.]+)(\+cu\d+)?", torch_run)
+    # torch comes from build args whose defaults are the production (CUDA) build; a local build
+    # (make test-deploy) passes the CPU build of the same version.
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)", text, re.M))
+    image_torch = re.fullmatch(r"torch==([0-9.]+)(\+cu\d+)?", args["TORCH_SPEC"])
     assert image_torch.group(1) == torch_pin.split("==")[1] and image_torch.group(2) == "+cu130"
-    assert "-c constraints.txt" in torch_run and "download.pytorch.org/whl/cu130" in torch_run
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cu130"
+    (torch_run,) = [r for r in runs if "$TORCH_SPEC" in r]
+    assert "-c constraints.txt" in torch_run and '--index-url "$TORCH_INDEX_URL"' in torch_run
     (project_run,) = [r for r in runs if '".[' in r]
     assert "-c constraints.txt" in project_run
     extras = set(re.search(r'"\.\[([a-z0-9,]+)\]"', project_run).group(1).split(","))
@@ -567,7 +571,8 @@ def test_dockerfile_installs_the_same_pins_as_make():
     assert "forgeline[k8s]" in pyproject["project"]["optional-dependencies"]["test"]
     assert "COPY constraints.txt" in text and "torch" not in [ln.split("==")[0] for ln in
                                                                (ROOT / "constraints.txt").read_text().splitlines()]
-    assert re.search(r"^FROM \$\{CUDA_IMAGE\}", text, re.M) and re.search(r"nvidia/cuda:13\.[0-9.]+-cudnn-runtime", text)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M) and re.fullmatch(r"nvidia/cuda:13\.[0-9.]+-cudnn-runtime-\S+",
+                                                                            args["BASE_IMAGE"])
     assert re.search(r"^USER 10001", text, re.M)  # non-root, the uid the pod specs use
     assert str(manifests.UID) in re.search(r"^USER (\S+)", text, re.M).group(1)
 
