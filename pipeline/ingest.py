@@ -213,7 +213,7 @@ def _check_image(name: str, ext: str, data: bytes) -> None:
     garbled body fails only at decode time). Refused: no data, an unknown format, a format other than
     the extension's (:data:`IMAGE_FORMATS`), more pixels than :func:`_image_limit` (a decompression
     bomb: refused before any pixel is allocated), and whatever the decoder raises."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise ShardInvalid(f"member {name!r}: empty image (0 bytes)")
@@ -234,6 +234,9 @@ def _check_image(name: str, ext: str, data: bytes) -> None:
         raise
     except Image.DecompressionBombError as e:  # over 2x the limit: Pillow refuses in open()
         raise ShardInvalid(f"member {name!r}: decompression bomb ({e})") from None
+    except UnidentifiedImageError:  # its message only names the BytesIO
+        raise ShardInvalid(f"member {name!r}: not a decodable image (no image format recognises its "
+                           f"{len(data)} bytes, starting {data[:8]!r})") from None
     except Exception as e:  # noqa: BLE001 — any decoder failure (OSError, SyntaxError, ValueError,
         # struct.error, EOFError, UnidentifiedImageError, IndexError, ...) means training cannot read it
         raise ShardInvalid(f"member {name!r}: not a decodable image ({type(e).__name__}: {e})") from None
@@ -540,7 +543,9 @@ def withdraw(
         withdrawn = [entries[key]]
     else:
         key, withdrawn = None, list(entries.values())
-    now = time.gmtime()
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
     record = {
         "format": "forgeline.withdrawal/1",
         "batch": batch,
@@ -548,9 +553,9 @@ def withdraw(
         "shards": [{"key": e["key"], "sha256": e["sha256"], "samples": e["samples"]} for e in withdrawn],
         "reason": reason,
         "by": by or _who(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", now),
+        "time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
-    rkey = join(records, batch, f"{time.strftime('%Y%m%dT%H%M%SZ', now)}-{os.urandom(4).hex()}.json")
+    rkey = join(records, batch, f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{os.urandom(4).hex()}.json")
     store.write_atomic(rkey, json.dumps(record, indent=1).encode())
     return {**record, "record": rkey}
 
@@ -570,7 +575,7 @@ def withdrawals(store: Storage, *, records: str = WITHDRAWN) -> list[dict]:
         if not isinstance(rec, dict) or not isinstance(rec.get("batch"), str):
             raise IngestError(f"{store.uri(o.key)}: withdrawal record without a 'batch'")
         out.append({**rec, "record": o.key})
-    return sorted(out, key=lambda r: (r.get("time", ""), r["record"]))
+    return sorted(out, key=lambda r: PurePosixPath(r["record"]).name)  # names start with the UTC time
 
 
 def withdrawn(store: Storage, *, records: str = WITHDRAWN) -> tuple[set[str], set[str]]:
