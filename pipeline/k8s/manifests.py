@@ -345,12 +345,13 @@ def prewarm_daemonset(
         "volumeMounts": [{"name": "shm-tier", "mountPath": DEFAULT_SHM_ROOT}],
         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
         "securityContext": {"runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}},
+                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}},
     }
     pod: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # it never calls the Kubernetes API
         "terminationGracePeriodSeconds": 30,
         "initContainers": [init],
         "containers": [container],
