@@ -16,8 +16,8 @@ Failures: every request has a connect and a read timeout, and is retried by ONE 
 module's (botocore's own retries are off): connection errors, timeouts, truncated bodies,
 throttling and 5xx answers are retried with jittered exponential backoff, at most
 ``max_attempts`` times in a row and for at most ``retry_deadline`` seconds of stalled time (time
-spent in failed attempts and backing off, see :class:`_Budget`). A streaming read that breaks mid-body resumes from its last byte, which
-botocore cannot do. So an endpoint that accepts connections and never answers (or answers the
+spent in failed attempts and backing off, see :class:`_Budget`). A streaming read that breaks
+mid-body resumes from its last byte, which botocore cannot do. So an endpoint that accepts connections and never answers (or answers the
 headers and stalls the body, or refuses connections) fails after at most about
 ``retry_deadline + read_timeout`` seconds (35 s with the defaults) with one line naming the
 endpoint, the object and the cause.
