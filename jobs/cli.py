@@ -412,7 +412,6 @@ def run_job(job_name: str, *, partition: str | None = None, run_config: dict | N
             t.start()
             _watch(instance, job_name, partition, run_id, steps, t, quiet)
         except KeyboardInterrupt:
-            err_console.print(f"forgeline: canceling run {run_id[:8]} ...")
             cancel_run(instance, run_id, t)
             raise RunCanceled(run_id) from None
     if "error" in box:
@@ -978,8 +977,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("forgeline: interrupted", markup=False)
         return 130
-    except SystemExit:
-        raise
+    except SystemExit as e:
+        if not isinstance(e.code, str) or debug:
+            raise  # argparse's own exits (one line already), or a status
+        err_console.print(f"forgeline: {' '.join(e.code.split())}", markup=False)
+        return 1
     except Exception as e:  # noqa: BLE001 - every error a user meets is one line
         if debug:
             raise

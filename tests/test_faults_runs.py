@@ -1,0 +1,304 @@
+"""Faults a user meets in the first hour, runs and messages: a run killed hard does not block the
+next one, Ctrl-C cancels a training launch and leaves no rank behind, run config is validated
+before anything runs, CLI misuse is one line, and a failed run prints its root cause."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import psutil
+import pytest
+
+from jobs.cli import UserError, ensure_instance_home, main, reap_stale_runs, validate_run_config
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def _env_vars(home: Path) -> dict:
+    return {"FORGELINE_HOME": str(home), "DAGSTER_HOME": str(home / "dagster_home")}
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh project home (instance + local storage) for in-process CLI calls."""
+    h = tmp_path / "fl"
+    for k, v in _env_vars(h).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("FORGELINE_DEBUG", raising=False)
+    return h
+
+
+def _land(batch: str, *, drop_column: str | None = None) -> None:
+    """Land a small digits batch under incoming/<batch>/ (optionally with a table column missing)."""
+    import io
+
+    import polars as pl
+
+    from pipeline import datagen
+    from pipeline.storage import join
+    from resources.storage import open_storage
+
+    store = open_storage()
+    prefix = join("incoming", batch)
+    datagen.write_batch(store, prefix, datagen.load_digits(), samples_per_shard=1024)
+    if drop_column:
+        key = join(prefix, "table.parquet")
+        frame = pl.read_parquet(io.BytesIO(store.read(key))).drop(drop_column)
+        buf = io.BytesIO()
+        frame.write_parquet(buf)
+        store.write_atomic(key, buf.getvalue())
+
+
+def _err_lines(capsys) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run config: validated before any process starts, errors name the field
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op, field, value, words", [
+    ("trained_model", "epochs", 0, "greater than or equal to 1"),
+    ("trained_model", "batch_size", 0, "greater than or equal to 1"),
+    ("trained_model", "lr", 0, "greater than 0"),
+    ("trained_model", "amp", "fp8", "not in enum"),
+    ("trained_model", "model", "vgg", "not in enum"),
+    ("compile_artifacts", "mode", "fastest", "not in enum"),
+    ("exported_model", "dtype", "int3", "bfloat16"),
+    ("quantized_model", "schemes", ["int3"], "int8, int4"),
+    ("quantized_model", "max_drop_int8", -1, "greater than or equal to 0"),
+    ("raw_shards_image_drift", "warn_share", 2, "less than or equal to 1"),
+    ("raw_shards", "workers", 0, "greater than or equal to 1"),
+    ("shm_prewarm", "quantized", ["fp4"], "int8, int4"),
+])
+def test_bad_run_config_names_the_field(op, field, value, words):
+    from jobs.definitions import defs
+
+    job = defs.resolve_job_def("lifecycle")
+    with pytest.raises(UserError) as e:
+        validate_run_config(job, {"ops": {op: {"config": {field: value}}}})
+    assert f"{op}.{field}" in str(e.value) and words in str(e.value), str(e.value)
+    validate_run_config(job, {})  # the defaults are valid
+
+
+def test_model_choices_are_the_registry():
+    from typing import get_args
+
+    from assets.train import TrainingConfig
+    from pipeline.models import REGISTRY
+
+    assert set(get_args(TrainingConfig.model_fields["model"].annotation)) == set(REGISTRY)
+
+
+def test_bad_run_config_in_the_cli_runs_nothing(home, capsys):
+    bad = json.dumps({"ops": {"trained_model": {"config": {"epochs": 0}}}})
+    assert main(["launch", "train_and_package", "-c", bad]) == 1
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "trained_model.epochs" in err[0], err
+    assert dg.DagsterInstance.get().get_runs() == []  # no run was even created
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages: one line per user error, the traceback only with --debug
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["launch", "nope"], "unknown job 'nope'"),
+    (["launch", "ingest"], "pass --partition"),
+    (["launch", "train_and_package", "-p", "b"], "not partitioned"),
+    (["launch", "ingest", "-p", "b", "-c", "{bad"], "not valid YAML/JSON"),
+    (["launch", "ingest", "-p", "b", "-c", "missing.yaml"], "no such file"),
+    (["launch", "ingest", "-p", "b", "-c", "[1, 2]"], "no such file"),
+    (["launch", "ingest", "-p", "b", "-c", '{"ops": {"raw_shards": {"config": {"nope": 1}}}}'], "nope"),
+    (["launch", "ingest", "-p", "never-landed"], "never-landed"),
+])
+def test_cli_misuse_is_one_line(home, capsys, argv, words):
+    assert main(argv) != 0
+    err = _err_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("forgeline") and words in err[0], err
+
+
+@pytest.mark.parametrize("argv", [["bogus"], ["launch"], ["gen", "digits"], ["launch", "ingest", "--oops"]])
+def test_argparse_misuse_is_one_line(home, capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "usage:" not in err[0], err
+
+
+def test_debug_shows_the_traceback(home, monkeypatch):
+    with pytest.raises(UserError):
+        main(["--debug", "launch", "nope"])
+    monkeypatch.setenv("FORGELINE_DEBUG", "1")
+    with pytest.raises(UserError):
+        main(["launch", "nope"])
+
+
+def test_a_bad_environment_setting_is_one_line(home, monkeypatch, capsys):
+    monkeypatch.setenv("FORGELINE_GPUS_PER_RUN", "lots")
+    assert main(["launch", "ingest", "-p", "b"]) == 1
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "FORGELINE_GPUS_PER_RUN" in err[0], err
+
+
+def test_a_failed_ingest_prints_its_root_cause(home, capsys):
+    _land("no-label", drop_column="label")
+    assert main(["launch", "ingest", "-p", "no-label"]) == 1
+    captured = capsys.readouterr()
+    last = [ln for ln in captured.err.splitlines() if ln.strip()][-1]
+    assert last.startswith("forgeline: run ") and "failed: step raw_table: IngestError:" in last, last
+    assert "table.parquet" in last and "'label'" in last, last  # the file and the column
+    assert "DagsterExecutionStepExecutionError" not in captured.out + captured.err
+    assert TRACEBACK not in captured.out + captured.err
+
+
+# ---------------------------------------------------------------------------------------------
+# Instance: run monitoring shipped, and added to an instance made before it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_existing_dagster_yaml_gets_run_monitoring_added(home, capsys):
+    import yaml
+
+    cfg = home / "dagster_home" / "dagster.yaml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text("# mine\ntelemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 2\n")
+    ensure_instance_home()
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "run_monitoring" in err[0], err
+    data = yaml.safe_load(cfg.read_text())
+    assert data["concurrency"]["pools"]["default_limit"] == 2 and cfg.read_text().startswith("# mine")
+    assert data["run_monitoring"]["enabled"] is True
+    assert dg.DagsterInstance.get().run_monitoring_enabled
+    ensure_instance_home()  # already there: nothing more is said or written
+    assert _err_lines(capsys) == [] and cfg.read_text().count("run_monitoring:") == 1
+
+
+def test_reaper_fails_a_run_whose_process_is_gone_and_frees_its_slot(home):
+    ensure_instance_home()
+    instance = dg.DagsterInstance.get()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    from jobs.cli import TAG_HOST, TAG_PID, TAG_STARTED
+
+    run = instance.add_run(dg.DagsterRun(
+        job_name="train_and_package", run_id="deadbeef-0000-0000-0000-000000000000",
+        status=dg.DagsterRunStatus.STARTED,
+        tags={TAG_PID: str(dead.pid), TAG_HOST: socket.gethostname(), TAG_STARTED: "1.00"}))
+    storage = instance.event_log_storage
+    storage.initialize_concurrency_limit_to_default("gpu")
+    assert storage.claim_concurrency_slot("gpu", run.run_id, "train").is_claimed
+    assert not storage.claim_concurrency_slot("gpu", "next-run", "train").is_claimed  # blocked
+    storage.free_concurrency_slot_for_step("next-run", "train")
+
+    notes = reap_stale_runs(instance)
+    assert any(run.run_id[:8] in n and "marked failed" in n for n in notes), notes
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert storage.claim_concurrency_slot("gpu", "next-run", "train").is_claimed  # the next one proceeds
+
+
+# ---------------------------------------------------------------------------------------------
+# A run killed hard, then Ctrl-C: real `forgeline launch` processes and torchrun ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def _training_procs(pid: int) -> list[psutil.Process]:
+    """torchrun and its ranks under ``pid``."""
+    out = []
+    try:
+        for p in psutil.Process(pid).children(recursive=True):
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if "torch.distributed.run" in cmd or "pipeline.train.worker" in cmd:
+                out.append(p)
+    except psutil.NoSuchProcess:
+        pass
+    return out
+
+
+def _wait_for_ranks(proc: subprocess.Popen, log: Path, timeout: float = 240) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs = _training_procs(proc.pid)
+        if sum("pipeline.train.worker" in " ".join(p.cmdline()) for p in procs) >= 1:
+            return procs
+        assert proc.poll() is None, f"launch ended early (rc {proc.returncode}):\n{log.read_text()}"
+        time.sleep(0.5)
+    raise AssertionError(f"no training ranks started:\n{log.read_text()}")
+
+
+def _gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _runs(env: dict) -> list[dict]:
+    code = ("import dagster as dg, json; i = dg.DagsterInstance.get(); s = i.event_log_storage; "
+            "print(json.dumps({'runs': [[r.run_id, r.job_name, r.status.value] for r in i.get_runs()], "
+            "'slots': [c.run_id for k in s.get_concurrency_keys() for c in s.get_concurrency_info(k).claimed_slots]}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_does_not_block_the_next_and_ctrl_c_cancels(tmp_path):
+    env = {**os.environ, **_env_vars(tmp_path / "fl"), "PYTHONPATH": str(ROOT), "FORGELINE_TRAIN_FAULT": "0:0:0:hang"}
+    env.pop("FORGELINE_DEBUG", None)
+    forgeline = str(BIN / "forgeline")
+    subprocess.run([forgeline, "gen", "digits", "--batch", "b1", "--samples-per-shard", "1024"], env=env, cwd=ROOT,
+                   check=True, capture_output=True, timeout=180)
+    subprocess.run([forgeline, "launch", "ingest", "-p", "b1"], env=env, cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    launch = [forgeline, "launch", "train_and_package"]
+
+    # 1. a launch killed hard while training holds the GPU pool's slot
+    log1 = tmp_path / "launch1.log"
+    with open(log1, "w") as out:
+        first = subprocess.Popen(launch, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        ranks = _wait_for_ranks(first, log1)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        assert not _gone(ranks, 30), "torchrun or a rank outlived the SIGKILLed launch"
+    finally:
+        for p in _training_procs(first.pid):
+            p.kill()
+    state = _runs(env)
+    killed = [r for r in state["runs"] if r[1] == "train_and_package"]
+    assert [r[2] for r in killed] == ["STARTED"] and killed[0][0] in state["slots"]  # stale: it would block
+
+    # 2. the next launch fails the stale run, frees its slot and trains; then Ctrl-C cancels it
+    log2 = tmp_path / "launch2.log"
+    with open(log2, "w") as out, open(tmp_path / "launch2.err", "w") as err:
+        second = subprocess.Popen(launch, env=env, cwd=ROOT, stdout=out, stderr=err)
+    try:
+        ranks = _wait_for_ranks(second, log2)
+        second.send_signal(signal.SIGINT)
+        rc = second.wait(90)
+    finally:
+        if second.poll() is None:
+            second.kill()
+    err_lines = [ln for ln in (tmp_path / "launch2.err").read_text().splitlines() if ln.strip()]
+    assert any(killed[0][0][:8] in ln and "marked failed" in ln for ln in err_lines), err_lines
+    assert rc == 130, (rc, err_lines, log2.read_text()[-3000:])
+    assert err_lines[-1].startswith("forgeline: run ") and "canceled" in err_lines[-1], err_lines
+    assert not any(TRACEBACK in ln for ln in err_lines) and TRACEBACK not in log2.read_text()
+    assert not _gone(ranks, 15), "torchrun or a rank outlived the canceled launch"
+    state = _runs(env)
+    statuses = [r[2] for r in state["runs"] if r[1] == "train_and_package"]
+    assert sorted(statuses) == ["CANCELED", "FAILURE"], state
+    assert state["slots"] == [], state
