@@ -318,3 +318,158 @@ def test_run_launcher_and_step_executor_against_a_kubernetes_api(tmp_path, monke
         assert kube.deleted[0] == name and all(n.startswith(name) for n in kube.deleted)
         assert not handler.check_step_health(ctx).is_healthy  # gone: "could not be found"
         assert kube.unknown == [], kube.unknown
+
+
+# ---------------------------------------------------------------------------------------------
+# The built image, run with podman (make test-deploy)
+# ---------------------------------------------------------------------------------------------
+
+needs_image = pytest.mark.skipif(not IMAGE, reason="no image: `make test-deploy` builds one and sets FORGELINE_TEST_IMAGE")
+
+
+def podman(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args[:3])} ...: rc={out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def container():
+    """Starts containers (host network, as podman is configured here) and removes them after."""
+    names = []
+
+    def start(*args: str, env: dict | None = None) -> str:
+        name = f"forgeline-test-{uuid.uuid4().hex[:8]}"
+        names.append(name)
+        envs = [a for k, v in (env or {}).items() for a in ("--env", f"{k}={v}")]
+        podman("run", "-d", "--name", name, *envs, IMAGE, *args)
+        return name
+
+    yield start
+    for name in names:
+        podman("rm", "-f", "-t", "0", name, check=False)
+
+
+def wait_for(what: str, probe, name: str, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if probe():
+            return
+        state = podman("inspect", "-f", "{{.State.Status}}", name, check=False).stdout.strip()
+        if state in ("exited", "stopped"):
+            break
+        time.sleep(2)
+    logs = podman("logs", name, check=False)
+    raise AssertionError(f"{what} did not come up in {timeout_s:.0f}s\n{logs.stdout[-4000:]}\n{logs.stderr[-4000:]}")
+
+
+@needs_image
+def test_code_server_answers_grpc_health_check(container):
+    """The image's own CMD (the code server) with the environment the Helm values give it; the
+    port is moved off 3030 because containers share the host's network here."""
+    cmd = json.loads(podman("image", "inspect", "--format", "{{json .Config.Cmd}}", IMAGE).stdout)
+    assert cmd[:3] == ["dagster", "api", "grpc"] and "jobs.definitions" in cmd, cmd
+    port = free_port()
+    cmd[cmd.index("--port") + 1] = str(port)
+    name = container(*cmd, env=deployed_env())
+
+    def healthy() -> bool:
+        out = podman("exec", name, "dagster", "api", "grpc-health-check", "--host", "127.0.0.1", "--port", str(port),
+                     check=False, timeout=60)
+        return out.returncode == 0
+
+    wait_for("the code server", healthy, name)
+    user = podman("exec", name, "id", "-u").stdout.strip()
+    assert user == "10001"
+
+
+@needs_image
+def test_model_server_is_ready(container):
+    port = free_port()
+    name = container("forgeline", "serve", "--host", "127.0.0.1", "--port", str(port), "--no-shm")
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    wait_for("forgeline serve", ready, name)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2", timeout=5) as r:
+        assert "name" in json.loads(r.read())
+
+
+# What the step pod runs instead of `dagster api execute_step` (which needs the run in a shared
+# instance and the model store): it loads the code location with the step's own environment, as
+# execute_step does first, and reports what the pod spec gave it.
+STEP_PROBE = r"""
+import json, os
+import jobs.definitions
+mounts = {l.split()[1]: l.split() for l in open("/proc/mounts")}
+st = os.statvfs("/dev/shm")
+tier = os.environ.get("FORGELINE_SHM_ROOT") or "/dev/shm/forgeline"
+out = {"uid": os.getuid(), "gid": os.getgid(), "shm_fs": mounts.get("/dev/shm", ["", "", ""])[2],
+       "shm_bytes": st.f_blocks * st.f_frsize, "step": os.environ.get("DAGSTER_RUN_STEP_KEY"),
+       "s3_env": "AWS_ACCESS_KEY_ID" in os.environ, "tier_mounted": tier in mounts}
+if out["tier_mounted"]:
+    p = os.path.join(tier, ".probe"); open(p, "w").write("x"); os.remove(p); out["tier_writable"] = True
+print("PROBE " + json.dumps(out))
+"""
+
+
+@needs_image
+def test_step_pods_run_under_kube_play(tmp_path):
+    """Step pods as dagster-k8s renders them from forgeline's executor config (a GPU step and the
+    shm-tier step), each Job's pod template turned into a Pod and run with `podman kube play`. Local
+    substitutions only: the image, the command (STEP_PROBE), the tier's host directory (a temporary
+    one), and podman drops what it cannot schedule on (GPU limits, node selector, tolerations)."""
+    from test_deploy import dagster_k8s_step_job  # the Job dagster-k8s's K8sStepHandler creates
+
+    from jobs.definitions import defs
+    from jobs.executor import k8s_executor_config
+    from resources.gpu import gpu_pool_from_env
+
+    tier_dir = tmp_path / "tier"
+    tier_dir.mkdir()
+    os.chown(tier_dir, 10001, 10001)
+    env = {**deployed_env(), "FORGELINE_K8S_SHM_TIER_HOST_PATH": str(tier_dir)}
+    cfg = k8s_executor_config(gpu_pool_from_env(env), defs.assets, env)
+    secret = yaml.safe_load((DEPLOY / "k8s" / "s3-secret.yaml").read_text())
+    instance_cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "dagster-instance"},
+                   "data": {"dagster.yaml": "telemetry:\n  enabled: false\n"}}
+    (tmp_path / "configmap.yaml").write_text(yaml.safe_dump(instance_cm))
+    for op, gpu in (("preprocessed", True), ("shm_prewarm", False)):
+        job = dagster_k8s_step_job(cfg, op)
+        name = f"forgeline-step-{op.replace('_', '-')}-{uuid.uuid4().hex[:6]}"
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "labels": job["spec"]["template"]["metadata"]["labels"]},
+               "spec": json.loads(json.dumps(job["spec"]["template"]["spec"]))}
+        validate(pod)
+        (c,) = pod["spec"]["containers"]
+        c.update(image=IMAGE, imagePullPolicy="Never", command=["python", "-c", STEP_PROBE], args=[])
+        manifest = tmp_path / f"{op}.yaml"
+        manifest.write_text(yaml.safe_dump_all([secret, pod]))
+        try:
+            podman("kube", "play", "--network", "host", "--configmap", str(tmp_path / "configmap.yaml"), str(manifest))
+            ctr = f"{name}-{c['name']}"
+            rc = podman("wait", ctr, timeout=300).stdout.strip()
+            logs = podman("logs", ctr, check=False)
+            assert rc == "0", f"step pod {op} exited {rc}\n{logs.stdout[-4000:]}\n{logs.stderr[-4000:]}"
+            (line,) = [ln for ln in logs.stdout.splitlines() if ln.startswith("PROBE ")]
+            got = json.loads(line[6:])
+            assert got["uid"] == got["gid"] == 10001 and got["step"] == op and got["s3_env"], got
+            if gpu:  # the memory-backed emptyDir at /dev/shm, at its size limit
+                assert got["shm_fs"] == "tmpfs" and got["shm_bytes"] == 16 * 2**30, got
+            else:
+                assert got["tier_mounted"] and got["tier_writable"], got
+        finally:
+            podman("kube", "down", str(manifest), check=False)
+            podman("secret", "rm", secret["metadata"]["name"], check=False)
