@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export FORGELINE_HOME ?= $(CURDIR)/.forgeline
 export DAGSTER_HOME ?= $(FORGELINE_HOME)/dagster_home
 
-.PHONY: demo test ui install clean system-deps test-deploy container-tools
+.PHONY: demo test ui install clean system-deps test-deploy container-tools gpu-check gpu-check-dry
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -78,3 +78,12 @@ container-tools:
 	[ "$$(id -u)" = 0 ] || { echo "test-deploy: needs root (debootstrap builds the base image; podman runs rootful here)" >&2; exit 1; }; \
 	CONTAINERS_CONF=$(CURDIR)/deploy/test/containers.conf podman info >/dev/null 2>&1 || \
 	  { echo "test-deploy: podman is installed but cannot run containers on this machine: $$(CONTAINERS_CONF=$(CURDIR)/deploy/test/containers.conf podman info 2>&1 | tail -1)" >&2; exit 1; }
+
+## make gpu-check: on a GPU machine, everything CUDA in one call (bench/gpu/check.sh; docs/gpu-check.md).
+## The device call runs `bash bench/gpu/check.sh` itself (with .gpu-wheels carried, from bench/gpu/prepare.sh).
+gpu-check:
+	bash bench/gpu/check.sh
+
+## make gpu-check-dry: the same script here, on CPU, tiny sizes, CUDA-only parts skipped with the reason
+gpu-check-dry: $(STAMP)
+	PYTHON=$(BIN)/python bash bench/gpu/check.sh --dry
