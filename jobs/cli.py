@@ -5,6 +5,10 @@
     forgeline gen digits --batch B [--shifted] [--image-size 32]
     forgeline gen synthetic --batch B --size 2GB
     forgeline load digits/latest --device cuda:0 [--json]   fast load, per-stage throughput
+    forgeline load digits/production                 the promoted version (shm tier first); a rejected
+                                                     version only by id with --allow-rejected
+    forgeline models [digits] [--json]               versions: production, previous, rejected, gates
+    forgeline promote digits VERSION [--reason T]    move the production alias; `forgeline rollback digits`
     forgeline report [--asset NAME] [--json]         latest timings, throughput, latencies, checks per asset
     forgeline withdraw B [--shard NAME] --reason T   take a published batch/shard out of training (recorded)
     forgeline demo                                   data → lifecycle → summary
@@ -756,7 +760,7 @@ def cmd_load(args) -> int:
 
     _check_cuda_device(args.device)
     options = {"dtype": getattr(__import__("torch"), args.dtype) if args.dtype else None,
-               "verify": args.verify, "owned": args.owned}
+               "verify": args.verify, "owned": args.owned, "allow_rejected": args.allow_rejected}
     where = "path"
     if _is_published(args.source):
         from pipeline.shm_tier import resolve_source
@@ -927,6 +931,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="check sha256 against the manifest")
     s.add_argument("--owned", action="store_true", help="copy into owned memory (CPU) instead of mapping")
     s.add_argument("--no-shm", action="store_true", help="ignore the /dev/shm tier")
+    s.add_argument("--allow-rejected", action="store_true",
+                   help="load a version a gate rejected (by its version id only; production/latest never name one)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=cmd_load)
 
@@ -947,6 +953,10 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.withdraw_cli import add_parser as add_withdraw_parser  # forgeline withdraw
 
     add_withdraw_parser(sub)
+
+    from jobs.models_cli import add_parser as add_models_parser  # forgeline models / promote / rollback
+
+    add_models_parser(sub)
 
     s = sub.add_parser("demo", help="generate data and run the lifecycle job end to end")
     s.add_argument("--batch", default="digits-0001", type=batch_name)
