@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import zlib
 
@@ -254,6 +255,18 @@ def test_sensor_and_schedule_skip_ready_folders_with_bad_names(tmp_path):
     assert ready == ["good-1"] and set(refused) == {"-x", " sp"}
 
 
+def _cli_fails(cli, capsys, argv, pattern) -> None:
+    """``forgeline <argv>`` fails with ``pattern`` in its one-line message (an argparse error, a
+    SystemExit message or a line on stderr)."""
+    try:
+        rc, said = cli.main(argv), ""
+    except SystemExit as e:
+        rc, said = e.code, str(e.code)
+    out = capsys.readouterr()
+    said += out.err + out.out
+    assert rc not in (0, None) and re.search(pattern, said), (rc, said)
+
+
 def test_cli_refuses_bad_names_and_unready_partitions(tmp_path, monkeypatch, capsys):
     import dagster as dg
 
@@ -261,18 +274,16 @@ def test_cli_refuses_bad_names_and_unready_partitions(tmp_path, monkeypatch, cap
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
-    with pytest.raises(SystemExit):
-        cli.main(["gen", "digits", "--batch", "../up"])
-    assert "argument --batch: batch name '../up': a path" in capsys.readouterr().err
+    _cli_fails(cli, capsys, ["gen", "digits", "--batch", "../up"], r"argument --batch: batch name '../up': a path")
+    _cli_fails(cli, capsys, ["demo", "--batch", " x"], r"argument --batch: batch name ' x': whitespace")
     assert not (tmp_path / "store" / "incoming").exists()
-    with pytest.raises(SystemExit, match=r"--partition 'nope': batch 'nope': .*incoming/nope does not exist"):
-        cli.main(["launch", "ingest", "--partition", "nope"])
+    _cli_fails(cli, capsys, ["launch", "ingest", "--partition", "nope"],
+               r"--partition 'nope': batch 'nope': .*incoming/nope does not exist")
     store = LocalStorage(tmp_path / "store")
     _good(store, "incoming/half/shards/train-000000.tar")  # landing, no _READY yet
-    with pytest.raises(SystemExit, match="has not finished landing"):
-        cli.main(["launch", "ingest", "--partition", "half"])
-    with pytest.raises(SystemExit, match="batch name 'a/b'"):
-        cli.main(["launch", "ingest", "--partition", "a/b"])
+    _cli_fails(cli, capsys, ["launch", "ingest", "--partition", "half"], "has not finished landing")
+    _cli_fails(cli, capsys, ["launch", "ingest", "--partition", "a/b"], "batch name 'a/b'")
+    _cli_fails(cli, capsys, ["withdraw", "..", "--reason", "x"], r"argument batch: batch name '..'")
     assert dg.DagsterInstance.get().get_dynamic_partitions("batches") == []
 
 
