@@ -102,7 +102,7 @@ else
   if [ -n "$(ls "$BIG" 2>/dev/null)" ]; then
     ok=1
     if [ -f $WHEELS/big-parts.sha256 ]; then
-      missing=$(cd "$BIG" && sha256sum -c --quiet "$OLDPWD/$WHEELS/big-parts.sha256" 2>&1 | grep -c 'FAILED\|No such')
+      missing=$(cd "$BIG" && sha256sum -c --quiet "$OLDPWD/$WHEELS/big-parts.sha256" 2>&1 | grep -c ': FAILED')
       if [ "$missing" != 0 ]; then
         ok=0
         echo "gpu-check: DALI: $missing of $(wc -l < $WHEELS/big-parts.sha256) part files in $BIG missing or different: the dali part and DALI tests will skip"
@@ -115,6 +115,18 @@ else
       "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
         --target "$DSITE" $(ls "$BIG"/x/*.whl "$BIG"/*.whl 2>/dev/null) && echo done > "$DSITE/.stamp" ||
         { ok=0; echo "gpu-check: DALI: unpacking/installing the parts from $BIG failed: the dali part will skip"; }
+    fi
+    if [ $ok = 1 ] && [ -d "$DSITE/nvidia" ]; then
+      # nvimgcodec ships nvidia/__init__.py: a regular package there would hide the image's nvidia.*
+      # (or, if the image's nvidia is a regular package, hide nvidia.dali). Merge the two instead.
+      img=$("$PY" -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__) if getattr(nvidia, "__file__", None) else "")' 2>/dev/null)
+      if [ -n "$img" ]; then
+        for d in "$DSITE"/nvidia/*/; do
+          n=$(basename "$d"); [ "$n" = __pycache__ ] || [ -e "$img/$n" ] || ln -s "${d%/}" "$img/$n" ||
+            echo "gpu-check: DALI: could not link $n into $img"
+        done
+      fi
+      rm -f "$DSITE/nvidia/__init__.py"   # a namespace portion: never hides the image's nvidia package
     fi
     [ $ok = 1 ] && export PYTHONPATH="$DSITE:$PYTHONPATH" && echo "gpu-check: DALI + polars from $BIG installed in $DSITE"
   else
