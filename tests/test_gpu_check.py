@@ -73,8 +73,9 @@ def test_gpu_commands_use_flags_the_benchmarks_have(tmp_path):
         src = (ROOT / cmd[1]).read_text()
         for flag in (x for x in cmd[2:] if x.startswith("--")):
             assert re.search(rf"add_argument\(\s*\"{re.escape(flag)}\"", src), f"{cmd[1]} has no {flag}"
-    loaders = next(c for c in seen if c[1].endswith("loaders.py"))
-    assert loaders[loaders.index("--size-gb") + 1] == "16" and "cold" in loaders
+    loaders = [c for c in seen if c[1].endswith("loaders.py")]
+    assert {c[c.index("--sources") + 1] for c in loaders} == {"shm", "warm", "cold"}
+    assert all(c[c.index("--size-gb") + 1] == "16" and "cuda:0" in c for c in loaders)
     train = next(c for c in seen if c[1].endswith("train.py"))
     assert train[train.index("--batch-size") + 1] == "128" and train[train.index("--model") + 1] == "resnet50"
 
