@@ -144,10 +144,10 @@ def promoted_model(context: dg.AssetExecutionContext, exported_model: dict, quan
     name, version = exported_model["model"], exported_model["version"]
     gates = {**exported_model["gates"], **quantized_model["gates"]}
     reason = f"passed {', '.join(sorted(gates))}"
-    record = promotion.promote(store, name, version, run_id=context.run_id, gates=gates, reason=reason)
+    record = promotion.promote(store, name, version, run_id=context.run.run_id, gates=gates, reason=reason)
     variants = {}
     for scheme, v in quantized_model["variants"].items():
-        variants[scheme] = promotion.promote(store, v["model"], v["version"], run_id=context.run_id,
+        variants[scheme] = promotion.promote(store, v["model"], v["version"], run_id=context.run.run_id,
                                              gates={"accuracy_gate": gates[f"accuracy_gate.{scheme}"]}, reason=reason)
     return dg.Output(
         {"model": name, "version": version, "previous": record["previous"],
@@ -175,7 +175,7 @@ def compile_artifacts(
 
     store = storage.client()
     name, version, spec = exported_model["model"], exported_model["version"], exported_model["spec"]
-    with gpu_pool.lease(f"compile_artifacts:{context.run_id}") as lease:
+    with gpu_pool.lease(f"compile_artifacts:{context.run.run_id}") as lease:
         device = f"cuda:{lease.devices[0].index}" if lease.devices else "cpu"
         model = export.build_from_version(store, name, version).to(device)
         example = torch.randn(config.batch_size, *package.input_shape(spec), device=device)

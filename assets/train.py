@@ -49,7 +49,7 @@ def preprocessed(
     spec = preprocess.PreprocessSpec(resize_shorter=config.resize_shorter, crop=config.crop, random_flip=config.random_flip)
     mean, std = preprocess.normalization_stats(local["train"], spec=spec)
     spec = replace(spec, mean=tuple(mean), std=tuple(std))
-    with gpu_pool.lease(f"preprocessed:{context.run_id}") as lease, preprocess.WebDatasetLoader(
+    with gpu_pool.lease(f"preprocessed:{context.run.run_id}") as lease, preprocess.WebDatasetLoader(
         local["train"], batch_size=config.batch_size, spec=spec, training=True,
         device="gpu" if lease.device_type == "cuda" else "cpu", lookahead=False,
         device_id=lease.devices[0].index if lease.devices else None,
@@ -130,7 +130,7 @@ def trained_model(
     this run through Dagster Pipes, and returns the result recorded as metadata."""
     store = storage.client()
     data = preprocessed["dataset"]
-    run_name = _run_name(config, data["version"], context.run_id)
+    run_name = _run_name(config, data["version"], context.run.run_id)
     tcfg = train.TrainConfig(
         epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size,
         accumulation=config.accumulation, amp=config.amp, seed=config.seed, model=config.model,
@@ -141,13 +141,13 @@ def trained_model(
         gpus = config.gpus_per_node if config.gpus_per_node is not None else (gpu_pool.gpus_per_run or 1)
         result, util = k8s_runner.train_on_nodes(
             store, dataset=data, spec=preprocessed["spec"], config=tcfg, checkpoint_prefix=f"checkpoints/{run_name}",
-            run_id=context.run_id, nnodes=config.nodes, device_type="cuda" if gpus else "cpu",
+            run_id=context.run.run_id, nnodes=config.nodes, device_type="cuda" if gpus else "cpu",
             requirements=k8s_manifests.merge(gpu_pool.k8s_config(gpus), k8s_manifests.model_store_access_from_env()),
             run_timeout_s=config.run_timeout_s, image=config.node_image, namespace=config.node_namespace,
             rdzv_port=config.rdzv_port, on_line=context.log.info), {}
     else:
         # rank 0 logs every epoch through Pipes: the lines reach the event log while training runs
-        with gpu_pool.lease(f"trained_model:{context.run_id}") as lease, gpu_pool.sampler(lease) as sampler, \
+        with gpu_pool.lease(f"trained_model:{context.run.run_id}") as lease, gpu_pool.sampler(lease) as sampler, \
                 dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
                                       message_reader=dg.PipesTempFileMessageReader()) as pipes:
             result = train.launch(
@@ -161,7 +161,7 @@ def trained_model(
     train_seconds = sum(h["seconds"] for h in hist)
     record = {
         "run_name": run_name,
-        "run_id": context.run_id,
+        "run_id": context.run.run_id,
         "checkpoint": result.checkpoint,
         "checkpoint_sha256": result.checkpoint_sha256,
         "model": {"name": tcfg.model, "kwargs": tcfg.model_kwargs},

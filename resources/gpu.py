@@ -76,7 +76,7 @@ class GpuPoolResource(dg.ConfigurableResource):
         ``lease_timeout_s`` (then :class:`pipeline.gpus.GpuPoolBusy`). Use it as a context
         manager so the devices go back when the step ends::
 
-            with gpu_pool.lease(context.run_id) as lease, gpu_pool.sampler(lease) as sampler:
+            with gpu_pool.lease(context.run.run_id) as lease, gpu_pool.sampler(lease) as sampler:
                 ...
             context.add_output_metadata({**lease.metadata(), **sampler.summary()})
         """
