@@ -7,6 +7,7 @@ import dagster as dg
 from assets import drift as drift_assets
 from assets import ingest as ingest_assets
 from assets import package as package_assets
+from assets import rollout as rollout_assets
 from assets import serve as serve_assets
 from assets import train as train_assets
 from jobs.automation import build_schedules, drift_retrain, record_run_failure
@@ -32,8 +33,10 @@ lifecycle_job = dg.define_asset_job(
 
 train_and_package_job = dg.define_asset_job(
     "train_and_package",
-    selection=dg.AssetSelection.groups("train", "package"),
-    description="Preprocess every ingested batch, train, export, quantize, compile and cache the artifacts.",
+    # ...and, once promoted, the rollout to the model servers and what they serve (assets/rollout.py)
+    selection=dg.AssetSelection.groups("train", "package") | dg.AssetSelection.assets("model_rollout", "served_models"),
+    description="Preprocess every ingested batch, train, export, quantize, compile and cache the artifacts; "
+                "promote, then wait until the model servers serve the new version.",
 )
 
 
@@ -41,7 +44,8 @@ def build_defs() -> dg.Definitions:
     """Definitions with resources chosen from the environment at call time (see storage_from_env)."""
     storage = storage_from_env()
     gpu_pool = gpu_pool_from_env()
-    assets = dg.load_assets_from_modules([ingest_assets, train_assets, package_assets, serve_assets])
+    assets = dg.load_assets_from_modules([ingest_assets, train_assets, package_assets, serve_assets,
+                                                rollout_assets])
     return dg.Definitions(
         assets=assets,
         asset_checks=dg.load_asset_checks_from_modules([drift_assets]),

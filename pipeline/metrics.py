@@ -81,3 +81,152 @@ class Latencies:
 
     def summary(self, prefix: str) -> dict[str, float | int]:
         return summary(self.values, prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# A server's Prometheus histograms, read back (the rollout and `served_models`)
+# ---------------------------------------------------------------------------------------------
+
+
+def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:
+    """The ``q`` quantile of cumulative ``(upper_bound, count)`` buckets, as Prometheus's
+    ``histogram_quantile`` estimates it (linear within the bucket; in ``+Inf``: the largest finite
+    bound). None without observations. Same estimate as ``forgeline serve status``."""
+    ordered = sorted(buckets)
+    if not ordered or ordered[-1][1] <= 0:
+        return None
+    rank = q * ordered[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in ordered:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            if count == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
+
+
+def served_latency(text: str, prefix: str = "forgeline_serving") -> dict[str, dict]:
+    """Per model, from a model server's ``/metrics`` text: ``requests`` (every result),
+    ``requests_ok``, and ``p50_ms``/``p95_ms``/``p99_ms`` of ``<prefix>_request_seconds`` (all
+    versions, since the server started; None before any request)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[str, dict[float, float]] = {}
+    requests: dict[str, dict[str, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            model = s.labels.get("model")
+            if model is None:
+                continue
+            if fam.name == f"{prefix}_request_seconds" and s.name.endswith("_bucket"):
+                le = float(s.labels["le"])
+                acc = buckets.setdefault(model, {})
+                acc[le] = acc.get(le, 0.0) + s.value
+            elif fam.name == f"{prefix}_requests" and s.name.endswith("_total"):
+                by = requests.setdefault(model, {})
+                result = s.labels.get("result", "ok")
+                by[result] = by.get(result, 0.0) + s.value
+    out: dict[str, dict] = {}
+    for model in sorted(set(buckets) | set(requests)):
+        by = requests.get(model, {})
+        row: dict = {"requests": int(sum(by.values())), "requests_ok": int(by.get("ok", 0.0))}
+        for q in PERCENTILES:
+            v = histogram_quantile(q / 100, buckets.get(model, {}).items())
+            row[f"p{q}_ms"] = None if v is None else v * 1e3
+        out[model] = row
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Curves as pictures: a small SVG line chart (no plotting library), for Markdown metadata
+# ---------------------------------------------------------------------------------------------
+
+_COLORS = ("#4F43DD", "#E5484D", "#12A594", "#F76B15", "#8E4EC6")
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0)
+    raw_step = (hi - lo) / n
+    mag = 10 ** np.floor(np.log10(raw_step))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw_step)
+    start = np.floor(lo / step) * step
+    return [float(start + i * step) for i in range(int(np.ceil((hi - start) / step - 1e-9)) + 1)]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+
+
+def line_chart_svg(series: dict[str, list[float | None]], *, title: str = "", x_label: str = "epoch",
+                   x: list[float] | None = None, width: int = 520, height: int = 260) -> str:
+    """An SVG line chart of ``series`` (name -> y per point; None or non-finite points are gaps),
+    one colour per series with a legend, y axis scaled to the data, x = ``x`` (default 1..n)."""
+    from html import escape
+
+    n = max((len(v) for v in series.values()), default=0)
+    xs = list(x) if x is not None else list(range(1, n + 1))
+    ys = [float(y) for v in series.values() for y in v if y is not None and np.isfinite(y)]
+    left, right, top, bottom = 56, 16, 30 if title else 12, 40
+    pw, ph = width - left - right, height - top - bottom
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{width}" height="{height}" fill="white"/>']
+    if title:
+        parts.append(f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="13">{escape(title)}</text>')
+    if not ys or not xs:
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>')
+        return "".join(parts)
+    yt = _nice_ticks(min(ys), max(ys))
+    y0, y1 = yt[0], yt[-1]
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+
+    def px(v):
+        return left + (v - x0) / (x1 - x0) * pw
+
+    def py(v):
+        return top + ph - (v - y0) / ((y1 - y0) or 1.0) * ph
+
+    for t in yt:  # horizontal grid and y labels
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#e5e5e5"/>'
+                     f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
+    step = max(1, int(np.ceil(len(xs) / 10)))
+    for v in xs[::step]:  # x labels, at most ~10
+        parts.append(f'<text x="{px(v):.1f}" y="{top + ph + 16}" text-anchor="middle">{_fmt(v)}</text>')
+    parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" stroke="#999"/>'
+                 f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" stroke="#999"/>'
+                 f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{escape(x_label)}</text>')
+    for i, (name, values) in enumerate(series.items()):
+        color = _COLORS[i % len(_COLORS)]
+        runs, run = [], []
+        for xv, yv in zip(xs, values):
+            if yv is None or not np.isfinite(yv):
+                runs.append(run)
+                run = []
+            else:
+                run.append((px(xv), py(float(yv))))
+        runs.append(run)
+        for r in runs:
+            if len(r) > 1:
+                pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in r)
+                parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
+            for a, b in r:
+                parts.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="2.5" fill="{color}"/>')
+        lx = left + 8 + i * 130
+        parts.append(f'<rect x="{lx}" y="{top + 4}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{lx + 14}" y="{top + 13}">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_markdown(svg: str, alt: str) -> str:
+    """``svg`` as a Markdown image with a base64 data URI (Dagster's Markdown metadata allows
+    ``data:`` image sources)."""
+    import base64
+
+    return f"![{alt}](data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode()})"

@@ -206,6 +206,40 @@ def model_name(env: Env = None) -> str:
     return _name("FORGELINE_MODEL_NAME", DEFAULT_MODEL_NAME, env)
 
 
+def serve_sample_rate(env: Env = None) -> float:
+    """``FORGELINE_SERVE_SAMPLE_RATE``: share of inference rows the model server samples back into
+    ``incoming/serving-*/`` (0..1; default 0: off)."""
+    value = raw("FORGELINE_SERVE_SAMPLE_RATE", env)
+    if value is None:
+        return 0.0
+    try:
+        rate = float(value)
+    except ValueError:
+        raise SettingError(f"FORGELINE_SERVE_SAMPLE_RATE must be a number in 0..1, got {value!r}") from None
+    if not 0.0 <= rate <= 1.0:
+        raise SettingError(f"FORGELINE_SERVE_SAMPLE_RATE={value} must be within 0..1")
+    return rate
+
+
+def serve_sample_window_s(env: Env = None) -> float:
+    """``FORGELINE_SERVE_SAMPLE_WINDOW_S``: seconds after its first sample a traffic window closes (default 300)."""
+    value = raw("FORGELINE_SERVE_SAMPLE_WINDOW_S", env)
+    if value is None:
+        return 300.0
+    try:
+        s = float(value)
+    except ValueError:
+        s = float("nan")
+    if not (s > 0 and math.isfinite(s)):
+        raise SettingError(f"FORGELINE_SERVE_SAMPLE_WINDOW_S must be a positive number of seconds, got {value!r}")
+    return s
+
+
+def serve_sample_window_samples(env: Env = None) -> int:
+    """``FORGELINE_SERVE_SAMPLE_WINDOW_SAMPLES``: samples at which a traffic window closes early (default 10000)."""
+    return int_setting("FORGELINE_SERVE_SAMPLE_WINDOW_SAMPLES", 10_000, env, minimum=1)
+
+
 def gpu_pool(env: Env = None) -> str:
     """``FORGELINE_GPU_POOL``: the Dagster concurrency pool every GPU step declares (default ``gpu``)."""
     return _name("FORGELINE_GPU_POOL", DEFAULT_GPU_POOL, env)
@@ -255,6 +289,45 @@ def train_fault(env: Env = None) -> str | None:
 def debug(env: Env = None) -> bool:
     """``FORGELINE_DEBUG=1``: the CLIs print full tracebacks instead of one line per error."""
     return (raw("FORGELINE_DEBUG", env) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _http_url(name: str, value: str) -> str:
+    """``value`` as an absolute http(s) URL without a trailing slash (``host:port`` gets ``http://``)."""
+    from urllib.parse import urlsplit
+
+    url = value.strip()
+    if "://" not in url:
+        url = "http://" + url
+    url = url.rstrip("/")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise SettingError(f"{name}: not a URL: {value!r} ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise SettingError(f"{name}: not an http(s) URL: {value!r} (use e.g. http://forgeline-serving:8000)")
+    return url
+
+
+def serve_urls(env: Env = None) -> list[str]:
+    """``FORGELINE_SERVE_URLS``: the model servers the rollout waits for and ``served_models``
+    records, comma-separated (``http://10.0.0.5:8000,serving-1:8000``; ``http://`` is implied).
+    Unset or empty: none (the rollout passes and says so)."""
+    value = raw("FORGELINE_SERVE_URLS", env)
+    urls: list[str] = []
+    for part in (value or "").split(","):
+        if part.strip():
+            url = _http_url("FORGELINE_SERVE_URLS", part)
+            if url not in urls:
+                urls.append(url)
+    return urls
+
+
+def reports_url(env: Env = None) -> str | None:
+    """``FORGELINE_REPORTS_URL``: base URL of a ``forgeline serve`` that serves the drift reports
+    (``GET /reports/...``); the drift checks then link the report there instead of its storage path."""
+    value = raw("FORGELINE_REPORTS_URL", env)
+    return _http_url("FORGELINE_REPORTS_URL", value) if value else None
 
 
 # ---------------------------------------------------------------------------------------------
