@@ -25,9 +25,16 @@ demo: $(STAMP)
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Real programs the tests start themselves: Debian's redis-server and chromium (the S3 server is
-# moto, from PyPI). chromium is optional: without it the browser test skips and says why.
+# Real programs the tests start themselves: Debian's redis-server, chromium and Ceph's RADOS
+# Gateway (the S3 server: a one-node cluster on 127.0.0.1, tests/rgw.py; moto, from PyPI, stays
+# for fault injection only). chromium is optional: without it the browser test skips and says why.
+# Without Ceph the S3 tests fail with one line naming these packages.
+CEPH_PACKAGES := ceph-mon ceph-osd ceph-common radosgw
 system-deps:
+	@command -v radosgw >/dev/null && command -v ceph-osd >/dev/null && command -v ceph-mon >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $(CEPH_PACKAGES) >/dev/null; \
+	  else echo "Ceph's RADOS Gateway is missing: sudo apt-get install $(CEPH_PACKAGES)" >&2; exit 1; fi; }
 	@command -v redis-server >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing: sudo apt-get install redis-server" >&2; exit 1; fi; }

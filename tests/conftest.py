@@ -1,8 +1,14 @@
 """Shared fixtures: storage backends to test against.
 
-S3 tests talk to a real HTTP server — moto's standalone server, started once per session as a
-subprocess on a free local port — so requests, retries and streaming go through botocore's
-real network stack. Each test gets a fresh bucket with dummy credentials.
+S3 tests talk to a real S3 server: Ceph's RADOS Gateway on a one-node cluster bound to 127.0.0.1
+(tests/rgw.py), started once per session, so requests, ranged GETs, multipart uploads, ETags and
+streaming go through botocore's real network stack against a real implementation. Each test gets
+a fresh bucket; the credentials are made for the session (``s3_credentials``). Without Debian's
+ceph packages (``make system-deps``) every S3 test fails with one line saying so: CI has them.
+
+moto's standalone server (``moto_server`` / ``moto_storage_factory``) remains only for fault
+injection (tests/test_faults_storage.py), where a test rewrites answers in botocore's event hooks
+and needs no real server behaviour.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import pytest
 
 from pipeline.storage import LocalStorage
 from pipeline.storage.s3 import MIN_PART_SIZE, S3Storage
+from tests.rgw import RGWCluster, RGWError, install_hint, missing_programs
 
 _SERVER_START_TIMEOUT_S = 30
 
@@ -71,8 +78,76 @@ def start_moto_server(log_path: str | None = None) -> tuple[subprocess.Popen, st
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> Iterator[str]:
-    """Endpoint URL of a moto S3 server running in a subprocess for the whole session."""
+def rgw(tmp_path_factory) -> Iterator[RGWCluster]:
+    """Ceph's RADOS Gateway on a one-node cluster (memstore OSD) for the whole session."""
+    if missing_programs():
+        pytest.fail(install_hint(), pytrace=False)
+    cluster = RGWCluster(tmp_path_factory.mktemp("rgw"), memstore_bytes=8 << 30)
+    try:
+        cluster.start()
+    except RGWError as e:
+        pytest.fail(f"Ceph's RADOS Gateway did not start: {e}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(rgw) -> str:
+    """Endpoint URL of the session's S3 server (radosgw)."""
+    return rgw.endpoint
+
+
+@pytest.fixture(scope="session")
+def s3_credentials(rgw) -> dict[str, str]:
+    """``aws_access_key_id`` / ``aws_secret_access_key`` of the session's S3 user."""
+    return dict(rgw.credentials)
+
+
+def _bucket_factory(endpoint: str, credentials: dict[str, str], made: list[S3Storage]) -> Callable[..., S3Storage]:
+    def factory(*, create: bool = True, **kw) -> S3Storage:
+        kw = {"prefix": "data", "part_size": MIN_PART_SIZE, "multipart_threshold": MIN_PART_SIZE, **kw}
+        store = S3Storage(f"forgeline-test-{uuid.uuid4().hex[:12]}", endpoint_url=endpoint,
+                          region_name="us-east-1", **credentials, **kw)
+        if create:
+            store.client.create_bucket(Bucket=store.bucket)
+            made.append(store)
+        return store
+
+    return factory
+
+
+def _empty_buckets(stores: list[S3Storage]) -> None:
+    """Delete what the test left (the OSD keeps objects in RAM); best effort."""
+    for store in stores:
+        try:
+            c = store.client
+            for page in c.get_paginator("list_multipart_uploads").paginate(Bucket=store.bucket):
+                for u in page.get("Uploads", []):
+                    c.abort_multipart_upload(Bucket=store.bucket, Key=u["Key"], UploadId=u["UploadId"])
+            for page in c.get_paginator("list_objects_v2").paginate(Bucket=store.bucket):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    c.delete_objects(Bucket=store.bucket, Delete={"Objects": keys, "Quiet": True})
+            c.delete_bucket(Bucket=store.bucket)
+        except Exception:  # noqa: BLE001 - cleanup only
+            pass
+
+
+@pytest.fixture
+def s3_storage_factory(s3_server, s3_credentials) -> Iterator[Callable[..., S3Storage]]:
+    """``factory(*, create=True, **S3Storage kwargs)``: an S3Storage over a fresh bucket (created
+    unless ``create=False``) on the session's radosgw, with S3's smallest part size, so that
+    multipart paths run with objects of a few MiB. Buckets are emptied and removed afterwards."""
+    made: list[S3Storage] = []
+    yield _bucket_factory(s3_server, s3_credentials, made)
+    _empty_buckets(made)
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory) -> Iterator[str]:
+    """Endpoint URL of a moto S3 server, for fault injection only (see the module docstring)."""
     proc, endpoint = start_moto_server(str(tmp_path_factory.mktemp("moto") / "server.log"))
     try:
         yield endpoint
@@ -81,26 +156,9 @@ def s3_server(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture
-def s3_storage_factory(s3_server) -> Callable[..., S3Storage]:
-    """``factory(*, create=True, **S3Storage kwargs)``: an S3Storage over a fresh bucket (created
-    unless ``create=False``) on the test server, with dummy credentials and S3's smallest part
-    size, so that multipart paths run with objects of a few MiB."""
-
-    def factory(*, create: bool = True, **kw) -> S3Storage:
-        kw = {"prefix": "data", "part_size": MIN_PART_SIZE, "multipart_threshold": MIN_PART_SIZE, **kw}
-        store = S3Storage(
-            f"forgeline-test-{uuid.uuid4().hex[:12]}",
-            endpoint_url=s3_server,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            **kw,
-        )
-        if create:
-            store.client.create_bucket(Bucket=store.bucket)
-        return store
-
-    return factory
+def moto_storage_factory(moto_server) -> Callable[..., S3Storage]:
+    """Like ``s3_storage_factory``, on moto (dummy credentials): for fault injection."""
+    return _bucket_factory(moto_server, {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}, [])
 
 
 @pytest.fixture

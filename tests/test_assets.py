@@ -177,7 +177,7 @@ def test_cli_report_prints_the_latest_numbers(tmp_path, monkeypatch, capsys):
     assert cli.main(["report", "--asset", "trained_model"]) == 1  # not materialized here
 
 
-def test_ingest_on_s3_through_env_configured_resource(instance, s3_storage, s3_server, monkeypatch):
+def test_ingest_on_s3_through_env_configured_resource(instance, s3_storage, s3_server, s3_credentials, monkeypatch):
     """The same assets on S3: the resource is chosen and configured from the environment
     (credentials as EnvVars), against the real local S3 server."""
     from resources.storage import S3StorageResource, storage_from_env
@@ -186,8 +186,8 @@ def test_ingest_on_s3_through_env_configured_resource(instance, s3_storage, s3_s
     monkeypatch.setenv("FORGELINE_S3_PREFIX", "lake")
     monkeypatch.setenv("FORGELINE_S3_ENDPOINT_URL", s3_server)
     monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_credentials["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_credentials["aws_secret_access_key"])
     resource = storage_from_env()
     assert isinstance(resource, S3StorageResource)
 

@@ -166,10 +166,10 @@ def test_run_failure_sensor_records_the_failed_step(tmp_path, instance):
     assert "incoming/bad/table.parquet" in rec["steps"][0]["error"]
 
 
-def test_landing_sensor_on_s3_requests_each_batch_once(s3_server, s3_storage_factory, instance):
+def test_landing_sensor_on_s3_requests_each_batch_once(s3_server, s3_credentials, s3_storage_factory, instance):
     store = s3_storage_factory()
     resource = S3StorageResource(bucket=store.bucket, prefix=store.prefix, endpoint_url=s3_server,
-                                 region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+                                 region_name="us-east-1", **s3_credentials)
     small = datagen.load_digits()
     small = datagen.Digits(small.images[:60], small.labels[:60], small.splits[:60], small.ids[:60])
     datagen.write_batch(store, "incoming/s3-a", small)

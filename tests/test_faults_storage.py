@@ -208,6 +208,9 @@ def test_defaults_bound_a_hang_well_under_a_minute():
 
 
 # -- Answers injected into a real server's traffic (moto) --------------------------------------
+# These stay on moto, not the suite's radosgw: the faults are answers written into botocore's
+# before-send hook, so no server behaviour is under test, and moto (a Python process, no cluster)
+# is the cheapest real endpoint for the requests let through.
 
 
 class _Raw:
@@ -235,8 +238,8 @@ def inject(store: S3Storage, operation: str, status: int, code: str, times: int 
     return seen
 
 
-def test_throttling_and_5xx_are_retried(s3_storage_factory):
-    store = s3_storage_factory(**FAST)
+def test_throttling_and_5xx_are_retried(moto_storage_factory):
+    store = moto_storage_factory(**FAST)
     seen = inject(store, "PutObject", 503, "SlowDown", times=2)
     store.write_atomic("k", b"hello")
     assert len(seen) == 3 and store.read("k") == b"hello"
@@ -244,8 +247,8 @@ def test_throttling_and_5xx_are_retried(s3_storage_factory):
     assert store.read_range("k", 1, 3) == b"ell" and len(seen) == 2
 
 
-def test_failed_upload_shows_its_root_cause_not_the_abort(s3_storage_factory, caplog):
-    store = s3_storage_factory(**{**FAST, "max_attempts": 2})
+def test_failed_upload_shows_its_root_cause_not_the_abort(moto_storage_factory, caplog):
+    store = moto_storage_factory(**{**FAST, "max_attempts": 2})
     parts = inject(store, "UploadPart", 500, "InternalError")
     aborts = inject(store, "AbortMultipartUpload", 403, "AccessDenied")
     with pytest.raises(StorageError) as ei:
@@ -258,8 +261,8 @@ def test_failed_upload_shows_its_root_cause_not_the_abort(s3_storage_factory, ca
     assert not store.exists("models/m/v1/model.safetensors")
 
 
-def test_access_denied_is_not_retried(s3_storage_factory):
-    store = s3_storage_factory(**FAST)
+def test_access_denied_is_not_retried(moto_storage_factory):
+    store = moto_storage_factory(**FAST)
     seen = inject(store, "HeadObject", 403, "AccessDenied")
     t0 = time.monotonic()
     with pytest.raises(StorageError, match=r"HEAD failed \(AccessDenied: injected AccessDenied"):

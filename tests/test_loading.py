@@ -741,7 +741,7 @@ def _s3_uri(store, key: str) -> str:
     return f"s3://{store.bucket}/{join(store.prefix, key)}"
 
 
-def test_s3_round_trip(s3_storage, monkeypatch, s3_server):
+def test_s3_round_trip(s3_storage, monkeypatch, s3_server, s3_credentials):
     manifest, state = published(s3_storage, max_shard_bytes=1500)
     want = {k: v for k, v in state.items()}
     uri = _s3_uri(s3_storage, ex.version_prefix("net", "v1"))
@@ -757,8 +757,8 @@ def test_s3_round_trip(s3_storage, monkeypatch, s3_server):
     assert rep.verified == len(manifest["shards"]) and rep.staging_bytes == 3 * 8192
     # s3:// without a storage: endpoint and credentials from the environment
     monkeypatch.setenv("FORGELINE_S3_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_credentials["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_credentials["aws_secret_access_key"])
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     assert_bit_exact(load(uri), want)
     assert_bit_exact(load(uri + "/" + ex.INDEX_NAME, chunk_bytes=5000), want)
