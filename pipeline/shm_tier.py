@@ -571,6 +571,21 @@ def _version_for(store: Storage, model: str, ref: str, purpose: str) -> str:
                               f"{purpose} ({e})") from None
 
 
+class TierView(LocalStorage):
+    """A read view of a copy of published versions (the shm tier, a local cache), as
+    :func:`resolve_source` hands it to the loader: files are read here, but ``production``,
+    ``latest`` and rejection are those of ``authority``, the storage the copy came from (a copy has
+    no production alias, and its manifests predate a later rejection); ``pinned_refs``
+    (``{"<model>/<ref>": version}``) is what resolve_source resolved, so ``load("digits/production",
+    storage=view)`` reads exactly the version found in the copy even if the alias moves meanwhile
+    (:mod:`pipeline.loading.sources`)."""
+
+    def __init__(self, root: str | os.PathLike, *, authority: Storage, pinned_refs: dict[str, str] | None = None):
+        super().__init__(root, fsync=False)
+        self.authority = authority
+        self.pinned_refs = dict(pinned_refs or {})
+
+
 def resolve_source(
     model: str,
     version: str = "latest",
@@ -582,13 +597,17 @@ def resolve_source(
     """Where the loader should read ``model``/``version`` from: the shm tier when the version is
     complete there (``"shm"``; recency refreshed), else the local cache when it holds the whole
     version (``"local"``), else ``remote`` (``"remote"``). ``"latest"`` and ``"production"`` are
-    resolved on ``remote``."""
+    resolved on ``remote``. The tier and the cache come back as a :class:`TierView` (references
+    pinned to the version resolved here, rejection checked on ``remote``), so the loader can be
+    given the reference itself: ``load(f"{model}/production", storage=returned)``."""
+    ref = version
     version = _version_for(remote, model, version, "to load")
     version_prefix(model, version)
+    pinned = {f"{model}/{ref}": version} if ref != version else {}
     if tier is not None and tier.resolve(model, version) is not None:
-        return tier.storage(), "shm"
+        return TierView(tier.root, authority=remote, pinned_refs=pinned), "shm"
     if local_cache is not None and version_problem(local_cache, model, version, allow_rejected=True) is None:
-        return local_cache, "local"
+        return TierView(local_cache.root, authority=remote, pinned_refs=pinned), "local"
     return remote, "remote"
 
 
@@ -597,6 +616,7 @@ __all__ = [
     "PrewarmReport",
     "ShmTier",
     "TierEntry",
+    "TierView",
     "VersionPinned",
     "resolve_source",
 ]

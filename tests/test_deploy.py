@@ -129,6 +129,56 @@ def test_prewarm_loop_warms_the_latest_version(tmp_path):
     assert sum("prewarmed digits/v1" in ln for ln in lines) == 1  # the second round is a no-op
 
 
+def test_prewarm_loop_follows_the_production_alias(tmp_path):
+    from pipeline import export, promotion
+    from pipeline.shm_tier import ShmTier
+    import torch
+
+    store, tier = LocalStorage(tmp_path / "store"), ShmTier(tmp_path / "tier")
+    for i, v in enumerate(["v1", "v2", "v3"]):
+        export.export({"w": torch.full((8,), float(i))}, store, "digits", v)
+    promotion.promote(store, "digits", "v1")
+    lines: list[str] = []
+
+    def loop() -> list[str]:
+        lines.clear()
+        prewarm.prewarm_loop(["digits"], every_s=0, rounds=1, pin=True, store=store, tier=tier,
+                             ready_file=str(tmp_path / "ready"), log=lines.append)
+        return lines
+
+    assert "prewarmed digits/v1 (production)" in loop()[0]  # production, not the newest (v3)
+    assert [e.version for e in tier.list()] == ["v1"] and tier.pinned("digits", "v1")
+    promotion.promote(store, "digits", "v2")
+    assert loop() and tier.complete("digits", "v2") and tier.pinned("digits", "v2")
+    assert "production is now v2 (was v1)" in lines[-1] and not tier.pinned("digits", "v1")
+    assert not loop()  # nothing moved: a quiet round
+    promotion.rollback(store, "digits")  # back to v1, still in the tier: a hit, nothing copied
+    assert loop() == ["[forgeline] digits: production is now v1 (was v2)"] and tier.pinned("digits", "v1")
+    export.record_gates(store, "digits", "v1", {"accuracy_gate": {"passed": False}})  # rejected since
+    (tmp_path / "ready").unlink()
+    assert "not servable" in loop()[0] and not (tmp_path / "ready").exists()
+
+
+def test_prewarm_loop_unpins_the_old_production_when_both_do_not_fit(tmp_path):
+    from pipeline import export, promotion
+    from pipeline.shm_tier import ShmTier
+    import torch
+
+    store = LocalStorage(tmp_path / "store")
+    for v in ("v1", "v2"):
+        export.export({"w": torch.ones(4096)}, store, "digits", v)
+    promotion.promote(store, "digits", "v1")
+    probe = ShmTier(tmp_path / "probe")
+    size = probe.prewarm(store, "digits", "v1").version_bytes
+    tier = ShmTier(tmp_path / "tier", capacity_bytes=size * 3 // 2)  # room for one version
+    lines: list[str] = []
+    prewarm.prewarm_loop(["digits"], every_s=0, rounds=1, pin=True, store=store, tier=tier, log=lines.append)
+    promotion.promote(store, "digits", "v2")
+    prewarm.prewarm_loop(["digits"], every_s=0, rounds=1, pin=True, store=store, tier=tier, log=lines.append)
+    assert any("no room for v2 while v1 is pinned" in ln for ln in lines), lines
+    assert [e.version for e in tier.list()] == ["v2"] and tier.pinned("digits", "v2")
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-node training manifests
 # ---------------------------------------------------------------------------------------------

@@ -177,6 +177,58 @@ def test_latest_picks_newest_and_missing_version_is_named(local_storage):
         load("other/latest", storage=local_storage)
 
 
+def test_production_follows_the_alias_and_rejected_versions_need_allow_rejected(local_storage):
+    from pipeline import promotion
+
+    for i, v in enumerate(["v1", "v2", "v3"]):
+        published(local_storage, version=v, state={"w": torch.full((3,), float(i))})
+    with pytest.raises(LoadError, match="nothing has been promoted"):
+        load("net/production", storage=local_storage)
+    promotion.promote(local_storage, "net", "v1")
+    assert load("net/production", storage=local_storage)["w"].tolist() == [0, 0, 0]
+    ex.record_gates(local_storage, "net", "v3", {"accuracy_gate": {"passed": False, "value": 9, "limit": 1}})
+    assert load("net/latest", storage=local_storage)["w"].tolist() == [1, 1, 1]  # v3 rejected: never latest
+    with pytest.raises(LoadError, match=r"net/v3: net/v3 is rejected: failed gate\(s\): accuracy_gate.*allow_rejected"):
+        load("net/v3", storage=local_storage)
+    assert load("net/v3", storage=local_storage, allow_rejected=True)["w"].tolist() == [2, 2, 2]
+    folder = local_storage.local_path(ex.version_prefix("net", "v3"))
+    with pytest.raises(LoadError, match="rejected"):  # by key and by path: the same rule
+        load(ex.version_prefix("net", "v3"), storage=local_storage)
+    with pytest.raises(LoadError, match="the manifest says this version is rejected"):
+        load(folder)
+    assert load(folder, allow_rejected=True)["w"].tolist() == [2, 2, 2]
+    ex.record_gates(local_storage, "net", "v1", {"accuracy_gate": {"passed": False, "value": 9, "limit": 1}})
+    with pytest.raises(LoadError, match="net/production is v1, which is not servable"):  # rejected after promotion
+        load("net/production", storage=local_storage, allow_rejected=True)
+    manifest = ex.read_manifest(local_storage, "net", "v2")
+    local_storage.delete(join(ex.version_prefix("net", "v2"), manifest["shards"][0]["file"]))
+    with pytest.raises(LoadError, match=r"net/v2: .*missing"):  # completeness: export.version_problem
+        load("net/v2", storage=local_storage)
+
+
+def test_tier_view_reads_the_copy_but_follows_the_authority(local_storage, tmp_path):
+    from pipeline import promotion
+    from pipeline.shm_tier import ShmTier, TierView, resolve_source
+
+    for i, v in enumerate(["v1", "v2"]):
+        published(local_storage, version=v, state={"w": torch.full((3,), float(i))})
+    promotion.promote(local_storage, "net", "v1")
+    tier = ShmTier(tmp_path / "tier")
+    tier.prewarm(local_storage, "net", "production")
+    view, where = resolve_source("net", "production", tier=tier, local_cache=None, remote=local_storage)
+    assert where == "shm" and isinstance(view, TierView) and view.pinned_refs == {"net/production": "v1"}
+    promotion.promote(local_storage, "net", "v2")  # the alias moves after resolve_source: the pin holds
+    rep = LoadReport()
+    assert load("net/production", storage=view, report=rep)["w"].tolist() == [0, 0, 0]
+    # unpinned, the view resolves on its authority: v2 is not in the tier copy
+    with pytest.raises(LoadError, match=r"net/production \(v2\): v2 is not in"):
+        load("net/production", storage=TierView(tier.root, authority=local_storage))
+    assert load("net/v1", storage=TierView(tier.root, authority=local_storage))["w"].tolist() == [0, 0, 0]
+    ex.record_gates(local_storage, "net", "v1", {"accuracy_gate": {"passed": False, "value": 9, "limit": 1}})
+    with pytest.raises(LoadError, match="rejected"):  # the copy's manifest predates the rejection
+        load("net/v1", storage=TierView(tier.root, authority=local_storage))
+
+
 def test_verify_names_the_corrupt_shard(local_storage):
     manifest, _ = published(local_storage, max_shard_bytes=1500)
     bad = manifest["shards"][1]["file"]

@@ -398,3 +398,26 @@ def test_resolve_source_prefers_shm_then_local_then_remote(local_storage, tier_r
     assert where() == "local"
     cache.delete(join(prefix, ex.read_manifest(remote, MODEL, "v2")["shards"][0]["file"]))  # incomplete cache
     assert where() == "remote"
+
+
+def test_resolve_source_follows_the_production_alias(local_storage, tier_root):
+    from pipeline import promotion
+    from pipeline.loading import load
+    from pipeline.shm_tier import TierView
+
+    remote = local_storage
+    publish(remote, "v1", seed=0)
+    publish(remote, "v2", seed=1)
+    tier = ShmTier(tier_root)
+    with pytest.raises(ex.VersionNotFound, match="no production version"):
+        resolve_source(MODEL, "production", tier=tier, local_cache=None, remote=remote)
+    promotion.promote(remote, MODEL, "v1")
+    tier.prewarm(remote, MODEL, "v2")  # the newest is warm, production is not
+    source, where = resolve_source(MODEL, "production", tier=tier, local_cache=None, remote=remote)
+    assert (source, where) == (remote, "remote")
+    tier.prewarm(remote, MODEL, "production")
+    source, where = resolve_source(MODEL, "production", tier=tier, local_cache=None, remote=remote)
+    assert where == "shm" and isinstance(source, TierView) and source.root == tier.root
+    assert source.authority is remote and source.pinned_refs == {f"{MODEL}/production": "v1"}
+    got = load(f"{MODEL}/production", storage=source)
+    assert all(torch.equal(got[k], v) for k, v in state(0).items())

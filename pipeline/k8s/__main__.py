@@ -14,9 +14,9 @@ from pipeline.settings import json_setting, parse_size
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.k8s")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prewarm", help="keep the latest version of each model in the node's /dev/shm tier")
+    p = sub.add_parser("prewarm", help="keep the production version of each model (the promotion alias) in the node's /dev/shm tier")
     p.add_argument("--model", action="append", required=True, help="model name (repeat for several)")
-    p.add_argument("--every", type=float, default=60.0, help="seconds between checks for a new version")
+    p.add_argument("--every", type=float, default=60.0, help="seconds between checks of the production alias")
     p.add_argument("--pin", action="store_true", help="protect pre-warmed versions from LRU eviction")
     p.add_argument("--ready-file", help="touched once every model has a version in the tier (readiness)")
     p.add_argument("--once", action="store_true", help="one round, then exit")

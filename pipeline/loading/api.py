@@ -95,13 +95,15 @@ def load(
     streams: int = DEFAULT_STREAMS,
     prefetch: bool | None = None,
     method: str | None = None,
+    allow_rejected: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Load every tensor of ``source`` onto ``device``; returns ``{name: tensor}`` in file order
     (dequantized order for quantized versions). Bad input raises :class:`LoadError` naming the
     file, before anything is allocated; a failure mid-load frees what was allocated.
 
     source: a ``.safetensors`` file, a folder (published version, index or ``*.safetensors``), an
-        index file, ``s3://bucket/prefix``, ``<model>/<version>`` (``latest`` too) in ``storage``,
+        index file, ``s3://bucket/prefix``, ``<model>/<version>`` (``latest`` and ``production``
+        too: :func:`pipeline.promotion.resolve`) in ``storage``,
         or a key inside ``storage``.
     device: ``"cpu"`` or a CUDA device.
     storage: where ``<model>/<version>`` and keys are looked up; an S3 storage is also reused for
@@ -124,6 +126,8 @@ def load(
         readahead measured faster on cold files).
     method: force a CPU strategy: ``"mmap"``, ``"pread"`` (owned), or ``"ring"`` (the GPU
         pipeline with a CPU destination, for tests and benchmarks of the pipeline itself).
+    allow_rejected: load a published version a gate rejected (only by its version id, a key or a
+        path: ``production`` and ``latest`` never name a rejected version).
     """
     t_start = time.perf_counter()
     rep = report if report is not None else LoadReport()
@@ -138,7 +142,7 @@ def load(
     if sys.byteorder != "little":  # pragma: no cover
         raise RuntimeError("safetensors is little-endian; big-endian hosts are not supported")
 
-    src = resolve(source, storage)
+    src = resolve(source, storage, allow_rejected=allow_rejected)
     for s in src.shards:
         s.read_header()
     src.check_names()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import export as _export
+from pipeline import promotion as _promotion
 from pipeline.loading.header import LoadError, TensorInfo, header_length, parse_header
 from pipeline.storage import IntegrityError, ObjectChanged, ObjectNotFound, Storage, check_key, from_uri, join
 
@@ -157,8 +158,15 @@ def hash_file(path: str, chunk: int = 8 * MiB) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve(source: Any, storage: Storage | None = None) -> Source:
-    """Turn ``source`` into the list of shards to load (no tensor bytes are read)."""
+def resolve(source: Any, storage: Storage | None = None, *, allow_rejected: bool = False) -> Source:
+    """Turn ``source`` into the list of shards to load (no tensor bytes are read).
+
+    ``<model>/<ref>`` in ``storage``: ``ref`` is ``production`` (the promoted version, through the
+    alias), ``latest`` (the newest complete, non-rejected version) or a version id
+    (:func:`pipeline.promotion.resolve`). The version must be complete
+    (:func:`pipeline.export.version_problem`, the one completeness test); a rejected version never
+    loads as ``production``/``latest``, and by its id only with ``allow_rejected``. A published
+    version found under a key or URI, or a local folder holding a manifest, follows the same rule."""
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
@@ -170,36 +178,97 @@ def resolve(source: Any, storage: Storage | None = None) -> Source:
                 check_key(rel)
         except ValueError as e:
             raise LoadError(source, str(e)) from None
-        return _storage_source(store, rel, source)
+        return _storage_source(store, rel, source, allow_rejected)
     m = _PUBLISHED_RE.match(source)
     if storage is not None and m and not os.path.exists(source):
-        model, version = m.groups()
-        try:
-            if version == "latest":
-                latest = _export.latest_version(storage, model)
-                if latest is None:
-                    raise LoadError(f"{model}/latest", f"no published version of {model!r} in {storage.uri()}")
-                version = latest
-            manifest = _export.read_manifest(storage, model, version)
-        except _export.VersionNotFound as e:
-            manifest = None
-            err = e
-        except _export.ExportError as e:
-            raise LoadError(f"{model}/{version}", str(e)) from None
-        if manifest is not None:
-            prefix = _export.version_prefix(model, version)
-            return _store_manifest_source(storage, prefix, manifest, f"{model}/{version}")
-        if not storage.list(source):
-            raise LoadError(source, str(err)) from None
+        model, ref = m.groups()
+        found = _published_source(storage, model, ref, allow_rejected)
+        if found is not None:
+            return found
     if os.path.exists(source):
-        return _local_source(source)
+        return _local_source(source, allow_rejected)
     if storage is not None:
         try:
             check_key(source.strip("/"))
         except ValueError:
             raise LoadError(source, "no such file or directory") from None
-        return _storage_source(storage, source)
+        return _storage_source(storage, source, allow_rejected=allow_rejected)
     raise LoadError(source, "no such file or directory (pass storage= for <model>/<version> or storage keys)")
+
+
+def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bool) -> Source | None:
+    """``<model>/<ref>`` as a published version of ``storage``, or None when ``ref`` names no
+    published version there (the caller then tries ``source`` as a storage key).
+
+    ``storage`` may be a read view of a copy of the versions (the shm tier, a local cache:
+    :class:`pipeline.shm_tier.TierView`) whose ``authority`` is the storage the copy came from:
+    references and rejection are then the authority's (the copy has no alias, and its manifest
+    predates a later rejection), ``pinned_refs`` (``{"<model>/<ref>": version}``) holds what the
+    caller already resolved (so the version checked is the version read), and the copy must be
+    complete too."""
+    authority = getattr(storage, "authority", None) or storage
+    what = f"{model}/{ref}"
+    if ref in (_promotion.ALIAS, _promotion.LATEST):
+        version = (getattr(storage, "pinned_refs", None) or {}).get(what)
+        if version is None:
+            try:
+                version = _promotion.resolve(authority, model, ref)
+            except (_export.ExportError, ValueError) as e:
+                if ref == _promotion.LATEST:
+                    raise LoadError(what, f"no published version of {model!r} in {authority.uri()} "
+                                          "is complete and not rejected") from None
+                raise LoadError(what, str(e).removeprefix(f"{what}: ")) from None
+    else:
+        version = ref
+        if ref in _export.RESERVED_VERSIONS:
+            raise LoadError(what, f"{ref!r} is a reference or a reserved name, not a version")
+    display = f"{model}/{version}" if version == ref else f"{what} ({version})"
+    try:
+        manifest = _export.read_manifest(storage, model, version)
+    except _export.VersionNotFound as e:
+        if version == ref and storage.list(what):
+            return None  # not a version, but a key prefix in the storage
+        raise LoadError(display, str(e) if version == ref else f"{version} is not in {storage.uri()}") from None
+    except (_export.ExportError, ValueError) as e:
+        raise LoadError(display, str(e)) from None
+    _check_version(authority, model, version, display, allow_rejected)
+    if authority is not storage:
+        problem = _export.version_problem(storage, model, version, allow_rejected=True)
+        if problem is not None:
+            raise LoadError(display, f"the copy in {storage.uri()} is not complete: {problem}")
+    return _store_manifest_source(storage, _export.version_prefix(model, version), manifest, display)
+
+
+def _check_version(store: Storage, model: str, version: str, display: str, allow_rejected: bool) -> None:
+    """:func:`pipeline.export.version_problem` as a :class:`LoadError` (a rejected version names
+    the way to load it anyway)."""
+    problem = _export.version_problem(store, model, version, allow_rejected=allow_rejected)
+    if problem is None:
+        return
+    if not allow_rejected and _export.version_problem(store, model, version, allow_rejected=True) is None:
+        problem += " (load it anyway with allow_rejected=True: forgeline load --allow-rejected)"
+    raise LoadError(display, problem)
+
+
+def _version_of_prefix(store: Storage, prefix: str, manifest: dict) -> tuple[str, str] | None:
+    """``(model, version)`` when ``prefix`` is the published location of what ``manifest`` describes."""
+    model, version = manifest.get("model"), manifest.get("version")
+    try:
+        if isinstance(model, str) and isinstance(version, str) and prefix.strip("/") == _export.version_prefix(model, version):
+            return model, version
+    except ValueError:
+        pass
+    return None
+
+
+def _reject_check(display: str, manifest: dict, allow_rejected: bool) -> None:
+    """A manifest read outside a storage (a local folder) that records a rejection is refused
+    unless ``allow_rejected``."""
+    rejected = manifest.get("rejected")
+    if rejected and not allow_rejected:
+        reason = rejected.get("reason") if isinstance(rejected, dict) else rejected
+        raise LoadError(display, f"the manifest says this version is rejected: {reason} "
+                                 "(load it anyway with allow_rejected=True: forgeline load --allow-rejected)")
 
 
 def _read_json(display: str, data: bytes) -> Any:
@@ -247,14 +316,14 @@ def _quant_of(manifest: dict) -> dict | None:
     return q if isinstance(q, dict) else None
 
 
-def _local_source(path: str) -> Source:
+def _local_source(path: str, allow_rejected: bool = False) -> Source:
     p = Path(path)
     if p.is_dir():
         manifest = p / _export.MANIFEST_NAME
         if manifest.is_file():
             m = _read_json(str(manifest), manifest.read_bytes())
             if _is_manifest(m):
-                return _local_manifest_source(str(p), m, str(manifest))
+                return _local_manifest_source(str(p), m, str(manifest), allow_rejected)
         indexes = sorted(p.glob("*.safetensors.index.json"))
         if indexes:
             pick = p / _export.INDEX_NAME if (p / _export.INDEX_NAME) in indexes else indexes[0]
@@ -271,7 +340,7 @@ def _local_source(path: str) -> Source:
         m = _read_json(path, p.read_bytes())
         if not _is_manifest(m):
             raise LoadError(path, f"not a {_export.FORMAT} manifest")
-        return _local_manifest_source(str(p.parent), m, path)
+        return _local_manifest_source(str(p.parent), m, path, allow_rejected)
     if p.name.endswith(".json"):
         return _local_index_source(path)
     return Source(path, "file", [Shard(path, p.name, path=path)], complete=False)
@@ -292,7 +361,8 @@ def _local_index_source(index_path: str) -> Source:
     return Source(index_path, "index", shards)
 
 
-def _local_manifest_source(folder: str, m: dict, display: str) -> Source:
+def _local_manifest_source(folder: str, m: dict, display: str, allow_rejected: bool = False) -> Source:
+    _reject_check(display, m, allow_rejected)
     shards = []
     for s in _manifest_shards(display, m):
         sp = Path(folder) / s["file"]
@@ -321,13 +391,13 @@ def _store_shard(store: Storage, key: str, file: str, **kw: Any) -> Shard:
     return Shard(display, file, store=store, key=key, version=info.version, kind=store.kind, **kw)
 
 
-def _storage_source(store: Storage, key: str, display: str | None = None) -> Source:
+def _storage_source(store: Storage, key: str, display: str | None = None, allow_rejected: bool = False) -> Source:
     """A file, index, manifest or folder inside a storage."""
     key = key.strip("/")
     display = display or store.uri(key)
     local = store.local_path(key) if key else None
     if local is not None and Path(local).exists():
-        return _local_source(str(local))
+        return _local_source(str(local), allow_rejected)
     base = key.rsplit("/", 1)[0] if "/" in key else ""
     if key.endswith(".json"):
         try:
@@ -338,7 +408,7 @@ def _storage_source(store: Storage, key: str, display: str | None = None) -> Sou
         if key.rsplit("/", 1)[-1] == _export.MANIFEST_NAME:
             if not _is_manifest(doc):
                 raise LoadError(display, f"not a {_export.FORMAT} manifest")
-            return _store_manifest_source(store, base, doc, display)
+            return _store_manifest_source(store, base, doc, display, allow_rejected)
         shards = [_store_shard(store, join(base, f), f, names=names) for f, names in _index_shards(display, doc)]
         return Source(display, "index", shards)
     if key.endswith(".safetensors"):
@@ -357,20 +427,29 @@ def _storage_source(store: Storage, key: str, display: str | None = None) -> Sou
     if _export.MANIFEST_NAME in children:
         doc = _read_json(display, store.read(join(key, _export.MANIFEST_NAME)))
         if _is_manifest(doc):
-            return _store_manifest_source(store, key, doc, display)
+            return _store_manifest_source(store, key, doc, display, allow_rejected)
     indexes = sorted(n for n in children if n.endswith(".safetensors.index.json"))
     if indexes:
         pick = _export.INDEX_NAME if _export.INDEX_NAME in indexes else indexes[0]
         if len(indexes) > 1 and pick != _export.INDEX_NAME:
             raise LoadError(display, f"several index files ({', '.join(indexes)}); name one")
-        return _storage_source(store, join(key, pick))
+        return _storage_source(store, join(key, pick), allow_rejected=allow_rejected)
     files = sorted(n for n in children if n.endswith(".safetensors"))
     if not files:
         raise LoadError(display, "no manifest.json, *.safetensors.index.json or *.safetensors under this prefix")
     return Source(display, "folder", [_store_shard(store, join(key, f), f) for f in files])
 
 
-def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str) -> Source:
+def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, allow_rejected: bool | None = None) -> Source:
+    """The shards of the version ``m`` describes under ``prefix``. ``allow_rejected`` given (a
+    manifest found under a key or URI): a published location is checked like ``<model>/<version>``
+    (:func:`_check_version`), any other only for a recorded rejection."""
+    if allow_rejected is not None:
+        published = _version_of_prefix(store, prefix, m)
+        if published is not None:
+            _check_version(store, *published, display, allow_rejected)
+        else:
+            _reject_check(display, m, allow_rejected)
     shards = [_store_shard(store, join(prefix, s["file"]), s["file"], **_manifest_fields(s))
               for s in _manifest_shards(display, m)]
     return Source(display, "published", shards, quant=_quant_of(m))

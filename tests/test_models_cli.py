@@ -1,0 +1,150 @@
+"""``forgeline models`` / ``promote`` / ``rollback`` and ``forgeline load <model>/production``, against
+a local model store and a shm tier in a temporary folder: the listing shows production, previous,
+rejected (with the reason) and incomplete versions; a refusal is one line and exit status 1; load
+follows the alias from storage and from the tier, and a rejected version loads only by its id with
+``--allow-rejected``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from jobs import cli
+from pipeline import export, promotion
+from pipeline.shm_tier import ShmTier
+from pipeline.storage import LocalStorage, join
+
+GATE_FAIL = {"accuracy_gate": {"passed": False, "value": 3.1, "limit": 2.0}}
+GATE_PASS = {"accuracy_gate": {"passed": True, "value": 0.4, "limit": 2.0}}
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A model store with digits v1 (8 floats), v2 (16), v3 (32, rejected by its gate), v4 (64,
+    a shard missing); v1 then v2 promoted."""
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
+    monkeypatch.setenv("FORGELINE_SHM_ROOT", str(tmp_path / "shm"))
+    store = LocalStorage(tmp_path / "store")
+    for i, v in enumerate(["v1", "v2", "v3", "v4"]):
+        export.export({"w": torch.full((8 << i,), float(i))}, store, "digits", v, run_id=f"run-{v}-0000")
+    export.record_gates(store, "digits", "v2", GATE_PASS)
+    export.record_gates(store, "digits", "v3", GATE_FAIL)
+    manifest = export.read_manifest(store, "digits", "v4")
+    store.delete(join(export.version_prefix("digits", "v4"), manifest["shards"][0]["file"]))
+    promotion.promote(store, "digits", "v1")
+    promotion.promote(store, "digits", "v2", reason="better")
+    return store
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line(err: str) -> str:
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    return err
+
+
+def test_models_lists_production_previous_rejected_incomplete(env, capsys):
+    rc, out, _ = run(capsys, "models", "digits", "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert info["production"]["version"] == "v2" and info["production"]["previous"] == "v1"
+    rows = {r["version"]: r for r in info["versions"]}
+    assert [r["version"] for r in info["versions"]] == ["v1", "v2", "v3", "v4"]  # by creation time
+    assert rows["v1"]["status"] == ["previous"]
+    assert rows["v2"]["status"] == ["production", "latest"] and rows["v2"]["gates"] == GATE_PASS
+    assert rows["v3"]["status"] == ["rejected"] and "accuracy_gate" in rows["v3"]["rejected"]["reason"]
+    assert rows["v3"]["gates"]["accuracy_gate"]["passed"] is False
+    assert rows["v4"]["status"] == ["incomplete"] and "missing" in rows["v4"]["problem"]
+    assert rows["v1"]["run_id"] == "run-v1-0000" and rows["v1"]["created"] and rows["v2"]["promoted_at"]
+
+    rc, out, _ = run(capsys, "models", "digits")
+    assert rc == 0
+    for text in ("production", "previous", "rejected: failed gate(s): accuracy_gate", "incomplete",
+                 "accuracy_gate pass 0.4 (limit 2)", "run-v1-0", "production v2 since", "better"):
+        assert text in out, text
+
+    rc, out, _ = run(capsys, "models", "--json")  # every model
+    assert rc == 0 and [m["model"] for m in json.loads(out)["models"]] == ["digits"]
+
+
+def test_models_of_an_unknown_model_is_one_line(env, capsys):
+    rc, _, err = run(capsys, "models", "nosuch")
+    assert rc == 1 and "no published version of 'nosuch'" in one_line(err)
+    rc, _, err = run(capsys, "models", "../x")
+    assert rc == 1 and one_line(err)
+
+
+def test_promote_refuses_rejected_incomplete_and_unknown_versions(env, capsys):
+    for version, why in [("v3", "rejected: failed gate(s): accuracy_gate"), ("v4", "missing"),
+                         ("v9", "no such published version"), ("production", "is a reference")]:
+        rc, out, err = run(capsys, "promote", "digits", version)
+        assert rc == 1 and not out and why in one_line(err) and err.startswith("forgeline: cannot promote"), err
+    assert promotion.production(env, "digits")["version"] == "v2"  # unchanged
+
+    rc, out, err = run(capsys, "promote", "digits", "v1", "--reason", "hotfix")
+    assert rc == 0 and "promoted digits/v1 to production (previous: v2)" in out
+    rec = promotion.production(env, "digits")
+    assert rec["version"] == "v1" and rec["reason"] == "hotfix" and rec["previous"] == "v2"
+
+
+def test_rollback(env, capsys):
+    rc, out, _ = run(capsys, "rollback", "digits")
+    assert rc == 0 and "production is v1 again (was v2)" in out
+    assert promotion.production(env, "digits")["version"] == "v1"
+    rc, out, _ = run(capsys, "rollback", "digits")  # the rollback's previous is v2: back again
+    assert rc == 0 and promotion.production(env, "digits")["version"] == "v2"
+    rc, _, err = run(capsys, "rollback", "other")
+    assert rc == 1 and "nothing is in production" in one_line(err)
+    assert [r["version"] for r in promotion.history(env, "digits")] == ["v1", "v2", "v1", "v2"]
+
+
+def test_load_production_from_storage_and_from_the_shm_tier(env, tmp_path, capsys):
+    def load(*argv: str) -> dict:
+        rc, out, err = run(capsys, "load", *argv, "--json")
+        assert rc == 0, err
+        return json.loads(out.strip().splitlines()[-1])
+
+    got = load("digits/production")
+    assert got["from"] == "remote" and got["bytes"] == 16 * 4  # v2
+    tier = ShmTier(tmp_path / "shm")
+    tier.prewarm(env, "digits", "v1")  # the tier holds only the previous version: not production
+    assert load("digits/production")["from"] == "remote"
+    tier.prewarm(env, "digits", "production")
+    got = load("digits/production")
+    assert got["from"] == "shm" and got["bytes"] == 16 * 4
+    promotion.rollback(env, "digits")
+    got = load("digits/production")  # the alias moved to v1, which the tier holds
+    assert got["from"] == "shm" and got["bytes"] == 8 * 4
+    assert load("digits/production", "--no-shm")["from"] == "remote"
+    assert load("digits/latest")["bytes"] == 16 * 4  # v3 is newer but rejected, v4 incomplete
+
+
+def test_load_quantized_variant_production(env, capsys):
+    export.export({"w": torch.ones(4, dtype=torch.int8)}, env, "digits-int8", "q1")
+    promotion.promote(env, "digits-int8", "q1")
+    rc, out, err = run(capsys, "load", "digits-int8/production", "--json")
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["bytes"] == 4
+
+
+def test_load_refuses_rejected_versions_unless_allowed(env, tmp_path, capsys):
+    rc, _, err = run(capsys, "load", "digits/v3")
+    assert rc == 1 and "rejected" in one_line(err) and "--allow-rejected" in err
+    rc, out, err = run(capsys, "load", "digits/v3", "--allow-rejected", "--json")
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["bytes"] == 32 * 4
+    # a copy in the tier made before the rejection is refused too: rejection is the store's
+    export.record_gates(env, "digits", "v1", GATE_PASS)
+    ShmTier(tmp_path / "shm").prewarm(env, "digits", "v1")
+    export.record_gates(env, "digits", "v1", GATE_FAIL)
+    rc, _, err = run(capsys, "load", "digits/v1")
+    assert rc == 1 and "rejected" in one_line(err)
+    rc, _, err = run(capsys, "load", "digits/v4")
+    assert rc == 1 and "missing" in one_line(err)
+    rc, _, err = run(capsys, "load", "digits/production")  # production (v2) still loads
+    assert rc == 0, err
