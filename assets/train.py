@@ -19,9 +19,11 @@ from pipeline.k8s import runner as k8s_runner
 from resources.gpu import GpuPoolResource
 from resources.storage import StorageResource
 
-# Dagster's PipesMessageHandler reads its own preview property PipesMessageReader.expected_writer_count
-# on every open_pipes_session (nothing of ours calls it): keep that one warning quiet.
+# Dagster's open_pipes_session reads its own preview PipesMessageReader.expected_writer_count and the
+# deprecated AssetExecutionContext.run_id (nothing of ours calls either): keep those two quiet.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning, message=r".*PipesMessageReader\.expected_writer_count",
+                        module=r"dagster\._core\.pipes\.context")
+warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"AssetExecutionContext\.run_id is deprecated",
                         module=r"dagster\._core\.pipes\.context")
 GPU_POOL = settings.gpu_pool()  # Dagster concurrency pool: GPU steps never oversubscribe it (limit in dagster.yaml)
 
@@ -97,6 +99,21 @@ class TrainingConfig(dg.Config):
     node_image: Optional[str] = Field(default=None, description="nodes > 1: node pod image; None = $FORGELINE_IMAGE.")
     node_namespace: Optional[str] = Field(default=None, description="nodes > 1: namespace; None = this pod's.")
     rdzv_port: int = Field(default=29500, ge=1, le=65535, description="nodes > 1: c10d rendezvous port on node 0.")
+
+
+def training_curves(hist: list[dict]) -> str:
+    """Markdown with the per-epoch loss and accuracy as inline SVG charts (the UI draws them; a
+    Markdown image with a data URI is what Dagster's Markdown metadata renders)."""
+    def col(key: str) -> list:
+        return [h.get(key) for h in hist]
+
+    loss = {k: col(k) for k in ("train_loss", "val_loss") if any(h.get(k) is not None for h in hist)}
+    acc = {k: col(k) for k in ("train_acc", "val_acc") if any(h.get(k) is not None for h in hist)}
+    charts = [metrics.svg_markdown(metrics.line_chart_svg(loss, title="loss per epoch"), "loss per epoch")]
+    if acc:
+        charts.append(metrics.svg_markdown(metrics.line_chart_svg(acc, title="accuracy per epoch"),
+                                           "accuracy per epoch"))
+    return "\n\n".join(charts)
 
 
 def _run_name(config: TrainingConfig, data_version: str, run_id: str) -> str:
@@ -176,9 +193,11 @@ def trained_model(
         "val_accuracy": result.val_acc,
         "best_val_accuracy": result.best_val_acc,
         "final_train_loss": hist[-1]["train_loss"],
+        "curves": dg.MetadataValue.md(training_curves(hist)),  # the plots; the raw lists follow
         "loss_curve": dg.MetadataValue.json([round(h["train_loss"], 5) for h in hist]),
         "val_accuracy_curve": dg.MetadataValue.json([round(h.get("val_acc", 0.0), 5) for h in hist]),
         "epoch_seconds": dg.MetadataValue.json([round(h["seconds"], 3) for h in hist]),
+        **metrics.summary((h["seconds"] for h in hist), "epoch_latency"),  # floats: plotted across runs
         "samples_per_s": sum(h["samples_per_s"] for h in hist) / len(hist),
         "train_seconds": train_seconds,
         "wall_seconds": result.seconds,

@@ -669,7 +669,7 @@ def _demo_drift(store, batch: str, *, retrain: bool) -> bool:
         _report_failure(ingest)
         return False
     defs = _defs()
-    sensor = defs.get_sensor_def("drift_retrain")
+    sensor = defs.resolve_sensor_def("drift_retrain")
     with dg.build_sensor_context(instance=dg.DagsterInstance.get(),
                                  resources={"storage": defs.resources["storage"]}) as ctx:
         out = sensor(ctx)

@@ -60,6 +60,7 @@ import threading
 import time
 import types
 import uuid
+import warnings
 from collections import OrderedDict
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -76,6 +77,10 @@ _HEADER = struct.Struct(">8sHI32s")  # magic, format version, len(meta JSON), sh
 _BUNDLE_HEADER = struct.Struct(">I")  # len(manifest JSON)
 _KERNEL_SUFFIXES = (".so", ".o", ".cpp", ".h")
 _KERNEL_PATH = re.compile(r"^[a-z0-9_]{2}/[A-Za-z0-9_.-]+$")  # "<2 chars>/<file>" under the cache dir
+# torch.compile's first call imports torch modules that still use torch.jit.script_method; the
+# deprecation is torch's own, not a call of ours.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning,
+                        module=r"torch\.jit\._script")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,6 +149,7 @@ def launch(
             _kill_group(proc)  # the caller was interrupted (Ctrl-C, SIGTERM, a canceled run): do not leave ranks running
             raise
         reader.join(10)
+        proc.stdout.close()
         secs = time.perf_counter() - t0
         if rc == 0 and rdzv and not result_path.exists():
             return None  # a multi-node run that went well, but global rank 0 ran on another node
