@@ -3,6 +3,8 @@ promoted version) was trained on. Each check writes Evidently's HTML report to s
 links it, and records the headline numbers; a drifted batch fails at WARN or ERROR severity by
 the share of drifted columns, and `drift_retrain` (jobs/automation.py) answers ERROR with a retrain."""
 
+import re
+import urllib.parse
 import warnings
 from typing import Callable, Optional
 
@@ -58,9 +60,48 @@ def _run(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig, stora
     return dg.AssetCheckResult(passed=True, description=why, metadata={"reference": why})
 
 
+_DISTANCE_WORDS = ("distance", "divergence", "psi", "mmd", "text content")  # higher = more drift; else p-values
+MOST_DRIFTED = 5  # rows of the Markdown table
+
+
+def _severity(score: float, method: str) -> float:
+    """How far past its threshold a column's score is (> 1: drifted), whether the stattest is a
+    p-value (lower = more drift) or a distance (higher = more drift)."""
+    m = re.fullmatch(r"(.*) \(threshold ([^)]*)\)", method or "")
+    name, threshold = (m.group(1), m.group(2)) if m else (method or "", "")
+    try:
+        t = float(threshold)
+    except ValueError:
+        t = 0.05
+    if any(w in name.lower() for w in _DISTANCE_WORDS):
+        return score / t if t > 0 else score
+    return t / score if score > 0 else float("inf")
+
+
+def most_drifted_table(r: drift.DriftResult, n: int = MOST_DRIFTED) -> str:
+    """The ``n`` most drifted columns (drifted first, then by distance past the threshold) as Markdown."""
+    order = sorted(r.scores, key=lambda c: (c not in r.drifted, -_severity(r.scores[c], r.methods.get(c, "")), c))
+    rows = ["| column | drifted | score | stattest (threshold) |", "|---|---|---|---|"]
+    for c in order[:n]:
+        cell = c.replace("|", "\\|")
+        rows.append(f"| {cell} | {'yes' if c in r.drifted else 'no'} | {r.scores[c]:.4g} | {r.methods.get(c, '')} |")
+    more = len(r.scores) - min(n, len(r.scores))
+    return "\n".join(rows) + (f"\n\n{more} more column(s): see `scores` and the report." if more else "")
+
+
+def report_link(store: Storage, key: str) -> dg.MetadataValue:
+    """The drift report as a link a browser opens: ``$FORGELINE_REPORTS_URL/reports/<key under
+    reports/drift>`` (served by ``forgeline serve``) when that is set, else its storage location."""
+    base = settings.reports_url()
+    prefix = drift.REPORT_PREFIX + "/"
+    if base and key.startswith(prefix):
+        return dg.MetadataValue.url(f"{base}/reports/{urllib.parse.quote(key[len(prefix):])}")
+    uri = store.uri(key)
+    return dg.MetadataValue.path(uri) if "://" not in uri else dg.MetadataValue.url(uri)
+
+
 def _result(store: Storage, r: drift.DriftResult) -> dg.AssetCheckResult:
     ranked = sorted(r.scores, key=lambda c: (c not in r.drifted, c))[:MAX_SCORE_ENTRIES]
-    uri = store.uri(r.report_key)
     return dg.AssetCheckResult(
         passed=r.verdict == "ok",
         severity=dg.AssetCheckSeverity.ERROR if r.verdict == "error" else dg.AssetCheckSeverity.WARN,
@@ -70,6 +111,7 @@ def _result(store: Storage, r: drift.DriftResult) -> dg.AssetCheckResult:
             "drift_share": r.share,
             "drifted_columns": len(r.drifted),
             "columns": r.columns,
+            "most_drifted": dg.MetadataValue.md(most_drifted_table(r)),
             "drifted": dg.MetadataValue.json(r.drifted),
             **{f"score/{c}": r.scores[c] for c in ranked},
             "scores": dg.MetadataValue.json(r.scores),
@@ -77,7 +119,7 @@ def _result(store: Storage, r: drift.DriftResult) -> dg.AssetCheckResult:
             "rows_reference": r.rows_reference,
             "rows_current": r.rows_current,
             "reference": dg.MetadataValue.json(r.reference),
-            "report": dg.MetadataValue.path(uri) if "://" not in uri else dg.MetadataValue.url(uri),
+            "report": report_link(store, r.report_key),
             "seconds": r.seconds,
         },
     )

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import signal
 import time
 from typing import Any
@@ -63,6 +64,11 @@ log = logging.getLogger("forgeline.serving")
 
 SERVER_NAME = "forgeline"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
+# Drift reports (pipeline.drift.REPORT_PREFIX, not imported: that module pulls in Evidently) that
+# ``GET /reports/{path}`` serves from storage; nothing outside this prefix is reachable through it.
+REPORTS_PREFIX = "reports/drift"
+_REPORT_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+-]*")
+_REPORT_TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json"}
 # Bodies above this are decoded (and responses encoded) off the event loop, so a large JSON
 # request does not hold up the other connections.
 _OFFLOAD_BYTES = 256 * 1024
@@ -122,8 +128,9 @@ class HttpMetrics:
 class _Handler:
     """Route handlers bound to one registry; every exception becomes a protocol error response."""
 
-    def __init__(self, registry: Any, *, max_body_bytes: int, drain: dict):
+    def __init__(self, registry: Any, *, max_body_bytes: int, drain: dict, reports_store: Any = None):
         self.registry = registry
+        self.reports_store = reports_store
         self.max_body_bytes = max_body_bytes
         self.drain = drain
         self.version = _server_version()
@@ -249,6 +256,29 @@ class _Handler:
         await self.registry.unload(request.path_params["name"])
         return Response(status_code=200)
 
+    # -- drift reports -----------------------------------------------------------------------
+
+    async def report(self, request: Request) -> Response:
+        """A drift report from storage, under ``REPORTS_PREFIX`` only: every path segment is a
+        plain name (no ``..``, no hidden names, no separators of any kind), .html or .json."""
+        path = request.path_params["path"]
+        segments = path.split("/")
+        suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+        if (len(path) > 1024 or not all(_REPORT_SEGMENT.fullmatch(p) for p in segments)
+                or suffix not in _REPORT_TYPES):
+            raise ProtocolError(f"not a report path: {path[:200]!r}", 404)
+        if self.reports_store is None:
+            raise ProtocolError("this server has no storage to serve reports from", 404)
+        from pipeline.storage import ObjectNotFound, join
+
+        key = join(REPORTS_PREFIX, *segments)
+        try:
+            data = await anyio.to_thread.run_sync(self.reports_store.read, key)
+        except ObjectNotFound:
+            raise ProtocolError(f"no report {path!r}", 404) from None
+        return Response(data, media_type=_REPORT_TYPES[suffix],
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
     # -- metrics -----------------------------------------------------------------------------
 
     async def metrics(self, request: Request) -> Response:
@@ -261,11 +291,15 @@ class _Handler:
 
 
 def build_app(registry: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout_s: float = 30.0,
-              manage_registry: bool = True) -> Starlette:
+              manage_registry: bool = True, reports_store: Any = None) -> Starlette:
     """The OIP v2 Starlette app over ``registry``. With ``manage_registry`` (default) the app's
-    lifespan starts the registry and stops it (draining ``drain_timeout_s`` at most) at shutdown."""
+    lifespan starts the registry and stops it (draining ``drain_timeout_s`` at most) at shutdown.
+    ``GET /reports/{path}`` serves drift reports from ``reports_store`` (default: the registry's
+    ``store``), under ``REPORTS_PREFIX`` only."""
     drain = {"draining": False}
-    h = _Handler(registry, max_body_bytes=max_body_bytes, drain=drain)
+    if reports_store is None:
+        reports_store = getattr(registry, "store", None)
+    h = _Handler(registry, max_body_bytes=max_body_bytes, drain=drain, reports_store=reports_store)
 
     def route(path: str, fn, methods: list[str]) -> Route:
         async def endpoint(request: Request) -> Response:
@@ -289,6 +323,7 @@ def build_app(registry: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, dr
         route("/v2/repository/models/{name}/load", h.load, ["POST"]),
         route("/v2/repository/models/{name}/unload", h.unload, ["POST"]),
         route("/metrics", h.metrics, ["GET"]),
+        route("/reports/{path:path}", h.report, ["GET"]),
     ]
 
     @contextlib.asynccontextmanager
