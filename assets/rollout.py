@@ -42,6 +42,14 @@ def _table(states: list[rollout.ServerState], seconds: dict[str, float] | None =
     return "\n".join(rows)
 
 
+def _servers(context: dg.AssetExecutionContext) -> list[str]:
+    """``FORGELINE_SERVE_URLS``, a ``dns+http://`` entry expanded to one URL per address now."""
+    urls, unresolved = rollout.expand(settings.serve_urls())
+    for url, why in unresolved.items():
+        context.log.warning(f"{url}: {why}")
+    return urls
+
+
 class RolloutConfig(dg.Config):
     timeout_s: float = Field(default=300.0, ge=1, le=3600, description="How long every server has, all together, "
                              "to serve the promoted version (1..3600 s).")
@@ -56,7 +64,7 @@ def model_rollout(context: dg.AssetExecutionContext, config: RolloutConfig, prom
     each took; fails, naming the servers and what they serve instead, past ``timeout_s``. No servers
     configured: passes with a note."""
     model, version = promoted_model["model"], promoted_model["version"]
-    urls = settings.serve_urls()
+    urls = _servers(context)
     if not urls:
         context.log.info(NO_SERVERS)
         return dg.Output({"model": model, "version": version, "servers": {}},
@@ -99,7 +107,7 @@ def served_models(context: dg.AssetExecutionContext, config: ServedModelsConfig,
     """What each server in ``FORGELINE_SERVE_URLS`` serves now: model, version, since when, requests
     and latency P50/P99 (from its ``/metrics`` histogram, since the server started). Numeric
     entries per server, so the UI plots them across materializations."""
-    model, urls = config.model_name, settings.serve_urls()
+    model, urls = config.model_name, _servers(context)
     states = rollout.survey(urls, model, timeout_s=config.request_timeout_s)
     current = promotion.production(storage.client(), model)
     production = current["version"] if current else None

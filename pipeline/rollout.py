@@ -85,6 +85,41 @@ class RolloutResult:
     seconds: dict[str, float] = field(default_factory=dict)  # url -> time until it served the version
 
 
+DNS_SCHEMES = ("dns+http", "dns+https")
+
+
+def expand(urls: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``urls`` with each ``dns+http(s)://name:port`` replaced by ``http(s)://<address>:port`` for
+    every address ``name`` resolves to now (a headless Service: one per serving pod, sorted).
+    Returns ``(urls, unresolved)``: ``unresolved`` maps a DNS URL that resolved to nothing to why
+    (it is kept in the list so a rollout fails naming it)."""
+    import ipaddress
+    import socket
+
+    out: list[str] = []
+    unresolved: dict[str, str] = {}
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in DNS_SCHEMES:
+            out.append(url)
+            continue
+        scheme = parts.scheme.removeprefix("dns+")
+        port = parts.port or (443 if scheme == "https" else 80)
+        try:
+            infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            unresolved[url] = f"{parts.hostname} does not resolve: {e}"
+            out.append(url)
+            continue
+        addresses = sorted({info[4][0] for info in infos}, key=lambda a: ipaddress.ip_address(a.split("%")[0]))
+        for a in addresses:
+            host = f"[{a}]" if ":" in a else a
+            expanded = f"{scheme}://{host}:{port}{parts.path}"
+            if expanded not in out:
+                out.append(expanded)
+    return out, unresolved
+
+
 def _get(url: str, timeout_s: float) -> bytes:
     req = urllib.request.Request(url, headers={"Accept": "application/json, text/plain"})
     with urllib.request.urlopen(req, timeout=timeout_s) as r:  # noqa: S310 - URLs are http(s), checked in settings
@@ -106,6 +141,9 @@ def probe(url: str, model: str, *, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     """What ``url`` serves for ``model`` now (and, ``with_metrics``, its request count and latency)."""
     t0 = time.perf_counter()
     s = ServerState(url=url, model=model)
+    if urllib.parse.urlsplit(url).scheme in DNS_SCHEMES:  # not expanded: it resolved to nothing
+        s.error = f"{url} resolves to no server (use rollout.expand first)"
+        return s
     try:
         body = _get(f"{url}/v2/models/{urllib.parse.quote(model, safe='')}", timeout_s)
         meta = json.loads(body)

@@ -291,8 +291,9 @@ def debug(env: Env = None) -> bool:
     return (raw("FORGELINE_DEBUG", env) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _http_url(name: str, value: str) -> str:
-    """``value`` as an absolute http(s) URL without a trailing slash (``host:port`` gets ``http://``)."""
+def _http_url(name: str, value: str, schemes: tuple[str, ...] = ()) -> str:
+    """``value`` as an absolute http(s) (or one of ``schemes``) URL without a trailing slash
+    (``host:port`` gets ``http://``)."""
     from urllib.parse import urlsplit
 
     url = value.strip()
@@ -304,7 +305,7 @@ def _http_url(name: str, value: str) -> str:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as e:
         raise SettingError(f"{name}: not a URL: {value!r} ({e})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    if parts.scheme not in ("http", "https", *schemes) or not parts.hostname or parts.query or parts.fragment:
         raise SettingError(f"{name}: not an http(s) URL: {value!r} (use e.g. http://forgeline-serving:8000)")
     return url
 
@@ -312,12 +313,13 @@ def _http_url(name: str, value: str) -> str:
 def serve_urls(env: Env = None) -> list[str]:
     """``FORGELINE_SERVE_URLS``: the model servers the rollout waits for and ``served_models``
     records, comma-separated (``http://10.0.0.5:8000,serving-1:8000``; ``http://`` is implied).
-    Unset or empty: none (the rollout passes and says so)."""
+    ``dns+http://name:port`` stands for every address ``name`` resolves to when it is used (a
+    headless Service: every serving pod). Unset or empty: none (the rollout passes and says so)."""
     value = raw("FORGELINE_SERVE_URLS", env)
     urls: list[str] = []
     for part in (value or "").split(","):
         if part.strip():
-            url = _http_url("FORGELINE_SERVE_URLS", part)
+            url = _http_url("FORGELINE_SERVE_URLS", part, ("dns+http", "dns+https"))
             if url not in urls:
                 urls.append(url)
     return urls

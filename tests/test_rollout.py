@@ -151,6 +151,10 @@ def test_no_servers_is_an_immediate_pass():
 # ---------------------------------------------------------------------------------------------
 
 
+def _ctx():
+    return dg.build_asset_context(instance=dg.DagsterInstance.ephemeral())
+
+
 def _assets():
     from assets import rollout as rollout_assets
 
@@ -160,7 +164,7 @@ def _assets():
 def test_model_rollout_asset_no_servers_passes_with_a_note(monkeypatch):
     ra = _assets()
     monkeypatch.delenv("FORGELINE_SERVE_URLS", raising=False)
-    out = ra.model_rollout(dg.build_asset_context(), ra.RolloutConfig(), {"model": "digits", "version": "v2"})
+    out = ra.model_rollout(_ctx(), ra.RolloutConfig(), {"model": "digits", "version": "v2"})
     assert out.value == {"model": "digits", "version": "v2", "servers": {}}
     assert out.metadata["servers"].value == 0 and "no servers configured" in out.metadata["note"].value
 
@@ -169,14 +173,14 @@ def test_model_rollout_asset_records_time_to_ready_and_fails_naming_the_server(m
     ra = _assets()
     a, b, lagging = servers
     monkeypatch.setenv("FORGELINE_SERVE_URLS", f"{a.url},{b.url}")
-    out = ra.model_rollout(dg.build_asset_context(), ra.RolloutConfig(timeout_s=20, poll_s=0.05),
+    out = ra.model_rollout(_ctx(), ra.RolloutConfig(timeout_s=20, poll_s=0.05),
                            {"model": "digits", "version": "v1"})
     label = a.url.removeprefix("http://")
     assert isinstance(out.metadata[f"time_to_ready_s/{label}"].value, float)
     assert "| server |" in out.metadata["table"].value and label in out.metadata["table"].value
     monkeypatch.setenv("FORGELINE_SERVE_URLS", f"{a.url},{lagging.url}")
     with pytest.raises(dg.Failure) as e:  # nobody serves v2 while production is v1
-        ra.model_rollout(dg.build_asset_context(), ra.RolloutConfig(timeout_s=1, poll_s=0.05),
+        ra.model_rollout(_ctx(), ra.RolloutConfig(timeout_s=1, poll_s=0.05),
                          {"model": "digits", "version": "v2"})
     assert lagging.url in e.value.description and a.url in e.value.description
     assert e.value.metadata["not_ready"].value == [a.url, lagging.url]
@@ -198,7 +202,7 @@ def test_served_models_records_each_server_and_warns_when_one_is_off(monkeypatch
     a.infer(2)
     monkeypatch.setenv("FORGELINE_SERVE_URLS", f"{a.url},{down}")
     resource = LocalStorageResource(root=str(store.root))
-    mat, check = list(ra.served_models(dg.build_asset_context(), ra.ServedModelsConfig(request_timeout_s=2),
+    mat, check = list(ra.served_models(_ctx(), ra.ServedModelsConfig(request_timeout_s=2),
                                        resource))
     md, label = mat.metadata, a.url.removeprefix("http://")
     assert md["servers"] == 2 and md["reachable"] == 1 and md["production"] == "v1"
@@ -206,7 +210,7 @@ def test_served_models_records_each_server_and_warns_when_one_is_off(monkeypatch
     assert isinstance(md["p99_ms_max"], float)
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN and "cannot read" in check.description
     monkeypatch.setenv("FORGELINE_SERVE_URLS", a.url)
-    _, check = list(ra.served_models(dg.build_asset_context(), ra.ServedModelsConfig(), resource))
+    _, check = list(ra.served_models(_ctx(), ra.ServedModelsConfig(), resource))
     assert check.passed
 
 
@@ -237,3 +241,19 @@ def test_line_chart_is_svg_with_one_line_per_series_and_gaps():
     assert ET.fromstring(metrics.line_chart_svg({}, title="empty")) is not None
     md = metrics.svg_markdown(svg, "loss")
     assert md.startswith("![loss](data:image/svg+xml;base64,")
+
+
+def test_dns_url_expands_to_every_address_and_an_unresolvable_one_is_named(servers):
+    a = servers[0]
+    port = a.url.rsplit(":", 1)[1]
+    assert settings.serve_urls({"FORGELINE_SERVE_URLS": f"dns+http://localhost:{port}"}) == [f"dns+http://localhost:{port}"]
+    urls, unresolved = rollout.expand([f"dns+http://localhost:{port}", "http://10.0.0.1:1"])
+    assert f"http://127.0.0.1:{port}" in urls and urls[-1] == "http://10.0.0.1:1" and not unresolved
+    res = rollout.wait_for_version([u for u in urls if u.startswith("http://127.")], "digits", "v1", timeout_s=10,
+                                   poll_s=0.05)
+    assert res.seconds
+    bad = "dns+http://no-such-host.invalid:8000"
+    urls, unresolved = rollout.expand([bad])
+    assert urls == [bad] and "does not resolve" in unresolved[bad]
+    with pytest.raises(rollout.RolloutError, match="no-such-host.invalid"):
+        rollout.wait_for_version(urls, "digits", "v1", timeout_s=0.2, poll_s=0.05)
