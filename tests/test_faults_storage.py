@@ -255,7 +255,8 @@ def test_failed_upload_shows_its_root_cause_not_the_abort(moto_storage_factory, 
         store.write_atomic("models/m/v1/model.safetensors", b"p" * (2 * MIN_PART_SIZE))
     assert "UploadPart 1 failed after 2 attempts" in str(ei.value) and "InternalError" in str(ei.value)
     assert "AccessDenied" not in str(ei.value)
-    assert len(parts) == 2 and len(aborts) == 1  # the abort: one best-effort attempt ...
+    # both parts were in flight at once (concurrent part uploads), each tried twice; the abort:
+    assert len(parts) == 4 and len(aborts) == 1  # one best-effort attempt ...
     assert "could not abort multipart upload" in caplog.text  # ... whose failure is only logged
     assert_one_clear_line(ei.value, store)
     assert not store.exists("models/m/v1/model.safetensors")

@@ -427,14 +427,17 @@ def test_s3_gives_up_after_max_attempts(s3_storage_factory, monkeypatch):
 
 
 def test_s3_upload_part_retried(s3_storage, monkeypatch):
-    def fail_second(n, kw, real):
-        if n == 2:
+    failed = []
+
+    def fail_part_2_once(n, kw, real):
+        if kw["PartNumber"] == 2 and not failed:
+            failed.append(n)
             raise EndpointConnectionError(endpoint_url="http://unreachable")
         return real(**kw)
 
-    calls = _count_calls(monkeypatch, s3_storage.client, "upload_part", fail_second)
+    calls = _count_calls(monkeypatch, s3_storage.client, "upload_part", fail_part_2_once)
     s3_storage.write_atomic("up", BIG)
-    assert [c["PartNumber"] for c in calls] == [1, 2, 2, 3]
+    assert sorted(c["PartNumber"] for c in calls) == [1, 2, 2, 3]  # parts go up concurrently
     assert s3_storage.read("up") == BIG
 
 
@@ -492,3 +495,106 @@ def test_s3_get_into_fills_the_buffer_in_place_across_a_resume(s3_storage, monke
     assert calls[1]["Range"] == f"bytes={5 + 1_000_003}-{5 + 2 * MiB - 1}" and calls[1]["IfMatch"] == etag
     tail = bytearray(100)  # past the end: only what exists, and says so
     assert s3_storage.get_into("r", len(BIG) - 10, tail)[0] == 10 and bytes(tail[:10]) == BIG[-10:]
+
+
+# Parallel transfers (S3): read-ahead, split ranged reads, concurrent part uploads ---------------
+
+
+def _in_flight(monkeypatch, client, name, delay=0.05):
+    """Wrap ``client.<name>`` to record each call's kwargs and the most calls ever in flight."""
+    import threading
+    import time
+
+    real, lock = getattr(client, name), threading.Lock()
+    seen = {"now": 0, "max": 0, "calls": []}
+
+    def wrapper(**kw):
+        with lock:
+            seen["now"] += 1
+            seen["max"] = max(seen["max"], seen["now"])
+            seen["calls"].append(kw)
+        try:
+            time.sleep(delay)  # long enough for the others to start
+            return real(**kw)
+        finally:
+            with lock:
+                seen["now"] -= 1
+
+    monkeypatch.setattr(client, name, wrapper)
+    return seen
+
+
+BIGGER = payload(8 * MIN_PART_SIZE + 777, seed=5)  # nine windows/parts at the tests' part size
+
+
+def test_s3_streaming_read_fetches_ahead_in_parallel_pinned_to_one_etag(s3_storage_factory, monkeypatch):
+    store = s3_storage_factory(concurrency=4)
+    store.write_atomic("big", BIGGER)
+    etag = store.stat("big").version
+    seen = _in_flight(monkeypatch, store.client, "get_object")
+    with store.open_read("big") as f:
+        assert f.read(10) == BIGGER[:10] and len(seen["calls"]) == 1  # a peek costs one GET
+        got = bytearray(10) + f.read()
+        got[:10] = BIGGER[:10]
+    assert bytes(got) == BIGGER
+    assert 2 <= seen["max"] <= 4  # parallel, and never more than `concurrency` windows in memory
+    assert len(seen["calls"]) == 9 and all(c.get("IfMatch") == etag for c in seen["calls"][1:])
+
+
+def test_s3_read_ahead_never_mixes_versions(s3_storage_factory):
+    store = s3_storage_factory(concurrency=4)
+    store.write_atomic("v", BIGGER)
+    with store.open_read("v") as f:
+        f.read(MIN_PART_SIZE + 1)  # read-ahead started: windows of the first version in flight
+        store.write_atomic("v", payload(len(BIGGER), seed=9))
+        with pytest.raises(ObjectChanged, match="object changed during read"):
+            f.read()
+
+
+def test_s3_long_ranged_read_is_split_in_parallel_gets(s3_storage_factory, monkeypatch):
+    import numpy as np
+
+    store = s3_storage_factory(concurrency=4)
+    store.write_atomic("big", BIGGER)
+    info = store.stat("big")
+    seen = _in_flight(monkeypatch, store.client, "get_object")
+    out = np.zeros(len(BIGGER) - 1000, np.uint8)
+    store.read_into("big", 1000, out, version=info.version)
+    assert out.tobytes() == BIGGER[1000:]
+    assert 2 <= seen["max"] <= 4 and all(c["IfMatch"] == info.version for c in seen["calls"])
+    assert store.read_range("big", 3, 2 * MIN_PART_SIZE) == BIGGER[3 : 3 + 2 * MIN_PART_SIZE]
+    with pytest.raises(IntegrityError, match="past end"):  # a short object fails before the rest is fetched
+        store.read_into("big", 10, bytearray(len(BIGGER)))
+    store.write_atomic("big", payload(len(BIGGER), seed=9))
+    with pytest.raises(ObjectChanged):
+        store.read_into("big", 0, bytearray(3 * MIN_PART_SIZE), version=info.version)
+
+
+def test_s3_parts_upload_concurrently_with_bounded_memory(s3_storage_factory, monkeypatch):
+    store = s3_storage_factory(concurrency=3)
+    seen = _in_flight(monkeypatch, store.client, "upload_part")
+    digest = hashlib.sha256(BIGGER).hexdigest()
+    info = store.write_atomic("up", BIGGER)
+    assert info.sha256 == digest and store.stat("up").sha256 == digest
+    assert 2 <= seen["max"] <= 3  # at most `concurrency` parts held in flight
+    assert sorted(c["PartNumber"] for c in seen["calls"]) == list(range(1, 10))
+    assert store.stat("up").version.endswith('-9"') and store.read("up") == BIGGER
+    assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
+
+
+def test_s3_failed_concurrent_upload_publishes_nothing(s3_storage_factory, monkeypatch):
+    store = s3_storage_factory(concurrency=3, max_attempts=1)
+    store.write_atomic("up", b"old")
+
+    def fail_part_5(n, kw, real):
+        if kw["PartNumber"] == 5:
+            from botocore.exceptions import ClientError
+
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "part 5 lost"}}, "UploadPart")
+        return real(**kw)
+
+    _count_calls(monkeypatch, store.client, "upload_part", fail_part_5)
+    with pytest.raises(StorageError, match="UploadPart 5 failed"):
+        store.write_atomic("up", BIGGER)
+    assert store.read("up") == b"old"
+    assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []

@@ -12,6 +12,15 @@ when the object was replaced meanwhile, instead of returning bytes of two differ
 The ETag is also the object's ``stat(key).version``, so a caller can pin several ranged reads
 (``read_range`` / ``read_into`` with ``version=``) to one version.
 
+Transfers are parallel, so every caller gets line rate without asking: a streaming read
+(``open_read``, hence ``copy_between`` S3 → shm, reading landed shards) fetches the windows ahead
+of the reader with up to ``concurrency`` ranged GETs in flight, all pinned to the first response's
+ETag; a ``read_range`` / ``read_into`` longer than one part is split in ``part_size`` ranged GETs
+fetched concurrently into their place; a multipart upload (``open_write``, ``write_atomic``)
+sends up to ``concurrency`` parts at once, holding at most that many parts in memory. Nothing
+about atomicity changes: the object is visible only once CompleteMultipartUpload lists every
+part, and a failed part aborts the whole upload.
+
 Failures: every request has a connect and a read timeout, and is retried by ONE layer, this
 module's (botocore's own retries are off): connection errors, timeouts, truncated bodies,
 throttling and 5xx answers are retried with jittered exponential backoff, at most
@@ -37,8 +46,11 @@ import io
 import logging
 import math
 import random
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import boto3
@@ -163,7 +175,8 @@ class S3Storage(Storage):
 
     ``part_size`` is the multipart part size and also the size of each ranged GET of a streaming
     read. Objects smaller than ``multipart_threshold`` (and than one part) are sent in a single
-    PUT.
+    PUT. ``concurrency`` bounds the requests one read or one upload keeps in flight (ranged GETs
+    of read-ahead, parts being uploaded), hence its memory: ``concurrency * part_size``.
 
     Failures (see the module docstring): ``connect_timeout`` / ``read_timeout`` (seconds) bound
     opening a connection and each wait for bytes; a failed request is retried by this class
@@ -188,6 +201,7 @@ class S3Storage(Storage):
         part_size: int = 8 * 1024 * 1024,
         multipart_threshold: int = 8 * 1024 * 1024,
         max_pool_connections: int = 32,
+        concurrency: int = 8,
         connect_timeout: float = 5.0,
         read_timeout: float = 15.0,
         retry_deadline: float = 20.0,
@@ -196,6 +210,9 @@ class S3Storage(Storage):
             raise ValueError(f"part_size {part_size} is below S3's minimum part size {MIN_PART_SIZE}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if not 1 <= concurrency <= max_pool_connections:
+            raise ValueError(f"concurrency must be between 1 and max_pool_connections={max_pool_connections}, "
+                             f"got {concurrency}")
         for what, v in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout),
                         ("retry_deadline", retry_deadline)):
             if not (isinstance(v, (int, float)) and 0 < v < math.inf):
@@ -208,6 +225,7 @@ class S3Storage(Storage):
         self.max_attempts = max_attempts
         self.part_size = part_size
         self.multipart_threshold = multipart_threshold
+        self.concurrency = concurrency
         session = boto3.session.Session(
             aws_access_key_id=aws_access_key_id,
             aws_secret_access_key=aws_secret_access_key,
@@ -229,6 +247,7 @@ class S3Storage(Storage):
             "kind": self.kind, "bucket": bucket, "prefix": self.prefix, "endpoint_url": endpoint_url,
             "region_name": region_name, "max_attempts": max_attempts, "part_size": part_size,
             "multipart_threshold": multipart_threshold, "max_pool_connections": max_pool_connections,
+            "concurrency": concurrency,
             "connect_timeout": connect_timeout, "read_timeout": read_timeout, "retry_deadline": retry_deadline,
         }
         # Server-side copies: same part size as uploads; s3transfer grows it past 10,000 parts.
@@ -393,17 +412,38 @@ class S3Storage(Storage):
         if length == 0:
             self.stat(key)  # like a local file: an empty range of a missing object is an error
             return b""
-        data, _, size = self._get(key, start, start + length - 1, version)
-        self._check_range(key, start, length, len(data), size)
-        return data
+        if length <= self.part_size or self.concurrency == 1:
+            data, _, size = self._get(key, start, start + length - 1, version)
+            self._check_range(key, start, length, len(data), size)
+            return data
+        out = bytearray(length)
+        self.read_into(key, start, out, version=version)
+        return bytes(out)
 
     def read_into(self, key: str, start: int, out, *, version: str | None = None) -> None:
-        """See :meth:`Storage.read_into`: each network piece is copied once, to its place."""
+        """See :meth:`Storage.read_into`: each network piece is copied once, to its place. A range
+        longer than ``part_size`` is fetched as ``part_size`` ranged GETs, ``concurrency`` at a
+        time, every one pinned to the same ETag (``version``, else the first piece's)."""
         if start < 0:
             raise ValueError(f"{self.uri(key)}: negative range start={start}")
-        length = len(memoryview(out).cast("B"))
-        got, _, size = self.get_into(key, start, out, version)
-        self._check_range(key, start, length, got, size)
+        view = memoryview(out).cast("B")
+        length = len(view)
+        step = self.part_size
+        first = view[: min(step, length)]
+        got, etag, size = self.get_into(key, start, first, version)
+        if got != len(first) or length <= step:
+            self._check_range(key, start, length, got, size)
+            return
+        pieces = [(at, min(step, length - at)) for at in range(step, length, step)]
+        self._check_range(key, start, length, min(size - start, length), size)
+
+        def fetch(piece: tuple[int, int]) -> None:
+            at, n = piece
+            got, _, _ = self.get_into(key, start + at, view[at : at + n], etag)
+            if got != n:  # cannot happen for a pinned version of the size checked above
+                raise IntegrityError(f"{self.uri(key)}: got {got} bytes at offset {start + at}, expected {n}")
+
+        _run_all(fetch, pieces, self.concurrency)
 
     def _check_range(self, key: str, start: int, length: int, got: int, size: int) -> None:
         if got != length:
@@ -487,12 +527,38 @@ class S3Storage(Storage):
         self._retrying(f"COPY from {self.uri(src_key)}", dst_key, copy)
 
 
+def _run_all(fn: Callable[[Any], None], items: list, workers: int) -> None:
+    """``fn(item)`` for every item, ``workers`` at a time; the first exception (in item order)
+    is raised once the others have stopped: a failure stops the items not yet started."""
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    failed = threading.Event()
+
+    def guarded(item: Any) -> None:
+        if not failed.is_set():
+            try:
+                fn(item)
+            except BaseException:
+                failed.set()
+                raise
+
+    with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="s3-get") as pool:
+        futures = [pool.submit(guarded, item) for item in items]
+    for f in futures:
+        f.result()
+
+
 class _S3Reader(io.RawIOBase):
     """Sequential reader over one version of an object, fetched in ranged GETs of ``part_size``.
 
     The first GET (issued on open, so a missing object fails there) pins the ETag and tells the
-    size; every later window is requested with ``If-Match`` on that ETag. Bounded windows keep
-    memory flat and make every window an independent, resumable request.
+    size; every later window is requested with ``If-Match`` on that ETag. Once the reader goes
+    past the first window it reads ahead: up to ``concurrency`` windows are fetched in parallel,
+    each straight into its own buffer, and handed out in order. Bounded windows keep memory flat
+    (``concurrency * part_size``) and make every window an independent, resumable request. A
+    reader that only peeks at the head of an object costs one GET.
     """
 
     def __init__(self, store: S3Storage, key: str):
@@ -503,21 +569,42 @@ class _S3Reader(io.RawIOBase):
         data, self._etag, self.size = store._get(key, 0, self._window - 1)
         self._buf = memoryview(data)
         self._offset = 0  # bytes handed to the caller so far
-        self._fetched = len(data)  # bytes fetched from S3 so far
+        self._fetched = len(data)  # bytes requested from S3 so far (fetched or in flight)
+        self._ahead: deque[Future] = deque()  # windows in flight, in order
+        self._pool: ThreadPoolExecutor | None = None
 
     def readable(self) -> bool:
         return True
 
-    def _next_window(self) -> None:
-        end = min(self._fetched + self._window, self.size) - 1
-        data, _, _ = self._store._get(self.key, self._fetched, end, self._etag)
-        if len(data) != end - self._fetched + 1:
+    def _fetch(self, start: int, n: int) -> memoryview:
+        buf = bytearray(n)
+        got, _, _ = self._store.get_into(self.key, start, buf, self._etag)
+        if got != n:
             raise IntegrityError(
-                f"{self._store.uri(self.key)}: got {len(data)} bytes at offset {self._fetched}, "
-                f"expected {end - self._fetched + 1} (object size {self.size})"
+                f"{self._store.uri(self.key)}: got {got} bytes at offset {start}, "
+                f"expected {n} (object size {self.size})"
             )
-        self._fetched += len(data)
-        self._buf = memoryview(data)
+        return memoryview(buf)
+
+    def _next_window(self) -> None:
+        workers = self._store.concurrency
+        if workers > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="s3-read-ahead")
+        while self._fetched < self.size and len(self._ahead) < max(1, workers):
+            n = min(self._window, self.size - self._fetched)
+            if self._pool is None:
+                done: Future = Future()
+                try:
+                    done.set_result(self._fetch(self._fetched, n))
+                except BaseException as e:  # noqa: BLE001 - re-raised by result() below
+                    done.set_exception(e)
+                self._ahead.append(done)
+            else:
+                self._ahead.append(self._pool.submit(self._fetch, self._fetched, n))
+            self._fetched += n
+        if not self._ahead:
+            raise IntegrityError(f"{self._store.uri(self.key)}: read past the end ({self.size} bytes)")
+        self._buf = self._ahead.popleft().result()
 
     def read(self, size: int | None = -1) -> bytes:
         """Up to ``size`` bytes (all that remain if ``size`` is negative or None); fewer only
@@ -525,6 +612,11 @@ class _S3Reader(io.RawIOBase):
         self._checkClosed()
         remaining = self.size - self._offset
         want = remaining if size is None or size < 0 else min(size, remaining)
+        if want <= len(self._buf):  # within the current window: one copy
+            piece = self._buf[:want]
+            self._buf = self._buf[want:]
+            self._offset += want
+            return bytes(piece)
         out = []
         while want > 0:
             if not self._buf:
@@ -536,25 +628,48 @@ class _S3Reader(io.RawIOBase):
             self._offset += len(piece)
         return b"".join(out)
 
+    def _fill(self, view: memoryview) -> int:
+        at = 0
+        while at < len(view):
+            if not self._buf:
+                self._next_window()
+            n = min(len(self._buf), len(view) - at)
+            view[at : at + n] = self._buf[:n]
+            self._buf = self._buf[n:]
+            at += n
+            self._offset += n
+        return at
+
     def readall(self) -> bytes:
         return self.read(-1)
 
     def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
+        self._checkClosed()
+        view = memoryview(b).cast("B")
+        return self._fill(view[: min(len(view), self.size - self._offset)])
 
     def tell(self) -> int:
         return self._offset
 
     def close(self) -> None:
         self._buf = memoryview(b"")
+        for f in self._ahead:
+            f.cancel()
+        self._ahead.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         super().close()
 
 
 class _S3Writer(AtomicWriter):
     """Buffers up to one part; switches to a multipart upload once the object outgrows
     ``multipart_threshold``. Nothing is visible under the key until PUT / CompleteMultipartUpload.
+
+    Parts go up concurrently: each full part is handed to a pool of ``concurrency`` uploads, and
+    :meth:`write` waits for the oldest one when that many are in flight, so at most
+    ``concurrency`` parts (plus the one being filled) are held in memory. The first failed part
+    fails the writer (at the next write or at commit) and aborts the upload.
     """
 
     def __init__(self, store: S3Storage, key: str, **kw):
@@ -563,6 +678,9 @@ class _S3Writer(AtomicWriter):
         self._buf = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict] = []
+        self._next_part = 1
+        self._inflight: deque[Future] = deque()  # part uploads in flight, oldest first
+        self._pool: ThreadPoolExecutor | None = None
         self._unreachable = False  # the last request failed because the endpoint did not answer
         self._part_size = store.part_size
         if self.expected_size is not None:
@@ -604,12 +722,31 @@ class _S3Writer(AtomicWriter):
         self._upload_id = resp["UploadId"]
 
     def _upload_part(self, data: bytes) -> None:
-        number = len(self._parts) + 1
+        """Send part number ``_next_part``: at once with ``concurrency`` 1, else in the pool once
+        fewer than ``concurrency`` parts are in flight."""
+        number = self._next_part
         if number > MAX_PARTS:
             raise StorageError(
                 f"{self._store.uri(self.key)}: more than {MAX_PARTS} parts of {self._part_size} bytes; "
                 "pass expected_size to open_write or raise part_size"
             )
+        self._next_part += 1
+        workers = self._store.concurrency
+        if workers <= 1:
+            self._parts.append(self._send_part(number, data))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="s3-upload")
+        while len(self._inflight) >= workers:
+            self._parts.append(self._inflight.popleft().result())
+        self._inflight.append(self._pool.submit(self._send_part, number, data))
+
+    def _drain(self) -> None:
+        """Wait for every part in flight (the first failure, in part order, is raised)."""
+        while self._inflight:
+            self._parts.append(self._inflight.popleft().result())
+
+    def _send_part(self, number: int, data: bytes) -> dict:
         resp = self._request(
             f"UploadPart {number}",
             self._store.client.upload_part,
@@ -621,7 +758,7 @@ class _S3Writer(AtomicWriter):
         part = {"PartNumber": number, "ETag": resp["ETag"]}
         if "ChecksumCRC32" in resp:  # servers without checksum support return none
             part["ChecksumCRC32"] = resp["ChecksumCRC32"]
-        self._parts.append(part)
+        return part
 
     def _commit(self, sha256: str) -> ObjectInfo:
         store, where = self._store, self._store.uri(self.key)
@@ -637,6 +774,9 @@ class _S3Writer(AtomicWriter):
         else:
             if self._buf:
                 self._upload_part(bytes(self._buf))
+            self._drain()
+            self._stop_pool()
+            self._parts.sort(key=lambda p: p["PartNumber"])
             self._request(
                 "CompleteMultipartUpload",
                 store.client.complete_multipart_upload,
@@ -663,8 +803,19 @@ class _S3Writer(AtomicWriter):
                 pass  # replaced by another writer meanwhile: theirs wins, as with a later write
         return ObjectInfo(self.key, self.size, sha256)
 
+    def _stop_pool(self) -> None:
+        """Cancel the parts not yet started and wait for the ones in flight (each within its
+        retry budget), so that no part lands after the upload is aborted."""
+        for f in self._inflight:
+            f.cancel()
+        self._inflight.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def _abort(self) -> None:
         self._buf = bytearray()
+        self._stop_pool()
         if self._upload_id is None:
             return
         upload_id, self._upload_id = self._upload_id, None
@@ -690,7 +841,8 @@ def for_bucket(bucket: str, like: Storage | None = None) -> S3Storage:
     ``FORGELINE_S3_ENDPOINT_URL`` and the region and credentials from the AWS environment."""
     if isinstance(like, S3Storage):
         spec, env = like.spec()
-        tuning = {k: spec[k] for k in ("max_attempts", "connect_timeout", "read_timeout", "retry_deadline")}
+        tuning = {k: spec[k] for k in ("max_attempts", "connect_timeout", "read_timeout", "retry_deadline",
+                                       "max_pool_connections", "concurrency") if k in spec}
         return S3Storage(
             bucket, "", endpoint_url=spec.get("endpoint_url"), region_name=spec.get("region_name"), **tuning,
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
