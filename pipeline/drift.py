@@ -268,8 +268,11 @@ def compare(
     """Column drift of ``current`` against ``reference`` over their shared feature columns.
     Returns the result (no report written yet) and Evidently's snapshot (for :func:`write_report`)."""
     t0 = time.perf_counter()
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.presets import DataDriftPreset
+    with warnings.catch_warnings():  # Evidently's own imports: numpy.core and litestar deprecations, not ours
+        warnings.filterwarnings("ignore", message=r"numpy\.core is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"(Call to|Use of) deprecated (function|class) '(Dependency|DependencyKwarg)'")
+        from evidently import DataDefinition, Dataset, Report
+        from evidently.presets import DataDriftPreset
 
     cols = [c for c in reference.columns if c in current.columns and c not in NON_FEATURES]
     if not cols:
