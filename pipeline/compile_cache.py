@@ -62,6 +62,7 @@ import types
 import uuid
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -730,6 +731,7 @@ def compile_with_cache(
     dynamic: bool = False,
     key: str | tuple[str, dict[str, Any]] | None = None,
     bundle_cpu_kernels: bool = True,
+    warmup: Sequence[Any] = (),
 ) -> tuple[Callable, CompileReport]:
     """``torch.compile(model)`` and its first call on ``example_inputs``, with artifacts from
     ``cache`` when there is a valid entry (hit), else cold, storing the new artifacts (miss).
@@ -750,6 +752,9 @@ def compile_with_cache(
       ``(key, components)`` pair from :func:`cache_key` is used as given; a bare string is used as
       the key, with the computed components still checked.
     - ``bundle_cpu_kernels``: on CPU, also store the C++ kernel binaries the mega-cache leaves out.
+    - ``warmup``: more inputs (tensors or argument tuples) to call the compiled model on after the
+      first call, *before* the artifacts are stored: graphs they compile (e.g. batch size 1, which
+      Dynamo specializes even with ``dynamic=True``) go into the same entry, so a hit covers them too.
 
     Returns ``(compiled, report)``: the compiled callable (already called once) and a
     :class:`CompileReport`. Cache problems become ``report.warnings``; only errors of the compile
@@ -839,6 +844,10 @@ def compile_with_cache(
                 cache = None  # do not store artifacts of a compile that bypassed the caches
         else:
             compiled, report.seconds_compile_first_call = _first_call(model, inputs, mode, dynamic)
+        for w in warmup:  # recorded with the first call: one entry holds every graph they need
+            w = _normalize_inputs(w)
+            compiled(*w)
+            _sync(w)
 
         after = _counters()
         report.inductor_cache = {k: after.get(k, 0) - before.get(k, 0) for k in after}
