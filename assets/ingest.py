@@ -44,7 +44,8 @@ def raw_shards(context: dg.AssetExecutionContext, config: ShardIngestConfig, sto
             f"{r.source}: {'ok' if r.ok else 'QUARANTINED'} {r.samples} samples" + ("" if r.ok else f" — {r.reason}")
         ),
     )
-    missing = sorted(set(range(config.num_classes)) - set(result.classes))
+    unlabeled = result.samples > 0 and result.unlabeled == result.samples  # e.g. a window of serving traffic
+    missing = [] if unlabeled else sorted(set(range(config.num_classes)) - set(result.classes))
     return dg.MaterializeResult(
         metadata={
             "manifest": dg.MetadataValue.path(store.uri(result.manifest_key)),
@@ -52,6 +53,7 @@ def raw_shards(context: dg.AssetExecutionContext, config: ShardIngestConfig, sto
             "shards_quarantined": len(result.quarantined),
             "quarantined": dg.MetadataValue.json([{"source": r.source, "reason": r.reason} for r in result.quarantined]),
             "samples": result.samples,
+            "unlabeled_samples": result.unlabeled,
             "bytes": result.bytes,
             "classes": dg.MetadataValue.json(result.classes),
             "seconds": result.seconds,
@@ -69,7 +71,8 @@ def raw_shards(context: dg.AssetExecutionContext, config: ShardIngestConfig, sto
             dg.AssetCheckResult(
                 check_name="all_classes_present",
                 passed=not missing,
-                metadata={"missing_classes": dg.MetadataValue.json(missing)},
+                description="unlabeled batch (never training data): no classes to check" if unlabeled else None,
+                metadata={"missing_classes": dg.MetadataValue.json(missing), "unlabeled": unlabeled},
             ),
         ],
     )
@@ -90,6 +93,7 @@ def raw_table(context: dg.AssetExecutionContext, config: TableIngestConfig, stor
     ingest.require_ready(store, context.partition_key, incoming=config.incoming_prefix)
     result = ingest.ingest_table(store, context.partition_key, incoming=config.incoming_prefix)
     splits = result.splits
+    predictions = result.kind == "predictions"  # served predictions (serving traffic): no splits, no labels
     return dg.MaterializeResult(
         metadata={
             "manifest": dg.MetadataValue.path(store.uri(result.manifest_key)),
@@ -104,11 +108,13 @@ def raw_table(context: dg.AssetExecutionContext, config: TableIngestConfig, stor
             "label_histogram": dg.MetadataValue.json({str(k): v for k, v in result.labels.items()}),
             "column_stats": dg.MetadataValue.json({f.source: f.columns for f in result.files}),
             "extra_columns": dg.MetadataValue.json(sorted({c for f in result.files for c in f.extra_columns})),
+            "kind": result.kind,
         },
         check_results=[
             dg.AssetCheckResult(
                 check_name="every_split_present",
-                passed=all(splits.get(s, 0) > 0 for s in ("train", "val", "test")),
+                passed=predictions or all(splits.get(s, 0) > 0 for s in ("train", "val", "test")),
+                description="a table of served predictions (unlabeled traffic) has no splits" if predictions else None,
                 metadata={"splits": dg.MetadataValue.json(splits)},
             )
         ],

@@ -9,7 +9,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from pipeline.datagen import SPLITS
-from pipeline.ingest import withdrawn
+from pipeline.ingest import shard_labeled, withdrawn
 from pipeline.storage import LocalStorage, Storage, copy_between
 
 MANIFEST = "manifest.json"
@@ -26,11 +26,14 @@ def collect(store: Storage, *, published: str = "raw/shards", batches: list[str]
 
     ``version`` is a hash of the exact shard contents, so the same data always gives the same
     version and any new or changed shard gives a new one. Batches and shards withdrawn with
-    :func:`pipeline.ingest.withdraw` are left out (``withdrawn`` lists what was skipped).
+    :func:`pipeline.ingest.withdraw` are left out (``withdrawn`` lists what was skipped), and so are
+    unlabeled shards (sampled serving traffic: ``unlabeled`` lists their keys); ``batches`` names
+    only batches that gave at least one shard, so a model's recorded training batches (the drift
+    reference) never include a window of traffic.
     """
     manifests = sorted(o.key for o in store.list(published) if PurePosixPath(o.key).name == MANIFEST)
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    used, skipped = [], []
+    used, skipped, unlabeled = [], [], []
     gone_batches, gone_shards = withdrawn(store)
     for key in manifests:
         m = json.loads(store.read(key))
@@ -39,14 +42,20 @@ def collect(store: Storage, *, published: str = "raw/shards", batches: list[str]
         if m["batch"] in gone_batches:
             skipped.append(m["batch"])
             continue
-        used.append(m["batch"])
+        gave = False
         for entry in m["shards"]:
             if entry["key"] in gone_shards:
                 skipped.append(entry["key"])
                 continue
+            if not shard_labeled(entry):  # no labels: nothing to train on
+                unlabeled.append(entry["key"])
+                continue
+            gave = True
             splits[split_of(entry["key"])].append(
                 {k: entry[k] for k in ("key", "sha256", "bytes", "samples")}
             )
+        if gave or not m["shards"]:
+            used.append(m["batch"])
     if not splits["train"]:
         raise ValueError(f"{store.uri(published)}: no published training shards (ingest a batch first)")
     for entries in splits.values():
@@ -56,6 +65,7 @@ def collect(store: Storage, *, published: str = "raw/shards", batches: list[str]
         "version": hashlib.sha256(fingerprint.encode()).hexdigest()[:16],
         "batches": used,
         "withdrawn": skipped,
+        "unlabeled": sorted(unlabeled),
         "splits": splits,
         "samples": {s: sum(e["samples"] for e in es) for s, es in splits.items()},
         "bytes": sum(e["bytes"] for es in splits.values() for e in es),

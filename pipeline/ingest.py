@@ -182,6 +182,11 @@ class ShardReport:
     def ok(self) -> bool:
         return self.reason is None
 
+    @property
+    def labeled(self) -> bool:
+        """Every sample has a label (an unlabeled shard has none: see :func:`validate_shard`)."""
+        return sum(self.classes.values()) == self.samples
+
 
 def _check_member(m: tarfile.TarInfo) -> None:
     name = m.name
@@ -258,8 +263,11 @@ def validate_shard(stream: BinaryIO, *, num_classes: int = NUM_CLASSES, sink=Non
 
     Returns ``(samples, class_histogram, sha256, bytes)``; raises :class:`ShardInvalid` with the
     member and problem. Members are named and grouped by :mod:`pipeline.webdataset`; every sample
-    needs one image the loader decodes and a label. The whole stream is consumed (so sha256 covers
-    the full file) even though tarfile stops at the end-of-archive marker.
+    needs one image the loader decodes. Labels are optional, but per shard: either every sample has
+    a ``.cls`` label (a labeled shard, training data) or none has (an *unlabeled* shard, e.g. sampled
+    serving traffic: ``samples - sum(class_histogram)`` samples without a label); a mix is refused,
+    as training reads a label from every sample of a shard it uses. The whole stream is consumed
+    (so sha256 covers the full file) even though tarfile stops at the end-of-archive marker.
     """
     tee = _TeeReader(stream, sink)
 
@@ -291,15 +299,25 @@ def validate_shard(stream: BinaryIO, *, num_classes: int = NUM_CLASSES, sink=Non
 
     classes: Counter = Counter()
     samples = 0
+    first: tuple[str, bool] | None = None  # (key, labeled) of the first sample: the shard's kind
     try:
         for key, fields in group_samples(members()):
-            problem = sample_problem(fields)
+            labeled = LABEL_EXT in fields
+            # a sample without a label is checked as if it had one: the image rules stay the same
+            problem = sample_problem(list(fields) if labeled else [*fields, LABEL_EXT])
             if problem:
                 raise ShardInvalid(f"sample {key!r}: {problem} (has {sorted(fields)})")
+            if first is None:
+                first = (key, labeled)
+            elif labeled != first[1]:
+                raise ShardInvalid(
+                    f"sample {key!r} has {'a' if labeled else 'no'} .{LABEL_EXT} label but sample {first[0]!r} "
+                    f"{'has' if first[1] else 'has none'}: a shard is labeled or unlabeled as a whole")
             ext = image_ext(fields)
             image_name, image_data = fields[ext]
             _check_image(image_name, ext, image_data)
-            classes[_check_label(*fields[LABEL_EXT], num_classes)] += 1
+            if labeled:
+                classes[_check_label(*fields[LABEL_EXT], num_classes)] += 1
             samples += 1
     except WebDatasetError as e:
         raise ShardInvalid(str(e)) from None
@@ -332,6 +350,11 @@ class ShardIngestResult:
     @property
     def bytes(self) -> int:
         return sum(r.bytes for r in self.published) + sum(r.bytes for r in self.quarantined)
+
+    @property
+    def unlabeled(self) -> int:
+        """Published samples without a label (never training data)."""
+        return sum(r.samples for r in self.published if not r.labeled)
 
     @property
     def classes(self) -> dict[int, int]:
@@ -465,7 +488,7 @@ def ingest_shards(
     entries = dict(previous)
     for r in good:
         entries[r.key] = {"key": r.key, "bytes": r.bytes, "sha256": r.sha256, "samples": r.samples,
-                          "classes": {str(k): v for k, v in r.classes.items()}}
+                          "classes": {str(k): v for k, v in r.classes.items()}, "labeled": r.labeled}
     manifest = {
         "format": "forgeline.shards/1",
         "batch": batch,
@@ -473,10 +496,23 @@ def ingest_shards(
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shards": [entries[k] for k in sorted(entries)],
         "samples": sum(e["samples"] for e in entries.values()),
+        # samples of unlabeled shards (serving traffic): never training data (pipeline.dataset.collect)
+        "unlabeled": sum(e["samples"] for e in entries.values() if not shard_labeled(e)),
         "quarantined": [{"source": r.source, "reason": r.reason} for r in bad],
     }
     store.write_atomic(manifest_key, json.dumps(manifest, indent=1).encode())
     return ShardIngestResult(batch, good, bad, manifest_key, time.perf_counter() - t0)
+
+
+def shard_labeled(entry: dict) -> bool:
+    """Whether a shard manifest entry is labeled (entries written before labels were optional are)."""
+    return entry.get("labeled", True) is not False
+
+
+def batch_unlabeled(store: Storage, batch: str, published: str = "raw/shards") -> bool:
+    """Whether the published ``batch`` has no labeled shard (e.g. a window of serving traffic)."""
+    shards = read_shard_manifest(store, batch, published)["shards"]
+    return bool(shards) and not any(shard_labeled(e) for e in shards)
 
 
 def read_shard_manifest(store: Storage, batch: str, published: str = "raw/shards") -> dict:
@@ -606,6 +642,27 @@ def digits_schema() -> dict:
 DIGITS_RANGES = {**{f"px_{j:02d}": (0, PIXEL_MAX) for j in range(64)}, "label": (0, NUM_CLASSES - 1)}
 
 
+def predictions_schema() -> dict:
+    """The table of a window of sampled serving traffic (:mod:`pipeline.serving.traffic`): one row
+    per sample, ``key`` its sample in the window's shard; no label and no split (unlabeled)."""
+    import polars as pl
+
+    return {"id": pl.Int64, "key": pl.String, "model": pl.String, "model_version": pl.String,
+            "prediction": pl.Int64, "confidence": pl.Float64, "latency_ms": pl.Float64,
+            "time": pl.Datetime("us", "UTC")}
+
+
+PREDICTION_RANGES = {"prediction": (0, 2**62), "confidence": (0.0, 1.0), "latency_ms": (0.0, float("inf"))}
+TABLE_KINDS = ("features", "predictions")  # a landed (labeled) feature table, or served predictions
+
+
+def table_kind(columns) -> str:
+    """``predictions`` for a table of served predictions (a ``prediction`` column, no ``label``),
+    else ``features`` (the landed digits layout)."""
+    cols = set(columns)
+    return "predictions" if "prediction" in cols and "label" not in cols else "features"
+
+
 @dataclass
 class TableReport:
     source: str
@@ -674,8 +731,9 @@ def validate_table(
     exprs += [pl.col(c).mean().cast(pl.Float64).alias(f"{c}__mean") for c in numeric]
     try:
         stats = lf.select(exprs).collect(engine="streaming").row(0, named=True)
-        splits = dict(lf.group_by("split").len().collect(engine="streaming").iter_rows())
-        labels = dict(lf.group_by("label").len().collect(engine="streaming").iter_rows())
+        # a table without split/label columns in its schema (served predictions) has neither
+        splits = dict(lf.group_by("split").len().collect(engine="streaming").iter_rows()) if "split" in schema else {}
+        labels = dict(lf.group_by("label").len().collect(engine="streaming").iter_rows()) if "label" in schema else {}
     except Exception as e:
         raise IngestError(f"{where}: unreadable data ({type(e).__name__}: {e})") from None
     rows = stats["__rows"]
@@ -704,6 +762,15 @@ def validate_table(
     return TableReport(where, rows, size, sha, columns, extra, splits, dict(sorted(labels.items())))
 
 
+def _file_kind(path) -> str:
+    import polars as pl
+
+    try:
+        return table_kind(pl.read_parquet_schema(path))
+    except Exception:  # noqa: BLE001 - not Parquet: validate_table says so, naming the file
+        return "features"
+
+
 @dataclass
 class TableIngestResult:
     batch: str
@@ -712,6 +779,7 @@ class TableIngestResult:
     manifest_key: str
     seconds: float
     file_seconds: list[float] = field(default_factory=list)  # per file: validate + publish
+    kind: str = "features"  # "features" (landed, labeled) | "predictions" (served traffic, unlabeled)
 
     @property
     def rows(self) -> int:
@@ -742,7 +810,12 @@ def ingest_table(
     ranges: dict | None = None,
 ) -> TableIngestResult:
     """Validate every ``*.parquet`` under ``<incoming>/<batch>/``; publish them all (manifest last)
-    only if every file passes. Any bad file raises :class:`IngestError` and publishes nothing."""
+    only if every file passes. Any bad file raises :class:`IngestError` and publishes nothing.
+
+    Without ``schema``, each file is checked against the layout its columns say it has
+    (:func:`table_kind`): the digits feature table (:func:`digits_schema`), or the served
+    predictions of a serving-traffic window (:func:`predictions_schema`, unlabeled); a batch's files
+    must all be of one kind, which the manifest records (``kind``)."""
     t0 = time.perf_counter()
     check_batch_name(batch)
     src_prefix, dst_prefix = join(incoming, batch), join(published, batch)
@@ -761,12 +834,21 @@ def ingest_table(
             check_key(names[key])
         except ValueError as e:
             raise IngestError(f"{store.uri(key)}: landed key is not a plain relative path ({e})") from None
-    reports, file_seconds = [], []
+    reports, file_seconds, kinds = [], [], {}
     for key in sources:
         t = time.perf_counter()
         with _local_file(store, key) as path:
-            reports.append(validate_table(path, name=store.uri(key), schema=schema, ranges=ranges))
+            file_schema, file_ranges = schema, ranges
+            if schema is None:
+                kinds[key] = _file_kind(path)
+                if kinds[key] == "predictions":
+                    file_schema, file_ranges = predictions_schema(), PREDICTION_RANGES if ranges is None else ranges
+            reports.append(validate_table(path, name=store.uri(key), schema=file_schema, ranges=file_ranges))
         file_seconds.append(time.perf_counter() - t)
+    if len(set(kinds.values())) > 1:
+        which = ", ".join(f"{store.uri(k)} ({v})" for k, v in sorted(kinds.items()))
+        raise IngestError(f"{store.uri(src_prefix)}: tables of different kinds in one batch: {which}")
+    kind = next(iter(kinds.values()), "features")
     keys = []
     for i, (key, rep) in enumerate(zip(sources, reports)):
         t = time.perf_counter()
@@ -783,9 +865,11 @@ def ingest_table(
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": [{"key": k, **{f: v for f, v in asdict(r).items() if f != "source"}} for k, r in zip(keys, reports)],
         "rows": sum(r.rows for r in reports),
+        "kind": kind,
+        "labeled": kind != "predictions",
     }
     store.write_atomic(manifest_key, json.dumps(manifest, indent=1, default=str).encode())
-    return TableIngestResult(batch, reports, keys, manifest_key, time.perf_counter() - t0, file_seconds)
+    return TableIngestResult(batch, reports, keys, manifest_key, time.perf_counter() - t0, file_seconds, kind)
 
 
 __all__ = [
@@ -799,7 +883,11 @@ __all__ = [
     "ingest_shards",
     "ingest_table",
     "batch_ready",
+    "batch_unlabeled",
     "check_batch_name",
+    "predictions_schema",
+    "shard_labeled",
+    "table_kind",
     "landed_links",
     "read_shard_manifest",
     "require_ready",

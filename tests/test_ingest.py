@@ -67,12 +67,15 @@ def _bad_shards(digits, good_bytes: bytes) -> dict[str, tuple[bytes, str]]:
         "device": (_tar([({"name": "000001.png", "type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3}, None)]),
                    "device"),
         "fifo": (_tar([({"name": "000001.png", "type": tarfile.FIFOTYPE}, None)]), "device/fifo"),
-        "no_label": (_tar([({"name": "000001.png"}, png)]), "no .cls label"),
+        "mixed_labels": (_tar(_sample("a", png) + [({"name": "b.png"}, png)]),
+                         "sample 'b' has no .cls label but sample 'a' has: a shard is labeled or unlabeled as a whole"),
         "no_image": (_tar([({"name": "000001.cls"}, b"1\n")]), "no image member"),
         "bad_image": (_tar(_sample("000001", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)), "not a decodable image"),
         "label_range": (_tar(_sample("000001", png, b"12\n")), "outside [0, 10)"),
         "label_text": (_tar(_sample("000001", png, b"seven\n")), "not an integer"),
-        "split_sample": (_tar(_sample("a", png)[:1] + _sample("b", png) + _sample("a", png)[1:]), "sample 'a': no .cls"),
+        # a's label after b: a reads as unlabeled, b as labeled (a mix), then a again (not contiguous)
+        "split_sample": (_tar(_sample("a", png)[:1] + _sample("b", png) + _sample("a", png)[1:]),
+                         "labeled or unlabeled as a whole"),
         "non_contiguous": (_tar(_sample("a", png) + _sample("b", png) + [({"name": "a.json"}, b"{}")]),
                            "not contiguous"),
         "empty": (_tar([]), "no samples"),
@@ -117,6 +120,15 @@ def test_each_bad_shard_is_quarantined_with_its_reason(landed, digits):
     assert len(manifest["quarantined"]) == len(bad)
     assert {o.key: landed.checksum(o.key) for o in landed.list("incoming")} == sources_before  # source untouched
     assert not landed.stale_temporaries()
+
+
+def test_unlabeled_shard_publishes_as_unlabeled(tmp_path, digits):
+    store = LocalStorage(tmp_path / "store")
+    store.write_atomic("incoming/u/shards/traffic.tar", _tar([({"name": f"{i:06d}.png"}, _png(digits, i)) for i in range(3)]))
+    result = ingest_shards(store, "u")
+    assert not result.quarantined and result.samples == 3 and result.unlabeled == 3 and result.classes == {}
+    manifest = read_shard_manifest(store, "u")
+    assert manifest["unlabeled"] == 3 and manifest["shards"][0]["labeled"] is False
 
 
 def test_reingest_never_overwrites_published_shards(landed, digits):
