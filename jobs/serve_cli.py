@@ -3,6 +3,7 @@ status``: per-model latency, traffic, memory and swaps of a running one, from it
 
     forgeline serve [--models a,b] [--host 127.0.0.1] [--port 8000] [--device cpu] [--budget 2GiB]
                     [--max-batch-size 32] [--max-queue-delay-ms 2] [--compile] [--poll-s 2]
+                    [--sample-rate 0.05] [--sample-window-s 300] [--sample-window-samples 10000]
     forgeline serve status [--url http://127.0.0.1:8000] [--json]
 
 Storage and the /dev/shm tier come from the same settings as every other command
@@ -74,6 +75,16 @@ def _non_negative(text: str) -> float:
     return v
 
 
+def _rate(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within 0..1: {text!r}")
+    return v
+
+
 def _port(text: str) -> int:
     try:
         v = int(text)
@@ -121,6 +132,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--max-body", type=_size, default=None, help="largest request body (default 64MiB)")
     s.add_argument("--drain-timeout-s", type=_positive(float), default=30.0,
                    help="on SIGTERM, how long in-flight requests may take to finish")
+    s.add_argument("--sample-rate", type=_rate, default=None,
+                   help="share of inference rows written back as unlabeled batches under incoming/serving-*/ "
+                        "for ingestion and drift checks (0..1; default FORGELINE_SERVE_SAMPLE_RATE, else 0: off)")
+    s.add_argument("--sample-window-s", type=_positive(float), default=None,
+                   help="a traffic window closes (and lands, _READY last) this many seconds after its first sample "
+                        "(default FORGELINE_SERVE_SAMPLE_WINDOW_S, else 300)")
+    s.add_argument("--sample-window-samples", type=_positive(int), default=None,
+                   help="...or when it holds this many samples (default FORGELINE_SERVE_SAMPLE_WINDOW_SAMPLES, else 10000)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=cmd_serve)
 
@@ -140,13 +159,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def build_registry(args):
     """The serving core over the environment's storage (and shm tier / compile cache)."""
+    from pipeline import settings
     from pipeline.serving.registry import ModelRegistry, ServeConfig
     from resources.storage import open_storage, shm_from_env, storage_from_env
+
+    def flag(name, default):  # flags win over the environment (getattr: callers may build args by hand)
+        value = getattr(args, name, None)
+        return default() if value is None else value
 
     config = ServeConfig(models=args.models, device=args.device, budget_bytes=args.budget,
                          max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
                          queue_limit=args.queue_limit, poll_s=args.poll_s, compile=args.compile,
-                         compile_mode=args.compile_mode)
+                         compile_mode=args.compile_mode,
+                         sample_rate=flag("sample_rate", settings.serve_sample_rate),
+                         sample_window_s=flag("sample_window_s", settings.serve_sample_window_s),
+                         sample_window_samples=flag("sample_window_samples", settings.serve_sample_window_samples))
     resource = storage_from_env()
     store = open_storage(resource)
     tier = None if args.no_shm else shm_from_env().tier()

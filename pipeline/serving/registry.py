@@ -45,6 +45,11 @@ loaded. When nothing can be evicted the load waits for requests to finish (up to
 swaps and loads: loading one model never blocks requests to another, and loads of different models
 run concurrently. Each resident version has its own dynamic batcher (``batching.DynamicBatcher``).
 
+**Traffic sampling.** With ``sample_rate > 0`` each answered row is taken with that probability
+and handed to :class:`pipeline.serving.traffic.TrafficSampler` (``traffic_store``, default the model
+store), which lands windows of it under ``incoming/serving-*/`` for ingestion and the drift checks.
+Handing over never waits (a bounded buffer, a background writer) and never fails the request.
+
 Notes for the HTTP layer: ``metadata()`` of a model that was never loaded reads its manifest and
 golden file from storage once (cached); ``index()`` lists one row per model (its serving version,
 or the production one when not resident) plus one row per other resident version; ``inputs`` of
@@ -107,6 +112,12 @@ class ServeConfig:
     discover_s: float = 30.0  # how often models/ is re-listed when models is None
     retry_failed_s: float = 30.0  # a version that failed to load is not loaded again for requests within this
     root: str = export.DEFAULT_ROOT
+    # sampled traffic flows back as landed batches (pipeline.serving.traffic); 0 = off
+    sample_rate: float = 0.0  # share of inference rows sampled
+    sample_window_s: float = 300.0  # a window closes this long after its first sample...
+    sample_window_samples: int = 10_000  # ...or when it holds this many samples
+    sample_buffer: int = 1024  # requests waiting for the traffic writer; past it, samples are dropped
+    sample_prefix: str = "incoming"  # windows land under <prefix>/serving-<model>-<time>-<id>/
 
 
 def _one_line(message: Any) -> str:
@@ -209,12 +220,14 @@ class _Model:
 
 class ModelRegistry:
     def __init__(self, store, config: ServeConfig | None = None, *, tier=None, cache=None,
-                 metrics: ServingMetrics | None = None):
+                 metrics: ServingMetrics | None = None, traffic=None, traffic_store=None):
         self.store = store
         self.config = config or ServeConfig()
         self.tier = tier
         self.cache = cache
         self.metrics = metrics if metrics is not None else ServingMetrics()
+        # sampled requests -> incoming/serving-*/ (traffic_store: where they land, default store)
+        self.traffic = traffic if traffic is not None else self._traffic(traffic_store or store)
         self._models: dict[str, _Model] = {}
         self._known: set[str] = set(self.config.models or [])
         self._reserved = 0
@@ -234,6 +247,25 @@ class ModelRegistry:
         for name in self._known:
             self._check_name(name)
 
+    def _traffic(self, store):
+        if not self.config.sample_rate > 0:
+            return None
+        from pipeline.serving.traffic import TrafficConfig, TrafficSampler
+
+        c = self.config
+        return TrafficSampler(store, TrafficConfig(rate=c.sample_rate, window_s=c.sample_window_s,
+                                                   window_samples=c.sample_window_samples, buffer=c.sample_buffer,
+                                                   incoming=c.sample_prefix), registry=self.metrics.registry)
+
+    def _sample(self, name: str, r: _Resident, x: np.ndarray, y: np.ndarray, t0: float) -> None:
+        """Offer an answered request to the traffic sampler; whatever happens there, the request is
+        not slowed (no wait) nor failed (errors are logged)."""
+        try:
+            spec = (r.loaded.manifest.get("metadata") or {}).get("spec")
+            self.traffic.offer(name, r.version, x, y, latency_s=time.perf_counter() - t0, spec=spec)
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s: traffic sampling failed: %s", name, _one_line(e))
+
     # lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Start the alias watcher; with ``config.models`` and ``preload``, load those models in
@@ -242,6 +274,8 @@ class ModelRegistry:
             return
         self._room = asyncio.Event()
         self._started = True
+        if self.traffic is not None:
+            self.traffic.start()
         if self.config.models is None:
             await self._discover()
         self._poller.start()
@@ -282,6 +316,8 @@ class ModelRegistry:
         self._load_pool.shutdown(wait=False, cancel_futures=True)
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._io_pool.shutdown(wait=False, cancel_futures=True)
+        if self.traffic is not None:  # write the open windows (bounded wait: storage may hang)
+            await asyncio.to_thread(self.traffic.close)
         self._stopped = True
 
     def _in_flight(self) -> int:
@@ -437,6 +473,8 @@ class ModelRegistry:
                 log.error("%s/%s: forward failed: %s", name, r.version, _one_line(e))
                 raise ServingError(f"{name}/{r.version}: inference failed: {_one_line(e)}") from None
             result = "ok"
+            if self.traffic is not None:
+                self._sample(name, r, x, y, t0)
             return Outputs({r.loaded.output.name: y}, r.version)
         except InvalidInput:
             result = "invalid"
