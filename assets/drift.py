@@ -16,6 +16,7 @@ from assets.partitions import batches
 from assets.train import shard_cache_dir
 from pipeline import dataset as ds
 from pipeline import drift, settings
+from pipeline.serving.traffic import window_model
 from pipeline.storage import Storage
 from resources.storage import StorageResource
 
@@ -51,8 +52,11 @@ def _run(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig, stora
     pass with the reason when there is nothing to compare against."""
     store, batch, model = storage.client(), context.partition_key, config.model_name
     ref = drift.production_reference(store, model)
+    owner = window_model(batch)  # a window of serving traffic (unlabeled): whose traffic it is
     if ref is None:
         why = f"no published version of {model!r} yet: nothing to compare against"
+    elif owner is not None and owner != model:
+        why = f"{batch!r} is traffic of model {owner!r}; these checks watch {model!r}"
     elif set(ref["batches"]) <= {batch}:
         why = f"{batch!r} is the data {model}/{ref['version']} was trained on"
     else:
@@ -126,11 +130,13 @@ def _result(store: Storage, r: drift.DriftResult) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=raw_table, partitions_def=batches,
-                description="Per-column drift of the batch's table against the production model's training tables.")
+                description="Per-column drift of the batch's table against the production model's training tables; "
+                            "for a window of serving traffic, the served class and confidence against the production "
+                            "model's predictions on its held-out reference data.")
 def table_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig,
                 storage: StorageResource) -> dg.AssetCheckResult:
     return _run(context, config, storage, lambda store, batch, ref: drift.table_drift(
-        store, batch, ref, policy=config.policy(), columns=config.table_columns))
+        store, batch, ref, policy=config.policy(), columns=config.table_columns, cache_dir=shard_cache_dir()))
 
 
 @dg.asset_check(asset=raw_shards, partitions_def=batches,
@@ -139,7 +145,7 @@ def table_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig
 def image_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig,
                 storage: StorageResource) -> dg.AssetCheckResult:
     return _run(context, config, storage, lambda store, batch, ref: drift.image_drift(
-        store, batch, ref, policy=config.policy()))
+        store, batch, ref, policy=config.policy(), cache_dir=shard_cache_dir()))
 
 
 @dg.asset_check(asset=raw_shards, partitions_def=batches,
@@ -148,6 +154,8 @@ def image_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig
 def prediction_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig,
                      storage: StorageResource) -> dg.AssetCheckResult:
     def compare(store: Storage, batch: str, ref: dict) -> drift.DriftResult:
+        if window_model(batch) is not None:  # serving traffic: the exact inputs, no staging of the window
+            return drift.prediction_drift(store, batch, ref, policy=config.policy(), cache_dir=shard_cache_dir())
         entries = drift.batch_shard_entries(store, [b for b in ref["batches"] if b != batch])
         # the model has seen the training split and is overconfident there: compare unseen with unseen
         held_out = [e for e in entries if ds.split_of(e["key"]) != "train"] or entries

@@ -18,6 +18,7 @@ from assets.partitions import batches
 from jobs.ingest import INCOMING, pending_batches
 from pipeline import dataset as ds
 from pipeline import drift, settings
+from pipeline.serving.traffic import is_window
 from resources.storage import StorageResource
 
 FAILURES_PREFIX = "runs/failures"
@@ -88,7 +89,8 @@ def _evaluation(record) -> Optional[dg.AssetCheckEvaluation]:
 @dg.sensor(job_name="train_and_package", minimum_interval_seconds=60,
            description="Requests `train_and_package` when a drift check (table_drift, image_drift, prediction_drift) "
                        "fails at ERROR on a batch the production model was not trained on. One run per failing "
-                       "check evaluation batch (run_key), cursor = last evaluation seen.")
+                       "check evaluation batch (run_key), cursor = last evaluation seen; when only windows of "
+                       "serving traffic (unlabeled) drifted, one run per labeled data version.")
 def drift_retrain(context: dg.SensorEvaluationContext, storage: StorageResource):
     cursor = int(context.cursor or 0)
     seen = cursor
@@ -112,12 +114,19 @@ def drift_retrain(context: dg.SensorEvaluationContext, storage: StorageResource)
                                cursor=str(seen))
     newest = max(r.id for r, _ in fresh)
     what = sorted({f"{k.name}@{r.partition}" for r, k in fresh})
+    run_key, tags = f"retrain-on-drift:{newest}", {"forgeline/trigger": "drift", "forgeline/drift": ",".join(what)[:200]}
+    if all(is_window(r.partition or "") for r, _ in fresh):
+        # Only production traffic drifted. Traffic is unlabeled, so the retrain can only use the labeled
+        # batches available: one retrain per labeled data version (run_key), not one per drifting window.
+        try:
+            data_version = ds.collect(storage.client())["version"]
+        except ValueError as e:  # nothing labeled ingested
+            return dg.SensorResult(skip_reason=dg.SkipReason(f"traffic drifted ({', '.join(what)}) but {e}"),
+                                   cursor=str(seen))
+        run_key = f"retrain-on-drift:traffic:{data_version}"
+        tags |= {"forgeline/trigger": "drift-traffic", "forgeline/data_version": data_version}
     context.log.info(f"drift at ERROR: {', '.join(what)} → requesting train_and_package")
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"retrain-on-drift:{newest}",
-                                    tags={"forgeline/trigger": "drift", "forgeline/drift": ",".join(what)[:200]})],
-        cursor=str(seen),
-    )
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=run_key, tags=tags)], cursor=str(seen))
 
 
 @dg.run_failure_sensor(name="record_run_failure", minimum_interval_seconds=30,

@@ -33,7 +33,8 @@ import numpy as np
 import polars as pl
 
 from pipeline import export, promotion
-from pipeline.ingest import MANIFEST, read_shard_manifest
+from pipeline.ingest import MANIFEST, read_shard_manifest, shard_labeled
+from pipeline.serving.traffic import is_window, to_image, window_model
 from pipeline.storage import Storage, join
 from pipeline.webdataset import LABEL_EXT, WebDatasetError, image_ext, parse_label, read_samples, sample_problem
 
@@ -150,8 +151,9 @@ def _decode(name: str, data: bytes) -> np.ndarray:
     return arr if arr.ndim == 3 else arr[:, :, None]
 
 
-def _shard_samples(store: Storage, key: str, limit: int) -> Iterator[tuple[np.ndarray, int]]:
-    """(HWC uint8 image, label) pairs of a published shard, in stored order, at most ``limit``."""
+def _shard_samples(store: Storage, key: str, limit: int, *, labeled: bool = True) -> Iterator[tuple[np.ndarray, int | None]]:
+    """(HWC uint8 image, label) pairs of a published shard, in stored order, at most ``limit``
+    (label None for an unlabeled shard: ``labeled=False``)."""
     if limit < 1:
         return
     n = 0
@@ -159,9 +161,9 @@ def _shard_samples(store: Storage, key: str, limit: int) -> Iterator[tuple[np.nd
         try:
             for sample, fields in read_samples(f):
                 where = f"{store.uri(key)}:{sample}"
-                problem = sample_problem(fields)
-                label = None if problem else parse_label(fields[LABEL_EXT])
-                if label is None:
+                problem = sample_problem(fields if labeled else [*fields, LABEL_EXT])
+                label = None if problem or not labeled else parse_label(fields[LABEL_EXT])
+                if problem or (labeled and label is None):
                     raise DriftError(f"{where}: {problem or 'label is not a non-negative integer'}")
                 ext = image_ext(fields)
                 yield _decode(f"{where}.{ext}", fields[ext]), label
@@ -172,18 +174,22 @@ def _shard_samples(store: Storage, key: str, limit: int) -> Iterator[tuple[np.nd
             raise DriftError(f"{store.uri(key)}: {e}") from None
 
 
-def image_features(images: list[np.ndarray], labels: list[int] | np.ndarray) -> pl.DataFrame:
+def image_features(images: list[np.ndarray], labels: list[int] | np.ndarray | None) -> pl.DataFrame:
     """Per-image features, computed with polars over the flattened pixels (HWC, uint8):
     brightness and contrast (mean and std of all pixels, 0..1), entropy (bits) of the pixel value
-    histogram, mean of each channel for colour images, and the label."""
+    histogram, mean of each channel for colour images, and the label (no ``label`` column when
+    ``labels`` is None: unlabeled images)."""
     if not len(images):
         raise DriftError("no images to compute features from")
     channels = {a.shape[2] for a in images}
     if len(channels) != 1:
         raise DriftError(f"images mix channel counts {sorted(channels)}")
     (c,) = channels
-    df = pl.DataFrame({"pixels": [a.reshape(-1) for a in images], "label": np.asarray(labels, dtype=np.int64)},
-                      schema={"pixels": pl.List(pl.UInt8), "label": pl.Int64})
+    if labels is None:
+        df = pl.DataFrame({"pixels": [a.reshape(-1) for a in images]}, schema={"pixels": pl.List(pl.UInt8)})
+    else:
+        df = pl.DataFrame({"pixels": [a.reshape(-1) for a in images], "label": np.asarray(labels, dtype=np.int64)},
+                          schema={"pixels": pl.List(pl.UInt8), "label": pl.Int64})
     px = pl.col("pixels")
     cols = {
         "brightness": px.list.mean() / 255.0,
@@ -192,7 +198,7 @@ def image_features(images: list[np.ndarray], labels: list[int] | np.ndarray) -> 
     }
     if c > 1:
         cols |= {f"mean_c{i}": px.list.gather_every(c, offset=i).list.mean() / 255.0 for i in range(c)}
-    return df.select(**cols, label=pl.col("label"))
+    return df.select(**cols) if labels is None else df.select(**cols, label=pl.col("label"))
 
 
 def batch_image_features(store: Storage, batch: str, *, max_images: int = 20_000,
@@ -209,12 +215,13 @@ def batch_image_features(store: Storage, batch: str, *, max_images: int = 20_000
     if cache_key and store.exists(cache_key):
         return pl.read_parquet(io.BytesIO(store.read(cache_key)))
     per_shard = max(1, -(-max_images // len(shards)))
+    labeled = all(shard_labeled(s) for s in shards)
     images, labels = [], []
     for s in shards:
-        for img, label in _shard_samples(store, s["key"], per_shard):
+        for img, label in _shard_samples(store, s["key"], per_shard, labeled=labeled):
             images.append(img)
             labels.append(label)
-    feats = image_features(images, labels)
+    feats = image_features(images, labels if labeled else None)
     if cache_key:
         buf = io.BytesIO()
         feats.write_parquet(buf)
@@ -246,6 +253,148 @@ def prediction_frame(model: Any, shard_paths: list[str], spec: dict, *, max_imag
         raise DriftError(f"no samples in {shard_paths}")
     return pl.DataFrame({"prediction": np.concatenate(preds)[:max_images].astype(np.int64),
                          "confidence": np.concatenate(confs)[:max_images].astype(np.float64)})
+
+
+# --------------------------------------------------------------------------------------------
+# Serving traffic (pipeline.serving.traffic): windows of sampled requests, unlabeled
+# --------------------------------------------------------------------------------------------
+
+PREDICTION_CACHE = "drift/predictions"
+
+
+def _model_view(reference: dict, manifest: dict | None = None) -> dict:
+    spec = reference.get("spec") or ((manifest or {}).get("metadata") or {}).get("spec")
+    if not spec:
+        raise DriftError(f"{reference['model']}/{reference['version']}: no preprocessing spec in its manifest")
+    return spec
+
+
+def _cached(store: Storage, key: str, make) -> pl.DataFrame:
+    if store.exists(key):
+        return pl.read_parquet(io.BytesIO(store.read(key)))
+    df = make()
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    store.write_atomic(key, buf.getvalue())
+    return df
+
+
+def _ident(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reference_entries(store: Storage, reference: dict, *, held_out: bool) -> list[dict]:
+    """Published shards of the reference batches (labeled ones); with ``held_out`` only the val/test
+    shards when there are any (the model is overconfident on what it was trained on)."""
+    from pipeline.dataset import split_of
+
+    entries = [e for e in batch_shard_entries(store, list(reference["batches"])) if e.get("labeled", True)]
+    if held_out:
+        entries = [e for e in entries if split_of(e["key"]) != "train"] or entries
+    if not entries:
+        raise DriftError(f"{reference['model']}/{reference['version']}: its training batches have no published shards")
+    return entries
+
+
+def reference_predictions(store: Storage, reference: dict, *, cache_dir, max_images: int = 20_000,
+                          device: str = "cpu") -> pl.DataFrame:
+    """The production model's predicted class and confidence on its held-out reference data,
+    computed once per model version and data (cached in storage under ``drift/predictions``)."""
+    from pipeline.dataset import stage
+
+    entries = reference_entries(store, reference, held_out=True)
+    key = join(PREDICTION_CACHE, f"{reference['model']}-{reference['version']}-"
+                                 f"{_ident([(e['key'], e['sha256']) for e in entries], max_images)}.parquet")
+
+    def make() -> pl.DataFrame:
+        module, manifest = _production_module(store, reference)
+        return prediction_frame(module, stage(store, entries, cache_dir), _model_view(reference, manifest),
+                                max_images=max_images, device=device)
+
+    return _cached(store, key, make)
+
+
+def _production_module(store: Storage, reference: dict):
+    state = export.load_state_dict(store, reference["model"], reference["version"])
+    manifest = export.read_manifest(store, reference["model"], reference["version"])
+    return export.module_from_state(manifest, state), manifest
+
+
+def _as_images(x: np.ndarray, spec: dict) -> list[np.ndarray]:
+    return [to_image(row, spec)[0] for row in x]
+
+
+def model_view_features(store: Storage, reference: dict, *, cache_dir, max_images: int = 20_000) -> pl.DataFrame:
+    """Image features of the reference data *as the model sees it*: each image preprocessed as in
+    evaluation (resize, center crop, normalise: the production spec), then turned back into 8-bit
+    pixels exactly as the server turns a sampled input into its PNG (:func:`to_image`). Served
+    inputs are already cropped and resized, so this, not the landed images, is what their features
+    compare with. Cached in storage by shard contents and spec."""
+    from pipeline.dataset import stage
+    from pipeline.evaluate import eval_loader
+
+    spec = _model_view(reference)
+    entries = reference_entries(store, reference, held_out=False)
+    key = join(FEATURE_CACHE, f"{reference['model']}-model-view-"
+                              f"{_ident([(e['key'], e['sha256']) for e in entries], spec, max_images)}.parquet")
+
+    def make() -> pl.DataFrame:
+        images, labels = [], []
+        with eval_loader(stage(store, entries, cache_dir), spec, 256, "cpu") as loader:
+            for x, y in loader.epoch(0):
+                images += _as_images(x.float().cpu().numpy(), spec)
+                labels += y.cpu().tolist()
+                if len(images) >= max_images:
+                    break
+        return image_features(images[:max_images], labels[:max_images])
+
+    return _cached(store, key, make)
+
+
+def window_inputs(store: Storage, batch: str, *, max_images: int = 20_000,
+                  published: str = "raw/shards") -> tuple[np.ndarray, list[np.ndarray]]:
+    """The exact model inputs (``.npy``: float32 [N, C, H, W]) and the 8-bit images (``.png``) of
+    a published window of serving traffic, in stored order, at most ``max_images``."""
+    xs, images = [], []
+    for entry in sorted(read_shard_manifest(store, batch, published)["shards"], key=lambda e: e["key"]):
+        with store.open_read(entry["key"]) as f:
+            try:
+                for sample, fields in read_samples(f):
+                    where = f"{store.uri(entry['key'])}:{sample}"
+                    if "npy" not in fields:
+                        raise DriftError(f"{where}: no .npy input (not a window of serving traffic?)")
+                    xs.append(np.load(io.BytesIO(fields["npy"]), allow_pickle=False))
+                    ext = image_ext(fields)
+                    images.append(_decode(f"{where}.{ext}", fields[ext]))
+                    if len(xs) >= max_images:
+                        break
+            except WebDatasetError as e:
+                raise DriftError(f"{store.uri(entry['key'])}: {e}") from None
+        if len(xs) >= max_images:
+            break
+    if not xs:
+        raise DriftError(f"window {batch!r} has no samples")
+    shapes = {x.shape for x in xs}
+    if len(shapes) != 1:
+        raise DriftError(f"window {batch!r}: inputs of several shapes {sorted(shapes)}")
+    return np.stack(xs).astype(np.float32), images
+
+
+def window_predictions(store: Storage, batch: str, model: str) -> pl.DataFrame:
+    """What the server answered in a window (its published predictions table), rows of ``model``."""
+    rows = table_rows(store, [batch])
+    if "prediction" not in rows.columns:
+        raise DriftError(f"batch {batch!r}: its table has no 'prediction' column (not a window of serving traffic)")
+    rows = rows.filter(pl.col("model") == model)
+    if rows.height == 0:
+        raise DriftError(f"window {batch!r} has no predictions of model {model!r}")
+    return rows.select(pl.col("prediction").cast(pl.Int64), pl.col("confidence").cast(pl.Float64))
+
+
+def _check_window(batch: str, reference: dict) -> None:
+    owner = window_model(batch)
+    if owner is not None and owner != reference["model"]:
+        raise DriftError(f"window {batch!r} is traffic of model {owner!r}, not {reference['model']!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,9 +503,15 @@ def _finish(store: Storage, result: DriftResult, snapshot: Any, batch: str, refe
 
 
 def table_drift(store: Storage, batch: str, reference: dict, *, policy: DriftPolicy = DriftPolicy(),
-                columns: list[str] | None = None, report_prefix: str = REPORT_PREFIX) -> DriftResult:
+                columns: list[str] | None = None, report_prefix: str = REPORT_PREFIX,
+                cache_dir=None) -> DriftResult:
     """Per-column drift of the batch's Parquet table against the reference batches' tables, over
-    every feature column or only ``columns`` (wide tables: Evidently costs ~90 ms per column)."""
+    every feature column or only ``columns`` (wide tables: Evidently costs ~90 ms per column).
+    A window of serving traffic has a predictions table instead: see :func:`window_table_drift`
+    (``cache_dir``: where reference shards are staged)."""
+    if is_window(batch):
+        return window_table_drift(store, batch, reference, policy=policy, cache_dir=cache_dir,
+                                  report_prefix=report_prefix)
     ref_batches = [b for b in reference["batches"] if b != batch]
     if not ref_batches:
         raise DriftError(f"batch {batch!r} is itself the whole reference of {reference['model']}/{reference['version']}")
@@ -371,8 +526,19 @@ def table_drift(store: Storage, batch: str, reference: dict, *, policy: DriftPol
 
 
 def image_drift(store: Storage, batch: str, reference: dict, *, policy: DriftPolicy = DriftPolicy(),
-                report_prefix: str = REPORT_PREFIX) -> DriftResult:
-    """Drift of per-image features (and the label histogram) of the batch's shards."""
+                report_prefix: str = REPORT_PREFIX, cache_dir=None) -> DriftResult:
+    """Drift of per-image features (and the label histogram, for labeled batches) of the batch's
+    shards. A window of serving traffic holds model inputs (already resized and cropped), so its
+    features compare with the reference *as the model sees it* (:func:`model_view_features`;
+    ``cache_dir``: where reference shards are staged)."""
+    if is_window(batch):
+        _check_window(batch, reference)
+        if cache_dir is None:
+            raise DriftError(f"window {batch!r}: image drift of serving traffic needs a cache_dir to stage the reference")
+        ref = model_view_features(store, reference, cache_dir=cache_dir, max_images=policy.max_rows)
+        _, images = window_inputs(store, batch, max_images=policy.max_rows)
+        result, snap = compare(ref, image_features(images, None), view="image", policy=policy)
+        return _finish(store, result, snap, batch, reference, report_prefix)
     ref_batches = [b for b in reference["batches"] if b != batch]
     if not ref_batches:
         raise DriftError(f"batch {batch!r} is itself the whole reference of {reference['model']}/{reference['version']}")
@@ -382,12 +548,61 @@ def image_drift(store: Storage, batch: str, reference: dict, *, policy: DriftPol
     return _finish(store, result, snap, batch, reference, report_prefix)
 
 
-def prediction_drift(store: Storage, batch: str, reference: dict, *, shard_paths: dict[str, list[str]],
+def window_table_drift(store: Storage, batch: str, reference: dict, *, policy: DriftPolicy = DriftPolicy(),
+                       cache_dir=None, device: str = "cpu", report_prefix: str = REPORT_PREFIX) -> DriftResult:
+    """The table check of a window of serving traffic: what the server *answered* (the predicted
+    class and confidence in its predictions table, rows of the reference model, whichever version
+    answered) against the production model's predictions on its held-out reference data."""
+    _check_window(batch, reference)
+    if cache_dir is None:
+        raise DriftError(f"window {batch!r}: table drift of serving traffic needs a cache_dir to stage the reference")
+    ref = reference_predictions(store, reference, cache_dir=cache_dir, max_images=policy.max_rows, device=device)
+    cur = window_predictions(store, batch, reference["model"])
+    result, snap = compare(ref, cur, view="table", categorical=("prediction",), policy=policy)
+    return _finish(store, result, snap, batch, reference, report_prefix)
+
+
+def window_prediction_drift(store: Storage, batch: str, reference: dict, *, cache_dir,
+                            policy: DriftPolicy = DriftPolicy(), device: str = "cpu",
+                            report_prefix: str = REPORT_PREFIX, batch_size: int = 256) -> DriftResult:
+    """The prediction check of a window of serving traffic: the *production* model run now on the
+    exact sampled inputs (``.npy``, no preprocessing again) against the same model on its held-out
+    reference data. Unlike the table check this judges the current production version, even on
+    traffic an earlier version answered."""
+    import torch
+
+    _check_window(batch, reference)
+    ref = reference_predictions(store, reference, cache_dir=cache_dir, max_images=policy.max_rows, device=device)
+    x, _ = window_inputs(store, batch, max_images=policy.max_rows)
+    module, _ = _production_module(store, reference)
+    module = module.to(device).eval()
+    preds, confs = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            p = torch.softmax(module(torch.from_numpy(x[i:i + batch_size]).to(device)).float(), dim=1)
+            conf, cls = p.max(dim=1)
+            preds.append(cls.cpu().numpy())
+            confs.append(conf.cpu().numpy())
+    cur = pl.DataFrame({"prediction": np.concatenate(preds).astype(np.int64),
+                        "confidence": np.concatenate(confs).astype(np.float64)})
+    result, snap = compare(ref, cur, view="prediction", categorical=("prediction",), policy=policy)
+    return _finish(store, result, snap, batch, reference, report_prefix)
+
+
+def prediction_drift(store: Storage, batch: str, reference: dict, *, shard_paths: dict[str, list[str]] | None = None,
                      policy: DriftPolicy = DriftPolicy(), device: str = "cpu",
-                     report_prefix: str = REPORT_PREFIX) -> DriftResult:
+                     report_prefix: str = REPORT_PREFIX, cache_dir=None) -> DriftResult:
     """Drift of the production model's predicted classes and confidence on the batch against the
     same on its reference data. ``shard_paths``: ``{"reference": [...], "current": [...]}`` local
-    files (see pipeline.dataset.stage)."""
+    files (see pipeline.dataset.stage). A window of serving traffic goes to
+    :func:`window_prediction_drift` (``cache_dir`` instead of ``shard_paths``)."""
+    if is_window(batch):
+        if cache_dir is None:
+            raise DriftError(f"window {batch!r}: prediction drift of serving traffic needs a cache_dir")
+        return window_prediction_drift(store, batch, reference, cache_dir=cache_dir, policy=policy, device=device,
+                                       report_prefix=report_prefix)
+    if shard_paths is None:
+        raise DriftError(f"batch {batch!r}: prediction drift needs shard_paths (reference and current)")
     state = export.load_state_dict(store, reference["model"], reference["version"])
     manifest = export.read_manifest(store, reference["model"], reference["version"])
     module = export.module_from_state(manifest, state)
@@ -404,13 +619,14 @@ def batch_shard_entries(store: Storage, batches: list[str], published: str = "ra
     """The published shard entries (key, sha256, bytes, samples) of ``batches``, for staging."""
     out = []
     for b in batches:
-        out.extend({k: e[k] for k in ("key", "sha256", "bytes", "samples")}
+        out.extend({**{k: e[k] for k in ("key", "sha256", "bytes", "samples")}, "labeled": shard_labeled(e)}
                    for e in read_shard_manifest(store, b, published)["shards"])
     return sorted(out, key=lambda e: e["key"])
 
 
 __all__ = [
     "DriftError", "DriftPolicy", "DriftResult", "batch_image_features", "batch_shard_entries", "compare",
-    "image_drift", "image_features", "prediction_drift", "prediction_frame", "production_reference",
-    "table_drift", "table_rows", "write_report",
+    "image_drift", "image_features", "model_view_features", "prediction_drift", "prediction_frame",
+    "production_reference", "reference_predictions", "table_drift", "table_rows", "window_inputs",
+    "window_prediction_drift", "window_predictions", "window_table_drift", "write_report",
 ]
