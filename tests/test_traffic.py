@@ -25,7 +25,7 @@ from pipeline import dataset as ds
 from pipeline import datagen, drift, ingest, settings
 from pipeline.serving.registry import ModelRegistry, ServeConfig
 from pipeline.serving.traffic import TrafficConfig, TrafficSampler, is_window, to_image, window_model
-from pipeline.storage import LocalStorage, join
+from pipeline.storage import LocalStorage
 
 
 def _inputs(world, batch: str, n: int) -> np.ndarray:
