@@ -7,7 +7,8 @@ benchmark-only, not runtime dependencies), each run in a fresh process.
 
 Checkpoint: Llama-3-8B tensor shapes (hidden 4096, MLP 14336, vocab 128256), bf16, random values,
 as many layers as fit ``--size-gb``, in 4 shards. Sources: /dev/shm (tmpfs), warm page cache,
-cold (every file dropped with posix_fadvise DONTNEED before the run), S3 (a local moto server).
+cold (every file dropped with posix_fadvise DONTNEED before the run), S3 (Ceph's RADOS Gateway on
+loopback, tests/rgw.py; bench/s3.py compares the S3 paths with raw boto3).
 Time = until every tensor is resident on the device: for CUDA after torch.cuda.synchronize(); for
 CPU after one byte of every page was read (an mmap'ed "load" that never touches the data would
 otherwise look instantaneous). Targets on the H100: shm → GPU ≥ 48 GB/s, warm → GPU
@@ -202,14 +203,14 @@ def main() -> int:
                 if not d.exists():
                     shutil.copyfile(f, d)
         elif source == "s3":
-            import boto3
+            from tests.rgw import RGWCluster  # the same real server the tests use
 
-            from tests.conftest import start_moto_server  # the same real server the tests use
-
-            server, endpoint = start_moto_server()
-            os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-            c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            size_all = sum(f.stat().st_size for f in files)
+            server = RGWCluster(memstore_bytes=2 * size_all + (1 << 30)).start()
+            endpoint = server.endpoint
+            os.environ.update(server.env())
+            os.environ.update({"RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0", "AWS_EC2_METADATA_DISABLED": "true"})
+            c = server.client()
             c.create_bucket(Bucket="bench")
             for f in files:
                 c.upload_file(str(f), "bench", f"ckpt/{f.name}")
@@ -242,7 +243,7 @@ def main() -> int:
                     best = res
             rows.append({"source": source, "loader": loader, **best})
         if source == "s3" and server is not None:
-            server.terminate()
+            server.stop()
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     table = Table(title=f"load {size / 1e9:.2f} GB ({len(files)} shards, bf16) → {a.device} on {name}; best of {a.repeat}")
     for col in ("source", "loader", "seconds", "GB/s"):

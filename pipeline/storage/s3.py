@@ -81,6 +81,7 @@ from pipeline.storage.base import (
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
+_MAX_COPY_OBJECT = 5 * 1024**3  # S3's limit for a single CopyObject
 _NET_CHUNK = 1024 * 1024  # granularity of reading a response body (progress kept across resumes)
 _BACKOFF_BASE_S = 0.25
 _BACKOFF_CAP_S = 8.0
@@ -492,7 +493,7 @@ class S3Storage(Storage):
         """Server-side copy (multipart above ``multipart_threshold``, so objects > 5 GB work);
         metadata, the sha256 included, is carried over."""
         src = self._head(src_key)
-        self._server_copy(src_key, dst_key, src["ETag"])
+        self._server_copy(src_key, dst_key, src["ETag"], size=src["ContentLength"])
         dst = self._head(dst_key)
         if dst["ContentLength"] != src["ContentLength"]:
             self.delete(dst_key)
@@ -502,14 +503,25 @@ class S3Storage(Storage):
             )
         return ObjectInfo(dst_key, dst["ContentLength"], dst.get("Metadata", {}).get("sha256"))
 
-    def _server_copy(self, src_key: str, dst_key: str, src_etag: str, metadata: dict | None = None) -> None:
+    def _server_copy(self, src_key: str, dst_key: str, src_etag: str, metadata: dict | None = None,
+                     *, size: int | None = None) -> None:
         """Copy ``src_key`` as of ``src_etag`` to ``dst_key``; ``metadata`` replaces the source's
-        user metadata, else it is kept."""
+        user metadata, else it is kept.
+
+        One CopyObject request up to S3's 5 GiB limit for it: a single request is atomic, and Ceph
+        RGW then shares the source's data instead of copying it (a multipart copy, UploadPartCopy,
+        re-writes every byte: for the metadata-only copy after an upload that doubled the
+        upload's cost). Larger objects go through s3transfer's multipart copy."""
         extra: dict[str, Any] = {"CopySourceIfMatch": src_etag}
         if metadata is not None:
             extra |= {"MetadataDirective": "REPLACE", "Metadata": metadata}
+        source = {"Bucket": self.bucket, "Key": self._full(src_key)}
+
         def copy() -> None:
             try:
+                if size is not None and size <= _MAX_COPY_OBJECT:
+                    self.client.copy_object(Bucket=self.bucket, Key=self._full(dst_key), CopySource=source, **extra)
+                    return
                 self.client.copy(
                     {"Bucket": self.bucket, "Key": self._full(src_key)},
                     self.bucket,
@@ -798,7 +810,7 @@ class _S3Writer(AtomicWriter):
             # reader that opened in between sees a new ETag. If-Match makes sure we only touch
             # our own object, not one a concurrent writer published since.
             try:
-                store._server_copy(self.key, self.key, head["ETag"], {"sha256": sha256})
+                store._server_copy(self.key, self.key, head["ETag"], {"sha256": sha256}, size=self.size)
             except ObjectChanged:
                 pass  # replaced by another writer meanwhile: theirs wins, as with a later write
         return ObjectInfo(self.key, self.size, sha256)

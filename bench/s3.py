@@ -1,0 +1,226 @@
+"""S3 transfers side by side on one real S3 server: Ceph's RADOS Gateway on loopback.
+
+    .venv/bin/python bench/s3.py                     # 1 GB checkpoint (4 shards), best of 3
+    .venv/bin/python bench/s3.py --size-gb 4 --repeat 5 --json out.json
+
+Starts its own one-node Ceph cluster (tests/rgw.py: monitor, memstore OSD, radosgw with the beast
+frontend, all on 127.0.0.1; Debian's ceph packages from ``make system-deps``), uploads a
+Llama-3-shaped bf16 checkpoint (bench/loaders.py) and measures, on that same endpoint:
+
+* raw GET   boto3 alone: parallel 8 MiB ranged GETs over every shard (``--concurrency`` at a
+            time), bytes read and dropped: the ceiling for anything that reads from this server;
+* loader    forgeline's loader, S3 → CPU tensors (``pipeline.loading.load``), fresh process;
+* runai     Run:ai's model streamer, S3 → CPU tensors, fresh process (when installed:
+            ``pip install -e ".[bench]"``);
+* prewarm   S3 → /dev/shm the way the shm tier pre-warms (``copy_between`` into a ShmStorage with
+            the expected sha256: streaming read-ahead, sha256 verified, atomic publish);
+* raw PUT   boto3 alone: multipart uploads of every shard, 8 MiB parts, ``--concurrency`` parts
+            at a time, from memory;
+* upload    forgeline's ``S3Storage.write_atomic`` of every shard from a local file (the path of
+            export, ingestion publish and the compile cache: sha256, CRC32 per part, concurrent
+            parts, atomic completion).
+
+Deleted data is garbage-collected (``radosgw-admin gc process --include-all``) between rounds, so
+the memstore OSD never holds more than the checkpoint plus one round of uploads. Targets: loader
+≥ 90% of raw GET and ≥ 1.5x Run:ai; prewarm ≥ 80% of raw GET; upload ≥ 80% of raw PUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.rgw import RGWCluster  # noqa: E402  (one place starts the cluster: tests and bench)
+
+MiB = 1 << 20
+BUCKET = "bench"
+
+
+def raw_get(client, keys: dict[str, int], part: int, workers: int) -> int:
+    """Every byte of every key in ``part``-sized ranged GETs, ``workers`` at a time; bytes read."""
+    jobs = [(k, at, min(part, size - at)) for k, size in keys.items() for at in range(0, size, part)]
+
+    def get(job) -> int:
+        k, at, n = job
+        body = client.get_object(Bucket=BUCKET, Key=k, Range=f"bytes={at}-{at + n - 1}")["Body"]
+        return len(body.read())
+
+    with ThreadPoolExecutor(workers) as pool:
+        return sum(pool.map(get, jobs))
+
+
+def raw_put(client, blobs: dict[str, bytes], part: int, workers: int) -> int:
+    """Multipart upload of every blob, ``part``-sized parts, ``workers`` parts at a time."""
+    with ThreadPoolExecutor(workers) as pool:
+        for key, data in blobs.items():
+            uid = client.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]
+            view = memoryview(data)
+
+            def put(i: int, uid=uid, key=key, view=view) -> dict:
+                body = view[i * part : (i + 1) * part]
+                r = client.upload_part(Bucket=BUCKET, Key=key, UploadId=uid, PartNumber=i + 1, Body=bytes(body))
+                return {"PartNumber": i + 1, "ETag": r["ETag"]}
+
+            parts = list(pool.map(put, range(-(-len(data) // part))))
+            client.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=uid, MultipartUpload={"Parts": parts})
+    return sum(len(d) for d in blobs.values())
+
+
+def child_load(loader: str, files: list[Path], prefix: str, endpoint: str, env: dict, timeout: float) -> dict:
+    """One load by bench/loaders.py in a fresh process (imports before the clock, tensors touched)."""
+    spec = json.dumps({"loader": loader, "files": [str(f) for f in files],
+                       "s3": {"bucket": BUCKET, "prefix": prefix, "endpoint": endpoint}})
+    try:
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / "loaders.py"), "--device", "cpu", "--child", spec],
+                             capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:g} s"}
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:160]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.loaders import available, make_checkpoint
+    from pipeline.storage import ShmStorage, copy_between
+    from pipeline.storage.s3 import S3Storage
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gb", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; the best of each row is reported")
+    ap.add_argument("--concurrency", type=int, default=8, help="requests in flight (raw and forgeline alike)")
+    ap.add_argument("--part-mib", type=int, default=8)
+    ap.add_argument("--root", default=str(ROOT / ".forgeline" / "bench" / "loaders"))
+    ap.add_argument("--child-timeout", type=float, default=600)
+    ap.add_argument("--only", nargs="+", choices=["raw-get", "loader", "runai", "prewarm", "raw-put", "upload"])
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    part = a.part_mib * MiB
+
+    disk = Path(a.root) / f"llama-{a.size_gb:g}gb"
+    files = sorted(disk.glob("*.safetensors")) or make_checkpoint(disk, a.size_gb)
+    size = sum(f.stat().st_size for f in files)
+    # The checkpoint, one round of uploads and slack, in the OSD's RAM.
+    rgw = RGWCluster(memstore_bytes=int(2.5 * size) + (1 << 30), rgw_threads=max(64, 4 * a.concurrency))
+    rgw.start()
+    rows: dict[str, list[float]] = {}
+    errors: dict[str, str] = {}
+    try:
+        print(f"radosgw up in {rgw.started_in:.1f} s at {rgw.endpoint}", flush=True)
+        env = {**os.environ, **rgw.env(), "AWS_ENDPOINT_URL": rgw.endpoint, "AWS_EC2_METADATA_DISABLED": "true",
+               "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0", "AWS_REGION": rgw.region}
+        client = rgw.client(max_pool_connections=max(10, a.concurrency))
+        client.create_bucket(Bucket=BUCKET)
+        store = S3Storage(BUCKET, "", endpoint_url=rgw.endpoint, region_name=rgw.region, part_size=part,
+                          multipart_threshold=part, concurrency=a.concurrency,
+                          max_pool_connections=max(32, 2 * a.concurrency), **rgw.credentials)
+        shas = {}
+        for f in files:  # the checkpoint, uploaded by forgeline (sha256 in its metadata)
+            with open(f, "rb") as fh:
+                shas[f.name] = store.write_atomic(f"ckpt/{f.name}", fh).sha256
+        keys = {f"ckpt/{f.name}": f.stat().st_size for f in files}
+        blobs = {f"raw/{f.name}": f.read_bytes() for f in files}
+        want = set(a.only or ["raw-get", "loader", "runai", "prewarm", "raw-put", "upload"])
+        peers = available("cpu", True)
+        if "runai" in want and "runai" not in peers:
+            errors["runai"] = "not installed (pip install -e '.[bench]')"
+            want.discard("runai")
+        shm_root = Path(tempfile.mkdtemp(prefix="forgeline-bench-s3-", dir="/dev/shm"))
+
+        def timed(name: str, fn) -> None:
+            t = time.perf_counter()
+            n = fn()
+            rows.setdefault(name, []).append(n / (time.perf_counter() - t) / 1e9)
+
+        for r in range(a.repeat):
+            if "raw-get" in want:
+                timed("raw GET (boto3)", lambda: raw_get(client, keys, part, a.concurrency))
+            for loader, name in (("forgeline", "loader"), ("runai", "runai")):
+                if name in want:
+                    res = child_load(loader, files, "ckpt", rgw.endpoint, env, a.child_timeout)
+                    if "gbps" in res:
+                        rows.setdefault(f"{name} S3 → CPU", []).append(res["gbps"])
+                    else:
+                        errors[name] = res["error"]
+            if "prewarm" in want:
+                tier = ShmStorage(shm_root / f"r{r}")
+
+                def prewarm() -> int:
+                    return sum(copy_between(store, k, tier, k, expected_sha256=shas[k.rsplit("/", 1)[1]]).size
+                               for k in keys)
+
+                timed("prewarm S3 → shm", prewarm)
+                subprocess.run(["rm", "-rf", str(shm_root / f"r{r}")], check=False)
+            if "raw-put" in want:
+                timed("raw PUT (boto3 multipart)", lambda: raw_put(client, blobs, part, a.concurrency))
+            if "upload" in want:
+                def upload() -> int:
+                    n = 0
+                    for f in files:
+                        with open(f, "rb") as fh:
+                            n += store.write_atomic(f"up/{f.name}", fh).size
+                    return n
+
+                timed("upload (write_atomic)", upload)
+            for o in store.list("raw") + store.list("up"):  # free the round's uploads from the OSD's RAM
+                store.delete(o.key)
+            rgw.gc()
+            print(f"round {r + 1}/{a.repeat}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
+        subprocess.run(["rm", "-rf", str(shm_root)], check=False)
+    finally:
+        rgw.stop()
+
+    best = {k: max(v) for k, v in rows.items()}
+    get, put = best.get("raw GET (boto3)"), best.get("raw PUT (boto3 multipart)")
+    targets = {
+        "loader S3 → CPU": [(get, 0.9, "raw GET"), (best.get("runai S3 → CPU"), 1.5, "Run:ai")],
+        "runai S3 → CPU": [(get, None, "raw GET")],
+        "prewarm S3 → shm": [(get, 0.8, "raw GET")],
+        "upload (write_atomic)": [(put, 0.8, "raw PUT")],
+    }
+    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, {platform.platform()}"
+    table = Table(title=f"S3 on Ceph RGW (loopback, memstore): {size / 1e9:.2f} GB, {len(files)} shards, "
+                        f"{a.part_mib} MiB parts, {a.concurrency} in flight; best of {a.repeat}; {date.today()}")
+    for col in ("row", "GB/s", "vs", "target"):
+        table.add_column(col, justify="left" if col == "row" else "right")
+    report = []
+    for name, v in best.items():
+        vs, tgt = [], []
+        for ref, factor, what in targets.get(name, []):
+            if ref:
+                vs.append(f"{v / ref:.2f}x {what}")
+                if factor:
+                    ok = v >= factor * ref
+                    tgt.append(f"≥{factor:g}x {what}: {'met' if ok else 'NOT met'}")
+            elif factor:
+                tgt.append(f"≥{factor:g}x {what}: no {what} row")
+        table.add_row(name, f"{v:.2f}", ", ".join(vs), ", ".join(tgt))
+        report.append({"row": name, "gbps": v, "all": rows[name], "vs": vs, "targets": tgt})
+    for name, err in errors.items():
+        table.add_row(name, "", "", err)
+    Console().print(table)
+    print(f"machine: {machine}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"date": str(date.today()), "machine": machine, "bytes": size,
+                                            "concurrency": a.concurrency, "part_mib": a.part_mib,
+                                            "rows": report, "errors": errors}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
