@@ -619,7 +619,7 @@ def test_dockerfile_installs_the_same_pins_as_make():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r'pip install .*"\.\[test\]" -c constraints\.txt', makefile)
     assert "forgeline[k8s]" in pyproject["project"]["optional-dependencies"]["test"]
-    assert "COPY constraints.txt" in text and "torch" not in [ln.split("==")[0] for ln in
+    assert "COPY --chmod=644 constraints.txt" in text and "torch" not in [ln.split("==")[0] for ln in
                                                                (ROOT / "constraints.txt").read_text().splitlines()]
     assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M) and re.fullmatch(r"nvidia/cuda:13\.[0-9.]+-cudnn-runtime-\S+",
                                                                             args["BASE_IMAGE"])
