@@ -992,3 +992,51 @@ def test_cli_load_validates_dtype_and_device(monkeypatch, capsys):
     assert cli.main(["load", "m.safetensors", "--device", "cuda:2"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "this host has 2 CUDA devices (cuda:0..cuda:1)" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader's own weight: a serving cold start imports only what a load needs
+# ---------------------------------------------------------------------------------------------
+
+_NOT_FOR_A_LOCAL_LOAD = {
+    "pipeline.export", "pipeline.promotion", "pipeline.quantize", "pipeline.shm_tier", "pipeline.gpus",
+    "pipeline.storage", "pipeline.storage.s3", "pipeline.loading.staged", "pipeline.metrics",
+    "pipeline.settings", "boto3", "botocore", "pynvml", "numpy", "dagster",
+}
+
+
+def test_import_and_local_cpu_load_pull_in_nothing_beyond_torch(tmp_path):
+    """``import pipeline.loading`` and a zero-copy CPU load of a local file import nothing that
+    ``import torch`` has not (torch itself brings numpy and pynvml): no export/promotion, storage
+    backends, boto3, quantization or the staged copy pipeline. Checked in a fresh process."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, str(path))
+    code = (
+        "import json, sys, torch\n"
+        "before = set(sys.modules)\n"
+        "import pipeline.loading\n"
+        "after_import = set(sys.modules) - before\n"
+        f"sd = pipeline.loading.load({str(path)!r})\n"
+        "assert sd['w'].sum().item() == 15\n"
+        "print(json.dumps({'import': sorted(after_import), 'load': sorted(set(sys.modules) - before)}))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not set(got["import"]) & _NOT_FOR_A_LOCAL_LOAD, got["import"]
+    assert not set(got["load"]) & _NOT_FOR_A_LOCAL_LOAD, got["load"]
+    # and without torch preloaded: nothing from the list that torch does not import itself
+    out = subprocess.run([sys.executable, "-c", "import json, sys, pipeline.loading; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, cwd=root, check=True)
+    alone = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert not alone & (_NOT_FOR_A_LOCAL_LOAD - {"numpy", "pynvml"}), sorted(alone & _NOT_FOR_A_LOCAL_LOAD)
+
+
+def test_lazily_imported_names_agree_with_their_modules():
+    from pipeline.loading import api, sources
+
+    assert (sources.MANIFEST_NAME, sources.INDEX_NAME, sources.FORMAT) == (ex.MANIFEST_NAME, ex.INDEX_NAME, ex.FORMAT)
+    assert api.QUANT_METADATA_KEY == qz.METADATA_KEY

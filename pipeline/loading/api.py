@@ -16,17 +16,23 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from pipeline import quantize as _quantize
 from pipeline.loading.header import LoadError
 from pipeline.loading.probe import probe, tune
 from pipeline.loading.sources import Shard, Source, hash_file, resolve
-from pipeline.loading.staged import StagedCopy, u8
-from pipeline.storage import Storage
+
+if TYPE_CHECKING:
+    from pipeline.storage import Storage
+
+# What a load does not always need is imported where it is needed: the staged copy pipeline
+# (:mod:`.staged`, GPU and owned loads), dequantization (:mod:`pipeline.quantize`), the storage
+# backends, export/promotion (published versions). A fresh process that maps a local file to CPU
+# (a serving cold start) imports torch and this package only (tests/test_loading.py checks).
+QUANT_METADATA_KEY = "forgeline.quant"  # pipeline.quantize.METADATA_KEY (the tests check they agree)
 
 MiB = 1 << 20
 DEFAULT_STAGING_BYTES = 256 * MiB
@@ -164,7 +170,7 @@ def load(
     hash_remote = {i: h for i, h in wanted.items() if src.shards[i].path is None}
     _verify_local(src, {i: h for i, h in wanted.items() if src.shards[i].path is not None}, rep)
 
-    quantized = dequantize and (src.quant is not None or any(_quantize.METADATA_KEY in s.metadata for s in src.shards))
+    quantized = dequantize and (src.quant is not None or any(QUANT_METADATA_KEY in s.metadata for s in src.shards))
     cast_now = None if quantized else dtype
     if zero_copy:
         path_name = "mmap-zero-copy"
@@ -178,6 +184,8 @@ def load(
             path_name = "pread-pinned-streams"
         else:
             path_name = "pread-owned" if direct else "pread-ring"
+        from pipeline.loading.staged import StagedCopy
+
         if not direct:
             if staging_bytes < 2 * chunk:  # at least two slots, so reads and copies overlap
                 chunk = max(4096, staging_bytes // 2)
@@ -333,6 +341,8 @@ def _map_shard(shard: Shard, prefetch: bool) -> dict[str, torch.Tensor]:
         elif e.start % e.itemsize == 0:
             out[e.name] = torch.frombuffer(mv, dtype=e.dtype, count=numel, offset=e.start).view(e.shape)
         else:
+            from pipeline.loading.staged import u8
+
             t = torch.empty(e.shape, dtype=e.dtype)
             u8(t)[:] = np.frombuffer(mv, dtype=np.uint8, count=e.nbytes, offset=e.start)
             out[e.name] = t
@@ -341,6 +351,8 @@ def _map_shard(shard: Shard, prefetch: bool) -> dict[str, torch.Tensor]:
 
 
 def _dequantize(src: Source, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
+    from pipeline import quantize as _quantize
+
     md: Any = src.quant
     if md is None:
         for s in src.shards:

@@ -18,10 +18,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import export as _export
-from pipeline import promotion as _promotion
+from typing import TYPE_CHECKING
+
 from pipeline.loading.header import LoadError, TensorInfo, header_length, parse_header
-from pipeline.storage import IntegrityError, ObjectChanged, ObjectNotFound, Storage, check_key, from_uri, join
+
+if TYPE_CHECKING:
+    from pipeline.storage import IntegrityError, Storage
+
+# Imported where needed, not here: a fresh process that loads a local file (a serving cold start)
+# pays for neither the export/promotion machinery nor the storage backends (tests/test_loading.py
+# checks what `import pipeline.loading` imports). The names of a published version's files are
+# pipeline.export's; the copies here are checked equal to them by the tests.
+MANIFEST_NAME = "manifest.json"  # pipeline.export.MANIFEST_NAME
+INDEX_NAME = "model.safetensors.index.json"  # pipeline.export.INDEX_NAME
+FORMAT = "forgeline.model/1"  # pipeline.export.FORMAT
+
+
+def _export():
+    from pipeline import export
+
+    return export
+
+
+def _promotion():
+    from pipeline import promotion
+
+    return promotion
 
 MiB = 1 << 20
 _REMOTE_HEADER_PROBE = 64 * 1024  # first ranged read of a remote shard: the header usually fits
@@ -54,6 +76,8 @@ class Shard:
         if n <= 0:
             return b""
         assert self.store is not None and self.key is not None
+        from pipeline.storage import IntegrityError
+
         try:
             return self.store.read_range(self.key, off, n, version=self.version)
         except IntegrityError as e:
@@ -63,12 +87,16 @@ class Shard:
         """Fill the writable buffer ``out`` with ``len(out)`` bytes at ``off`` of a remote shard
         (S3 pieces land in place as they arrive)."""
         assert self.store is not None and self.key is not None
+        from pipeline.storage import IntegrityError
+
         try:
             self.store.read_into(self.key, off, out, version=self.version)
         except IntegrityError as e:
             raise self._changed(e) from None
 
     def _changed(self, e: IntegrityError) -> LoadError:
+        from pipeline.storage import ObjectChanged
+
         if isinstance(e, ObjectChanged):
             return LoadError(self.display, f"object changed during load (ETag {self.version}): {e}")
         return LoadError(self.display, f"{e}: object truncated or changed during load")
@@ -172,6 +200,8 @@ def resolve(source: Any, storage: Storage | None = None, *, allow_rejected: bool
     if not isinstance(source, str) or not source:
         raise LoadError(source, "source must be a path, an s3:// URI or <model>/<version>")
     if _URI_RE.match(source):
+        from pipeline.storage import check_key, from_uri
+
         try:
             store, rel = from_uri(source, storage)
             if rel:
@@ -188,6 +218,8 @@ def resolve(source: Any, storage: Storage | None = None, *, allow_rejected: bool
     if os.path.exists(source):
         return _local_source(source, allow_rejected)
     if storage is not None:
+        from pipeline.storage import check_key
+
         try:
             check_key(source.strip("/"))
         except ValueError:
@@ -208,44 +240,44 @@ def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bo
     complete too."""
     authority = getattr(storage, "authority", None) or storage
     what = f"{model}/{ref}"
-    if ref in (_promotion.ALIAS, _promotion.LATEST):
+    if ref in (_promotion().ALIAS, _promotion().LATEST):
         version = (getattr(storage, "pinned_refs", None) or {}).get(what)
         if version is None:
             try:
-                version = _promotion.resolve(authority, model, ref)
-            except (_export.ExportError, ValueError) as e:
-                if ref == _promotion.LATEST:
+                version = _promotion().resolve(authority, model, ref)
+            except (_export().ExportError, ValueError) as e:
+                if ref == _promotion().LATEST:
                     raise LoadError(what, f"no published version of {model!r} in {authority.uri()} "
                                           "is complete and not rejected") from None
                 raise LoadError(what, str(e).removeprefix(f"{what}: ")) from None
     else:
         version = ref
-        if ref in _export.RESERVED_VERSIONS:
+        if ref in _export().RESERVED_VERSIONS:
             raise LoadError(what, f"{ref!r} is a reference or a reserved name, not a version")
     display = f"{model}/{version}" if version == ref else f"{what} ({version})"
     try:
-        manifest = _export.read_manifest(storage, model, version)
-    except _export.VersionNotFound as e:
+        manifest = _export().read_manifest(storage, model, version)
+    except _export().VersionNotFound as e:
         if version == ref and storage.list(what):
             return None  # not a version, but a key prefix in the storage
         raise LoadError(display, str(e) if version == ref else f"{version} is not in {storage.uri()}") from None
-    except (_export.ExportError, ValueError) as e:
+    except (_export().ExportError, ValueError) as e:
         raise LoadError(display, str(e)) from None
     _check_version(authority, model, version, display, allow_rejected)
     if authority is not storage:
-        problem = _export.version_problem(storage, model, version, allow_rejected=True)
+        problem = _export().version_problem(storage, model, version, allow_rejected=True)
         if problem is not None:
             raise LoadError(display, f"the copy in {storage.uri()} is not complete: {problem}")
-    return _store_manifest_source(storage, _export.version_prefix(model, version), manifest, display)
+    return _store_manifest_source(storage, _export().version_prefix(model, version), manifest, display)
 
 
 def _check_version(store: Storage, model: str, version: str, display: str, allow_rejected: bool) -> None:
     """:func:`pipeline.export.version_problem` as a :class:`LoadError` (a rejected version names
     the way to load it anyway)."""
-    problem = _export.version_problem(store, model, version, allow_rejected=allow_rejected)
+    problem = _export().version_problem(store, model, version, allow_rejected=allow_rejected)
     if problem is None:
         return
-    if not allow_rejected and _export.version_problem(store, model, version, allow_rejected=True) is None:
+    if not allow_rejected and _export().version_problem(store, model, version, allow_rejected=True) is None:
         problem += " (load it anyway with allow_rejected=True: forgeline load --allow-rejected)"
     raise LoadError(display, problem)
 
@@ -254,7 +286,7 @@ def _version_of_prefix(store: Storage, prefix: str, manifest: dict) -> tuple[str
     """``(model, version)`` when ``prefix`` is the published location of what ``manifest`` describes."""
     model, version = manifest.get("model"), manifest.get("version")
     try:
-        if isinstance(model, str) and isinstance(version, str) and prefix.strip("/") == _export.version_prefix(model, version):
+        if isinstance(model, str) and isinstance(version, str) and prefix.strip("/") == _export().version_prefix(model, version):
             return model, version
     except ValueError:
         pass
@@ -279,7 +311,7 @@ def _read_json(display: str, data: bytes) -> Any:
 
 
 def _is_manifest(doc: Any) -> bool:
-    return isinstance(doc, dict) and doc.get("format") == _export.FORMAT
+    return isinstance(doc, dict) and doc.get("format") == FORMAT
 
 
 def _index_shards(display: str, index: Any) -> list[tuple[str, list[str]]]:
@@ -319,15 +351,15 @@ def _quant_of(manifest: dict) -> dict | None:
 def _local_source(path: str, allow_rejected: bool = False) -> Source:
     p = Path(path)
     if p.is_dir():
-        manifest = p / _export.MANIFEST_NAME
+        manifest = p / MANIFEST_NAME
         if manifest.is_file():
             m = _read_json(str(manifest), manifest.read_bytes())
             if _is_manifest(m):
                 return _local_manifest_source(str(p), m, str(manifest), allow_rejected)
         indexes = sorted(p.glob("*.safetensors.index.json"))
         if indexes:
-            pick = p / _export.INDEX_NAME if (p / _export.INDEX_NAME) in indexes else indexes[0]
-            if len(indexes) > 1 and pick != p / _export.INDEX_NAME:
+            pick = p / INDEX_NAME if (p / INDEX_NAME) in indexes else indexes[0]
+            if len(indexes) > 1 and pick != p / INDEX_NAME:
                 raise LoadError(path, f"several index files ({', '.join(i.name for i in indexes)}); name one")
             return _local_index_source(str(pick))
         files = sorted(f for f in p.glob("*.safetensors") if f.is_file())
@@ -336,10 +368,10 @@ def _local_source(path: str, allow_rejected: bool = False) -> Source:
         return Source(path, "folder", [Shard(str(f), f.name, path=str(f)) for f in files])
     if not p.exists():
         raise LoadError(path, "no such file or directory")
-    if p.name == _export.MANIFEST_NAME:
+    if p.name == MANIFEST_NAME:
         m = _read_json(path, p.read_bytes())
         if not _is_manifest(m):
-            raise LoadError(path, f"not a {_export.FORMAT} manifest")
+            raise LoadError(path, f"not a {FORMAT} manifest")
         return _local_manifest_source(str(p.parent), m, path, allow_rejected)
     if p.name.endswith(".json"):
         return _local_index_source(path)
@@ -375,6 +407,8 @@ def _local_manifest_source(folder: str, m: dict, display: str, allow_rejected: b
 def _store_shard(store: Storage, key: str, file: str, **kw: Any) -> Shard:
     """A shard inside a storage: a local path when the storage has one, else ranged reads pinned
     to the object's current version."""
+    from pipeline.storage import ObjectNotFound
+
     display = store.uri(key)
     path = store.local_path(key)
     if path is not None:
@@ -393,6 +427,8 @@ def _store_shard(store: Storage, key: str, file: str, **kw: Any) -> Shard:
 
 def _storage_source(store: Storage, key: str, display: str | None = None, allow_rejected: bool = False) -> Source:
     """A file, index, manifest or folder inside a storage."""
+    from pipeline.storage import ObjectNotFound, join
+
     key = key.strip("/")
     display = display or store.uri(key)
     local = store.local_path(key) if key else None
@@ -405,9 +441,9 @@ def _storage_source(store: Storage, key: str, display: str | None = None, allow_
         except ObjectNotFound:
             raise LoadError(display, "no such object") from None
         doc = _read_json(display, data)
-        if key.rsplit("/", 1)[-1] == _export.MANIFEST_NAME:
+        if key.rsplit("/", 1)[-1] == MANIFEST_NAME:
             if not _is_manifest(doc):
-                raise LoadError(display, f"not a {_export.FORMAT} manifest")
+                raise LoadError(display, f"not a {FORMAT} manifest")
             return _store_manifest_source(store, base, doc, display, allow_rejected)
         shards = [_store_shard(store, join(base, f), f, names=names) for f, names in _index_shards(display, doc)]
         return Source(display, "index", shards)
@@ -424,14 +460,14 @@ def _storage_source(store: Storage, key: str, display: str | None = None, allow_
     children = {n: o for n, o in children.items() if n and "/" not in n}
     if not children:
         raise LoadError(display, "no such object or prefix")
-    if _export.MANIFEST_NAME in children:
-        doc = _read_json(display, store.read(join(key, _export.MANIFEST_NAME)))
+    if MANIFEST_NAME in children:
+        doc = _read_json(display, store.read(join(key, MANIFEST_NAME)))
         if _is_manifest(doc):
             return _store_manifest_source(store, key, doc, display, allow_rejected)
     indexes = sorted(n for n in children if n.endswith(".safetensors.index.json"))
     if indexes:
-        pick = _export.INDEX_NAME if _export.INDEX_NAME in indexes else indexes[0]
-        if len(indexes) > 1 and pick != _export.INDEX_NAME:
+        pick = INDEX_NAME if INDEX_NAME in indexes else indexes[0]
+        if len(indexes) > 1 and pick != INDEX_NAME:
             raise LoadError(display, f"several index files ({', '.join(indexes)}); name one")
         return _storage_source(store, join(key, pick), allow_rejected=allow_rejected)
     files = sorted(n for n in children if n.endswith(".safetensors"))
@@ -444,6 +480,8 @@ def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, a
     """The shards of the version ``m`` describes under ``prefix``. ``allow_rejected`` given (a
     manifest found under a key or URI): a published location is checked like ``<model>/<version>``
     (:func:`_check_version`), any other only for a recorded rejection."""
+    from pipeline.storage import join
+
     if allow_rejected is not None:
         published = _version_of_prefix(store, prefix, m)
         if published is not None:
