@@ -323,12 +323,16 @@ def load_version(
         shape = [max_batch_size, *(s if s > 0 else 28 for s in inp.shape)]
         example = (golden["input"][:1].expand(max_batch_size, *golden["input"].shape[1:]).contiguous()
                    if golden is not None else torch.zeros(shape)).to(dev, dtype)
+        # batch 1 is a graph of its own (Dynamo specializes size 1 even with dynamic=True): warm it
+        # inside compile_with_cache, so the cache entry holds it and a hit does not recompile it. A
+        # copy made here, like a request's tensor: a graph traced on the view example[:1] guards on
+        # its base, and one traced on a tensor made under inference_mode on its dispatch keys;
+        # either way every request's tensor failed the guard and compiled batch 1 once more.
+        warmup = [(example[:1].clone(),)] if max_batch_size > 1 else []
         tc = time.perf_counter()
         with _COMPILE_LOCK, torch.inference_mode():
-            # batch 1 is a graph of its own (Dynamo specializes size 1 even with dynamic=True): warm
-            # it inside compile_with_cache, so the cache entry holds it and a hit does not recompile it
             forward, creport = compile_with_cache(module, (example,), cache, mode=compile_mode, dynamic=True,
-                                                  warmup=[(example[:1],)] if max_batch_size > 1 else [])
+                                                  warmup=warmup)
         t_compile = time.perf_counter() - tc
         compile_info = {"hit": creport.hit, "key": creport.key, "seconds": t_compile, "warnings": list(creport.warnings)}
 
