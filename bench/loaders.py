@@ -13,6 +13,14 @@ Time = until every tensor is resident on the device: for CUDA after torch.cuda.s
 CPU after one byte of every page was read (an mmap'ed "load" that never touches the data would
 otherwise look instantaneous). Targets on the H100: shm → GPU ≥ 48 GB/s, warm → GPU
 ≥ 40 GB/s, cold ≥ 95% of parallel pread, S3 ≥ 1.5x Run:ai; on CPU: ≥ the best peer.
+
+``--fresh-process`` adds what a serving cold start pays, forgeline vs ``safetensors.torch.load_file``
+side by side (interleaved, ``--repeat`` rounds, min and median): a new interpreter that imports
+the loader and loads the warm checkpoint to CPU, timed from just before the process is started
+to tensors returned ("ready") and to every page resident ("touched"); the child also reports
+its import and load times. Only those two loaders, on CPU.
+
+    .venv/bin/python bench/loaders.py --size-gb 1.5 --sources --fresh-process --repeat 7
 """
 
 from __future__ import annotations
@@ -151,6 +159,78 @@ def run_loader(name: str, files: list[str], device: str, s3: dict | None) -> dic
     return {"seconds": secs, "bytes": n, "gbps": n / secs / 1e9}
 
 
+# The child of --fresh-process: started as `python -c FRESH_CHILD <loader> <files json>`; prints
+# wall-clock (time.time) stamps the parent subtracts its own start stamp from.
+FRESH_CHILD = """
+import json, sys, time
+t_main = time.time()
+loader, files = sys.argv[1], json.loads(sys.argv[2])
+import torch  # both loaders need it: timed apart, so the loader's own weight shows
+t_torch = time.time()
+if loader == "forgeline":
+    from pipeline.loading import load
+else:
+    from safetensors.torch import load_file as load
+t_imported = time.time()
+tensors = {}
+for f in files:
+    tensors |= load(f)
+t_ready = time.time()
+for t in tensors.values():
+    if t.numel():
+        t.reshape(-1).view(torch.uint8)[::4096].sum()
+t_touched = time.time()
+print(json.dumps({"main": t_main, "torch": t_torch, "imported": t_imported, "ready": t_ready, "touched": t_touched,
+                  "modules": len(sys.modules)}))
+"""
+
+
+def fresh_process(files: list[Path], repeat: int, src: Path = ROOT, bytecode: bool = False) -> list[dict]:
+    """forgeline vs safetensors, each round both (alternating which goes first), each in a new
+    interpreter; warm page cache (the files are read once before each round). ``src``: the source
+    tree whose ``pipeline`` is imported (another commit's ``git archive``, to compare).
+    ``bytecode``: the children keep compiled bytecode in a private ``pycache_prefix`` (warmed by a
+    first, unmeasured run); otherwise they run as this environment says (PYTHONDONTWRITEBYTECODE=1
+    here and in the image: forgeline's modules are compiled from source at every start unless they
+    come from an installed, byte-compiled copy)."""
+    import statistics
+    import tempfile
+
+    env = dict(os.environ)
+    if bytecode:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="forgeline-bench-pycache-")
+        for loader in ("forgeline", "safetensors"):
+            subprocess.run([sys.executable, "-c", FRESH_CHILD, loader, json.dumps([str(files[0])])],
+                           capture_output=True, cwd=src, env=env, check=True)
+
+    runs: dict[str, list[dict]] = {"forgeline": [], "safetensors": []}
+    for i in range(repeat):
+        for f in files:
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+        order = ["forgeline", "safetensors"] if i % 2 == 0 else ["safetensors", "forgeline"]
+        for loader in order:
+            t0 = time.time()
+            out = subprocess.run([sys.executable, "-c", FRESH_CHILD, loader, json.dumps([str(f) for f in files])],
+                                 capture_output=True, text=True, cwd=src, env=env, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[loader].append({"startup": r["main"] - t0, "torch": r["torch"] - r["main"],
+                                 "import": r["imported"] - r["torch"],
+                                 "load": r["ready"] - r["imported"], "ready": r["ready"] - t0,
+                                 "touched": r["touched"] - t0, "modules": r["modules"]})
+    rows = []
+    for loader, rs in runs.items():
+        row = {"source": "fresh-process" + ("-bytecode" if bytecode else ""), "loader": loader, "runs": rs}
+        for k in ("startup", "torch", "import", "load", "ready", "touched"):
+            vals = [r[k] for r in rs]
+            row[f"{k}_min"], row[f"{k}_median"] = min(vals), statistics.median(vals)
+        row["modules"] = rs[0]["modules"]
+        rows.append(row)
+    return rows
+
+
 def available(device: str, s3: bool) -> list[str]:
     import importlib.util
 
@@ -178,7 +258,11 @@ def main() -> int:
     ap.add_argument("--size-gb", type=float, default=1.0)
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--root", default=str(ROOT / ".forgeline" / "bench" / "loaders"))
-    ap.add_argument("--sources", nargs="+", default=["shm", "warm", "cold", "s3"])
+    ap.add_argument("--sources", nargs="*", default=["shm", "warm", "cold", "s3"])
+    ap.add_argument("--fresh-process", action="store_true",
+                    help="also time a fresh interpreter: process start → tensors on CPU, forgeline vs safetensors")
+    ap.add_argument("--fresh-src", default=str(ROOT),
+                    help="source tree --fresh-process imports pipeline from (e.g. `git archive` of an older commit)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json")
     ap.add_argument("--child-timeout", type=float, default=None, help="seconds per fresh loader process (then an error row)")
@@ -251,7 +335,27 @@ def main() -> int:
     for r in rows:
         table.add_row(r["source"], r["loader"], f"{r['seconds']:.3f}" if "seconds" in r else r.get("error", ""),
                       f"{r['gbps']:.2f}" if "gbps" in r else "")
-    Console().print(table)
+    if rows:
+        Console().print(table)
+    for bytecode in (False, True) if a.fresh_process else ():
+        fresh = fresh_process(files, a.repeat, Path(a.fresh_src), bytecode)
+        ft = Table(title=f"fresh process → {size / 1e9:.2f} GB on CPU (warm page cache), ms from process start, "
+                         f"{'bytecode cached' if bytecode else 'as the environment runs'}; min / median of {a.repeat}")
+        for col in ("loader", "interpreter", "import torch", "import loader", "load", "tensors ready",
+                    "pages touched", "modules"):
+            ft.add_column(col, justify="left" if col == "loader" else "right")
+        for r in fresh:
+            ft.add_row(r["loader"], *(f"{1e3 * r[k + '_min']:.0f} / {1e3 * r[k + '_median']:.0f}"
+                                      for k in ("startup", "torch", "import", "load", "ready", "touched")),
+                       str(r["modules"]))
+        Console().print(ft)
+        fl, st = fresh
+        console = Console()
+        console.print(f"tensors ready, forgeline / safetensors: {fl['ready_median'] / st['ready_median']:.2f}x (median), "
+                      f"{fl['ready_min'] / st['ready_min']:.2f}x (min); loader import + load beyond torch: "
+                      f"{1e3 * (fl['import_median'] + fl['load_median']):.1f} ms vs "
+                      f"{1e3 * (st['import_median'] + st['load_median']):.1f} ms (median)")
+        rows += fresh
     if a.json:
         Path(a.json).write_text(json.dumps({"device": name, "bytes": size, "rows": rows}, indent=1))
     return 0
