@@ -11,7 +11,7 @@
     forgeline promote digits VERSION [--reason T]    move the production alias; `forgeline rollback digits`
     forgeline report [--asset NAME] [--json]         latest timings, throughput, latencies, checks per asset
     forgeline withdraw B [--shard NAME] --reason T   take a published batch/shard out of training (recorded)
-    forgeline demo                                   data → lifecycle → summary
+    forgeline demo                                   lifecycle, then the loop live through a server
     forgeline ui                                     Dagster UI on the same instance
     forgeline serve [--models a,b] [--port 8000]     model server (KServe/Triton v2 HTTP); `serve status`
 
@@ -627,82 +627,6 @@ def cmd_gen(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from pipeline import datagen
-    from pipeline.storage import join
-
-    home = ensure_instance_home()
-    store = _storage()
-    console.rule("[bold]forgeline demo: the whole lifecycle on the embedded defaults")
-    console.print(f"instance: {home}   storage: {store.uri()}")
-    prefix = join("incoming", args.batch)
-    if not store.exists(join(prefix, datagen.READY_MARKER)):
-        with console.status("generating the digits batch (scikit-learn's bundled data)"):
-            datagen.write_batch(store, prefix, datagen.load_digits(), image_size=32)
-    result = run_job("lifecycle", partition=args.batch)
-    console.print(materialization_table(result))
-    if not result.success:
-        return _report_failure(result)
-    if args.drift_batch:
-        ok = _demo_drift(store, args.drift_batch, retrain=args.retrain)
-    else:
-        ok = result.success
-    console.print(f"storage: {store.uri()}   UI: `make ui` (instance {home})")
-    return 0 if ok else 1
-
-
-def _demo_drift(store, batch: str, *, retrain: bool) -> bool:
-    """The loop closing: a drifted batch lands and is ingested, its drift checks fail at ERROR, and
-    the `drift_retrain` sensor — evaluated here rather than by the daemon — asks for a retrain."""
-    import dagster as dg
-
-    from pipeline import datagen
-    from pipeline.storage import join
-
-    console.rule(f"[bold]a drifted batch lands: {batch} (brighter, rotated, noisier digits)")
-    prefix = join("incoming", batch)
-    if not store.exists(join(prefix, datagen.READY_MARKER)):
-        datagen.write_batch(store, prefix, datagen.shift(datagen.load_digits()), image_size=32)
-    ingest = run_job("ingest", partition=batch)
-    console.print(check_table(ingest))
-    if not ingest.success:
-        _report_failure(ingest)
-        return False
-    defs = _defs()
-    sensor = defs.resolve_sensor_def("drift_retrain")
-    with dg.build_sensor_context(instance=dg.DagsterInstance.get(),
-                                 resources={"storage": defs.resources["storage"]}) as ctx:
-        out = sensor(ctx)
-    requests = getattr(out, "run_requests", None) or []
-    if not requests:
-        console.print(f"drift_retrain: {out.skip_reason.skip_message if out.skip_reason else 'nothing to do'}")
-        return True
-    req = requests[0]
-    console.print(f"drift_retrain requests [bold]train_and_package[/] ({req.tags.get('forgeline/drift')})")
-    if not retrain:
-        return True
-    run = run_job("train_and_package", tags=req.tags)
-    console.print(materialization_table(run))
-    if not run.success:
-        _report_failure(run)
-    return run.success
-
-
-def check_table(result) -> Table:
-    """Every asset check a run evaluated: verdict, severity and the drift headline when present."""
-    table = Table(title="Checks")
-    for col in ("check", "partition", "result", "detail"):
-        table.add_column(col, overflow="fold")
-    for e in result.get_asset_check_evaluations():
-        md = {k: v.value for k, v in e.metadata.items()}
-        verdict = "[green]passed" if e.passed else f"[red]failed ({e.severity.value})"
-        detail = e.description or ""
-        if "report" in md:
-            detail += f"\nreport: {md['report']}"
-        table.add_row(f"{e.asset_key.to_user_string()}:{e.check_name}", e.partition or "", verdict, detail)
-    return table
-
-
 def _is_published(source: str) -> bool:
     """``<model>/<version>`` (or ``<model>/latest``) rather than a path or URI."""
     return "://" not in source and source.count("/") == 1 and not Path(source).exists()
@@ -958,13 +882,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_parser(sub)
 
-    s = sub.add_parser("demo", help="generate data and run the lifecycle job end to end")
-    s.add_argument("--batch", default="digits-0001", type=batch_name)
-    s.add_argument("--drift-batch", default="digits-shifted", type=optional_batch_name,
-                   help="then land this drifted batch and ingest it ('' to skip)")
-    s.add_argument("--no-retrain", dest="retrain", action="store_false",
-                   help="do not run the retrain the drift sensor requests")
-    s.set_defaults(fn=cmd_demo)
+    from jobs.demo import add_parser as add_demo_parser  # forgeline demo (the lifecycle, then the loop live)
+
+    add_demo_parser(sub)
     return p
 
 

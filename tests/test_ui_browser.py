@@ -1,12 +1,15 @@
 """The Dagster UI, in a real browser, on an instance that `forgeline demo` filled.
 
-Once per module: `forgeline demo --no-retrain` (the lifecycle on batch digits-0001, then a shifted
-batch through `ingest`; the retrain it would trigger adds nothing the UI checks here) runs in a
-subprocess against a temporary FORGELINE_HOME / DAGSTER_HOME, then
+Once per module: `forgeline demo` (the lifecycle on batch digits-0001; then a model server with
+traffic sampling, a client whose traffic shifts, the first window of shifted traffic ingested, the
+labeled shifted batch ingested, the retrain the drift sensor requests, its promotion and the
+rollout to that server) runs in a subprocess against a temporary FORGELINE_HOME / DAGSTER_HOME, then
 `dagster-webserver` serves that instance on a free loopback port. Debian's chromium, driven headless
 by Playwright, then reads what a user would: the catalog and the lineage graph (every lifecycle
 asset materialized), the checks tab (the drift checks passed on the first batch and failed, with
-ERROR severity, on the shifted one) and a materialization's metadata.
+ERROR severity, on the shifted one and on a `serving-*` window of traffic), a materialization's
+metadata, the promotion (promoted_model's version and previous) and the rollout (model_rollout's
+time to ready per server).
 
 Only a missing chromium skips this test (`make system-deps` installs it); anything the UI fails to
 show fails it. Screenshots go to $FORGELINE_SCREENSHOT_DIR, else to the test's tmp_path.
@@ -37,12 +40,15 @@ BIN = Path(sys.executable).parent
 BATCH = "digits-0001"
 # Every stage of `lifecycle`; the two ingestion assets are partitioned by batch.
 LIFECYCLE_ASSETS = ["raw_shards", "raw_table", "preprocessed", "trained_model", "exported_model",
-                    "quantized_model", "compile_artifacts", "shm_prewarm"]
+                    "quantized_model", "compile_artifacts", "promoted_model", "shm_prewarm", "model_rollout",
+                    "served_models"]
 PARTITIONED = {"raw_shards", "raw_table"}
-# Drift checks: passed on digits-0001, failed (ERROR) on the shifted batch `forgeline demo` ingests next.
+# Drift checks: passed on digits-0001, failed (ERROR) on a window of shifted serving traffic and on the
+# labeled shifted batch `forgeline demo` ingests next.
+WINDOW = re.compile(r"^serving-digits-\d{8}T\d{6}Z-[0-9a-f]+-\d+$")
 DRIFT_CHECKS = [("raw_table", "table_drift"), ("raw_shards", "image_drift"), ("raw_shards", "prediction_drift")]
 
-DEMO_TIMEOUT_S = 420
+DEMO_TIMEOUT_S = 600
 SERVER_START_TIMEOUT_S = 120
 UI_TIMEOUT_MS = 60_000  # per wait: the webserver answers slowly while 2 cores are busy
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -115,8 +121,9 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def ui(chromium_path, tmp_path_factory) -> Iterator[str]:
-    """Base URL of a dagster-webserver on a fresh instance that `forgeline demo` materialized."""
+def demo(tmp_path_factory) -> dict:
+    """`forgeline demo` on a fresh temporary instance: its environment, log and the production
+    alias it left (the retrained version, and the lifecycle's as ``previous``)."""
     tmp = tmp_path_factory.mktemp("ui")
     env = {k: v for k, v in os.environ.items() if not _FOREIGN_ENV.match(k)}
     env.update(FORGELINE_HOME=str(tmp / "home"), DAGSTER_HOME=str(tmp / "home" / "dagster_home"),
@@ -127,15 +134,24 @@ def ui(chromium_path, tmp_path_factory) -> Iterator[str]:
     t0 = time.monotonic()
     with open(demo_log, "wb") as log:
         try:
-            demo = subprocess.run([str(BIN / "forgeline"), "demo", "--batch", BATCH, "--no-retrain"], cwd=ROOT, env=env,
+            demo = subprocess.run([str(BIN / "forgeline"), "demo", "--batch", BATCH], cwd=ROOT, env=env,
                                   stdout=log, stderr=subprocess.STDOUT, timeout=DEMO_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             pytest.fail(f"`forgeline demo` ran over {DEMO_TIMEOUT_S}s; log tail:\n{_tail(demo_log)}")
+    # exit status 0: the swap happened and the client saw no failed request
     assert demo.returncode == 0, f"`forgeline demo` failed ({demo.returncode}); log tail:\n{_tail(demo_log)}"
     print(f"\nforgeline demo: {time.monotonic() - t0:.0f}s (log {demo_log})")
     # The demo made the instance through ensure_instance_home(): the webserver reads the same dagster.yaml.
     assert "enabled: false" in (Path(env["DAGSTER_HOME"]) / "dagster.yaml").read_text()
+    alias = json.loads((tmp / "home" / "storage" / "models" / "digits" / "production").read_text())
+    assert alias["previous"], f"the demo promoted only once: {alias}"
+    return {"env": env, "tmp": tmp, "log": demo_log, "production": alias["version"], "previous": alias["previous"]}
 
+
+@pytest.fixture(scope="module")
+def ui(chromium_path, demo) -> Iterator[str]:
+    """Base URL of a dagster-webserver on the instance that `forgeline demo` materialized."""
+    env, tmp = demo["env"], demo["tmp"]
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     server_log = tmp / "webserver.log"
@@ -324,3 +340,41 @@ def test_materialization_metadata_is_visible(page, shoot):
     accuracy = page.get_by_role("row").filter(has=page.get_by_role("cell", name="test_accuracy", exact=True))
     expect(accuracy).to_contain_text(re.compile(r"0\.9\d*"))
     shoot("trained_model-overview")
+
+
+def test_drift_checks_failed_on_a_window_of_serving_traffic(page, shoot):
+    """The window of shifted traffic the demo's server sampled is a `serving-*` partition whose drift
+    checks failed at ERROR: the serving side of the loop, visible where every other check is."""
+    for asset, check in DRIFT_CHECKS:
+        history = _check_history(page, asset, check)
+        windows = [h for h in history if WINDOW.match(h["partition"] or "")]
+        assert windows, f"{asset}:{check}: no evaluation on a serving window: {history}"
+        assert all(h["result"] == "Failed" and h["icon"] == "cancel" for h in windows), \
+            f"{asset}:{check} on the serving window: {windows}"
+        shoot(f"{asset}-{check}-serving-window")
+
+
+def _metadata_row(page, key: str | re.Pattern):
+    """The row of the latest materialization's metadata table whose key cell is ``key``."""
+    return page.get_by_role("row").filter(has=page.get_by_role("cell", name=key, exact=isinstance(key, str)))
+
+
+def test_promotion_and_rollout_are_visible(page, shoot, demo):
+    from playwright.sync_api import expect
+
+    # promoted_model: the retrained version is production, the lifecycle's is its previous
+    _open(page, "/assets/promoted_model")
+    expect(page.get_by_text("Latest materialization")).to_be_visible()
+    expect(_metadata_row(page, "version")).to_contain_text(demo["production"])
+    expect(_metadata_row(page, "previous")).to_contain_text(demo["previous"])
+    shoot("promoted_model-overview")
+
+    # model_rollout: the demo server served the promoted version, after so many seconds
+    _open(page, "/assets/model_rollout")
+    expect(page.get_by_text("Latest materialization")).to_be_visible()
+    expect(_metadata_row(page, "version")).to_contain_text(demo["production"])
+    expect(_metadata_row(page, "servers")).to_contain_text("1")
+    per_server = _metadata_row(page, re.compile(r"^time_to_ready_s/127\.0\.0\.1:\d+$"))
+    expect(per_server).to_have_count(1)
+    expect(per_server).to_contain_text(re.compile(r"\d+\.\d+"))
+    shoot("model_rollout-overview")
