@@ -12,7 +12,9 @@ from resources.storage import StorageResource
 class ShardIngestConfig(dg.Config):
     incoming_prefix: str = Field(default="incoming", description="Landing prefix; shards under <prefix>/<batch>/.")
     num_classes: int = Field(default=10, ge=1, description="Labels must lie in [0, num_classes).")
-    workers: int = Field(default=4, ge=1, description="Shards validated concurrently.")
+    workers: int | None = Field(default=None, ge=1, description=(
+        "Processes that decode the images (CPU-bound; default: one per CPU core). Shards are streamed, "
+        "parsed and hashed in the step's process, their images decoded in these in parallel."))
 
 
 class TableIngestConfig(dg.Config):

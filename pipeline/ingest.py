@@ -1,8 +1,11 @@
 """Ingestion: validate landed WebDataset shards and Parquet tables, publish the good, quarantine the bad.
 
 Shards are streamed exactly once: the bytes read from the source are validated (tar structure,
-member names, sample grouping, image headers, labels) and teed into an atomic writer at the
-published key, which commits only if the shard is valid. A corrupt shard is copied to
+member names, sample grouping, full image decodes, labels) and teed into an atomic writer at the
+published key (which hashes them as they pass), which commits only if the shard is valid. Decoding
+images is most of the CPU and holds the GIL in Pillow's Python layers, so it runs in a pool of
+worker processes, fed batches of image bytes with a bound on the bytes in flight; the calling
+process streams, parses the tar, hashes and writes. A corrupt shard is copied to
 ``quarantine/`` with a reason file; the source is never modified. A manifest, written last,
 lists what is published for the batch.
 
@@ -20,9 +23,10 @@ import os
 import re
 import tarfile
 import tempfile
+import threading
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -37,6 +41,7 @@ from pipeline.webdataset import (
     WebDatasetError,
     group_samples,
     image_ext,
+    image_problem,
     parse_label,
     sample_problem,
     split_key,
@@ -44,6 +49,15 @@ from pipeline.webdataset import (
 
 MAX_MEMBER_BYTES = 64 * 1024 * 1024  # larger members are rejected rather than read into memory
 MANIFEST = "manifest.json"
+# Image decoding on worker processes (see ingest_shards): images go to a worker in batches of about
+# IMAGE_BATCH_BYTES; at most IN_FLIGHT_BYTES of image bytes are queued or decoding at once (per
+# ingest_shards call; at least one batch per worker twice over); a batch of shards smaller than
+# POOL_MIN_BYTES is decoded in the calling process (starting workers would cost more than it saves).
+IMAGE_BATCH_BYTES = 2 * 1024 * 1024
+IMAGE_BATCH_COUNT = 256
+IN_FLIGHT_BYTES = 32 * 1024 * 1024
+POOL_MIN_BYTES = 16 * 1024 * 1024
+SHARD_THREADS = 4  # shards streamed at once in the calling process (overlaps reads, writes, waits)
 
 
 class IngestError(Exception):
@@ -214,39 +228,201 @@ def _image_limit() -> int | None:
 
 
 def _check_image(name: str, ext: str, data: bytes) -> None:
-    """Decode ``data`` fully, as training will: a header that parses is not enough (a truncated or
-    garbled body fails only at decode time). Refused: no data, an unknown format, a format other than
-    the extension's (:data:`IMAGE_FORMATS`), more pixels than :func:`_image_limit` (a decompression
-    bomb: refused before any pixel is allocated), and whatever the decoder raises."""
-    from PIL import Image, UnidentifiedImageError
+    """Raise :class:`ShardInvalid` unless ``data`` decodes fully as an image of extension ``ext``
+    within :func:`_image_limit` pixels (:func:`pipeline.webdataset.image_problem` says what is
+    refused)."""
+    problem = image_problem(name, ext, data, _image_limit())
+    if problem:
+        raise ShardInvalid(problem)
 
-    if not data:
-        raise ShardInvalid(f"member {name!r}: empty image (0 bytes)")
-    limit = _image_limit()
+
+# ---------------------------------------------------------------------------------------------
+# Image decoding on worker processes
+# ---------------------------------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    """Image-decoding processes when ``workers`` is not given: one per CPU this process may run on."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if limit and w * h > limit:  # Pillow only warns between 1x and 2x its limit: an error here
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _WorkerPool:
+    """``workers`` image-decoding processes, each a fresh interpreter running
+    :func:`pipeline.webdataset.serve_image_checks` (Pillow, nothing else), fed over a pipe by a
+    thread of ours. :meth:`submit` returns a :class:`~concurrent.futures.Future` of
+    :func:`pipeline.webdataset.check_images`. Fresh interpreters rather than ``multiprocessing``:
+    no fork of a process full of threads (Dagster's, ours), and no re-import of the caller's
+    ``__main__`` (a script without a main guard would run again in every worker). A worker that
+    dies fails its batch with :class:`BrokenExecutor` and is started again for the next one; the
+    workers exit when this process does (their input pipe closes)."""
+
+    def __init__(self, workers: int):
+        import queue
+
+        self.workers = workers
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(workers):
+            threading.Thread(target=self._serve, name=f"forgeline-image-worker-{i}", daemon=True).start()
+
+    def submit(self, images: list, limit: int | None):
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self._tasks.put((fut, images, limit))
+        return fut
+
+    @staticmethod
+    def _spawn():
+        import subprocess
+        import sys
+
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)  # where `pipeline` is importable from
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return subprocess.Popen(
+            [sys.executable, "-c", "from pipeline.webdataset import serve_image_checks; serve_image_checks()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+    def _serve(self) -> None:
+        import pickle
+        import struct
+
+        proc = self._spawn()  # at once: the interpreter starts while the first shard is parsed
+        while True:
+            fut, images, limit = self._tasks.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                if proc is None or proc.poll() is not None:
+                    proc = self._spawn()
+                data = pickle.dumps((images, limit), protocol=pickle.HIGHEST_PROTOCOL)
+                proc.stdin.write(struct.pack("<Q", len(data)))
+                proc.stdin.write(data)
+                proc.stdin.flush()
+                head = proc.stdout.read(8)
+                answer = proc.stdout.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else b""
+                ok, value = pickle.loads(answer)
+            except Exception as e:  # noqa: BLE001 — the worker died (killed, crashed in a decoder)
+                status = None
+                if proc is not None:
+                    proc.kill()
+                    status = proc.wait()
+                fut.set_exception(BrokenExecutor(f"image worker died (exit status {status}; {type(e).__name__}: {e})"))
+                proc = None
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(RuntimeError(f"image worker: {value}"))
+
+
+_pools: dict[int, tuple[int, _WorkerPool]] = {}  # workers -> (pid that made it, pool)
+_pools_lock = threading.Lock()
+
+
+def _image_pool(workers: int) -> _WorkerPool:
+    """The pool of ``workers`` image decoders, made once per process and size, then reused (a
+    worker costs an interpreter start and a Pillow import, ~0.1 s)."""
+    with _pools_lock:
+        made = _pools.get(workers)
+        if made is None or made[0] != os.getpid():  # a forked child cannot use its parent's pipes
+            made = (os.getpid(), _WorkerPool(workers))
+            _pools[workers] = made
+        return made[1]
+
+
+class _Budget:
+    """Bytes in flight to the workers, at most ``limit`` (a single larger batch may go alone)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class _ImageChecks:
+    """A shard's image checks, first failure in archive order. Without a pool each image is
+    decoded at once, in the calling thread; with one, images go to the workers in batches and
+    :meth:`add` raises as soon as the earliest batch still unseen has failed, :meth:`finish` waits
+    for all."""
+
+    def __init__(self, pool: _WorkerPool | None, budget: _Budget | None = None):
+        self.pool = pool
+        self.budget = budget or _Budget(IN_FLIGHT_BYTES)
+        self.limit = _image_limit()  # the caller's limit, passed to the workers with each batch
+        self.batch: list[tuple[str, str, bytes]] = []
+        self.batch_bytes = 0
+        self.pending: deque = deque()  # (future, images), in archive order
+        self.failed = False
+
+    def add(self, name: str, ext: str, data: bytes) -> None:
+        if self.pool is None:
+            problem = image_problem(name, ext, data, self.limit)
+            if problem:
+                self.failed = True
+                raise ShardInvalid(problem)
+            return
+        self.batch.append((name, ext, data))
+        self.batch_bytes += len(data)
+        if self.batch_bytes >= IMAGE_BATCH_BYTES or len(self.batch) >= IMAGE_BATCH_COUNT:
+            self._submit()
+        while self.pending and self.pending[0][0].done():
+            self._result(*self.pending.popleft())
+
+    def _submit(self) -> None:
+        images, n = self.batch, self.batch_bytes
+        self.batch, self.batch_bytes = [], 0
+        self.budget.acquire(n)
+        try:
+            fut = self.pool.submit(images, self.limit)
+        except BaseException:
+            self.budget.release(n)
+            raise
+        fut.add_done_callback(lambda _f: self.budget.release(n))  # also when cancelled
+        self.pending.append((fut, images))
+
+    def _result(self, fut, images) -> None:
+        try:
+            bad = fut.result()
+        except BrokenExecutor:  # a worker died (killed, or a decoder crashed): once more, on a new one
+            try:
+                bad = self.pool.submit(images, self.limit).result()
+            except BrokenExecutor as e:
+                self.failed = True
                 raise ShardInvalid(
-                    f"member {name!r}: {w}x{h} image ({w * h} pixels) exceeds the {limit}-pixel limit "
-                    "(decompression bomb)")
-            if im.format not in IMAGE_FORMATS[ext]:
-                raise ShardInvalid(
-                    f"member {name!r}: holds a {im.format} image, not {' or '.join(IMAGE_FORMATS[ext])} "
-                    f"as .{ext} says")
-            im.load()  # the full decode: every pixel, as the loader will
-    except ShardInvalid:
-        raise
-    except Image.DecompressionBombError as e:  # over 2x the limit: Pillow refuses in open()
-        raise ShardInvalid(f"member {name!r}: decompression bomb ({e})") from None
-    except UnidentifiedImageError:  # its message only names the BytesIO
-        raise ShardInvalid(f"member {name!r}: not a decodable image (no image format recognises its "
-                           f"{len(data)} bytes, starting {data[:8]!r})") from None
-    except Exception as e:  # noqa: BLE001 — any decoder failure (OSError, SyntaxError, ValueError,
-        # struct.error, EOFError, UnidentifiedImageError, IndexError, ...) means training cannot read it
-        raise ShardInvalid(f"member {name!r}: not a decodable image ({type(e).__name__}: {e})") from None
-    if w <= 0 or h <= 0:
-        raise ShardInvalid(f"member {name!r}: empty image {w}x{h}")
+                    f"members {images[0][0]!r} … {images[-1][0]!r}: the image decoder crashed twice on "
+                    f"these images ({e})") from None
+        if bad is not None:
+            self.failed = True
+            raise ShardInvalid(bad[1])
+
+    def finish(self) -> None:
+        """Check every image added; raise the first failure. Nothing after a failure is checked."""
+        if self.failed:
+            return
+        if self.batch:
+            self._submit()
+        while self.pending:
+            self._result(*self.pending.popleft())
+
+    def cancel(self) -> None:
+        for fut, _ in self.pending:
+            fut.cancel()
+        self.pending.clear()
+        self.batch, self.batch_bytes = [], 0
 
 
 def _check_label(name: str, data: bytes, num_classes: int) -> int:
@@ -258,7 +434,10 @@ def _check_label(name: str, data: bytes, num_classes: int) -> int:
     return label
 
 
-def validate_shard(stream: BinaryIO, *, num_classes: int = NUM_CLASSES, sink=None) -> tuple[int, Counter, str, int]:
+def validate_shard(
+    stream: BinaryIO, *, num_classes: int = NUM_CLASSES, sink=None, pool: _WorkerPool | None = None,
+    _budget: _Budget | None = None,
+) -> tuple[int, Counter, str, int]:
     """Validate one WebDataset tar from a sequential stream, copying its bytes to ``sink``.
 
     Returns ``(samples, class_histogram, sha256, bytes)``; raises :class:`ShardInvalid` with the
@@ -268,6 +447,9 @@ def validate_shard(stream: BinaryIO, *, num_classes: int = NUM_CLASSES, sink=Non
     serving traffic: ``samples - sum(class_histogram)`` samples without a label); a mix is refused,
     as training reads a label from every sample of a shard it uses. The whole stream is consumed
     (so sha256 covers the full file) even though tarfile stops at the end-of-archive marker.
+
+    Images are decoded in this thread, or with ``pool`` (:func:`_image_pool`) on its workers, in batches
+    while the stream goes on; either way the problem reported is the first in archive order.
     """
     tee = _TeeReader(stream, sink)
 
@@ -300,31 +482,41 @@ def validate_shard(stream: BinaryIO, *, num_classes: int = NUM_CLASSES, sink=Non
     classes: Counter = Counter()
     samples = 0
     first: tuple[str, bool] | None = None  # (key, labeled) of the first sample: the shard's kind
+    images = _ImageChecks(pool, _budget)
     try:
-        for key, fields in group_samples(members()):
-            labeled = LABEL_EXT in fields
-            # a sample without a label is checked as if it had one: the image rules stay the same
-            problem = sample_problem(list(fields) if labeled else [*fields, LABEL_EXT])
-            if problem:
-                raise ShardInvalid(f"sample {key!r}: {problem} (has {sorted(fields)})")
-            if first is None:
-                first = (key, labeled)
-            elif labeled != first[1]:
-                raise ShardInvalid(
-                    f"sample {key!r} has {'a' if labeled else 'no'} .{LABEL_EXT} label but sample {first[0]!r} "
-                    f"{'has' if first[1] else 'has none'}: a shard is labeled or unlabeled as a whole")
-            ext = image_ext(fields)
-            image_name, image_data = fields[ext]
-            _check_image(image_name, ext, image_data)
-            if labeled:
-                classes[_check_label(*fields[LABEL_EXT], num_classes)] += 1
-            samples += 1
-    except WebDatasetError as e:
-        raise ShardInvalid(str(e)) from None
-    except tarfile.TarError as e:
-        raise ShardInvalid(f"corrupt or truncated tar: {e}") from None
-    except EOFError as e:
-        raise ShardInvalid(f"truncated tar: {e}") from None
+        try:
+            try:
+                for key, fields in group_samples(members()):
+                    labeled = LABEL_EXT in fields
+                    # a sample without a label is checked as if it had one: the image rules stay the same
+                    problem = sample_problem(list(fields) if labeled else [*fields, LABEL_EXT])
+                    if problem:
+                        raise ShardInvalid(f"sample {key!r}: {problem} (has {sorted(fields)})")
+                    if first is None:
+                        first = (key, labeled)
+                    elif labeled != first[1]:
+                        raise ShardInvalid(
+                            f"sample {key!r} has {'a' if labeled else 'no'} .{LABEL_EXT} label but sample "
+                            f"{first[0]!r} {'has' if first[1] else 'has none'}: a shard is labeled or "
+                            "unlabeled as a whole")
+                    ext = image_ext(fields)
+                    image_name, image_data = fields[ext]
+                    images.add(image_name, ext, image_data)
+                    if labeled:
+                        classes[_check_label(*fields[LABEL_EXT], num_classes)] += 1
+                    samples += 1
+            except WebDatasetError as e:
+                raise ShardInvalid(str(e)) from None
+            except tarfile.TarError as e:
+                raise ShardInvalid(f"corrupt or truncated tar: {e}") from None
+            except EOFError as e:
+                raise ShardInvalid(f"truncated tar: {e}") from None
+        except ShardInvalid:
+            images.finish()  # an image before this problem that does not decode is the first problem
+            raise
+        images.finish()
+    finally:
+        images.cancel()
     if samples == 0:
         raise ShardInvalid("no samples (empty archive)")
     return samples, classes, tee.sha256, tee.nbytes
@@ -406,7 +598,7 @@ def ingest_shards(
     published: str = "raw/shards",
     quarantine: str = "quarantine/shards",
     num_classes: int = NUM_CLASSES,
-    workers: int = 4,
+    workers: int | None = None,
     on_shard: Callable[[ShardReport], None] | None = None,
 ) -> ShardIngestResult:
     """Ingest every ``*.tar`` under ``<incoming>/<batch>/shards/`` into ``<published>/<batch>/``,
@@ -417,14 +609,22 @@ def ingest_shards(
     Published shards are immutable: a shard whose name is already published with other content is
     quarantined ("conflicts with published shard"), never overwritten. The manifest is rewritten
     last and keeps earlier entries, so a re-run never drops what was published before.
+
+    ``workers``: processes that decode the images (None: :func:`default_workers`, one per CPU; 0:
+    none, images are decoded in the calling process). Up to :data:`SHARD_THREADS` shards stream at
+    once in the calling process (read once, tar parsed, hashed, written) and send their images to
+    the workers; at most :data:`IN_FLIGHT_BYTES` of image bytes are in flight. A batch of under
+    :data:`POOL_MIN_BYTES` is decoded in the calling process whatever ``workers`` says.
     """
     t0 = time.perf_counter()
     check_batch_name(batch)
+    workers = default_workers() if workers is None else max(0, workers)
     src_prefix, dst_prefix, q_prefix = join(incoming, batch), join(published, batch), join(quarantine, batch)
     links = landed_links(store, src_prefix)
     if src_prefix in links:
         raise IngestError(f"{store.uri(src_prefix)}: the batch folder is a {_link_reason(links[src_prefix])}")
-    landed = [o.key for o in store.list(src_prefix) if o.key.endswith(".tar") and o.key not in links]
+    landed_objects = [o for o in store.list(src_prefix) if o.key.endswith(".tar") and o.key not in links]
+    landed = [o.key for o in landed_objects]
     if not landed and not links:
         raise IngestError(f"{store.uri(src_prefix)}: no .tar shards to ingest")
     manifest_key = join(dst_prefix, MANIFEST)
@@ -452,6 +652,10 @@ def ingest_shards(
         else:
             sources.append((key, name))
 
+    landed_bytes = sum(o.size or 0 for o in landed_objects)
+    pool = _image_pool(workers) if workers and landed_bytes >= POOL_MIN_BYTES else None
+    budget = _Budget(max(IN_FLIGHT_BYTES, 2 * workers * IMAGE_BATCH_BYTES))
+
     def one(src: tuple[str, str]) -> ShardReport:
         src_key, name = src
         t = time.perf_counter()
@@ -460,7 +664,7 @@ def ingest_shards(
         with store.open_read(src_key) as f, store.open_write(dst_key) as w:
             try:
                 report.samples, classes, report.sha256, report.bytes = validate_shard(
-                    f, num_classes=num_classes, sink=w
+                    f, num_classes=num_classes, sink=w, pool=pool, _budget=budget
                 )
                 report.classes = dict(sorted(classes.items()))
                 old = previous.get(dst_key)
@@ -481,8 +685,8 @@ def ingest_shards(
             on_shard(report)
         return report
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        reports = list(pool.map(one, sources))
+    with ThreadPoolExecutor(max(1, min(SHARD_THREADS, len(sources)))) as threads:
+        reports = list(threads.map(one, sources))
     good = [r for r in reports if r.ok]
     bad = rejected + [r for r in reports if not r.ok]
     entries = dict(previous)
@@ -885,6 +1089,7 @@ __all__ = [
     "batch_ready",
     "batch_unlabeled",
     "check_batch_name",
+    "default_workers",
     "predictions_schema",
     "shard_labeled",
     "table_kind",

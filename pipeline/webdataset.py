@@ -9,8 +9,9 @@ The choices (first-dot keys, the image formats, hidden members) are explained in
 
 from __future__ import annotations
 
+import io
 import tarfile
-from typing import BinaryIO, Iterable, Iterator, TypeVar
+from typing import BinaryIO, Iterable, Iterator, Sequence, TypeVar
 
 # Exactly the formats the preprocess path decodes: DALI's fn.decoders.image (CPU and "mixed"
 # devices) and Pillow (its error diagnosis, the drift features) both read every one of these.
@@ -129,6 +130,87 @@ def group_samples(members: Iterable[tuple[str, T]]) -> Iterator[tuple[str, dict[
         yield key, fields
 
 
+def image_problem(name: str, ext: str, data: bytes, limit: int | None) -> str | None:
+    """Why the image member ``name`` (field ``ext``, payload ``data``) is not one a reader decodes,
+    or None. The image is decoded fully, as training will: a header that parses is not enough (a
+    truncated or garbled body fails only at decode time). Refused: no data, an unknown format, a
+    format other than the extension's (:data:`IMAGE_FORMATS`), more than ``limit`` pixels (a
+    decompression bomb: refused from the header, before any pixel is allocated; None: no limit),
+    and whatever the decoder raises. Pillow is imported here, so a process that only groups samples
+    never loads it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return f"member {name!r}: empty image (0 bytes)"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if limit and w * h > limit:  # Pillow only warns between 1x and 2x its limit: an error here
+                return (f"member {name!r}: {w}x{h} image ({w * h} pixels) exceeds the {limit}-pixel limit "
+                        "(decompression bomb)")
+            if im.format not in IMAGE_FORMATS[ext]:
+                return (f"member {name!r}: holds a {im.format} image, not {' or '.join(IMAGE_FORMATS[ext])} "
+                        f"as .{ext} says")
+            im.load()  # the full decode: every pixel, as the loader will
+    except Image.DecompressionBombError as e:  # over 2x the limit: Pillow refuses in open()
+        return f"member {name!r}: decompression bomb ({e})"
+    except UnidentifiedImageError:  # its message only names the BytesIO
+        return (f"member {name!r}: not a decodable image (no image format recognises its "
+                f"{len(data)} bytes, starting {data[:8]!r})")
+    except Exception as e:  # noqa: BLE001 — any decoder failure (OSError, SyntaxError, ValueError,
+        # struct.error, EOFError, IndexError, ...) means training cannot read it
+        return f"member {name!r}: not a decodable image ({type(e).__name__}: {e})"
+    if w <= 0 or h <= 0:
+        return f"member {name!r}: empty image {w}x{h}"
+    return None
+
+
+def check_images(images: Sequence[tuple[str, str, bytes]], limit: int | None) -> tuple[int, str] | None:
+    """``(index, problem)`` of the first of ``images`` (``(name, ext, data)`` each) that
+    :func:`image_problem` refuses, or None when all decode. Pillow's own bomb limit
+    (``Image.MAX_IMAGE_PIXELS``) is set to ``limit`` first: this is what a worker process of
+    :func:`pipeline.ingest.ingest_shards` runs, and the limit is the one the calling process has."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS != limit:
+        Image.MAX_IMAGE_PIXELS = limit
+    for i, (name, ext, data) in enumerate(images):
+        problem = image_problem(name, ext, data, limit)
+        if problem:
+            return i, problem
+    return None
+
+
+def serve_image_checks() -> None:
+    """The loop of an image-decoding worker process (:class:`pipeline.ingest` starts them): reads
+    length-prefixed pickles ``(images, limit)`` from stdin, answers each with a length-prefixed
+    pickle ``(True, check_images(images, limit))`` (or ``(False, repr(error))``) on stdout, and
+    exits at end of input (its parent closed the pipe or died)."""
+    import pickle
+    import struct
+    import sys
+
+    import PIL.Image  # noqa: F401 — started before the first batch, not during it
+
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write to the answer pipe
+    while True:
+        head = inp.read(8)
+        if len(head) < 8:
+            return
+        (n,) = struct.unpack("<Q", head)
+        payload = inp.read(n)
+        if len(payload) < n:
+            return
+        try:
+            answer = (True, check_images(*pickle.loads(payload)))
+        except Exception as e:  # noqa: BLE001 — reported to the parent, which fails the shard
+            answer = (False, f"{type(e).__name__}: {e}")
+        data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        out.write(struct.pack("<Q", len(data)) + data)
+        out.flush()
+
+
 def read_samples(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
     """The samples of a tar read sequentially from ``stream``: ``(key, {ext: bytes})`` in stored
     order (regular members only). Raises :class:`WebDatasetError` as :func:`group_samples`."""
@@ -148,12 +230,15 @@ __all__ = [
     "LABEL_EXT",
     "MAX_LABEL_DIGITS",
     "WebDatasetError",
+    "check_images",
     "format_label",
     "group_samples",
     "image_ext",
+    "image_problem",
     "member_name",
     "parse_label",
     "read_samples",
     "sample_problem",
+    "serve_image_checks",
     "split_key",
 ]
