@@ -528,7 +528,7 @@ def _live_loop(store, args) -> bool:
     console.print(f"forgeline serve samples {SAMPLE_RATE:.0%} of the rows it answers into windows of {WINDOW_S:g}s "
                   f"(incoming/serving-{model}-<time>-<id>/: unlabeled batches for the drift checks)")
     server = start_server(model, settings.home() / "demo" / "serve.log")
-    client = None
+    client, window = None, None
     try:
         spec = export.read_manifest(store, model, v1)["metadata"]["spec"]
         with console.status("client: preprocessing the digits test images (clean and shifted) while the server starts"):
@@ -568,6 +568,10 @@ def _live_loop(store, args) -> bool:
             client.stop()
         code = server.stop()
         console.print(f"the demo server ({server.url}) stopped (exit status {code}); its log: {server.log}")
+        others = [w for w in _windows(store, model) if w != window]
+        if others:
+            console.print(f"{len(others)} more traffic windows landed under incoming/serving-{model}-*/ and were not "
+                          "ingested: the incoming_batches sensor takes them once it runs (`make ui`, Automation)")
 
 
 def _summary_line(answers: list[Answer], what: str) -> None:

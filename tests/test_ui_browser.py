@@ -145,7 +145,10 @@ def demo(tmp_path_factory) -> dict:
     assert "enabled: false" in (Path(env["DAGSTER_HOME"]) / "dagster.yaml").read_text()
     alias = json.loads((tmp / "home" / "storage" / "models" / "digits" / "production").read_text())
     assert alias["previous"], f"the demo promoted only once: {alias}"
-    return {"env": env, "tmp": tmp, "log": demo_log, "production": alias["version"], "previous": alias["previous"]}
+    served = re.search(r"FORGELINE_SERVE_URLS=http://(127\.0\.0\.1:\d+)", demo_log.read_text())
+    assert served, f"the demo's rollout named no server; log tail:\n{_tail(demo_log)}"
+    return {"env": env, "tmp": tmp, "log": demo_log, "production": alias["version"], "previous": alias["previous"],
+            "server": served.group(1)}
 
 
 @pytest.fixture(scope="module")
@@ -354,9 +357,9 @@ def test_drift_checks_failed_on_a_window_of_serving_traffic(page, shoot):
         shoot(f"{asset}-{check}-serving-window")
 
 
-def _metadata_row(page, key: str | re.Pattern):
+def _metadata_row(page, key: str):
     """The row of the latest materialization's metadata table whose key cell is ``key``."""
-    return page.get_by_role("row").filter(has=page.get_by_role("cell", name=key, exact=isinstance(key, str)))
+    return page.get_by_role("row").filter(has=page.get_by_role("cell", name=key, exact=True))
 
 
 def test_promotion_and_rollout_are_visible(page, shoot, demo):
@@ -374,7 +377,7 @@ def test_promotion_and_rollout_are_visible(page, shoot, demo):
     expect(page.get_by_text("Latest materialization")).to_be_visible()
     expect(_metadata_row(page, "version")).to_contain_text(demo["production"])
     expect(_metadata_row(page, "servers")).to_contain_text("1")
-    per_server = _metadata_row(page, re.compile(r"^time_to_ready_s/127\.0\.0\.1:\d+$"))
+    per_server = _metadata_row(page, f"time_to_ready_s/{demo['server']}")  # the demo's server, host:port
     expect(per_server).to_have_count(1)
     expect(per_server).to_contain_text(re.compile(r"\d+\.\d+"))
     shoot("model_rollout-overview")
