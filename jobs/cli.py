@@ -821,7 +821,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs.withdraw_cli import batch_name, optional_batch_name  # batch names checked before anything is written
+    from jobs.withdraw_cli import batch_name  # batch names checked before anything is written
 
     p = _OneLineParser(prog="forgeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--debug", action="store_true", help="full Python tracebacks on errors (or FORGELINE_DEBUG=1)")
