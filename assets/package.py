@@ -88,6 +88,7 @@ class QuantizeConfig(dg.Config):
     symmetric: bool = Field(default=True, description="int4 without zero points.")
     max_drop_int8: float = Field(default=0.5, ge=0, description="Allowed held-out accuracy drop, points.")
     max_drop_int4: float = Field(default=2.0, ge=0, description="Allowed held-out accuracy drop, points.")
+    min_accuracy: float = Field(default=0.0, ge=0, le=1, description="Held-out accuracy every variant must reach (0..1).")
 
     @field_validator("schemes")
     @classmethod
@@ -114,6 +115,7 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, e
         store, name, version, ds.stage(store, exported_model["dataset"]["splits"]["test"], shard_cache_dir()),
         exported_model["spec"], schemes=config.schemes, group_size=config.group_size, symmetric=config.symmetric,
         max_drop_points={"int8": config.max_drop_int8, "int4": config.max_drop_int4},
+        min_accuracy=config.min_accuracy,
     )
     seconds = time.perf_counter() - t0
     tensor_seconds = [s for v in result["variants"].values() for s in v["tensor_seconds"]]

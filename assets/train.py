@@ -193,10 +193,7 @@ def trained_model(
         "val_accuracy": result.val_acc,
         "best_val_accuracy": result.best_val_acc,
         "final_train_loss": hist[-1]["train_loss"],
-        "curves": dg.MetadataValue.md(training_curves(hist)),  # the plots; the raw lists follow
-        "loss_curve": dg.MetadataValue.json([round(h["train_loss"], 5) for h in hist]),
-        "val_accuracy_curve": dg.MetadataValue.json([round(h.get("val_acc", 0.0), 5) for h in hist]),
-        "epoch_seconds": dg.MetadataValue.json([round(h["seconds"], 3) for h in hist]),
+        "curves": dg.MetadataValue.md(training_curves(hist)),  # per-epoch loss and accuracy, as charts
         **metrics.summary((h["seconds"] for h in hist), "epoch_latency"),  # floats: plotted across runs
         "samples_per_s": sum(h["samples_per_s"] for h in hist) / len(hist),
         "train_seconds": train_seconds,

@@ -136,10 +136,11 @@ def load_quantized_module(store: Storage, model: str, version: str) -> torch.nn.
 def quantize_and_gate(
     store: Storage, model: str, version: str, test_shards: list[str], spec: dict, *,
     schemes: list[str], max_drop_points: dict[str, float], group_size: int = 128, symmetric: bool = True,
+    min_accuracy: float = 0.0,
 ) -> dict:
     """Publish each scheme of ``model/version``, measure the held-out accuracy of what was
     published (dequantized on load) against the base, and list every scheme whose drop exceeds its
-    limit. The base version is read and verified once. Each variant's gate result is recorded in its
+    limit or whose accuracy is under ``min_accuracy`` (an absolute floor, 0..1). The base version is read and verified once. Each variant's gate result is recorded in its
     manifest (``export.record_gates``, as ``accuracy_gate``): a failing variant is rejected, so it is
     never ``latest`` nor promotable. Returns ``{"base_accuracy", "variants": {scheme: {model,
     version, accuracy, drop_points, size_ratio, bytes, skipped, seconds, tensor_seconds, reused,
@@ -158,8 +159,10 @@ def quantize_and_gate(
         drop, limit = 100 * (base - acc), max_drop_points[scheme]
         if drop > limit:
             failures.append(f"{scheme}: accuracy {acc:.4f} is {drop:.2f} points below {base:.4f} (limit {limit})")
-        gate = {"passed": drop <= limit, "value": drop, "limit": limit, "unit": "accuracy points dropped",
-                "accuracy": acc, "base_accuracy": base}
+        if acc < min_accuracy:
+            failures.append(f"{scheme}: accuracy {acc:.4f} is under min_accuracy {min_accuracy}")
+        gate = {"passed": drop <= limit and acc >= min_accuracy, "value": drop, "limit": limit,
+                "unit": "accuracy points dropped", "accuracy": acc, "base_accuracy": base, "min_accuracy": min_accuracy}
         export.record_gates(store, qname, version, {"accuracy_gate": gate})
         gates[f"accuracy_gate.{scheme}"] = gate
         variants[scheme] = {"model": qname, "version": version, "accuracy": acc, "drop_points": drop,

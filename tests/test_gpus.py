@@ -323,7 +323,7 @@ def test_resource_leases_allowed_devices(tmp_path, monkeypatch):
 
 @dg.asset(pool="gpu")
 def trained(context, gpu_pool: GpuPoolResource) -> dg.MaterializeResult:
-    with gpu_pool.lease(context.run_id) as lease, gpu_pool.sampler(lease) as sampler:
+    with gpu_pool.lease(context.run.run_id) as lease, gpu_pool.sampler(lease) as sampler:
         pass
     return dg.MaterializeResult(metadata={**lease.metadata(), **sampler.summary()})
 
