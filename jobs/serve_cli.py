@@ -161,7 +161,6 @@ def build_registry(args):
     """The serving core over the environment's storage (and shm tier / compile cache)."""
     from pipeline import settings
     from pipeline.serving.registry import ModelRegistry, ServeConfig
-    from resources.storage import open_storage, shm_from_env, storage_from_env
 
     def flag(name, default):  # flags win over the environment (getattr: callers may build args by hand)
         value = getattr(args, name, None)
@@ -174,15 +173,21 @@ def build_registry(args):
                          sample_rate=flag("sample_rate", settings.serve_sample_rate),
                          sample_window_s=flag("sample_window_s", settings.serve_sample_window_s),
                          sample_window_samples=flag("sample_window_samples", settings.serve_sample_window_samples))
-    resource = storage_from_env()
-    store = open_storage(resource)
-    tier = None if args.no_shm else shm_from_env().tier()
+    # The store and the tier straight from the engine's settings: a serving process does not need
+    # Dagster (importing it costs seconds of cold start); credentials come from boto3's chain.
+    from pipeline.shm_tier import ShmTier
+    from pipeline.storage import from_spec
+
+    store = from_spec(settings.storage().spec())
+    tier = None if args.no_shm else ShmTier(settings.shm_root(), capacity_bytes=settings.shm_capacity_bytes())
     cache = None
     if args.compile:
         import dagster as dg
 
         from resources.cache import compile_cache_from_env
+        from resources.storage import storage_from_env
 
+        resource = storage_from_env()
         with dg.build_resources({"storage": resource, "compile_cache": compile_cache_from_env(resource)}) as res:
             cache = res.compile_cache.cache()
     return ModelRegistry(store, config, tier=tier, cache=cache), store
