@@ -23,7 +23,6 @@ import urllib.error
 import urllib.request
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-PREFIX = "forgeline_serving"
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -222,115 +221,6 @@ def cmd_serve(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
-    """Estimate the ``q`` quantile from cumulative ``(upper_bound, count)`` buckets, as
-    Prometheus's ``histogram_quantile`` does: linear within the bucket that holds it; a quantile
-    in the ``+Inf`` bucket is the largest finite bound. None without observations."""
-    buckets = sorted(buckets)
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    total = buckets[-1][1]
-    rank = q * total
-    lower, below = 0.0, 0.0
-    for upper, count in buckets:
-        if count >= rank:
-            if math.isinf(upper):
-                return lower
-            if count == below:
-                return upper
-            return lower + (upper - lower) * (rank - below) / (count - below)
-        lower, below = upper, count
-    return lower
-
-
-def _merge(hists: dict, key: str, samples) -> None:
-    """Add bucket counts of one labelled histogram into ``hists[key]`` (summing versions)."""
-    acc = hists.setdefault(key, {"buckets": {}, "count": 0.0, "sum": 0.0})
-    for s in samples:
-        if s.name.endswith("_bucket"):
-            le = float(s.labels["le"])
-            acc["buckets"][le] = acc["buckets"].get(le, 0.0) + s.value
-        elif s.name.endswith("_count"):
-            acc["count"] += s.value
-        elif s.name.endswith("_sum"):
-            acc["sum"] += s.value
-
-
-def summarize_metrics(text: str) -> dict[str, dict]:
-    """Per model, from a server's Prometheus text: request counts by result, latency
-    P50/P95/P99 (ms, estimated from the histogram), queue wait P50/P99 and mean, resident bytes,
-    loads/swaps by result, evictions by reason, versions seen."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    models: dict[str, dict] = {}
-    hists: dict[str, dict[str, dict]] = {"request": {}, "queue": {}}
-
-    def row(model: str) -> dict:
-        return models.setdefault(model, {"versions": set(), "requests": {}, "resident_bytes": 0.0, "loads": {},
-                                         "swaps": {}, "evictions": {}, "queue_depth": 0.0})
-
-    for fam in text_string_to_metric_families(text):
-        name = fam.name
-        by_model: dict[str, list] = {}
-        for s in fam.samples:
-            if "model" in s.labels:
-                by_model.setdefault(s.labels["model"], []).append(s)
-        for model, samples in by_model.items():
-            r = row(model)
-            for s in samples:
-                if s.labels.get("version"):
-                    r["versions"].add(s.labels["version"])
-            if name == f"{PREFIX}_request_seconds":
-                _merge(hists["request"], model, samples)
-            elif name == f"{PREFIX}_queue_wait_seconds":
-                _merge(hists["queue"], model, samples)
-            elif name == f"{PREFIX}_requests":
-                for s in samples:
-                    if s.name.endswith("_total"):
-                        res = s.labels.get("result", "ok")
-                        r["requests"][res] = r["requests"].get(res, 0.0) + s.value
-            elif name in (f"{PREFIX}_loads", f"{PREFIX}_swaps"):
-                key = name.rsplit("_", 1)[1]
-                for s in samples:
-                    if s.name.endswith("_total"):
-                        res = s.labels.get("result", "ok")
-                        r[key][res] = r[key].get(res, 0.0) + s.value
-            elif name == f"{PREFIX}_evictions":
-                for s in samples:
-                    if s.name.endswith("_total"):
-                        why = s.labels.get("reason", "lru")
-                        r["evictions"][why] = r["evictions"].get(why, 0.0) + s.value
-            elif name == f"{PREFIX}_resident_bytes":
-                r["resident_bytes"] = sum(s.value for s in samples)
-            elif name == f"{PREFIX}_queue_depth":
-                r["queue_depth"] = sum(s.value for s in samples)
-
-    out = {}
-    for model in sorted(models):
-        r = models[model]
-        req = hists["request"].get(model)
-        que = hists["queue"].get(model)
-        entry = {
-            "versions": sorted(r["versions"]),
-            "requests": int(sum(r["requests"].values())),
-            "requests_by_result": {k: int(v) for k, v in sorted(r["requests"].items())},
-        }
-        for q in (50, 95, 99):
-            v = histogram_quantile(q / 100, list(req["buckets"].items())) if req else None
-            entry[f"p{q}_ms"] = None if v is None else v * 1e3
-        for q in (50, 99):
-            v = histogram_quantile(q / 100, list(que["buckets"].items())) if que else None
-            entry[f"queue_wait_p{q}_ms"] = None if v is None else v * 1e3
-        entry["queue_wait_mean_ms"] = (que["sum"] / que["count"] * 1e3) if que and que["count"] else None
-        entry.update(queue_depth=int(r["queue_depth"]), resident_bytes=int(r["resident_bytes"]),
-                     loads={k: int(v) for k, v in sorted(r["loads"].items())},
-                     swaps={k: int(v) for k, v in sorted(r["swaps"].items())},
-                     evictions=int(sum(r["evictions"].values())),
-                     evictions_by_reason={k: int(v) for k, v in sorted(r["evictions"].items())})
-        out[model] = entry
-    return out
-
-
 def _ms(v) -> str:
     return "—" if v is None else (f"{v:.2f}" if v < 10 else f"{v:.1f}")
 
@@ -358,8 +248,10 @@ def cmd_status(args) -> int:
         reason = getattr(e, "reason", e)
         print(f"forgeline serve status: cannot read {url}/metrics: {reason}", file=sys.stderr)
         return 1
+    from pipeline.metrics import served_summary
+
     try:
-        summary = summarize_metrics(text)
+        summary = served_summary(text)
     except Exception as e:  # noqa: BLE001 - not a Prometheus exposition
         print(f"forgeline serve status: {url}/metrics is not Prometheus text: {e}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ from typing import TypeVar
 import numpy as np
 
 PERCENTILES = (50, 95, 99)
+SERVING_PREFIX = "forgeline_serving"  # the model server's Prometheus metric names
 
 T = TypeVar("T")
 
@@ -88,16 +89,17 @@ class Latencies:
 # ---------------------------------------------------------------------------------------------
 
 
-def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:
-    """The ``q`` quantile of cumulative ``(upper_bound, count)`` buckets, as Prometheus's
-    ``histogram_quantile`` estimates it (linear within the bucket; in ``+Inf``: the largest finite
-    bound). None without observations. Same estimate as ``forgeline serve status``."""
-    ordered = sorted(buckets)
-    if not ordered or ordered[-1][1] <= 0:
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """The ``q`` quantile from cumulative ``(upper_bound, count)`` buckets, as
+    Prometheus's ``histogram_quantile`` does: linear within the bucket that holds it; a quantile
+    in the ``+Inf`` bucket is the largest finite bound. None without observations."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
         return None
-    rank = q * ordered[-1][1]
+    total = buckets[-1][1]
+    rank = q * total
     lower, below = 0.0, 0.0
-    for upper, count in ordered:
+    for upper, count in buckets:
         if count >= rank:
             if upper == float("inf"):
                 return lower
@@ -108,36 +110,93 @@ def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> floa
     return lower
 
 
-def served_latency(text: str, prefix: str = "forgeline_serving") -> dict[str, dict]:
-    """Per model, from a model server's ``/metrics`` text: ``requests`` (every result),
-    ``requests_ok``, and ``p50_ms``/``p95_ms``/``p99_ms`` of ``<prefix>_request_seconds`` (all
-    versions, since the server started; None before any request)."""
+def _merge(hists: dict, key: str, samples) -> None:
+    """Add bucket counts of one labelled histogram into ``hists[key]`` (summing versions)."""
+    acc = hists.setdefault(key, {"buckets": {}, "count": 0.0, "sum": 0.0})
+    for s in samples:
+        if s.name.endswith("_bucket"):
+            le = float(s.labels["le"])
+            acc["buckets"][le] = acc["buckets"].get(le, 0.0) + s.value
+        elif s.name.endswith("_count"):
+            acc["count"] += s.value
+        elif s.name.endswith("_sum"):
+            acc["sum"] += s.value
+
+
+def served_summary(text: str, prefix: str = SERVING_PREFIX) -> dict[str, dict]:
+    """Per model, from a server's Prometheus text: request counts by result, latency
+    P50/P95/P99 (ms, estimated from the histogram), queue wait P50/P99 and mean, resident bytes,
+    loads/swaps by result, evictions by reason, versions seen."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    buckets: dict[str, dict[float, float]] = {}
-    requests: dict[str, dict[str, float]] = {}
+    models: dict[str, dict] = {}
+    hists: dict[str, dict[str, dict]] = {"request": {}, "queue": {}}
+
+    def row(model: str) -> dict:
+        return models.setdefault(model, {"versions": set(), "requests": {}, "resident_bytes": 0.0, "loads": {},
+                                         "swaps": {}, "evictions": {}, "queue_depth": 0.0})
+
     for fam in text_string_to_metric_families(text):
+        name = fam.name
+        by_model: dict[str, list] = {}
         for s in fam.samples:
-            model = s.labels.get("model")
-            if model is None:
-                continue
-            if fam.name == f"{prefix}_request_seconds" and s.name.endswith("_bucket"):
-                le = float(s.labels["le"])
-                acc = buckets.setdefault(model, {})
-                acc[le] = acc.get(le, 0.0) + s.value
-            elif fam.name == f"{prefix}_requests" and s.name.endswith("_total"):
-                by = requests.setdefault(model, {})
-                result = s.labels.get("result", "ok")
-                by[result] = by.get(result, 0.0) + s.value
-    out: dict[str, dict] = {}
-    for model in sorted(set(buckets) | set(requests)):
-        by = requests.get(model, {})
-        row: dict = {"requests": int(sum(by.values())), "requests_ok": int(by.get("ok", 0.0))}
-        for q in PERCENTILES:
-            v = histogram_quantile(q / 100, buckets.get(model, {}).items())
-            row[f"p{q}_ms"] = None if v is None else v * 1e3
-        out[model] = row
+            if "model" in s.labels:
+                by_model.setdefault(s.labels["model"], []).append(s)
+        for model, samples in by_model.items():
+            r = row(model)
+            for s in samples:
+                if s.labels.get("version"):
+                    r["versions"].add(s.labels["version"])
+            if name == f"{prefix}_request_seconds":
+                _merge(hists["request"], model, samples)
+            elif name == f"{prefix}_queue_wait_seconds":
+                _merge(hists["queue"], model, samples)
+            elif name == f"{prefix}_requests":
+                for s in samples:
+                    if s.name.endswith("_total"):
+                        res = s.labels.get("result", "ok")
+                        r["requests"][res] = r["requests"].get(res, 0.0) + s.value
+            elif name in (f"{prefix}_loads", f"{prefix}_swaps"):
+                key = name.rsplit("_", 1)[1]
+                for s in samples:
+                    if s.name.endswith("_total"):
+                        res = s.labels.get("result", "ok")
+                        r[key][res] = r[key].get(res, 0.0) + s.value
+            elif name == f"{prefix}_evictions":
+                for s in samples:
+                    if s.name.endswith("_total"):
+                        why = s.labels.get("reason", "lru")
+                        r["evictions"][why] = r["evictions"].get(why, 0.0) + s.value
+            elif name == f"{prefix}_resident_bytes":
+                r["resident_bytes"] = sum(s.value for s in samples)
+            elif name == f"{prefix}_queue_depth":
+                r["queue_depth"] = sum(s.value for s in samples)
+
+    out = {}
+    for model in sorted(models):
+        r = models[model]
+        req = hists["request"].get(model)
+        que = hists["queue"].get(model)
+        entry = {
+            "versions": sorted(r["versions"]),
+            "requests": int(sum(r["requests"].values())),
+            "requests_by_result": {k: int(v) for k, v in sorted(r["requests"].items())},
+        }
+        for q in (50, 95, 99):
+            v = histogram_quantile(q / 100, list(req["buckets"].items())) if req else None
+            entry[f"p{q}_ms"] = None if v is None else v * 1e3
+        for q in (50, 99):
+            v = histogram_quantile(q / 100, list(que["buckets"].items())) if que else None
+            entry[f"queue_wait_p{q}_ms"] = None if v is None else v * 1e3
+        entry["queue_wait_mean_ms"] = (que["sum"] / que["count"] * 1e3) if que and que["count"] else None
+        entry.update(queue_depth=int(r["queue_depth"]), resident_bytes=int(r["resident_bytes"]),
+                     loads={k: int(v) for k, v in sorted(r["loads"].items())},
+                     swaps={k: int(v) for k, v in sorted(r["swaps"].items())},
+                     evictions=int(sum(r["evictions"].values())),
+                     evictions_by_reason={k: int(v) for k, v in sorted(r["evictions"].items())})
+        out[model] = entry
     return out
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def probe(url: str, model: str, *, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         s.since = swap.get("at")
     if with_metrics:
         try:
-            row = latency_metrics.served_latency(_get(f"{url}/metrics", timeout_s).decode()).get(model, {})
+            row = latency_metrics.served_summary(_get(f"{url}/metrics", timeout_s).decode()).get(model, {})
             s.requests = row.get("requests", 0)
             s.p50_ms, s.p95_ms, s.p99_ms = row.get("p50_ms"), row.get("p95_ms"), row.get("p99_ms")
         except (urllib.error.URLError, OSError, ValueError, UnicodeDecodeError) as e:

@@ -102,13 +102,10 @@ def test_probe_reads_version_since_requests_and_p99(servers):
     assert s.ok and s.version == "v1" and s.production == "v1" and s.state == "READY"
     assert s.since and s.since.endswith("+00:00")  # the UTC time v1 took traffic
     assert s.requests >= 4 and 0 < s.p50_ms <= s.p99_ms
-    # the same numbers `forgeline serve status` computes from the same text
-    from jobs.serve_cli import summarize_metrics
-
+    # the numbers come from the server's /metrics, parsed as `forgeline serve status` parses them
     text = urllib.request.urlopen(f"{a.url}/metrics", timeout=10).read().decode()
-    ours, theirs = metrics.served_latency(text)["digits"], summarize_metrics(text)["digits"]
-    assert ours["requests"] == theirs["requests"]
-    assert ours["p99_ms"] == pytest.approx(theirs["p99_ms"]) and ours["p50_ms"] == pytest.approx(theirs["p50_ms"])
+    row = metrics.served_summary(text)["digits"]
+    assert row["requests"] >= s.requests and row["requests_by_result"].get("ok", 0) >= 4
 
 
 def test_probe_of_an_unreachable_server_or_unknown_model_is_a_state_not_an_exception(servers):

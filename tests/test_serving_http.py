@@ -612,7 +612,7 @@ def test_sigterm_drains_in_flight_requests():
 
 
 def test_histogram_quantile():
-    from jobs.serve_cli import histogram_quantile
+    from pipeline.metrics import histogram_quantile
 
     assert histogram_quantile(0.5, []) is None
     assert histogram_quantile(0.5, [(1.0, 0), (float("inf"), 0)]) is None
@@ -645,7 +645,7 @@ def test_serve_status_summarizes_every_metric():
     pytest.importorskip("pipeline.serving.metrics")
     from prometheus_client import generate_latest
 
-    from jobs.serve_cli import summarize_metrics
+    from pipeline.metrics import served_summary
     from pipeline.serving.metrics import ServingMetrics
 
     m = ServingMetrics()
@@ -658,7 +658,7 @@ def test_serve_status_summarizes_every_metric():
     m.swaps.labels("a", "failed").inc()
     m.evictions.labels(**{n: "b" if n == "model" else "lru" for n in m.evictions._labelnames}).inc()
     m.resident_bytes.labels("a").set(3 * 2**20)
-    s = summarize_metrics(generate_latest(m.registry).decode())
+    s = served_summary(generate_latest(m.registry).decode())
     a = s["a"]
     assert a["versions"] == ["v1", "v2"] and a["requests"] == 101
     assert a["requests_by_result"] == {"ok": 100, "unavailable": 1}
