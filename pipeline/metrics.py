@@ -8,7 +8,9 @@ them into numeric metadata with :func:`summary`, always under the same names::
     # {"shard_latency_p50_ms": 12.0, "shard_latency_p95_ms": 28.2, "shard_latency_p99_ms": 29.64,
     #  "shard_latency_max_ms": 30.0, "shard_latency_count": 3}
 
-:class:`Latencies` is the recorder for work done on several threads at once.
+:class:`Latencies` is the recorder for work done on several threads at once. The same module
+reads them back from a model server's Prometheus text (:func:`served_summary`, the one parser of
+``forgeline serve status`` and the rollout) and draws per-epoch curves as SVG for Markdown metadata.
 """
 
 from __future__ import annotations
