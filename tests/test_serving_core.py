@@ -284,6 +284,8 @@ def test_lru_budget_evicts_idle_models_and_reloads(store):
         rows = {r["name"]: r for r in reg.index()}
         assert rows["a"]["state"] == "UNAVAILABLE" and "evicted (LRU)" in rows["a"]["reason"]
         assert rows["b"]["state"] == rows["c"]["state"] == "READY"
+        # a re-load of a version that passed the full golden check here checks one recorded row
+        assert reg.metadata("c")["parameters"]["golden"]["rows"] == 1
         # a model with a request in flight is never evicted: hold "b" (the LRU one) busy while "a" loads
         batcher = reg._models["b"].resident().batcher
         run_b = batcher.run

@@ -242,6 +242,8 @@ class ModelRegistry:
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="forgeline-io")
         self._poller = Poller(self.config.poll_s, self._poll, name="forgeline-alias-watcher")
         self._load_fn = loader.load_version  # tests wrap it (slow loads)
+        # (model, version, compiled) that passed the full golden check here: a re-load checks one row
+        self._golden_passed: set[tuple[str, str, bool]] = set()
         self.metrics.resident_models.set_function(
             lambda: sum(1 for m in list(self._models.values()) if m.versions))
         for name in self._known:
@@ -746,9 +748,12 @@ class ModelRegistry:
                 fn = partial(self._load_fn, self.store, m.name, version, device=cfg.device, tier=self.tier,
                              cache=self.cache, compile=cfg.compile, compile_mode=cfg.compile_mode,
                              golden_atol=cfg.golden_atol, require_golden=cfg.require_golden,
+                             golden_rows=1 if (m.name, version, cfg.compile) in self._golden_passed else None,
                              max_batch_size=cfg.max_batch_size, root=cfg.root,
                              on_tier_reject=lambda why: self.metrics.tier_rejects.labels(m.name).inc())
                 loaded = await asyncio.get_running_loop().run_in_executor(self._load_pool, fn)
+                if loaded.golden.get("checked"):
+                    self._golden_passed.add((m.name, version, cfg.compile))
             finally:
                 self._reserved -= need
                 self._notify_room()
