@@ -72,6 +72,7 @@ from pipeline.export import (
     version_prefix,
     version_problem,
 )
+from pipeline.mounts import in_ram
 from pipeline.promotion import ALIAS, LATEST, PromotionError
 from pipeline.promotion import resolve as resolve_ref
 from pipeline.storage import (
@@ -199,6 +200,7 @@ class ShmTier:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         self.store = LocalStorage(root, fsync=False)  # RAM: nothing to make durable
         self.root: Path = self.store.root
+        self.in_ram = in_ram(self.root, "shm tier")
         self.capacity_bytes = capacity_bytes
         self.meta = self.root / _META
         self.meta.mkdir(parents=True, exist_ok=True)

@@ -269,3 +269,27 @@ def test_access_denied_is_not_retried(moto_storage_factory):
     with pytest.raises(StorageError, match=r"HEAD failed \(AccessDenied: injected AccessDenied"):
         store.stat("k")
     assert len(seen) == 1 and time.monotonic() - t0 < 1
+
+
+def test_a_shm_root_not_on_tmpfs_is_warned_about_once(tmp_path, caplog):
+    import logging
+
+    from pipeline.shm_tier import ShmTier
+    from pipeline.storage import ShmStorage
+
+    caplog.set_level(logging.WARNING, logger="forgeline.shm")
+    on_disk = tmp_path / "tier"  # pytest's tmp_path is on disk here
+    assert ShmTier(on_disk).in_ram is False and ShmStorage(on_disk).in_ram is False
+    ShmTier(on_disk)
+    lines = [r.getMessage() for r in caplog.records if r.name == "forgeline.shm"]
+    assert len(lines) == 1 and str(on_disk) in lines[0] and "not a tmpfs" in lines[0]
+    assert "FORGELINE_SHM_ROOT" in lines[0]
+    import shutil
+    import tempfile
+
+    ram = tempfile.mkdtemp(dir="/dev/shm", prefix="forgeline-test-")
+    try:
+        assert ShmTier(ram).in_ram is True  # the real tier: no warning
+    finally:
+        shutil.rmtree(ram, ignore_errors=True)
+    assert len([r for r in caplog.records if r.name == "forgeline.shm"]) == 1

@@ -7,19 +7,14 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import re
 
 import numpy as np
 
 from pipeline._libc import libc_function
+from pipeline.mounts import classify_fstype, mount_of
 
 MiB = 1 << 20
 
-_TMPFS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "devtmpfs"})
-_NETWORK = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "gpfs", "beegfs",
-    "9p", "afs", "virtiofs", "fuse", "orangefs", "pvfs2", "ocfs2", "gfs2", "wekafs", "panfs",
-})
 _MINCORE = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)])
 
 
@@ -37,41 +32,6 @@ def tune(kind: str, cached: float | None, cpus: int | None = None) -> tuple[int,
     if cached is not None and cached >= 0.5:
         return mem_bound, 8 * MiB
     return 8, 16 * MiB
-
-
-def _unescape_mount(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
-def _mount_of(path: str) -> tuple[str, str, str]:
-    """(mount point, fstype, source) of the filesystem holding ``path``."""
-    real = os.path.realpath(path)
-    best = ("/", "unknown", "")
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return best
-    best_len = -1
-    for line in lines:
-        pre, sep, post = line.partition(" - ")
-        fields, tail = pre.split(), post.split()
-        if not sep or len(fields) < 5 or not tail:
-            continue
-        mnt = _unescape_mount(fields[4])
-        inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-        if inside and len(mnt) >= best_len:  # later lines shadow earlier mounts on the same point
-            best, best_len = (mnt, tail[0], tail[1] if len(tail) > 1 else ""), len(mnt)
-    return best
-
-
-def classify_fstype(fstype: str) -> str:
-    """``"tmpfs"``, ``"network"`` or ``"local"``."""
-    if fstype in _TMPFS:
-        return "tmpfs"
-    if fstype in _NETWORK or fstype.startswith("fuse.") or fstype.startswith("nfs"):
-        return "network"
-    return "local"
 
 
 def cached_fraction(path: str | os.PathLike, *, max_pages: int = 1 << 16, windows: int = 64) -> float | None:
@@ -125,7 +85,7 @@ def probe(path: str | os.PathLike, *, residency: bool = True) -> dict:
     from :func:`tune`). ``residency=False`` skips the page-cache scan (``cached_fraction`` None):
     the zero-copy CPU path does not need it, and it costs ~10 ms per GB."""
     path = os.fspath(path)
-    mnt, fstype, src = _mount_of(path)
+    mnt, fstype, src = mount_of(path)
     kind = classify_fstype(fstype)
     try:
         size = os.stat(path).st_size

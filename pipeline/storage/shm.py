@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.mounts import in_ram
 from pipeline.settings import DEFAULT_SHM_ROOT
 from pipeline.storage.base import StorageError, StorageFull
 from pipeline.storage.local import LocalStorage
@@ -23,6 +24,7 @@ class ShmStorage(LocalStorage):
             raise StorageError(f"shm tier {root}: {parent} does not exist (no /dev/shm on this host?)")
         super().__init__(root, verify=True, fsync=False)
         self.capacity_bytes = capacity_bytes
+        self.in_ram = in_ram(self.root, "shm tier")
 
     def spec(self) -> tuple[dict, dict[str, str]]:
         return {"kind": self.kind, "root": str(self.root), "capacity_bytes": self.capacity_bytes}, {}
