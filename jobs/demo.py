@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from jobs.cli import (
-    _defs,
-    _report_failure,
-    _storage,
+from jobs.runs import (
+    load_defs,
+    report_failure,
+    open_store,
     console,
     ensure_instance_home,
     materialization_table,
@@ -83,7 +83,7 @@ def cmd_demo(args) -> int:
     from pipeline.storage import join
 
     home = ensure_instance_home()
-    store = _storage()
+    store = open_store()
     console.rule("[bold]forgeline demo: the whole lifecycle on the embedded defaults")
     console.print(f"instance: {home}   storage: {store.uri()}")
     prefix = join("incoming", args.batch)
@@ -95,7 +95,7 @@ def cmd_demo(args) -> int:
     result = run_job("lifecycle", partition=args.batch)
     console.print(materialization_table(result))
     if not result.success:
-        return _report_failure(result)
+        return report_failure(result)
     ok = True
     if args.drift_batch and args.serve:
         ok = _live_loop(store, args)
@@ -142,7 +142,7 @@ def _ingest(batch: str) -> bool:
     result = run_job("ingest", partition=batch)
     console.print(check_table(result))
     if not result.success:
-        _report_failure(result)
+        report_failure(result)
         return False
     drifted = sorted(f"{e.check_name} ({e.severity.value})" for e in result.get_asset_check_evaluations()
                      if not e.passed and e.check_name.endswith("_drift"))
@@ -155,7 +155,7 @@ def _sensor_request():
     """Evaluate ``drift_retrain`` as the daemon would; its run request, or None (the reason printed)."""
     import dagster as dg
 
-    defs = _defs()
+    defs = load_defs()
     sensor = defs.resolve_sensor_def("drift_retrain")
     with dg.build_sensor_context(instance=dg.DagsterInstance.get(),
                                  resources={"storage": defs.resources["storage"]}) as ctx:
@@ -183,7 +183,7 @@ def _offline_drift(store, batch: str, *, retrain: bool) -> bool:
     run = run_job("train_and_package", tags=req.tags)
     console.print(materialization_table(run))
     if not run.success:
-        _report_failure(run)
+        report_failure(run)
     return run.success
 
 
@@ -617,7 +617,7 @@ def _retrain_and_swap(store, server: Server, client: TrafficClient, model: str, 
             os.environ["FORGELINE_SERVE_URLS"] = before
     console.print(materialization_table(run))
     if not run.success:
-        _report_failure(run)
+        report_failure(run)
         return False
     record = promotion.production(store, model)
     v2, promoted_at = record["version"], datetime.fromisoformat(record["promoted_at"]).timestamp()

@@ -14,7 +14,8 @@ import dagster as dg
 import psutil
 import pytest
 
-from jobs.cli import UserError, ensure_instance_home, main, reap_stale_runs, validate_run_config
+from jobs.cli import main
+from jobs.runs import UserError, ensure_instance_home, reap_stale_runs, validate_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -191,7 +192,7 @@ def test_reaper_fails_a_run_whose_process_is_gone_and_frees_its_slot(home):
     dead.wait()
     import socket
 
-    from jobs.cli import TAG_HOST, TAG_PID, TAG_STARTED
+    from jobs.runs import TAG_HOST, TAG_PID, TAG_STARTED
 
     run = instance.add_run(dg.DagsterRun(
         job_name="train_and_package", run_id="deadbeef-0000-0000-0000-000000000000",

@@ -39,7 +39,7 @@ def test_dagster_job_launch_and_a_sensor_are_executed_by_the_daemon(tmp_path):
     forgeline = [str(BIN / "forgeline")]
     small = ["gen", "digits", "--batch", "cli-1", "--samples-per-shard", "512"]
     subprocess.run(forgeline + small, env=env, cwd=ROOT, check=True, capture_output=True, timeout=120)
-    code = ("import dagster as dg; from assets.partitions import batches; from jobs.cli import ensure_instance_home; "
+    code = ("import dagster as dg; from assets.partitions import batches; from jobs.runs import ensure_instance_home; "
             "ensure_instance_home(); "  # the instance forgeline's CLI would create (dagster.yaml, pools)
 
             "dg.DagsterInstance.get().add_dynamic_partitions(batches.name, ['cli-1'])")
