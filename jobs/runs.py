@@ -20,7 +20,7 @@ from rich.table import Table
 
 from pipeline import settings
 
-console = Console()
+console = Console(log_path=False)  # step lines name the step, not the line of runs.py that printed them
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
