@@ -51,47 +51,27 @@ def _size(text: str) -> int:
     return n
 
 
-def _positive(kind):
+def _number(kind, ok, need: str, what: str = "a number"):
+    """An argparse type: ``kind(text)``, finite and passing ``ok``, else one line (``need``)."""
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not v > 0 or (isinstance(v, float) and not math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"{need}: {text!r}")
         return v
 
     return parse
 
 
-def _non_negative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be zero or more: {text!r}")
-    return v
+def _positive(kind):
+    return _number(kind, lambda v: v > 0, "must be positive")
 
 
-def _rate(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within 0..1: {text!r}")
-    return v
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port: {text!r} (0..65535)")
-    return v
+_non_negative = _number(float, lambda v: v >= 0, "must be zero or more")
+_rate = _number(float, lambda v: 0.0 <= v <= 1.0, "must be within 0..1")
+_port = _number(int, lambda v: 0 <= v <= 65535, "not a port (0..65535)", what="a port")
 
 
 def _models(text: str) -> list[str]:
