@@ -7,7 +7,6 @@ one that did not (a server that never re-reads the alias, an address nobody list
 from __future__ import annotations
 
 import socket
-import threading
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
@@ -18,6 +17,7 @@ import pytest
 
 from pipeline import export, metrics, promotion, rollout, settings
 from pipeline.storage import LocalStorage
+from tests.serving_server import ThreadServer
 
 SHAPE = (1, 28, 28)
 
@@ -34,32 +34,15 @@ def publish(store, version: str, seed: int, name: str = "digits") -> None:
                   version, golden=golden)
 
 
-class Server:
+class Server(ThreadServer):
     """A real ``forgeline serve`` app (ModelRegistry + pipeline.serving.app) in a thread."""
 
     def __init__(self, store, poll_s: float):
         from pipeline.serving import ModelRegistry, ServeConfig
-        from pipeline.serving.app import make_server
 
-        self.registry = ModelRegistry(store, ServeConfig(models=["digits"], poll_s=poll_s, max_queue_delay_ms=0.5))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = make_server(self.registry, "127.0.0.1", self.sock.getsockname()[1], drain_timeout_s=2)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+        super().__init__(ModelRegistry(store, ServeConfig(models=["digits"], poll_s=poll_s, max_queue_delay_ms=0.5)),
+                         start_timeout_s=20, drain_timeout_s=2)
+        self.url = f"http://{self.url}"
 
     def infer(self, n: int = 3) -> None:
         x = np.zeros((1, *SHAPE), dtype=np.float32)

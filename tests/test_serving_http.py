@@ -2,8 +2,8 @@
 ``tritonclient.http`` client and by raw HTTP for the requests a client library would never send.
 
 The server is real (uvicorn on 127.0.0.1, a free port); the registry behind it is ``FakeRegistry``
-below, which implements the serving core's interface (pipeline.serving.registry.ModelRegistry)
-with tiny numpy "models", so these tests pin the HTTP contract on their own. The SIGTERM test runs
+below, which implements the serving core's interface (pipeline.serving.registry.ModelRegistry,
+whose error classes it raises) with tiny numpy "models", so these tests pin the HTTP contract on their own. The SIGTERM test runs
 the server in a subprocess (``python tests/test_serving_http.py PORT``)."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,35 +31,9 @@ if str(ROOT) not in sys.path:  # the subprocess runs this file as a script
 # ---------------------------------------------------------------------------------------------
 
 
-class ServingError(Exception):
-    status = 500
-
-
-class ModelNotFound(ServingError):
-    status = 404
-
-
-class InvalidInput(ServingError):
-    status = 400
-
-
-class Unavailable(ServingError):
-    status = 503
-
-    def __init__(self, msg: str, retry_after_s: float = 2.0):
-        super().__init__(msg)
-        self.retry_after_s = retry_after_s
-
-
-def _metrics():
-    try:
-        from pipeline.serving.metrics import ServingMetrics
-
-        return ServingMetrics()
-    except ImportError:  # the core's module not there yet
-        from prometheus_client import CollectorRegistry
-
-        return type("M", (), {"registry": CollectorRegistry(), "observe_request": lambda *a, **k: None})()
+from pipeline.serving.metrics import ServingMetrics  # noqa: E402 (after the sys.path line above)
+from pipeline.serving.registry import InvalidInput, ModelNotFound, Unavailable  # noqa: E402
+from tests.serving_server import ThreadServer  # noqa: E402
 
 
 def _double(x):
@@ -76,7 +49,7 @@ class FakeRegistry:
 
     def __init__(self, slow_s: float = 0.5):
         self.slow_s = slow_s
-        self.metrics = _metrics()
+        self.metrics = ServingMetrics()
         self.loaded = {"double", "echo", "slow", "busy", "broken", "nan"}
         self.known = set(self.loaded) | {"cold"}
         self.started = self.stopped = False
@@ -157,32 +130,6 @@ class FakeRegistry:
 # ---------------------------------------------------------------------------------------------
 
 MAX_BODY = 1 << 20
-
-
-class ThreadServer:
-    def __init__(self, registry, **options):
-        from pipeline.serving.app import make_server
-
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"127.0.0.1:{self.port}"
-        self.server = make_server(registry, "127.0.0.1", self.port, **options)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -642,11 +589,9 @@ def test_serve_status_from_metrics(server, client, capsys):
 
 
 def test_serve_status_summarizes_every_metric():
-    pytest.importorskip("pipeline.serving.metrics")
     from prometheus_client import generate_latest
 
     from pipeline.metrics import served_summary
-    from pipeline.serving.metrics import ServingMetrics
 
     m = ServingMetrics()
     for i in range(100):

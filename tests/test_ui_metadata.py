@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import base64
 import re
-import socket
-import threading
-import time
 import urllib.request
 import xml.etree.ElementTree as ET
 
@@ -19,6 +16,7 @@ import pytest
 
 from pipeline import drift
 from pipeline.storage import LocalStorage
+from tests.serving_server import ThreadServer
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -111,30 +109,11 @@ def reports(tmp_path):
     return store, key
 
 
-class _Server:
+class _Server(ThreadServer):
     """The real app (pipeline.serving.app.make_server) on 127.0.0.1 in a thread."""
 
     def __init__(self, registry):
-        from pipeline.serving.app import make_server
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = make_server(registry, "127.0.0.1", self.port, drain_timeout_s=1)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+        super().__init__(registry, drain_timeout_s=1)
 
     def get(self, path: str, method: str = "GET") -> tuple[int, dict, bytes]:
         """One request with ``path`` sent exactly as written (no client-side normalization)."""
