@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 from assets.train import GPU_POOL, shard_cache_dir
 from pipeline import compile_cache as cc
 from pipeline import dataset as ds
-from pipeline import export, metrics, package, promotion, settings
+from pipeline import export, metrics, package, promotion, quantize, settings
 from resources.cache import CompileCacheResource
 from resources.gpu import GpuPoolResource
 from resources.storage import StorageResource
@@ -82,6 +82,14 @@ def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trai
                               metadata={"problems": dg.MetadataValue.json(problems)})
 
 
+def known_schemes(v: list[str], what: str = "scheme") -> list[str]:
+    """A pydantic check for a list of quantization schemes (Dagster config cannot express
+    ``list[Literal]``): each must be one of :data:`pipeline.quantize.SCHEMES`."""
+    if bad := [s for s in v if s not in quantize.SCHEMES]:
+        raise ValueError(f"unknown {what}(s) {bad}: use {', '.join(quantize.SCHEMES)}")
+    return v
+
+
 class QuantizeConfig(dg.Config):
     schemes: list[str] = Field(default=["int8", "int4"], description="Weight-only schemes to publish: int8, int4.")
     group_size: int = Field(default=128, ge=1, description="int4 group size along the input dimension.")
@@ -92,10 +100,8 @@ class QuantizeConfig(dg.Config):
 
     @field_validator("schemes")
     @classmethod
-    def _known_schemes(cls, v):  # Dagster config cannot express list[Literal]
-        if bad := [s for s in v if s not in ("int8", "int4")]:
-            raise ValueError(f"unknown scheme(s) {bad}: use int8, int4")
-        return v
+    def _known_schemes(cls, v):
+        return known_schemes(v)
 
 
 @dg.asset(

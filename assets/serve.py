@@ -6,6 +6,7 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field, field_validator
 
+from assets.package import known_schemes
 from pipeline import metrics, package, promotion
 from resources.storage import ShmStorageResource, StorageResource
 
@@ -17,10 +18,8 @@ class PrewarmConfig(dg.Config):
 
     @field_validator("quantized")
     @classmethod
-    def _known_schemes(cls, v):  # Dagster config cannot express list[Literal]
-        if bad := [s for s in v if s not in ("int8", "int4")]:
-            raise ValueError(f"unknown quantized variant(s) {bad}: use int8, int4")
-        return v
+    def _known_schemes(cls, v):
+        return known_schemes(v, "quantized variant")
 
 
 @dg.asset(group_name="serve", kinds={"shm"})

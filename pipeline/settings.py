@@ -100,6 +100,21 @@ def int_setting(name: str, default: int | None, env: Env = None, *, minimum: int
     return n
 
 
+def float_setting(name: str, default: float, env: Env = None, *, ok, need: str) -> float:
+    """The finite number in ``name`` (``default`` when unset) that passes ``ok``; otherwise one
+    line saying it must be ``need``."""
+    value = raw(name, env)
+    if value is None:
+        return default
+    try:
+        v = float(value)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and ok(v)):
+        raise SettingError(f"{name} must be {need}, got {value!r}")
+    return v
+
+
 def json_setting(name: str, kind: type, default: Any, env: Env = None) -> Any:
     """The JSON value of ``name`` (``default`` when unset), which must be a ``kind`` (dict or list)."""
     value = raw(name, env)
@@ -209,30 +224,14 @@ def model_name(env: Env = None) -> str:
 def serve_sample_rate(env: Env = None) -> float:
     """``FORGELINE_SERVE_SAMPLE_RATE``: share of inference rows the model server samples back into
     ``incoming/serving-*/`` (0..1; default 0: off)."""
-    value = raw("FORGELINE_SERVE_SAMPLE_RATE", env)
-    if value is None:
-        return 0.0
-    try:
-        rate = float(value)
-    except ValueError:
-        raise SettingError(f"FORGELINE_SERVE_SAMPLE_RATE must be a number in 0..1, got {value!r}") from None
-    if not 0.0 <= rate <= 1.0:
-        raise SettingError(f"FORGELINE_SERVE_SAMPLE_RATE={value} must be within 0..1")
-    return rate
+    return float_setting("FORGELINE_SERVE_SAMPLE_RATE", 0.0, env, ok=lambda v: 0.0 <= v <= 1.0,
+                         need="a number within 0..1")
 
 
 def serve_sample_window_s(env: Env = None) -> float:
     """``FORGELINE_SERVE_SAMPLE_WINDOW_S``: seconds after its first sample a traffic window closes (default 300)."""
-    value = raw("FORGELINE_SERVE_SAMPLE_WINDOW_S", env)
-    if value is None:
-        return 300.0
-    try:
-        s = float(value)
-    except ValueError:
-        s = float("nan")
-    if not (s > 0 and math.isfinite(s)):
-        raise SettingError(f"FORGELINE_SERVE_SAMPLE_WINDOW_S must be a positive number of seconds, got {value!r}")
-    return s
+    return float_setting("FORGELINE_SERVE_SAMPLE_WINDOW_S", 300.0, env, ok=lambda v: v > 0,
+                         need="a positive number of seconds")
 
 
 def serve_sample_window_samples(env: Env = None) -> int:
