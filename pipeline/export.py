@@ -703,15 +703,18 @@ def manifest_files(manifest: dict) -> list[tuple[str, int, str | None]]:
 
 
 def version_problem(
-    store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT, allow_rejected: bool = False
+    store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT, allow_rejected: bool = False,
+    manifest: dict | None = None,
 ) -> str | None:
     """Why ``model/version`` in ``store`` is not a complete, usable published version, or None when
     it is: its manifest is there in the supported format, every file it lists (shards, index,
     golden outputs) is present with the listed size and, unless ``allow_rejected``, no gate
-    rejected it. Sizes only (a stat per file): :func:`verify` recomputes the hashes."""
+    rejected it. Sizes only (a stat per file): :func:`verify` recomputes the hashes. ``manifest``:
+    the version's manifest when the caller has already read it (one read less)."""
     what = f"{model}/{version}"
     try:
-        manifest = read_manifest(store, model, version, root=root)
+        if manifest is None:
+            manifest = read_manifest(store, model, version, root=root)
         files = manifest_files(manifest)
         prefix = version_prefix(model, version, root)
     except (ExportError, StorageError) as e:
@@ -862,12 +865,14 @@ def _golden_tensors(golden: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def read_golden(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT) -> dict[str, torch.Tensor] | None:
+def read_golden(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT,
+                manifest: dict | None = None) -> dict[str, torch.Tensor] | None:
     """The golden ``{"input", "output"}`` of a published version (sha256 checked against the
-    manifest), or None when it has none."""
+    manifest, read here unless the caller passes it), or None when it has none."""
     from safetensors.torch import load as st_load
 
-    manifest = read_manifest(store, model, version, root=root)
+    if manifest is None:
+        manifest = read_manifest(store, model, version, root=root)
     g = manifest.get("golden")
     if not g:
         return None

@@ -176,7 +176,7 @@ def io_specs(manifest: dict, golden: dict[str, torch.Tensor] | None) -> tuple[Te
 def spec_for(store: Storage, model: str, version: str, *, root: str = export.DEFAULT_ROOT) -> tuple[TensorSpec, TensorSpec]:
     """Input/output specs of a published version without loading its weights (a golden read)."""
     manifest = export.read_manifest(store, model, version, root=root)
-    golden = export.read_golden(store, model, version, root=root) if manifest.get("golden") else None
+    golden = export.read_golden(store, model, version, root=root, manifest=manifest) if manifest.get("golden") else None
     return io_specs(manifest, golden)
 
 
@@ -287,11 +287,14 @@ def load_version(
     what = f"{model}/{version}"
     dev = torch.device(device)
     t0 = time.perf_counter()
-    problem = export.version_problem(store, model, version, root=root)
+    try:  # the manifest once: the completeness check and the golden read take it
+        manifest = export.read_manifest(store, model, version, root=root)
+    except (export.ExportError, StorageError, ValueError) as e:  # say why as the completeness check does
+        raise VersionUnusable(export.version_problem(store, model, version, root=root) or str(e)) from None
+    problem = export.version_problem(store, model, version, root=root, manifest=manifest)
     if problem is not None:
         raise VersionUnusable(problem)
-    manifest = export.read_manifest(store, model, version, root=root)
-    golden = export.read_golden(store, model, version, root=root) if manifest.get("golden") else None
+    golden = export.read_golden(store, model, version, root=root, manifest=manifest) if manifest.get("golden") else None
     if golden is None and require_golden:
         raise VersionUnusable(f"{what} has no golden outputs (require_golden is on)")
     source, tier_problem = "storage", None
