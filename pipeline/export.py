@@ -87,18 +87,13 @@ import torch
 from pipeline._libc import libc_function
 from pipeline.safetensors_format import CODES as _ST_CODES
 from pipeline.safetensors_format import itemsize as _itemsize
+from pipeline.layout import DEFAULT_ROOT, FORMAT, GOLDEN_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_SHARD_NAME
 from pipeline.storage import CHUNK, ObjectNotFound, Storage, StorageError, check_key, join
 
 if TYPE_CHECKING:
     from torch import nn
 
-FORMAT = "forgeline.model/1"
-DEFAULT_ROOT = "models"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-MANIFEST_NAME = "manifest.json"
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_SHARD_NAME = "model.safetensors"
-GOLDEN_NAME = "golden.safetensors"
 GOLDEN_BATCH = 8
 GOLDEN_SEED = 0
 # names under <root>/<model>/ that are not versions (refs and the promotion records)

@@ -63,8 +63,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.layout import QUANT_METADATA_KEY
+
 FORMAT = "forgeline.quant/1"
-METADATA_KEY = "forgeline.quant"  # the key under safetensors' str→str ``__metadata__``
+METADATA_KEY = QUANT_METADATA_KEY  # how a quantized shard says how to dequantize it
 SCHEMES = ("int8", "int4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_MIN_NUMEL = 1024

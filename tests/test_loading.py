@@ -1033,10 +1033,3 @@ def test_import_and_local_cpu_load_pull_in_nothing_beyond_torch(tmp_path):
                          capture_output=True, text=True, cwd=root, check=True)
     alone = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert not alone & (_NOT_FOR_A_LOCAL_LOAD - {"numpy", "pynvml"}), sorted(alone & _NOT_FOR_A_LOCAL_LOAD)
-
-
-def test_lazily_imported_names_agree_with_their_modules():
-    from pipeline.loading import api, sources
-
-    assert (sources.MANIFEST_NAME, sources.INDEX_NAME, sources.FORMAT) == (ex.MANIFEST_NAME, ex.INDEX_NAME, ex.FORMAT)
-    assert api.QUANT_METADATA_KEY == qz.METADATA_KEY

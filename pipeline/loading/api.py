@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from pipeline.layout import QUANT_METADATA_KEY
 from pipeline.loading.header import LoadError
 from pipeline.loading.probe import probe, tune
 from pipeline.loading.sources import Shard, Source, hash_file, resolve
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 # (:mod:`.staged`, GPU and owned loads), dequantization (:mod:`pipeline.quantize`), the storage
 # backends, export/promotion (published versions). A fresh process that maps a local file to CPU
 # (a serving cold start) imports torch and this package only (tests/test_loading.py checks).
-QUANT_METADATA_KEY = "forgeline.quant"  # pipeline.quantize.METADATA_KEY (the tests check they agree)
 
 MiB = 1 << 20
 DEFAULT_STAGING_BYTES = 256 * MiB

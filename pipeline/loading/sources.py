@@ -20,6 +20,7 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
+from pipeline.layout import FORMAT, INDEX_NAME, MANIFEST_NAME
 from pipeline.loading.header import LoadError, TensorInfo, header_length, parse_header
 
 if TYPE_CHECKING:
@@ -27,11 +28,8 @@ if TYPE_CHECKING:
 
 # Imported where needed, not here: a fresh process that loads a local file (a serving cold start)
 # pays for neither the export/promotion machinery nor the storage backends (tests/test_loading.py
-# checks what `import pipeline.loading` imports). The names of a published version's files are
-# pipeline.export's; the copies here are checked equal to them by the tests.
-MANIFEST_NAME = "manifest.json"  # pipeline.export.MANIFEST_NAME
-INDEX_NAME = "model.safetensors.index.json"  # pipeline.export.INDEX_NAME
-FORMAT = "forgeline.model/1"  # pipeline.export.FORMAT
+# checks what `import pipeline.loading` imports); the names of a published version's files come
+# from pipeline.layout, which imports nothing.
 
 
 def _export():
