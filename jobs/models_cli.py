@@ -20,18 +20,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from jobs.runs import open_store
 from pipeline import export, promotion
 from pipeline.storage import StorageError
 
 
 class _Refused(Exception):
     """One line for the user (exit 1)."""
-
-
-def _store():
-    from resources.storage import open_storage
-
-    return open_storage()
 
 
 def _fail(e: BaseException | str) -> int:
@@ -155,7 +150,7 @@ def versions_table(info: dict) -> Table:
 
 def cmd_models(args) -> int:
     try:
-        store = _store()
+        store = open_store()
         names = [args.model] if args.model else model_names(store)
         if not names:
             raise _Refused(f"no published model in {store.uri(export.DEFAULT_ROOT)}")
@@ -178,7 +173,7 @@ def cmd_models(args) -> int:
 
 def cmd_promote(args) -> int:
     try:
-        rec = promotion.promote(_store(), args.model, args.version, reason=args.reason or "forgeline promote")
+        rec = promotion.promote(open_store(), args.model, args.version, reason=args.reason or "forgeline promote")
     except (export.ExportError, StorageError, ValueError) as e:  # PromotionError is an ExportError
         return _fail(e)
     _console().print(f"promoted {escape(args.model)}/{escape(rec['version'])} to production"
@@ -189,7 +184,7 @@ def cmd_promote(args) -> int:
 
 def cmd_rollback(args) -> int:
     try:
-        store = _store()
+        store = open_store()
         was = promotion.production(store, args.model)
         rec = promotion.rollback(store, args.model, reason=args.reason or "forgeline rollback")
     except (export.ExportError, StorageError, ValueError) as e:
