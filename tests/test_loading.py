@@ -25,7 +25,7 @@ from pipeline import quantize as qz
 from pipeline.loading import LoadError, LoadReport, load, load_with_report, probe, staged
 from pipeline.loading.header import parse_header
 from pipeline.loading.plan import plan_reads, ring_slot
-from pipeline.loading.probe import cached_fraction, classify_fstype
+from pipeline.loading.probe import cached_fraction, classify_fstype, tune
 from pipeline.safetensors_format import DTYPES
 from pipeline.storage import join
 
@@ -248,6 +248,30 @@ def test_expected_sha256_for_plain_files(st_file):
     assert rep.verified == 1
     with pytest.raises(LoadError, match="sha256 mismatch"):
         load(st_file, expected_sha256={st_file.name: "0" * 64})
+
+
+def test_small_owned_load_reads_once_and_hashes_what_it_read(local_storage, st_file):
+    """A small owned CPU load (``read-owned``): bit-exact, its own memory (a later change of the
+    file is not seen), the sha256 checked on the bytes it read, a bad shard named."""
+    manifest, state = published(local_storage, max_shard_bytes=1500)
+    rep = LoadReport()
+    got = load("net/v1", storage=local_storage, owned=True, verify=True, report=rep)
+    assert rep.path == "read-owned" and rep.verified == len(manifest["shards"]) > 1
+    assert_bit_exact(got, state)
+    plain = load(st_file, owned=True, dtype=torch.float16)
+    assert plain["big"].dtype == torch.float16
+    a = load(st_file, owned=True)
+    before = a["big"].clone()
+    with open(st_file, "r+b") as f:  # in place: a private mapping would show these bytes
+        f.write(b"\xee" * st_file.stat().st_size)
+    assert torch.equal(a["big"], before)  # not a view of the file
+    bad = manifest["shards"][0]["file"]
+    path = local_storage.local_path(join(ex.version_prefix("net", "v1"), bad))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(LoadError, match=rf"{bad}: sha256 mismatch"):
+        load("net/v1", storage=local_storage, owned=True, verify=True)
 
 
 def test_dtype_cast_only_touches_floating_point(st_file):
@@ -735,7 +759,8 @@ def test_probe_classifies_and_measures_page_cache(tmp_path, st_file):
             pytest.skip("this filesystem ignores POSIX_FADV_DONTNEED; cold path not testable here")
         assert cached_fraction(big, max_pages=64, windows=8) < 0.5
         got, rep = load_with_report(st_file, owned=True)  # the cold path
-        assert rep.cached_fraction < 0.5 and rep.threads == 8 and rep.chunk_bytes == 16 << 20
+        assert rep.cached_fraction < 0.5 and tune(rep.source_kind, rep.cached_fraction) == (8, 16 << 20)
+        assert rep.path == "read-owned"  # a small file: one read, whatever the tuning
         assert_bit_exact(got, load_file(str(st_file)))
 
 

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 MiB = 1 << 20
 DEFAULT_STAGING_BYTES = 256 * MiB
 DEFAULT_STREAMS = 4
+# Local sources up to this size load owned to CPU with one read per file into memory that the
+# tensors then view, hashed there when asked: no thread pool to start, no second pass over the
+# file for the sha256. A serving swap-in of a small model is dominated by such fixed costs.
+SMALL_OWNED_BYTES = 16 * MiB  # one request of the cold-disk path: parallel reads cannot help
 
 
 @dataclass
@@ -168,7 +172,10 @@ def load(
     wanted = {i: h for i, s in enumerate(src.shards)
               if (h := s.expected_sha256(expected_sha256)) and (verify or expected_sha256)}
     hash_remote = {i: h for i, h in wanted.items() if src.shards[i].path is None}
-    _verify_local(src, {i: h for i, h in wanted.items() if src.shards[i].path is not None}, rep)
+    small_owned = (dev.type == "cpu" and not remote and not zero_copy and method is None and threads is None
+                   and chunk_bytes is None and sum(s.size or 0 for s in src.shards) <= SMALL_OWNED_BYTES)
+    if not small_owned:  # the small path hashes the bytes it read
+        _verify_local(src, {i: h for i, h in wanted.items() if src.shards[i].path is not None}, rep)
 
     quantized = dequantize and (src.quant is not None or any(QUANT_METADATA_KEY in s.metadata for s in src.shards))
     cast_now = None if quantized else dtype
@@ -176,6 +183,10 @@ def load(
         path_name = "mmap-zero-copy"
         tensors = _load_mapped(src, bool(prefetch), cast_now, progress, rep)
         n_threads, chunk = 0, 0
+    elif small_owned:
+        path_name = "read-owned"
+        tensors = _load_read(src, wanted, cast_now, progress, rep)
+        n_threads, chunk = 1, 0
     else:
         direct = dev.type == "cpu" and not remote and method != "ring"
         if remote:
@@ -286,8 +297,11 @@ def _verify_local(src: Source, want: dict[int, str], rep: LoadReport) -> None:
     if not want:
         return
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(min(len(want), os.cpu_count() or 1)) as pool:
-        got = dict(zip(want, pool.map(lambda i: hash_file(src.shards[i].path), want)))
+    if len(want) == 1 or sum(src.shards[i].size or 0 for i in want) <= SMALL_OWNED_BYTES:
+        got = {i: hash_file(src.shards[i].path) for i in want}  # less than starting threads costs
+    else:
+        with ThreadPoolExecutor(min(len(want), os.cpu_count() or 1)) as pool:
+            got = dict(zip(want, pool.map(lambda i: hash_file(src.shards[i].path), want)))
     for i, h in want.items():
         if got[i] != h:
             raise src.shards[i].mismatch(got[i], h)
@@ -317,6 +331,49 @@ def _load_mapped(src: Source, prefetch: bool, cast: torch.dtype | None,
     return tensors
 
 
+def _load_read(src: Source, wanted: dict[int, str], cast: torch.dtype | None,
+               progress: Callable[[int, int], None] | None, rep: LoadReport) -> dict[str, torch.Tensor]:
+    """The small owned CPU path: each local shard read whole, in one call, into memory of its own
+    (hashed there when its sha256 is wanted), its tensors viewing that memory."""
+    import hashlib
+
+    tensors: dict[str, torch.Tensor] = {}
+    total = sum(e.nbytes for s in src.shards for e in s.entries)
+    done = 0
+    t_read = time.perf_counter()
+    for i, s in enumerate(src.shards):
+        assert s.path is not None
+        t0 = time.perf_counter()
+        buf = bytearray(s.size or 0)
+        try:
+            with open(s.path, "rb", buffering=0) as f:
+                got = f.readinto(buf) if buf else 0
+                while got < len(buf) and (n := f.readinto(memoryview(buf)[got:])):
+                    got += n
+        except OSError as e:
+            raise LoadError(s.display, f"cannot read: {e.strerror or e}") from None
+        if got != len(buf):
+            raise LoadError(s.display, f"file changed size since its header was read ({got} of {len(buf)} bytes)")
+        if i in wanted:
+            tv = time.perf_counter()
+            h = hashlib.sha256(buf).hexdigest()
+            rep.seconds_verify += time.perf_counter() - tv
+            if h != wanted[i]:
+                raise s.mismatch(h, wanted[i])
+            rep.verified += 1
+        tensors.update(_views(s, memoryview(buf)))
+        rep.chunk_seconds.append(time.perf_counter() - t0)
+        done += sum(e.nbytes for e in s.entries)
+        if progress is not None:
+            progress(done, total)
+    rep.seconds_read = time.perf_counter() - t_read
+    if cast is not None:
+        t0 = time.perf_counter()
+        tensors = {n: (t.to(cast) if t.is_floating_point() else t) for n, t in tensors.items()}
+        rep.seconds_copy = time.perf_counter() - t0
+    return tensors
+
+
 def _map_shard(shard: Shard, prefetch: bool) -> dict[str, torch.Tensor]:
     """Tensors viewing a private (copy-on-write) mapping of the file; misaligned ones copied."""
     assert shard.path is not None
@@ -332,8 +389,16 @@ def _map_shard(shard: Shard, prefetch: bool) -> dict[str, torch.Tensor]:
             mm.madvise(mmap.MADV_WILLNEED)
         except OSError:
             pass
-    mv = memoryview(mm)  # every tensor holds this export: the mapping lives (and cannot be
-    out: dict[str, torch.Tensor] = {}  # closed) while any of them does
+    out = _views(shard, memoryview(mm))
+    del mm
+    return out
+
+
+def _views(shard: Shard, mv: memoryview) -> dict[str, torch.Tensor]:
+    """The shard's tensors viewing ``mv`` (the whole file's bytes); misaligned ones copied. Every
+    tensor holds the buffer's export, so the memory lives (a mapping cannot be closed) while any
+    of them does."""
+    out: dict[str, torch.Tensor] = {}
     for e in shard.entries:
         numel = math.prod(e.shape)
         if numel == 0:
@@ -346,7 +411,6 @@ def _map_shard(shard: Shard, prefetch: bool) -> dict[str, torch.Tensor]:
             t = torch.empty(e.shape, dtype=e.dtype)
             u8(t)[:] = np.frombuffer(mv, dtype=np.uint8, count=e.nbytes, offset=e.start)
             out[e.name] = t
-    del mv, mm
     return out
 
 

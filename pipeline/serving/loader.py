@@ -18,7 +18,8 @@
    and the eval-mode float32 outputs) is fed through the module that will serve (compiled, if
    asked) and every output must be within ``golden_atol`` of the recorded one
    (:class:`GoldenMismatch` otherwise). This also warms the module up. A version without golden
-   outputs is accepted unless ``require_golden`` (``LoadedVersion.golden["checked"]`` is False);
+   outputs is accepted unless ``require_golden`` (``LoadedVersion.golden["checked"]`` is False).
+   ``golden_rows`` narrows or (0) skips it for a re-load of bytes that already passed;
 5. with ``compile=True``: ``torch.compile`` through :func:`pipeline.compile_cache.compile_with_cache`
    (``dynamic=True``: one program for every batch size; warmed on batch sizes 1, 8 and
    ``max_batch_size``). Compiles run one at a time in the process (Dynamo is not thread-safe).
@@ -130,6 +131,58 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
+# Meta-device shells of released (evicted) versions, by architecture: a swap-in of a model whose
+# architecture was loaded before takes one instead of building it again (~1 ms for a small CNN,
+# most of a small model's swap-in). The weights are gone (moved to meta) before a shell is kept.
+_SHELLS: dict[str, list[torch.nn.Module]] = {}
+_SHELLS_PER_ARCH = 4
+_SHELL_LOCK = threading.Lock()
+
+# Golden outputs by their sha256 (from the manifest): immutable, so a re-load reads them once.
+_GOLDEN: dict[str, dict[str, torch.Tensor]] = {}
+_GOLDEN_KEEP = 256
+
+
+def _arch_key(manifest: dict) -> str:
+    cfg = manifest.get("config") or {}
+    return json.dumps([cfg.get("architecture"), cfg.get("kwargs") or {}], sort_keys=True, default=str)
+
+
+def _shell(manifest: dict) -> torch.nn.Module:
+    with _SHELL_LOCK:
+        kept = _SHELLS.get(_arch_key(manifest))
+        if kept:
+            return kept.pop()
+    return meta_module(manifest)
+
+
+def _keep_shell(loaded: LoadedVersion) -> None:
+    """Keep the released module's structure (weights dropped to meta) for the next load of its
+    architecture. Not after a compile: the compiled program was built around this object."""
+    module = loaded.module
+    if module is None or loaded.compile is not None:
+        return
+    module.to("meta")
+    with _SHELL_LOCK:
+        kept = _SHELLS.setdefault(_arch_key(loaded.manifest), [])
+        if len(kept) < _SHELLS_PER_ARCH:
+            kept.append(module)
+
+
+def _golden(store: Storage, model: str, version: str, manifest: dict, root: str) -> dict[str, torch.Tensor] | None:
+    g = manifest.get("golden")
+    if not g:
+        return None
+    sha = str(g.get("sha256"))
+    got = _GOLDEN.get(sha)
+    if got is None:
+        got = export.read_golden(store, model, version, root=root, manifest=manifest)
+        if len(_GOLDEN) >= _GOLDEN_KEEP:
+            _GOLDEN.pop(next(iter(_GOLDEN)), None)
+        _GOLDEN[sha] = got
+    return got
+
+
 def meta_module(manifest: dict) -> torch.nn.Module:
     """The manifest's architecture on the meta device (no memory), ready for ``load(module=)``."""
     from pipeline.models import build_model
@@ -214,39 +267,37 @@ def discover_models(store: Storage, *, root: str = export.DEFAULT_ROOT) -> list[
 # ---------------------------------------------------------------------------------------------
 
 
-def _tier_problem(tier: Any, model: str, version: str, manifest: dict) -> str | None:
-    """Why the tier's copy cannot be used as-is (None: sizes match the storage manifest)."""
-    folder = tier.resolve(model, version)
+def _tier_copy(tier: Any, model: str, version: str, manifest: dict) -> tuple[Any, str | None]:
+    """``(folder, None)`` when the tier holds a complete copy listing the storage manifest's
+    shards (names, sizes, sha256s), else ``(None, why)``; the load then checks every byte."""
+    folder = tier.resolve(model, version)  # complete: every file it lists has its size
     if folder is None:
-        return "absent"
+        return None, "absent"
     try:
         copy = json.loads((folder / export.MANIFEST_NAME).read_bytes())
     except (OSError, ValueError) as e:
-        return f"tier manifest unreadable ({e})"
+        return None, f"tier manifest unreadable ({e})"
     want = {s["file"]: (int(s["bytes"]), s["sha256"]) for s in manifest["shards"]}
     have = {s["file"]: (int(s["bytes"]), s.get("sha256")) for s in copy.get("shards", [])}
     if want != have:
-        return "tier manifest lists other shards than storage's"
-    for f, (size, _) in want.items():
-        try:
-            got = (folder / f).stat().st_size
-        except OSError:
-            return f"shard {f} missing"
-        if got != size:
-            return f"shard {f}: {got} bytes, the manifest says {size}"
-    return None
+        return None, "tier manifest lists other shards than storage's"
+    return folder, None
 
 
-def _fill(source: str, device: torch.device, manifest: dict, storage: Storage) -> tuple[torch.nn.Module, LoadReport]:
-    module = meta_module(manifest)
+def _fill(source: Any, device: torch.device, manifest: dict, storage: Storage | None) -> tuple[torch.nn.Module, LoadReport]:
+    module = _shell(manifest)
     rep = LoadReport()
+    # allow_rejected: the caller checked the version against the storage manifest (the
+    # authority); a tier copy's manifest only lists its files
     load(source, device, storage=storage, module=module, verify=True, owned=device.type == "cpu", report=rep,
-         expected_sha256={s["file"]: s["sha256"] for s in manifest["shards"]})
+         expected_sha256={s["file"]: s["sha256"] for s in manifest["shards"]}, allow_rejected=True)
     return module.eval(), rep
 
 
 def _check_golden(fn: Callable, golden: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
                   atol: float, what: str, rows: int | None = None) -> dict:
+    if rows == 0:  # see load_version: these verified bytes passed the full check in this process
+        return {"checked": True, "rows": 0, "reused": True}
     if rows is not None:  # a re-load of a version this process already checked in full
         golden = {k: v[:rows] for k, v in golden.items()}
     with torch.inference_mode():
@@ -278,32 +329,36 @@ def load_version(
     max_batch_size: int = 32,
     root: str = export.DEFAULT_ROOT,
     on_tier_reject: Callable[[str], None] | None = None,
+    manifest: dict | None = None,
 ) -> LoadedVersion:
     """Load, check and warm ``model/version`` (see the module docstring). ``golden_rows`` checks
-    only the first rows of the recorded batch (the registry passes 1 when this process already
-    passed the full check on the same sha256-verified weights: a swap-in after an LRU eviction
-    still proves the new copy answers right, at the cost of one row). Raises
+    only the first rows of the recorded batch; 0 skips the check. The registry passes 0 for an
+    eager re-load whose shard sha256s are the ones that passed the full check earlier in this
+    process: this load verifies every byte against them, so the same bytes meet the same code
+    (and 1 for a compiled re-load, whose program comes from the cache again). ``manifest``: the
+    version's manifest when the caller has just read it from ``store``. Raises
     :class:`VersionUnusable`, :class:`GoldenMismatch`, or the loader's/storage's own errors."""
     what = f"{model}/{version}"
     dev = torch.device(device)
     t0 = time.perf_counter()
     try:  # the manifest once: the completeness check and the golden read take it
-        manifest = export.read_manifest(store, model, version, root=root)
+        if manifest is None:
+            manifest = export.read_manifest(store, model, version, root=root)
     except (export.ExportError, StorageError, ValueError) as e:  # say why as the completeness check does
         raise VersionUnusable(export.version_problem(store, model, version, root=root) or str(e)) from None
     problem = export.version_problem(store, model, version, root=root, manifest=manifest)
     if problem is not None:
         raise VersionUnusable(problem)
-    golden = export.read_golden(store, model, version, root=root, manifest=manifest) if manifest.get("golden") else None
+    golden = _golden(store, model, version, manifest, root)
     if golden is None and require_golden:
         raise VersionUnusable(f"{what} has no golden outputs (require_golden is on)")
     source, tier_problem = "storage", None
     module = rep = None
     if tier is not None and root == export.DEFAULT_ROOT:
-        why = _tier_problem(tier, model, version, manifest)
-        if why is None:
+        folder, why = _tier_copy(tier, model, version, manifest)
+        if folder is not None:
             try:
-                module, rep = _fill(f"{model}/{version}", dev, manifest, tier.storage())
+                module, rep = _fill(folder, dev, manifest, None)
                 source = "shm"
             except (LoadError, StorageError, OSError, RuntimeError) as e:
                 why = str(e).splitlines()[0]
@@ -367,6 +422,7 @@ def release(loaded: LoadedVersion) -> None:
     """Drop the version's weights (device memory goes back to the allocator's cache, then the device)."""
     dev = loaded.device
     loaded.forward = None  # type: ignore[assignment]
+    _keep_shell(loaded)
     loaded.module = None  # type: ignore[assignment]
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -242,8 +242,9 @@ class ModelRegistry:
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="forgeline-io")
         self._poller = Poller(self.config.poll_s, self._poll, name="forgeline-alias-watcher")
         self._load_fn = loader.load_version  # tests wrap it (slow loads)
-        # (model, version, compiled) that passed the full golden check here: a re-load checks one row
-        self._golden_passed: set[tuple[str, str, bool]] = set()
+        # (model, version, compiled, shard sha256s) that passed the full golden check here: an
+        # eager re-load of those verified bytes skips it, a compiled one checks one row
+        self._golden_passed: set[tuple] = set()
         self.metrics.resident_models.set_function(
             lambda: sum(1 for m in list(self._models.values()) if m.versions))
         for name in self._known:
@@ -745,15 +746,16 @@ class ModelRegistry:
             need = loader.estimate_bytes(manifest)
             await self._reserve(m, version, need)
             try:
+                passed = (m.name, version, cfg.compile, tuple(str(s.get("sha256")) for s in manifest.get("shards") or []))
                 fn = partial(self._load_fn, self.store, m.name, version, device=cfg.device, tier=self.tier,
                              cache=self.cache, compile=cfg.compile, compile_mode=cfg.compile_mode,
                              golden_atol=cfg.golden_atol, require_golden=cfg.require_golden,
-                             golden_rows=1 if (m.name, version, cfg.compile) in self._golden_passed else None,
-                             max_batch_size=cfg.max_batch_size, root=cfg.root,
+                             golden_rows=(1 if cfg.compile else 0) if passed in self._golden_passed else None,
+                             max_batch_size=cfg.max_batch_size, root=cfg.root, manifest=manifest,
                              on_tier_reject=lambda why: self.metrics.tier_rejects.labels(m.name).inc())
                 loaded = await asyncio.get_running_loop().run_in_executor(self._load_pool, fn)
                 if loaded.golden.get("checked"):
-                    self._golden_passed.add((m.name, version, cfg.compile))
+                    self._golden_passed.add(passed)
             finally:
                 self._reserved -= need
                 self._notify_room()
