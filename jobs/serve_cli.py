@@ -2,7 +2,7 @@
 status``: per-model latency, traffic, memory and swaps of a running one, from its ``/metrics``.
 
     forgeline serve [--models a,b] [--host 127.0.0.1] [--port 8000] [--device cpu] [--budget 2GiB]
-                    [--max-batch-size 32] [--max-queue-delay-ms 2] [--compile] [--poll-s 2]
+                    [--max-batch-size 32] [--max-queue-delay-ms 0] [--compile] [--poll-s 2]
                     [--sample-rate 0.05] [--sample-window-s 300] [--sample-window-samples 10000]
     forgeline serve status [--url http://127.0.0.1:8000] [--json]
 
@@ -99,8 +99,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--budget", type=_size, default=None,
                    help="bytes of weights resident at once (e.g. 2GiB); least recently used models are unloaded")
     s.add_argument("--max-batch-size", type=_positive(int), default=32, help="rows per forward (dynamic batching)")
-    s.add_argument("--max-queue-delay-ms", type=_non_negative, default=2.0,
-                   help="longest a request waits for others to batch with")
+    s.add_argument("--max-queue-delay-ms", type=_non_negative, default=0.0,
+                   help="longest a request waits for others to batch with (0, Triton's default: batches "
+                        "form from requests that arrive while the previous forward runs)")
     s.add_argument("--queue-limit", type=_positive(int), default=256,
                    help="requests queued per model before answering 503")
     s.add_argument("--compile", action="store_true", help="torch.compile each version (cached compile artifacts)")

@@ -94,7 +94,7 @@ class ServeConfig:
     device: str = "cpu"
     budget_bytes: int | None = None  # resident weight bytes (device memory on GPU, RAM on CPU); None = unlimited
     max_batch_size: int = 32  # dynamic batching (Triton semantics)
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 0.0  # Triton's default: batches form while the previous forward runs
     queue_limit: int = 256  # requests waiting per model (while loading or batching); past it -> Unavailable
     load_timeout_s: float = 120.0
     poll_s: float = 2.0  # how often production aliases are re-read
