@@ -221,11 +221,11 @@ def cmd_load(args) -> int:
     where = "path"
     if _is_published(args.source):
         from pipeline.shm_tier import resolve_source
-        from resources.storage import open_storage, shm_from_env
+        from resources.storage import shm_from_env
 
         model, version = args.source.split("/")
         tier = None if args.no_shm else shm_from_env().tier()
-        options["storage"], where = resolve_source(model, version, tier=tier, local_cache=None, remote=open_storage())
+        options["storage"], where = resolve_source(model, version, tier=tier, local_cache=None, remote=open_store())
     with Progress(TextColumn(f"loading {args.source}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console, disable=args.json, transient=True) as progress:
         task = progress.add_task("load", total=None)

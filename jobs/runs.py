@@ -488,8 +488,9 @@ def report_failure(result) -> int:
 
 
 def open_store():
-    from resources.storage import open_storage
+    """The model store outside a run (:func:`pipeline.storage.configured`)."""
+    from pipeline.storage import configured
 
-    return open_storage()
+    return configured()
 
 

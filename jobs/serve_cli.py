@@ -156,9 +156,9 @@ def build_registry(args):
     # The store and the tier straight from the engine's settings: a serving process does not need
     # Dagster (importing it costs seconds of cold start); credentials come from boto3's chain.
     from pipeline.shm_tier import ShmTier
-    from pipeline.storage import from_spec
+    from pipeline.storage import configured
 
-    store = from_spec(settings.storage().spec())
+    store = configured()
     tier = None if args.no_shm else ShmTier(settings.shm_root(), capacity_bytes=settings.shm_capacity_bytes())
     cache = None
     if args.compile:

@@ -32,9 +32,9 @@ def optional_batch_name(text: str) -> str:
 
 
 def _store():
-    from resources.storage import open_storage
+    from pipeline.storage import configured
 
-    return open_storage()
+    return configured()
 
 
 def check_new_partition(store, partition: str) -> None:

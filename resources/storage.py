@@ -127,8 +127,8 @@ def storage_from_env() -> StorageResource:
     return LocalStorageResource(root=str(where.root))
 
 
-def open_storage(resource: StorageResource | None = None) -> Storage:
-    """The engine storage behind ``resource`` (default: :func:`storage_from_env`) for code outside a
-    run (CLI, benchmarks). Goes through Dagster so ``EnvVar`` config resolves as it would in a run."""
-    with dg.build_resources({"storage": resource or storage_from_env()}) as res:
+def open_storage(resource: StorageResource) -> Storage:
+    """The engine storage behind a storage resource, outside a run (``EnvVar`` config resolves as it
+    would in one). The store the settings describe: :func:`pipeline.storage.configured`."""
+    with dg.build_resources({"storage": resource}) as res:
         return res.storage.client()

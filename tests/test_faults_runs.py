@@ -43,10 +43,9 @@ def _land(batch: str, *, drop_column: str | None = None) -> None:
     import polars as pl
 
     from pipeline import datagen
-    from pipeline.storage import join
-    from resources.storage import open_storage
+    from pipeline.storage import configured, join
 
-    store = open_storage()
+    store = configured()
     prefix = join("incoming", batch)
     datagen.write_batch(store, prefix, datagen.load_digits(), samples_per_shard=1024)
     if drop_column:

@@ -29,7 +29,7 @@ from pipeline.storage.base import (
 )
 from pipeline.storage.local import LocalStorage
 from pipeline.storage.shm import ShmStorage
-from pipeline.storage.spec import from_spec, from_uri
+from pipeline.storage.spec import configured, from_spec, from_uri
 
 __all__ = [
     "CHUNK",
@@ -44,6 +44,7 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "check_key",
+    "configured",
     "copy_between",
     "from_spec",
     "from_uri",

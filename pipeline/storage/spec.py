@@ -27,6 +27,15 @@ def from_spec(spec: dict) -> Storage:
     raise ValueError(f"unknown storage kind {kind!r} in spec {spec}")
 
 
+def configured(env=None) -> Storage:
+    """The model store the ``FORGELINE_*`` settings describe (:func:`pipeline.settings.storage`):
+    the one way code outside a Dagster run opens it (the CLI, ``forgeline serve``, node agents).
+    S3 credentials come from boto3's chain, as a run's ``EnvVar`` config reads the same variables."""
+    from pipeline import settings
+
+    return from_spec(settings.storage(env).spec())
+
+
 def from_uri(uri: str, reuse: Storage | None = None) -> tuple[Storage, str]:
     """The storage holding ``uri`` and the key (object or prefix) inside it.
 
@@ -50,4 +59,4 @@ def from_uri(uri: str, reuse: Storage | None = None) -> tuple[Storage, str]:
     raise ValueError(f"{uri!r} is not a URI this project can open (s3://bucket/key)")
 
 
-__all__ = ["from_spec", "from_uri"]
+__all__ = ["configured", "from_spec", "from_uri"]
