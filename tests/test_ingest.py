@@ -238,3 +238,207 @@ def test_shifted_batch_is_valid_but_different(tmp_path, digits):
     datagen.write_batch(store, "incoming/shifted", shifted, samples_per_shard=500)
     assert ingest_shards(store, "shifted").samples == 1797
     assert ingest_table(store, "shifted").rows == 1797
+
+
+# --------------------------------------------------------------------------- the tar reader
+# pipeline.ingest._ShardReader parses shards instead of tarfile: it must read every archive it
+# accepts exactly as tarfile (and so the DALI loader's index) does, and refuse what tarfile's stream
+# mode let through.
+
+import hashlib  # noqa: E402
+import struct  # noqa: E402
+
+from pipeline.ingest import ShardInvalid, _ShardReader, validate_shard  # noqa: E402
+
+
+def _archive(members, fmt=tarfile.PAX_FORMAT) -> bytes:
+    """members: (name, payload or None for a directory, extra TarInfo fields)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, payload, *extra in members:
+            info = tarfile.TarInfo(name)
+            for k, v in (extra[0] if extra else {}).items():
+                setattr(info, k, v)
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+            else:
+                info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload) if payload is not None else None)
+    return buf.getvalue()
+
+
+def _read(data: bytes) -> list[tuple[str, bytes]]:
+    reader = _ShardReader(io.BytesIO(data))
+    out = list(reader.members(lambda name: True))
+    assert reader.nbytes == len(data) and reader.sha256 == hashlib.sha256(data).hexdigest()
+    return out
+
+
+def _tarfile_read(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+
+
+def _header_block(data: bytes, name: str) -> int:
+    """Offset of the (first) header block that holds ``name``."""
+    return data.index(name.encode()) // 512 * 512
+
+
+def _rechecksum(b: bytearray, at: int) -> None:
+    b[at + 148:at + 156] = b" " * 8
+    b[at + 148:at + 156] = b"%06o\0 " % sum(b[at:at + 512])
+
+
+LONG = "a" * 70 + "/" + "b" * 70 + "/0001.png"  # over 100 characters: ustar prefix, GNU long name or pax path
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_reader_names_members_as_tarfile_does(fmt):
+    members = [("d", None), ("d/0000.png", b"x" * 700), ("0000.cls", b"3\n"), (LONG, b"y" * 513),
+               ("._hidden", b""), ("v1.2/0002.seg.png", b"z")]
+    if fmt != tarfile.USTAR_FORMAT:
+        members.append(("c" * 120 + ".png", b"long basename"))  # ustar cannot store it
+    if fmt == tarfile.PAX_FORMAT:
+        members.append(("émoji-✓/0003.png", b"utf-8 name"))
+    data = _archive(members, fmt)
+    assert _read(data) == _tarfile_read(data) == [(n, p) for n, p, *_ in members if p is not None]
+
+
+def test_reader_accepts_a_signed_checksum_and_a_git_archive_global_header():
+    data = bytearray(_archive([("0000.png", b"x"), ("ü.png", b"y")], tarfile.GNU_FORMAT))
+    at = _header_block(data, "ü")
+    b = data[at:at + 512]
+    signed = 256 + sum(struct.unpack("148b8x356b", bytes(b)))
+    data[at + 148:at + 156] = b"%06o\0 " % signed  # some old tars sum signed bytes; tarfile accepts both
+    assert signed != 256 + sum(b[:148]) + sum(b[156:])
+    assert _read(bytes(data)) == _tarfile_read(bytes(data))
+    buf = io.BytesIO()  # what `git archive` writes: a global pax header with the commit id first
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "b16925d"}) as tar:
+        info = tarfile.TarInfo("0000.png")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    assert _read(buf.getvalue()) == _tarfile_read(buf.getvalue()) == [("0000.png", b"x")]
+
+
+def _shard_of(n=4) -> bytes:
+    return _archive([(f"{i:06d}.{ext}", payload) for i in range(n) for ext, payload in (("png", b"p" * 600), ("cls", b"1\n"))],
+                    tarfile.USTAR_FORMAT)
+
+
+def _refused(data: bytes, pattern: str) -> str:
+    with pytest.raises(ShardInvalid) as e:
+        _read(data)
+    assert pytest.importorskip("re").search(pattern, str(e.value)), str(e.value)
+    return str(e.value)
+
+
+def test_a_corrupt_header_inside_the_archive_is_refused():
+    """tarfile's stream mode ended the archive at a bad header: the shard published with the
+    members before it only (the DALI loader refused the file)."""
+    data = bytearray(_shard_of())
+    at = _header_block(data, "000002.png")
+    data[at + 148] ^= 1
+    _refused(bytes(data), rf"corrupt or truncated tar: bad header checksum at byte {at}$")
+    data = bytearray(_shard_of())
+    data[at + 124:at + 136] = b"0000000012x\0"  # size: not octal, checksum made right
+    _rechecksum(data, at)
+    _refused(bytes(data), rf"invalid size field b'0000000012x\\x00' in the header at byte {at}")
+
+
+def test_only_zeros_may_follow_the_end_of_archive_marker():
+    data = _shard_of()
+    assert _read(data)
+    _refused(data + b"\1" + bytes(511), r"data after the end-of-archive marker at byte \d+ \(a non-zero byte at %d\)" % len(data))
+    _refused(data + bytes(100), rf"truncated tar: no end-of-archive marker after {len(data) + 100} bytes")
+    end = len(data.rstrip(b"\0")) // 512 * 512 + 512  # just after the last member's data
+    _refused(data[:end + 512], rf"no end-of-archive marker after {end + 512} bytes")  # one zero block of two
+    assert _read(data[:end + 1024])  # two zero blocks, without the record padding: complete
+    _refused(data[:end] + b"x" * 512 + bytes(1024), rf"invalid checksum field b'xxxxxxxx' in the header at byte {end}")
+    _refused(b"", r"corrupt or truncated tar: empty file")
+
+
+def test_member_data_cut_short_is_refused():
+    data = _shard_of()
+    at = _header_block(data, "000003.png")
+    _refused(data[:at + 512 + 100], r"truncated tar: member '000003.png' has 100 of 600 bytes")
+    _refused(data[:at + 512 + 600], r"no end-of-archive marker")  # the member's padding is missing
+
+
+def test_pax_and_gnu_headers_must_be_well_formed():
+    data = _archive([(LONG, b"x")], tarfile.PAX_FORMAT)
+    assert data[156:157] == b"x"
+    body = data[512:1024]
+    record = body[:body.index(b"\n") + 1]
+    bad = bytearray(data)
+    bad[512:512 + len(record)] = record.replace(record.split(b" ")[0], b"%d" % (len(record) + 1), 1)[:len(record)]
+    _refused(bytes(bad), r"corrupt tar: invalid pax header record at byte 512")
+    _refused(data[:1024] + bytes(10240), r"the header at byte 0 is not followed by a member")
+    gnu = _archive([(LONG, b"x")], tarfile.GNU_FORMAT)
+    assert gnu[156:157] == b"L"
+    _refused(gnu[:1024] + bytes(1024), r"the header at byte 0 is not followed by a member")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"path": "x.png"}) as tar:
+        info = tarfile.TarInfo("0000.png")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    _refused(buf.getvalue(), r"a global pax header at byte 0 sets 'path' for every member \(unsupported\)")
+
+
+def test_sparse_members_and_directories_with_data_are_refused():
+    data = bytearray(_shard_of(1))
+    data[156:157] = b"S"
+    _rechecksum(data, 0)
+    _refused(bytes(data), r"member '000000.png': unsupported member type b'S'")
+    data = _archive([("0000.png", b"x", {"pax_headers": {"GNU.sparse.size": "1"}})], tarfile.PAX_FORMAT)
+    _refused(data, r"a sparse member .*unsupported member type")
+    data = bytearray(_archive([("d", None), ("0000.png", b"x" * 512)], tarfile.USTAR_FORMAT))
+    data[124:136] = b"%011o\0" % 512  # the directory claims the next 512 bytes
+    _rechecksum(data, 0)
+    _refused(bytes(data), r"member 'd': a directory with 512 bytes of data")
+
+
+def test_validate_shard_hashes_and_counts_every_byte_carried_or_not(digits):
+    png = _png(digits)
+    data = _archive([("0.png", png), ("0.cls", b"3\n"), ("0.json", b"{}" * 5000), ("._0.png", b"apple")],
+                    tarfile.GNU_FORMAT) + bytes(4096)  # padded past a record: zeros are fine
+    sink = io.BytesIO()
+    samples, classes, sha, n = validate_shard(io.BytesIO(data), sink=sink)
+    assert (samples, dict(classes), sha, n) == (1, {3: 1}, hashlib.sha256(data).hexdigest(), len(data))
+    assert sink.getvalue() == data
+
+
+def _is_header(block: bytes) -> bool:
+    try:
+        return block.strip(b"\0") != b"" and tarfile.nti(block[148:156]) in tarfile.calc_chksums(block)
+    except tarfile.HeaderError:
+        return False
+
+
+def test_fuzz_whatever_the_reader_accepts_tarfile_reads_the_same():
+    """Flipped, cut and re-checksummed variants of small archives in each format: an accepted one is
+    read by tarfile as the same members and bytes; the reader never fails other than ShardInvalid."""
+    rng = np.random.default_rng(5)
+    seeds = [_archive([("a/0.png", b"p" * 40), ("0.cls", b"1\n"), (LONG, b"q" * 600)], fmt)
+             for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT)]
+    accepted = refused = 0
+    for seed in seeds:
+        headers = [i for i in range(0, len(seed), 512) if _is_header(seed[i:i + 512])]
+        for i in range(700):
+            b = bytearray(seed)
+            if i % 3 == 2:
+                b = b[: int(rng.integers(0, len(b)))]
+            else:
+                for _ in range(int(rng.integers(1, 3))):
+                    at = int(rng.choice(headers)) + int(rng.integers(0, 512)) if i % 3 == 1 else int(rng.integers(0, len(b)))
+                    b[at] ^= 1 << int(rng.integers(0, 8))
+                if i % 3 == 1:  # headers' checksums made right: the fields behind them must be checked
+                    for h in headers:
+                        _rechecksum(b, h)
+            try:
+                got = _read(bytes(b))
+            except ShardInvalid:
+                refused += 1
+                continue
+            accepted += 1
+            assert got == _tarfile_read(bytes(b)), bytes(b)
+    assert refused > 1000 and accepted > 100
