@@ -1,4 +1,15 @@
-"""torch.compile artifact caching: compile once, ship the compiled artifacts, load them elsewhere.
+"""Compile artifact caching: compile once, ship the compiled artifacts, load them elsewhere.
+
+Two ways, one for each job:
+
+- :func:`aot_compile_with_cache` (the model server's ``--compile``): an AOTInductor package
+  (``torch.export`` + ``aoti_compile_and_package``) of an eval-mode module for one input with a
+  batch range, built without its weights, which are bound at load from the module's own tensors.
+  A hit is fetch, dlopen, bind: well under a second, no tracing, no lowering. It needs a program
+  ``torch.export`` captures whole; for one it cannot, it falls back to the other way.
+- :func:`compile_with_cache`: ``torch.compile`` of any callable (graph breaks, data-dependent
+  control flow, training, functions) with Inductor's mega-cache, described below. Its hit still
+  runs Dynamo tracing and graph lowering in the loading process.
 
 A cold ``torch.compile`` spends its time in Dynamo tracing, AOTAutograd, Inductor lowering and code
 generation, autotuning (``mode="max-autotune"``) and building kernels (Triton on GPU, C++ with gcc
@@ -39,11 +50,21 @@ Trust: artifacts are pickles and native libraries that the compiling process loa
 write to the cache backend can run code in every process that reads it; use a private bucket /
 Redis / directory.
 
+The AOTI entries share keys (:func:`aot_cache_key`: the same components, plus the batch range and
+``artifact: aoti-package-v1``, so never a mega-cache entry's key), framing and backends. Their
+payload is the ``.pt2`` package plus the shape, dtype and stride of every constant it reads, checked
+against the module before binding (``load_constants`` checks neither). Inductor may not inline
+small tensors into the code or fold weights (a package would then serve the compiling version's
+values to every version): the package options forbid both, and a build that still reads fewer
+weights than the program is refused.
+
 Usage::
 
     cache = RedisCache("redis://cache:6379/0", ttl_s=7 * 86400)   # or LocalDirCache(path), StorageCache(S3Storage(...))
     compiled, report = compile_with_cache(model.eval(), (example,), cache, mode="max-autotune")
     report.hit, report.seconds_compile_first_call, report.warnings
+    serve, report = aot_compile_with_cache(model.eval(), example, cache, max_batch_size=32)
+    report.kind, report.hit, report.op_seconds   # "aoti" (or "torch.compile": report.fallback_reason)
 """
 
 from __future__ import annotations
@@ -54,8 +75,10 @@ import json
 import os
 import platform
 import re
+import shutil
 import struct
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -82,6 +105,8 @@ _KERNEL_PATH = re.compile(r"^[a-z0-9_]{2}/[A-Za-z0-9_.-]+$")  # "<2 chars>/<file
 # deprecation is torch's own, not a call of ours.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning,
                         module=r"torch\.jit\._script")
+# torch.export deep-copies pytree specs, which trips torch's own deprecation of LeafSpec checks.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,20 +607,23 @@ def _restore_kernels(root: Path, files: dict[str, bytes]) -> int:
 class CompileReport:
     hit: bool  # an entry was found, checked and loaded before the compile
     key: str | None
-    seconds_compile_first_call: float  # torch.compile + first call (CUDA synchronized)
+    seconds_compile_first_call: float  # torch.compile + first call (CUDA synchronized); AOTI: package build
     artifact_bytes: int  # size of the payload loaded (hit) or stored (miss)
     saved: bool  # a new entry was stored
     warnings: list[str] = field(default_factory=list)
     backend: str = "none"
     miss_reason: str | None = None  # why there was no hit ("no entry", "corrupt entry: …", …)
     seconds_fetch: float = 0.0  # backend get
-    seconds_load: float = 0.0  # kernel restore + load_cache_artifacts
+    seconds_load: float = 0.0  # kernel restore + load_cache_artifacts; AOTI: package load + weights + first call
     seconds_save: float = 0.0  # save_cache_artifacts + put
     seconds_total: float = 0.0  # everything, from fetch to the stored entry
     artifacts: dict[str, int] = field(default_factory=dict)  # mega-cache entries by type
     kernel_files: int = 0  # CPU kernel files bundled (miss) or restored (hit)
     inductor_cache: dict[str, int] = field(default_factory=dict)  # hits/misses during this compile
     components: dict[str, Any] = field(default_factory=dict)
+    kind: str = "torch.compile"  # what serves: "torch.compile" (mega-cache entry) or "aoti" (AOTInductor package)
+    seconds_export: float = 0.0  # torch.export (AOTI miss)
+    fallback_reason: str | None = None  # why aot_compile_with_cache fell back to torch.compile
 
     def to_metadata(self) -> dict[str, Any]:
         """JSON-safe dict (for Dagster metadata / logs)."""
@@ -604,9 +632,10 @@ class CompileReport:
     @property
     def op_seconds(self) -> dict[str, float]:
         """Seconds of each cache/compile operation that ran: ``fetch``, ``load`` (hit),
-        ``compile`` (torch.compile + first call), ``save`` (miss)."""
-        ops = {"fetch": self.seconds_fetch, "load": self.seconds_load, "compile": self.seconds_compile_first_call,
-               "save": self.seconds_save}
+        ``export`` (AOTI miss), ``compile`` (torch.compile + first call; AOTI: the package build),
+        ``save`` (miss)."""
+        ops = {"fetch": self.seconds_fetch, "load": self.seconds_load, "export": self.seconds_export,
+               "compile": self.seconds_compile_first_call, "save": self.seconds_save}
         return {k: v for k, v in ops.items() if v > 0}
 
 
@@ -735,6 +764,8 @@ def compile_with_cache(
 ) -> tuple[Callable, CompileReport]:
     """``torch.compile(model)`` and its first call on ``example_inputs``, with artifacts from
     ``cache`` when there is a valid entry (hit), else cold, storing the new artifacts (miss).
+    For any callable; a served inference module goes through :func:`aot_compile_with_cache`,
+    whose hit skips the tracing and lowering this one's still runs (and which falls back to this).
 
     Parameters:
 
@@ -907,6 +938,339 @@ def compile_with_cache(
     return compiled, report
 
 
+# ---------------------------------------------------------------------------------------------
+# AOTInductor packages: the serving compile path
+# ---------------------------------------------------------------------------------------------
+
+AOTI_FORMAT = "aoti-package-v1"
+# Inductor options of every package (part of the key). The weights stay out of the .so and are
+# bound at load from the module (one copy; any version of the architecture). No tensor constant may
+# be inlined into the code (Inductor inlines small ones by default: a bias of 4 values becomes
+# literals) or folded (freezing): either would serve the compiling version's values to every later
+# version. _aoti_package checks that each weight the program reads is still a bound constant.
+_AOTI_CONFIGS: dict[str, Any] = {"aot_inductor.package_constants_in_so": False,
+                                 "always_keep_tensor_constants": True, "freezing": False}
+
+
+class _NoPackage(Exception):
+    """This program cannot be an AOTInductor package (export or package build failed)."""
+
+
+def _aoti_configs(mode: str, device: torch.device) -> tuple[dict[str, Any], list[str]]:
+    """Inductor options for torch.compile ``mode`` in a package, and warnings. CUDA graphs
+    (``reduce-overhead``, ``max-autotune``) are a torch.compile runtime feature a package has not."""
+    from torch._inductor import list_mode_options  # noqa: PLC0415
+
+    try:
+        opts = dict(list_mode_options(mode or "default"))
+    except Exception as e:  # noqa: BLE001 - torch raises a RuntimeError for an unknown mode
+        raise ValueError(f"compile mode {mode!r}: {e}") from None
+    warns = []
+    if opts.pop("triton.cudagraphs", False) and device.type == "cuda":
+        warns.append(f"compile mode {mode!r}: CUDA graphs are not used by an AOTInductor package")
+    return {**opts, **_AOTI_CONFIGS}, warns
+
+
+def _module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _tensor_spec(t: torch.Tensor) -> list:
+    return [list(t.shape), str(t.dtype).removeprefix("torch."), list(t.stride()), str(t.device)]
+
+
+def _bind_constants(fqns: list[str], spec: dict[str, list], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The module's tensors for the package's constants, checked against what it was built for
+    (``load_constants`` checks neither names nor shapes: a missing one is a log line, a wrong shape
+    is read out of bounds). Raises :class:`EntryError` with one line naming the differences."""
+    problems = []
+    for fqn in fqns:
+        t = tensors.get(fqn)
+        if t is None:
+            problems.append(f"{fqn}: not a parameter or buffer of the module")
+        elif fqn not in spec:
+            problems.append(f"{fqn}: not described by the entry")
+        elif _tensor_spec(t) != spec[fqn]:
+            problems.append(f"{fqn}: module has {_tensor_spec(t)}, package was built for {spec[fqn]}")
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise EntryError("package constants do not match the module: " + "; ".join(problems[:3]) + more)
+    return {fqn: tensors[fqn] for fqn in fqns}
+
+
+class AOTIModule:
+    """A loaded AOTInductor package with the module's weights bound (not copied: the module keeps
+    ownership, and this object keeps the module alive). A package runs no guards, so each call
+    checks what it was built for (batch range, the static dims, dtype, device) and makes the input
+    contiguous: a 32x32 image into a package built for 28x28 would otherwise run, on wrong strides."""
+
+    def __init__(self, loader: Any, module: torch.nn.Module, shape: tuple, dtype: torch.dtype,
+                 device: torch.device, max_batch: int):
+        from torch.utils import _pytree  # noqa: PLC0415
+
+        self.loader, self.module = loader, module
+        self.shape, self.dtype, self.device, self.max_batch = shape, dtype, device, max_batch
+        self._unflatten = _pytree.tree_unflatten
+        self._out_spec = _pytree.treespec_loads(loader.get_call_spec()[1])
+
+    def bind(self, tensors: dict[str, torch.Tensor], spec: dict[str, list]) -> None:
+        """Bind ``tensors`` (the module's, by name) as the package's constants, checked against
+        ``spec`` (:func:`_bind_constants`); the package reads them in place."""
+        constants = _bind_constants(list(self.loader.get_constant_fqns()), spec, tensors)
+        # (constants, use_inactive, check_full_update, user_managed, allow_h2d_copy): as
+        # torch.export.pt2_archive._package.AOTICompiledModel.load_constants calls it
+        self.loader.load_constants(constants, False, True, True, False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if (not isinstance(x, torch.Tensor) or x.dim() != len(self.shape) + 1 or not 1 <= x.shape[0] <= self.max_batch
+                or any(want is not None and got != want for got, want in zip(x.shape[1:], self.shape))
+                or x.dtype != self.dtype or x.device != self.device):
+            got = f"{list(x.shape)} {x.dtype} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
+            want = ["1.." + str(self.max_batch), *("*" if s is None else s for s in self.shape)]
+            raise ValueError(f"AOTInductor package takes {want} {self.dtype} on {self.device}, got {got}")
+        return self._unflatten(self.loader.boxed_run([x.contiguous()]), self._out_spec)
+
+
+def _load_package(path: str, device: torch.device) -> Any:
+    """The package's C++ loader (``torch._inductor.aoti_load_package(path).loader``) without the
+    public function's cost in a fresh process: it imports torch._inductor, Dynamo and torch.export
+    (~1.2 s, more than the rest of a hit) to construct this same object. A torch without the
+    binding takes the public way."""
+    index = device.index if device.type == "cuda" and device.index is not None else -1
+    loader_cls = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if loader_cls is None:
+        from torch._inductor import aoti_load_package  # noqa: PLC0415
+
+        return aoti_load_package(path, device_index=index).loader
+    return loader_cls(path, "model", False, 1, index)
+
+
+def _aoti_package(module: torch.nn.Module, example: torch.Tensor, max_batch: int, dynamic_dims: Sequence[int],
+                  configs: dict[str, Any], report: CompileReport, workdir: str) -> tuple[Any, bytes, dict]:
+    """Export and build the package; ``(loaded package, .pt2 bytes, constants spec)``. Any failure
+    of the export or the build is :class:`_NoPackage` (the caller falls back to torch.compile)."""
+    dims: dict[int, Any] = {d: torch.export.Dim.DYNAMIC for d in dynamic_dims}
+    if max_batch > 1:
+        dims[0] = torch.export.Dim("batch", min=1, max=max_batch)
+        if example.shape[0] < 2:  # a size-1 example specializes the batch dim
+            example = example[:1].expand(2, *example.shape[1:])
+    example = example[:max_batch].contiguous()
+    t0 = time.perf_counter()
+    try:
+        ep = torch.export.export(module, (example,), dynamic_shapes=(dims,) if dims else None)
+    except Exception as e:  # noqa: BLE001 - data-dependent control flow, unsupported ops, ...
+        raise _NoPackage(f"torch.export failed: {_describe_error(e).splitlines()[0]}") from None
+    finally:
+        report.seconds_export = time.perf_counter() - t0
+    sig = ep.graph_signature
+    weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    used = {n.name for n in ep.graph.nodes if n.op == "placeholder" and n.users}
+    lifted = sorted(sig.inputs_to_lifted_tensor_constants[n] for n in used & set(sig.inputs_to_lifted_tensor_constants))
+    if lifted:  # plain tensor attributes: no weights to bind them from, and not in the key
+        raise _NoPackage(f"the program reads tensor attributes that are not parameters or buffers: {lifted[:3]}")
+    path = os.path.join(workdir, "model.pt2")
+    t0 = time.perf_counter()
+    try:
+        from torch._inductor import aoti_compile_and_package  # noqa: PLC0415
+
+        aoti_compile_and_package(ep, package_path=path, inductor_configs=configs)
+        pt2 = Path(path).read_bytes()
+        loader = _load_package(path, example.device)
+    except Exception as e:  # noqa: BLE001
+        raise _NoPackage(f"AOTInductor build failed: {_describe_error(e).splitlines()[0]}") from None
+    finally:
+        report.seconds_compile_first_call = time.perf_counter() - t0
+    fqns = list(loader.get_constant_fqns())
+    baked = sorted({weights[n] for n in used if n in weights} - set(fqns))
+    if baked:
+        raise _NoPackage(f"Inductor built weights into the code ({baked[:3]}): the package would serve this "
+                         "version's values for every version")
+    tensors = _module_tensors(module)
+    return loader, pt2, {f: _tensor_spec(tensors[f]) for f in fqns if f in tensors}
+
+
+def _pack_aoti(pt2: bytes, meta: dict) -> bytes:
+    m = json.dumps({"format": AOTI_FORMAT, **meta}, sort_keys=True).encode()
+    return _BUNDLE_HEADER.pack(len(m)) + m + pt2
+
+
+def _unpack_aoti(payload: bytes) -> tuple[dict, bytes]:
+    try:
+        (n,) = _BUNDLE_HEADER.unpack_from(payload)
+        meta = json.loads(payload[_BUNDLE_HEADER.size:_BUNDLE_HEADER.size + n])
+        pt2 = payload[_BUNDLE_HEADER.size + n:]
+    except Exception as e:  # noqa: BLE001
+        raise EntryError(f"malformed AOTI entry ({_describe_error(e)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != AOTI_FORMAT:
+        raise EntryError(f"not an AOTI package entry (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    return meta, pt2
+
+
+def _input_signature(example: torch.Tensor, max_batch_size: int, dynamic_dims: Sequence[int]) -> tuple[int, tuple]:
+    """``(max batch, shape past the batch dim with None for the dynamic dims)``, checked."""
+    max_batch = int(max_batch_size)
+    if max_batch < 1 or example.dim() < 1:
+        raise ValueError(f"AOTI package: max_batch_size {max_batch} < 1 or a 0-dim example")
+    dyn = {int(d) for d in dynamic_dims}
+    if any(not 1 <= d < example.dim() for d in dyn):
+        raise ValueError(f"dynamic_dims {sorted(dyn)}: indices of non-batch dims of a {example.dim()}-dim input")
+    return max_batch, tuple(None if i + 1 in dyn else int(s) for i, s in enumerate(example.shape[1:]))
+
+
+def aot_cache_key(module: torch.nn.Module, example: torch.Tensor, *, max_batch_size: int, mode: str = "default",
+                  dynamic_dims: Sequence[int] = ()) -> tuple[str, dict[str, Any]]:
+    """``(key, components)`` of the AOTInductor package :func:`aot_compile_with_cache` keeps for
+    these arguments: :func:`cache_key` of the architecture (no weight values), the input shape past
+    the batch dim (``"*"`` for ``dynamic_dims``), dtype, device, mode and the batch range, plus
+    ``artifact: aoti-package-v1`` and the fixed package options, so it is never the key of a
+    mega-cache entry of :func:`compile_with_cache`."""
+    max_batch, static_shape = _input_signature(example, max_batch_size, dynamic_dims)
+    # mode, not the Inductor options it maps to: those come from torch (its version is in the key),
+    # and resolving them imports torch._inductor (~1 s), which a hit never needs
+    digest, summary = architecture(module)
+    extra = {**summary, "artifact": AOTI_FORMAT, "batch_range": [1, max_batch], "inductor_configs": _AOTI_CONFIGS}
+    return cache_key(architecture=digest, input_shapes=[["batch", *("*" if s is None else s for s in static_shape)]],
+                     dtype=str(example.dtype).removeprefix("torch."), mode=mode or "default",
+                     device=str(example.device), dynamic=max_batch > 1, extra=extra)
+
+
+def aot_compile_with_cache(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    cache: ArtifactCache | None,
+    *,
+    max_batch_size: int,
+    mode: str = "default",
+    dynamic_dims: Sequence[int] = (),
+    key: tuple[str, dict[str, Any]] | None = None,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], CompileReport]:
+    """An AOTInductor package of ``module`` for one input ``[1..max_batch_size, *example.shape[1:]]``,
+    from ``cache`` when there is a valid entry (hit), else exported, built and stored (miss).
+
+    Why beside :func:`compile_with_cache`: a mega-cache hit still runs Dynamo tracing and graph
+    lowering in the loading process; a package hit runs neither (fetch, write a temp file, dlopen,
+    bind the weights: seconds, not minutes). A package needs a ``torch.export``-able inference
+    module with one tensor input; anything else (graph breaks, data-dependent control flow,
+    functions, training) is what :func:`compile_with_cache` is for, and where this function falls back.
+
+    - ``module``: an eval-mode module on its device, materialized (not meta). Its parameters and
+      buffers are bound to the package as they are (``user_managed``: no copy; the returned
+      callable keeps ``module`` alive and computes with its current weights).
+    - ``example``: one input; its shape past the batch dim, dtype and device are the package's.
+    - ``max_batch_size``: the batch range ``1..max_batch_size`` one package serves (1: static).
+    - ``mode``: torch.compile's modes mapped to Inductor options (``max-autotune`` →
+      ``max_autotune`` + coordinate descent); CUDA graphs do not apply.
+    - ``dynamic_dims``: further dims (indices into ``example.shape``) that may vary per call.
+    - ``key``: a ``(key, components)`` pair to use instead of the computed one, which names the
+      architecture (:func:`architecture`: not the weight values), the static input shape, dtype,
+      batch range, mode, Inductor options, device and software versions, and ``artifact:
+      aoti-package-v1`` (never the key of a mega-cache entry).
+
+    Returns ``(callable, report)``; ``report.kind`` is ``"aoti"``, or ``"torch.compile"`` with
+    ``fallback_reason`` and a warning when no package could be built (then the result is
+    :func:`compile_with_cache`'s, ``dynamic=True`` and warmed on batch 1). A missing, corrupt,
+    other-version or unloadable entry is a miss with ``miss_reason``; a failed store is a warning.
+    Only a compile that fails both ways raises."""
+    t_start = time.perf_counter()
+    if not isinstance(module, torch.nn.Module) or not isinstance(example, torch.Tensor):
+        raise TypeError("aot_compile_with_cache takes an nn.Module and one example tensor")
+    _check_materialized(module)
+    max_batch, static_shape = _input_signature(example, max_batch_size, dynamic_dims)
+    dyn = [i + 1 for i, s in enumerate(static_shape) if s is None]
+    report = CompileReport(hit=False, key=None, seconds_compile_first_call=0.0, artifact_bytes=0, saved=False,
+                           backend=cache.describe() if cache is not None else "none", kind="aoti")
+    components: dict[str, Any] | None = None
+    if cache is not None:
+        try:
+            key_str, components = key if key is not None else aot_cache_key(
+                module, example, max_batch_size=max_batch, mode=mode, dynamic_dims=dyn)
+            report.key, report.components = _check_key(key_str), components
+        except Exception as e:  # noqa: BLE001 - no key, no cache: still compile
+            report.warnings.append(f"compile cache disabled: cannot compute the key ({_describe_error(e)})")
+            cache = None
+
+    def wrap(loader: Any) -> AOTIModule:
+        return AOTIModule(loader, module, static_shape, example.dtype, example.device, max_batch)
+
+    tensors = _module_tensors(module)
+    workdir = tempfile.mkdtemp(prefix="forgeline-aoti-")  # 0700: the .so is loaded from here
+    try:
+        payload = None
+        if cache is not None and report.key is not None:
+            t0 = time.perf_counter()
+            payload = cache.get(report.key, components=components)
+            report.seconds_fetch = time.perf_counter() - t0
+            if payload is None:
+                report.miss_reason = cache.last_miss_reason
+                if cache.last_error or report.miss_reason not in (None, "no entry"):
+                    report.warnings.append(f"compile cache miss, compiling cold: {report.miss_reason}")
+        if payload is not None:
+            t0 = time.perf_counter()
+            try:
+                meta, pt2 = _unpack_aoti(payload)
+                path = os.path.join(workdir, "model.pt2")
+                Path(path).write_bytes(pt2)
+                fn = wrap(_load_package(path, example.device))
+                fn.bind(tensors, meta.get("constants") or {})
+                fn(example[:1])  # runs here, or is a miss: not on the first request
+                _sync((example,))
+                report.hit, report.artifact_bytes = True, len(payload)
+            except Exception as e:  # noqa: BLE001 - an entry that does not load is a miss, never a crash
+                report.miss_reason = f"unusable entry ({_describe_error(e).splitlines()[0]})"
+                report.warnings.append(f"compile cache entry not loaded, compiling cold: {report.miss_reason}")
+            report.seconds_load = time.perf_counter() - t0
+        if report.hit:
+            report.seconds_total = time.perf_counter() - t_start
+            return fn, report
+
+        configs, warns = _aoti_configs(mode, example.device)
+        report.warnings.extend(warns)
+        try:
+            loader, pt2, spec = _aoti_package(module, example, max_batch, dyn, configs, report, workdir)
+            t0 = time.perf_counter()
+            try:
+                fn = wrap(loader)
+                fn.bind(tensors, spec)
+                fn(example[:1])
+                _sync((example,))
+            except Exception as e:  # noqa: BLE001 - nothing stored: the fallback serves
+                raise _NoPackage(f"the new package did not run: {_describe_error(e).splitlines()[0]}") from None
+            report.seconds_load = time.perf_counter() - t0
+        except _NoPackage as e:
+            return _fallback(module, example, cache, mode, max_batch, report, str(e), t_start)
+        report.artifact_bytes = len(pt2)
+        if cache is not None and report.key is not None:
+            t0 = time.perf_counter()
+            data = _pack_aoti(pt2, {"constants": spec, "batch_range": [1, max_batch]})
+            cache.put(report.key, data, components=components)
+            if cache.last_error:
+                report.warnings.append(f"compile artifacts not stored: {cache.last_error}")
+            else:
+                report.saved, report.artifact_bytes = True, len(data)
+            report.seconds_save = time.perf_counter() - t0
+        report.seconds_total = time.perf_counter() - t_start
+        return fn, report
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # a loaded package keeps its own extracted copy
+
+
+def _fallback(module, example, cache, mode, max_batch, report: CompileReport, reason: str, t_start: float):
+    """torch.compile through :func:`compile_with_cache` when no package can be built: ``dynamic=True``
+    (one program for every batch size) and warmed on batch 1, which Dynamo specializes even then, so
+    the mega-cache entry holds that graph too. The warm-up tensor is a copy, like a request's: a
+    graph traced on the view ``example[:1]`` guards on its base, and every request failed the guard."""
+    example = example[:max_batch]
+    warmup = [(example[:1].clone(),)] if example.shape[0] > 1 else []
+    compiled, fb = compile_with_cache(module, (example,), cache, mode=mode, dynamic=True, warmup=warmup)
+    fb.fallback_reason = reason
+    fb.seconds_export = report.seconds_export
+    fb.warnings[:0] = [*report.warnings, f"no AOTInductor package ({reason}); compiled with torch.compile instead"]
+    fb.seconds_total = time.perf_counter() - t_start
+    return compiled, fb
+
+
 def _artifact_counts(mega: bytes) -> dict[str, list]:
     """Mega-cache entries by type, read without writing them anywhere (for the report)."""
     try:
@@ -918,12 +1282,15 @@ def _artifact_counts(mega: bytes) -> dict[str, list]:
 
 
 __all__ = [
+    "AOTIModule",
     "ArtifactCache",
     "CompileReport",
     "EntryError",
     "LocalDirCache",
     "RedisCache",
     "StorageCache",
+    "aot_cache_key",
+    "aot_compile_with_cache",
     "architecture",
     "cache_config_warnings",
     "cache_key",
