@@ -1,5 +1,5 @@
 """Ingestion throughput and memory: forgeline's shard ingestion vs a plain sequential read of the
-same files, at each volume and each number of image-decoding worker processes, each measurement in
+same files, at each volume and each number of image-checking worker processes, each measurement in
 a fresh process; the plain read runs in the same rounds, so every ratio compares like with like.
 
     .venv/bin/python bench/ingest.py                    # 100 MB and 2 GB (generated once, reused)
@@ -8,9 +8,11 @@ a fresh process; the plain read runs in the same rounds, so every ratio compares
     git archive HEAD~3 pipeline | tar -x -C /tmp/before
     .venv/bin/python bench/ingest.py --sizes 100MB --workers 0 2 --baseline-src /tmp/before --baseline-workers 4
 
-``--workers``: 0 decodes images in the ingesting process, N in N worker processes (the rounds run
+``--workers``: 0 checks images in the ingesting process, N in N worker processes (the rounds run
 every case once each, in turn, ``--repeat`` times; min and median are reported). Peak RSS is the
-ingesting process's own ``ru_maxrss``, and, separately, the largest of its worker processes'. Before
+ingesting process's own ``ru_maxrss``, and, separately, the largest of its worker processes'. "CPU
+s/GB" is the CPU time of the ingesting process and its workers per GB: on a shared machine, where
+the wall-clock rates depend on what else runs, it is the comparison that holds. Before
 every measurement the files' pages are dropped from the page cache (``posix_fadvise(DONTNEED)``),
 so both the plain read and ingestion read from the device. Ingestion also writes the published copy
 (fsynced and re-read for verification by LocalStorage), the plain read does not.
@@ -55,7 +57,7 @@ def peak_rss_mb() -> float:
 def child_plain_read(root: str, batch: str) -> dict:
     files = sorted((Path(root) / "incoming" / batch).rglob("*.tar"))
     drop_cache(files)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_seconds()
     n = 0
     buf = bytearray(8 << 20)
     for f in files:
@@ -63,23 +65,32 @@ def child_plain_read(root: str, batch: str) -> dict:
             while k := fh.readinto(buf):
                 n += k
     secs = time.perf_counter() - t
-    return {"bytes": n, "seconds": secs, "peak_rss_mb": peak_rss_mb()}
+    return {"bytes": n, "seconds": secs, "cpu_seconds": cpu_seconds() - cpu, "peak_rss_mb": peak_rss_mb()}
 
 
-def workers_peak_rss_mb() -> float:
-    """The largest VmHWM among this process's children (the image-decoding workers), MB."""
-    me, peak = str(os.getpid()), 0
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def workers_stats() -> tuple[float, float]:
+    """``(largest VmHWM MB, CPU seconds in all)`` of this process's children (the image-checking
+    workers, still running: RUSAGE_CHILDREN would not count them)."""
+    me, peak, ticks = str(os.getpid()), 0, 0
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             status = (d / "status").read_text()
+            stat = (d / "stat").read_text()
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         if fields.get("PPid", "").strip() == me and "VmHWM" in fields:
             peak = max(peak, int(fields["VmHWM"].split()[0]))
-    return peak / 1024
+            utime, stime = stat.rsplit(")", 1)[1].split()[11:13]  # fields 14, 15 of proc(5)
+            ticks += int(utime) + int(stime)
+    return peak / 1024, ticks / os.sysconf("SC_CLK_TCK")
 
 
 def child_ingest(root: str, batch: str, workers: int, src: str | None = None) -> dict:
@@ -93,12 +104,13 @@ def child_ingest(root: str, batch: str, workers: int, src: str | None = None) ->
     store = LocalStorage(root)
     store.delete_prefix(f"raw/shards/{batch}")
     drop_cache([store.local_path(o.key) for o in store.list(f"incoming/{batch}")])
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_seconds()
     r = ingest_shards(store, batch, workers=workers)
-    secs = time.perf_counter() - t
+    secs, cpu = time.perf_counter() - t, cpu_seconds() - cpu
     assert not r.quarantined, r.quarantined
-    return {"bytes": r.bytes, "samples": r.samples, "seconds": secs, "peak_rss_mb": peak_rss_mb(),
-            "workers_peak_rss_mb": workers_peak_rss_mb()}
+    workers_rss, workers_cpu = workers_stats()
+    return {"bytes": r.bytes, "samples": r.samples, "seconds": secs, "cpu_seconds": cpu + workers_cpu,
+            "peak_rss_mb": peak_rss_mb(), "workers_peak_rss_mb": workers_rss}
 
 
 def run_child(*args: str) -> dict:
@@ -113,7 +125,7 @@ def main() -> int:
     ap.add_argument("--sizes", nargs="+", default=["100MB", "2GB"])
     ap.add_argument("--root", default=str(ROOT / ".forgeline" / "bench" / "ingest"))
     ap.add_argument("--workers", type=int, nargs="+", default=[0, os.cpu_count() or 1],
-                    help="image-decoding worker processes, one case each (0: in the ingesting process)")
+                    help="image-checking worker processes, one case each (0: in the ingesting process)")
     ap.add_argument("--baseline-src", help="also measure the ingestion of this source tree (another commit)")
     ap.add_argument("--baseline-workers", type=int, default=4, help="its `workers` argument")
     ap.add_argument("--repeat", type=int, default=2, help="rounds; min and median are reported")
@@ -152,15 +164,19 @@ def main() -> int:
                 "size": size_text, "case": name, "bytes": rs[0]["bytes"], "samples": rs[0].get("samples"),
                 "mb_s_max": max(mbs), "mb_s_median": statistics.median(mbs), "mb_s_all": mbs,
                 "vs_plain_read": statistics.median(mbs) / read_med,
+                # CPU (this process and its workers) per GB: what the work costs, however busy the machine
+                "cpu_s_per_gb_median": statistics.median(r["cpu_seconds"] / r["bytes"] * 1e9 for r in rs),
                 "samples_s_median": statistics.median(r["samples"] / r["seconds"] for r in rs) if "samples" in rs[0] else None,
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
                 "workers_peak_rss_mb": max(r.get("workers_peak_rss_mb", 0) for r in rs),
             })
     table = Table(title=f"ingestion ({os.cpu_count()} CPUs; {args.repeat} rounds: best / median)")
-    for col in ("size", "case", "MB/s best", "MB/s median", "vs plain read", "samples/s", "peak RSS MB", "worker RSS MB"):
+    for col in ("size", "case", "MB/s best", "MB/s median", "vs plain read", "CPU s/GB", "samples/s", "peak RSS MB",
+                "worker RSS MB"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for r in rows:
         table.add_row(r["size"], r["case"], f"{r['mb_s_max']:.0f}", f"{r['mb_s_median']:.0f}", f"{r['vs_plain_read']:.1%}",
+                      f"{r['cpu_s_per_gb_median']:.2f}",
                       f"{r['samples_s_median']:,.0f}" if r["samples_s_median"] else "", f"{r['peak_rss_mb']:.0f}",
                       f"{r['workers_peak_rss_mb']:.0f}" if r["workers_peak_rss_mb"] else "")
     console.print(table)
@@ -175,7 +191,8 @@ def main() -> int:
             for r in rows:
                 if r["size"] == size_text and r["case"].startswith("workers="):
                     console.print(f"{size_text} {r['case']}: {r['mb_s_median'] / base['mb_s_median']:.2f}x the baseline "
-                                  f"(median), {r['mb_s_max'] / base['mb_s_max']:.2f}x (best)")
+                                  f"(median), {r['mb_s_max'] / base['mb_s_max']:.2f}x (best); "
+                                  f"{base['cpu_s_per_gb_median'] / r['cpu_s_per_gb_median']:.2f}x less CPU per byte")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
