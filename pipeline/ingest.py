@@ -1,11 +1,12 @@
 """Ingestion: validate landed WebDataset shards and Parquet tables, publish the good, quarantine the bad.
 
 Shards are streamed exactly once: the bytes read from the source are validated (tar structure,
-member names, sample grouping, full image decodes, labels) and teed into an atomic writer at the
-published key (which hashes them as they pass), which commits only if the shard is valid. Decoding
-images is most of the CPU and holds the GIL in Pillow's Python layers, so it runs in a pool of
-worker processes, fed batches of image bytes with a bound on the bytes in flight; the calling
-process streams, parses the tar, hashes and writes. A corrupt shard is copied to
+member names, sample grouping, every image checked in full, labels) and copied into an atomic
+writer at the published key (which hashes them as they pass), which commits only if the shard is
+valid. Checking images is most of the CPU; a PNG's check is zlib and crc32, which release the GIL,
+so on a few cores the shard threads do it themselves; with more cores than shard threads the checks
+run in a pool of worker processes, fed batches of image bytes with a bound on the bytes in flight,
+while the calling process streams, parses the tar, hashes and writes. A corrupt shard is copied to
 ``quarantine/`` with a reason file; the source is never modified. A manifest, written last,
 lists what is published for the batch.
 
@@ -48,10 +49,10 @@ from pipeline.webdataset import (
 
 MAX_MEMBER_BYTES = 64 * 1024 * 1024  # larger members are rejected rather than read into memory
 MANIFEST = "manifest.json"
-# Image decoding on worker processes (see ingest_shards): images go to a worker in batches of about
-# IMAGE_BATCH_BYTES; at most IN_FLIGHT_BYTES of image bytes are queued or decoding at once (per
+# Image checks on worker processes (see ingest_shards): images go to a worker in batches of about
+# IMAGE_BATCH_BYTES; at most IN_FLIGHT_BYTES of image bytes are queued or being checked at once (per
 # ingest_shards call; at least one batch per worker twice over); a batch of shards smaller than
-# POOL_MIN_BYTES is decoded in the calling process (starting workers would cost more than it saves).
+# POOL_MIN_BYTES is checked in the calling process (starting workers would cost more than it saves).
 IMAGE_BATCH_BYTES = 2 * 1024 * 1024
 IMAGE_BATCH_COUNT = 256
 IN_FLIGHT_BYTES = 32 * 1024 * 1024
@@ -410,30 +411,26 @@ def _image_limit() -> int | None:
     return Image.MAX_IMAGE_PIXELS
 
 
-def _check_image(name: str, ext: str, data: bytes) -> None:
-    """Raise :class:`ShardInvalid` unless ``data`` decodes fully as an image of extension ``ext``
-    within :func:`_image_limit` pixels (:func:`pipeline.webdataset.image_problem` says what is
-    refused)."""
-    problem = image_problem(name, ext, data, _image_limit())
-    if problem:
-        raise ShardInvalid(problem)
-
-
 # ---------------------------------------------------------------------------------------------
-# Image decoding on worker processes
+# Image checks on worker processes
 # ---------------------------------------------------------------------------------------------
 
 
 def default_workers() -> int:
-    """Image-decoding processes when ``workers`` is not given: one per CPU this process may run on."""
+    """Image-checking processes when ``workers`` is not given: none (the shard threads check their own
+    images) while the CPUs this process may run on are no more than :data:`SHARD_THREADS`, else one
+    per CPU. The PNG check spends ~95% of its time in zlib and crc32, outside the GIL, so the shard
+    threads already keep that many cores busy, and a pool only adds pickling and pipe copies (on 2
+    CPUs, 1 or 2 workers measured 0.6-0.8x the speed of none); past that, threads would leave cores idle."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    return 0 if cpus <= SHARD_THREADS else cpus
 
 
 class _WorkerPool:
-    """``workers`` image-decoding processes, each a fresh interpreter running
+    """``workers`` image-checking processes, each a fresh interpreter running
     :func:`pipeline.webdataset.serve_image_checks` (Pillow, nothing else), fed over a pipe by a
     thread of ours. :meth:`submit` returns a :class:`~concurrent.futures.Future` of
     :func:`pipeline.webdataset.check_images`. Fresh interpreters rather than ``multiprocessing``:
@@ -507,7 +504,7 @@ _pools_lock = threading.Lock()
 
 
 def _image_pool(workers: int) -> _WorkerPool:
-    """The pool of ``workers`` image decoders, made once per process and size, then reused (a
+    """The pool of ``workers`` image checkers, made once per process and size, then reused (a
     worker costs an interpreter start and a Pillow import, ~0.1 s)."""
     with _pools_lock:
         made = _pools.get(workers)
@@ -538,7 +535,7 @@ class _Budget:
 
 class _ImageChecks:
     """A shard's image checks, first failure in archive order. Without a pool each image is
-    decoded at once, in the calling thread; with one, images go to the workers in batches and
+    checked at once, in the calling thread; with one, images go to the workers in batches and
     :meth:`add` raises as soon as the earliest batch still unseen has failed, :meth:`finish` waits
     for all."""
 
@@ -776,11 +773,12 @@ def ingest_shards(
     quarantined ("conflicts with published shard"), never overwritten. The manifest is rewritten
     last and keeps earlier entries, so a re-run never drops what was published before.
 
-    ``workers``: processes that decode the images (None: :func:`default_workers`, one per CPU; 0:
-    none, images are decoded in the calling process). Up to :data:`SHARD_THREADS` shards stream at
-    once in the calling process (read once, tar parsed, hashed, written) and send their images to
-    the workers; at most :data:`IN_FLIGHT_BYTES` of image bytes are in flight. A batch of under
-    :data:`POOL_MIN_BYTES` is decoded in the calling process whatever ``workers`` says.
+    ``workers``: processes that check the images (None: :func:`default_workers`: none on up to
+    :data:`SHARD_THREADS` CPUs, else one per CPU; 0: none, images are checked in the calling
+    process). Up to :data:`SHARD_THREADS` shards stream at once in the calling process (read once,
+    tar parsed, hashed, written) and check their images or send them to the workers; at most
+    :data:`IN_FLIGHT_BYTES` of image bytes are in flight. A batch of under :data:`POOL_MIN_BYTES` is
+    checked in the calling process whatever ``workers`` says.
     """
     t0 = time.perf_counter()
     check_batch_name(batch)

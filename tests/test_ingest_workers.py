@@ -102,3 +102,11 @@ def test_a_killed_worker_is_replaced(store, on_workers):  # noqa: F811
     store.delete_prefix(f"raw/shards/{B}")
     r = ingest_shards(store, B)
     assert not r.quarantined and r.samples == 3
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, 0), (2, 0), (ingest.SHARD_THREADS, 0), (ingest.SHARD_THREADS + 1, ingest.SHARD_THREADS + 1), (16, 16)])
+def test_default_workers_none_while_the_shard_threads_cover_the_cpus(monkeypatch, cpus, expected):
+    """The PNG check runs outside the GIL (zlib, crc32): the shard threads keep up to SHARD_THREADS
+    cores busy themselves, and a pool of processes only pays past that."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert ingest.default_workers() == expected
