@@ -9,9 +9,10 @@ Every server is a real process on 127.0.0.1, driven over HTTP by the same client
 1. cold  — seconds from spawning a fresh process to the first correct prediction (checked against
    the eager output) of ResNet-50 (in-house, 1000 classes, 3x64x64 input, 102 MB fp32): a plain
    script (`torch.load` state dict, build, call), safetensors + cold `torch.compile`, `forgeline
-   serve` (spawn CLI, poll /v2/health/ready, POST infer), `forgeline serve --compile` with an empty
-   compile cache, and with a compile-cache hit (the cache warmed by another *version* of the model:
-   the key is the program, not the weights). Every compiling process gets an empty
+   serve` (spawn CLI, poll /v2/health/ready, POST infer), `forgeline serve --compile` (an
+   AOTInductor package) with an empty compile cache, and with a compile-cache hit (the cache warmed
+   by another *version* of the model: the key is the program, not the weights; the server's log
+   says hit or miss and the seconds of each step). Every compiling process gets an empty
    TORCHINDUCTOR_CACHE_DIR. Target: cache hit ≤ 1/3 of the cold-compile baseline.
 2. swap  — DigitsCNN(width 64), 4 client threads at a fixed total rate (40 req/s) against `forgeline serve`; `promote()` mid-run.
    Latency is measured from each request's scheduled send time (no coordinated omission). Targets:
@@ -289,9 +290,17 @@ def forgeline_cold(work: Path, model: str, body: bytes, expected: np.ndarray, ex
         seconds = t_answer - srv.t_spawn
         if not np.allclose(output_of(resp), expected, rtol=1e-3, atol=1e-4):
             raise RuntimeError(f"forgeline {tag}: wrong answer")
-        load = re.findall(r"loaded from (\w+) in ([\d.]+)s", srv.log_text())
-        return {"seconds": seconds, "ready_s": t_ready, "version": resp.get("model_version"),
-                "server_load_s": float(load[-1][1]) if load else None}
+        text = srv.log_text()
+        load = re.findall(r"loaded from (\w+) in ([\d.]+)s", text)
+        out = {"seconds": seconds, "ready_s": t_ready, "version": resp.get("model_version"),
+               "server_load_s": float(load[-1][1]) if load else None}
+        # the loader's line for --compile: "<model>/<v>: compiled (aoti, cache hit) in 0.31s: fetch 0.01s, load 0.30s"
+        comp = re.findall(r"compiled \(([^,]+), cache (.+?)\) in ([\d.]+)s: (.*)$", text, re.M)
+        if comp:
+            kind, cache, secs, steps = comp[-1]
+            out["compile"] = {"kind": kind, "hit": cache == "hit", "cache": cache, "seconds": float(secs),
+                              "steps": {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)s", steps)}}
+        return out
     finally:
         srv.stop()
 
@@ -344,13 +353,13 @@ def bench_cold(work: Path, quick: bool) -> dict:
         promotion.promote(store, name, "v2")
         r = forgeline_cold(work, name, body, expected["v2"], ["--compile"], "fl-compile-hit")
         after = {p.name: p.stat().st_mtime_ns for p in cache_dir.rglob("*.flcc")}
-        # the server does not report hits; the entry for this program was there (stored by v1) and the
-        # key does not depend on weights. A rewritten entry means the hit still compiled something cold.
+        # the server logs hit/miss (r["compile"]); the entry for this program was there (stored by v1)
+        # and the key does not depend on weights. A rewritten entry means the hit compiled again.
         r["cache_entry_present"] = bool(before)
         r["cache_entry_rewritten"] = before != after
         rows["forgeline serve --compile (cache hit, v2)"] = r
         print(f"[cold] forgeline --compile hit {r['seconds']:.2f}s (entry present {r['cache_entry_present']}, "
-              f"rewritten {r['cache_entry_rewritten']})", flush=True)
+              f"rewritten {r['cache_entry_rewritten']}; server: {r.get('compile')})", flush=True)
         base = rows["safetensors + cold torch.compile"]["seconds"]
         for v in rows.values():
             v["vs_cold_compile"] = v["seconds"] / base
@@ -841,7 +850,10 @@ def print_table(r: dict) -> None:
             note = ""
             if "cache_entry_present" in v:
                 note = (f"cache entry from v1 present: {v['cache_entry_present']}"
-                        f"{' (rewritten: part compiled cold)' if v['cache_entry_rewritten'] else ''};")
+                        f"{' (rewritten: the hit compiled again)' if v['cache_entry_rewritten'] else ''};")
+            if c_ := v.get("compile"):
+                steps = ", ".join(f"{k} {s:.2f}s" for k, s in c_["steps"].items())
+                note += f" {c_['kind']}, cache {c_['cache']}: {c_['seconds']:.2f}s ({steps});"
             if v.get("server_load_s") is not None:
                 note += f" server load+check {v['server_load_s']:.2f}s; ready {v['ready_s']:.2f}s"
             t.add_row(k, _f(v["seconds"]), _f(v.get("vs_cold_compile"), "{:.2f}x"), note.strip())
