@@ -162,6 +162,28 @@ def test_version_2_in_a_fresh_process_runs_the_package_of_version_1(tmp_path):
         np.testing.assert_allclose(got, eager(versions["v2"], x), rtol=1e-4, atol=1e-5)
         assert not np.allclose(got, eager(versions["v1"], x), rtol=1e-3, atol=1e-3), "served v1's weights"
 
+    # the server's model metadata says how the serving version was compiled
+    import asyncio
+
+    from pipeline.serving import ModelRegistry, ServeConfig
+
+    async def serve_v2():
+        reg = ModelRegistry(store, ServeConfig(models=["digits"], compile=True, max_batch_size=MAX, poll_s=0.05),
+                            cache=LocalDirCache(cache_dir))
+        await reg.start()
+        try:
+            while not reg.model_ready("digits"):
+                await asyncio.sleep(0.02)
+            out = await reg.infer("digits", None, {"input": rows(3)})
+            np.testing.assert_allclose(out["output"], eager(versions["v2"], rows(3)), rtol=1e-4, atol=1e-5)
+            return reg.metadata("digits")["parameters"]
+        finally:
+            await reg.stop()
+
+    p = asyncio.run(asyncio.wait_for(serve_v2(), 120))
+    assert p["serving"] == "v2" and p["compile"]["kind"] == "aoti" and p["compile"]["hit"], p["compile"]
+    assert p["compile"]["key"] == c1["key"] and p["compile"]["seconds"] > 0 and "load" in p["compile"]["step_seconds"]
+
 
 # ---------------------------------------------------------------------------------------------
 # entries that do not load are misses; the package checks its inputs; store failures are warnings

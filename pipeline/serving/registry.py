@@ -445,6 +445,7 @@ class ModelRegistry:
                 "lineage": serving.loaded.lineage() if serving is not None else None,
                 "source": serving.loaded.source if serving is not None else None,
                 "golden": serving.loaded.golden if serving is not None else None,
+                "compile": serving.loaded.compile if serving is not None else None,  # None: eager
                 "resident_bytes": sum(r.nbytes for r in m.versions.values()),
                 "latency": self.metrics.latency(name),
                 "max_batch_size": self.config.max_batch_size,
