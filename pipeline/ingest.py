@@ -151,8 +151,8 @@ _ZERO_BLOCK = bytes(TAR_BLOCK)
 _REGULAR = (b"0", b"\0", b"7")  # tar type flags of a regular file (7: contiguous, read as one)
 _META = (b"x", b"X", b"g", b"L", b"K")  # pax extended / Solaris / pax global, GNU long name / link
 # Numeric header fields (start, end); values are octal text or GNU base-256
-_NUMBERS = (("mode", 100, 108), ("uid", 108, 116), ("gid", 116, 124), ("size", 124, 136), ("mtime", 136, 148),
-            ("devmajor", 329, 337), ("devminor", 337, 345))
+_NUMBERS = (("mode", 100, 108), ("uid", 108, 116), ("gid", 116, 124), ("mtime", 136, 148), ("devmajor", 329, 337),
+            ("devminor", 337, 345))  # besides size and checksum
 _OCTAL_DIGITS = b"01234567"
 _PAX_LENGTH = re.compile(rb"(\d+) ")
 _SIGNED_SUM = struct.Struct("148b8x356b")
@@ -184,6 +184,7 @@ class _ShardReader:
         self.nbytes = 0  # read from src
         self._buf, self._pos = b"", 0  # read, not yet parsed: self._buf[self._pos:]
         self.offset = 0  # archive offset of self._buf[self._pos]
+        self._checked: set[bytes] = set()  # header number fields already checked (see _header)
 
     @property
     def sha256(self) -> str:
@@ -199,41 +200,31 @@ class _ShardReader:
             self.nbytes += len(data)
         return data
 
-    def _have(self, n: int) -> bool:
-        """Whether ``n`` unparsed bytes are buffered, reading more as needed (False: the stream ends first)."""
-        have = len(self._buf) - self._pos
-        if have >= n:
-            return True
-        parts = [self._buf[self._pos:]] if have else []
-        while have < n:
-            data = self._read(max(CHUNK, n - have))
-            if not data:
-                break
-            parts.append(data)
-            have += len(data)
-        self._buf, self._pos = (parts[0] if len(parts) == 1 else b"".join(parts)), 0
-        return have >= n
-
     def _take(self, n: int, keep: bool = True) -> bytes | None:
-        """The next ``n`` bytes (``b""`` when not ``keep``: skipped without a copy), or None when
-        the stream ends first."""
-        if keep:
-            if not self._have(n):  # what there is counts as read: the message says how much
-                self.offset += len(self._buf) - self._pos
-                self._pos = len(self._buf)
-                return None
-            data = self._buf[self._pos:self._pos + n]
-            self._pos += n
+        """The next ``n`` bytes (``b""`` when not ``keep``: skipped, not copied), or None when the
+        stream ends first (what there was still counts in :attr:`offset`, for the message). Sliced
+        from the chunk read; only bytes that straddle two chunks are joined."""
+        end = self._pos + n
+        if end <= len(self._buf):
+            data = self._buf[self._pos:end] if keep else b""
+            self._pos = end
             self.offset += n
             return data
-        while n:
-            if self._pos == len(self._buf) and not self._have(1):
+        got = len(self._buf) - self._pos
+        parts = [self._buf[self._pos:]] if keep and got else []
+        self.offset += got
+        self._buf, self._pos = b"", 0
+        while got < n:
+            chunk = self._read(max(CHUNK, n - got))
+            if not chunk:
                 return None
-            k = min(n, len(self._buf) - self._pos)
-            self._pos += k
+            k = min(n - got, len(chunk))
+            if keep:
+                parts.append(chunk if k == len(chunk) else chunk[:k])
+            got += k
             self.offset += k
-            n -= k
-        return b""
+            self._buf, self._pos = chunk, k
+        return (parts[0] if len(parts) == 1 else b"".join(parts)) if keep else b""
 
     def _header(self, block: bytes, at: int) -> tuple[str, bytes, int, str]:
         """``(name, type, size, linkname)`` of the header ``block`` at archive offset ``at``."""
@@ -248,17 +239,28 @@ class _ShardReader:
             return int(digits or b"0", 8)
 
         chksum = number("checksum", 148, 156)
-        if chksum != 256 + sum(block[:148]) + sum(block[156:]) and chksum != 256 + sum(_SIGNED_SUM.unpack(block)):
+        if chksum != 256 + sum(block) - sum(block[148:156]) and chksum != 256 + sum(_SIGNED_SUM.unpack(block)):
             raise ShardInvalid(f"corrupt or truncated tar: bad header checksum at byte {at}")
-        values = {what: number(what, start, end) for what, start, end in _NUMBERS}
-        kind, name, prefix = block[156:157], _nts(block[:100]), _nts(block[345:500])
+        size = number("size", 124, 136)
+        # mode, uid, gid, mtime, devmajor, devminor are only checked (tarfile, and so the loader,
+        # refuses a header whose numbers do not parse); a shard's members mostly repeat them, so
+        # each distinct run of those bytes is checked once
+        static = block[100:124] + block[136:148] + block[329:345]
+        if static not in self._checked:
+            for what, start, end in _NUMBERS:
+                number(what, start, end)
+            if len(self._checked) < 1024:
+                self._checked.add(static)
+        kind, name = block[156:157], _nts(block[:100])
         if kind == b"\0" and name.endswith("/"):  # old V7 tar: a directory is a file named "x/"
             kind = b"5"
         if kind == b"5":
             name = name.rstrip("/")
-        if prefix and kind not in (b"L", b"K", b"S"):  # ustar: the name's leading directories
-            name = prefix + "/" + name
-        return name, kind, values["size"], _nts(block[157:257])
+        if block[345] and kind not in (b"L", b"K", b"S"):  # ustar: the name's leading directories
+            prefix = _nts(block[345:500])
+            if prefix:
+                name = prefix + "/" + name
+        return name, kind, size, _nts(block[157:257]) if block[157] else ""
 
     def _pax(self, data: bytes, at: int) -> dict[str, str]:
         """The records of the pax header data at ``at`` (``"%d %s=%s\n"``, framing checked as tarfile)."""
@@ -288,8 +290,7 @@ class _ShardReader:
         while True:
             at = self.offset
             block = self._take(TAR_BLOCK)
-            if block is None:
-                self._take(TAR_BLOCK, keep=False)  # a partial block: read it (it is hashed)
+            if block is None:  # the stream ended at or inside a header (all of it was read)
                 if not self.nbytes:
                     raise ShardInvalid("corrupt or truncated tar: empty file")
                 raise ShardInvalid(f"truncated tar: no end-of-archive marker after {self.nbytes} bytes")
@@ -350,15 +351,16 @@ class _ShardReader:
     def _end(self, at: int) -> None:
         """After the zero block at ``at``: the rest of the stream must be zeros, at least one more
         block of them (the end-of-archive marker is two; writers pad to a record), whole blocks."""
+        rest = self._buf[self._pos:]
+        self._buf, self._pos = b"", 0
         while True:
-            rest = self._buf[self._pos:]
             if rest.count(0) != len(rest):
                 first = next(i for i, c in enumerate(rest) if c)
                 raise ShardInvalid(f"corrupt tar: data after the end-of-archive marker at byte {at} "
                                    f"(a non-zero byte at {self.offset + first})")
             self.offset += len(rest)
-            self._buf, self._pos = b"", 0
-            if not self._have(1):
+            rest = self._read(CHUNK)
+            if not rest:
                 break
         if self.nbytes % TAR_BLOCK or self.nbytes - at < 2 * TAR_BLOCK:
             raise ShardInvalid(f"truncated tar: no end-of-archive marker after {self.nbytes} bytes")

@@ -442,3 +442,27 @@ def test_fuzz_whatever_the_reader_accepts_tarfile_reads_the_same():
             accepted += 1
             assert got == _tarfile_read(bytes(b)), bytes(b)
     assert refused > 1000 and accepted > 100
+
+
+@pytest.mark.parametrize("chunk", [1, 511, 512, 513, 1000, 4096])
+def test_reader_reads_the_same_whatever_the_chunk_size(monkeypatch, chunk):
+    """Members and headers straddling the reader's chunks: the same members, hash and verdicts as
+    with whole-archive chunks, for good, cut, corrupt and padded archives."""
+    from pipeline import ingest
+
+    good = _archive([("a/0.png", b"p" * 1500), ("0.cls", b"1\n"), (LONG, b"q" * 600), ("0.json", b"j" * 3000)],
+                    tarfile.GNU_FORMAT)
+    end = len(good.rstrip(b"\0")) // 512 * 512 + 512
+    cases = [good, good + bytes(1536), good[:700], good[:end - 100], good[:end + 512],
+             good[:end] + b"\0" * 700 + b"\1" + bytes(1347), good[:2000] + b"x" * 512 + good[2512:]]
+
+    def outcome(data):
+        try:
+            return _read(data)
+        except ShardInvalid as e:
+            return str(e)
+
+    expected = [outcome(d) for d in cases]
+    assert isinstance(expected[0], list) and all(isinstance(x, str) for x in expected[2:])
+    monkeypatch.setattr(ingest, "CHUNK", chunk)
+    assert [outcome(d) for d in cases] == expected
