@@ -26,10 +26,11 @@ BOUND_S = FAST["retry_deadline"] + FAST["read_timeout"] + 1.5  # + slack for bac
 class FakeEndpoint:
     """A TCP server on 127.0.0.1 whose every connection is handed to ``respond(n, request_head)``
     (n counts requests from 1); what it returns is sent, then the connection stays open and
-    silent until the test ends (``None``: send nothing at all)."""
+    silent until the test ends (``None``: send nothing at all), or is closed with ``close``."""
 
-    def __init__(self, respond: Callable[[int, bytes], bytes | None]):
+    def __init__(self, respond: Callable[[int, bytes], bytes | None], close: bool = False):
         self.respond = respond
+        self.close_after_answer = close  # close the connection once the answer is sent
         self.requests: list[bytes] = []
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
@@ -60,6 +61,9 @@ class FakeEndpoint:
             out = self.respond(len(self.requests), head)
             if out:
                 conn.sendall(out)
+            if self.close_after_answer:
+                conn.close()
+                return
             self._stop.wait()  # then stall: never another byte
         except OSError:
             pass
@@ -75,8 +79,8 @@ class FakeEndpoint:
 def endpoint() -> Iterator[Callable[..., FakeEndpoint]]:
     made: list[FakeEndpoint] = []
 
-    def make(respond: Callable[[int, bytes], bytes | None] = lambda n, head: None) -> FakeEndpoint:
-        made.append(FakeEndpoint(respond))
+    def make(respond: Callable[[int, bytes], bytes | None] = lambda n, head: None, close: bool = False) -> FakeEndpoint:
+        made.append(FakeEndpoint(respond, close))
         return made[-1]
 
     yield make
@@ -175,6 +179,27 @@ def test_body_stall_is_resumed_from_the_last_byte(endpoint):
     assert store_at(ep.url).read_range("k", 0, 3 * MiB) == data
     second = ep.requests[1].lower()
     assert f"range: bytes={MiB}-{3 * MiB - 1}".encode() in second and b'if-match: "e1"' in second
+
+
+def test_body_cut_short_is_resumed_from_the_last_byte(endpoint):
+    """The server closes the connection 2 MiB + a bit into a body (no error, just EOF): the bytes
+    received so far are kept and the rest is asked for, pinned to the ETag."""
+    data = bytes(range(256)) * (3 * MiB // 256)
+
+    def respond(n: int, head: bytes) -> bytes:
+        first, last = (int(x) for x in head.split(b"ange: bytes=")[1].split(b"\r\n")[0].split(b"-"))
+        last = min(last, len(data) - 1)
+        body = data[first : last + 1]
+        answer = (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
+                  f"Content-Range: bytes {first}-{last}/{len(data)}\r\nETag: \"e1\"\r\n\r\n").encode()
+        return answer + (body[: 2 * MiB + 1000] if n == 1 else body)
+
+    ep = endpoint(respond, close=True)
+    out = bytearray(3 * MiB)
+    store_at(ep.url).read_into("k", 0, out)
+    assert out == data and len(ep.requests) == 2
+    second = ep.requests[1].lower()
+    assert f"range: bytes={2 * MiB + 1000}-{3 * MiB - 1}".encode() in second and b'if-match: "e1"' in second
 
 
 def test_one_retry_layer(endpoint):

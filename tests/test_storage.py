@@ -598,3 +598,29 @@ def test_s3_failed_concurrent_upload_publishes_nothing(s3_storage_factory, monke
         store.write_atomic("up", BIGGER)
     assert store.read("up") == b"old"
     assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
+
+
+def test_s3_bodies_are_received_in_place_on_reused_connections(s3_storage_factory, monkeypatch):
+    """A GET's body goes from the socket straight into the caller's buffer (botocore's copying
+    ``read`` is never called), and each connection goes back to the pool for the next request."""
+    import urllib3
+    from botocore.response import StreamingBody
+
+    store = s3_storage_factory(concurrency=1)
+    store.write_atomic("r", BIG)
+
+    def no_read(self, amt=None):
+        raise AssertionError("StreamingBody.read: the body was copied through bytes objects")
+
+    monkeypatch.setattr(StreamingBody, "read", no_read)
+    connects = []
+    real_connect = urllib3.connection.HTTPConnection.connect
+    monkeypatch.setattr(urllib3.connection.HTTPConnection, "connect",
+                        lambda self: (connects.append(1), real_connect(self))[1])
+    out = bytearray(len(BIG))
+    store.read_into("r", 0, out)  # three ranged GETs, one after the other
+    assert bytes(out) == BIG
+    assert store.read_range("r", 7, 1000) == BIG[7:1007]
+    with store.open_read("r") as f:
+        assert f.read() == BIG
+    assert len(connects) <= 1  # every GET (and the HEAD-less reads) on one kept-alive connection

@@ -13,10 +13,12 @@ The ETag is also the object's ``stat(key).version``, so a caller can pin several
 (``read_range`` / ``read_into`` with ``version=``) to one version.
 
 Transfers are parallel, so every caller gets line rate without asking: a streaming read
-(``open_read``, hence ``copy_between`` S3 → shm, reading landed shards) fetches the windows ahead
-of the reader with up to ``concurrency`` ranged GETs in flight, all pinned to the first response's
-ETag; a ``read_range`` / ``read_into`` longer than one part is split in ``part_size`` ranged GETs
-fetched concurrently into their place; a multipart upload (``open_write``, ``write_atomic``)
+(``open_read``, hence ``copy_between``, reading landed shards) fetches the windows ahead of the
+reader with up to ``concurrency`` ranged GETs in flight, all pinned to the first response's ETag;
+a ``read_range`` / ``read_into`` longer than one part is split in ``part_size`` ranged GETs
+fetched concurrently into their place (the loader and the shm tier's pre-warm read this way);
+every GET's body is received from the socket straight into its destination (:class:`_Body`);
+a multipart upload (``open_write``, ``write_atomic``)
 sends up to ``concurrency`` parts at once, holding at most that many parts in memory. Nothing
 about atomicity changes: the object is visible only once CompleteMultipartUpload lists every
 part, and a failed part aborts the whole upload.
@@ -42,6 +44,7 @@ Usage::
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import logging
 import math
@@ -54,6 +57,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import boto3
+import urllib3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
@@ -62,8 +66,11 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
     HTTPClientError,
     IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
     SSLError,
 )
+from botocore.response import StreamingBody
 
 from pipeline import settings
 from pipeline.storage.base import (
@@ -82,7 +89,7 @@ from pipeline.storage.base import (
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
 _MAX_COPY_OBJECT = 5 * 1024**3  # S3's limit for a single CopyObject
-_NET_CHUNK = 1024 * 1024  # granularity of reading a response body (progress kept across resumes)
+_NET_CHUNK = 1024 * 1024  # granularity of receiving a response body (progress kept across resumes)
 _BACKOFF_BASE_S = 0.25
 _BACKOFF_CAP_S = 8.0
 log = logging.getLogger(__name__)
@@ -165,6 +172,47 @@ class _Budget:
 
     def summary(self) -> str:
         return f"{self.attempts} attempt{'s' if self.attempts != 1 else ''} in {time.monotonic() - self.started:.1f} s"
+
+
+class _Body:
+    """A GET response body read into caller memory: ``readinto(view)`` receives up to
+    ``len(view)`` bytes into ``view`` and returns how many (0: the connection ended).
+
+    botocore's ``StreamingBody.read`` returns new bytes objects (http.client reads into a
+    bytearray and copies it into bytes; the caller then copies them to their place: three
+    copies of every byte). For a plain botocore body over urllib3/http.client, this receives
+    from the socket straight into ``view`` (one copy, as few as a raw GET that drops its
+    bytes), translating socket errors into botocore's so retries see the same exceptions.
+    Any other body (a checksum-validating one, a test double) goes through ``read``."""
+
+    def __init__(self, body: Any, endpoint: str):
+        self._body, self._endpoint = body, endpoint
+        raw = getattr(body, "_raw_stream", None)
+        fp = getattr(raw, "_fp", None)
+        direct = (type(body) is StreamingBody and isinstance(raw, urllib3.response.HTTPResponse)
+                  and isinstance(fp, http.client.HTTPResponse))
+        self._raw, self._fp = (raw, fp) if direct else (None, None)
+
+    def readinto(self, view: memoryview) -> int:
+        if self._fp is None:
+            data = self._body.read(len(view))
+            view[: len(data)] = data
+            return len(data)
+        try:
+            return self._fp.readinto(view)
+        except TimeoutError as e:  # socket.timeout: read_timeout passed without a byte
+            raise ReadTimeoutError(endpoint_url=self._endpoint, error=e) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise ResponseStreamingError(error=e) from None
+
+    def done(self) -> None:
+        """The whole body was read: hand the connection back to urllib3's pool for the next
+        request (what urllib3's own read does once http.client has closed the response)."""
+        if self._raw is not None and self._fp.isclosed():
+            self._raw.release_conn()
+
+    def close(self) -> None:
+        self._body.close()  # after done(): nothing left to close; else drops the connection
 
 
 class S3Storage(Storage):
@@ -328,40 +376,43 @@ class S3Storage(Storage):
     def _head(self, key: str) -> dict:
         return self._call("HEAD", key, self.client.head_object)
 
-    def _get(self, key: str, start: int, end: int, etag: str | None = None) -> tuple[bytes, str | None, int]:
+    def _get(self, key: str, start: int, end: int, etag: str | None = None) -> tuple[bytearray, str | None, int]:
         """Bytes ``[start, end]`` (inclusive; ``end`` may lie past the object's end, then fewer
         come back) as ``(data, etag, object_size)``. See :meth:`_stream` for resume and ETag pinning."""
-        pieces: list[bytes] = []
-        etag, size, _ = self._stream(key, start, end, etag, lambda piece, at: pieces.append(piece))
-        return b"".join(pieces), etag, size
+        held: list[bytearray] = []
+
+        def dest(n: int) -> memoryview:
+            held.append(bytearray(n))
+            return memoryview(held[0])
+
+        etag, size, _ = self._stream(key, start, end, etag, dest)
+        return (held[0] if held else bytearray()), etag, size
 
     def get_into(self, key: str, start: int, out, etag: str | None = None) -> tuple[int, str | None, int]:
         """Read ``len(out)`` bytes at ``start`` straight into the writable buffer ``out`` (e.g. a
-        pinned staging slot or the destination tensor's memory): each network piece is copied once,
-        to its place, with no assembled intermediate. Returns ``(bytes_read, etag, object_size)``;
+        pinned staging slot or the destination tensor's memory): the socket's bytes are received
+        into their place, with no intermediate. Returns ``(bytes_read, etag, object_size)``;
         fewer bytes than ``len(out)`` only past the object's end. Same resume and ETag pinning as
         :meth:`_get`."""
         view = memoryview(out).cast("B")
         if len(view) == 0:
             return 0, etag, self.stat(key).size
-
-        def place(piece: bytes, at: int) -> None:
-            view[at - start : at - start + len(piece)] = piece
-
-        etag, size, end = self._stream(key, start, start + len(view) - 1, etag, place)
+        etag, size, end = self._stream(key, start, start + len(view) - 1, etag, lambda n: view[:n])
         return end - start, etag, size
 
     def _stream(self, key: str, start: int, end: int, etag: str | None,
-                sink: Callable[[bytes, int], None]) -> tuple[str | None, int, int]:
-        """GET bytes ``[start, end]`` and hand each piece to ``sink(piece, offset)`` in order;
-        returns ``(etag, object_size, offset after the last byte)``.
+                dest: Callable[[int], memoryview]) -> tuple[str | None, int, int]:
+        """GET bytes ``[start, end]`` into ``dest(n)``, the buffer for the ``n`` bytes the server
+        has of that range (asked once, at the first response); returns ``(etag, object_size,
+        offset after the last byte)``.
 
         A connection that breaks mid-body is resumed from the last byte received, with
-        ``If-Match`` on the ETag of the first response (or the one given), so the pieces always
+        ``If-Match`` on the ETag of the first response (or the one given), so the bytes always
         belong to one version. ``max_attempts`` bounds consecutive failures without progress.
         """
         pos = start
         size: int | None = None
+        view: memoryview | None = None
         budget = _Budget(self.max_attempts, self.retry_deadline)
         while True:
             conditions = {"IfMatch": etag} if etag else {}
@@ -371,16 +422,21 @@ class S3Storage(Storage):
                     Bucket=self.bucket, Key=self._full(key), Range=f"bytes={pos}-{end}", **conditions
                 )
                 etag = resp["ETag"]
-                # "bytes 0-99/1234": the total after the slash
-                size = int(resp["ContentRange"].rpartition("/")[2])
-                body = resp["Body"]
+                # "bytes 0-99/1234": the last byte sent, and the total after the slash
+                sent, _, total = resp["ContentRange"].rpartition("/")
+                size = int(total)
+                stop = int(sent.rpartition("-")[2]) + 1
+                if view is None:
+                    view = dest(stop - start)
+                body = _Body(resp["Body"], self.endpoint)
                 try:
-                    while piece := body.read(min(_NET_CHUNK, end + 1 - pos)):
-                        sink(piece, pos)
-                        pos += len(piece)
+                    while pos < stop:
+                        n = body.readinto(view[pos - start : min(stop, pos + _NET_CHUNK) - start])
+                        if n == 0:  # the server closed the connection early: resume
+                            raise IncompleteReadError(actual_bytes=pos - start, expected_bytes=stop - start)
+                        pos += n
                         budget.progress()
-                        if pos > end:
-                            break
+                    body.done()
                 finally:
                     body.close()
                 return etag, size, pos
@@ -416,33 +472,37 @@ class S3Storage(Storage):
         if length <= self.part_size or self.concurrency == 1:
             data, _, size = self._get(key, start, start + length - 1, version)
             self._check_range(key, start, length, len(data), size)
-            return data
+            return bytes(data)
         out = bytearray(length)
         self.read_into(key, start, out, version=version)
         return bytes(out)
 
     def read_into(self, key: str, start: int, out, *, version: str | None = None) -> None:
-        """See :meth:`Storage.read_into`: each network piece is copied once, to its place. A range
-        longer than ``part_size`` is fetched as ``part_size`` ranged GETs, ``concurrency`` at a
-        time, every one pinned to the same ETag (``version``, else the first piece's)."""
+        """See :meth:`Storage.read_into`: the socket's bytes are received into their place. A
+        range longer than ``part_size`` is fetched as ``part_size`` ranged GETs, ``concurrency``
+        at a time, every one pinned to the same ETag: ``version``, else the first piece's (then
+        that piece goes first, alone, to learn it)."""
         if start < 0:
             raise ValueError(f"{self.uri(key)}: negative range start={start}")
         view = memoryview(out).cast("B")
         length = len(view)
         step = self.part_size
-        first = view[: min(step, length)]
-        got, etag, size = self.get_into(key, start, first, version)
-        if got != len(first) or length <= step:
-            self._check_range(key, start, length, got, size)
-            return
-        pieces = [(at, min(step, length - at)) for at in range(step, length, step)]
-        self._check_range(key, start, length, min(size - start, length), size)
+        etag = version
+        pieces = [(at, min(step, length - at)) for at in range(0, length, step)]
+        if version is None or len(pieces) <= 1:
+            first = view[: min(step, length)]
+            got, etag, size = self.get_into(key, start, first, version)
+            if got != len(first) or length <= step:
+                self._check_range(key, start, length, got, size)
+                return
+            self._check_range(key, start, length, min(size - start, length), size)
+            pieces = pieces[1:]
 
         def fetch(piece: tuple[int, int]) -> None:
             at, n = piece
-            got, _, _ = self.get_into(key, start + at, view[at : at + n], etag)
-            if got != n:  # cannot happen for a pinned version of the size checked above
-                raise IntegrityError(f"{self.uri(key)}: got {got} bytes at offset {start + at}, expected {n}")
+            got, _, size = self.get_into(key, start + at, view[at : at + n], etag)
+            if got != n:  # the object (of the pinned version) ends before the range does
+                self._check_range(key, start, length, at + got, size)
 
         _run_all(fetch, pieces, self.concurrency)
 
