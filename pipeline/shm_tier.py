@@ -53,11 +53,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
+import mmap
 import os
 import shutil
+import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +91,7 @@ from pipeline.storage import (
     copy_between,
     join,
 )
+from pipeline.storage.base import TMP_MARK
 
 DEFAULT_TIER_ROOT = "/dev/shm/forgeline"
 _META = ".tier"
@@ -182,6 +189,147 @@ def _tree_bytes(path: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Landing remote files in the tier
+# ---------------------------------------------------------------------------------------------
+
+_PIECE = 8 * 1024 * 1024  # ranged read size when the source does not say (S3: its part_size)
+
+
+class _Cancelled(Exception):
+    """Another file of the same prewarm failed: this one stops (that failure is what is raised)."""
+
+
+def _lands_in_place(store: Storage) -> bool:
+    """Whether ``store`` lands ranged reads in caller memory (it overrides ``read_into``, as S3
+    does: ranged GETs pinned to one version, received straight into the buffer): then the tier
+    fetches a file's pieces in parallel instead of streaming it through one reader."""
+    return type(store).read_into is not Storage.read_into
+
+
+def _land_files(store: Storage, dst: LocalStorage, files: list[tuple[str, int, str | None]]) -> list[float]:
+    """Copy ``files`` (``(key, bytes, sha256 or None)``) from ``store`` to the same keys in ``dst``;
+    returns the seconds each file took, in order.
+
+    Each file is fetched in ranged reads pinned to the version its ``stat`` saw (an object
+    replaced meanwhile fails with ObjectChanged), ``concurrency`` (S3) at a time in one pool
+    shared by all files. A read lands in its worker's own reused buffer and is written at its
+    offset into a temporary tmpfs file (``pwrite``: cheaper on tmpfs than receiving into a
+    mapping of the file, whose pages would be faulted in and zeroed one by one). The file's
+    sha256 is computed in order, in the file's own thread, from the landed bytes while later
+    pieces are still in flight (hashlib releases the GIL): so it checks what is in the tier,
+    not what was received. Several files land at once (up to the CPU count, at most 4), so their
+    hashes run on different cores. A file is published (renamed) only once its size and sha256
+    are checked; on any failure every temporary is removed. Memory: one piece per request in
+    flight, besides the destination files."""
+    if not files:
+        return []
+    piece = int(getattr(store, "part_size", 0) or _PIECE)
+    inflight = max(1, int(getattr(store, "concurrency", 0) or 8))
+    failed = threading.Event()
+    local = threading.local()
+
+    def fetch(key: str, version: str | None, fd: int, at: int, n: int) -> None:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = memoryview(bytearray(piece))
+        store.read_into(key, at, buf[:n], version=version)
+        done = 0
+        while done < n:
+            done += os.pwrite(fd, buf[done:n], at + done)
+
+    gets = ThreadPoolExecutor(inflight, thread_name_prefix="shm-get")
+    try:
+        with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1, 4), thread_name_prefix="shm-land") as pool:
+            futures = [pool.submit(_land_one, store, dst, key, size, sha, gets, fetch, piece, inflight, failed)
+                       for key, size, sha in files]
+            errors = [f.exception() for f in futures]
+    finally:
+        gets.shutdown(wait=True, cancel_futures=True)
+    first = next((e for e in errors if e is not None and not isinstance(e, _Cancelled)), None)
+    if first is not None:
+        raise first
+    return [f.result() for f in futures]
+
+
+def _land_one(store: Storage, dst: LocalStorage, key: str, size: int, sha: str | None,
+              gets: ThreadPoolExecutor, fetch, piece: int, window: int, failed: threading.Event) -> float:
+    """One file of :func:`_land_files` (in its own thread); returns its seconds."""
+    if failed.is_set():
+        raise _Cancelled()
+    t0 = time.perf_counter()
+    try:
+        info = store.stat(key)
+        if info.size != size:
+            raise IntegrityError(f"{store.uri(key)}: {info.size} bytes, the manifest says {size}")
+        final = dst.local_path(key)
+        tmp = final.parent / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    except BaseException as e:
+        failed.set()
+        raise _as_storage_error(e, dst.uri(key)) from e
+    mm: mmap.mmap | None = None
+    pending: deque[tuple[int, int, Future]] = deque()
+    try:
+        os.ftruncate(fd, size)  # sparse: pages are allocated by the writes (ENOSPC there)
+        mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
+        h = hashlib.sha256()
+
+        def hash_oldest() -> None:
+            at, n, fut = pending.popleft()
+            fut.result()
+            h.update(memoryview(mm)[at : at + n])  # in order; the next pieces keep arriving meanwhile
+
+        for at in range(0, size, piece):
+            if failed.is_set():
+                raise _Cancelled()
+            while len(pending) >= window:
+                hash_oldest()
+            n = min(piece, size - at)
+            pending.append((at, n, gets.submit(fetch, key, info.version, fd, at, n)))
+        while pending:
+            hash_oldest()
+        digest = h.hexdigest()
+        if sha is not None and digest != sha:
+            raise IntegrityError(f"{store.uri(key)}: sha256 {digest} != expected {sha}")
+        if os.fstat(fd).st_size != size:
+            raise IntegrityError(f"{dst.uri(key)}: {os.fstat(fd).st_size} bytes in the tier, expected {size}")
+        if mm is not None:
+            mm.close()
+            mm = None
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, final)
+        return time.perf_counter() - t0
+    except BaseException as e:
+        failed.set()
+        for _, _, fut in pending:
+            fut.cancel()
+        for _, _, fut in pending:  # none may still write to the file once it is closed
+            if not fut.cancelled():
+                fut.exception()
+        pending.clear()
+        if mm is not None:
+            with contextlib.suppress(BufferError):  # a traceback still views it: freed with it
+                mm.close()
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, _Cancelled):
+            raise
+        raise _as_storage_error(e, dst.uri(key)) from e
+
+
+def _as_storage_error(e: BaseException, where: str) -> BaseException:
+    """An OSError of the tier's filesystem as the StorageError callers expect (ENOSPC: StorageFull)."""
+    if isinstance(e, OSError) and not isinstance(e, StorageError):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageFull(f"{where}: no space left on device ({e.strerror})")
+        return StorageError(f"{where}: {e.strerror or e}")
+    return e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,14 +679,19 @@ class ShmTier:
 
         copied, file_seconds = 0, []
         try:
-            for file, size, sha in files:
-                key = join(prefix, file)
-                t0 = time.perf_counter()
-                info = copy_between(store, key, self.store, key, expected_sha256=sha)
-                file_seconds.append(time.perf_counter() - t0)
-                if info.size != size:
-                    raise IntegrityError(f"{store.uri(key)}: {info.size} bytes, the manifest says {size}")
-                copied += info.size
+            if _lands_in_place(store) and all(size > 0 for _, size, _ in files):
+                # A remote store (S3): parallel ranged reads straight into the tmpfs files.
+                file_seconds = _land_files(store, self.store, [(join(prefix, f), n, sha) for f, n, sha in files])
+                copied = sum(n for _, n, _ in files)
+            else:
+                for file, size, sha in files:
+                    key = join(prefix, file)
+                    t0 = time.perf_counter()
+                    info = copy_between(store, key, self.store, key, expected_sha256=sha)
+                    file_seconds.append(time.perf_counter() - t0)
+                    if info.size != size:
+                        raise IntegrityError(f"{store.uri(key)}: {info.size} bytes, the manifest says {size}")
+                    copied += info.size
             self.store.write_atomic(manifest_key, raw)  # last: now the version is complete
             copied += len(raw)
         except BaseException as e:

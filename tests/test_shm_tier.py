@@ -421,3 +421,111 @@ def test_resolve_source_follows_the_production_alias(local_storage, tier_root):
     assert source.authority is remote and source.pinned_refs == {f"{MODEL}/production": "v1"}
     got = load(f"{MODEL}/production", storage=source)
     assert all(torch.equal(got[k], v) for k, v in state(0).items())
+
+
+# Pre-warm from S3 (the real radosgw): parallel ranged reads straight into the tier's files -------
+
+
+def big_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"layer{i}.weight": torch.randn(3_000_000, generator=g) for i in range(3)}  # 12 MB each
+
+
+def publish_big(store: Storage, version: str, seed: int = 0) -> dict:
+    return ex.export(big_state(seed), store, MODEL, version, max_shard_bytes=13_000_000)  # 3 shards
+
+
+def reads_of(monkeypatch, store, on_call=None) -> list[tuple[str, int, int, str | None]]:
+    """Record ``store.read_into`` calls as ``(key, start, length, version)``; ``on_call(n, key)``
+    runs before the n-th call (from 1)."""
+    real, calls = store.read_into, []
+
+    def read_into(key, start, out, *, version=None):
+        calls.append((key, start, len(memoryview(out)), version))
+        if on_call is not None:
+            on_call(len(calls), key)
+        return real(key, start, out, version=version)
+
+    monkeypatch.setattr(store, "read_into", read_into)
+    return calls
+
+
+def no_leftovers(tier: ShmTier) -> bool:
+    return (version_dirs(tier) == [] and tier.list() == [] and not list(tier.root.rglob("*.tmp-*"))
+            and not [p for p in (tier.meta / "reserve").rglob("*") if p.is_file()])
+
+
+def test_prewarm_from_s3_lands_every_shard_in_parallel_pinned_pieces(s3_storage_factory, tier_root, monkeypatch):
+    store = s3_storage_factory(concurrency=4)  # 5 MiB parts: each 12 MB shard is 3 ranged reads
+    manifest = publish_big(store, "b1", seed=1)
+    prefix = ex.version_prefix(MODEL, "b1")
+    versions = {s["file"]: store.stat(join(prefix, s["file"])).version for s in manifest["shards"]}
+    calls = reads_of(monkeypatch, store)
+    tier = ShmTier(tier_root)
+    report = tier.prewarm(store, MODEL, "b1")
+    assert not report.hit and len(report.file_seconds) == len(manifest["shards"]) + 1  # shards, index
+    assert files_of(tier.storage(), MODEL, "b1") == files_of(store, MODEL, "b1")
+    assert ex.verify(tier.storage(), MODEL, "b1") == []  # every sha256 recomputed from the tier's bytes
+    for s in manifest["shards"]:
+        mine = sorted(c for c in calls if c[0] == join(prefix, s["file"]))
+        assert [c[1] for c in mine] == list(range(0, s["bytes"], store.part_size))  # every byte, once
+        assert {c[3] for c in mine} == {versions[s["file"]]}  # pinned to the version stat saw
+    assert not list(tier.root.rglob("*.tmp-*"))
+    got = ex.load_state_dict(tier.storage(), MODEL, "b1")
+    assert all(torch.equal(got[k], v) for k, v in big_state(1).items())
+
+
+def test_prewarm_from_s3_object_replaced_mid_read_fails_and_leaves_nothing(s3_storage_factory, tier_root, monkeypatch):
+    store = s3_storage_factory(concurrency=2)
+    manifest = publish_big(store, "b1", seed=1)
+    victim = join(ex.version_prefix(MODEL, "b1"), manifest["shards"][1]["file"])
+    other = payload_like(store, victim)
+
+    def replace_once(n, key):  # the victim's second piece is about to be read: replace the object
+        if key == victim and sum(c[0] == victim for c in calls) == 2:
+            store.write_atomic(victim, other)
+
+    calls = reads_of(monkeypatch, store, replace_once)
+    tier = ShmTier(tier_root)
+    with pytest.raises(IntegrityError, match=r"object changed during read.*not mixing bytes of two versions"):
+        tier.prewarm(store, MODEL, "b1")
+    assert no_leftovers(tier)
+
+
+def payload_like(store: Storage, key: str) -> bytes:
+    """Other bytes of the same size as ``key``: only the version (and the sha256) can tell."""
+    data = bytearray(store.read(key))
+    data[len(data) // 2] ^= 0xFF
+    return bytes(data)
+
+
+def test_prewarm_from_s3_corrupt_shard_is_rejected(s3_storage_factory, tier_root):
+    store = s3_storage_factory(concurrency=4)
+    manifest = publish_big(store, "b1", seed=1)
+    bad = manifest["shards"][2]
+    key = join(ex.version_prefix(MODEL, "b1"), bad["file"])
+    store.write_atomic(key, payload_like(store, key))  # same size, different bytes
+    tier = ShmTier(tier_root)
+    with pytest.raises(IntegrityError, match=rf"{bad['file']}: sha256 [0-9a-f]+ != expected {bad['sha256']}"):
+        tier.prewarm(store, MODEL, "b1")
+    assert no_leftovers(tier)
+
+
+def test_prewarm_from_s3_tmpfs_full_mid_copy(s3_storage_factory, tier_root, monkeypatch):
+    store = s3_storage_factory(concurrency=4)
+    publish_big(store, "b1", seed=1)
+    tier = ShmTier(tier_root)
+    real_pwrite, written = os.pwrite, []
+
+    def pwrite(fd, data, offset):  # the kernel refuses bytes once 20 MB are in: tmpfs is full
+        if sum(written) > 20_000_000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(StorageFull, match=r"filled up after.*no space left on device.*partial copy was removed"):
+        tier.prewarm(store, MODEL, "b1")
+    assert no_leftovers(tier)
+    monkeypatch.undo()
+    assert not tier.prewarm(store, MODEL, "b1").hit and ex.verify(tier.storage(), MODEL, "b1") == []
