@@ -235,7 +235,8 @@ class _ShardReader:
                 return n - 256 ** (end - start - 1) if field[0] == 0o377 else n
             digits = field.split(b"\0", 1)[0].strip()
             if digits.translate(None, _OCTAL_DIGITS):
-                raise ShardInvalid(f"corrupt or truncated tar: invalid {what} field {field!r} in the header at byte {at}")
+                raise ShardInvalid(f"corrupt or truncated tar: invalid {what} field {field!r} "
+                                   f"in the header at byte {at}")
             return int(digits or b"0", 8)
 
         chksum = number("checksum", 148, 156)
@@ -296,7 +297,8 @@ class _ShardReader:
                 raise ShardInvalid(f"truncated tar: no end-of-archive marker after {self.nbytes} bytes")
             if block == _ZERO_BLOCK:
                 if meta_at is not None:
-                    raise ShardInvalid(f"corrupt or truncated tar: the header at byte {meta_at} is not followed by a member")
+                    raise ShardInvalid(f"corrupt or truncated tar: the header at byte {meta_at} "
+                                       "is not followed by a member")
                 return self._end(at)
             name, kind, size, linkname = self._header(block, at)
             if kind in _META:
@@ -333,7 +335,8 @@ class _ShardReader:
                     linkname = meta["linkpath"]
                 if "size" in meta:
                     if not meta["size"].isdigit() or not meta["size"].isascii():
-                        raise ShardInvalid(f"corrupt tar: pax size {meta['size'][:20]!r} for member {name!r} is not a number")
+                        raise ShardInvalid(f"corrupt tar: pax size {meta['size'][:20]!r} for member {name!r} "
+                                           "is not a number")
                     size = int(meta["size"])
                 meta = {}
             _check_member(name, kind, size, linkname)

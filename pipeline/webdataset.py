@@ -203,13 +203,15 @@ def png_problem(data, limit: int | None) -> tuple[str | None, bool]:
         if not kind.isalpha():  # bytes.isalpha: ASCII letters only
             return bad(f"invalid chunk type {kind!r} at byte {pos}")
         if length > 0x7FFFFFFF or end > n:
-            return bad(f"chunk {kind.decode()} at byte {pos} needs {length} bytes, {max(0, n - pos - 12)} left (truncated)")
+            left = max(0, n - pos - 12)
+            return bad(f"chunk {kind.decode()} at byte {pos} needs {length} bytes, {left} left (truncated)")
         if zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
             return bad(f"bad CRC in chunk {kind.decode()} at byte {pos} (corrupt)")
         if header is None:
             if kind != b"IHDR" or length != 13:
                 return bad(f"first chunk is {kind.decode()} ({length} bytes), not a 13-byte IHDR")
-            width, height, depth, ctype, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, pos + 8)
+            width, height, depth, ctype, compression, filtering, interlace = struct.unpack_from(
+                ">IIBBBBB", data, pos + 8)
             if width == 0 or height == 0:
                 return f"empty image {width}x{height}", True
             if width > 0x7FFFFFFF or height > 0x7FFFFFFF:
