@@ -20,9 +20,15 @@
    (:class:`GoldenMismatch` otherwise). This also warms the module up. A version without golden
    outputs is accepted unless ``require_golden`` (``LoadedVersion.golden["checked"]`` is False).
    ``golden_rows`` narrows or (0) skips it for a re-load of bytes that already passed;
-5. with ``compile=True``: ``torch.compile`` through :func:`pipeline.compile_cache.compile_with_cache`
-   (``dynamic=True``: one program for every batch size; warmed on batch sizes 1, 8 and
-   ``max_batch_size``). Compiles run one at a time in the process (Dynamo is not thread-safe).
+5. with ``compile=True``: an AOTInductor package through
+   :func:`pipeline.compile_cache.aot_compile_with_cache`: one package for batch sizes 1 to
+   ``max_batch_size`` (or the golden batch, if larger), keyed by the architecture, not the weights,
+   which are bound from the loaded module (no copy). A cache hit loads the package in well under a
+   second; a miss exports and builds it and stores it for every later version of the architecture.
+   A model ``torch.export`` cannot capture falls back to ``torch.compile`` through
+   :func:`~pipeline.compile_cache.compile_with_cache` (``dynamic=True``), with a warning.
+   ``LoadedVersion.compile`` says which, hit or miss and why, and the seconds of each step.
+   Compiles run one at a time in the process (Dynamo is not thread-safe).
 
 Input/output specs (:class:`TensorSpec`) come from the golden tensors when present (their shape
 past the batch dimension), else from the architecture's ``in_channels``/``num_classes`` kwargs with
@@ -382,23 +388,28 @@ def load_version(
     compile_info = None
     t_compile = 0.0
     if compile:
-        from pipeline.compile_cache import compile_with_cache
+        from pipeline.compile_cache import aot_compile_with_cache
 
-        shape = [max_batch_size, *(s if s > 0 else 28 for s in inp.shape)]
-        example = (golden["input"][:1].expand(max_batch_size, *golden["input"].shape[1:]).contiguous()
+        # the golden check runs its whole recorded batch through what serves: cover it too
+        batch = max(max_batch_size, int(golden["input"].shape[0]) if golden is not None else 1)
+        shape = [batch, *(s if s > 0 else 28 for s in inp.shape)]
+        example = (golden["input"][:1].expand(batch, *golden["input"].shape[1:]).contiguous()
                    if golden is not None else torch.zeros(shape)).to(dev, dtype)
-        # batch 1 is a graph of its own (Dynamo specializes size 1 even with dynamic=True): warm it
-        # inside compile_with_cache, so the cache entry holds it and a hit does not recompile it. A
-        # copy made here, like a request's tensor: a graph traced on the view example[:1] guards on
-        # its base, and one traced on a tensor made under inference_mode on its dispatch keys;
-        # either way every request's tensor failed the guard and compiled batch 1 once more.
-        warmup = [(example[:1].clone(),)] if max_batch_size > 1 else []
         tc = time.perf_counter()
         with _COMPILE_LOCK, torch.inference_mode():
-            forward, creport = compile_with_cache(module, (example,), cache, mode=compile_mode, dynamic=True,
-                                                  warmup=warmup)
+            forward, creport = aot_compile_with_cache(
+                module, example, cache, max_batch_size=batch, mode=compile_mode,
+                dynamic_dims=[i + 1 for i, s in enumerate(inp.shape) if s < 0])  # sizes the spec leaves open
         t_compile = time.perf_counter() - tc
-        compile_info = {"hit": creport.hit, "key": creport.key, "seconds": t_compile, "warnings": list(creport.warnings)}
+        compile_info = {"kind": creport.kind, "hit": creport.hit, "key": creport.key, "seconds": t_compile,
+                        "step_seconds": creport.op_seconds, "bytes": creport.artifact_bytes,
+                        "miss_reason": creport.miss_reason, "fallback_reason": creport.fallback_reason,
+                        "warnings": list(creport.warnings)}
+        log.info("%s: compiled (%s, cache %s) in %.2fs: %s", what, creport.kind,
+                 "hit" if creport.hit else f"miss: {creport.miss_reason}", t_compile,
+                 ", ".join(f"{k} {v:.2f}s" for k, v in creport.op_seconds.items()))
+        for w in creport.warnings:
+            log.warning("%s: %s", what, w)
 
     tg = time.perf_counter()
     if golden is not None:
