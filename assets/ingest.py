@@ -12,9 +12,10 @@ from resources.storage import StorageResource
 class ShardIngestConfig(dg.Config):
     incoming_prefix: str = Field(default="incoming", description="Landing prefix; shards under <prefix>/<batch>/.")
     num_classes: int = Field(default=10, ge=1, description="Labels must lie in [0, num_classes).")
-    workers: int | None = Field(default=None, ge=1, description=(
-        "Processes that decode the images (CPU-bound; default: one per CPU core). Shards are streamed, "
-        "parsed and hashed in the step's process, their images decoded in these in parallel."))
+    workers: int | None = Field(default=None, ge=0, le=256, description=(
+        "Processes that check the images (0: the step's shard threads check them, which suits up to 4 "
+        "CPUs since the PNG check runs outside the GIL; default: 0 up to 4 CPUs, else one per CPU). "
+        "Shards are streamed, parsed and hashed in the step's process."))
 
 
 class TableIngestConfig(dg.Config):
