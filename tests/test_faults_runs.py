@@ -76,7 +76,7 @@ def _err_lines(capsys) -> list[str]:
     ("quantized_model", "schemes", ["int3"], "int8, int4"),
     ("quantized_model", "max_drop_int8", -1, "greater than or equal to 0"),
     ("raw_shards_image_drift", "warn_share", 2, "less than or equal to 1"),
-    ("raw_shards", "workers", 0, "greater than or equal to 1"),
+    ("raw_shards", "workers", -1, "greater than or equal to 0"),
     ("shm_prewarm", "quantized", ["fp4"], "int8, int4"),
 ])
 def test_bad_run_config_names_the_field(op, field, value, words):
