@@ -162,14 +162,9 @@ def build_registry(args):
     tier = None if args.no_shm else ShmTier(settings.shm_root(), capacity_bytes=settings.shm_capacity_bytes())
     cache = None
     if args.compile:
-        import dagster as dg
+        from pipeline.compile_cache import configured as configured_cache
 
-        from resources.cache import compile_cache_from_env
-        from resources.storage import storage_from_env
-
-        resource = storage_from_env()
-        with dg.build_resources({"storage": resource, "compile_cache": compile_cache_from_env(resource)}) as res:
-            cache = res.compile_cache.cache()
+        cache = configured_cache(store)
     return ModelRegistry(store, config, tier=tier, cache=cache), store
 
 

@@ -1281,6 +1281,23 @@ def _artifact_counts(mega: bytes) -> dict[str, list]:
         return {}
 
 
+def configured(store: Storage | None = None, env=None) -> ArtifactCache:
+    """The cache ``FORGELINE_COMPILE_CACHE`` names, for code outside a Dagster run (``forgeline
+    serve``): ``local`` (:func:`pipeline.settings.compile_cache_dir`), ``storage`` (entries in
+    ``store``, default the configured model store) or ``redis`` (``FORGELINE_COMPILE_CACHE_URL``).
+    The compile-cache resources build the same caches inside runs."""
+    from pipeline import settings
+
+    kind, url = settings.compile_cache(env)
+    if kind == "redis":
+        return RedisCache(str(url))
+    if kind == "storage":
+        from pipeline.storage import configured as configured_store
+
+        return StorageCache(store if store is not None else configured_store(env))
+    return LocalDirCache(settings.compile_cache_dir(env))
+
+
 __all__ = [
     "AOTIModule",
     "ArtifactCache",
@@ -1295,6 +1312,7 @@ __all__ = [
     "cache_config_warnings",
     "cache_key",
     "compile_with_cache",
+    "configured",
     "device_components",
     "frame",
     "pack_bundle",

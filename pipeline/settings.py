@@ -264,6 +264,11 @@ def compile_cache(env: Env = None) -> tuple[str, str | None]:
     return kind, url
 
 
+def compile_cache_dir(env: Env = None) -> Path:
+    """Where the ``local`` compile cache keeps its entries: ``$FORGELINE_HOME/compile-cache``."""
+    return home(env) / "compile-cache"
+
+
 def cron(name: str, default: str, env: Env = None) -> str:
     """A schedule's cron expression (``FORGELINE_INGEST_CRON``, ``FORGELINE_RETRAIN_CRON``); the
     caller validates it with Dagster's parser (the engine does not import dagster)."""

@@ -20,7 +20,7 @@ class CompileCacheResource(dg.ConfigurableResource):
 class LocalCompileCacheResource(CompileCacheResource):
     """A directory on this host (default ``$FORGELINE_HOME/compile-cache``)."""
 
-    path: str = Field(default_factory=lambda: str(settings.home() / "compile-cache"))
+    path: str = Field(default_factory=lambda: str(settings.compile_cache_dir()))
 
     def cache(self) -> ArtifactCache:
         return LocalDirCache(self.path)

@@ -561,3 +561,39 @@ def test_entry_that_leaves_graphs_cold_is_replaced(tmp_path, fresh_dynamo, monke
         torch.testing.assert_close(compiled(x), b(x))
     assert again.hit and not again.saved and again.warnings == [], again
     assert again.inductor_cache["fxgraph_miss"] == 0 and again.inductor_cache["fxgraph_hit"] >= 1
+
+
+def test_configured_cache_outside_a_run_matches_the_resources(tmp_path):
+    """`forgeline serve` opens the compile cache without Dagster (pipeline.compile_cache.configured);
+    the resources a run uses build the same cache from the same settings."""
+    import dagster as dg
+
+    from pipeline import compile_cache
+    from pipeline.settings import SettingError
+    from pipeline.storage import LocalStorage
+    from resources.cache import compile_cache_from_env
+    from resources.storage import LocalStorageResource
+
+    home = tmp_path / "home"
+    store_root = tmp_path / "store"
+    cases = {"local": {}, "storage": {"FORGELINE_COMPILE_CACHE": "storage"},
+             "redis": {"FORGELINE_COMPILE_CACHE": "redis", "FORGELINE_COMPILE_CACHE_URL": "redis://127.0.0.1:1/0"}}
+    for kind, extra in cases.items():
+        env = {"FORGELINE_HOME": str(home), "FORGELINE_STORAGE_ROOT": str(store_root), **extra}
+        ours = compile_cache.configured(env=env)
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            resource = LocalStorageResource(root=str(store_root))
+            with dg.build_resources({"storage": resource, "compile_cache": compile_cache_from_env(resource)}) as res:
+                theirs = res.compile_cache.cache()
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        assert type(ours) is type(theirs) and ours.describe() == theirs.describe(), (kind, ours, theirs)
+    assert str(home / "compile-cache") in compile_cache.configured(env={"FORGELINE_HOME": str(home)}).describe()
+    # the storage kind uses the store it is given (the server's own)
+    given = LocalStorage(tmp_path / "other")
+    assert compile_cache.configured(given, env={"FORGELINE_COMPILE_CACHE": "storage"}).storage is given
+    with pytest.raises(SettingError, match="FORGELINE_COMPILE_CACHE_URL"):
+        compile_cache.configured(env={"FORGELINE_COMPILE_CACHE": "redis"})

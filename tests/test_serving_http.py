@@ -840,3 +840,23 @@ def test_forgeline_serve_cli(published, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("flags", [[], ["--compile"]])
+def test_forgeline_serve_setup_does_not_import_dagster(tmp_path, flags):
+    """A serving cold start pays for every import: the store, the tier and the compile cache come
+    from the engine's settings, never through Dagster (seconds of imports)."""
+    code = (
+        "import argparse, sys\n"
+        "from jobs.serve_cli import add_parser, build_registry\n"
+        "p = argparse.ArgumentParser(); sub = p.add_subparsers(dest='cmd'); add_parser(sub)\n"
+        f"args = p.parse_args(['serve', '--models', 'digits', *{flags!r}])\n"
+        "registry, store = build_registry(args)\n"
+        "print(type(registry.cache).__name__, 'dagster' in sys.modules)\n"
+    )
+    env = {**os.environ, "FORGELINE_HOME": str(tmp_path), "FORGELINE_STORAGE_ROOT": str(tmp_path / "store")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cache, dagster_loaded = out.stdout.split()
+    assert dagster_loaded == "False"
+    assert cache == ("LocalDirCache" if flags else "NoneType")
