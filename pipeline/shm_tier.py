@@ -66,6 +66,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from pipeline.export import (
     DEFAULT_ROOT,
@@ -245,7 +246,11 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[tuple[str, int, s
         with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1, 4), thread_name_prefix="shm-land") as pool:
             futures = [pool.submit(_land_one, store, dst, key, size, sha, gets, fetch, piece, inflight, failed)
                        for key, size, sha in files]
-            errors = [f.exception() for f in futures]
+            try:
+                errors = [f.exception() for f in futures]
+            except BaseException:
+                failed.set()  # interrupted while waiting: the files stop at their next piece
+                raise
     finally:
         gets.shutdown(wait=True, cancel_futures=True)
     first = next((e for e in errors if e is not None and not isinstance(e, _Cancelled)), None)
@@ -270,7 +275,7 @@ def _land_one(store: Storage, dst: LocalStorage, key: str, size: int, sha: str |
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except BaseException as e:
         failed.set()
-        raise _as_storage_error(e, dst.uri(key)) from e
+        _reraise(e, dst.uri(key))
     mm: mmap.mmap | None = None
     pending: deque[tuple[int, int, Future]] = deque()
     try:
@@ -318,18 +323,17 @@ def _land_one(store: Storage, dst: LocalStorage, key: str, size: int, sha: str |
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
-        if isinstance(e, _Cancelled):
-            raise
-        raise _as_storage_error(e, dst.uri(key)) from e
+        _reraise(e, dst.uri(key))
 
 
-def _as_storage_error(e: BaseException, where: str) -> BaseException:
-    """An OSError of the tier's filesystem as the StorageError callers expect (ENOSPC: StorageFull)."""
+def _reraise(e: BaseException, where: str) -> NoReturn:
+    """Raise ``e``; an OSError of the tier's filesystem as the StorageError callers expect
+    (ENOSPC: StorageFull), anything else as it is."""
     if isinstance(e, OSError) and not isinstance(e, StorageError):
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return StorageFull(f"{where}: no space left on device ({e.strerror})")
-        return StorageError(f"{where}: {e.strerror or e}")
-    return e
+            raise StorageFull(f"{where}: no space left on device ({e.strerror})") from e
+        raise StorageError(f"{where}: {e.strerror or e}") from e
+    raise e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,7 +683,7 @@ class ShmTier:
 
         copied, file_seconds = 0, []
         try:
-            if _lands_in_place(store) and all(size > 0 for _, size, _ in files):
+            if _lands_in_place(store):
                 # A remote store (S3): parallel ranged reads straight into the tmpfs files.
                 file_seconds = _land_files(store, self.store, [(join(prefix, f), n, sha) for f, n, sha in files])
                 copied = sum(n for _, n, _ in files)
