@@ -28,7 +28,7 @@ Llama-3-shaped bf16 checkpoint (bench/loaders.py) and measures, on that same end
 
 Deleted data is garbage-collected (``radosgw-admin gc process --include-all``) between rounds, so
 the memstore OSD never holds more than the checkpoint plus one round of uploads. Targets: loader
-≥ 90% of raw GET and ≥ 1.5x Run:ai; prewarm ≥ 80% of raw GET; upload ≥ 80% of raw PUT.
+≥ 90% of raw GET, loader+client ≥ 1.5x Run:ai; prewarm ≥ 80% of raw GET; upload ≥ 80% of raw PUT.
 """
 
 from __future__ import annotations
