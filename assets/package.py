@@ -10,9 +10,10 @@ import dagster as dg
 from pydantic import Field, field_validator
 
 from assets.train import GPU_POOL, shard_cache_dir
-from pipeline import compile_cache as cc
 from pipeline import dataset as ds
 from pipeline import export, metrics, package, promotion, quantize, settings
+from pipeline.serving import loader as serving_loader
+from pipeline.serving.registry import ServeConfig
 from resources.cache import CompileCacheResource
 from resources.gpu import GpuPoolResource
 from resources.storage import StorageResource
@@ -167,7 +168,9 @@ def promoted_model(context: dg.AssetExecutionContext, exported_model: dict, quan
 
 
 class CompileConfig(dg.Config):
-    batch_size: int = Field(default=64, ge=1, description="Input batch the serving path compiles for.")
+    batch_size: int = Field(default=ServeConfig.max_batch_size, ge=1, le=4096, description=(
+        "Largest batch the compiled program serves (batches 1..this): the servers' --max-batch-size, "
+        "so their --compile finds this package in the compile cache."))
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(default="default", description="torch.compile mode: default | reduce-overhead | max-autotune")
 
 
@@ -176,35 +179,40 @@ def compile_artifacts(
     context: dg.AssetExecutionContext, config: CompileConfig, exported_model: dict, storage: StorageResource,
     compile_cache: CompileCacheResource, gpu_pool: GpuPoolResource,
 ):
-    """torch.compile of the exported model for the target device and input shape, its mega-cache
-    artifacts stored in the compile cache (a hit loads them instead). Downstream of the quantization
-    gate, so a failed gate leaves nothing to deploy."""
-    import torch
-
+    """The exported version loaded and compiled exactly as ``forgeline serve --compile`` will (an
+    AOTInductor package keyed by the architecture, batch range, device and software versions; weights
+    bound at load), through the compile cache, and its golden outputs reproduced by the compiled
+    program. A server on the same device type then starts on a cache hit. Downstream of the
+    quantization gate, so a failed gate leaves nothing to deploy."""
     store = storage.client()
-    name, version, spec = exported_model["model"], exported_model["version"], exported_model["spec"]
+    cache = compile_cache.cache()
+    name, version = exported_model["model"], exported_model["version"]
     with gpu_pool.lease(f"compile_artifacts:{context.run.run_id}") as lease:
         device = f"cuda:{lease.devices[0].index}" if lease.devices else "cpu"
-        model = export.build_from_version(store, name, version).to(device)
-        example = torch.randn(config.batch_size, *package.input_shape(spec), device=device)
-        _, report = cc.compile_with_cache(model, example, compile_cache.cache(), mode=config.mode)
-    for w in report.warnings:
+        loaded = serving_loader.load_version(store, name, version, device=device, cache=cache, compile=True,
+                                             compile_mode=config.mode, max_batch_size=config.batch_size)
+    info = loaded.compile or {}
+    golden = loaded.golden
+    serving_loader.release(loaded)
+    for w in info.get("warnings", []):
         context.log.warning(w)
-    transfer_s = report.seconds_fetch + report.seconds_load if report.hit else report.seconds_save
+    ops = info.get("step_seconds", {})
+    transfer_s = ops.get("fetch", 0.0) + ops.get("load", 0.0) if info.get("hit") else ops.get("save", 0.0)
     return dg.MaterializeResult(metadata={
-        "hit": report.hit,
-        "key": report.key or "",
-        "backend": report.backend,
-        "compile_first_call_s": report.seconds_compile_first_call,
-        "total_s": report.seconds_total,
-        "seconds": report.seconds_total,
-        **{f"{op}_seconds": s for op, s in report.op_seconds.items()},
-        "mb_per_s": report.artifact_bytes / 1e6 / transfer_s if transfer_s > 0 else 0.0,
-        **metrics.summary(report.op_seconds.values(), "op_latency"),
-        "artifact_bytes": report.artifact_bytes,
+        "hit": bool(info.get("hit")),
+        "kind": info.get("kind") or "",
+        "key": info.get("key") or "",
+        "backend": cache.describe(),
+        "seconds": info.get("seconds", 0.0),
+        **{f"{op}_seconds": s for op, s in ops.items()},
+        "mb_per_s": info.get("bytes", 0) / 1e6 / transfer_s if transfer_s > 0 else 0.0,
+        **metrics.summary(ops.values(), "op_latency"),
+        "artifact_bytes": info.get("bytes", 0),
         "device": device,
-        "input_shape": dg.MetadataValue.json(list(example.shape)),
-        "warnings": dg.MetadataValue.json(report.warnings),
-        "miss_reason": report.miss_reason or "",
+        "batch_sizes": f"1..{config.batch_size}",
+        "golden_max_abs_diff": float(golden.get("max_abs_diff", 0.0)),
+        "warnings": dg.MetadataValue.json(info.get("warnings", [])),
+        "miss_reason": info.get("miss_reason") or "",
+        "fallback_reason": info.get("fallback_reason") or "",
         "model_version": f"{name}/{version}",
     })

@@ -255,11 +255,19 @@ def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
         _assert_timed(qmd, "tensor_latency", "tensors_per_s")
         assert qmd["int8_seconds"].value > 0 and qmd["int4_seconds"].value > 0
         cmd = first.asset_materializations_for_node("compile_artifacts")[0].metadata
-        assert cmd["hit"].value is False and cmd["artifact_bytes"].value > 0
+        assert cmd["hit"].value is False and cmd["artifact_bytes"].value > 0 and cmd["kind"].value == "aoti"
         _assert_timed(cmd, "op_latency", "mb_per_s")
         assert cmd["compile_seconds"].value > 0 and cmd["save_seconds"].value > 0
+        assert cmd["golden_max_abs_diff"].value <= 1e-4  # the compiled program reproduced the export
         store = storage.client()
         version = first.asset_materializations_for_node("exported_model")[0].metadata["version"].value
+        # what the step stored is what `forgeline serve --compile` loads: the server starts on a hit
+        from pipeline import compile_cache
+        from pipeline.serving import loader as serving_loader
+
+        served = serving_loader.load_version(store, "digits", version, compile=True, cache=compile_cache.configured(store))
+        assert served.compile["hit"] and served.compile["kind"] == "aoti" and served.compile["key"] == cmd["key"].value
+        serving_loader.release(served)
         assert store.exists(f"models/digits/{version}/manifest.json")
         assert store.exists(f"models/digits-int8/{version}/manifest.json")
         # promotion: past both gates the version (and its variants) is production, golden outputs recorded
