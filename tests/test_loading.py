@@ -274,6 +274,37 @@ def test_small_owned_load_reads_once_and_hashes_what_it_read(local_storage, st_f
         load("net/v1", storage=local_storage, owned=True, verify=True)
 
 
+def test_verified_header_is_reused_only_for_the_same_bytes(tmp_path):
+    """A header is remembered by the sha256 a load verified; a later load checking that sha256
+    skips the parse but still hashes every byte, and a file that failed its check is never
+    remembered (its header must not serve the right bytes later)."""
+    from pipeline.loading import sources
+
+    good = {"a": torch.arange(12.0).reshape(3, 4), "b": torch.arange(5, dtype=torch.int32)}
+    other = {"c": torch.arange(5, dtype=torch.int32), "a": torch.zeros(3, 4)}  # another header, same size
+    p = tmp_path / "m.safetensors"
+    save_file(good, str(p))
+    data = p.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    save_file(other, str(p))  # the wrong file, checked against the right sha256 first
+    assert p.stat().st_size == len(data) and p.read_bytes()[:100] != data[:100]
+    with pytest.raises(LoadError, match="sha256 mismatch"):
+        load(p, owned=True, expected_sha256={p.name: sha})
+    assert sha not in sources._VERIFIED_HEADERS
+    p.write_bytes(data)
+    for _ in range(2):  # parsed, then taken from the cache: the same tensors
+        assert_bit_exact(load(p, owned=True, expected_sha256={p.name: sha}), good)
+    assert sha in sources._VERIFIED_HEADERS
+    flipped = bytearray(data)
+    flipped[-1] ^= 0x01  # same size, same header, other bytes: the hash still catches it
+    p.write_bytes(bytes(flipped))
+    with pytest.raises(LoadError, match="sha256 mismatch"):
+        load(p, owned=True, expected_sha256={p.name: sha})
+    p.write_bytes(data[:-8])  # truncated: the size check, before any read
+    with pytest.raises(LoadError, match="bytes"):
+        load(p, owned=True, expected_sha256={p.name: sha})
+
+
 def test_dtype_cast_only_touches_floating_point(st_file):
     for method in CPU_METHODS:
         got = load(st_file, dtype=torch.float16, method=method)

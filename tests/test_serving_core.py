@@ -308,6 +308,38 @@ def test_lru_budget_evicts_idle_models_and_reloads(store):
     run(main())
 
 
+def test_watcher_does_not_reload_a_model_evicted_while_it_read_the_alias(store):
+    """The alias watcher reads every serving model's alias off the event loop; a model the LRU
+    evicts meanwhile must stay evicted (its next request loads it), not be loaded back by the
+    watcher, which would evict another model in turn."""
+    publish(store, "a", "v1", 1)
+
+    async def main():
+        reg = ModelRegistry(store, config(poll_s=3600.0))
+        await reg.start()
+        await reg.infer("a", None, {"input": batch(1)})
+        m = reg._models["a"]
+        m.production = None  # as after a request-driven load: the watcher sees the alias "change"
+        io = reg._io
+
+        async def read_then_evict(fn, *args, **kw):
+            out = await io(fn, *args, **kw)
+            reg._evict_now(m, "v1", "evicted (LRU) by the test")
+            return out
+
+        reg._io = read_then_evict
+        await reg._poll()
+        await asyncio.sleep(0.2)
+        assert not reg.model_ready("a") and not m.loading and m.production == "v1"
+        assert reg.metrics.value("loads_total", model="a", result="ok") == 1
+        reg._io = io
+        await reg.infer("a", None, {"input": batch(1)})  # the next request loads it
+        assert reg.model_ready("a")
+        await reg.stop()
+
+    run(main())
+
+
 def test_reload_after_eviction_still_verifies_every_byte(store, tmp_path):
     """The golden check is skipped on a re-load only because the bytes are verified again: a
     shard changed in place (same size) after the first load fails the re-load by its sha256."""

@@ -926,6 +926,9 @@ class ModelRegistry:
             m.production, m.alias = version, alias
             if version is None or version == m.serving or version in m.failed:
                 continue
+            if m.unloaded or m.resident() is None:  # evicted or unloaded while the alias was read:
+                continue  # its next request loads the production version; the watcher does not
+
             if m.follow is not None and not m.follow.done():
                 continue
             m.follow = self._spawn(self._follow(m, version))
