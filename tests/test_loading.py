@@ -368,6 +368,19 @@ def test_module_on_meta_is_filled_without_copies(tmp_path):
         wrong = nn.Linear(8, 3)
     with pytest.raises(LoadError, match="does not fit Linear"):
         load(p, module=wrong)
+    # a module with its own loading logic (a hook here) goes through load_state_dict, hook and all
+    with torch.device("meta"):
+        hooked = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    seen = []
+    hooked[0]._register_load_state_dict_pre_hook(lambda sd, prefix, *a: seen.append(prefix))
+    load(p, module=hooked, owned=True)
+    assert seen == ["0."] and torch.equal(hooked.eval()(x), ref(x))
+    # frozen parameters stay frozen when the tensors are assigned directly
+    with torch.device("meta"):
+        frozen = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    frozen[2].weight.requires_grad_(False)
+    load(p, module=frozen, owned=True)
+    assert not frozen[2].weight.requires_grad and frozen[0].weight.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------
