@@ -502,12 +502,22 @@ def _assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
         todo.extend((f"{prefix}{name}.", child) for name, child in mod._modules.items() if child is not None)
     if slots.keys() != tensors.keys() or any(t.shape != tensors[k].shape for k, (_, _, t) in slots.items()):
         return False
+    from torch.nn.modules import module as nn_module
+
+    # straight into the module's dicts (what setattr ends in) unless registration hooks are set
+    direct = not (nn_module._global_parameter_registration_hooks or nn_module._global_buffer_registration_hooks)
     with torch.no_grad():
         for key, (mod, name, old) in slots.items():
             new = tensors[key]
-            if isinstance(old, torch.nn.Parameter):
+            is_param = isinstance(old, torch.nn.Parameter)
+            if is_param:
                 new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
-            setattr(mod, name, new)
+            if not direct:
+                setattr(mod, name, new)
+            elif is_param:
+                mod._parameters[name] = new
+            else:
+                mod._buffers[name] = new
     return True
 
 
