@@ -751,6 +751,21 @@ def _first_call(model, inputs: tuple, mode: str, dynamic: bool) -> tuple[Callabl
     return compiled, time.perf_counter() - t0
 
 
+def _fetch(cache: ArtifactCache | None, report: CompileReport, components: dict[str, Any] | None) -> bytes | None:
+    """The entry under ``report.key`` (timed into the report), or None with the miss reason recorded
+    (a warning unless there simply was no entry)."""
+    if cache is None or report.key is None:
+        return None
+    t0 = time.perf_counter()
+    payload = cache.get(report.key, components=components)
+    report.seconds_fetch = time.perf_counter() - t0
+    if payload is None:
+        report.miss_reason = cache.last_miss_reason
+        if cache.last_error or report.miss_reason not in (None, "no entry"):
+            report.warnings.append(f"compile cache miss, compiling cold: {report.miss_reason}")
+    return payload
+
+
 def compile_with_cache(
     model: Callable,
     example_inputs,
@@ -822,16 +837,7 @@ def compile_with_cache(
     root = _inductor_cache_dir()
     restored: list[str] = []
 
-    payload = None
-    if cache is not None and report.key is not None:
-        t0 = time.perf_counter()
-        payload = cache.get(report.key, components=components)
-        report.seconds_fetch = time.perf_counter() - t0
-        if payload is None:
-            report.miss_reason = cache.last_miss_reason
-            if cache.last_error or report.miss_reason not in (None, "no entry"):
-                report.warnings.append(f"compile cache miss, compiling cold: {report.miss_reason}")
-
+    payload = _fetch(cache, report, components)
     if payload is not None:
         t0 = time.perf_counter()
         try:
@@ -1197,15 +1203,7 @@ def aot_compile_with_cache(
     tensors = _module_tensors(module)
     workdir = tempfile.mkdtemp(prefix="forgeline-aoti-")  # 0700: the .so is loaded from here
     try:
-        payload = None
-        if cache is not None and report.key is not None:
-            t0 = time.perf_counter()
-            payload = cache.get(report.key, components=components)
-            report.seconds_fetch = time.perf_counter() - t0
-            if payload is None:
-                report.miss_reason = cache.last_miss_reason
-                if cache.last_error or report.miss_reason not in (None, "no entry"):
-                    report.warnings.append(f"compile cache miss, compiling cold: {report.miss_reason}")
+        payload = _fetch(cache, report, components)
         if payload is not None:
             t0 = time.perf_counter()
             try:

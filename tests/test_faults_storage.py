@@ -162,10 +162,8 @@ def test_trickling_body_cannot_hold_a_read_forever(endpoint):
     assert 2 <= len(ep.requests) <= 5
 
 
-def test_body_stall_is_resumed_from_the_last_byte(endpoint):
-    """The first GET stalls after 1 MiB + a bit of its body; the resume asks for the rest from the
-    last byte handed over, pinned to the ETag, and the bytes come out whole."""
-    data = bytes(range(256)) * (3 * MiB // 256)
+def _ranged(data: bytes, first_cut: int):
+    """A ranged-GET responder (ETag "e1") whose first answer's body stops after ``first_cut`` bytes."""
 
     def respond(n: int, head: bytes) -> bytes:
         first, last = (int(x) for x in head.split(b"ange: bytes=")[1].split(b"\r\n")[0].split(b"-"))
@@ -173,9 +171,16 @@ def test_body_stall_is_resumed_from_the_last_byte(endpoint):
         body = data[first : last + 1]
         answer = (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
                   f"Content-Range: bytes {first}-{last}/{len(data)}\r\nETag: \"e1\"\r\n\r\n").encode()
-        return answer + (body[: MiB + 1000] if n == 1 else body)
+        return answer + (body[:first_cut] if n == 1 else body)
 
-    ep = endpoint(respond)
+    return respond
+
+
+def test_body_stall_is_resumed_from_the_last_byte(endpoint):
+    """The first GET stalls after 1 MiB + a bit of its body; the resume asks for the rest from the
+    last byte handed over, pinned to the ETag, and the bytes come out whole."""
+    data = bytes(range(256)) * (3 * MiB // 256)
+    ep = endpoint(_ranged(data, first_cut=MiB + 1000))
     assert store_at(ep.url).read_range("k", 0, 3 * MiB) == data
     second = ep.requests[1].lower()
     assert f"range: bytes={MiB}-{3 * MiB - 1}".encode() in second and b'if-match: "e1"' in second
@@ -185,16 +190,7 @@ def test_body_cut_short_is_resumed_from_the_last_byte(endpoint):
     """The server closes the connection 2 MiB + a bit into a body (no error, just EOF): the bytes
     received so far are kept and the rest is asked for, pinned to the ETag."""
     data = bytes(range(256)) * (3 * MiB // 256)
-
-    def respond(n: int, head: bytes) -> bytes:
-        first, last = (int(x) for x in head.split(b"ange: bytes=")[1].split(b"\r\n")[0].split(b"-"))
-        last = min(last, len(data) - 1)
-        body = data[first : last + 1]
-        answer = (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
-                  f"Content-Range: bytes {first}-{last}/{len(data)}\r\nETag: \"e1\"\r\n\r\n").encode()
-        return answer + (body[: 2 * MiB + 1000] if n == 1 else body)
-
-    ep = endpoint(respond, close=True)
+    ep = endpoint(_ranged(data, first_cut=2 * MiB + 1000), close=True)
     out = bytearray(3 * MiB)
     store_at(ep.url).read_into("k", 0, out)
     assert out == data and len(ep.requests) == 2
