@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from rich.console import Console
@@ -287,6 +287,21 @@ def _raise_in_thread(thread: threading.Thread, exc: type[BaseException]) -> None
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc))
 
 
+def _stop_children(grace_s: float = 5.0) -> None:
+    """Stop every process this one started and left running (a run's torchrun and its ranks):
+    SIGTERM, then SIGKILL after ``grace_s``."""
+    import psutil
+
+    kids = psutil.Process().children(recursive=True)
+    for p in kids:
+        with suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(kids, timeout=grace_s)
+    for p in alive:
+        with suppress(psutil.Error):
+            p.kill()
+
+
 def cancel_run(instance, run_id: str, thread: threading.Thread, *, grace_s: float = 60.0) -> None:
     """Cancel a run executing in ``thread``: mark it CANCELING, interrupt its step (the training
     launcher then stops torchrun's process group), wait for Dagster to record CANCELED, and free
@@ -299,8 +314,9 @@ def cancel_run(instance, run_id: str, thread: threading.Thread, *, grace_s: floa
     deadline = time.monotonic() + grace_s
     try:
         _raise_in_thread(thread, DagsterExecutionInterruptedError)
-        thread.join(min(20.0, grace_s))
+        thread.join(min(10.0, grace_s))
         if thread.is_alive():  # it was in native code, or the exception landed where it was swallowed
+            _stop_children()  # what it waits on (torchrun's ranks) goes, so the wait ends
             _raise_in_thread(thread, DagsterExecutionInterruptedError)
             thread.join(max(0.0, deadline - time.monotonic()))
     except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
