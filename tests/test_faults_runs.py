@@ -284,7 +284,10 @@ def test_a_sigkilled_run_does_not_block_the_next_and_ctrl_c_cancels(tmp_path):
     # 2. the next launch fails the stale run, frees its slot and trains; then Ctrl-C cancels it
     log2 = tmp_path / "launch2.log"
     with open(log2, "w") as out, open(tmp_path / "launch2.err", "w") as err:
-        second = subprocess.Popen(launch, env=env, cwd=ROOT, stdout=out, stderr=err)
+        # Ctrl-C as at a terminal, even when this suite runs as a background job (`make test &`
+        # in a script), whose children inherit SIGINT ignored and so never see KeyboardInterrupt
+        second = subprocess.Popen(launch, env=env, cwd=ROOT, stdout=out, stderr=err,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         ranks = _wait_for_ranks(second, log2)
         second.send_signal(signal.SIGINT)
