@@ -153,9 +153,11 @@ def load(
         raise RuntimeError("safetensors is little-endian; big-endian hosts are not supported")
 
     src = resolve(source, storage, allow_rejected=allow_rejected)
-    checking = verify or bool(expected_sha256)
-    for s in src.shards:
-        s.read_header(verified_as=s.expected_sha256(expected_sha256) if checking else None)
+    # the sha256 each shard is checked against (manifest or expected_sha256), by shard index
+    wanted = {i: h for i, s in enumerate(src.shards)
+              if (h := s.expected_sha256(expected_sha256)) and (verify or expected_sha256)}
+    for i, s in enumerate(src.shards):
+        s.read_header(verified_as=wanted.get(i))
     src.check_names()
     t_header = time.perf_counter()
 
@@ -170,8 +172,6 @@ def load(
 
     # sha256: local files are hashed first (in parallel, before anything is allocated); remote
     # shards on the way, in order, from the parts as they arrive.
-    wanted = {i: h for i, s in enumerate(src.shards)
-              if (h := s.expected_sha256(expected_sha256)) and (verify or expected_sha256)}
     hash_remote = {i: h for i, h in wanted.items() if src.shards[i].path is None}
     small_owned = (dev.type == "cpu" and not remote and not zero_copy and method is None and threads is None
                    and chunk_bytes is None and sum(s.size or 0 for s in src.shards) <= SMALL_OWNED_BYTES)
