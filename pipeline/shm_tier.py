@@ -60,7 +60,6 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -92,7 +91,7 @@ from pipeline.storage import (
     copy_between,
     join,
 )
-from pipeline.storage.base import TMP_MARK
+from pipeline.storage.local import temp_path
 
 DEFAULT_TIER_ROOT = "/dev/shm/forgeline"
 _META = ".tier"
@@ -270,7 +269,7 @@ def _land_one(store: Storage, dst: LocalStorage, key: str, size: int, sha: str |
         if info.size != size:
             raise IntegrityError(f"{store.uri(key)}: {info.size} bytes, the manifest says {size}")
         final = dst.local_path(key)
-        tmp = final.parent / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+        tmp = temp_path(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except BaseException as e:

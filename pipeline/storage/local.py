@@ -49,13 +49,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_path(final: Path) -> Path:
+    """The unpublished temporary beside ``final`` (a hidden name with TMP_MARK: never a valid key,
+    listed by :meth:`LocalStorage.stale_temporaries`), renamed onto ``final`` once verified."""
+    return final.parent / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
 class _LocalWriter(AtomicWriter):
     def __init__(self, store: "LocalStorage", key: str, final: Path, verify: bool, **kw):
         super().__init__(key, **kw)
         self._store = store
         self._final = final
         self._verify_disk = verify
-        self._tmp = final.parent / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+        self._tmp = temp_path(final)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self._tmp, "wb")
