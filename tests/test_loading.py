@@ -229,13 +229,19 @@ def test_tier_view_reads_the_copy_but_follows_the_authority(local_storage, tmp_p
         load("net/v1", storage=TierView(tier.root, authority=local_storage))
 
 
-def test_verify_names_the_corrupt_shard(local_storage):
-    manifest, _ = published(local_storage, max_shard_bytes=1500)
-    bad = manifest["shards"][1]["file"]
-    path = local_storage.local_path(join(ex.version_prefix("net", "v1"), bad))
+def _corrupt_shard(store, manifest: dict, i: int) -> str:
+    """Flip the last byte of shard ``i`` of net/v1 (same size: only its sha256 can tell); its file name."""
+    bad = manifest["shards"][i]["file"]
+    path = store.local_path(join(ex.version_prefix("net", "v1"), bad))
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
+    return bad
+
+
+def test_verify_names_the_corrupt_shard(local_storage):
+    manifest, _ = published(local_storage, max_shard_bytes=1500)
+    bad = _corrupt_shard(local_storage, manifest, 1)
     with pytest.raises(LoadError, match=rf"{bad}: sha256 mismatch"):
         load("net/v1", storage=local_storage, verify=True)
     load("net/v1", storage=local_storage)  # without verify the (valid-looking) bytes load
@@ -265,11 +271,7 @@ def test_small_owned_load_reads_once_and_hashes_what_it_read(local_storage, st_f
     with open(st_file, "r+b") as f:  # in place: a private mapping would show these bytes
         f.write(b"\xee" * st_file.stat().st_size)
     assert torch.equal(a["big"], before)  # not a view of the file
-    bad = manifest["shards"][0]["file"]
-    path = local_storage.local_path(join(ex.version_prefix("net", "v1"), bad))
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    bad = _corrupt_shard(local_storage, manifest, 0)
     with pytest.raises(LoadError, match=rf"{bad}: sha256 mismatch"):
         load("net/v1", storage=local_storage, owned=True, verify=True)
 
