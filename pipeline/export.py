@@ -699,24 +699,26 @@ def manifest_files(manifest: dict) -> list[tuple[str, int, str | None]]:
 
 def version_problem(
     store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT, allow_rejected: bool = False,
-    manifest: dict | None = None,
+    manifest: dict | None = None, files: bool = True,
 ) -> str | None:
     """Why ``model/version`` in ``store`` is not a complete, usable published version, or None when
     it is: its manifest is there in the supported format, every file it lists (shards, index,
     golden outputs) is present with the listed size and, unless ``allow_rejected``, no gate
     rejected it. Sizes only (a stat per file): :func:`verify` recomputes the hashes. ``manifest``:
-    the version's manifest when the caller has already read it (one read less)."""
+    the version's manifest when the caller has already read it (one read less). ``files=False``:
+    the manifest alone (well-formed, not rejected), no stat (for a caller that reads the bytes
+    from elsewhere and checks them against the manifest's sha256s)."""
     what = f"{model}/{version}"
     try:
         if manifest is None:
             manifest = read_manifest(store, model, version, root=root)
-        files = manifest_files(manifest)
+        listed = manifest_files(manifest)
         prefix = version_prefix(model, version, root)
     except (ExportError, StorageError) as e:
         return str(e)
     except (KeyError, TypeError, ValueError) as e:
         return f"{what}: unreadable or malformed manifest ({type(e).__name__}: {e})"
-    for file, size, _ in files:
+    for file, size, _ in listed if files else ():
         try:
             got = store.stat(join(prefix, file)).size
         except StorageError as e:

@@ -340,6 +340,70 @@ def test_watcher_does_not_reload_a_model_evicted_while_it_read_the_alias(store):
     run(main())
 
 
+def test_swap_in_within_poll_s_reads_neither_alias_nor_manifest_again(store):
+    """A model evicted moments ago loads back on the alias and manifest read less than poll_s
+    ago (as current as what a resident model serves: the watcher re-reads every poll_s); once
+    that read is older than poll_s, the next swap-in reads the alias again and follows it."""
+    mods = {n: publish(store, n, "v1", i) for i, n in enumerate(["a", "b"])}
+    size = sum(t.numel() * t.element_size() for t in mods["a"].state_dict().values())
+    promotion.promote(store, "a", "v1")
+
+    async def main():
+        reg = ModelRegistry(store, config(budget_bytes=int(size * 1.5), poll_s=3600.0))
+        await reg.start()
+        x = batch(2)
+        await reg.infer("a", None, {"input": x})
+        await reg.infer("b", None, {"input": x})  # evicts a
+        assert not reg.model_ready("a")
+        reads = []
+        io = reg._io
+
+        async def counted(fn, *args, **kw):
+            reads.append(getattr(fn, "__name__", fn))
+            return await io(fn, *args, **kw)
+
+        reg._io = counted
+        v2 = publish(store, "a", "v2", 7)
+        promotion.promote(store, "a", "v2")
+        out = await reg.infer("a", None, {"input": x})  # evicts b; a's reads are fresh
+        assert reads == [] and out.version == "v1"
+        np.testing.assert_allclose(out["output"], eager(mods["a"], x), atol=1e-5)
+        await reg.infer("b", None, {"input": x})  # evicts a again
+        reg._models["a"].reference_at -= 3600.0  # the alias read is now older than poll_s
+        out = await reg.infer("a", None, {"input": x})
+        assert "serving_reference" in reads and "read_manifest" in reads and out.version == "v2"
+        np.testing.assert_allclose(out["output"], eager(v2, x), atol=1e-5)
+        await reg.stop()
+
+    run(main())
+
+
+def test_released_weights_are_freed_and_the_shell_is_reused(store):
+    """Releasing a version puts the meta tensors its shell was built with back (no copy to meta,
+    nothing left referencing the weights), and the next load of that architecture fills the
+    same module object with the new weights."""
+    import gc
+    import weakref
+
+    from pipeline.serving import loader
+
+    mods = {n: publish(store, n, "v1", i) for i, n in enumerate(["a", "b"])}
+    lv = loader.load_version(store, "a", "v1")
+    module = lv.module
+    weight = weakref.ref(module.head[-1].weight)
+    assert not module.training and not module.head[-1].weight.is_meta
+    loader.release(lv)
+    del lv
+    gc.collect()
+    assert weight() is None  # the weights are gone with the release
+    assert all(t.is_meta for t in [*module.parameters(), *module.buffers()])
+    lv = loader.load_version(store, "b", "v1")
+    assert lv.module is module and lv.nbytes == loader.weight_bytes(mods["b"])
+    x = torch.from_numpy(batch(3))
+    np.testing.assert_allclose(lv.run(x.numpy()), eager(mods["b"], x.numpy()), atol=1e-5)
+    loader.release(lv)
+
+
 def test_reload_after_eviction_still_verifies_every_byte(store, tmp_path):
     """The golden check is skipped on a re-load only because the bytes are verified again: a
     shard changed in place (same size) after the first load fails the re-load by its sha256."""

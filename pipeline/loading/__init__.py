@@ -16,8 +16,8 @@ The package: ``api`` (load, the report), ``sources`` (what to load), ``header`` 
 Strategies and measurements: docs/loading.md. It never imports dagster.
 """
 
-from pipeline.loading.api import LoadReport, load, load_with_report
+from pipeline.loading.api import LoadReport, load, load_with_report, module_slots
 from pipeline.loading.header import LoadError
 from pipeline.loading.probe import probe
 
-__all__ = ["LoadError", "LoadReport", "load", "load_with_report", "probe"]
+__all__ = ["LoadError", "LoadReport", "load", "load_with_report", "module_slots", "probe"]

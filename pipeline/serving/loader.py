@@ -43,6 +43,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 from pipeline import export
-from pipeline.loading import LoadError, LoadReport, load
+from pipeline.loading import LoadError, LoadReport, load, module_slots
 from pipeline.storage import Storage, StorageError, join
 
 log = logging.getLogger("forgeline.serving")
@@ -99,13 +100,13 @@ class LoadedVersion:
     seconds: dict = field(default_factory=dict)
     load_report: str = ""
     compile: dict | None = None
+    dtype: torch.dtype = torch.float32  # the weights' floating dtype: inputs are cast to it
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """One forward on a stacked float32 batch; float32 rows back (runs in an executor thread)."""
         x = torch.from_numpy(batch)
-        dtype = _float_dtype(self.module)
-        if x.dtype != dtype:
-            x = x.to(dtype)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
         with torch.inference_mode():
             y = self.forward(x.to(self.device, non_blocking=True))
             y = y.detach().to("cpu", torch.float32)
@@ -129,7 +130,8 @@ def _float_dtype(module: torch.nn.Module) -> torch.dtype:
 def weight_bytes(module: torch.nn.Module) -> int:
     """Bytes of the distinct storages behind the module's parameters and buffers."""
     seen: dict[Any, int] = {}
-    for t in [*module.parameters(), *module.buffers()]:
+    for _, d, name in module_slots(module):
+        t = d[name]
         if t.is_meta:
             continue
         s = t.untyped_storage()
@@ -139,10 +141,13 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 # Meta-device shells of released (evicted) versions, by architecture: a swap-in of a model whose
 # architecture was loaded before takes one instead of building it again (~1 ms for a small CNN,
-# most of a small model's swap-in). The weights are gone (moved to meta) before a shell is kept.
+# most of a small model's swap-in). The weights are gone before a shell is kept: each slot gets
+# back the meta tensor the shell was built with (``_META``), so a release allocates nothing and
+# runs no ``Module.to`` (most of a small model's release).
 _SHELLS: dict[str, list[torch.nn.Module]] = {}
 _SHELLS_PER_ARCH = 4
 _SHELL_LOCK = threading.Lock()
+_META: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[dict, str, torch.Tensor]]] = weakref.WeakKeyDictionary()
 
 # Golden outputs by their sha256 (from the manifest): immutable, so a re-load reads them once.
 _GOLDEN: dict[str, dict[str, torch.Tensor]] = {}
@@ -155,11 +160,14 @@ def _arch_key(manifest: dict) -> str:
 
 
 def _shell(manifest: dict) -> torch.nn.Module:
+    """A meta-device module of the manifest's architecture, in eval mode (a kept one if any)."""
     with _SHELL_LOCK:
         kept = _SHELLS.get(_arch_key(manifest))
         if kept:
             return kept.pop()
-    return meta_module(manifest)
+    module = meta_module(manifest).eval()
+    _META[module] = [(d, n, d[n]) for _, d, n in module_slots(module)]
+    return module
 
 
 def _keep_shell(loaded: LoadedVersion) -> None:
@@ -168,7 +176,14 @@ def _keep_shell(loaded: LoadedVersion) -> None:
     module = loaded.module
     if module is None or loaded.compile is not None:
         return
-    module.to("meta")
+    meta = _META.get(module)
+    if meta is None:  # not one of our shells
+        module.to("meta")
+        return
+    for d, name, t in meta:
+        d[name] = t
+    if module.training:  # put in train mode by someone: a shell serves in eval mode
+        module.eval()
     with _SHELL_LOCK:
         kept = _SHELLS.setdefault(_arch_key(loaded.manifest), [])
         if len(kept) < _SHELLS_PER_ARCH:
@@ -297,7 +312,7 @@ def _fill(source: Any, device: torch.device, manifest: dict, storage: Storage | 
     # authority); a tier copy's manifest only lists its files
     load(source, device, storage=storage, module=module, verify=True, owned=device.type == "cpu", report=rep,
          expected_sha256={s["file"]: s["sha256"] for s in manifest["shards"]}, allow_rejected=True)
-    return module.eval(), rep
+    return module, rep
 
 
 def _check_golden(fn: Callable, golden: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
@@ -352,10 +367,17 @@ def load_version(
             manifest = export.read_manifest(store, model, version, root=root)
     except (export.ExportError, StorageError, ValueError) as e:  # say why as the completeness check does
         raise VersionUnusable(export.version_problem(store, model, version, root=root) or str(e)) from None
-    problem = export.version_problem(store, model, version, root=root, manifest=manifest)
+    # The manifest first (well-formed, not rejected); that the storage copy is complete (a stat
+    # per file) only where the bytes come from it: a tier copy is checked against the
+    # manifest's sha256s by the load, and a swap-in from the tier makes no storage round trip.
+    problem = export.version_problem(store, model, version, root=root, manifest=manifest, files=False)
     if problem is not None:
         raise VersionUnusable(problem)
-    golden = _golden(store, model, version, manifest, root)
+    try:
+        golden = _golden(store, model, version, manifest, root)
+    except (export.ExportError, StorageError) as e:
+        raise VersionUnusable(export.version_problem(store, model, version, root=root, manifest=manifest)
+                              or str(e)) from None
     if golden is None and require_golden:
         raise VersionUnusable(f"{what} has no golden outputs (require_golden is on)")
     source, tier_problem = "storage", None
@@ -378,6 +400,9 @@ def load_version(
             except Exception as e:  # noqa: BLE001 - the copy is not used either way
                 log.warning("%s: could not drop the tier copy: %s", what, e)
     if module is None:
+        problem = export.version_problem(store, model, version, root=root, manifest=manifest)
+        if problem is not None:
+            raise VersionUnusable(problem)
         key = f"{model}/{version}" if root == export.DEFAULT_ROOT else export.version_prefix(model, version, root)
         module, rep = _fill(key, dev, manifest, store)
     t_loaded = time.perf_counter()
@@ -424,7 +449,7 @@ def load_version(
     return LoadedVersion(
         model=model, version=version, manifest=manifest, module=module, forward=forward, device=dev,
         input=inp, output=out, nbytes=weight_bytes(module), source=source, tier_problem=tier_problem,
-        golden=golden_info, load_report=rep.summary() if rep is not None else "", compile=compile_info,
+        golden=golden_info, load_report=rep.summary() if rep is not None else "", compile=compile_info, dtype=dtype,
         seconds={"load": t_loaded - t0, "compile": t_compile, "golden": t_end - tg, "total": t_end - t0},
     )
 

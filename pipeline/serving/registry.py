@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -202,6 +203,8 @@ class _Model:
     previous: str | None = None
     production: str | None = None  # the version the alias (or latest) named at the last read
     alias: dict | None = None
+    reference_at: float = -math.inf  # time.monotonic() when that read started
+    manifests: dict[str, tuple[dict, float]] = field(default_factory=dict)  # version -> (manifest, read at)
     last_error: str | None = None
     last_swap: dict | None = None
     failed: dict[str, str] = field(default_factory=dict)  # version -> why (not retried by the watcher)
@@ -619,14 +622,23 @@ class ModelRegistry:
     async def _io(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._io_pool, partial(fn, *args, **kwargs))
 
-    async def _reference(self, m: _Model) -> tuple[str, dict | None]:
+    def _fresh(self, read_at: float) -> bool:
+        """A read of the alias or a manifest started less than ``poll_s`` ago: as current as what
+        a resident model serves (the watcher re-reads its alias every ``poll_s``), so a swap-in
+        of a model evicted moments ago reads neither again."""
+        return time.monotonic() - read_at < self.config.poll_s
+
+    async def _reference(self, m: _Model, *, cached: bool = False) -> tuple[str, dict | None]:
+        if cached and m.production is not None and self._fresh(m.reference_at):
+            return m.production, m.alias
+        t = time.monotonic()
         try:
             version, alias = await self._io(loader.serving_reference, self.store, m.name, root=self.config.root,
                                             latest_without_alias=self.config.latest_without_alias)
         except Exception as e:  # noqa: BLE001
             raise Unavailable(f"{m.name}: cannot read its production alias: {_one_line(e)}",
                               self.config.retry_after_s) from None
-        m.production, m.alias = version, alias
+        m.production, m.alias, m.reference_at = version, alias, t
         if version is None:
             raise ModelNotFound(f"{m.name}: no servable version (nothing promoted"
                                 f"{', nothing complete published' if self.config.latest_without_alias else ''})")
@@ -644,8 +656,20 @@ class ModelRegistry:
             m.activating = self._spawn(self._activate(m))
         return m.activating
 
+    async def _manifest(self, m: _Model, version: str) -> dict:
+        """The version's manifest (one read per ``poll_s`` at most: see :meth:`_fresh`); raises
+        export.VersionNotFound / ValueError as ``export.read_manifest`` does."""
+        got = m.manifests.get(version)
+        if got is not None and self._fresh(got[1]):
+            return got[0]
+        t = time.monotonic()
+        manifest = await self._io(export.read_manifest, self.store, m.name, version, root=self.config.root)
+        m.manifests = {v: mt for v, mt in m.manifests.items() if self._fresh(mt[1])}  # drop stale ones
+        m.manifests[version] = (manifest, t)
+        return manifest
+
     async def _activate(self, m: _Model) -> None:
-        version, _ = await self._reference(m)
+        version, _ = await self._reference(m, cached=True)
         since = time.monotonic() - m.failed_at.get(version, -1e18)
         if version in m.failed and version not in m.versions and since < self.config.retry_failed_s:
             raise Unavailable(f"{m.name}/{version} failed to load {since:.0f}s ago: {m.failed[version]}",
@@ -659,7 +683,7 @@ class ModelRegistry:
         if version in m.versions:
             return
         try:
-            await self._io(export.read_manifest, self.store, m.name, version, root=self.config.root)
+            await self._manifest(m, version)
         except export.VersionNotFound:
             raise ModelNotFound(f"{m.name}/{version}: no such version") from None
         except ValueError:
@@ -741,7 +765,7 @@ class ModelRegistry:
         cfg = self.config
         try:
             try:
-                manifest = await self._io(export.read_manifest, self.store, m.name, version, root=cfg.root)
+                manifest = await self._manifest(m, version)
             except export.VersionNotFound:
                 raise ModelNotFound(f"{m.name}/{version}: no such version") from None
             need = loader.estimate_bytes(manifest)
@@ -923,7 +947,7 @@ class ModelRegistry:
             if err is not None:
                 log.warning("%s: cannot read the production alias (%s); keeping %s", m.name, err, m.serving)
                 continue
-            m.production, m.alias = version, alias
+            m.production, m.alias, m.reference_at = version, alias, now
             if version is None or version == m.serving or version in m.failed:
                 continue
             if m.unloaded or m.resident() is None:  # evicted or unloaded while the alias was read:
