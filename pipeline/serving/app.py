@@ -38,6 +38,7 @@ import logging
 import math
 import re
 import signal
+import sys
 import time
 from typing import Any
 
@@ -395,8 +396,16 @@ def serve(registry: Any, host: str = "127.0.0.1", port: int = 8000, **options) -
     """Serve ``registry`` until SIGTERM/SIGINT, then drain and return 0 (3, uvicorn's startup
     failure, when the port cannot be bound or the registry failed to start; uvicorn logs why)."""
     server = make_server(registry, host, port, **options)
+    # The event loop, loads and forwards hand the GIL to each other all the time (torch releases
+    # it in every op): a thread waiting for it waits up to the switch interval, 5 ms by default,
+    # which a small model's swap-in paid several times. At 1 ms: 12-15% more requests/s and
+    # swap-ins ~12% faster on 2 cores (bench/serve.py --only many; BENCHMARKS.md).
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.001))
     try:
         server.run()
     except SystemExit as e:  # uvicorn's sys.exit(3) when it cannot start; it logged why
         return e.code if isinstance(e.code, int) and e.code else 1
+    finally:
+        sys.setswitchinterval(interval)
     return 0 if server.started else 1
