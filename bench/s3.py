@@ -26,6 +26,11 @@ Llama-3-shaped bf16 checkpoint (bench/loaders.py) and measures, on that same end
             export, ingestion publish and the compile cache: sha256, CRC32 per part, concurrent
             parts, atomic completion).
 
+``--split-cores``: the Ceph daemons run on the first half of the CPUs and this process (with
+every loader child) on the other half, as a storage server and its client do on separate hosts;
+without it both sides share every core, and on a small machine each row then also measures how
+much CPU the server has left (the rows that do more client work lose most).
+
 Deleted data is garbage-collected (``radosgw-admin gc process --include-all``) between rounds, so
 the memstore OSD never holds more than the checkpoint plus one round of uploads. Targets: loader
 ≥ 90% of raw GET, loader+client ≥ 1.5x Run:ai; prewarm ≥ 80% of raw GET; upload ≥ 80% of raw PUT.
@@ -115,15 +120,25 @@ def main() -> int:
     ap.add_argument("--root", default=str(ROOT / ".forgeline" / "bench" / "loaders"))
     ap.add_argument("--child-timeout", type=float, default=600)
     ap.add_argument("--only", nargs="+", choices=["raw-get", "loader", "runai", "prewarm", "raw-put", "upload"])
+    ap.add_argument("--split-cores", action="store_true",
+                    help="server on the first half of the CPUs, client on the other half")
     ap.add_argument("--json")
     a = ap.parse_args()
     part = a.part_mib * MiB
+    server_cpus = None
+    if a.split_cores:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--split-cores needs at least 2 CPUs")
+        server_cpus, client_cpus = set(cpus[: len(cpus) // 2]), set(cpus[len(cpus) // 2 :])
+        os.sched_setaffinity(0, client_cpus)  # loader children inherit it
 
     disk = Path(a.root) / f"llama-{a.size_gb:g}gb"
     files = sorted(disk.glob("*.safetensors")) or make_checkpoint(disk, a.size_gb)
     size = sum(f.stat().st_size for f in files)
     # The checkpoint, one round of uploads and slack, in the OSD's RAM.
-    rgw = RGWCluster(memstore_bytes=int(2.5 * size) + (1 << 30), rgw_threads=max(64, 4 * a.concurrency))
+    rgw = RGWCluster(memstore_bytes=int(2.5 * size) + (1 << 30), rgw_threads=max(64, 4 * a.concurrency),
+                     cpus=server_cpus)
     rgw.start()
     rows: dict[str, list[float]] = {}
     errors: dict[str, str] = {}
@@ -214,7 +229,8 @@ def main() -> int:
     }
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, {platform.platform()}"
     table = Table(title=f"S3 on Ceph RGW (loopback, memstore): {size / 1e9:.2f} GB, {len(files)} shards, "
-                        f"{a.part_mib} MiB parts, {a.concurrency} in flight; best of {a.repeat}; {date.today()}")
+                        f"{a.part_mib} MiB parts, {a.concurrency} in flight; best of {a.repeat}; {date.today()}"
+                        + (f"; server on CPUs {sorted(server_cpus)}, client on the rest" if server_cpus else ""))
     for col in ("row", "GB/s", "vs", "target"):
         table.add_column(col, justify="left" if col == "row" else "right")
     report = []
@@ -237,6 +253,7 @@ def main() -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"date": str(date.today()), "machine": machine, "bytes": size,
                                             "concurrency": a.concurrency, "part_mib": a.part_mib,
+                                            "server_cpus": sorted(server_cpus) if server_cpus else None,
                                             "rows": report, "errors": errors}, indent=1))
     return 0
 

@@ -88,12 +88,13 @@ class RGWCluster:
     region = "us-east-1"
 
     def __init__(self, workdir: str | os.PathLike | None = None, *, memstore_bytes: int = 2 << 30,
-                 rgw_threads: int = 64, start_timeout: float = START_TIMEOUT_S):
+                 rgw_threads: int = 64, start_timeout: float = START_TIMEOUT_S, cpus: set[int] | None = None):
         self._own_dir = workdir is None
         self.dir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="forgeline-rgw-"))
         self.memstore_bytes = memstore_bytes
         self.rgw_threads = rgw_threads
         self.start_timeout = start_timeout
+        self.cpus = cpus  # the daemons run on these CPUs only (None: any)
         self.conf = self.dir / "ceph.conf"
         self.procs: dict[str, subprocess.Popen] = {}
         self.endpoint = ""
@@ -243,7 +244,9 @@ rgw_gc_obj_min_wait = 0
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         out = open(self.dir / "log" / f"{name}.stdout", "wb")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        cpus = self.cpus
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # every thread inherits it
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=pin)
         out.close()
         self.procs[name] = proc
         return proc
