@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
 import math
+import queue
 import sys
 import types
 import urllib.error
@@ -172,24 +174,32 @@ def cmd_serve(args) -> int:
     from pipeline.serving.app import serve
     from pipeline.serving.protocol import DEFAULT_MAX_BODY_BYTES
 
-    # forgeline's own loggers at --log-level (loads, swaps, evictions, drain); libraries stay at WARNING.
+    # forgeline's own loggers at --log-level (loads, swaps, evictions, drain); libraries stay at
+    # WARNING. Lines are written by a logging thread: a write to stderr from the event loop gives
+    # the GIL away and waits to get it back, two lines per swap-in.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    writer = logging.handlers.QueueListener(lines, handler)
     ours = logging.getLogger("forgeline")
-    ours.addHandler(handler)
+    ours.addHandler(logging.handlers.QueueHandler(lines))
     ours.setLevel(args.log_level.upper())
     ours.propagate = False
+    writer.start()
     try:
-        registry, store = build_registry(args)
-    except Exception as e:  # noqa: BLE001 - bad settings, unreachable storage: one line
-        print(f"forgeline serve: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 1
-    what = ",".join(args.models) if args.models else "every published model"
-    print(f"forgeline serve: {what} from {store.uri()} on {args.device}; http://{args.host}:{args.port}/v2 "
-          f"(metrics: /metrics; SIGTERM drains)", file=sys.stderr, flush=True)
-    return serve(registry, args.host, args.port, max_body_bytes=args.max_body or DEFAULT_MAX_BODY_BYTES,
-                 drain_timeout_s=args.drain_timeout_s, log_level=args.log_level,
-                 access_log=args.log_level == "debug")  # one line per request only when debugging
+        try:
+            registry, store = build_registry(args)
+        except Exception as e:  # noqa: BLE001 - bad settings, unreachable storage: one line
+            print(f"forgeline serve: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+            return 1
+        what = ",".join(args.models) if args.models else "every published model"
+        print(f"forgeline serve: {what} from {store.uri()} on {args.device}; http://{args.host}:{args.port}/v2 "
+              f"(metrics: /metrics; SIGTERM drains)", file=sys.stderr, flush=True)
+        return serve(registry, args.host, args.port, max_body_bytes=args.max_body or DEFAULT_MAX_BODY_BYTES,
+                     drain_timeout_s=args.drain_timeout_s, log_level=args.log_level,
+                     access_log=args.log_level == "debug")  # one line per request only when debugging
+    finally:
+        writer.stop()  # every queued line is written first
 
 
 # ---------------------------------------------------------------------------------------------

@@ -890,13 +890,24 @@ class ModelRegistry:
         self._notify_room()
 
         async def dispose() -> None:
-            await r.batcher.close()
-            loader.release(r.loaded)
+            try:
+                await r.batcher.close()
+            finally:
+                self._free_weights(r.loaded)
 
         try:
             self._spawn(dispose())
         except RuntimeError:  # no running loop (interpreter shutdown)
             loader.release(r.loaded)
+
+    def _free_weights(self, loaded: loader.LoadedVersion) -> None:
+        """Free a version's weights on an I/O thread: each tensor's free hands the GIL over and
+        back (torch releases it while a tensor is destroyed), which on the event loop delayed
+        every request behind a swap-in by ~0.4 ms under load."""
+        try:
+            self._io_pool.submit(loader.release, loaded)
+        except RuntimeError:  # the pool is shut down (stopping)
+            loader.release(loaded)
 
     def _drop_when_idle(self, m: _Model, version: str, why: str) -> None:
         r = m.versions.get(version)
