@@ -45,6 +45,11 @@ def publish(store, name: str, version: str, seed: int, *, golden_shift: float = 
     return m
 
 
+def weight_size(m: torch.nn.Module) -> int:
+    """Bytes of a module's state dict: what the server holds resident for it."""
+    return sum(t.numel() * t.element_size() for t in m.state_dict().values())
+
+
 def eager(m: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return m(torch.from_numpy(x)).numpy()
@@ -267,7 +272,7 @@ def test_dynamic_batcher_triton_semantics():
 
 def test_lru_budget_evicts_idle_models_and_reloads(store):
     mods = {n: publish(store, n, "v1", i) for i, n in enumerate(["a", "b", "c"])}
-    size = sum(t.numel() * t.element_size() for t in mods["a"].state_dict().values())
+    size = weight_size(mods["a"])
 
     async def main():
         reg = ModelRegistry(store, config(budget_bytes=int(size * 2.5)))
@@ -345,7 +350,7 @@ def test_swap_in_within_poll_s_reads_neither_alias_nor_manifest_again(store):
     ago (as current as what a resident model serves: the watcher re-reads every poll_s); once
     that read is older than poll_s, the next swap-in reads the alias again and follows it."""
     mods = {n: publish(store, n, "v1", i) for i, n in enumerate(["a", "b"])}
-    size = sum(t.numel() * t.element_size() for t in mods["a"].state_dict().values())
+    size = weight_size(mods["a"])
     promotion.promote(store, "a", "v1")
 
     async def main():
@@ -408,7 +413,7 @@ def test_reload_after_eviction_still_verifies_every_byte(store, tmp_path):
     """The golden check is skipped on a re-load only because the bytes are verified again: a
     shard changed in place (same size) after the first load fails the re-load by its sha256."""
     mods = {n: publish(store, n, "v1", i) for i, n in enumerate(["a", "b"])}
-    size = sum(t.numel() * t.element_size() for t in mods["a"].state_dict().values())
+    size = weight_size(mods["a"])
 
     async def main():
         reg = ModelRegistry(store, config(budget_bytes=int(size * 1.5), retry_failed_s=0.0))
@@ -553,7 +558,7 @@ def test_quantized_variant_is_served_dequantized(store):
         p = reg.metadata("digits-int8")["parameters"]
         assert p["lineage"]["quantization"] == "int8" and p["lineage"]["base"] == {"model": "digits", "version": "v1"}
         assert p["golden"]["checked"] and p["production"] == "v1" and p["alias"] is None
-        assert p["resident_bytes"] == sum(t.numel() * t.element_size() for t in reference.state_dict().values())
+        assert p["resident_bytes"] == weight_size(reference)
         with pytest.raises(ModelNotFound, match="this server serves"):
             await reg.infer("digits", None, {"input": x})
         await reg.stop()

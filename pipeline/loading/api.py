@@ -486,9 +486,7 @@ def _assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
         return False
     plain = (torch.nn.Module._load_from_state_dict, _NormBase._load_from_state_dict)
     slots: dict[str, tuple[torch.nn.Module, str, torch.Tensor]] = {}
-    todo = [("", module)]
-    while todo:
-        prefix, mod = todo.pop()
+    for prefix, mod in _walk(module):
         cls = type(mod)
         if (cls._load_from_state_dict not in plain or mod._load_state_dict_pre_hooks
                 or mod._load_state_dict_post_hooks or cls.set_extra_state is not torch.nn.Module.set_extra_state):
@@ -499,7 +497,6 @@ def _assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
         for name, b in mod._buffers.items():
             if b is not None and name not in mod._non_persistent_buffers_set:
                 slots[prefix + name] = (mod, name, b)
-        todo.extend((f"{prefix}{name}.", child) for name, child in mod._modules.items() if child is not None)
     if slots.keys() != tensors.keys() or any(t.shape != tensors[k].shape for k, (_, _, t) in slots.items()):
         return False
     from torch.nn.modules import module as nn_module
@@ -526,11 +523,19 @@ def module_slots(module: torch.nn.Module) -> list[tuple[str, dict, str]]:
     name, the owning module's dict, key)``, read straight from the module dicts:
     ``named_parameters``' generators cost a small model's swap-in more than its bytes do."""
     out: list[tuple[str, dict, str]] = []
-    todo = [("", module)]
-    while todo:
-        prefix, mod = todo.pop()
+    for prefix, mod in _walk(module):
         out += [(prefix + n, mod._parameters, n) for n, t in mod._parameters.items() if t is not None]
         out += [(prefix + n, mod._buffers, n) for n, t in mod._buffers.items() if t is not None]
+    return out
+
+
+def _walk(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``module`` and every submodule with its name prefix (``"features.0."``), from the module
+    dicts (no ``named_modules`` generators)."""
+    out, todo = [], [("", module)]
+    while todo:
+        prefix, mod = todo.pop()
+        out.append((prefix, mod))
         todo.extend((f"{prefix}{n}.", c) for n, c in mod._modules.items() if c is not None)
     return out
 

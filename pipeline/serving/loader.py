@@ -176,11 +176,7 @@ def _keep_shell(loaded: LoadedVersion) -> None:
     module = loaded.module
     if module is None or loaded.compile is not None:
         return
-    meta = _META.get(module)
-    if meta is None:  # not one of our shells
-        module.to("meta")
-        return
-    for d, name, t in meta:
+    for d, name, t in _META[module]:  # every module load_version serves is built by _shell
         d[name] = t
     if module.training:  # put in train mode by someone: a shell serves in eval mode
         module.eval()
