@@ -73,6 +73,18 @@ def store(tmp_path):
     return LocalStorage(tmp_path / "store")
 
 
+async def a_evicted_by_b(store, size: int, **kw) -> tuple[ModelRegistry, np.ndarray]:
+    """A started registry with a budget for one and a half models of ``size`` bytes that served
+    "a", then "b" (which evicted "a"); and the batch it used."""
+    reg = ModelRegistry(store, config(budget_bytes=int(size * 1.5), **kw))
+    await reg.start()
+    x = batch(2)
+    await reg.infer("a", None, {"input": x})
+    await reg.infer("b", None, {"input": x})  # evicts a
+    assert not reg.model_ready("a")
+    return reg, x
+
+
 async def wait_until(pred, timeout: float = 5.0, step: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -354,12 +366,7 @@ def test_swap_in_within_poll_s_reads_neither_alias_nor_manifest_again(store):
     promotion.promote(store, "a", "v1")
 
     async def main():
-        reg = ModelRegistry(store, config(budget_bytes=int(size * 1.5), poll_s=3600.0))
-        await reg.start()
-        x = batch(2)
-        await reg.infer("a", None, {"input": x})
-        await reg.infer("b", None, {"input": x})  # evicts a
-        assert not reg.model_ready("a")
+        reg, x = await a_evicted_by_b(store, size, poll_s=3600.0)
         reads = []
         io = reg._io
 
@@ -416,12 +423,7 @@ def test_reload_after_eviction_still_verifies_every_byte(store, tmp_path):
     size = weight_size(mods["a"])
 
     async def main():
-        reg = ModelRegistry(store, config(budget_bytes=int(size * 1.5), retry_failed_s=0.0))
-        await reg.start()
-        x = batch(2)
-        await reg.infer("a", None, {"input": x})
-        await reg.infer("b", None, {"input": x})  # evicts a
-        assert not reg.model_ready("a")
+        reg, x = await a_evicted_by_b(store, size, retry_failed_s=0.0)
         shard = tmp_path / "store" / export.version_prefix("a", "v1") / "model.safetensors"
         data = bytearray(shard.read_bytes())
         data[-17] ^= 0x40
