@@ -17,9 +17,11 @@ Llama-3-shaped bf16 checkpoint (bench/loaders.py) and measures, on that same end
 * runai     Run:ai's model streamer, S3 → CPU tensors, fresh process (when installed:
             ``pip install -e ".[bench]"``);
 * prewarm   S3 → /dev/shm: ``ShmTier.prewarm`` of the checkpoint published as a version (manifest
-            with every shard's sha256; shards server-side copies of the loader's objects):
-            parallel ranged GETs into the tmpfs files, sha256 of every file verified, atomic
-            publish;
+            with every shard's sha256 and crc32, as export writes it; shards server-side copies of
+            the loader's objects): parallel ranged GETs into the tmpfs files, the crc32 of every
+            landed file verified, atomic publish;
+* prewarm-sha256  the same from a manifest without crc32 (as exports before it wrote them),
+            which the tier checks by sha256: what the crc32 saves;
 * raw PUT   boto3 alone: multipart uploads of every shard, 8 MiB parts, ``--concurrency`` parts
             at a time, from memory;
 * upload    forgeline's ``S3Storage.write_atomic`` of every shard from a local file (the path of
@@ -119,7 +121,8 @@ def main() -> int:
     ap.add_argument("--part-mib", type=int, default=8)
     ap.add_argument("--root", default=str(ROOT / ".forgeline" / "bench" / "loaders"))
     ap.add_argument("--child-timeout", type=float, default=600)
-    ap.add_argument("--only", nargs="+", choices=["raw-get", "loader", "runai", "prewarm", "raw-put", "upload"])
+    ap.add_argument("--only", nargs="+", choices=["raw-get", "loader", "runai", "prewarm", "prewarm-sha256",
+                                                    "raw-put", "upload"])
     ap.add_argument("--split-cores", action="store_true",
                     help="server on the first half of the CPUs, client on the other half")
     ap.add_argument("--json")
@@ -151,21 +154,24 @@ def main() -> int:
         store = S3Storage(BUCKET, "", endpoint_url=rgw.endpoint, region_name=rgw.region, part_size=part,
                           multipart_threshold=part, concurrency=a.concurrency,
                           max_pool_connections=max(32, 2 * a.concurrency), **rgw.credentials)
-        shas = {}
+        infos = {}
         for f in files:  # the checkpoint, uploaded by forgeline (sha256 in its metadata)
             with open(f, "rb") as fh:
-                shas[f.name] = store.write_atomic(f"ckpt/{f.name}", fh).sha256
+                infos[f.name] = store.write_atomic(f"ckpt/{f.name}", fh)
         keys = {f"ckpt/{f.name}": f.stat().st_size for f in files}
-        # The same shards as a published version for the pre-warm: CopyObject, which RGW serves
-        # by sharing the data (no second copy in the OSD's RAM), and a manifest.
-        published = version_prefix("bench", "v1")
-        for f in files:
-            store.copy(f"ckpt/{f.name}", f"{published}/{f.name}")
-        manifest = {"format": FORMAT, "model": "bench", "version": "v1",
-                    "shards": [{"file": f.name, "bytes": f.stat().st_size, "sha256": shas[f.name]} for f in files]}
-        store.write_atomic(f"{published}/manifest.json", json.dumps(manifest).encode())
+        # The same shards as published versions for the pre-warm: CopyObject, which RGW serves
+        # by sharing the data (no second copy in the OSD's RAM), and a manifest: v1 as export
+        # writes it, v0 as exports wrote it before crc32 was recorded.
+        for version, fields in (("v1", ("sha256", "crc32")), ("v0", ("sha256",))):
+            published = version_prefix("bench", version)
+            for f in files:
+                store.copy(f"ckpt/{f.name}", f"{published}/{f.name}")
+            manifest = {"format": FORMAT, "model": "bench", "version": version,
+                        "shards": [{"file": f.name, "bytes": f.stat().st_size,
+                                    **{k: getattr(infos[f.name], k) for k in fields}} for f in files]}
+            store.write_atomic(f"{published}/manifest.json", json.dumps(manifest).encode())
         blobs = {f"raw/{f.name}": f.read_bytes() for f in files}
-        want = set(a.only or ["raw-get", "loader", "runai", "prewarm", "raw-put", "upload"])
+        want = set(a.only or ["raw-get", "loader", "runai", "prewarm", "prewarm-sha256", "raw-put", "upload"])
         peers = available("cpu", True)
         if "runai" in want and "runai" not in peers:
             errors["runai"] = "not installed (pip install -e '.[bench]')"
@@ -191,14 +197,12 @@ def main() -> int:
                         rows.setdefault(f"{name} S3 → CPU", []).append(res["gbps"])
                     else:
                         errors[name] = res["error"]
-            if "prewarm" in want:
-                tier = ShmTier(shm_root / f"r{r}")
-
-                def prewarm() -> int:
-                    return tier.prewarm(store, "bench", "v1").bytes
-
-                timed("prewarm S3 → shm", prewarm)
-                subprocess.run(["rm", "-rf", str(shm_root / f"r{r}")], check=False)
+            for name, version, row in (("prewarm", "v1", "prewarm S3 → shm"),
+                                       ("prewarm-sha256", "v0", "prewarm S3 → shm, sha256-checked")):
+                if name in want:
+                    tier = ShmTier(shm_root / f"r{r}")
+                    timed(row, lambda: tier.prewarm(store, "bench", version).bytes)
+                    subprocess.run(["rm", "-rf", str(shm_root / f"r{r}")], check=False)
             if "raw-put" in want:
                 timed("raw PUT (boto3 multipart)", lambda: raw_put(client, blobs, part, a.concurrency))
             if "upload" in want:
@@ -225,6 +229,7 @@ def main() -> int:
         "loader+client S3 → CPU": [(get, None, "raw GET"), (best.get("runai S3 → CPU"), 1.5, "Run:ai")],
         "runai S3 → CPU": [(get, None, "raw GET")],
         "prewarm S3 → shm": [(get, 0.8, "raw GET")],
+        "prewarm S3 → shm, sha256-checked": [(get, None, "raw GET")],
         "upload (write_atomic)": [(put, 0.8, "raw PUT")],
     }
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, {platform.platform()}"

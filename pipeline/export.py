@@ -88,7 +88,7 @@ from pipeline._libc import libc_function
 from pipeline.safetensors_format import CODES as _ST_CODES
 from pipeline.safetensors_format import itemsize as _itemsize
 from pipeline.layout import DEFAULT_ROOT, FORMAT, GOLDEN_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_SHARD_NAME
-from pipeline.storage import CHUNK, ObjectNotFound, Storage, StorageError, check_key, join
+from pipeline.storage import CHUNK, Crc32, ObjectNotFound, Storage, StorageError, check_key, hash_stream, join
 
 if TYPE_CHECKING:
     from torch import nn
@@ -602,7 +602,8 @@ def export(
             with store.open_write(key, expected_size=size) as w:
                 write_safetensors(w, shard_entries, source.tensor, metadata=header_meta, after_tensor=after)
             assert w.info is not None
-            shards.append({"file": file, "bytes": w.info.size, "sha256": w.info.sha256, "tensors": names,
+            shards.append({"file": file, "bytes": w.info.size, "sha256": w.info.sha256, "crc32": w.info.crc32,
+                           "tensors": names,
                            "seconds": time.perf_counter() - t0})  # read, write and commit of the shard
 
         for s in shards:  # what is stored is what was written, before anything points at it
@@ -625,7 +626,8 @@ def export(
             with store.open_write(golden_key, expected_size=safetensors_size(entries_g, header_meta)) as w:
                 write_safetensors(w, entries_g, golden_tensors.__getitem__, metadata=header_meta)
             assert w.info is not None
-            golden_entry = {"file": GOLDEN_NAME, "size": w.info.size, "sha256": w.info.sha256}
+            golden_entry = {"file": GOLDEN_NAME, "size": w.info.size, "sha256": w.info.sha256,
+                            "crc32": w.info.crc32}
 
         dtypes: dict[str, int] = {}
         for e in entries:
@@ -643,7 +645,8 @@ def export(
             "tensors": len(entries),
             "dtypes": dtypes,
             "max_shard_bytes": max_shard_bytes,
-            "index": {"file": INDEX_NAME, "bytes": index_info.size, "sha256": index_info.sha256},
+            "index": {"file": INDEX_NAME, "bytes": index_info.size, "sha256": index_info.sha256,
+                      "crc32": index_info.crc32},
             "shards": shards,
             "source": source.info,
             "metadata": extra,
@@ -687,14 +690,23 @@ def list_versions(store: Storage, model: str, root: str = DEFAULT_ROOT) -> list[
     return sorted(out)
 
 
-def manifest_files(manifest: dict) -> list[tuple[str, int, str | None]]:
-    """``(file, bytes, sha256)`` of every file a manifest lists: shards, index, golden outputs."""
-    files = [(s["file"], int(s["bytes"]), s.get("sha256")) for s in manifest["shards"]]
+class ListedFile(NamedTuple):
+    """One file a manifest lists. ``crc32`` is None in manifests written before it was recorded."""
+
+    file: str
+    bytes: int
+    sha256: str | None
+    crc32: str | None
+
+
+def manifest_files(manifest: dict) -> list[ListedFile]:
+    """Every file a manifest lists: shards, index, golden outputs."""
+    entries = [(s, "bytes") for s in manifest["shards"]]
     if manifest.get("index"):
-        files.append((manifest["index"]["file"], int(manifest["index"]["bytes"]), manifest["index"].get("sha256")))
+        entries.append((manifest["index"], "bytes"))
     if manifest.get("golden"):
-        files.append((manifest["golden"]["file"], int(manifest["golden"]["size"]), manifest["golden"].get("sha256")))
-    return files
+        entries.append((manifest["golden"], "size"))
+    return [ListedFile(e["file"], int(e[size]), e.get("sha256"), e.get("crc32")) for e, size in entries]
 
 
 def version_problem(
@@ -718,7 +730,7 @@ def version_problem(
         return str(e)
     except (KeyError, TypeError, ValueError) as e:
         return f"{what}: unreadable or malformed manifest ({type(e).__name__}: {e})"
-    for file, size, _ in listed if files else ():
+    for file, size, *_ in listed if files else ():
         try:
             got = store.stat(join(prefix, file)).size
         except StorageError as e:
@@ -784,8 +796,8 @@ def read_manifest(store: Storage, model: str, version: str, *, root: str = DEFAU
 
 
 def verify(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT) -> list[str]:
-    """Problems with a published version, each naming its file: a missing shard, a size or
-    sha256 mismatch (recomputed from the stored bytes), an index that disagrees with the
+    """Problems with a published version, each naming its file: a missing shard, a size, sha256 or
+    crc32 mismatch (recomputed from the stored bytes), an index that disagrees with the
     manifest. An empty list means every byte is as published."""
     manifest = read_manifest(store, model, version, root=root)
     prefix = version_prefix(model, version, root)
@@ -793,7 +805,7 @@ def verify(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT
     for s in manifest["shards"]:
         problems += _shard_problems(store, join(prefix, s["file"]), s)
     if g := manifest.get("golden"):
-        problems += _file_problems(store, join(prefix, g["file"]), f"golden {g['file']}", g["size"], g["sha256"])
+        problems += _file_problems(store, join(prefix, g["file"]), f"golden {g['file']}", g["size"], g)
     idx = manifest.get("index") or {"file": INDEX_NAME}
     try:
         index = json.loads(store.read(join(prefix, idx["file"])))
@@ -807,24 +819,33 @@ def verify(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT
     return problems
 
 
-def _shard_problems(store: Storage, key: str, shard: dict, data_sha256: str | None = None) -> list[str]:
-    return _file_problems(store, key, f"shard {shard['file']}", shard["bytes"], shard["sha256"], data_sha256)
+def _shard_problems(store: Storage, key: str, shard: dict, data: bytes | None = None) -> list[str]:
+    return _file_problems(store, key, f"shard {shard['file']}", shard["bytes"], shard, data)
 
 
-def _file_problems(store: Storage, key: str, what: str, want_size: int, want_sha256: str,
-                   data_sha256: str | None = None) -> list[str]:
+def _file_problems(store: Storage, key: str, what: str, want_size: int, entry: dict,
+                   data: bytes | None = None) -> list[str]:
+    """Size, sha256 and (when the manifest ``entry`` records it) crc32 of one stored file, both
+    hashes from one read of its bytes (``data`` when the caller has read them already)."""
     try:
         size = store.stat(key).size
     except ObjectNotFound:
         return [f"{what}: missing ({store.uri(key)})"]
     if size != want_size:
         return [f"{what}: {size} bytes stored, manifest says {want_size}"]
+    sha, crc = hashlib.sha256(), Crc32()
     try:
-        digest = data_sha256 or store.checksum(key)
+        if data is None:
+            with store.open_read(key) as f:
+                hash_stream(f, sha, crc)
+        else:
+            sha.update(data)
+            crc.update(data)
     except StorageError as e:
         return [f"{what}: unreadable ({e})"]
-    if digest != want_sha256:
-        return [f"{what}: sha256 mismatch (stored bytes hash to {digest}, manifest says {want_sha256})"]
+    for h, want in ((sha, entry["sha256"]), (crc, entry.get("crc32"))):
+        if want is not None and h.hexdigest() != want:
+            return [f"{what}: {h.name} mismatch (stored bytes hash to {h.hexdigest()}, manifest says {want})"]
     return []
 
 
@@ -904,7 +925,7 @@ def load_state_dict(
                 data = store.read(key)
             except ObjectNotFound:
                 raise VerificationFailed(f"{model}/{version}", [f"shard {s['file']}: missing ({store.uri(key)})"]) from None
-            if verify and (problems := _shard_problems(store, key, s, hashlib.sha256(data).hexdigest())):
+            if verify and (problems := _shard_problems(store, key, s, data)):
                 raise VerificationFailed(f"{model}/{version}", problems)
             tensors = st_load(data)
             del data
@@ -1013,6 +1034,7 @@ __all__ = [
     "FORMAT",
     "GOLDEN_NAME",
     "INDEX_NAME",
+    "ListedFile",
     "MANIFEST_NAME",
     "TensorEntry",
     "TensorSource",

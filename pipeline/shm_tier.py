@@ -15,8 +15,8 @@ published versions), plus the tier's own bookkeeping in ``.tier/``::
 **Complete.** A version is in the tier when its ``manifest.json`` is there and every file it lists
 (shards, index, golden outputs) is present with the listed size (:func:`pipeline.export.version_problem`
 on the tier, the same test as everywhere). The manifest is copied last (atomically, by
-rename), and every other file is copied to a temporary name, sha256-verified against the manifest
-and renamed, so a crash at any point leaves a version that is *not* complete; the next prewarm of
+rename), and every other file is copied to a temporary name, checked against the manifest (crc32
+when the manifest records it, else sha256: see :func:`_land_files`) and renamed, so a crash at any point leaves a version that is *not* complete; the next prewarm of
 that version (or any prewarm's garbage collection, once no process holds its lock) removes it.
 
 **Concurrency.** :meth:`ShmTier.prewarm` takes an exclusive ``flock`` on the version's lock file
@@ -73,6 +73,7 @@ from pipeline.export import (
     INDEX_NAME,
     MANIFEST_NAME,
     ExportError,
+    ListedFile,
     VersionNotFound,
     manifest_files,
     version_prefix,
@@ -82,6 +83,7 @@ from pipeline.mounts import in_ram
 from pipeline.promotion import ALIAS, LATEST, PromotionError
 from pipeline.promotion import resolve as resolve_ref
 from pipeline.storage import (
+    Crc32,
     IntegrityError,
     LocalStorage,
     ObjectNotFound,
@@ -209,20 +211,23 @@ def _lands_in_place(store: Storage) -> bool:
     return type(store).read_into is not Storage.read_into
 
 
-def _land_files(store: Storage, dst: LocalStorage, files: list[tuple[str, int, str | None]]) -> list[float]:
-    """Copy ``files`` (``(key, bytes, sha256 or None)``) from ``store`` to the same keys in ``dst``;
-    returns the seconds each file took, in order.
+def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> list[float]:
+    """Copy ``files`` (manifest entries whose ``file`` is the storage key) from ``store`` to the
+    same keys in ``dst``; returns the seconds each file took, in order.
 
     Each file is fetched in ranged reads pinned to the version its ``stat`` saw (an object
     replaced meanwhile fails with ObjectChanged), ``concurrency`` (S3) at a time in one pool
     shared by all files. A read lands in its worker's own reused buffer and is written at its
     offset into a temporary tmpfs file (``pwrite``: cheaper on tmpfs than receiving into a
     mapping of the file, whose pages would be faulted in and zeroed one by one). The file's
-    sha256 is computed in order, in the file's own thread, from the landed bytes while later
-    pieces are still in flight (hashlib releases the GIL): so it checks what is in the tier,
-    not what was received. Several files land at once (up to the CPU count, at most 4), so their
-    hashes run on different cores. A file is published (renamed) only once its size and sha256
-    are checked; on any failure every temporary is removed. Memory: one piece per request in
+    checksum is computed in order, in the file's own thread, from the landed bytes while later
+    pieces are still in flight (both hashes release the GIL): so it checks what is in the tier,
+    not what was received. The checksum is the manifest's crc32 (:class:`Crc32`, ~10x cheaper
+    than sha256, which bound the copy on a busy core: it catches truncated, torn, swapped and
+    corrupted transfers; sha256 stays the content identity, checked again when a server first
+    loads the version); manifests written before crc32 was recorded are checked by sha256.
+    Several files land at once (up to the CPU count, at most 4), so their hashes run on different
+    cores. A file is published (renamed) only once its size and checksum are checked; on any failure every temporary is removed. Memory: one piece per request in
     flight, besides the destination files."""
     if not files:
         return []
@@ -243,8 +248,7 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[tuple[str, int, s
     gets = ThreadPoolExecutor(inflight, thread_name_prefix="shm-get")
     try:
         with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1, 4), thread_name_prefix="shm-land") as pool:
-            futures = [pool.submit(_land_one, store, dst, key, size, sha, gets, fetch, piece, inflight, failed)
-                       for key, size, sha in files]
+            futures = [pool.submit(_land_one, store, dst, f, gets, fetch, piece, inflight, failed) for f in files]
             try:
                 errors = [f.exception() for f in futures]
             except BaseException:
@@ -258,9 +262,11 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[tuple[str, int, s
     return [f.result() for f in futures]
 
 
-def _land_one(store: Storage, dst: LocalStorage, key: str, size: int, sha: str | None,
+def _land_one(store: Storage, dst: LocalStorage, listed: ListedFile,
               gets: ThreadPoolExecutor, fetch, piece: int, window: int, failed: threading.Event) -> float:
     """One file of :func:`_land_files` (in its own thread); returns its seconds."""
+    key, size = listed.file, listed.bytes
+    h, want = (Crc32(), listed.crc32) if listed.crc32 is not None else (hashlib.sha256(), listed.sha256)
     if failed.is_set():
         raise _Cancelled()
     t0 = time.perf_counter()
@@ -280,8 +286,6 @@ def _land_one(store: Storage, dst: LocalStorage, key: str, size: int, sha: str |
     try:
         os.ftruncate(fd, size)  # sparse: pages are allocated by the writes (ENOSPC there)
         mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
-        h = hashlib.sha256()
-
         def hash_oldest() -> None:
             at, n, fut = pending.popleft()
             fut.result()
@@ -297,8 +301,8 @@ def _land_one(store: Storage, dst: LocalStorage, key: str, size: int, sha: str |
         while pending:
             hash_oldest()
         digest = h.hexdigest()
-        if sha is not None and digest != sha:
-            raise IntegrityError(f"{store.uri(key)}: sha256 {digest} != expected {sha}")
+        if want is not None and digest != want:
+            raise IntegrityError(f"{store.uri(key)}: {h.name} {digest} != expected {want}")
         if os.fstat(fd).st_size != size:
             raise IntegrityError(f"{dst.uri(key)}: {os.fstat(fd).st_size} bytes in the tier, expected {size}")
         if mm is not None:
@@ -618,7 +622,7 @@ class ShmTier:
     def prewarm(self, store: Storage, model: str, version: str = LATEST, *, pin: bool = False) -> PrewarmReport:
         """Make ``model``/``version`` (``"latest"``: the newest complete, non-rejected version
         published in ``store``; ``"production"``: the promoted one) complete in the tier, copying
-        it from ``store`` with sha256 verification if it is not there yet. Idempotent; concurrent
+        it from ``store``, every file checked against the manifest, if it is not there yet. Idempotent; concurrent
         calls for one version copy it once (the others report a hit)."""
         t0 = time.perf_counter()
         version = _version_for(store, model, version, "to prewarm")
@@ -665,10 +669,10 @@ class ShmTier:
             raise ExportError(f"{store.uri(manifest_key)}: unsupported manifest format {manifest.get('format')!r}")
         files = manifest_files(manifest)
         if not manifest.get("index") and store.exists(join(prefix, INDEX_NAME)):
-            files.append((INDEX_NAME, store.stat(join(prefix, INDEX_NAME)).size, None))
-        need = sum(size for _, size, _ in files) + len(raw)
+            files.append(ListedFile(INDEX_NAME, store.stat(join(prefix, INDEX_NAME)).size, None, None))
+        need = sum(f.bytes for f in files) + len(raw)
         block = self._fs_block()
-        fs_need = sum(_round_up(size, block) for _, size, _ in files) + _round_up(len(raw), block)
+        fs_need = sum(_round_up(f.bytes, block) for f in files) + _round_up(len(raw), block)
         vdir = self._dir(model, version)
 
         with _locked(self._tier_lock()):
@@ -684,10 +688,10 @@ class ShmTier:
         try:
             if _lands_in_place(store):
                 # A remote store (S3): parallel ranged reads straight into the tmpfs files.
-                file_seconds = _land_files(store, self.store, [(join(prefix, f), n, sha) for f, n, sha in files])
-                copied = sum(n for _, n, _ in files)
+                file_seconds = _land_files(store, self.store, [f._replace(file=join(prefix, f.file)) for f in files])
+                copied = sum(f.bytes for f in files)
             else:
-                for file, size, sha in files:
+                for file, size, sha, _ in files:  # the writer checks the sha256 of what it copies
                     key = join(prefix, file)
                     t0 = time.perf_counter()
                     info = copy_between(store, key, self.store, key, expected_sha256=sha)

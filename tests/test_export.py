@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
@@ -154,13 +155,17 @@ def check_published(store, model, manifest, want: dict, max_shard_bytes: int) ->
     """Shards load bit-exact with safetensors, sizes within the limit, index consistent."""
     version = manifest["version"]
     prefix = ex.version_prefix(model, version)
-    index = json.loads(store.read(join(prefix, ex.INDEX_NAME)))
+    raw_index = store.read(join(prefix, ex.INDEX_NAME))
+    assert manifest["index"] == {"file": ex.INDEX_NAME, "bytes": len(raw_index),
+                                 "sha256": hashlib.sha256(raw_index).hexdigest(), "crc32": f"{zlib.crc32(raw_index):08x}"}
+    index = json.loads(raw_index)
     assert list(index["weight_map"]) == list(want)  # every tensor, exactly once
     assert index["metadata"]["total_size"] == manifest["total_size"] == sum(t.numel() * t.element_size() for t in want.values())
     loaded = {}
     for s in manifest["shards"]:
         data = store.read(join(prefix, s["file"]))
         assert len(data) == s["bytes"] and hashlib.sha256(data).hexdigest() == s["sha256"]
+        assert s["crc32"] == f"{zlib.crc32(data):08x}"
         shard = st_load(data)
         assert list(shard) == s["tensors"] or set(shard) == set(s["tensors"])
         assert all(index["weight_map"][n] == s["file"] for n in shard)
@@ -302,6 +307,22 @@ def test_corrupt_or_missing_shard_is_named(local_storage):
     assert problems[0].startswith(f"shard {other}: missing") and bad in problems[1]
 
 
+def test_verify_checks_the_recorded_crc32_and_reads_manifests_without_it(local_storage):
+    ex.export(ex.from_module(trained_cnn(), architecture="digits_cnn", model_kwargs=KW), local_storage, "digits", "v1",
+              max_shard_bytes=16 * 1024)
+    key = join(ex.version_prefix("digits", "v1"), ex.MANIFEST_NAME)
+    manifest = json.loads(local_storage.read(key))
+    first, second = manifest["shards"][:2]
+    first["crc32"] = f"{int(first['crc32'], 16) ^ 1:08x}"  # the bytes still match the sha256
+    del second["crc32"]  # as manifests written before crc32 was recorded
+    local_storage.write_atomic(key, json.dumps(manifest).encode())
+    [problem] = ex.verify(local_storage, "digits", "v1")
+    assert problem.startswith(f"shard {first['file']}: crc32 mismatch") and first["crc32"] in problem
+    listed = ex.manifest_files(manifest)
+    assert listed[1] == (second["file"], second["bytes"], second["sha256"], None)
+    assert listed[-1].file == ex.INDEX_NAME and listed[-1].crc32 == manifest["index"]["crc32"]
+
+
 def test_check_fails_when_weights_differ(local_storage):
     m = trained_cnn()
     ex.export(ex.from_module(m, architecture="digits_cnn", model_kwargs=KW), local_storage, "digits", "v1")
@@ -374,7 +395,8 @@ def test_golden_outputs_are_published_verified_and_read_back(local_storage):
     prefix = ex.version_prefix("digits", "v1")
     key = join(prefix, "golden.safetensors")
     data = local_storage.read(key)
-    assert manifest["golden"] == {"file": "golden.safetensors", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert manifest["golden"] == {"file": "golden.safetensors", "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                  "crc32": f"{zlib.crc32(data):08x}"}
     with safe_open(str(local_storage.local_path(key)), "pt") as f:
         assert set(f.keys()) == {"input", "output"}
     got = ex.read_golden(local_storage, "digits", "v1")

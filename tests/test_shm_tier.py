@@ -11,6 +11,7 @@ it is removed after each test.
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -506,9 +507,52 @@ def test_prewarm_from_s3_corrupt_shard_is_rejected(s3_storage_factory, tier_root
     key = join(ex.version_prefix(MODEL, "b1"), bad["file"])
     store.write_atomic(key, payload_like(store, key))  # same size, different bytes
     tier = ShmTier(tier_root)
-    with pytest.raises(IntegrityError, match=rf"{bad['file']}: sha256 [0-9a-f]+ != expected {bad['sha256']}"):
+    with pytest.raises(IntegrityError, match=rf"{bad['file']}: crc32 [0-9a-f]{{8}} != expected {bad['crc32']}"):
         tier.prewarm(store, MODEL, "b1")
     assert no_leftovers(tier)
+
+
+def test_prewarm_from_s3_manifest_without_crc32_is_checked_by_sha256(s3_storage_factory, tier_root):
+    """A version exported before manifests recorded crc32: the tier checks its copy by sha256."""
+    store = s3_storage_factory(concurrency=4)
+    manifest = publish_big(store, "b1", seed=1)
+    for entry in [*manifest["shards"], manifest["index"]]:
+        del entry["crc32"]
+    prefix = ex.version_prefix(MODEL, "b1")
+    store.write_atomic(join(prefix, ex.MANIFEST_NAME), json.dumps(manifest).encode())
+    tier = ShmTier(tier_root)
+    assert not tier.prewarm(store, MODEL, "b1").hit and ex.verify(tier.storage(), MODEL, "b1") == []
+    assert tier.evict(MODEL, "b1")
+    bad = manifest["shards"][1]
+    key = join(prefix, bad["file"])
+    store.write_atomic(key, payload_like(store, key))
+    with pytest.raises(IntegrityError, match=rf"{bad['file']}: sha256 [0-9a-f]{{64}} != expected {bad['sha256']}"):
+        tier.prewarm(store, MODEL, "b1")
+    assert no_leftovers(tier)
+
+
+def test_prewarm_from_s3_checks_the_landed_bytes(s3_storage_factory, tier_root, monkeypatch):
+    """The crc32 is taken from the tier file, not from what was received: a byte that changes on
+    its way into tmpfs fails the copy."""
+    store = s3_storage_factory(concurrency=4)
+    manifest = publish_big(store, "b1", seed=1)
+    tier = ShmTier(tier_root)
+    real_pwrite, writes = os.pwrite, []
+
+    def pwrite(fd, data, offset):  # the 5th piece written lands with one bit flipped
+        writes.append(offset)
+        if len(writes) == 5:
+            data = bytearray(data)
+            data[100] ^= 0x01
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    files = "|".join(s["file"] for s in manifest["shards"])
+    with pytest.raises(IntegrityError, match=rf"({files}): crc32 [0-9a-f]{{8}} != expected [0-9a-f]{{8}}.*corrupt"):
+        tier.prewarm(store, MODEL, "b1")
+    assert no_leftovers(tier)
+    monkeypatch.undo()
+    assert not tier.prewarm(store, MODEL, "b1").hit and ex.verify(tier.storage(), MODEL, "b1") == []
 
 
 def test_prewarm_from_s3_tmpfs_full_mid_copy(s3_storage_factory, tier_root, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import zlib
 
 import pytest
 from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
@@ -56,6 +57,7 @@ def test_round_trip(store, data):
     assert info.key == "a/b/obj.bin"
     assert info.size == len(data)
     assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert info.crc32 == f"{zlib.crc32(data):08x}"  # recorded by the writer, for later copies
     assert store.read("a/b/obj.bin") == data
     assert store.stat("a/b/obj.bin").size == len(data)
 
@@ -65,7 +67,7 @@ def test_streaming_writer_and_reader(store):
         for i in range(0, len(BIG), 3 * MiB + 1):
             w.write(BIG[i : i + 3 * MiB + 1])
     assert w.info.size == len(BIG)
-    assert w.info.sha256 == hashlib.sha256(BIG).hexdigest()
+    assert w.info.sha256 == hashlib.sha256(BIG).hexdigest() and w.info.crc32 == f"{zlib.crc32(BIG):08x}"
     # odd read sizes cross every window/part boundary
     with store.open_read("s.bin") as f:
         got = []

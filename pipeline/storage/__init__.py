@@ -15,6 +15,7 @@ The interface and its errors are in ``base``; the backends in ``local``, ``shm``
 from pipeline.storage.base import (
     CHUNK,
     AtomicWriter,
+    Crc32,
     IntegrityError,
     ObjectChanged,
     ObjectInfo,
@@ -24,6 +25,7 @@ from pipeline.storage.base import (
     StorageFull,
     check_key,
     copy_between,
+    hash_stream,
     join,
     sha256_stream,
 )
@@ -34,6 +36,7 @@ from pipeline.storage.spec import configured, from_spec, from_uri
 __all__ = [
     "CHUNK",
     "AtomicWriter",
+    "Crc32",
     "IntegrityError",
     "LocalStorage",
     "ObjectChanged",
@@ -48,6 +51,7 @@ __all__ = [
     "copy_between",
     "from_spec",
     "from_uri",
+    "hash_stream",
     "join",
     "sha256_stream",
 ]

@@ -2,7 +2,8 @@
 
 Keys are relative POSIX paths (``raw/shards/batch-1/train-000000.tar``). Every write is atomic: an
 :class:`AtomicWriter` publishes the object only after its size and sha256 are verified, so a reader
-sees either the previous object or the complete new one. Reads can be pinned to one version of an
+sees either the previous object or the complete new one. The writer also records the CRC-32 of
+what it wrote (:class:`Crc32`), a cheap check for later copies of the object. Reads can be pinned to one version of an
 object (``stat(key).version``), so a multi-request read never mixes bytes of two versions.
 
 This module knows no backend; they subclass :class:`Storage` in ``local``, ``shm`` and ``s3``.
@@ -10,12 +11,18 @@ This module knows no backend; they subclass :class:`Storage` in ``local``, ``shm
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+try:  # ISA-L's CRC-32: the values of zlib.crc32 at ~5x its speed (18 vs 3.8 GB/s on one core here)
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same values
+    from zlib import crc32 as _crc32
 
 CHUNK = 8 * 1024 * 1024  # streaming granularity: large enough for full disk/network rate, small for RSS
 TMP_MARK = ".tmp-"  # in the names of unpublished temporaries (never valid keys)
@@ -47,6 +54,7 @@ class ObjectInfo:
     size: int
     sha256: str | None = None  # known without reading (recorded at write time), else None
     version: str | None = None  # pins reads to this content (S3: the ETag); None: not versioned
+    crc32: str | None = None  # of the bytes written (set by AtomicWriter.commit), else None
 
 
 def check_key(key: str) -> str:
@@ -66,19 +74,47 @@ def join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
-def sha256_stream(f: BinaryIO, chunk: int = CHUNK) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
+def hash_stream(f: BinaryIO, *hashers, chunk: int = CHUNK) -> int:
+    """Feed the rest of ``f`` to every hasher (one read of the bytes); returns the bytes read."""
+    n = 0
     while b := f.read(chunk):
-        h.update(b)
+        for h in hashers:
+            h.update(b)
         n += len(b)
+    return n
+
+
+def sha256_stream(f: BinaryIO, chunk: int = CHUNK) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = hash_stream(f, h, chunk=chunk)
     return h.hexdigest(), n
+
+
+class Crc32:
+    """CRC-32 (zlib's) behind hashlib's ``update``/``hexdigest`` (8 hex digits).
+
+    sha256 is a version's content identity; this is the cheap check of a *copy* of it (a truncated,
+    torn, swapped or corrupted transfer), about 10x faster than sha256 with SHA-NI: the shm tier
+    checks landed bytes with it so that pre-warming is not bound by hashing."""
+
+    name = "crc32"
+    __slots__ = ("_value",)
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._value = _crc32(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
 
 
 class AtomicWriter(ABC):
     """Streaming writer whose object becomes visible only on :meth:`commit`.
 
-    Tracks size and sha256 of what was written; ``expected_size`` / ``expected_sha256`` given to
-    ``open_write`` are checked before publishing, so a short or corrupted copy never lands.
+    Tracks size, sha256 and CRC-32 of what was written; ``expected_size`` / ``expected_sha256``
+    given to ``open_write`` are checked before publishing, so a short or corrupted copy never lands.
     """
 
     def __init__(self, key: str, expected_size: int | None, expected_sha256: str | None):
@@ -86,6 +122,7 @@ class AtomicWriter(ABC):
         self.expected_size = expected_size
         self.expected_sha256 = expected_sha256
         self._hash = hashlib.sha256()
+        self._crc = Crc32()
         self.size = 0
         self.closed = False
         self.info: ObjectInfo | None = None  # set by commit()
@@ -99,6 +136,7 @@ class AtomicWriter(ABC):
         if self.closed:
             raise StorageError(f"{self.key}: write after commit/abort")
         self._hash.update(data)
+        self._crc.update(data)
         self.size += len(data)
         self._write(data)
         return len(data)
@@ -116,7 +154,7 @@ class AtomicWriter(ABC):
             raise StorageError(f"{self.key}: already committed or aborted")
         try:
             digest = self._verify_stream()
-            self.info = self._commit(digest)
+            self.info = dataclasses.replace(self._commit(digest), crc32=self._crc.hexdigest())
         except BaseException:
             self.abort()
             raise
