@@ -15,9 +15,10 @@ published versions), plus the tier's own bookkeeping in ``.tier/``::
 **Complete.** A version is in the tier when its ``manifest.json`` is there and every file it lists
 (shards, index, golden outputs) is present with the listed size (:func:`pipeline.export.version_problem`
 on the tier, the same test as everywhere). The manifest is copied last (atomically, by
-rename), and every other file is copied to a temporary name, checked against the manifest (crc32
-when the manifest records it, else sha256: see :func:`_land_files`) and renamed, so a crash at any point leaves a version that is *not* complete; the next prewarm of
-that version (or any prewarm's garbage collection, once no process holds its lock) removes it.
+rename), and every other file is copied to a temporary name, checked against the manifest
+(crc32 when the manifest records it, else sha256: see :func:`_land_files`) and renamed, so a crash
+at any point leaves a version that is *not* complete; the next prewarm of that version (or any
+prewarm's garbage collection, once no process holds its lock) removes it.
 
 **Concurrency.** :meth:`ShmTier.prewarm` takes an exclusive ``flock`` on the version's lock file
 before copying; a second process prewarming the same version waits, then finds it complete and
@@ -227,8 +228,9 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     corrupted transfers; sha256 stays the content identity, checked again when a server first
     loads the version); manifests written before crc32 was recorded are checked by sha256.
     Several files land at once (up to the CPU count, at most 4), so their hashes run on different
-    cores. A file is published (renamed) only once its size and checksum are checked; on any failure every temporary is removed. Memory: one piece per request in
-    flight, besides the destination files."""
+    cores. A file is published (renamed) only once its size and checksum are checked; on any
+    failure every temporary is removed. Memory: one piece per request in flight, besides the
+    destination files."""
     if not files:
         return []
     piece = int(getattr(store, "part_size", 0) or _PIECE)
@@ -286,6 +288,7 @@ def _land_one(store: Storage, dst: LocalStorage, listed: ListedFile,
     try:
         os.ftruncate(fd, size)  # sparse: pages are allocated by the writes (ENOSPC there)
         mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
+
         def hash_oldest() -> None:
             at, n, fut = pending.popleft()
             fut.result()
@@ -622,8 +625,8 @@ class ShmTier:
     def prewarm(self, store: Storage, model: str, version: str = LATEST, *, pin: bool = False) -> PrewarmReport:
         """Make ``model``/``version`` (``"latest"``: the newest complete, non-rejected version
         published in ``store``; ``"production"``: the promoted one) complete in the tier, copying
-        it from ``store``, every file checked against the manifest, if it is not there yet. Idempotent; concurrent
-        calls for one version copy it once (the others report a hit)."""
+        it from ``store``, every file checked against the manifest, if it is not there yet.
+        Idempotent; concurrent calls for one version copy it once (the others report a hit)."""
         t0 = time.perf_counter()
         version = _version_for(store, model, version, "to prewarm")
         prefix = version_prefix(model, version)

@@ -156,8 +156,8 @@ def check_published(store, model, manifest, want: dict, max_shard_bytes: int) ->
     version = manifest["version"]
     prefix = ex.version_prefix(model, version)
     raw_index = store.read(join(prefix, ex.INDEX_NAME))
-    assert manifest["index"] == {"file": ex.INDEX_NAME, "bytes": len(raw_index),
-                                 "sha256": hashlib.sha256(raw_index).hexdigest(), "crc32": f"{zlib.crc32(raw_index):08x}"}
+    assert manifest["index"] == {"file": ex.INDEX_NAME, "bytes": len(raw_index), "sha256": hashlib.sha256(raw_index).hexdigest(),
+                                 "crc32": f"{zlib.crc32(raw_index):08x}"}
     index = json.loads(raw_index)
     assert list(index["weight_map"]) == list(want)  # every tensor, exactly once
     assert index["metadata"]["total_size"] == manifest["total_size"] == sum(t.numel() * t.element_size() for t in want.values())

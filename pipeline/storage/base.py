@@ -3,8 +3,9 @@
 Keys are relative POSIX paths (``raw/shards/batch-1/train-000000.tar``). Every write is atomic: an
 :class:`AtomicWriter` publishes the object only after its size and sha256 are verified, so a reader
 sees either the previous object or the complete new one. The writer also records the CRC-32 of
-what it wrote (:class:`Crc32`), a cheap check for later copies of the object. Reads can be pinned to one version of an
-object (``stat(key).version``), so a multi-request read never mixes bytes of two versions.
+what it wrote (:class:`Crc32`), a cheap check for later copies of the object. Reads can be pinned
+to one version of an object (``stat(key).version``), so a multi-request read never mixes bytes of
+two versions.
 
 This module knows no backend; they subclass :class:`Storage` in ``local``, ``shm`` and ``s3``.
 """
