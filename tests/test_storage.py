@@ -4,6 +4,7 @@ multipart and retries on S3."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -283,6 +284,21 @@ def test_s3_multipart_really_uses_parts(s3_storage):
         assert s3_storage.read(key) == BIG
     uploads = s3_storage.client.list_multipart_uploads(Bucket=s3_storage.bucket)
     assert uploads.get("Uploads", []) == []
+
+
+def test_s3_parts_carry_their_crc32(s3_storage, monkeypatch):
+    """Every part is sent with its CRC-32 (computed by forgeline, so botocore does not), which S3
+    checks on arrival: it must be the checksum of exactly that part's bytes."""
+    real, sent = s3_storage.client.upload_part, []
+
+    def upload_part(**kw):
+        sent.append((kw["PartNumber"], kw["ChecksumCRC32"], base64.b64encode(zlib.crc32(kw["Body"]).to_bytes(4, "big")).decode()))
+        return real(**kw)
+
+    monkeypatch.setattr(s3_storage.client, "upload_part", upload_part)
+    s3_storage.write_atomic("parts", BIG)
+    assert sorted(p for p, _, _ in sent) == [1, 2, 3] and all(got == want for _, got, want in sent)
+    assert s3_storage.read("parts") == BIG
 
 
 def test_s3_failed_multipart_is_aborted(s3_storage):

@@ -107,6 +107,10 @@ class Crc32:
     def update(self, data: bytes | bytearray | memoryview) -> None:
         self._value = _crc32(data, self._value)
 
+    def digest(self) -> bytes:
+        """The 4 bytes, big-endian: S3's ``ChecksumCRC32`` is their base64."""
+        return self._value.to_bytes(4, "big")
+
     def hexdigest(self) -> str:
         return f"{self._value:08x}"
 

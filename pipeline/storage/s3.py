@@ -75,6 +75,7 @@ from botocore.response import StreamingBody
 from pipeline import settings
 from pipeline.storage.base import (
     AtomicWriter,
+    Crc32,
     IntegrityError,
     ObjectChanged,
     ObjectInfo,
@@ -819,6 +820,8 @@ class _S3Writer(AtomicWriter):
             self._parts.append(self._inflight.popleft().result())
 
     def _send_part(self, number: int, data: bytes) -> dict:
+        crc = Crc32()  # ISA-L's: botocore would compute the same with zlib, ~5x slower
+        crc.update(data)
         resp = self._request(
             f"UploadPart {number}",
             self._store.client.upload_part,
@@ -826,6 +829,7 @@ class _S3Writer(AtomicWriter):
             PartNumber=number,
             Body=data,
             ChecksumAlgorithm="CRC32",
+            ChecksumCRC32=base64.b64encode(crc.digest()).decode(),
         )
         part = {"PartNumber": number, "ETag": resp["ETag"]}
         if "ChecksumCRC32" in resp:  # servers without checksum support return none
