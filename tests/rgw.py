@@ -6,7 +6,9 @@ the object's size, so its figures say nothing about a real server). Debian's pac
 
 * one monitor (``paxos_propose_interval`` 0.1 s: pools are created in ~3 s instead of ~13 s),
 * one OSD on the ``memstore`` object store (objects in RAM, ``memstore_bytes`` at most),
-* radosgw with the ``beast`` frontend on a free loopback port,
+* radosgw with the ``beast`` frontend on a free loopback port, with ``tcp_nodelay=1``: without it
+  every response under ~64 KiB (a manifest, an alias, a small part) waits ~40 ms for Nagle's
+  algorithm and the client's delayed ACK (measured: 45 ms per 1-byte GET, 2.8 ms with it),
 * every pool of size 1, no manager, no authentication inside the cluster (``auth_* = none``;
   radosgw then needs ``ms_mon_client_mode = crc`` or it hangs at start-up).
 
@@ -234,7 +236,7 @@ memstore_device_bytes = {self.memstore_bytes}
 osd_max_object_size = {1 << 30}
 
 [client.rgw]
-rgw_frontends = beast endpoint=127.0.0.1:{self.rgw_port}
+rgw_frontends = beast endpoint=127.0.0.1:{self.rgw_port} tcp_nodelay=1
 rgw_thread_pool_size = {self.rgw_threads}
 rgw_dns_name = 127.0.0.1
 rgw_enable_usage_log = false
