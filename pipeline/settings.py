@@ -286,7 +286,7 @@ def timezone(env: Env = None) -> str:
 
 
 def train_fault(env: Env = None) -> str | None:
-    """``FORGELINE_TRAIN_FAULT``: the test suite's chaos hook (``rank:epoch:step:kill|exit|hang``)."""
+    """``FORGELINE_TRAIN_FAULT``: the test suite's chaos hook (``rank:epoch:step:kill|exit|abort|hang``)."""
     return raw("FORGELINE_TRAIN_FAULT", env)
 
 

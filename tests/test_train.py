@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import datagen, dataset, train
-from pipeline.train import checkpoints, worker
+from pipeline.train import checkpoints, launcher, worker
 from pipeline.ingest import ingest_shards
 from pipeline.models import build_model
 from pipeline.preprocess import PreprocessSpec
@@ -78,6 +78,7 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
 
 @pytest.mark.parametrize("fault,expect", [
     ("1:0:2:exit", "rank 1: exitcode 17"),  # a rank dies
+    ("1:0:2:abort", "crashed in _fault (worker.py:"),  # a rank aborts (SIGABRT): where it was
     ("1:0:2:hang", "collective operation timed out after collective_timeout_s=5"),  # a rank hangs
 ])
 def test_dead_or_hung_rank_fails_fast(data, tmp_path, fault, expect):
@@ -87,6 +88,24 @@ def test_dead_or_hung_rank_fails_fast(data, tmp_path, fault, expect):
                 collective_timeout_s=5)
     assert time.monotonic() - t < 90
     assert "training failed" in str(err.value) and expect in str(err.value)
+
+
+def test_a_native_crash_is_named_by_its_exception_and_frames():
+    """What an uncaught C++ exception (gloo's, say) leaves in a rank's output: the runtime's
+    ``what()`` and faulthandler's dump of the crashing thread, other threads' dumps ignored."""
+    lines = ["terminate called after throwing an instance of 'gloo::EnforceNotMet'",
+             "  what():  [enforce fail at pair.cc:446] op.preamble.length <= op.nbytes. 8 vs 4",
+             "Fatal Python error: Aborted", "",
+             "Thread 0x00007f00000000aa (most recent call first):",
+             '  File "/usr/lib/python3.11/threading.py", line 320 in wait', "",
+             "Current thread 0x00007f00000000bb (most recent call first):",
+             '  File "/v/torch/distributed/distributed_c10d.py", line 2101 in destroy_process_group',
+             '  File "/w/pipeline/train/worker.py", line 120 in main', "", "Extension modules: torch._C"]
+    assert launcher._crash_sites(lines) == [
+        "terminate called after throwing an instance of 'gloo::EnforceNotMet'",
+        "what():  [enforce fail at pair.cc:446] op.preamble.length <= op.nbytes. 8 vs 4",
+        "crashed in destroy_process_group (distributed_c10d.py:2101) ← main (worker.py:120)"]
+    assert launcher._crash_sites(["rank 1 exited with code 17"]) == []
 
 
 def test_run_timeout_stops_a_stuck_run(data, tmp_path):

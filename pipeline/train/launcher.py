@@ -222,7 +222,21 @@ def _root_cause(lines: list[str]) -> str:
     order = sorted(failures, key=lambda r: (r in stopped, int(r)))
     parts = [f"rank {r}: exitcode {failures[r]}" + (" (stopped by torchrun after the failure)" if r in stopped else "")
              for r in order]
-    return "; ".join(parts + errors[-3:])
+    return "; ".join(parts + errors[-3:] + _crash_sites(lines))
+
+
+def _crash_sites(lines: list[str]) -> list[str]:
+    """Where a rank killed by a signal (SIGABRT: an uncaught C++ exception in gloo or a kernel, an
+    assert) was, since it leaves no Python error: the C++ runtime's ``what()`` and the innermost
+    frames of faulthandler's dump of the crashing thread."""
+    sites = [ln.strip() for ln in lines if "terminate called" in ln or "what():" in ln]
+    for i, ln in enumerate(lines):
+        if ln.startswith("Current thread") and ln.rstrip().endswith("(most recent call first):"):
+            frames = [m.groups() for f in lines[i + 1 : i + 4]
+                      if (m := re.match(r'\s*File "(?:.*/)?([^/"]+)", line (\d+) in (\S+)', f))]
+            if frames:
+                sites.append("crashed in " + " ← ".join(f"{func} ({name}:{no})" for name, no, func in frames))
+    return sites[-3:]
 
 
 def _rdzv_cause(lines: list[str], rdzv: dict, config: TrainConfig) -> str | None:

@@ -343,7 +343,7 @@ def _step_mark(use_cuda: bool):
 
 
 def _fault(rank: int, epoch: int, step: int) -> None:
-    """Chaos hook for tests: FORGELINE_TRAIN_FAULT="rank:epoch:step:action" (kill | exit | hang)."""
+    """Chaos hook for tests: FORGELINE_TRAIN_FAULT="rank:epoch:step:action" (kill | exit | abort | hang)."""
     spec = settings.train_fault()
     if not spec:
         return
@@ -354,6 +354,8 @@ def _fault(rank: int, epoch: int, step: int) -> None:
         os.killpg(os.getpgid(0), signal.SIGKILL)  # the whole run dies at once, like a node loss
     elif action == "exit":
         os._exit(17)
+    elif action == "abort":  # SIGABRT, as a C++ exception nobody catches (gloo, a kernel) ends a rank
+        os.abort()
     elif action == "hang":
         time.sleep(10**6)
 
