@@ -218,9 +218,11 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
 
     Each file is fetched in ranged reads pinned to the version its ``stat`` saw (an object
     replaced meanwhile fails with ObjectChanged), ``concurrency`` (S3) at a time in one pool
-    shared by all files. A read lands in its worker's own reused buffer and is written at its
-    offset into a temporary tmpfs file (``pwrite``: cheaper on tmpfs than receiving into a
-    mapping of the file, whose pages would be faulted in and zeroed one by one). The file's
+    shared by all files. Each read is written at its offset into a temporary tmpfs file
+    (``Storage.read_to_file``: S3 over plain HTTP splices the socket's bytes into the file in the
+    kernel, else they land in a reused buffer and are ``pwrite``-n; both cheaper on tmpfs than
+    receiving into a mapping of the file, whose pages would be faulted in and zeroed one by
+    one). The file's
     checksum is computed in order, in the file's own thread, from the landed bytes while later
     pieces are still in flight (both hashes release the GIL): so it checks what is in the tier,
     not what was received. The checksum is the manifest's crc32 (:class:`Crc32`, ~10x cheaper
@@ -229,23 +231,16 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     loads the version); manifests written before crc32 was recorded are checked by sha256.
     Several files land at once (up to the CPU count, at most 4), so their hashes run on different
     cores. A file is published (renamed) only once its size and checksum are checked; on any
-    failure every temporary is removed. Memory: one piece per request in flight, besides the
-    destination files."""
+    failure every temporary is removed. Memory: at most one piece per request in flight (none
+    when spliced), besides the destination files."""
     if not files:
         return []
     piece = int(getattr(store, "part_size", 0) or _PIECE)
     inflight = max(1, int(getattr(store, "concurrency", 0) or 8))
     failed = threading.Event()
-    local = threading.local()
 
     def fetch(key: str, version: str | None, fd: int, at: int, n: int) -> None:
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = memoryview(bytearray(piece))
-        store.read_into(key, at, buf[:n], version=version)
-        done = 0
-        while done < n:
-            done += os.pwrite(fd, buf[done:n], at + done)
+        store.read_to_file(key, at, n, fd, at, version=version)
 
     gets = ThreadPoolExecutor(inflight, thread_name_prefix="shm-get")
     try:

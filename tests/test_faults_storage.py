@@ -6,7 +6,9 @@ and requests are retried by exactly one layer."""
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import threading
 import time
 import traceback
@@ -109,10 +111,16 @@ def headers_then_stall(n: int, head: bytes) -> bytes:
             b"ETag: \"e1\"\r\n\r\n" + b"x" * 10)
 
 
+def _read_to_temp_file(store: S3Storage, key: str, n: int) -> None:
+    with tempfile.TemporaryFile() as f:
+        store.read_to_file(key, 0, n, f.fileno(), 0)
+
+
 OPS: dict[str, Callable[[S3Storage], object]] = {
     "stat": lambda s: s.stat("models/m/v1/model.safetensors"),
     "read_range": lambda s: s.read_range("models/m/v1/model.safetensors", 0, 100),
     "open_read": lambda s: s.open_read("models/m/v1/model.safetensors").read(),
+    "read_to_file": lambda s: _read_to_temp_file(s, "models/m/v1/model.safetensors", 100),
     "write_atomic": lambda s: s.write_atomic("models/m/v1/model.safetensors", b"w" * 1000),
     "write_multipart": lambda s: s.write_atomic("models/m/v1/model.safetensors", b"w" * (MIN_PART_SIZE + 1)),
     "list": lambda s: s.list("models/m"),
@@ -196,6 +204,24 @@ def test_body_cut_short_is_resumed_from_the_last_byte(endpoint):
     assert out == data and len(ep.requests) == 2
     second = ep.requests[1].lower()
     assert f"range: bytes={2 * MiB + 1000}-{3 * MiB - 1}".encode() in second and b'if-match: "e1"' in second
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["stall", "cut"])
+def test_body_spliced_into_a_file_is_resumed_from_the_last_byte(endpoint, tmp_path, close):
+    """The same two breaks while the body is spliced from the socket into a file: the bytes
+    written so far stay, the rest is asked for from the last byte, pinned to the ETag."""
+    data = bytes(range(256)) * (3 * MiB // 256)
+    cut = 2 * MiB + 1000
+    ep = endpoint(_ranged(data, first_cut=cut), close=close)
+    path = tmp_path / "dst"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        store_at(ep.url).read_to_file("k", 0, len(data), fd, 0)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data and len(ep.requests) == 2
+    second = ep.requests[1].lower()
+    assert f"range: bytes={cut}-{3 * MiB - 1}".encode() in second and b'if-match: "e1"' in second
 
 
 def test_one_retry_layer(endpoint):

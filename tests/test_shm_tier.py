@@ -437,17 +437,18 @@ def publish_big(store: Storage, version: str, seed: int = 0) -> dict:
 
 
 def reads_of(monkeypatch, store, on_call=None) -> list[tuple[str, int, int, str | None]]:
-    """Record ``store.read_into`` calls as ``(key, start, length, version)``; ``on_call(n, key)``
-    runs before the n-th call (from 1)."""
-    real, calls = store.read_into, []
+    """Record the tier's ranged reads (``store.read_to_file`` calls) as ``(key, start, length,
+    version)``; ``on_call(n, key)`` runs before the n-th call (from 1)."""
+    real, calls = store.read_to_file, []
 
-    def read_into(key, start, out, *, version=None):
-        calls.append((key, start, len(memoryview(out)), version))
+    def read_to_file(key, start, length, fd, offset, *, version=None):
+        assert offset == start  # each piece lands at its own offset of the tier file
+        calls.append((key, start, length, version))
         if on_call is not None:
             on_call(len(calls), key)
-        return real(key, start, out, version=version)
+        return real(key, start, length, fd, offset, version=version)
 
-    monkeypatch.setattr(store, "read_into", read_into)
+    monkeypatch.setattr(store, "read_to_file", read_to_file)
     return calls
 
 
@@ -531,43 +532,71 @@ def test_prewarm_from_s3_manifest_without_crc32_is_checked_by_sha256(s3_storage_
     assert no_leftovers(tier)
 
 
+def file_writes(monkeypatch, before=None, after=None) -> dict[str, int]:
+    """Wrap the two ways bytes land in a tier file, ``os.pwrite`` and the file side of
+    ``os.splice`` (the call with ``offset_dst``): ``before(fd, offset)`` runs before each write
+    (and may raise), ``after(fd, offset, n)`` after it. Returns the count of writes each way."""
+    real_pwrite, real_splice, counts = os.pwrite, os.splice, {"pwrite": 0, "splice": 0}
+
+    def write(way, fd, offset, do):
+        if before is not None:
+            before(fd, offset)
+        n = do()
+        counts[way] += 1
+        if after is not None:
+            after(fd, offset, n)
+        return n
+
+    def pwrite(fd, data, offset):
+        return write("pwrite", fd, offset, lambda: real_pwrite(fd, data, offset))
+
+    def splice(src, dst, count, offset_src=None, offset_dst=None, flags=0):
+        if offset_dst is None:  # socket -> pipe
+            return real_splice(src, dst, count, offset_src=offset_src, flags=flags)
+        return write("splice", dst, offset_dst,
+                     lambda: real_splice(src, dst, count, offset_src=offset_src, offset_dst=offset_dst, flags=flags))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "splice", splice)
+    return counts
+
+
 def test_prewarm_from_s3_checks_the_landed_bytes(s3_storage_factory, tier_root, monkeypatch):
     """The crc32 is taken from the tier file, not from what was received: a byte that changes on
-    its way into tmpfs fails the copy."""
+    its way into tmpfs fails the copy. Over plain HTTP the bytes are spliced from the socket into
+    the file, never passing through the process."""
     store = s3_storage_factory(concurrency=4)
     manifest = publish_big(store, "b1", seed=1)
     tier = ShmTier(tier_root)
-    real_pwrite, writes = os.pwrite, []
+    real_pwrite = os.pwrite
 
-    def pwrite(fd, data, offset):  # the 5th piece written lands with one bit flipped
-        writes.append(offset)
-        if len(writes) == 5:
-            data = bytearray(data)
-            data[100] ^= 0x01
-        return real_pwrite(fd, data, offset)
+    def flip_fifth(fd, offset, n):  # the 5th write lands with one bit flipped
+        if counts["pwrite"] + counts["splice"] == 5 and n:
+            real_pwrite(fd, bytes([os.pread(fd, 1, offset)[0] ^ 0x01]), offset)
 
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    counts = file_writes(monkeypatch, after=flip_fifth)
     files = "|".join(s["file"] for s in manifest["shards"])
     with pytest.raises(IntegrityError, match=rf"({files}): crc32 [0-9a-f]{{8}} != expected [0-9a-f]{{8}}.*corrupt"):
         tier.prewarm(store, MODEL, "b1")
     assert no_leftovers(tier)
     monkeypatch.undo()
+    counts = file_writes(monkeypatch)
     assert not tier.prewarm(store, MODEL, "b1").hit and ex.verify(tier.storage(), MODEL, "b1") == []
+    # spliced: a pwrite only for what http.client read with each response's headers (< 8 KiB)
+    assert counts["splice"] > counts["pwrite"] > 0
 
 
 def test_prewarm_from_s3_tmpfs_full_mid_copy(s3_storage_factory, tier_root, monkeypatch):
     store = s3_storage_factory(concurrency=4)
     publish_big(store, "b1", seed=1)
     tier = ShmTier(tier_root)
-    real_pwrite, written = os.pwrite, []
+    written: list[int] = []
 
-    def pwrite(fd, data, offset):  # the kernel refuses bytes once 20 MB are in: tmpfs is full
+    def full_after_20mb(fd, offset):  # the kernel refuses bytes once 20 MB are in: tmpfs is full
         if sum(written) > 20_000_000:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        written.append(len(data))
-        return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    file_writes(monkeypatch, before=full_after_20mb, after=lambda fd, offset, n: written.append(n))
     with pytest.raises(StorageFull, match=r"filled up after.*no space left on device.*partial copy was removed"):
         tier.prewarm(store, MODEL, "b1")
     assert no_leftovers(tier)

@@ -5,6 +5,7 @@ multipart and retries on S3."""
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
 import re
@@ -353,6 +354,96 @@ def test_ranged_reads_into_a_buffer_pinned_to_a_version(store):
         store.write_atomic("r", payload(100_000, seed=1))
         with pytest.raises(ObjectChanged):
             store.read_into("r", 0, bytearray(10), version=info.version)
+
+
+def test_ranged_reads_into_a_file_pinned_to_a_version(store, tmp_path):
+    """``read_to_file`` writes exactly the range at the offset asked, leaving the rest of the file
+    as it was; the same range and version errors as ``read_into``."""
+    data = payload(100_000)
+    store.write_atomic("r", data)
+    info = store.stat("r")
+    path = tmp_path / "dst"
+    path.write_bytes(b"\xee" * 3000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        store.read_to_file("r", 500, 1000, fd, 1000, version=info.version)
+        store.read_to_file("r", 0, 0, fd, 0)
+        assert path.read_bytes() == b"\xee" * 1000 + data[500:1500] + b"\xee" * 1000
+        with pytest.raises(IntegrityError, match="past end"):
+            store.read_to_file("r", len(data) - 10, 20, fd, 0)
+        if info.version is not None:  # S3: a replaced object is never mixed in
+            store.write_atomic("r", payload(100_000, seed=1))
+            with pytest.raises(ObjectChanged):
+                store.read_to_file("r", 0, 10, fd, 0, version=info.version)
+    finally:
+        os.close(fd)
+
+
+def _spliced(monkeypatch, fail_errno: dict[str, int] | None = None) -> dict[str, int]:
+    """Count ``os.splice`` calls by side (``socket``: into the pipe; ``file``: out of it, with an
+    offset); ``fail_errno`` makes one side refuse every splice with that errno."""
+    real, counts = os.splice, {"socket": 0, "file": 0}
+
+    def splice(src, dst, count, offset_src=None, offset_dst=None, flags=0):
+        side = "socket" if offset_dst is None else "file"
+        counts[side] += 1
+        if fail_errno and side in fail_errno:
+            raise OSError(fail_errno[side], os.strerror(fail_errno[side]))
+        return real(src, dst, count, offset_src=offset_src, offset_dst=offset_dst, flags=flags)
+
+    monkeypatch.setattr(os, "splice", splice)
+    return counts
+
+
+def test_s3_bodies_are_spliced_into_files_on_reused_connections(s3_storage_factory, monkeypatch, tmp_path):
+    """Over plain HTTP a GET's body goes from the socket into the file by splice(2), never
+    through this process's memory (botocore's ``read`` is never called), in parallel pieces
+    pinned to one version; each connection goes back to the pool afterwards."""
+    import urllib3
+    from botocore.response import StreamingBody
+
+    store = s3_storage_factory(concurrency=4)
+    store.write_atomic("big", BIGGER)
+    info = store.stat("big")
+
+    def no_read(self, amt=None):
+        raise AssertionError("StreamingBody.read: the body was copied through bytes objects")
+
+    monkeypatch.setattr(StreamingBody, "read", no_read)
+    seen = _in_flight(monkeypatch, store.client, "get_object")
+    connects = []
+    real_connect = urllib3.connection.HTTPConnection.connect
+    monkeypatch.setattr(urllib3.connection.HTTPConnection, "connect",
+                        lambda self: (connects.append(1), real_connect(self))[1])
+    counts = _spliced(monkeypatch)
+    path = tmp_path / "dst"
+    with open(path, "wb") as f:
+        f.truncate(len(BIGGER))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for _ in range(3):
+            store.read_to_file("big", 0, len(BIGGER), fd, 0, version=info.version)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == BIGGER
+    assert counts["socket"] > 0 and counts["file"] > 0
+    assert 2 <= seen["max"] <= 4 and all(c["IfMatch"] == info.version for c in seen["calls"])
+    assert len(connects) <= 4  # later reads reuse the connections of the first
+
+
+@pytest.mark.parametrize("side", ["socket", "file"])
+def test_s3_read_to_file_where_splice_is_refused(s3_storage, monkeypatch, tmp_path, side):
+    """A socket or a file that takes no splice (EINVAL: e.g. a filesystem without splice_write)
+    gets the same bytes the plain way: received into a buffer and written with pwrite."""
+    s3_storage.write_atomic("r", BIG)
+    counts = _spliced(monkeypatch, {side: errno.EINVAL})
+    path = tmp_path / "dst"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        s3_storage.read_to_file("r", 0, len(BIG), fd, 0)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == BIG and counts[side] >= 1
 
 
 def _count_calls(monkeypatch, client, name, fail):

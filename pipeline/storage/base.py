@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +237,19 @@ class Storage(ABC):
         bytes in place, without an assembled intermediate, override it (S3)."""
         view = memoryview(out).cast("B")
         view[:] = self.read_range(key, start, len(view), version=version)
+
+    def read_to_file(self, key: str, start: int, length: int, fd: int, offset: int, *,
+                     version: str | None = None) -> None:
+        """Write ``length`` bytes from offset ``start`` into the open file descriptor ``fd`` at
+        ``offset`` (positional writes: the descriptor's position is not used; same errors and
+        ``version`` pinning as :meth:`read_range`; the file's own errors, such as ENOSPC, are
+        raised as the ``OSError`` they are). Backends that can move network bytes into a file
+        without passing them through this process override it (S3 over plain HTTP)."""
+        buf = bytearray(length)
+        self.read_into(key, start, buf, version=version)
+        view, done = memoryview(buf), 0
+        while done < length:
+            done += os.pwrite(fd, view[done:], offset + done)
 
     def exists(self, key: str) -> bool:
         try:

@@ -44,11 +44,18 @@ Usage::
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
+import fcntl
 import http.client
 import io
 import logging
 import math
+import os
 import random
+import select
+import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -91,6 +98,10 @@ MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
 _MAX_COPY_OBJECT = 5 * 1024**3  # S3's limit for a single CopyObject
 _NET_CHUNK = 1024 * 1024  # granularity of receiving a response body (progress kept across resumes)
+_PIPE_BYTES = 1024 * 1024  # the splice pipe's capacity asked for (Linux default: 64 KiB)
+_SPLICE = hasattr(os, "splice")  # Linux, Python >= 3.10
+_NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})  # this socket or file takes no splice
+_local = threading.local()  # per thread: the splice pipe, the buffer of a buffered write
 _BACKOFF_BASE_S = 0.25
 _BACKOFF_CAP_S = 8.0
 log = logging.getLogger(__name__)
@@ -175,16 +186,58 @@ class _Budget:
         return f"{self.attempts} attempt{'s' if self.attempts != 1 else ''} in {time.monotonic() - self.started:.1f} s"
 
 
+class _Unspliceable(Exception):
+    """The socket takes no splice (not an OSError, so no network error is made of it)."""
+
+
+class _Pipe:
+    """A pipe for splicing a socket into a file, one per thread (in ``_local``): its ends are
+    closed when the thread ends (its locals are dropped) or when a failed splice may have left
+    bytes in it (:func:`_drop_thread_pipe`)."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep the default
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+
+    def close(self, _close=os.close) -> None:  # bound now: __del__ may run at interpreter exit
+        if self.r >= 0:
+            r, w, self.r, self.w = self.r, self.w, -1, -1
+            _close(r)
+            _close(w)
+
+    __del__ = close
+
+
+def _thread_pipe() -> _Pipe:
+    pipe = getattr(_local, "pipe", None)
+    if pipe is None:
+        pipe = _local.pipe = _Pipe()
+    return pipe
+
+
+def _drop_thread_pipe() -> None:
+    pipe = getattr(_local, "pipe", None)
+    if pipe is not None:
+        _local.pipe = None
+        pipe.close()
+
+
 class _Body:
-    """A GET response body read into caller memory: ``readinto(view)`` receives up to
-    ``len(view)`` bytes into ``view`` and returns how many (0: the connection ended).
+    """A GET response body read into caller memory or written into a file:
+    ``readinto(view)`` receives up to ``len(view)`` bytes into ``view``, ``write_to(fd, offset,
+    n)`` writes up to ``n`` bytes into the file ``fd`` at ``offset``; both return how many (0: the
+    connection ended).
 
     botocore's ``StreamingBody.read`` returns new bytes objects (http.client reads into a
     bytearray and copies it into bytes; the caller then copies them to their place: three
     copies of every byte). For a plain botocore body over urllib3/http.client, this receives
     from the socket straight into ``view`` (one copy, as few as a raw GET that drops its
-    bytes), translating socket errors into botocore's so retries see the same exceptions.
-    Any other body (a checksum-validating one, a test double) goes through ``read``."""
+    bytes), translating socket errors into botocore's so retries see the same exceptions; and
+    over plain HTTP, ``write_to`` moves the bytes from the socket into the file with
+    ``splice(2)`` through a pipe, so they never pass through this process (one copy, in the
+    kernel, instead of a receive and a write). Any other body (a checksum-validating one, a test
+    double, TLS) goes through ``read`` / ``readinto`` and ``pwrite``."""
 
     def __init__(self, body: Any, endpoint: str):
         self._body, self._endpoint = body, endpoint
@@ -193,14 +246,97 @@ class _Body:
         direct = (type(body) is StreamingBody and isinstance(raw, urllib3.response.HTTPResponse)
                   and isinstance(fp, http.client.HTTPResponse))
         self._raw, self._fp = (raw, fp) if direct else (None, None)
+        self._sock: socket.socket | None = None
+        self._ahead: int | None = None  # body bytes http.client buffered with the headers, once known
+        if direct and _SPLICE and not fp.chunked and isinstance(fp.length, int):
+            sock = getattr(getattr(fp.fp, "raw", None), "_sock", None)  # SocketIO's socket
+            if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket):
+                self._sock = sock
 
     def readinto(self, view: memoryview) -> int:
         if self._fp is None:
             data = self._body.read(len(view))
             view[: len(data)] = data
             return len(data)
-        try:
+        with self._network_errors():
             return self._fp.readinto(view)
+
+    def write_to(self, fd: int, offset: int, n: int) -> int:
+        fp = self._fp
+        if self._sock is None or n <= 0 or fp.length <= 1:
+            return self._write_buffered(fd, offset, n)
+        if self._ahead is None:  # what http.client read past the headers comes first (< 8 KiB)
+            with self._network_errors():
+                self._ahead = len(fp.fp.peek(1))
+        if self._ahead:
+            got = self._write_buffered(fd, offset, min(n, self._ahead))
+            self._ahead -= got
+            return got
+        # Leave the last byte to http.client, so its own accounting ends the response and the
+        # connection goes back to the pool as after any read.
+        n = min(n, fp.length - 1)
+        pipe = _thread_pipe()
+        try:
+            try:
+                with self._network_errors():
+                    got = self._splice_from_socket(pipe.w, n)
+            except _Unspliceable:
+                self._sock = None
+                return self._write_buffered(fd, offset, n)
+            done = 0
+            while done < got:  # the pipe's bytes into the file; the file's errors (ENOSPC) as they are
+                try:
+                    done += os.splice(pipe.r, fd, got - done, offset_dst=offset + done)
+                except OSError as e:
+                    if e.errno not in _NO_SPLICE:
+                        raise
+                    self._sock = None  # a file that takes no splice: the rest the plain way
+                    while done < got:
+                        chunk = memoryview(os.read(pipe.r, got - done))
+                        w = 0
+                        while w < len(chunk):
+                            w += os.pwrite(fd, chunk[w:], offset + done + w)
+                        done += w
+        except BaseException:
+            _drop_thread_pipe()  # it may hold bytes of this response
+            raise
+        fp.length -= got
+        return got
+
+    def _splice_from_socket(self, pipe_w: int, n: int) -> int:
+        """Up to ``n`` bytes from the socket into the pipe (0: the peer closed the connection).
+        A socket with a timeout is non-blocking: wait for it as ``socket.recv`` would."""
+        sock = self._sock
+        assert sock is not None
+        timeout = sock.gettimeout()
+        while True:
+            try:
+                return os.splice(sock.fileno(), pipe_w, min(n, _PIPE_BYTES))
+            except BlockingIOError:
+                poll = select.poll()
+                poll.register(sock, select.POLLIN)
+                if not poll.poll(None if timeout is None else timeout * 1000):
+                    raise TimeoutError("timed out") from None
+            except OSError as e:
+                if e.errno in _NO_SPLICE:
+                    raise _Unspliceable() from None
+                raise
+
+    def _write_buffered(self, fd: int, offset: int, n: int) -> int:
+        buf = getattr(_local, "buf", None)
+        if buf is None:
+            buf = _local.buf = memoryview(bytearray(_NET_CHUNK))
+        got = self.readinto(buf[: min(n, _NET_CHUNK)])
+        done = 0
+        while done < got:
+            done += os.pwrite(fd, buf[done:got], offset + done)
+        return got
+
+    @contextlib.contextmanager
+    def _network_errors(self):
+        """Socket errors as botocore's, so the retry logic sees the same exceptions."""
+        try:
+            yield
         except TimeoutError as e:  # socket.timeout: read_timeout passed without a byte
             raise ReadTimeoutError(endpoint_url=self._endpoint, error=e) from None
         except (OSError, http.client.HTTPException) as e:
@@ -402,10 +538,11 @@ class S3Storage(Storage):
         return end - start, etag, size
 
     def _stream(self, key: str, start: int, end: int, etag: str | None,
-                dest: Callable[[int], memoryview]) -> tuple[str | None, int, int]:
+                dest: Callable[[int], memoryview] | tuple[int, int]) -> tuple[str | None, int, int]:
         """GET bytes ``[start, end]`` into ``dest(n)``, the buffer for the ``n`` bytes the server
-        has of that range (asked once, at the first response); returns ``(etag, object_size,
-        offset after the last byte)``.
+        has of that range (asked once, at the first response), or, for ``dest=(fd, offset)``,
+        into that file from ``offset`` on; returns ``(etag, object_size, offset after the last
+        byte)``.
 
         A connection that breaks mid-body is resumed from the last byte received, with
         ``If-Match`` on the ETag of the first response (or the one given), so the bytes always
@@ -427,12 +564,16 @@ class S3Storage(Storage):
                 sent, _, total = resp["ContentRange"].rpartition("/")
                 size = int(total)
                 stop = int(sent.rpartition("-")[2]) + 1
-                if view is None:
+                if view is None and callable(dest):
                     view = dest(stop - start)
                 body = _Body(resp["Body"], self.endpoint)
                 try:
                     while pos < stop:
-                        n = body.readinto(view[pos - start : min(stop, pos + _NET_CHUNK) - start])
+                        want = min(stop - pos, _NET_CHUNK)
+                        if view is not None:
+                            n = body.readinto(view[pos - start : pos - start + want])
+                        else:
+                            n = body.write_to(dest[0], dest[1] + pos - start, want)
                         if n == 0:  # the server closed the connection early: resume
                             raise IncompleteReadError(actual_bytes=pos - start, expected_bytes=stop - start)
                         pos += n
@@ -483,25 +624,50 @@ class S3Storage(Storage):
         range longer than ``part_size`` is fetched as ``part_size`` ranged GETs, ``concurrency``
         at a time, every one pinned to the same ETag: ``version``, else the first piece's (then
         that piece goes first, alone, to learn it)."""
+        view = memoryview(out).cast("B")
+
+        def piece(at: int, n: int, etag: str | None) -> tuple[int, str | None, int]:
+            return self.get_into(key, start + at, view[at : at + n], etag)
+
+        self._pieces(key, start, len(view), version, piece)
+
+    def read_to_file(self, key: str, start: int, length: int, fd: int, offset: int, *,
+                     version: str | None = None) -> None:
+        """See :meth:`Storage.read_to_file`. Over plain HTTP the bytes go from the socket into
+        the file by ``splice(2)`` and never enter this process (:class:`_Body`); pieces and
+        pinning as :meth:`read_into`."""
+
+        def piece(at: int, n: int, etag: str | None) -> tuple[int, str | None, int]:
+            if n == 0:
+                return 0, etag, self.stat(key).size
+            etag, size, stop = self._stream(key, start + at, start + at + n - 1, etag, (fd, offset + at))
+            return stop - start - at, etag, size
+
+        self._pieces(key, start, length, version, piece)
+
+    def _pieces(self, key: str, start: int, length: int, version: str | None,
+                piece: Callable[[int, int, str | None], tuple[int, str | None, int]]) -> None:
+        """Bytes ``[start, start + length)`` as ``part_size`` pieces, ``piece(at, n, etag) ->
+        (bytes_read, etag, object_size)`` each (``at`` relative to ``start``), ``concurrency``
+        at a time, all pinned to ``version`` or else to the first piece's ETag (that piece goes
+        first, alone, to learn it); an object shorter than the range raises IntegrityError."""
         if start < 0:
             raise ValueError(f"{self.uri(key)}: negative range start={start}")
-        view = memoryview(out).cast("B")
-        length = len(view)
         step = self.part_size
         etag = version
         pieces = [(at, min(step, length - at)) for at in range(0, length, step)]
         if version is None or len(pieces) <= 1:
-            first = view[: min(step, length)]
-            got, etag, size = self.get_into(key, start, first, version)
-            if got != len(first) or length <= step:
+            first = min(step, length)
+            got, etag, size = piece(0, first, version)
+            if got != first or length <= step:
                 self._check_range(key, start, length, got, size)
                 return
             self._check_range(key, start, length, min(size - start, length), size)
             pieces = pieces[1:]
 
-        def fetch(piece: tuple[int, int]) -> None:
-            at, n = piece
-            got, _, size = self.get_into(key, start + at, view[at : at + n], etag)
+        def fetch(p: tuple[int, int]) -> None:
+            at, n = p
+            got, _, size = piece(at, n, etag)
             if got != n:  # the object (of the pinned version) ends before the range does
                 self._check_range(key, start, length, at + got, size)
 
