@@ -93,6 +93,7 @@ from pipeline.storage import (
     StorageFull,
     copy_between,
     join,
+    ranged_read_size,
 )
 from pipeline.storage.local import temp_path
 
@@ -198,7 +199,6 @@ def _tree_bytes(path: Path) -> int:
 # Landing remote files in the tier
 # ---------------------------------------------------------------------------------------------
 
-_PIECE = 8 * 1024 * 1024  # ranged read size when the source does not say (S3: its part_size)
 
 
 class _Cancelled(Exception):
@@ -218,7 +218,8 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
 
     Each file is fetched in ranged reads pinned to the version its ``stat`` saw (an object
     replaced meanwhile fails with ObjectChanged), ``concurrency`` (S3) at a time in one pool
-    shared by all files. Each read is written at its offset into a temporary tmpfs file
+    shared by all files, each as large as the store's ``get_size`` allows while every request in
+    flight still has one (fewer requests: less of the client's and the server's CPU). Each read is written at its offset into a temporary tmpfs file
     (``Storage.read_to_file``: S3 over plain HTTP splices the socket's bytes into the file in the
     kernel, else they land in a reused buffer and are ``pwrite``-n; both cheaper on tmpfs than
     receiving into a mapping of the file, whose pages would be faulted in and zeroed one by
@@ -231,12 +232,12 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     loads the version); manifests written before crc32 was recorded are checked by sha256.
     Several files land at once (up to the CPU count, at most 4), so their hashes run on different
     cores. A file is published (renamed) only once its size and checksum are checked; on any
-    failure every temporary is removed. Memory: at most one piece per request in flight (none
-    when spliced), besides the destination files."""
+    failure every temporary is removed. Memory, besides the destination files: none per request
+    when spliced, else a 1 MiB buffer (S3) or one piece (other stores) per request in flight."""
     if not files:
         return []
-    piece = int(getattr(store, "part_size", 0) or _PIECE)
     inflight = max(1, int(getattr(store, "concurrency", 0) or 8))
+    piece = ranged_read_size(store, sum(f.bytes for f in files), inflight)
     failed = threading.Event()
 
     def fetch(key: str, version: str | None, fd: int, at: int, n: int) -> None:

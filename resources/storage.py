@@ -74,7 +74,11 @@ class S3StorageResource(StorageResource):
     retry_deadline: float = Field(default=20.0, gt=0, le=3600,
                                   description="Seconds of failed attempts and backoff one request may spend before it "
                                               "fails (a dead endpoint fails after about retry_deadline + read_timeout).")
-    part_size: int = Field(default=8 * 1024 * 1024, description="Multipart part / ranged GET size.")
+    part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024,
+                           description="Multipart part size; also each ranged GET of a streaming read.")
+    get_size: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024,
+                          description="Largest ranged GET of a read into memory or a file (the loader's and "
+                                      "the shm pre-warm's requests; longer ranges go as several in parallel).")
 
     def _make_client(self) -> Storage:
         from pipeline.storage.s3 import S3Storage
@@ -93,6 +97,7 @@ class S3StorageResource(StorageResource):
             retry_deadline=self.retry_deadline,
             part_size=self.part_size,
             multipart_threshold=self.part_size,
+            get_size=self.get_size,
         )
 
 

@@ -107,7 +107,8 @@ def s3_credentials(rgw) -> dict[str, str]:
 
 def _bucket_factory(endpoint: str, credentials: dict[str, str], made: list[S3Storage]) -> Callable[..., S3Storage]:
     def factory(*, create: bool = True, **kw) -> S3Storage:
-        kw = {"prefix": "data", "part_size": MIN_PART_SIZE, "multipart_threshold": MIN_PART_SIZE, **kw}
+        kw = {"prefix": "data", "part_size": MIN_PART_SIZE, "multipart_threshold": MIN_PART_SIZE,
+              "get_size": MIN_PART_SIZE, **kw}
         store = S3Storage(f"forgeline-test-{uuid.uuid4().hex[:12]}", endpoint_url=endpoint,
                           region_name="us-east-1", **credentials, **kw)
         if create:
@@ -138,8 +139,8 @@ def _empty_buckets(stores: list[S3Storage]) -> None:
 @pytest.fixture
 def s3_storage_factory(s3_server, s3_credentials) -> Iterator[Callable[..., S3Storage]]:
     """``factory(*, create=True, **S3Storage kwargs)``: an S3Storage over a fresh bucket (created
-    unless ``create=False``) on the session's radosgw, with S3's smallest part size, so that
-    multipart paths run with objects of a few MiB. Buckets are emptied and removed afterwards."""
+    unless ``create=False``) on the session's radosgw, with S3's smallest part size (and GETs of
+    that size), so that multipart and split-read paths run with objects of a few MiB. Buckets are emptied and removed afterwards."""
     made: list[S3Storage] = []
     yield _bucket_factory(s3_server, s3_credentials, made)
     _empty_buckets(made)

@@ -700,6 +700,10 @@ def test_plan_reads_merges_splits_and_covers():
     cov = plan_reads([("a", 8, 10), ("b", 12, 20)], 8, cover=(0, 30))
     assert [(o, n) for o, n, _ in cov] == [(0, 8), (8, 8), (16, 8), (24, 6)]
     assert cov[1][2] == [("a", 0, 0, 2), ("b", 4, 0, 4)] and cov[3][2] == []
+    # whole_from: a tensor that large shares no request; smaller ones still do
+    alone = plan_reads([("s1", 0, 2), ("big", 2, 30), ("s2", 30, 33), ("s3", 33, 35)], 16, whole_from=10)
+    assert [[p[0] for p in r[2]] for r in alone] == [["s1"], ["big"], ["big"], ["s2", "s3"]]
+    assert [(o, n) for o, n, _ in alone] == [(0, 2), (2, 16), (18, 12), (30, 5)]
 
 
 def test_ring_slots_recycle_in_order():
@@ -890,6 +894,40 @@ def test_s3_round_trip(s3_storage, monkeypatch, s3_server, s3_credentials):
     assert_bit_exact(load("net/latest", storage=s3_storage), want)
     with pytest.raises(LoadError, match="missing|no such"):
         load(_s3_uri(s3_storage, "models/net/v1/nope.safetensors"))
+
+
+def test_s3_requests_grow_to_get_size_and_land_in_their_tensors(s3_storage_factory, monkeypatch):
+    """A remote load to CPU asks for as few GETs as keep its threads busy, each at most the
+    store's get_size, and a tensor of 1 MiB or more shares no GET with another one: every byte
+    of it is received straight into its own memory (no GET straddles two big tensors)."""
+    from safetensors.torch import save
+
+    MB = 2**20
+    store = s3_storage_factory(get_size=16 * MB)
+    state = {"norm0": torch.randn(10), "w0": torch.randn(9 * MB // 4), "norm1": torch.randn(10),  # 9 MiB
+             "w1": torch.randn(12 * MB // 4), "w2": torch.randn(MB // 2), "bias": torch.randn(7)}
+    store.write_atomic("w.safetensors", save(state))
+    real, ranges = store.client.get_object, []
+
+    def recording(**kw):
+        ranges.append(tuple(int(x) for x in kw["Range"].removeprefix("bytes=").split("-")))
+        return real(**kw)
+
+    monkeypatch.setattr(store.client, "get_object", recording)
+    rep = LoadReport()
+    assert_bit_exact(load("w.safetensors", storage=store, threads=2, report=rep), state)
+    assert 8 * MB < rep.chunk_bytes <= store.get_size  # total / threads, above the 8 MiB floor
+    data = [r for r in ranges if r[0] > 0]  # the header's GET (from byte 0) aside
+    from pipeline.loading.header import parse_header
+
+    head = store.read_range("w.safetensors", 0, 1 << 16)
+    _, entries, _ = parse_header(head, store.stat("w.safetensors").size, "w")
+    big = [(e.start, e.end) for e in entries if e.nbytes >= MB]
+    assert data and all(last - first + 1 <= rep.chunk_bytes for first, last in data)
+    for first, last in data:  # a GET touching a big tensor holds nothing else
+        touched = [(s, e) for s, e in ((e.start, e.end) for e in entries) if s <= last and e > first]
+        if any(t in big for t in touched):
+            assert len(touched) == 1, (first, last, touched)
 
 
 def test_s3_part_failing_once_is_retried(s3_storage, monkeypatch):

@@ -22,6 +22,7 @@ from pipeline.storage import (
     StorageError,
     StorageFull,
     copy_between,
+    ranged_read_size,
 )
 from pipeline.storage.s3 import MIN_PART_SIZE, S3Storage
 
@@ -444,6 +445,18 @@ def test_s3_read_to_file_where_splice_is_refused(s3_storage, monkeypatch, tmp_pa
     finally:
         os.close(fd)
     assert path.read_bytes() == BIG and counts[side] >= 1
+
+
+def test_ranged_read_size_fills_the_requests_in_flight_up_to_the_largest_get(local_storage, s3_storage_factory):
+    MB = 2**20
+    store = s3_storage_factory(get_size=32 * MB)
+    assert ranged_read_size(store, 870 * MB, 16) == 32 * MB  # big: the largest GET
+    assert ranged_read_size(store, 160 * MB, 16) == 10 * MB  # every one of 16 in flight has one
+    assert ranged_read_size(store, 20 * MB, 16) == 8 * MB  # small: never below 8 MiB
+    assert ranged_read_size(s3_storage_factory(get_size=2 * MB), 870 * MB, 16) == 2 * MB
+    assert ranged_read_size(local_storage, 870 * MB, 16) == 8 * MB  # a store without get_size
+    with pytest.raises(ValueError, match="get_size"):
+        s3_storage_factory(create=False, get_size=1000)
 
 
 def _count_calls(monkeypatch, client, name, fail):

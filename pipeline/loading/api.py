@@ -166,6 +166,11 @@ def load(
     kind, cached = _probe_shards(src, residency=not zero_copy)
     auto_threads, auto_chunk = tune(kind, cached)
     n_threads = threads or auto_threads
+    if remote and chunk_bytes is None:  # the store's largest GET while every thread has requests
+        from pipeline.storage.base import ranged_read_size
+
+        store = next(s.store for s in src.shards if s.path is None)
+        auto_chunk = ranged_read_size(store, sum(s.size or 0 for s in src.shards), n_threads, auto_chunk)
     chunk = chunk_bytes or auto_chunk
     if n_threads < 1 or chunk < 1:
         raise ValueError("threads and chunk_bytes must be positive")

@@ -31,6 +31,7 @@ def plan_reads(
     max_gap: int = 1 * MiB,
     max_pieces: int = _MAX_PIECES,
     cover: tuple[int, int] | None = None,
+    whole_from: int | None = None,
 ) -> list[Read]:
     """Plan the read requests for ``entries`` (objects with ``name``/``start``/``end`` or
     ``(name, start, end)`` tuples, absolute offsets, non-overlapping).
@@ -40,7 +41,9 @@ def plan_reads(
     small ones share one; a request never carries more than ``max_pieces`` pieces. Each request is
     ``(offset, length, [(tensor, src_off, dst_off, n)])``: ``n`` bytes at ``src_off`` in the request
     belong at ``dst_off`` in the tensor. ``cover=(lo, hi)`` instead reads every byte of
-    ``[lo, hi)`` (gaps and header included, e.g. to hash the file on the way).
+    ``[lo, hi)`` (gaps and header included, e.g. to hash the file on the way). ``whole_from``:
+    a tensor of at least that many bytes shares no request with another tensor, so each of its
+    requests can land straight in its memory (a network read has no scatter list).
     """
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
@@ -67,9 +70,10 @@ def plan_reads(
             flush()
             continue
         pos, n, name, tstart = seg
+        alone = whole_from is not None and name is not None and n >= whole_from and cover is None
         if name is None and not active and cover is None:
             continue  # never start a request with gap bytes
-        if name is not None and len(pieces) >= max_pieces:
+        if name is not None and (len(pieces) >= max_pieces or alone):
             flush()
         while n > 0:
             if not active:
@@ -86,6 +90,8 @@ def plan_reads(
             cur_len += take
             pos += take
             n -= take
+        if alone:
+            flush()
     flush()
     return reads
 
@@ -171,14 +177,15 @@ def _part_copies(read: Read, layout: Layout) -> list[Copy]:
 
 
 def plan_parts(shards: Sequence[Any], layouts: Sequence[Layout], chunk: int,
-               cover_whole: set[int]) -> tuple[list[Part], list[int]]:
+               cover_whole: set[int], whole_from: int | None = None) -> tuple[list[Part], list[int]]:
     """Every shard's reads as Parts (shards in ``cover_whole`` are read byte for byte, to be
-    hashed on the way); returns ``(parts, number of parts per shard)``."""
+    hashed on the way; ``whole_from`` as in :func:`plan_reads`); returns ``(parts, number of
+    parts per shard)``."""
     parts: list[Part] = []
     per_shard: list[int] = []
     for si, s in enumerate(shards):
         cover = (0, s.size or 0) if si in cover_whole else None
-        reads = plan_reads(s.entries, chunk, cover=cover)
+        reads = plan_reads(s.entries, chunk, cover=cover, whole_from=whole_from)
         for r in reads:
             parts.append(Part(si, r[0], r[1], _part_copies(r, layouts[si]), sum(pc[3] for pc in r[2])))
         per_shard.append(len(reads))

@@ -205,7 +205,11 @@ class StagedCopy:
         self.slot_remote = self.cuda or not per_tensor  # remote parts go through the ring
         self.use_ring = not direct and (self.slot_remote or any(s.path is not None for s in self.shards))
         self.layouts = [shard_layout(s.entries, per_tensor) for s in self.shards]
-        self.parts, self.shard_parts = plan_parts(self.shards, self.layouts, chunk, set(hash_remote))
+        # Remote parts for CPU tensors are received in place when a part is one tensor's bytes:
+        # so every tensor but the smallest gets requests of its own.
+        in_place = not self.slot_remote and any(s.path is None for s in self.shards)
+        self.parts, self.shard_parts = plan_parts(self.shards, self.layouts, chunk, set(hash_remote),
+                                                  whole_from=MiB if in_place else None)
         self.n_slots = max(1, staging // chunk)
         self.window = max(2 * threads, 4) if direct else self.n_slots
         self.total = sum(e.nbytes for s in self.shards for e in s.entries)

@@ -27,6 +27,7 @@ from pipeline.storage.base import (
     copy_between,
     hash_stream,
     join,
+    ranged_read_size,
     sha256_stream,
 )
 from pipeline.storage.local import LocalStorage
@@ -53,5 +54,6 @@ __all__ = [
     "from_uri",
     "hash_stream",
     "join",
+    "ranged_read_size",
     "sha256_stream",
 ]

@@ -307,6 +307,16 @@ class Storage(ABC):
         return len(objs)
 
 
+def ranged_read_size(store: Storage, total: int, in_flight: int, smallest: int = 8 * 1024 * 1024) -> int:
+    """The size of each ranged read when ``total`` bytes are fetched from ``store`` with
+    ``in_flight`` reads at a time (the loader's requests, the shm tier's pieces): as large as the
+    store's largest GET allows (``get_size``, S3), since every request has a fixed cost on both
+    sides, but small enough that every read in flight has one, and never below ``smallest``
+    (unless the store's largest is)."""
+    largest = int(getattr(store, "get_size", 0) or smallest)
+    return min(largest, max(min(smallest, largest), -(-total // max(1, in_flight))))
+
+
 def copy_between(src: Storage, src_key: str, dst: Storage, dst_key: str, *, expected_sha256: str | None = None) -> ObjectInfo:
     """Stream one object from one storage to another (e.g. S3 → shm), atomically at ``dst``."""
     with src.open_read(src_key) as f:

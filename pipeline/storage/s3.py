@@ -15,8 +15,8 @@ The ETag is also the object's ``stat(key).version``, so a caller can pin several
 Transfers are parallel, so every caller gets line rate without asking: a streaming read
 (``open_read``, hence ``copy_between``, reading landed shards) fetches the windows ahead of the
 reader with up to ``concurrency`` ranged GETs in flight, all pinned to the first response's ETag;
-a ``read_range`` / ``read_into`` longer than one part is split in ``part_size`` ranged GETs
-fetched concurrently into their place (the loader and the shm tier's pre-warm read this way);
+a ``read_range`` / ``read_into`` / ``read_to_file`` longer than ``get_size`` is split in
+``get_size`` ranged GETs fetched concurrently into their place (the loader and the shm tier's pre-warm read this way);
 every GET's body is received from the socket straight into its destination (:class:`_Body`);
 a multipart upload (``open_write``, ``write_atomic``)
 sends up to ``concurrency`` parts at once, holding at most that many parts in memory. Nothing
@@ -363,6 +363,11 @@ class S3Storage(Storage):
     read. Objects smaller than ``multipart_threshold`` (and than one part) are sent in a single
     PUT. ``concurrency`` bounds the requests one read or one upload keeps in flight (ranged GETs
     of read-ahead, parts being uploaded), hence its memory: ``concurrency * part_size``.
+    ``get_size`` is the largest ranged GET of a read into caller memory or a file (``read_into``,
+    ``read_to_file``; the loader's and the shm tier's requests): those need no buffer of their
+    own, so they can be larger than a part, and every GET has a fixed cost (~1.5 ms of client CPU
+    in botocore, and the server's) that larger ones pay less often; a longer range is fetched as
+    ``get_size`` pieces, ``concurrency`` at a time.
 
     Failures (see the module docstring): ``connect_timeout`` / ``read_timeout`` (seconds) bound
     opening a connection and each wait for bytes; a failed request is retried by this class
@@ -386,6 +391,7 @@ class S3Storage(Storage):
         max_attempts: int = 5,
         part_size: int = 8 * 1024 * 1024,
         multipart_threshold: int = 8 * 1024 * 1024,
+        get_size: int = 32 * 1024 * 1024,
         max_pool_connections: int = 32,
         concurrency: int = 8,
         connect_timeout: float = 5.0,
@@ -394,6 +400,8 @@ class S3Storage(Storage):
     ):
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size {part_size} is below S3's minimum part size {MIN_PART_SIZE}")
+        if get_size < 1024 * 1024:
+            raise ValueError(f"get_size {get_size} is below 1 MiB")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         if not 1 <= concurrency <= max_pool_connections:
@@ -411,6 +419,7 @@ class S3Storage(Storage):
         self.max_attempts = max_attempts
         self.part_size = part_size
         self.multipart_threshold = multipart_threshold
+        self.get_size = get_size
         self.concurrency = concurrency
         session = boto3.session.Session(
             aws_access_key_id=aws_access_key_id,
@@ -432,7 +441,8 @@ class S3Storage(Storage):
         self._spec = {
             "kind": self.kind, "bucket": bucket, "prefix": self.prefix, "endpoint_url": endpoint_url,
             "region_name": region_name, "max_attempts": max_attempts, "part_size": part_size,
-            "multipart_threshold": multipart_threshold, "max_pool_connections": max_pool_connections,
+            "multipart_threshold": multipart_threshold, "get_size": get_size,
+            "max_pool_connections": max_pool_connections,
             "concurrency": concurrency,
             "connect_timeout": connect_timeout, "read_timeout": read_timeout, "retry_deadline": retry_deadline,
         }
@@ -621,7 +631,7 @@ class S3Storage(Storage):
 
     def read_into(self, key: str, start: int, out, *, version: str | None = None) -> None:
         """See :meth:`Storage.read_into`: the socket's bytes are received into their place. A
-        range longer than ``part_size`` is fetched as ``part_size`` ranged GETs, ``concurrency``
+        range longer than ``get_size`` is fetched as ``get_size`` ranged GETs, ``concurrency``
         at a time, every one pinned to the same ETag: ``version``, else the first piece's (then
         that piece goes first, alone, to learn it)."""
         view = memoryview(out).cast("B")
@@ -647,13 +657,13 @@ class S3Storage(Storage):
 
     def _pieces(self, key: str, start: int, length: int, version: str | None,
                 piece: Callable[[int, int, str | None], tuple[int, str | None, int]]) -> None:
-        """Bytes ``[start, start + length)`` as ``part_size`` pieces, ``piece(at, n, etag) ->
+        """Bytes ``[start, start + length)`` as ``get_size`` pieces, ``piece(at, n, etag) ->
         (bytes_read, etag, object_size)`` each (``at`` relative to ``start``), ``concurrency``
         at a time, all pinned to ``version`` or else to the first piece's ETag (that piece goes
         first, alone, to learn it); an object shorter than the range raises IntegrityError."""
         if start < 0:
             raise ValueError(f"{self.uri(key)}: negative range start={start}")
-        step = self.part_size
+        step = self.get_size
         etag = version
         pieces = [(at, min(step, length - at)) for at in range(0, length, step)]
         if version is None or len(pieces) <= 1:
