@@ -9,6 +9,10 @@ Llama-3-shaped bf16 checkpoint (bench/loaders.py) and measures, on that same end
 
 * raw GET   boto3 alone: parallel 8 MiB ranged GETs over every shard (``--concurrency`` at a
             time), bytes read and dropped: the ceiling for anything that reads from this server;
+* raw GET kept  the same, every body kept in memory until the round ends (freed after the
+            clock), as a plain boto3 loader holds a checkpoint: what landing the bytes in memory
+            never touched before costs (page faults and zeroing), which the loader pays too and
+            the dropping row does not; a reference, not a target;
 * loader    forgeline's loader, S3 → CPU tensors (``pipeline.loading.load``), fresh process,
             not counting the construction of its S3Storage (a boto3 client, ~0.1 s in a fresh
             process), as the raw GET row's client is built before its clock: compared with raw GET;
@@ -61,14 +65,18 @@ MiB = 1 << 20
 BUCKET = "bench"
 
 
-def raw_get(client, keys: dict[str, int], part: int, workers: int) -> int:
-    """Every byte of every key in ``part``-sized ranged GETs, ``workers`` at a time; bytes read."""
+def raw_get(client, keys: dict[str, int], part: int, workers: int, keep: list | None = None) -> int:
+    """Every byte of every key in ``part``-sized ranged GETs, ``workers`` at a time; bytes read.
+    Each body is dropped once read, unless ``keep`` is given: then every body is appended to it
+    (held in memory, as a plain boto3 loader holds a checkpoint)."""
     jobs = [(k, at, min(part, size - at)) for k, size in keys.items() for at in range(0, size, part)]
 
     def get(job) -> int:
         k, at, n = job
-        body = client.get_object(Bucket=BUCKET, Key=k, Range=f"bytes={at}-{at + n - 1}")["Body"]
-        return len(body.read())
+        data = client.get_object(Bucket=BUCKET, Key=k, Range=f"bytes={at}-{at + n - 1}")["Body"].read()
+        if keep is not None:
+            keep.append(data)
+        return len(data)
 
     with ThreadPoolExecutor(workers) as pool:
         return sum(pool.map(get, jobs))
@@ -121,8 +129,8 @@ def main() -> int:
     ap.add_argument("--part-mib", type=int, default=8)
     ap.add_argument("--root", default=str(ROOT / ".forgeline" / "bench" / "loaders"))
     ap.add_argument("--child-timeout", type=float, default=600)
-    ap.add_argument("--only", nargs="+", choices=["raw-get", "loader", "runai", "prewarm", "prewarm-sha256",
-                                                    "raw-put", "upload"])
+    ap.add_argument("--only", nargs="+", choices=["raw-get", "raw-get-kept", "loader", "runai", "prewarm",
+                                                    "prewarm-sha256", "raw-put", "upload"])
     ap.add_argument("--split-cores", action="store_true",
                     help="server on the first half of the CPUs, client on the other half")
     ap.add_argument("--json")
@@ -171,7 +179,8 @@ def main() -> int:
                                     **{k: getattr(infos[f.name], k) for k in fields}} for f in files]}
             store.write_atomic(f"{published}/manifest.json", json.dumps(manifest).encode())
         blobs = {f"raw/{f.name}": f.read_bytes() for f in files}
-        want = set(a.only or ["raw-get", "loader", "runai", "prewarm", "prewarm-sha256", "raw-put", "upload"])
+        want = set(a.only or ["raw-get", "raw-get-kept", "loader", "runai", "prewarm", "prewarm-sha256",
+                              "raw-put", "upload"])
         peers = available("cpu", True)
         if "runai" in want and "runai" not in peers:
             errors["runai"] = "not installed (pip install -e '.[bench]')"
@@ -186,6 +195,10 @@ def main() -> int:
         for r in range(a.repeat):
             if "raw-get" in want:
                 timed("raw GET (boto3)", lambda: raw_get(client, keys, part, a.concurrency))
+            if "raw-get-kept" in want:
+                kept: list[bytes] = []
+                timed("raw GET (boto3), bytes kept", lambda: raw_get(client, keys, part, a.concurrency, kept))
+                del kept  # freed after the clock, as the loader's tensors are
             for loader, name in (("forgeline", "loader"), ("runai", "runai")):
                 if name in want:
                     res = child_load(loader, files, "ckpt", rgw.endpoint, env, a.child_timeout)
@@ -224,8 +237,10 @@ def main() -> int:
 
     best = {k: max(v) for k, v in rows.items()}
     get, put = best.get("raw GET (boto3)"), best.get("raw PUT (boto3 multipart)")
+    kept = best.get("raw GET (boto3), bytes kept")
     targets = {
-        "loader S3 → CPU": [(get, 0.9, "raw GET")],
+        "raw GET (boto3), bytes kept": [(get, None, "raw GET")],
+        "loader S3 → CPU": [(get, 0.9, "raw GET"), (kept, None, "raw GET kept")],
         "loader+client S3 → CPU": [(get, None, "raw GET"), (best.get("runai S3 → CPU"), 1.5, "Run:ai")],
         "runai S3 → CPU": [(get, None, "raw GET")],
         "prewarm S3 → shm": [(get, 0.8, "raw GET")],
