@@ -65,6 +65,25 @@ def test_round_trip(store, data):
     assert store.stat("a/b/obj.bin").size == len(data)
 
 
+@pytest.mark.parametrize("source", ["bytes", "memoryview", "file", "read-only"])
+def test_write_atomic_from_memory_and_files(store, tmp_path, source):
+    """Bytes, a memoryview (of another item size), a file (read into one reused buffer) and an
+    object with only ``read`` all publish the same object."""
+    want = BIG[: len(BIG) // 4 * 4]
+    path = tmp_path / "src"
+    path.write_bytes(want)
+
+    class ReadOnly:
+        def __init__(self, f):
+            self.read = f.read
+
+    with open(path, "rb") as f:
+        data = {"bytes": want, "memoryview": memoryview(want).cast("I"), "file": f, "read-only": ReadOnly(f)}[source]
+        info = store.write_atomic("w.bin", data)
+    assert info.size == len(want) and info.sha256 == hashlib.sha256(want).hexdigest()
+    assert store.read("w.bin") == want
+
+
 def test_streaming_writer_and_reader(store):
     with store.open_write("s.bin") as w:
         for i in range(0, len(BIG), 3 * MiB + 1):
@@ -700,6 +719,9 @@ def test_s3_parts_upload_concurrently_with_bounded_memory(s3_storage_factory, mo
     assert info.sha256 == digest and store.stat("up").sha256 == digest
     assert 2 <= seen["max"] <= 3  # at most `concurrency` parts held in flight
     assert sorted(c["PartNumber"] for c in seen["calls"]) == list(range(1, 10))
+    # the part buffers are reused once their part is up: 9 parts, at most 3 + 1 buffers and the
+    # short last part (the calls hold every Body, so two distinct buffers never share an id)
+    assert len({id(c["Body"]) for c in seen["calls"]}) <= 3 + 1 + 1
     assert store.stat("up").version.endswith('-9"') and store.read("up") == BIGGER
     assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -270,11 +269,20 @@ class Storage(ABC):
         expected_sha256: str | None = None,
     ) -> ObjectInfo:
         """Write a whole object atomically from bytes or a readable file object."""
-        expected_size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
-        src = io.BytesIO(data) if expected_size is not None else data
+        in_memory = isinstance(data, (bytes, bytearray, memoryview))
+        expected_size = memoryview(data).nbytes if in_memory else None
         with self.open_write(key, expected_size=expected_size, expected_sha256=expected_sha256) as w:
-            while chunk := src.read(CHUNK):
-                w.write(chunk)
+            if in_memory:
+                view = memoryview(data).cast("B")
+                for at in range(0, len(view), CHUNK):
+                    w.write(view[at : at + CHUNK])
+            elif hasattr(data, "readinto"):  # one buffer, reused: no new memory per chunk
+                buf = memoryview(bytearray(CHUNK))
+                while n := data.readinto(buf):
+                    w.write(buf[:n])
+            else:
+                while chunk := data.read(CHUNK):
+                    w.write(chunk)
         assert w.info is not None
         return w.info
 

@@ -919,16 +919,23 @@ class _S3Writer(AtomicWriter):
     :meth:`write` waits for the oldest one when that many are in flight, so at most
     ``concurrency`` parts (plus the one being filled) are held in memory. The first failed part
     fails the writer (at the next write or at commit) and aborts the upload.
+
+    Bytes are copied once, into part-sized buffers that are reused once their part is up: a
+    new buffer per part (and a copy to make it) cost more CPU than the upload itself, most of it
+    the kernel handing out and zeroing memory never touched before.
     """
 
     def __init__(self, store: S3Storage, key: str, **kw):
         super().__init__(key, **kw)
         self._store = store
-        self._buf = bytearray()
+        self._part: bytearray | None = None  # the part being filled ...
+        self._fill = 0  # ... up to here
+        self._full: deque[bytearray] = deque()  # full parts waiting for the multipart upload to start
+        self._spare: list[bytearray] = []  # buffers of parts already up, for the next ones
         self._upload_id: str | None = None
         self._parts: list[dict] = []
         self._next_part = 1
-        self._inflight: deque[Future] = deque()  # part uploads in flight, oldest first
+        self._inflight: deque[tuple[Future, bytearray]] = deque()  # part uploads in flight, oldest first
         self._pool: ThreadPoolExecutor | None = None
         self._unreachable = False  # the last request failed because the endpoint did not answer
         self._part_size = store.part_size
@@ -945,16 +952,31 @@ class _S3Writer(AtomicWriter):
             raise
 
     def _write(self, data) -> None:
-        self._buf += data
+        view = memoryview(data).cast("B")
         try:
-            if self._upload_id is None and len(self._buf) >= self._multipart_at:
-                self._start_multipart()
-            while self._upload_id is not None and len(self._buf) >= self._part_size:
-                self._upload_part(bytes(self._buf[: self._part_size]))
-                del self._buf[: self._part_size]
+            while view:
+                if self._part is None:
+                    self._part = self._spare.pop() if self._spare else bytearray(self._part_size)
+                n = min(len(view), self._part_size - self._fill)
+                self._part[self._fill : self._fill + n] = view[:n]
+                self._fill += n
+                view = view[n:]
+                if self._fill < self._part_size:
+                    break
+                self._full.append(self._part)
+                self._part, self._fill = None, 0
+                if self._upload_id is None and len(self._full) * self._part_size >= self._multipart_at:
+                    self._start_multipart()
+                while self._upload_id is not None and self._full:
+                    self._upload_part(self._full.popleft())
         except BaseException:
             self.abort()
             raise
+
+    def _buffered(self) -> bytes:
+        """Every byte written and not yet sent (at commit: the last part, or a small object)."""
+        tail = memoryview(self._part)[: self._fill] if self._part is not None else b""
+        return b"".join([*self._full, tail])
 
     def _start_multipart(self) -> None:
         # Metadata can only be set when the upload starts; the sha256 is known then only if the
@@ -970,9 +992,10 @@ class _S3Writer(AtomicWriter):
         )
         self._upload_id = resp["UploadId"]
 
-    def _upload_part(self, data: bytes) -> None:
+    def _upload_part(self, data: bytes | bytearray) -> None:
         """Send part number ``_next_part``: at once with ``concurrency`` 1, else in the pool once
-        fewer than ``concurrency`` parts are in flight."""
+        fewer than ``concurrency`` parts are in flight. A part-sized buffer is reused for a later
+        part once its upload is done."""
         number = self._next_part
         if number > MAX_PARTS:
             raise StorageError(
@@ -983,17 +1006,28 @@ class _S3Writer(AtomicWriter):
         workers = self._store.concurrency
         if workers <= 1:
             self._parts.append(self._send_part(number, data))
+            self._reuse(data)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix="s3-upload")
         while len(self._inflight) >= workers:
-            self._parts.append(self._inflight.popleft().result())
-        self._inflight.append(self._pool.submit(self._send_part, number, data))
+            self._finish_oldest()
+        self._inflight.append((self._pool.submit(self._send_part, number, data), data))
+
+    def _finish_oldest(self) -> None:
+        fut, data = self._inflight[0]
+        self._parts.append(fut.result())  # a failure is raised here, in part order
+        self._inflight.popleft()
+        self._reuse(data)
+
+    def _reuse(self, data: bytes | bytearray) -> None:
+        if isinstance(data, bytearray) and len(data) == self._part_size:
+            self._spare.append(data)
 
     def _drain(self) -> None:
         """Wait for every part in flight (the first failure, in part order, is raised)."""
         while self._inflight:
-            self._parts.append(self._inflight.popleft().result())
+            self._finish_oldest()
 
     def _send_part(self, number: int, data: bytes) -> dict:
         crc = Crc32()  # ISA-L's: botocore would compute the same with zlib, ~5x slower
@@ -1018,14 +1052,14 @@ class _S3Writer(AtomicWriter):
             self._request(
                 "PUT",
                 store.client.put_object,
-                Body=bytes(self._buf),
+                Body=self._buffered(),
                 Metadata={"sha256": sha256},
                 # S3 recomputes this and rejects the PUT on mismatch: end-to-end integrity.
                 ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode(),
             )
         else:
-            if self._buf:
-                self._upload_part(bytes(self._buf))
+            if self._fill:
+                self._upload_part(self._buffered())
             self._drain()
             self._stop_pool()
             self._parts.sort(key=lambda p: p["PartNumber"])
@@ -1036,7 +1070,7 @@ class _S3Writer(AtomicWriter):
                 MultipartUpload={"Parts": self._parts},
             )
             self._upload_id = None  # completed: nothing left for _abort to clean up
-        self._buf = bytearray()
+        self._drop_buffers()
         head = store._head(self.key)
         if head["ContentLength"] != self.size:
             store.delete(self.key)
@@ -1055,10 +1089,15 @@ class _S3Writer(AtomicWriter):
                 pass  # replaced by another writer meanwhile: theirs wins, as with a later write
         return ObjectInfo(self.key, self.size, sha256)
 
+    def _drop_buffers(self) -> None:
+        self._part, self._fill = None, 0
+        self._full.clear()
+        self._spare.clear()
+
     def _stop_pool(self) -> None:
         """Cancel the parts not yet started and wait for the ones in flight (each within its
         retry budget), so that no part lands after the upload is aborted."""
-        for f in self._inflight:
+        for f, _ in self._inflight:
             f.cancel()
         self._inflight.clear()
         if self._pool is not None:
@@ -1066,7 +1105,7 @@ class _S3Writer(AtomicWriter):
             self._pool = None
 
     def _abort(self) -> None:
-        self._buf = bytearray()
+        self._drop_buffers()
         self._stop_pool()
         if self._upload_id is None:
             return
