@@ -101,9 +101,9 @@ def run_loader(name: str, files: list[str], device: str, s3: dict | None) -> dic
                 "fastsafetensors": "fastsafetensors", "instanttensor": "instanttensor"}[name])
     if s3:
         __import__("pipeline.storage.s3" if name == "forgeline" else "boto3")
-    t = time.perf_counter()
+    t, cpu0, box0 = time.perf_counter(), os.times(), machine_cpu()
     tensors: dict = {}
-    setup = None
+    setup = setup_cpu = None
     if name == "forgeline":
         from pipeline.loading import load
 
@@ -114,7 +114,7 @@ def run_loader(name: str, files: list[str], device: str, s3: dict | None) -> dic
             # Building the storage (a boto3 client: ~0.1 s in a fresh process) is timed like
             # every loader's client, and also reported apart: bench/s3.py compares the load
             # alone with raw GETs, whose client is built before their clock.
-            setup = time.perf_counter() - t
+            setup, setup_cpu = time.perf_counter() - t, _cpu_since(cpu0)
             tensors = load(f"s3://{s3['bucket']}/{s3['prefix']}", device, storage=store)
         else:
             for f in files:
@@ -161,10 +161,25 @@ def run_loader(name: str, files: list[str], device: str, s3: dict | None) -> dic
         tensors = dict(instanttensor.load(files, device=device))
     n = touch(tensors, device)
     secs = time.perf_counter() - t
-    out = {"seconds": secs, "bytes": n, "gbps": n / secs / 1e9}
+    # CPU time of this process (every thread, user + system) over the same span
+    out = {"seconds": secs, "bytes": n, "gbps": n / secs / 1e9, "cpu_seconds": _cpu_since(cpu0),
+           "machine_cpu_seconds": machine_cpu() - box0}
     if setup is not None:
-        out["setup_seconds"] = setup
+        out["setup_seconds"], out["setup_cpu_seconds"] = setup, setup_cpu
     return out
+
+
+def machine_cpu() -> float:
+    """Seconds of CPU the whole machine has spent so far (every core; not idle, not waiting on
+    I/O): beside a process's own, it shows what a local server (radosgw) spent for it."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_since(t0: os.times_result) -> float:
+    t1 = os.times()
+    return (t1.user - t0.user) + (t1.system - t0.system)
 
 
 # The child of --fresh-process: started as `python -c FRESH_CHILD <loader> <files json>`; prints

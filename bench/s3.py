@@ -32,6 +32,10 @@ Llama-3-shaped bf16 checkpoint (bench/loaders.py) and measures, on that same end
             export, ingestion publish and the compile cache: sha256, CRC32 per part, concurrent
             parts, atomic completion).
 
+Beside each row's best GB/s: the median over the rounds of the CPU seconds per GB its client
+process spent (every thread, user + system; for the loaders, the child's, over its timed span)
+and that the whole machine spent meanwhile (client, radosgw and OSD: ``/proc/stat``).
+
 ``--split-cores``: the Ceph daemons run on the first half of the CPUs and this process (with
 every loader child) on the other half, as a storage server and its client do on separate hosts;
 without it both sides share every core, and on a small machine each row then also measures how
@@ -48,6 +52,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,7 +122,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from bench.loaders import available, make_checkpoint
+    from bench.loaders import available, machine_cpu, make_checkpoint
     from pipeline.export import FORMAT, version_prefix
     from pipeline.shm_tier import ShmTier
     from pipeline.storage.s3 import S3Storage
@@ -152,6 +157,8 @@ def main() -> int:
                      cpus=server_cpus)
     rgw.start()
     rows: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}  # per row and round: the client's CPU seconds per GB
+    box: dict[str, list[float]] = {}  # the machine's (client, radosgw, OSD; all cores)
     errors: dict[str, str] = {}
     try:
         print(f"radosgw up in {rgw.started_in:.1f} s at {rgw.endpoint}", flush=True)
@@ -188,9 +195,12 @@ def main() -> int:
         shm_root = Path(tempfile.mkdtemp(prefix="forgeline-bench-s3-", dir="/dev/shm"))
 
         def timed(name: str, fn) -> None:
-            t = time.perf_counter()
+            t, c, b = time.perf_counter(), os.times(), machine_cpu()
             n = fn()
             rows.setdefault(name, []).append(n / (time.perf_counter() - t) / 1e9)
+            c1 = os.times()
+            cpu.setdefault(name, []).append(((c1.user - c.user) + (c1.system - c.system)) / n * 1e9)
+            box.setdefault(name, []).append((machine_cpu() - b) / n * 1e9)
 
         for r in range(a.repeat):
             if "raw-get" in want:
@@ -202,14 +212,21 @@ def main() -> int:
             for loader, name in (("forgeline", "loader"), ("runai", "runai")):
                 if name in want:
                     res = child_load(loader, files, "ckpt", rgw.endpoint, env, a.child_timeout)
-                    if "gbps" in res and "setup_seconds" in res:  # forgeline: with and without its client
+                    if "gbps" not in res:
+                        errors[name] = res["error"]
+                        continue
+                    per_gb = res["bytes"] / 1e9
+                    if "setup_seconds" in res:  # forgeline: with and without its client
                         rows.setdefault(f"{name} S3 → CPU", []).append(
                             res["bytes"] / (res["seconds"] - res["setup_seconds"]) / 1e9)
-                        rows.setdefault(f"{name}+client S3 → CPU", []).append(res["gbps"])
-                    elif "gbps" in res:
-                        rows.setdefault(f"{name} S3 → CPU", []).append(res["gbps"])
-                    else:
-                        errors[name] = res["error"]
+                        cpu.setdefault(f"{name} S3 → CPU", []).append(
+                            (res["cpu_seconds"] - res["setup_cpu_seconds"]) / per_gb)
+                        box.setdefault(f"{name} S3 → CPU", []).append(
+                            (res["machine_cpu_seconds"] - res["setup_cpu_seconds"]) / per_gb)
+                        name = f"{name}+client"
+                    rows.setdefault(f"{name} S3 → CPU", []).append(res["gbps"])
+                    cpu.setdefault(f"{name} S3 → CPU", []).append(res["cpu_seconds"] / per_gb)
+                    box.setdefault(f"{name} S3 → CPU", []).append(res["machine_cpu_seconds"] / per_gb)
             for name, version, row in (("prewarm", "v1", "prewarm S3 → shm"),
                                        ("prewarm-sha256", "v0", "prewarm S3 → shm, sha256-checked")):
                 if name in want:
@@ -251,10 +268,12 @@ def main() -> int:
     table = Table(title=f"S3 on Ceph RGW (loopback, memstore): {size / 1e9:.2f} GB, {len(files)} shards, "
                         f"{a.part_mib} MiB parts, {a.concurrency} in flight; best of {a.repeat}; {date.today()}"
                         + (f"; server on CPUs {sorted(server_cpus)}, client on the rest" if server_cpus else ""))
-    for col in ("row", "GB/s", "vs", "target"):
+    for col in ("row", "GB/s", "vs", "target", "client CPU s/GB", "machine CPU s/GB"):
         table.add_column(col, justify="left" if col == "row" else "right")
     report = []
     for name, v in best.items():
+        cpu_med = statistics.median(cpu[name]) if cpu.get(name) else None
+        box_med = statistics.median(box[name]) if box.get(name) else None
         vs, tgt = [], []
         for ref, factor, what in targets.get(name, []):
             if ref:
@@ -264,8 +283,10 @@ def main() -> int:
                     tgt.append(f"≥{factor:g}x {what}: {'met' if ok else 'NOT met'}")
             elif factor:
                 tgt.append(f"≥{factor:g}x {what}: no {what} row")
-        table.add_row(name, f"{v:.2f}", ", ".join(vs), ", ".join(tgt))
-        report.append({"row": name, "gbps": v, "all": rows[name], "vs": vs, "targets": tgt})
+        table.add_row(name, f"{v:.2f}", ", ".join(vs), ", ".join(tgt),
+                      "" if cpu_med is None else f"{cpu_med:.2f}", "" if box_med is None else f"{box_med:.2f}")
+        report.append({"row": name, "gbps": v, "all": rows[name], "vs": vs, "targets": tgt,
+                       "client_cpu_s_per_gb": cpu.get(name), "machine_cpu_s_per_gb": box.get(name)})
     for name, err in errors.items():
         table.add_row(name, "", "", err)
     Console().print(table)
