@@ -682,6 +682,36 @@ def test_s3_streaming_read_fetches_ahead_in_parallel_pinned_to_one_etag(s3_stora
     assert len(seen["calls"]) == 9 and all(c.get("IfMatch") == etag for c in seen["calls"][1:])
 
 
+def test_s3_streaming_read_reuses_its_window_buffers(s3_storage_factory, monkeypatch, tmp_path):
+    """Windows land in buffers reused once their bytes are taken, and whatever sizes the caller
+    reads in, no byte of a reused buffer reaches it twice or late."""
+    store = s3_storage_factory(concurrency=3)
+    store.write_atomic("big", BIGGER)
+    real, buffers = store.get_into, []
+
+    def get_into(key, start, out, etag=None):
+        buffers.append(memoryview(out).obj)  # held here: distinct buffers never share an id
+        return real(key, start, out, etag)
+
+    monkeypatch.setattr(store, "get_into", get_into)
+    for sizes in ([MiB + 7], [3 * MIN_PART_SIZE + 5, 11], [len(BIGGER)]):
+        buffers.clear()
+        got = bytearray()
+        with store.open_read("big") as f:
+            i = 0
+            while chunk := f.read(sizes[i % len(sizes)]):
+                got += chunk
+                i += 1
+        assert bytes(got) == BIGGER, sizes
+        assert len(buffers) == 8 and len({id(b) for b in buffers}) <= 3 + 1  # 8 windows after the first
+    with store.open_read("big") as f:  # readinto into the caller's buffer (write_atomic, copy)
+        out = bytearray(len(BIGGER))
+        view, at = memoryview(out), 0
+        while n := f.readinto(view[at : at + 3 * MiB]):
+            at += n
+    assert out == BIGGER
+
+
 def test_s3_read_ahead_never_mixes_versions(s3_storage_factory):
     store = s3_storage_factory(concurrency=4)
     store.write_atomic("v", BIGGER)
