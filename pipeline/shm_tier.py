@@ -200,16 +200,15 @@ def _tree_bytes(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-
 class _Cancelled(Exception):
     """Another file of the same prewarm failed: this one stops (that failure is what is raised)."""
 
 
 def _lands_in_place(store: Storage) -> bool:
-    """Whether ``store`` lands ranged reads in caller memory (it overrides ``read_into``, as S3
-    does: ranged GETs pinned to one version, received straight into the buffer): then the tier
-    fetches a file's pieces in parallel instead of streaming it through one reader."""
-    return type(store).read_into is not Storage.read_into
+    """Whether ``store`` lands ranged reads in place (it overrides ``read_to_file``, as S3 does:
+    ranged GETs pinned to one version, spliced or received straight into the file): then the
+    tier fetches a file's pieces in parallel instead of streaming it through one reader."""
+    return type(store).read_to_file is not Storage.read_to_file
 
 
 def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> list[float]:
@@ -219,11 +218,11 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     Each file is fetched in ranged reads pinned to the version its ``stat`` saw (an object
     replaced meanwhile fails with ObjectChanged), ``concurrency`` (S3) at a time in one pool
     shared by all files, each as large as the store's ``get_size`` allows while every request in
-    flight still has one (fewer requests: less of the client's and the server's CPU). Each read is written at its offset into a temporary tmpfs file
-    (``Storage.read_to_file``: S3 over plain HTTP splices the socket's bytes into the file in the
-    kernel, else they land in a reused buffer and are ``pwrite``-n; both cheaper on tmpfs than
-    receiving into a mapping of the file, whose pages would be faulted in and zeroed one by
-    one). The file's
+    flight still has one (fewer requests: less of the client's and the server's CPU). Each read
+    is written at its offset into a temporary tmpfs file (``Storage.read_to_file``: S3 over plain
+    HTTP splices the socket's bytes into the file in the kernel, else they land in a reused
+    buffer and are ``pwrite``-n; both cheaper on tmpfs than receiving into a mapping of the file,
+    whose pages would be faulted in and zeroed one by one). The file's
     checksum is computed in order, in the file's own thread, from the landed bytes while later
     pieces are still in flight (both hashes release the GIL): so it checks what is in the tier,
     not what was received. The checksum is the manifest's crc32 (:class:`Crc32`, ~10x cheaper

@@ -16,8 +16,9 @@ Transfers are parallel, so every caller gets line rate without asking: a streami
 (``open_read``, hence ``copy_between``, reading landed shards) fetches the windows ahead of the
 reader with up to ``concurrency`` ranged GETs in flight, all pinned to the first response's ETag;
 a ``read_range`` / ``read_into`` / ``read_to_file`` longer than ``get_size`` is split in
-``get_size`` ranged GETs fetched concurrently into their place (the loader and the shm tier's pre-warm read this way);
-every GET's body is received from the socket straight into its destination (:class:`_Body`);
+``get_size`` ranged GETs fetched concurrently into their place (the loader and the shm tier's
+pre-warm read this way); every GET's body is received from the socket straight into its
+destination, or spliced into its file (:class:`_Body`);
 a multipart upload (``open_write``, ``write_atomic``)
 sends up to ``concurrency`` parts at once, holding at most that many parts in memory. Nothing
 about atomicity changes: the object is visible only once CompleteMultipartUpload lists every
