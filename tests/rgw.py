@@ -30,6 +30,7 @@ A daemon that does not come up raises :class:`RGWError` with the tail of its log
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import secrets
@@ -228,6 +229,10 @@ mon_max_pg_per_osd = 1000
 mon_data = {d}/mon/$name
 paxos_propose_interval = 0.1
 mon_osd_reporter_subtree_level = osd
+# The monitor's store is a few MB (objects live in the OSD's RAM): do not refuse to start, as
+# a monitor does by default, because the disk holding it is 95% full.
+mon_data_avail_crit = 1
+mon_data_avail_warn = 2
 
 [osd]
 osd_data = {d}/osd/$name
@@ -264,7 +269,12 @@ rgw_gc_obj_min_wait = 0
         proc = self.procs[name]
         while True:
             if proc.poll() is not None:
-                raise self._failed(name, f"exited with status {proc.returncode}")
+                why = f"exited with status {proc.returncode}"
+                if proc.returncode == errno.ENOSPC:  # Ceph's daemons exit with the errno
+                    du = shutil.disk_usage(self.dir)
+                    why += (f" (ENOSPC: no space left on the disk holding {self.dir}: "
+                            f"{du.free / 1e9:.1f} GB free of {du.total / 1e9:.1f} GB)")
+                raise self._failed(name, why)
             try:
                 if ready():
                     return
