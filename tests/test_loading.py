@@ -930,6 +930,40 @@ def test_s3_requests_grow_to_get_size_and_land_in_their_tensors(s3_storage_facto
             assert len(touched) == 1, (first, last, touched)
 
 
+def test_s3_shards_are_looked_up_and_their_headers_read_in_parallel(s3_storage, monkeypatch):
+    """Before the first byte of data, a remote load of many shards waits about two round trips,
+    not two per shard: the HEADs of its shards go out together, then their header GETs."""
+    import threading
+    import time as _time
+
+    manifest, state = published(s3_storage, max_shard_bytes=1500)
+    n_shards = len(manifest["shards"])
+    assert n_shards >= 3
+    lock, now, peak = threading.Lock(), {"HEAD": 0, "header": 0}, {"HEAD": 0, "header": 0}
+
+    def slowed(kind, real):
+        def call(**kw):
+            what = "HEAD" if kind == "HEAD" else "header" if kw["Range"].startswith("bytes=0-") else None
+            if what:
+                with lock:
+                    now[what] += 1
+                    peak[what] = max(peak[what], now[what])
+            try:
+                _time.sleep(0.02)  # a round trip to a real object store
+                return real(**kw)
+            finally:
+                if what:
+                    with lock:
+                        now[what] -= 1
+        return call
+
+    client = s3_storage.client
+    monkeypatch.setattr(client, "head_object", slowed("HEAD", client.head_object))
+    monkeypatch.setattr(client, "get_object", slowed("GET", client.get_object))
+    assert_bit_exact(load("net/v1", storage=s3_storage), state)
+    assert peak["HEAD"] >= 2 and peak["header"] >= 2, peak
+
+
 def test_s3_part_failing_once_is_retried(s3_storage, monkeypatch):
     path = "w/model.safetensors"
     state = {"a": torch.randn(64, 64), "b": torch.randn(1000)}

@@ -156,8 +156,7 @@ def load(
     # the sha256 each shard is checked against (manifest or expected_sha256), by shard index
     wanted = {i: h for i, s in enumerate(src.shards)
               if (h := s.expected_sha256(expected_sha256)) and (verify or expected_sha256)}
-    for i, s in enumerate(src.shards):
-        s.read_header(verified_as=wanted.get(i))
+    _read_headers(src, wanted)
     src.check_names()
     t_header = time.perf_counter()
 
@@ -265,6 +264,24 @@ def load_with_report(source: Any, device: Any = "cpu", **options: Any) -> tuple[
 # ---------------------------------------------------------------------------------------------
 # Steps of a load
 # ---------------------------------------------------------------------------------------------
+
+
+def _read_headers(src: Source, wanted: dict[int, str]) -> None:
+    """Every shard's header; remote ones in parallel (one GET each: a model of many shards on an
+    object store would otherwise wait one round trip per shard before its first byte). The
+    first failure in shard order is raised."""
+    remote = [i for i, s in enumerate(src.shards) if s.path is None]
+    for i, s in enumerate(src.shards):
+        if s.path is not None:
+            s.read_header(verified_as=wanted.get(i))
+    if len(remote) <= 1:
+        for i in remote:
+            src.shards[i].read_header(verified_as=wanted.get(i))
+        return
+    with ThreadPoolExecutor(min(len(remote), 16), thread_name_prefix="forgeline-header") as pool:
+        futures = [pool.submit(src.shards[i].read_header, wanted.get(i)) for i in remote]
+    for f in futures:
+        f.result()
 
 
 def _parse_device(device: Any) -> torch.device:

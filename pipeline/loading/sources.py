@@ -454,6 +454,19 @@ def _store_shard(store: Storage, key: str, file: str, **kw: Any) -> Shard:
     return Shard(display, file, store=store, key=key, version=info.version, kind=store.kind, **kw)
 
 
+def _store_shards(store: Storage, specs: list[tuple[str, str, dict]]) -> list[Shard]:
+    """:func:`_store_shard` for each ``(key, file, fields)``, in order; on a remote store the
+    objects are looked up in parallel (one HEAD each: a model of many shards would otherwise
+    wait one round trip per shard). The first failure in order is raised."""
+    if len(specs) <= 1 or store.local_path(specs[0][0]) is not None:
+        return [_store_shard(store, key, file, **kw) for key, file, kw in specs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(len(specs), 16), thread_name_prefix="forgeline-stat") as pool:
+        futures = [pool.submit(_store_shard, store, key, file, **kw) for key, file, kw in specs]
+    return [f.result() for f in futures]
+
+
 def _storage_source(store: Storage, key: str, display: str | None = None, allow_rejected: bool = False) -> Source:
     """A file, index, manifest or folder inside a storage."""
     from pipeline.storage import ObjectNotFound, join
@@ -474,7 +487,7 @@ def _storage_source(store: Storage, key: str, display: str | None = None, allow_
             if not _is_manifest(doc):
                 raise LoadError(display, f"not a {FORMAT} manifest")
             return _store_manifest_source(store, base, doc, display, allow_rejected)
-        shards = [_store_shard(store, join(base, f), f, names=names) for f, names in _index_shards(display, doc)]
+        shards = _store_shards(store, [(join(base, f), f, {"names": names}) for f, names in _index_shards(display, doc)])
         return Source(display, "index", shards)
     if key.endswith(".safetensors"):
         try:
@@ -502,7 +515,7 @@ def _storage_source(store: Storage, key: str, display: str | None = None, allow_
     files = sorted(n for n in children if n.endswith(".safetensors"))
     if not files:
         raise LoadError(display, "no manifest.json, *.safetensors.index.json or *.safetensors under this prefix")
-    return Source(display, "folder", [_store_shard(store, join(key, f), f) for f in files])
+    return Source(display, "folder", _store_shards(store, [(join(key, f), f, {}) for f in files]))
 
 
 def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, allow_rejected: bool | None = None) -> Source:
@@ -517,8 +530,8 @@ def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, a
             _check_version(store, *published, display, allow_rejected)
         else:
             _reject_check(display, m, allow_rejected)
-    shards = [_store_shard(store, join(prefix, s["file"]), s["file"], **_manifest_fields(s))
-              for s in _manifest_shards(display, m)]
+    shards = _store_shards(store, [(join(prefix, s["file"]), s["file"], _manifest_fields(s))
+                                   for s in _manifest_shards(display, m)])
     return Source(display, "published", shards, quant=_quant_of(m))
 
 
