@@ -277,7 +277,7 @@ def main() -> int:
         vs, tgt = [], []
         for ref, factor, what in targets.get(name, []):
             if ref:
-                vs.append(f"{v / ref:.2f}x {what}")
+                vs.append(f"{v / ref:.3f}x {what}")  # 3 places: 0.899x is not 0.9x
                 if factor:
                     ok = v >= factor * ref
                     tgt.append(f"≥{factor:g}x {what}: {'met' if ok else 'NOT met'}")
