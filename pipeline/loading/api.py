@@ -24,7 +24,7 @@ import torch
 from pipeline.layout import QUANT_METADATA_KEY
 from pipeline.loading.header import LoadError
 from pipeline.loading.probe import probe, tune
-from pipeline.loading.sources import Shard, Source, hash_file, resolve
+from pipeline.loading.sources import Shard, Source, hash_file, per_shard_in_parallel, resolve
 
 if TYPE_CHECKING:
     from pipeline.storage import Storage
@@ -267,21 +267,13 @@ def load_with_report(source: Any, device: Any = "cpu", **options: Any) -> tuple[
 
 
 def _read_headers(src: Source, wanted: dict[int, str]) -> None:
-    """Every shard's header; remote ones in parallel (one GET each: a model of many shards on an
-    object store would otherwise wait one round trip per shard before its first byte). The
-    first failure in shard order is raised."""
-    remote = [i for i, s in enumerate(src.shards) if s.path is None]
+    """Every shard's header: local files one after the other, remote shards in parallel (one GET
+    each: a model of many shards would otherwise wait one round trip per shard)."""
     for i, s in enumerate(src.shards):
         if s.path is not None:
             s.read_header(verified_as=wanted.get(i))
-    if len(remote) <= 1:
-        for i in remote:
-            src.shards[i].read_header(verified_as=wanted.get(i))
-        return
-    with ThreadPoolExecutor(min(len(remote), 16), thread_name_prefix="forgeline-header") as pool:
-        futures = [pool.submit(src.shards[i].read_header, wanted.get(i)) for i in remote]
-    for f in futures:
-        f.result()
+    per_shard_in_parallel(lambda i: src.shards[i].read_header(verified_as=wanted.get(i)),
+                          [i for i, s in enumerate(src.shards) if s.path is None], "forgeline-header")
 
 
 def _parse_device(device: Any) -> torch.device:

@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -454,17 +454,26 @@ def _store_shard(store: Storage, key: str, file: str, **kw: Any) -> Shard:
     return Shard(display, file, store=store, key=key, version=info.version, kind=store.kind, **kw)
 
 
-def _store_shards(store: Storage, specs: list[tuple[str, str, dict]]) -> list[Shard]:
-    """:func:`_store_shard` for each ``(key, file, fields)``, in order; on a remote store the
-    objects are looked up in parallel (one HEAD each: a model of many shards would otherwise
-    wait one round trip per shard). The first failure in order is raised."""
-    if len(specs) <= 1 or store.local_path(specs[0][0]) is not None:
-        return [_store_shard(store, key, file, **kw) for key, file, kw in specs]
+def per_shard_in_parallel(fn: Callable[[Any], Any], items: list, name: str) -> list:
+    """``fn(item)`` for each item, results in order, on up to 16 threads when there are several:
+    the per-shard round trips of a remote source (a HEAD, a header GET) overlap instead of
+    adding up. The first failure in order is raised once every call has ended."""
+    if len(items) <= 1:
+        return [fn(item) for item in items]
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(min(len(specs), 16), thread_name_prefix="forgeline-stat") as pool:
-        futures = [pool.submit(_store_shard, store, key, file, **kw) for key, file, kw in specs]
+    with ThreadPoolExecutor(min(len(items), 16), thread_name_prefix=name) as pool:
+        futures = [pool.submit(fn, item) for item in items]
     return [f.result() for f in futures]
+
+
+def _store_shards(store: Storage, specs: list[tuple[str, str, dict]]) -> list[Shard]:
+    """:func:`_store_shard` for each ``(key, file, fields)``, in order; on a remote store the
+    objects are looked up (one HEAD each) in parallel."""
+    if specs and store.local_path(specs[0][0]) is not None:
+        return [_store_shard(store, key, file, **kw) for key, file, kw in specs]
+    return per_shard_in_parallel(lambda spec: _store_shard(store, spec[0], spec[1], **spec[2]), specs,
+                                 "forgeline-stat")
 
 
 def _storage_source(store: Storage, key: str, display: str | None = None, allow_rejected: bool = False) -> Source:
@@ -535,4 +544,4 @@ def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, a
     return Source(display, "published", shards, quant=_quant_of(m))
 
 
-__all__ = ["Shard", "Source", "hash_file", "resolve"]
+__all__ = ["Shard", "Source", "hash_file", "per_shard_in_parallel", "resolve"]

@@ -246,9 +246,7 @@ class Storage(ABC):
         without passing them through this process override it (S3 over plain HTTP)."""
         buf = bytearray(length)
         self.read_into(key, start, buf, version=version)
-        view, done = memoryview(buf), 0
-        while done < length:
-            done += os.pwrite(fd, view[done:], offset + done)
+        pwrite_all(fd, buf, offset)
 
     def exists(self, key: str) -> bool:
         try:
@@ -313,6 +311,13 @@ class Storage(ABC):
         for o in objs:
             self.delete(o.key)
         return len(objs)
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` into the file ``fd`` at ``offset`` (``pwrite`` may write less)."""
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def ranged_read_size(store: Storage, total: int, in_flight: int, smallest: int = 8 * 1024 * 1024) -> int:

@@ -93,6 +93,7 @@ from pipeline.storage.base import (
     StorageFull,
     check_key,
     join,
+    pwrite_all,
 )
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
@@ -293,11 +294,9 @@ class _Body:
                         raise
                     self._sock = None  # a file that takes no splice: the rest the plain way
                     while done < got:
-                        chunk = memoryview(os.read(pipe.r, got - done))
-                        w = 0
-                        while w < len(chunk):
-                            w += os.pwrite(fd, chunk[w:], offset + done + w)
-                        done += w
+                        chunk = os.read(pipe.r, got - done)
+                        pwrite_all(fd, chunk, offset + done)
+                        done += len(chunk)
         except BaseException:
             _drop_thread_pipe()  # it may hold bytes of this response
             raise
@@ -328,9 +327,7 @@ class _Body:
         if buf is None:
             buf = _local.buf = memoryview(bytearray(_NET_CHUNK))
         got = self.readinto(buf[: min(n, _NET_CHUNK)])
-        done = 0
-        while done < got:
-            done += os.pwrite(fd, buf[done:got], offset + done)
+        pwrite_all(fd, buf[:got], offset)
         return got
 
     @contextlib.contextmanager
@@ -649,8 +646,6 @@ class S3Storage(Storage):
         pinning as :meth:`read_into`."""
 
         def piece(at: int, n: int, etag: str | None) -> tuple[int, str | None, int]:
-            if n == 0:
-                return 0, etag, self.stat(key).size
             etag, size, stop = self._stream(key, start + at, start + at + n - 1, etag, (fd, offset + at))
             return stop - start - at, etag, size
 
@@ -664,6 +659,9 @@ class S3Storage(Storage):
         first, alone, to learn it); an object shorter than the range raises IntegrityError."""
         if start < 0:
             raise ValueError(f"{self.uri(key)}: negative range start={start}")
+        if length == 0:
+            self.stat(key)  # like a local file: an empty range of a missing object is an error
+            return
         step = self.get_size
         etag = version
         pieces = [(at, min(step, length - at)) for at in range(0, length, step)]
