@@ -88,7 +88,8 @@ from pipeline._libc import libc_function
 from pipeline.safetensors_format import CODES as _ST_CODES
 from pipeline.safetensors_format import itemsize as _itemsize
 from pipeline.layout import DEFAULT_ROOT, FORMAT, GOLDEN_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_SHARD_NAME
-from pipeline.storage import CHUNK, Crc32, ObjectNotFound, Storage, StorageError, check_key, hash_stream, join
+from pipeline.storage import (CHUNK, Crc32, ObjectNotFound, Storage, StorageError, check_key, hash_stream, in_parallel,
+                              join)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -711,15 +712,17 @@ def manifest_files(manifest: dict) -> list[ListedFile]:
 
 def version_problem(
     store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT, allow_rejected: bool = False,
-    manifest: dict | None = None, files: bool = True,
+    manifest: dict | None = None, files: bool = True, known_sizes: Mapping[str, int] | None = None,
 ) -> str | None:
     """Why ``model/version`` in ``store`` is not a complete, usable published version, or None when
-    it is: its manifest is there in the supported format, every file it lists (shards, index,
-    golden outputs) is present with the listed size and, unless ``allow_rejected``, no gate
-    rejected it. Sizes only (a stat per file): :func:`verify` recomputes the hashes. ``manifest``:
-    the version's manifest when the caller has already read it (one read less). ``files=False``:
+    it is: its manifest is there in the supported format, unless ``allow_rejected`` no gate
+    rejected it, and every file it lists (shards, index, golden outputs) is present with the
+    listed size. Sizes only (a stat per file, all at once): :func:`verify` recomputes the hashes.
+    ``manifest``: the version's manifest when the caller has already read it (one read less). ``files=False``:
     the manifest alone (well-formed, not rejected), no stat (for a caller that reads the bytes
-    from elsewhere and checks them against the manifest's sha256s)."""
+    from elsewhere and checks them against the manifest's sha256s). ``known_sizes``: the sizes
+    of listed files (by name) the caller has just learned from ``store`` itself, not asked again
+    (the loader's first read of each shard answers its size)."""
     what = f"{model}/{version}"
     try:
         if manifest is None:
@@ -730,29 +733,56 @@ def version_problem(
         return str(e)
     except (KeyError, TypeError, ValueError) as e:
         return f"{what}: unreadable or malformed manifest ({type(e).__name__}: {e})"
-    for file, size, *_ in listed if files else ():
-        try:
-            got = store.stat(join(prefix, file)).size
-        except StorageError as e:
-            return f"{what}: {file} is missing or unreadable ({e})"
-        if got != size:
-            return f"{what}: {file} has {got} bytes, the manifest says {size}"
-    rejected = manifest.get("rejected")
+    rejected = manifest.get("rejected")  # before the stats: it costs no round trip
     if rejected and not allow_rejected:
         return f"{what} is rejected: {rejected.get('reason') if isinstance(rejected, dict) else rejected}"
+
+    known = dict(known_sizes or {})
+
+    def size_of(entry: ListedFile) -> int | str:
+        try:
+            return store.stat(join(prefix, entry.file)).size
+        except StorageError as e:
+            return f"{what}: {entry.file} is missing or unreadable ({e})"
+
+    # the stats in parallel: on S3 one round trip for the version, not one per file
+    todo = [e for e in listed if e.file not in known] if files else []
+    known.update(zip((e.file for e in todo), in_parallel(size_of, todo, "forgeline-stat", store.parallel_requests)))
+    for entry in listed if files else ():
+        got = known[entry.file]
+        if isinstance(got, str):
+            return got
+        if got != entry.bytes:
+            return f"{what}: {entry.file} has {got} bytes, the manifest says {entry.bytes}"
     return None
 
 
 def latest_version(store: Storage, model: str, root: str = DEFAULT_ROOT) -> str | None:
     """The most recently created (by the manifests' ``created``) published version that is
     complete and not rejected (:func:`version_problem`), or None."""
-    best = None
-    for v in list_versions(store, model, root):
-        if version_problem(store, model, v, root=root) is not None:
-            continue
-        key = (read_manifest(store, model, v, root=root).get("created", ""), v)
-        best = key if best is None or key > best else best
-    return best[1] if best else None
+    found = latest_manifest(store, model, root)
+    return found[0] if found else None
+
+
+def latest_manifest(store: Storage, model: str, root: str = DEFAULT_ROOT) -> tuple[str, dict] | None:
+    """:func:`latest_version` and its manifest. The manifests are read in parallel, then the
+    newest are checked for completeness until one passes: a list, a round of manifest reads and
+    usually one round of stats, however many versions there are."""
+
+    def manifest_of(v: str) -> dict | None:
+        try:
+            return read_manifest(store, model, v, root=root)
+        except (ExportError, StorageError, ValueError, AttributeError):
+            return None  # unreadable: not a usable version (version_problem would say why)
+
+    versions = list_versions(store, model, root)
+    manifests = in_parallel(manifest_of, versions, "forgeline-manifest", store.parallel_requests)
+    newest_first = sorted(((str(m.get("created", "")), v, m) for v, m in zip(versions, manifests)
+                           if isinstance(m, dict)), key=lambda c: c[:2], reverse=True)
+    for _created, v, m in newest_first:
+        if version_problem(store, model, v, root=root, manifest=m) is None:
+            return v, m
+    return None
 
 
 def record_gates(store: Storage, model: str, version: str, gates: Mapping[str, dict], *,
@@ -1049,6 +1079,7 @@ __all__ = [
     "from_module",
     "golden_input",
     "golden_outputs",
+    "latest_manifest",
     "latest_version",
     "list_versions",
     "load_state_dict",

@@ -25,12 +25,12 @@ from datetime import datetime, timezone
 from pipeline.export import (
     DEFAULT_ROOT,
     ExportError,
-    latest_version,
+    latest_manifest,
     read_manifest,
     version_prefix,
     version_problem,
 )
-from pipeline.storage import ObjectNotFound, Storage, join
+from pipeline.storage import ObjectNotFound, Storage, StorageError, join
 
 ALIAS = "production"
 LATEST = "latest"
@@ -115,24 +115,39 @@ def resolve(store: Storage, model: str, ref: str, *, root: str = DEFAULT_ROOT) -
     """The version id ``ref`` names: ``"production"`` (the alias; refused if that version has been
     rejected since), ``"latest"`` (the newest complete, non-rejected version) or a version id
     (which must be published and complete). :class:`PromotionError` otherwise."""
+    return resolve_manifest(store, model, ref, root=root)[0]
+
+
+def resolve_manifest(store: Storage, model: str, ref: str, *, root: str = DEFAULT_ROOT,
+                     files: bool = True) -> tuple[str, dict]:
+    """:func:`resolve`, with the version's manifest: read once, for the check and the caller.
+    ``files=False``: the version's files are not stat-ed (:func:`~pipeline.export.version_problem`)
+    for a caller that reads them and checks their sizes itself; ``latest`` stats them anyway, to
+    choose."""
+    if ref == LATEST:
+        found = latest_manifest(store, model, root)
+        if found is None:
+            raise PromotionError(f"{model}/latest: no complete, non-rejected published version")
+        return found
     if ref == ALIAS:
         current = production(store, model, root=root)
         if current is None:
             raise PromotionError(f"{model}/production: nothing has been promoted")
-        version = current["version"]
-        problem = version_problem(store, model, version, root=root)
-        if problem is not None:
-            raise PromotionError(f"{model}/production is {version}, which is not servable: {problem}")
-        return version
-    if ref == LATEST:
-        version = latest_version(store, model, root)
-        if version is None:
-            raise PromotionError(f"{model}/latest: no complete, non-rejected published version")
-        return version
-    problem = version_problem(store, model, ref, root=root, allow_rejected=True)
+        version, allow_rejected = current["version"], False
+        what = f"{model}/production is {version}, which is not servable"
+    else:
+        version, what, allow_rejected = ref, f"{model}/{ref}", True
+    try:
+        manifest = read_manifest(store, model, version, root=root)
+    except (ExportError, StorageError, ValueError, AttributeError):
+        manifest = None  # version_problem says why
+    problem = version_problem(store, model, version, root=root, allow_rejected=allow_rejected, manifest=manifest,
+                              files=files)
     if problem is not None:
-        raise PromotionError(f"{model}/{ref}: {problem}")
-    return ref
+        raise PromotionError(f"{what}: {problem}")
+    assert manifest is not None
+    return version, manifest
 
 
-__all__ = ["ALIAS", "LATEST", "PromotionError", "history", "production", "promote", "resolve", "rollback"]
+__all__ = ["ALIAS", "LATEST", "PromotionError", "history", "production", "promote", "resolve", "resolve_manifest",
+           "rollback"]

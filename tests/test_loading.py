@@ -930,38 +930,81 @@ def test_s3_requests_grow_to_get_size_and_land_in_their_tensors(s3_storage_facto
             assert len(touched) == 1, (first, last, touched)
 
 
-def test_s3_shards_are_looked_up_and_their_headers_read_in_parallel(s3_storage, monkeypatch):
-    """Before the first byte of data, a remote load of many shards waits about two round trips,
-    not two per shard: the HEADs of its shards go out together, then their header GETs."""
-    import threading
-    import time as _time
+class _Requests:
+    """Every S3 request of a client, by kind (HEAD, LIST, header = a GET from byte 0, GET), each
+    delayed by 20 ms as a round trip to a real object store is; ``peak`` is the most of a kind
+    seen in flight at once."""
 
-    manifest, state = published(s3_storage, max_shard_bytes=1500)
-    n_shards = len(manifest["shards"])
-    assert n_shards >= 3
-    lock, now, peak = threading.Lock(), {"HEAD": 0, "header": 0}, {"HEAD": 0, "header": 0}
+    def __init__(self, client, monkeypatch):
+        import threading
 
-    def slowed(kind, real):
+        self.lock, self.now = threading.Lock(), {}
+        self.peak: dict[str, int] = {}
+        self.calls: list[tuple[str, str]] = []
+        for name in ("head_object", "get_object", "list_objects_v2"):
+            monkeypatch.setattr(client, name, self._slowed(name, getattr(client, name)))
+
+    def _slowed(self, name, real):
+        import time as _time
+
         def call(**kw):
-            what = "HEAD" if kind == "HEAD" else "header" if kw["Range"].startswith("bytes=0-") else None
-            if what:
-                with lock:
-                    now[what] += 1
-                    peak[what] = max(peak[what], now[what])
+            kind = {"head_object": "HEAD", "list_objects_v2": "LIST"}.get(name) or (
+                "header" if kw.get("Range", "").startswith("bytes=0-") else "GET")
+            with self.lock:
+                self.calls.append((kind, kw.get("Key") or kw.get("Prefix", "")))
+                self.now[kind] = self.now.get(kind, 0) + 1
+                self.peak[kind] = max(self.peak.get(kind, 0), self.now[kind])
             try:
-                _time.sleep(0.02)  # a round trip to a real object store
+                _time.sleep(0.02)
                 return real(**kw)
             finally:
-                if what:
-                    with lock:
-                        now[what] -= 1
+                with self.lock:
+                    self.now[kind] -= 1
         return call
 
-    client = s3_storage.client
-    monkeypatch.setattr(client, "head_object", slowed("HEAD", client.head_object))
-    monkeypatch.setattr(client, "get_object", slowed("GET", client.get_object))
-    assert_bit_exact(load("net/v1", storage=s3_storage), state)
-    assert peak["HEAD"] >= 2 and peak["header"] >= 2, peak
+    def of(self, kind: str) -> list[str]:
+        return [key.rsplit("/", 2)[-2] + "/" + key.rsplit("/", 1)[-1] for k, key in self.calls if k == kind]
+
+
+@pytest.mark.parametrize("ref", ["v1", "production"])
+def test_s3_cold_load_of_a_version_asks_for_each_object_once_and_for_its_shards_at_once(s3_storage, monkeypatch, ref):
+    """A published version loaded from S3 (by id, or by the production alias: one more GET):
+    its manifest, then every shard's first 64 KiB at once (one answer: size, ETag and header),
+    then the other files it lists (the index) stat-ed for the completeness check. Each object is
+    asked for once: no HEAD of a shard on top of its first GET, however many shards."""
+    from pipeline import promotion
+
+    manifest, state = published(s3_storage, max_shard_bytes=1500)
+    promotion.promote(s3_storage, "net", "v1")
+    shards = [s["file"] for s in manifest["shards"]]
+    others = [f.file for f in ex.manifest_files(manifest) if f.file not in shards]
+    assert len(shards) >= 3 and others == [ex.INDEX_NAME]
+    req = _Requests(s3_storage.client, monkeypatch)
+    assert_bit_exact(load(f"net/{ref}", storage=s3_storage), state)
+    firsts = req.of("header")
+    if ref == "production":
+        assert firsts.pop(0) == "net/production"  # the alias record
+    assert firsts[0] == "v1/manifest.json" and sorted(firsts[1:]) == sorted(f"v1/{f}" for f in shards)
+    assert req.peak["header"] >= 2, req.peak  # the shards' first GETs in flight together
+    assert req.of("HEAD") == [f"v1/{f}" for f in others]
+    assert not req.of("LIST")
+
+
+def test_s3_cold_load_of_latest_reads_each_manifest_once_and_checks_only_the_newest(s3_storage, monkeypatch):
+    """``<model>/latest`` from S3: one LIST, every version's manifest read once (in parallel),
+    the files of the newest usable version stat-ed once, then that version's shards. A newer
+    version that is rejected is passed over without a stat."""
+    for i, v in enumerate(["v1", "v2", "v3"]):
+        published(s3_storage, version=v, state={"w": torch.full((3,), float(i))})
+    ex.record_gates(s3_storage, "net", "v3", {"accuracy_gate": {"passed": False, "value": 9, "limit": 1}})
+    req = _Requests(s3_storage.client, monkeypatch)
+    assert load("net/latest", storage=s3_storage)["w"].tolist() == [1, 1, 1]
+    assert len(req.of("LIST")) == 1
+    manifests = [k for k in req.of("header") if k.endswith("manifest.json")]
+    assert sorted(manifests) == ["v1/manifest.json", "v2/manifest.json", "v3/manifest.json"]
+    assert req.peak["header"] >= 2
+    assert req.of("HEAD") == [f"v2/{f.file}" for f in ex.manifest_files(ex.read_manifest(s3_storage, "net", "v2"))]
+    assert [k for k in req.of("header") if not k.endswith("manifest.json")] == ["v2/model.safetensors"]
 
 
 def test_s3_part_failing_once_is_retried(s3_storage, monkeypatch):

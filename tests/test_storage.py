@@ -113,6 +113,29 @@ def test_read_range(store):
         store.read_range("r.bin", -1, 1)
 
 
+def test_read_head(store, monkeypatch):
+    """The first bytes with the object's size and version; on S3 in one request (a ranged GET,
+    no HEAD), and the version is the one later reads pin to."""
+    data = payload(1000)
+    store.write_atomic("r.bin", data)
+    store.write_atomic("empty.bin", b"")
+    calls = []
+    if is_s3(store):
+        for name in ("get_object", "head_object"):
+            _count_calls(monkeypatch, store.client, name, lambda n, kw, real, name=name: calls.append(name) or real(**kw))
+    head, info = store.read_head("r.bin", 64)
+    assert head == data[:64] and info.size == 1000 and info.key == "r.bin"
+    assert info.version == store.stat("r.bin").version
+    if is_s3(store):
+        assert calls[:1] == ["get_object"] and calls.count("head_object") == 1  # the stat just above
+        assert store.read_range("r.bin", 900, 100, version=info.version) == data[900:]
+    assert store.read_head("r.bin", 5000) == (data, info)  # shorter than asked: all of it
+    head, info = store.read_head("empty.bin", 64)
+    assert head == b"" and info.size == 0
+    with pytest.raises(ObjectNotFound):
+        store.read_head("missing.bin", 64)
+
+
 def test_read_range_across_parts_of_multipart_object(store):
     store.write_atomic("big.bin", BIG)
     start = 2 * MIN_PART_SIZE - 100  # spans the boundary between parts 2 and 3

@@ -24,7 +24,7 @@ import torch
 from pipeline.layout import QUANT_METADATA_KEY
 from pipeline.loading.header import LoadError
 from pipeline.loading.probe import probe, tune
-from pipeline.loading.sources import Shard, Source, hash_file, per_shard_in_parallel, resolve
+from pipeline.loading.sources import Shard, Source, hash_file, resolve
 
 if TYPE_CHECKING:
     from pipeline.storage import Storage
@@ -267,13 +267,18 @@ def load_with_report(source: Any, device: Any = "cpu", **options: Any) -> tuple[
 
 
 def _read_headers(src: Source, wanted: dict[int, str]) -> None:
-    """Every shard's header: local files one after the other, remote shards in parallel (one GET
-    each: a model of many shards would otherwise wait one round trip per shard)."""
+    """Every shard's header: local files one after the other; remote shards from the bytes read
+    with their size (a header longer than that takes one more GET, in parallel across shards:
+    a model of many shards would otherwise wait one round trip per shard)."""
     for i, s in enumerate(src.shards):
         if s.path is not None:
             s.read_header(verified_as=wanted.get(i))
-    per_shard_in_parallel(lambda i: src.shards[i].read_header(verified_as=wanted.get(i)),
-                          [i for i, s in enumerate(src.shards) if s.path is None], "forgeline-header")
+    remote = [i for i, s in enumerate(src.shards) if s.path is None]
+    if remote:  # a local load imports no storage code
+        from pipeline.storage import in_parallel
+
+        in_parallel(lambda i: src.shards[i].read_header(verified_as=wanted.get(i)), remote, "forgeline-header",
+                    max(s.store.parallel_requests for s in src.shards if s.store is not None))
 
 
 def _parse_device(device: Any) -> torch.device:

@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ class Shard:
     size: int | None = None  # expected (manifest), then actual
     names: list[str] | None = None  # tensors the index/manifest places here
     version: str | None = None  # remote reads are pinned to it (S3: ETag)
+    head: bytes = b""  # a remote shard's first bytes, read with its size and version
     header_len: int = 0
     entries: list[TensorInfo] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
@@ -140,7 +141,7 @@ class Shard:
                 os.close(fd)
             return
         size = self.size or 0
-        first = self.read(0, min(_REMOTE_HEADER_PROBE, size))
+        first, self.head = self.head or self.read(0, min(_REMOTE_HEADER_PROBE, size)), b""
         n = header_length(first[:8], size, self.display)
         if 8 + n > len(first):
             first += self.read(len(first), 8 + n - len(first))
@@ -269,44 +270,56 @@ def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bo
     complete too."""
     authority = getattr(storage, "authority", None) or storage
     what = f"{model}/{ref}"
+    manifest, checked = None, None  # checked: what resolving the reference already checked
     if ref in (_promotion().ALIAS, _promotion().LATEST):
         version = (getattr(storage, "pinned_refs", None) or {}).get(what)
         if version is None:
-            try:
-                version = _promotion().resolve(authority, model, ref)
+            try:  # not rejected (latest: and complete), or the resolve fails
+                version, resolved = _promotion().resolve_manifest(authority, model, ref, files=False)
             except (_export().ExportError, ValueError) as e:
                 if ref == _promotion().LATEST:
                     raise LoadError(what, f"no published version of {model!r} in {authority.uri()} "
                                           "is complete and not rejected") from None
                 raise LoadError(what, str(e).removeprefix(f"{what}: ")) from None
+            if authority is storage:
+                manifest, checked = resolved, "all" if ref == _promotion().LATEST else "rejection"
     else:
         version = ref
         if ref in _export().RESERVED_VERSIONS:
             raise LoadError(what, f"{ref!r} is a reference or a reserved name, not a version")
     display = f"{model}/{version}" if version == ref else f"{what} ({version})"
-    try:
-        manifest = _export().read_manifest(storage, model, version)
-    except _export().VersionNotFound as e:
-        if version == ref and storage.list(what):
-            return None  # not a version, but a key prefix in the storage
-        raise LoadError(display, str(e) if version == ref else f"{version} is not in {storage.uri()}") from None
-    except (_export().ExportError, ValueError) as e:
-        raise LoadError(display, str(e)) from None
-    _check_version(authority, model, version, display, allow_rejected)
-    if authority is not storage:
-        problem = _export().version_problem(storage, model, version, allow_rejected=True)
+    if manifest is None:
+        try:
+            manifest = _export().read_manifest(storage, model, version)
+        except _export().VersionNotFound as e:
+            if version == ref and storage.list(what):
+                return None  # not a version, but a key prefix in the storage
+            raise LoadError(display, str(e) if version == ref else f"{version} is not in {storage.uri()}") from None
+        except (_export().ExportError, ValueError) as e:
+            raise LoadError(display, str(e)) from None
+    prefix = _export().version_prefix(model, version)
+    if authority is not storage:  # rejection is the authority's; the bytes are the copy's, which must be complete
+        _check_version(authority, model, version, display, allow_rejected, files=False)
+        problem = _export().version_problem(storage, model, version, allow_rejected=True, manifest=manifest)
         if problem is not None:
             raise LoadError(display, f"the copy in {storage.uri()} is not complete: {problem}")
-    return _store_manifest_source(storage, _export().version_prefix(model, version), manifest, display)
+        return _store_manifest_source(storage, prefix, manifest, display)
+    if checked == "all":
+        return _store_manifest_source(storage, prefix, manifest, display)
+    return _store_manifest_source(storage, prefix, manifest, display, True if checked else allow_rejected,
+                                  published=(model, version))
 
 
-def _check_version(store: Storage, model: str, version: str, display: str, allow_rejected: bool) -> None:
-    """:func:`pipeline.export.version_problem` as a :class:`LoadError` (a rejected version names
-    the way to load it anyway)."""
-    problem = _export().version_problem(store, model, version, allow_rejected=allow_rejected)
+def _check_version(store: Storage, model: str, version: str, display: str, allow_rejected: bool,
+                   manifest: dict | None = None, **files: Any) -> None:
+    """:func:`pipeline.export.version_problem` (``files``: its ``files``/``known_sizes``) as a
+    :class:`LoadError` (a rejected version names the way to load it anyway)."""
+    problem = _export().version_problem(store, model, version, allow_rejected=allow_rejected, manifest=manifest,
+                                        **files)
     if problem is None:
         return
-    if not allow_rejected and _export().version_problem(store, model, version, allow_rejected=True) is None:
+    if not allow_rejected and _export().version_problem(store, model, version, allow_rejected=True,
+                                                        manifest=manifest, **files) is None:
         problem += " (load it anyway with allow_rejected=True: forgeline load --allow-rejected)"
     raise LoadError(display, problem)
 
@@ -444,36 +457,23 @@ def _store_shard(store: Storage, key: str, file: str, **kw: Any) -> Shard:
         if not Path(path).is_file():
             raise LoadError(display, f"shard {file!r} is missing")
         return Shard(str(path), file, path=str(path), **kw)
-    try:
-        info = store.stat(key)
+    try:  # size, version and (usually) the whole header in one request
+        head, info = store.read_head(key, _REMOTE_HEADER_PROBE)
     except ObjectNotFound:
         raise LoadError(display, f"shard {file!r} is missing") from None
     if kw.get("size") is not None and info.size != kw["size"]:
         raise LoadError(display, f"object has {info.size} bytes, the manifest says {kw['size']}")
     kw["size"] = info.size
-    return Shard(display, file, store=store, key=key, version=info.version, kind=store.kind, **kw)
-
-
-def per_shard_in_parallel(fn: Callable[[Any], Any], items: list, name: str) -> list:
-    """``fn(item)`` for each item, results in order, on up to 16 threads when there are several:
-    the per-shard round trips of a remote source (a HEAD, a header GET) overlap instead of
-    adding up. The first failure in order is raised once every call has ended."""
-    if len(items) <= 1:
-        return [fn(item) for item in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(len(items), 16), thread_name_prefix=name) as pool:
-        futures = [pool.submit(fn, item) for item in items]
-    return [f.result() for f in futures]
+    return Shard(display, file, store=store, key=key, version=info.version, kind=store.kind, head=head, **kw)
 
 
 def _store_shards(store: Storage, specs: list[tuple[str, str, dict]]) -> list[Shard]:
     """:func:`_store_shard` for each ``(key, file, fields)``, in order; on a remote store the
-    objects are looked up (one HEAD each) in parallel."""
-    if specs and store.local_path(specs[0][0]) is not None:
-        return [_store_shard(store, key, file, **kw) for key, file, kw in specs]
-    return per_shard_in_parallel(lambda spec: _store_shard(store, spec[0], spec[1], **spec[2]), specs,
-                                 "forgeline-stat")
+    objects' first bytes are read (one GET each) in parallel."""
+    from pipeline.storage import in_parallel
+
+    return in_parallel(lambda spec: _store_shard(store, spec[0], spec[1], **spec[2]), specs, "forgeline-shard",
+                       store.parallel_requests)
 
 
 def _storage_source(store: Storage, key: str, display: str | None = None, allow_rejected: bool = False) -> Source:
@@ -527,21 +527,32 @@ def _storage_source(store: Storage, key: str, display: str | None = None, allow_
     return Source(display, "folder", _store_shards(store, [(join(key, f), f, {}) for f in files]))
 
 
-def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, allow_rejected: bool | None = None) -> Source:
+def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, allow_rejected: bool | None = None,
+                           *, published: tuple[str, str] | None = None) -> Source:
     """The shards of the version ``m`` describes under ``prefix``. ``allow_rejected`` given (a
-    manifest found under a key or URI): a published location is checked like ``<model>/<version>``
-    (:func:`_check_version`), any other only for a recorded rejection."""
+    manifest found under a key or URI, or a version by its id): a published location
+    (``published``, else found from ``m``) is checked like ``<model>/<version>``
+    (:func:`_check_version`), any other only for a recorded rejection. The rejection is checked
+    first, from ``m`` alone; the files after the shards' first reads, which answered their sizes,
+    so only the other files (index, golden outputs) are stat-ed."""
     from pipeline.storage import join
 
     if allow_rejected is not None:
-        published = _version_of_prefix(store, prefix, m)
+        published = published or _version_of_prefix(store, prefix, m)
         if published is not None:
-            _check_version(store, *published, display, allow_rejected)
+            _check_version(store, *published, display, allow_rejected, m, files=False)
         else:
             _reject_check(display, m, allow_rejected)
-    shards = _store_shards(store, [(join(prefix, s["file"]), s["file"], _manifest_fields(s))
-                                   for s in _manifest_shards(display, m)])
+    try:
+        shards = _store_shards(store, [(join(prefix, s["file"]), s["file"], _manifest_fields(s))
+                                       for s in _manifest_shards(display, m)])
+    except LoadError:
+        if allow_rejected is not None and published is not None:  # a missing shard: said as the check says it
+            _check_version(store, *published, display, True, m)
+        raise
+    if allow_rejected is not None and published is not None:
+        _check_version(store, *published, display, True, m, known_sizes={s.file: s.size for s in shards})
     return Source(display, "published", shards, quant=_quant_of(m))
 
 
-__all__ = ["Shard", "Source", "hash_file", "per_shard_in_parallel", "resolve"]
+__all__ = ["Shard", "Source", "hash_file", "resolve"]

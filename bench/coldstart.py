@@ -1,0 +1,132 @@
+"""Cold start against a real S3 server: how long a load waits before its first byte of weights.
+
+    .venv/bin/python bench/coldstart.py                       # 32 shards, 8 versions, 20 ms RTT
+    .venv/bin/python bench/coldstart.py --shards 64 --rtt-ms 30 --json out.json
+
+On loopback a request takes about a millisecond; to a real object store it takes a round trip of
+tens (S3 in-region: ~10-30 ms to the first byte of a small object). So the time a load spends on
+requests that wait for each other (the manifest, the completeness check, the shard headers) is
+invisible here and dominant there. This bench starts its own Ceph RADOS Gateway (tests/rgw.py),
+publishes ``--versions`` versions of a ``--shards``-shard model (small tensors: the weights' bytes
+are not what is measured), promotes the newest, and delays every request by ``--rtt-ms`` in the
+client (botocore's ``before-send`` event), as a round trip to a real store would.
+
+For ``<model>/<newest version>``, ``<model>/latest`` and ``<model>/production`` it reports,
+median of ``--repeat`` loads in fresh S3Storage objects (new connections):
+
+* header s    ``LoadReport.seconds_header``: from the call to every shard's header parsed
+              (resolving the reference, the manifest, the completeness check, the headers); a
+              load cannot wait fewer than two round trips (a manifest, then the shards);
+* header s, no delay  the same without the added delay: what the requests cost in CPU here
+              (botocore spends ~1.5 ms of client CPU on each); the difference is the time spent
+              waiting on round trips;
+* requests    how many the load sent, weights included (one GET per 4 KiB shard), by HTTP method
+              (a LIST is a GET).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import Counter
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.rgw import RGWCluster  # noqa: E402  (one place starts the cluster: tests and bench)
+
+BUCKET = "bench"
+
+
+def main() -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline import export, promotion
+    from pipeline.loading import LoadReport, load
+    from pipeline.storage.s3 import S3Storage
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shards", type=int, default=32)
+    ap.add_argument("--versions", type=int, default=8)
+    ap.add_argument("--rtt-ms", type=float, default=20.0, help="added to every request, in the client")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    if a.shards < 1 or a.versions < 1 or a.rtt_ms <= 0:
+        ap.error("--shards and --versions must be at least 1 and --rtt-ms positive")
+
+    rgw = RGWCluster(memstore_bytes=1 << 30).start()
+    try:
+        print(f"radosgw up in {rgw.started_in:.1f} s at {rgw.endpoint}", flush=True)
+        rgw.client().create_bucket(Bucket=BUCKET)
+
+        def storage() -> S3Storage:
+            return S3Storage(BUCKET, "", endpoint_url=rgw.endpoint, region_name=rgw.region, **rgw.credentials)
+
+        store = storage()
+        # one 4 KiB tensor per shard: the shard limit puts each in its own file
+        state = {f"layers.{i}.weight": torch.full((1024,), float(i)) for i in range(a.shards)}
+        versions = [f"v{i:02d}" for i in range(1, a.versions + 1)]
+        for v in versions:
+            manifest = export.export(state, store, "cold", v, max_shard_bytes=4096)
+        assert len(manifest["shards"]) == a.shards, len(manifest["shards"])
+        promotion.promote(store, "cold", versions[-1])
+
+        last = f"layers.{a.shards - 1}.weight"
+
+        def timed_load(ref: str, delay: float) -> tuple[float, float, Counter]:
+            """(header s, total s, requests by method) of one load in a fresh S3Storage."""
+            s = storage()
+            seen: Counter = Counter()
+
+            def delayed(request, **_):
+                seen[request.method] += 1
+                time.sleep(delay)
+
+            s.client.meta.events.register("before-send.s3", delayed)
+            rep = LoadReport()
+            gc.collect()  # the last round's client is cyclic garbage: not this load's to collect
+            t = time.perf_counter()
+            got = load(ref, storage=s, report=rep)
+            total = time.perf_counter() - t
+            assert torch.equal(got[last], state[last])
+            return rep.seconds_header, total, seen
+
+        results = {}
+        for ref in (f"cold/{versions[-1]}", "cold/latest", "cold/production"):
+            runs = [timed_load(ref, a.rtt_ms / 1000) for _ in range(a.repeat)]
+            floor = [timed_load(ref, 0.0)[0] for _ in range(a.repeat)]
+            results[ref] = {"header_s": statistics.median(r[0] for r in runs),
+                            "total_s": statistics.median(r[1] for r in runs),
+                            "header_s_no_delay": statistics.median(floor), "requests": dict(runs[-1][2])}
+    finally:
+        rgw.stop()
+
+    table = Table(title=f"cold start: {a.shards} shards, {a.versions} versions, {a.rtt_ms:g} ms per request "
+                        f"(median of {a.repeat})")
+    for col in ("load", "header s", "header s, no delay", "total s", "requests"):
+        table.add_column(col, justify="left" if col in ("load", "requests") else "right")
+    for ref, r in results.items():
+        table.add_row(ref, f"{r['header_s']:.3f}", f"{r['header_s_no_delay']:.3f}", f"{r['total_s']:.3f}",
+                      ", ".join(f"{k} {n}" for k, n in sorted(r["requests"].items())))
+    Console().print(table)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({
+            "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+            "shards": a.shards, "versions": a.versions, "rtt_ms": a.rtt_ms, "repeat": a.repeat,
+            "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
