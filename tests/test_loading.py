@@ -988,6 +988,27 @@ def test_s3_cold_load_of_a_version_asks_for_each_object_once_and_for_its_shards_
     assert req.peak["header"] >= 2, req.peak  # the shards' first GETs in flight together
     assert req.of("HEAD") == [f"v1/{f}" for f in others]
     assert not req.of("LIST")
+    assert not req.of("GET")  # shards under 1 MiB came whole with their first GET
+
+
+def test_s3_large_shard_is_read_past_its_first_64_kib_once(s3_storage, monkeypatch):
+    """A shard over 1 MiB: its first GET asks for 64 KiB (the header), the tensors' bytes come
+    in GETs of their own that start past them, and a tensor inside those 64 KiB is taken from them."""
+    from safetensors.torch import save
+
+    state = {"a_small": torch.arange(100, dtype=torch.float32), "b_big": torch.randn(2**21 // 4)}
+    s3_storage.write_atomic("w.safetensors", save(state))
+    real, ranges = s3_storage.client.get_object, []
+
+    def recording(**kw):
+        ranges.append(tuple(int(x) for x in kw["Range"].removeprefix("bytes=").split("-")))
+        return real(**kw)
+
+    monkeypatch.setattr(s3_storage.client, "get_object", recording)
+    assert_bit_exact(load("w.safetensors", storage=s3_storage, threads=2), state)
+    assert ranges[0] == (0, 64 * 1024 - 1)
+    assert all(last >= 64 * 1024 for _, last in ranges[1:])  # nothing asked again from inside the head
+    assert sum(last - first + 1 for first, last in ranges[1:]) == 2**21  # b_big's bytes, once
 
 
 def test_s3_cold_load_of_latest_reads_each_manifest_once_and_checks_only_the_newest(s3_storage, monkeypatch):
@@ -1009,7 +1030,7 @@ def test_s3_cold_load_of_latest_reads_each_manifest_once_and_checks_only_the_new
 
 def test_s3_part_failing_once_is_retried(s3_storage, monkeypatch):
     path = "w/model.safetensors"
-    state = {"a": torch.randn(64, 64), "b": torch.randn(1000)}
+    state = {"a": torch.randn(256, 256), "b": torch.randn(1000)}  # past the 64 KiB read with the header
     import io
     buf = io.BytesIO()
     from safetensors.torch import save
@@ -1068,7 +1089,7 @@ def test_s3_object_changed_mid_load(s3_storage, monkeypatch, method):
     from safetensors.torch import save
 
     key = "w/model.safetensors"
-    state = {"a": torch.randn(64, 64), "b": torch.randn(1000)}
+    state = {"a": torch.randn(256, 256), "b": torch.randn(1000)}  # past the 64 KiB read with the header
     s3_storage.write_atomic(key, save(state))
     client = s3_storage.client
     real = client.get_object
@@ -1077,7 +1098,7 @@ def test_s3_object_changed_mid_load(s3_storage, monkeypatch, method):
     def replacing(**kw):
         n[0] += 1
         if n[0] == 3:  # mid-load: someone publishes a new object under the same key
-            s3_storage.write_atomic(key, save({"a": torch.zeros(64, 64), "b": torch.zeros(1000)}))
+            s3_storage.write_atomic(key, save({"a": torch.zeros(256, 256), "b": torch.zeros(1000)}))
         return real(**kw)
 
     monkeypatch.setattr(client, "get_object", replacing)

@@ -46,6 +46,7 @@ def _promotion():
 
 MiB = 1 << 20
 _REMOTE_HEADER_PROBE = 64 * 1024  # first ranged read of a remote shard: the header usually fits
+_REMOTE_WHOLE = 1 * MiB  # a remote shard the manifest says is this small is read whole by that read
 _PUBLISHED_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._+-]*)/([A-Za-z0-9][A-Za-z0-9._+-]*)$")
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -69,7 +70,7 @@ class Shard:
     size: int | None = None  # expected (manifest), then actual
     names: list[str] | None = None  # tensors the index/manifest places here
     version: str | None = None  # remote reads are pinned to it (S3: ETag)
-    head: bytes = b""  # a remote shard's first bytes, read with its size and version
+    head: bytes = b""  # a remote shard's first bytes, read with its size and version (reads within come from it)
     header_len: int = 0
     entries: list[TensorInfo] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
@@ -81,6 +82,8 @@ class Shard:
         """``n`` bytes at ``off`` of a remote shard, from the pinned version."""
         if n <= 0:
             return b""
+        if off + n <= len(self.head):
+            return self.head[off : off + n]
         assert self.store is not None and self.key is not None
         from pipeline.storage import IntegrityError
 
@@ -92,6 +95,10 @@ class Shard:
     def read_into(self, off: int, out: Any) -> None:
         """Fill the writable buffer ``out`` with ``len(out)`` bytes at ``off`` of a remote shard
         (S3 pieces land in place as they arrive)."""
+        view = memoryview(out).cast("B")
+        if off + len(view) <= len(self.head):
+            view[:] = self.head[off : off + len(view)]
+            return
         assert self.store is not None and self.key is not None
         from pipeline.storage import IntegrityError
 
@@ -141,7 +148,7 @@ class Shard:
                 os.close(fd)
             return
         size = self.size or 0
-        first, self.head = self.head or self.read(0, min(_REMOTE_HEADER_PROBE, size)), b""
+        first = self.read(0, min(max(_REMOTE_HEADER_PROBE, len(self.head)), size))
         n = header_length(first[:8], size, self.display)
         if 8 + n > len(first):
             first += self.read(len(first), 8 + n - len(first))
@@ -457,8 +464,9 @@ def _store_shard(store: Storage, key: str, file: str, **kw: Any) -> Shard:
         if not Path(path).is_file():
             raise LoadError(display, f"shard {file!r} is missing")
         return Shard(str(path), file, path=str(path), **kw)
-    try:  # size, version and (usually) the whole header in one request
-        head, info = store.read_head(key, _REMOTE_HEADER_PROBE)
+    try:  # size, version and (usually) the whole header in one request; a small shard whole
+        small = kw.get("size") is not None and kw["size"] <= _REMOTE_WHOLE
+        head, info = store.read_head(key, kw["size"] if small else _REMOTE_HEADER_PROBE)
     except ObjectNotFound:
         raise LoadError(display, f"shard {file!r} is missing") from None
     if kw.get("size") is not None and info.size != kw["size"]:
