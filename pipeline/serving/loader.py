@@ -396,11 +396,14 @@ def load_version(
             except Exception as e:  # noqa: BLE001 - the copy is not used either way
                 log.warning("%s: could not drop the tier copy: %s", what, e)
     if module is None:
-        problem = export.version_problem(store, model, version, root=root, manifest=manifest)
-        if problem is not None:
-            raise VersionUnusable(problem)
         key = f"{model}/{version}" if root == export.DEFAULT_ROOT else export.version_prefix(model, version, root)
-        module, rep = _fill(key, dev, manifest, store)
+        try:  # the load checks that the storage copy is complete (no round trip of its own)
+            module, rep = _fill(key, dev, manifest, store)
+        except LoadError:
+            problem = export.version_problem(store, model, version, root=root, manifest=manifest)
+            if problem is not None:
+                raise VersionUnusable(problem) from None
+            raise
     t_loaded = time.perf_counter()
 
     inp, out = io_specs(manifest, golden)
