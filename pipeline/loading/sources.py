@@ -277,7 +277,7 @@ def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bo
     complete too."""
     authority = getattr(storage, "authority", None) or storage
     what = f"{model}/{ref}"
-    manifest, checked = None, None  # checked: what resolving the reference already checked
+    manifest, resolved_here = None, False  # resolved_here: the reference's manifest, checked, is the one read
     if ref in (_promotion().ALIAS, _promotion().LATEST):
         version = (getattr(storage, "pinned_refs", None) or {}).get(what)
         if version is None:
@@ -289,7 +289,7 @@ def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bo
                                           "is complete and not rejected") from None
                 raise LoadError(what, str(e).removeprefix(f"{what}: ")) from None
             if authority is storage:
-                manifest, checked = resolved, "all" if ref == _promotion().LATEST else "rejection"
+                manifest, resolved_here = resolved, True
     else:
         version = ref
         if ref in _export().RESERVED_VERSIONS:
@@ -311,9 +311,10 @@ def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bo
         if problem is not None:
             raise LoadError(display, f"the copy in {storage.uri()} is not complete: {problem}")
         return _store_manifest_source(storage, prefix, manifest, display)
-    if checked == "all":
+    if resolved_here and ref == _promotion().LATEST:  # choosing it stat-ed its files
         return _store_manifest_source(storage, prefix, manifest, display)
-    return _store_manifest_source(storage, prefix, manifest, display, True if checked else allow_rejected,
+    # rejection: the production alias was refused if rejected; by id, allow_rejected decides
+    return _store_manifest_source(storage, prefix, manifest, display, True if resolved_here else allow_rejected,
                                   published=(model, version))
 
 
