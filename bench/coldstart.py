@@ -22,6 +22,10 @@ median of ``--repeat`` loads in fresh S3Storage objects (new connections):
               waiting on round trips;
 * requests    how many the load sent, weights included (one GET per 4 KiB shard), by HTTP method
               (a LIST is a GET).
+
+and the same for a pre-warm of ``<model>/production`` into an empty shm tier (``ShmTier.prewarm``:
+resolve, manifest, every file landed and checked, the manifest written last): its seconds, with
+and without the delay, and its requests.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import argparse
 import gc
 import json
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from datetime import date
@@ -52,6 +58,7 @@ def main() -> int:
 
     from pipeline import export, promotion
     from pipeline.loading import LoadReport, load
+    from pipeline.shm_tier import ShmTier
     from pipeline.storage.s3 import S3Storage
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -108,17 +115,46 @@ def main() -> int:
             results[ref] = {"header_s": statistics.median(r[0] for r in runs),
                             "total_s": statistics.median(r[1] for r in runs),
                             "header_s_no_delay": statistics.median(floor), "requests": dict(runs[-1][2])}
+
+        def timed_prewarm(delay: float) -> tuple[float, Counter]:
+            """(seconds, requests by method) of one pre-warm of the production version into an
+            empty shm tier, in a fresh S3Storage."""
+            s, seen = storage(), Counter()
+
+            def delayed(request, **_):
+                seen[request.method] += 1
+                time.sleep(delay)
+
+            s.client.meta.events.register("before-send.s3", delayed)
+            root = tempfile.mkdtemp(prefix="forgeline-coldstart-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+            try:
+                gc.collect()
+                t = time.perf_counter()
+                ShmTier(root).prewarm(s, "cold", "production")
+                return time.perf_counter() - t, seen
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+
+        runs = [timed_prewarm(a.rtt_ms / 1000) for _ in range(a.repeat)]
+        floor = [timed_prewarm(0.0)[0] for _ in range(a.repeat)]
+        results["prewarm cold/production"] = {"header_s": None, "total_s": statistics.median(r[0] for r in runs),
+                                              "header_s_no_delay": None, "total_s_no_delay": statistics.median(floor),
+                                              "requests": dict(runs[-1][1])}
     finally:
         rgw.stop()
 
     table = Table(title=f"cold start: {a.shards} shards, {a.versions} versions, {a.rtt_ms:g} ms per request "
                         f"(median of {a.repeat})")
-    for col in ("load", "header s", "header s, no delay", "total s", "requests"):
+    for col in ("load", "header s", "header s, no delay", "total s", "total s, no delay", "requests"):
         table.add_column(col, justify="left" if col in ("load", "requests") else "right")
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     for ref, r in results.items():
-        table.add_row(ref, f"{r['header_s']:.3f}", f"{r['header_s_no_delay']:.3f}", f"{r['total_s']:.3f}",
-                      ", ".join(f"{k} {n}" for k, n in sorted(r["requests"].items())))
-    Console().print(table)
+        table.add_row(ref, cell(r["header_s"]), cell(r["header_s_no_delay"]), cell(r["total_s"]),
+                      cell(r.get("total_s_no_delay")), ", ".join(f"{k} {n}" for k, n in sorted(r["requests"].items())))
+    Console(width=160).print(table)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({

@@ -83,6 +83,7 @@ from pipeline.export import (
 from pipeline.mounts import in_ram
 from pipeline.promotion import ALIAS, LATEST, PromotionError
 from pipeline.promotion import resolve as resolve_ref
+from pipeline.promotion import resolve_manifest
 from pipeline.storage import (
     Crc32,
     IntegrityError,
@@ -95,10 +96,13 @@ from pipeline.storage import (
     join,
     ranged_read_size,
 )
+from pipeline.storage.base import pwrite_all
 from pipeline.storage.local import temp_path
 
 DEFAULT_TIER_ROOT = "/dev/shm/forgeline"
 _META = ".tier"
+_DONE: Future = Future()  # a piece already landed (a small file's first GET)
+_DONE.set_result(None)
 
 
 class VersionPinned(StorageError):
@@ -216,7 +220,8 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     same keys in ``dst``; returns the seconds each file took, in order.
 
     Each file is fetched in ranged reads pinned to the version its ``stat`` saw (an object
-    replaced meanwhile fails with ObjectChanged), ``concurrency`` (S3) at a time in one pool
+    replaced meanwhile fails with ObjectChanged; a file of one piece is one GET, whose answer
+    carries the size and version: ``Storage.read_head``), ``concurrency`` (S3) at a time in one pool
     shared by all files, each as large as the store's ``get_size`` allows while every request in
     flight still has one (fewer requests: less of the client's and the server's CPU). Each read
     is written at its offset into a temporary tmpfs file (``Storage.read_to_file``: S3 over plain
@@ -229,8 +234,9 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     than sha256, which bound the copy on a busy core: it catches truncated, torn, swapped and
     corrupted transfers; sha256 stays the content identity, checked again when a server first
     loads the version); manifests written before crc32 was recorded are checked by sha256.
-    Several files land at once (up to the CPU count, at most 4), so their hashes run on different
-    cores. A file is published (renamed) only once its size and checksum are checked; on any
+    Several files land at once (as many as requests in flight: a file's thread mostly waits for
+    its pieces), so their hashes run on different cores and a version of many small files is
+    not fetched a few files at a time. A file is published (renamed) only once its size and checksum are checked; on any
     failure every temporary is removed. Memory, besides the destination files: none per request
     when spliced, else a 1 MiB buffer (S3) or one piece (other stores) per request in flight."""
     if not files:
@@ -244,7 +250,9 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
 
     gets = ThreadPoolExecutor(inflight, thread_name_prefix="shm-get")
     try:
-        with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1, 4), thread_name_prefix="shm-land") as pool:
+        # A file's thread mostly waits for its pieces: as many files at once as requests in
+        # flight, so a version of many small files is not landed a few files at a time.
+        with ThreadPoolExecutor(min(len(files), inflight), thread_name_prefix="shm-land") as pool:
             futures = [pool.submit(_land_one, store, dst, f, gets, fetch, piece, inflight, failed) for f in files]
             try:
                 errors = [f.exception() for f in futures]
@@ -267,8 +275,12 @@ def _land_one(store: Storage, dst: LocalStorage, listed: ListedFile,
     if failed.is_set():
         raise _Cancelled()
     t0 = time.perf_counter()
+    head = b""
     try:
-        info = store.stat(key)
+        if 0 < size <= piece:  # one piece: its GET answers the size and version a stat would
+            head, info = store.read_head(key, size)
+        else:
+            info = store.stat(key)
         if info.size != size:
             raise IntegrityError(f"{store.uri(key)}: {info.size} bytes, the manifest says {size}")
         final = dst.local_path(key)
@@ -289,7 +301,10 @@ def _land_one(store: Storage, dst: LocalStorage, listed: ListedFile,
             fut.result()
             h.update(memoryview(mm)[at : at + n])  # in order; the next pieces keep arriving meanwhile
 
-        for at in range(0, size, piece):
+        if head:
+            pwrite_all(fd, head, 0)
+            pending.append((0, len(head), _DONE))
+        for at in range(len(head), size, piece):
             if failed.is_set():
                 raise _Cancelled()
             while len(pending) >= window:
@@ -666,8 +681,11 @@ class ShmTier:
         if manifest.get("format") != FORMAT:
             raise ExportError(f"{store.uri(manifest_key)}: unsupported manifest format {manifest.get('format')!r}")
         files = manifest_files(manifest)
-        if not manifest.get("index") and store.exists(join(prefix, INDEX_NAME)):
-            files.append(ListedFile(INDEX_NAME, store.stat(join(prefix, INDEX_NAME)).size, None, None))
+        if not manifest.get("index"):  # manifests before the index was listed: copy it if it is there
+            try:
+                files.append(ListedFile(INDEX_NAME, store.stat(join(prefix, INDEX_NAME)).size, None, None))
+            except ObjectNotFound:
+                pass
         need = sum(f.bytes for f in files) + len(raw)
         block = self._fs_block()
         fs_need = sum(_round_up(f.bytes, block) for f in files) + _round_up(len(raw), block)
@@ -724,8 +742,8 @@ def _version_for(store: Storage, model: str, ref: str, purpose: str) -> str:
     """``ref`` when it is a version id, else what ``"latest"``/``"production"`` names in ``store``."""
     if ref not in (LATEST, ALIAS):
         return ref
-    try:
-        return resolve_ref(store, model, ref)
+    try:  # the files are checked by whoever reads them (each landed file's size and checksum)
+        return resolve_manifest(store, model, ref, files=False)[0]
     except PromotionError as e:
         raise VersionNotFound(f"{store.uri(join(DEFAULT_ROOT, model))}: no {ref} version of {model!r} "
                               f"{purpose} ({e})") from None

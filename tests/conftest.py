@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -166,6 +167,48 @@ def moto_storage_factory(moto_server) -> Callable[..., S3Storage]:
 def s3_storage(s3_storage_factory) -> S3Storage:
     """An S3Storage over a fresh, empty bucket (objects under the prefix ``data/``)."""
     return s3_storage_factory()
+
+
+class S3Requests:
+    """Every S3 request of a client, by kind (HEAD, LIST, header = a GET from byte 0, GET), each
+    delayed by 20 ms as a round trip to a real object store is; ``peak`` is the most of a kind
+    seen in flight at once."""
+
+    def __init__(self, client, monkeypatch):
+        import threading
+
+        self.lock, self.now = threading.Lock(), {}
+        self.peak: dict[str, int] = {}
+        self.calls: list[tuple[str, str]] = []
+        for name in ("head_object", "get_object", "list_objects_v2"):
+            monkeypatch.setattr(client, name, self._slowed(name, getattr(client, name)))
+
+    def _slowed(self, name, real):
+        import time as _time
+
+        def call(**kw):
+            kind = {"head_object": "HEAD", "list_objects_v2": "LIST"}.get(name) or (
+                "header" if kw.get("Range", "").startswith("bytes=0-") else "GET")
+            with self.lock:
+                self.calls.append((kind, kw.get("Key") or kw.get("Prefix", "")))
+                self.now[kind] = self.now.get(kind, 0) + 1
+                self.peak[kind] = max(self.peak.get(kind, 0), self.now[kind])
+            try:
+                _time.sleep(0.02)
+                return real(**kw)
+            finally:
+                with self.lock:
+                    self.now[kind] -= 1
+        return call
+
+    def of(self, kind: str) -> list[str]:
+        return [key.rsplit("/", 2)[-2] + "/" + key.rsplit("/", 1)[-1] for k, key in self.calls if k == kind]
+
+
+@pytest.fixture
+def s3_requests(monkeypatch) -> Callable[[Any], S3Requests]:
+    """``s3_requests(client)``: an :class:`S3Requests` recording that client's requests."""
+    return lambda client: S3Requests(client, monkeypatch)
 
 
 @pytest.fixture

@@ -896,6 +896,18 @@ def test_s3_round_trip(s3_storage, monkeypatch, s3_server, s3_credentials):
         load(_s3_uri(s3_storage, "models/net/v1/nope.safetensors"))
 
 
+def _get_ranges(monkeypatch, store) -> list[tuple[int, int]]:
+    """Record the ``(first, last)`` byte of every GET of ``store``, in order."""
+    real, ranges = store.client.get_object, []
+
+    def recording(**kw):
+        ranges.append(tuple(int(x) for x in kw["Range"].removeprefix("bytes=").split("-")))
+        return real(**kw)
+
+    monkeypatch.setattr(store.client, "get_object", recording)
+    return ranges
+
+
 def test_s3_requests_grow_to_get_size_and_land_in_their_tensors(s3_storage_factory, monkeypatch):
     """A remote load to CPU asks for as few GETs as keep its threads busy, each at most the
     store's get_size, and a tensor of 1 MiB or more shares no GET with another one: every byte
@@ -907,13 +919,7 @@ def test_s3_requests_grow_to_get_size_and_land_in_their_tensors(s3_storage_facto
     state = {"norm0": torch.randn(10), "w0": torch.randn(9 * MB // 4), "norm1": torch.randn(10),  # 9 MiB
              "w1": torch.randn(12 * MB // 4), "w2": torch.randn(MB // 2), "bias": torch.randn(7)}
     store.write_atomic("w.safetensors", save(state))
-    real, ranges = store.client.get_object, []
-
-    def recording(**kw):
-        ranges.append(tuple(int(x) for x in kw["Range"].removeprefix("bytes=").split("-")))
-        return real(**kw)
-
-    monkeypatch.setattr(store.client, "get_object", recording)
+    ranges = _get_ranges(monkeypatch, store)
     rep = LoadReport()
     assert_bit_exact(load("w.safetensors", storage=store, threads=2, report=rep), state)
     assert 8 * MB < rep.chunk_bytes <= store.get_size  # total / threads, above the 8 MiB floor
@@ -930,44 +936,8 @@ def test_s3_requests_grow_to_get_size_and_land_in_their_tensors(s3_storage_facto
             assert len(touched) == 1, (first, last, touched)
 
 
-class _Requests:
-    """Every S3 request of a client, by kind (HEAD, LIST, header = a GET from byte 0, GET), each
-    delayed by 20 ms as a round trip to a real object store is; ``peak`` is the most of a kind
-    seen in flight at once."""
-
-    def __init__(self, client, monkeypatch):
-        import threading
-
-        self.lock, self.now = threading.Lock(), {}
-        self.peak: dict[str, int] = {}
-        self.calls: list[tuple[str, str]] = []
-        for name in ("head_object", "get_object", "list_objects_v2"):
-            monkeypatch.setattr(client, name, self._slowed(name, getattr(client, name)))
-
-    def _slowed(self, name, real):
-        import time as _time
-
-        def call(**kw):
-            kind = {"head_object": "HEAD", "list_objects_v2": "LIST"}.get(name) or (
-                "header" if kw.get("Range", "").startswith("bytes=0-") else "GET")
-            with self.lock:
-                self.calls.append((kind, kw.get("Key") or kw.get("Prefix", "")))
-                self.now[kind] = self.now.get(kind, 0) + 1
-                self.peak[kind] = max(self.peak.get(kind, 0), self.now[kind])
-            try:
-                _time.sleep(0.02)
-                return real(**kw)
-            finally:
-                with self.lock:
-                    self.now[kind] -= 1
-        return call
-
-    def of(self, kind: str) -> list[str]:
-        return [key.rsplit("/", 2)[-2] + "/" + key.rsplit("/", 1)[-1] for k, key in self.calls if k == kind]
-
-
 @pytest.mark.parametrize("ref", ["v1", "production"])
-def test_s3_cold_load_of_a_version_asks_for_each_object_once_and_for_its_shards_at_once(s3_storage, monkeypatch, ref):
+def test_s3_cold_load_of_a_version_asks_for_each_object_once_and_for_its_shards_at_once(s3_storage, s3_requests, ref):
     """A published version loaded from S3 (by id, or by the production alias: one more GET):
     its manifest, then every shard's first 64 KiB at once (one answer: size, ETag and header),
     then the other files it lists (the index) stat-ed for the completeness check. Each object is
@@ -979,7 +949,7 @@ def test_s3_cold_load_of_a_version_asks_for_each_object_once_and_for_its_shards_
     shards = [s["file"] for s in manifest["shards"]]
     others = [f.file for f in ex.manifest_files(manifest) if f.file not in shards]
     assert len(shards) >= 3 and others == [ex.INDEX_NAME]
-    req = _Requests(s3_storage.client, monkeypatch)
+    req = s3_requests(s3_storage.client)
     assert_bit_exact(load(f"net/{ref}", storage=s3_storage), state)
     firsts = req.of("header")
     if ref == "production":
@@ -998,27 +968,21 @@ def test_s3_large_shard_is_read_past_its_first_64_kib_once(s3_storage, monkeypat
 
     state = {"a_small": torch.arange(100, dtype=torch.float32), "b_big": torch.randn(2**21 // 4)}
     s3_storage.write_atomic("w.safetensors", save(state))
-    real, ranges = s3_storage.client.get_object, []
-
-    def recording(**kw):
-        ranges.append(tuple(int(x) for x in kw["Range"].removeprefix("bytes=").split("-")))
-        return real(**kw)
-
-    monkeypatch.setattr(s3_storage.client, "get_object", recording)
+    ranges = _get_ranges(monkeypatch, s3_storage)
     assert_bit_exact(load("w.safetensors", storage=s3_storage, threads=2), state)
     assert ranges[0] == (0, 64 * 1024 - 1)
     assert all(last >= 64 * 1024 for _, last in ranges[1:])  # nothing asked again from inside the head
     assert sum(last - first + 1 for first, last in ranges[1:]) == 2**21  # b_big's bytes, once
 
 
-def test_s3_cold_load_of_latest_reads_each_manifest_once_and_checks_only_the_newest(s3_storage, monkeypatch):
+def test_s3_cold_load_of_latest_reads_each_manifest_once_and_checks_only_the_newest(s3_storage, s3_requests):
     """``<model>/latest`` from S3: one LIST, every version's manifest read once (in parallel),
     the files of the newest usable version stat-ed once, then that version's shards. A newer
     version that is rejected is passed over without a stat."""
     for i, v in enumerate(["v1", "v2", "v3"]):
         published(s3_storage, version=v, state={"w": torch.full((3,), float(i))})
     ex.record_gates(s3_storage, "net", "v3", {"accuracy_gate": {"passed": False, "value": 9, "limit": 1}})
-    req = _Requests(s3_storage.client, monkeypatch)
+    req = s3_requests(s3_storage.client)
     assert load("net/latest", storage=s3_storage)["w"].tolist() == [1, 1, 1]
     assert len(req.of("LIST")) == 1
     manifests = [k for k in req.of("header") if k.endswith("manifest.json")]

@@ -14,6 +14,7 @@ import errno
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import time
 import uuid
@@ -205,6 +206,26 @@ def test_prewarm_from_s3(s3_storage, tier_root):
     assert files_of(tier.storage(), MODEL, "s1") == files_of(s3_storage, MODEL, "s1")
     assert ex.verify(tier.storage(), MODEL, "s1") == []
     assert tier.prewarm(s3_storage, MODEL, "s1").hit
+
+
+def test_prewarm_from_s3_of_small_files_asks_for_each_once_and_for_many_at_once(s3_storage, tier_root, s3_requests):
+    """A version of small files (one piece each) pre-warmed by its production alias: the alias
+    and the manifest, then one GET per file, none stat-ed (each GET answers its size and ETag;
+    resolving the alias stats nothing), several files in flight together."""
+    from pipeline import promotion
+
+    manifest = publish(s3_storage, "s1", seed=3)
+    promotion.promote(s3_storage, MODEL, "s1")
+    listed = [f.file for f in ex.manifest_files(manifest)]
+    assert len(listed) >= 5  # 4 shards and the index
+    req = s3_requests(s3_storage.client)
+    assert not ShmTier(tier_root).prewarm(s3_storage, MODEL, "production").hit
+    firsts, heads, gets, peak = req.of("header"), req.of("HEAD"), req.of("GET"), dict(req.peak)
+    assert files_of(ShmTier(tier_root).storage(), MODEL, "s1") == files_of(s3_storage, MODEL, "s1")
+    assert firsts[0] == f"{MODEL}/production" and set(firsts[1:]) >= {"s1/manifest.json"}
+    assert sorted(f for f in firsts if not f.endswith(("production", "manifest.json"))) == sorted(f"s1/{f}" for f in listed)
+    assert not heads and not gets
+    assert peak["header"] >= 3, peak
 
 
 def test_budget_evicts_lru_unpinned(local_storage, tier_root):
@@ -577,7 +598,7 @@ def test_prewarm_from_s3_checks_the_landed_bytes(s3_storage_factory, tier_root, 
             real_pwrite(fd, bytes([os.pread(fd, 1, offset)[0] ^ 0x01]), offset)
 
     counts = file_writes(monkeypatch, after=flip_fifth)
-    files = "|".join(s["file"] for s in manifest["shards"])
+    files = "|".join(re.escape(f.file) for f in ex.manifest_files(manifest))
     with pytest.raises(IntegrityError, match=rf"({files}): crc32 [0-9a-f]{{8}} != expected [0-9a-f]{{8}}.*corrupt"):
         tier.prewarm(store, MODEL, "b1")
     assert no_leftovers(tier)
