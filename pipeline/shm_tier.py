@@ -101,6 +101,7 @@ from pipeline.storage.local import temp_path
 
 DEFAULT_TIER_ROOT = "/dev/shm/forgeline"
 _META = ".tier"
+_WHOLE = 1 << 20  # a file this small is landed by one GET (through a buffer); larger ones spliced
 _DONE: Future = Future()  # a piece already landed (a small file's first GET)
 _DONE.set_result(None)
 
@@ -220,7 +221,7 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     same keys in ``dst``; returns the seconds each file took, in order.
 
     Each file is fetched in ranged reads pinned to the version its ``stat`` saw (an object
-    replaced meanwhile fails with ObjectChanged; a file of one piece is one GET, whose answer
+    replaced meanwhile fails with ObjectChanged; a file of 1 MiB or less is one GET, whose answer
     carries the size and version: ``Storage.read_head``), ``concurrency`` (S3) at a time in one pool
     shared by all files, each as large as the store's ``get_size`` allows while every request in
     flight still has one (fewer requests: less of the client's and the server's CPU). Each read
@@ -236,8 +237,8 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     loads the version); manifests written before crc32 was recorded are checked by sha256.
     Several files land at once (as many as requests in flight: a file's thread mostly waits for
     its pieces), so their hashes run on different cores and a version of many small files is
-    not fetched a few files at a time. A file is published (renamed) only once its size and checksum are checked; on any
-    failure every temporary is removed. Memory, besides the destination files: none per request
+    not fetched a few files at a time. A file is published (renamed) only once its size and
+    checksum are checked; on any failure every temporary is removed. Memory, besides the destination files: none per request
     when spliced, else a 1 MiB buffer (S3) or one piece (other stores) per request in flight."""
     if not files:
         return []
@@ -277,7 +278,7 @@ def _land_one(store: Storage, dst: LocalStorage, listed: ListedFile,
     t0 = time.perf_counter()
     head = b""
     try:
-        if 0 < size <= piece:  # one piece: its GET answers the size and version a stat would
+        if 0 < size <= min(piece, _WHOLE):  # its GET answers the size and version a stat would
             head, info = store.read_head(key, size)
         else:
             info = store.stat(key)
