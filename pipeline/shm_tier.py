@@ -235,9 +235,9 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     than sha256, which bound the copy on a busy core: it catches truncated, torn, swapped and
     corrupted transfers; sha256 stays the content identity, checked again when a server first
     loads the version); manifests written before crc32 was recorded are checked by sha256.
-    Several files land at once (as many as requests in flight: a file's thread mostly waits for
-    its pieces), so their hashes run on different cores and a version of many small files is
-    not fetched a few files at a time. A file is published (renamed) only once its size and
+    Several files land at once (up to the CPU count, at most 4, so their hashes run on different
+    cores; more when many files are small, up to the requests in flight, so they are not fetched
+    a few at a time). A file is published (renamed) only once its size and
     checksum are checked; on any failure every temporary is removed. Memory, besides the destination files: none per request
     when spliced, else a 1 MiB buffer (S3) or one piece (other stores) per request in flight."""
     if not files:
@@ -251,9 +251,12 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
 
     gets = ThreadPoolExecutor(inflight, thread_name_prefix="shm-get")
     try:
-        # A file's thread mostly waits for its pieces: as many files at once as requests in
-        # flight, so a version of many small files is not landed a few files at a time.
-        with ThreadPoolExecutor(min(len(files), inflight), thread_name_prefix="shm-land") as pool:
+        # Big files a few at a time, so their hashes spread over the cores (more at once only
+        # interleave their pieces: measured slower); small ones, each one GET and little to hash,
+        # up to as many at once as requests in flight, so many of them are not fetched in turns.
+        small = sum(1 for f in files if f.bytes <= _WHOLE)
+        workers = min(len(files), max(min(os.cpu_count() or 1, 4), min(small, inflight)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="shm-land") as pool:
             futures = [pool.submit(_land_one, store, dst, f, gets, fetch, piece, inflight, failed) for f in files]
             try:
                 errors = [f.exception() for f in futures]
