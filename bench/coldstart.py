@@ -90,18 +90,24 @@ def main() -> int:
 
         last = f"layers.{a.shards - 1}.weight"
 
-        def timed_load(ref: str, delay: float) -> tuple[float, float, Counter]:
-            """(header s, total s, requests by method) of one load in a fresh S3Storage."""
-            s = storage()
-            seen: Counter = Counter()
+        def delayed_storage(delay: float) -> tuple[S3Storage, Counter]:
+            """A fresh S3Storage whose every request waits ``delay`` s first, and its requests by
+            method (counted as they are sent). The previous one's client, cyclic garbage, is
+            collected here, not in the timed call."""
+            s, seen = storage(), Counter()
 
             def delayed(request, **_):
                 seen[request.method] += 1
                 time.sleep(delay)
 
             s.client.meta.events.register("before-send.s3", delayed)
+            gc.collect()
+            return s, seen
+
+        def timed_load(ref: str, delay: float) -> tuple[float, float, Counter]:
+            """(header s, total s, requests by method) of one load in a fresh S3Storage."""
+            s, seen = delayed_storage(delay)
             rep = LoadReport()
-            gc.collect()  # the last round's client is cyclic garbage: not this load's to collect
             t = time.perf_counter()
             got = load(ref, storage=s, report=rep)
             total = time.perf_counter() - t
@@ -119,16 +125,9 @@ def main() -> int:
         def timed_prewarm(delay: float) -> tuple[float, Counter]:
             """(seconds, requests by method) of one pre-warm of the production version into an
             empty shm tier, in a fresh S3Storage."""
-            s, seen = storage(), Counter()
-
-            def delayed(request, **_):
-                seen[request.method] += 1
-                time.sleep(delay)
-
-            s.client.meta.events.register("before-send.s3", delayed)
+            s, seen = delayed_storage(delay)
             root = tempfile.mkdtemp(prefix="forgeline-coldstart-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
             try:
-                gc.collect()
                 t = time.perf_counter()
                 ShmTier(root).prewarm(s, "cold", "production")
                 return time.perf_counter() - t, seen

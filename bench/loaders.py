@@ -114,7 +114,7 @@ def run_loader(name: str, files: list[str], device: str, s3: dict | None) -> dic
             # Building the storage (a boto3 client: ~0.1 s in a fresh process) is timed like
             # every loader's client, and also reported apart: bench/s3.py compares the load
             # alone with raw GETs, whose client is built before their clock.
-            setup, setup_cpu = time.perf_counter() - t, _cpu_since(cpu0)
+            setup, setup_cpu = time.perf_counter() - t, cpu_since(cpu0)
             tensors = load(f"s3://{s3['bucket']}/{s3['prefix']}", device, storage=store)
         else:
             for f in files:
@@ -162,7 +162,7 @@ def run_loader(name: str, files: list[str], device: str, s3: dict | None) -> dic
     n = touch(tensors, device)
     secs = time.perf_counter() - t
     # CPU time of this process (every thread, user + system) over the same span
-    out = {"seconds": secs, "bytes": n, "gbps": n / secs / 1e9, "cpu_seconds": _cpu_since(cpu0),
+    out = {"seconds": secs, "bytes": n, "gbps": n / secs / 1e9, "cpu_seconds": cpu_since(cpu0),
            "machine_cpu_seconds": machine_cpu() - box0}
     if setup is not None:
         out["setup_seconds"], out["setup_cpu_seconds"] = setup, setup_cpu
@@ -177,7 +177,8 @@ def machine_cpu() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_since(t0: os.times_result) -> float:
+def cpu_since(t0: os.times_result) -> float:
+    """CPU seconds of this process (every thread, user + system) since ``os.times()`` gave ``t0``."""
     t1 = os.times()
     return (t1.user - t0.user) + (t1.system - t0.system)
 

@@ -122,7 +122,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from bench.loaders import available, machine_cpu, make_checkpoint
+    from bench.loaders import available, cpu_since, machine_cpu, make_checkpoint
     from pipeline.export import FORMAT, version_prefix
     from pipeline.shm_tier import ShmTier
     from pipeline.storage.s3 import S3Storage
@@ -198,8 +198,7 @@ def main() -> int:
             t, c, b = time.perf_counter(), os.times(), machine_cpu()
             n = fn()
             rows.setdefault(name, []).append(n / (time.perf_counter() - t) / 1e9)
-            c1 = os.times()
-            cpu.setdefault(name, []).append(((c1.user - c.user) + (c1.system - c.system)) / n * 1e9)
+            cpu.setdefault(name, []).append(cpu_since(c) / n * 1e9)
             box.setdefault(name, []).append((machine_cpu() - b) / n * 1e9)
 
         for r in range(a.repeat):

@@ -96,12 +96,11 @@ from pipeline.storage import (
     join,
     ranged_read_size,
 )
-from pipeline.storage.base import pwrite_all
+from pipeline.storage.base import WHOLE_READ_BYTES, pwrite_all
 from pipeline.storage.local import temp_path
 
 DEFAULT_TIER_ROOT = "/dev/shm/forgeline"
 _META = ".tier"
-_WHOLE = 1 << 20  # a file this small is landed by one GET (through a buffer); larger ones spliced
 _DONE: Future = Future()  # a piece already landed (a small file's first GET)
 _DONE.set_result(None)
 
@@ -237,9 +236,10 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     loads the version); manifests written before crc32 was recorded are checked by sha256.
     Several files land at once (up to the CPU count, at most 4, so their hashes run on different
     cores; more when many files are small, up to the requests in flight, so they are not fetched
-    a few at a time). A file is published (renamed) only once its size and
-    checksum are checked; on any failure every temporary is removed. Memory, besides the destination files: none per request
-    when spliced, else a 1 MiB buffer (S3) or one piece (other stores) per request in flight."""
+    a few at a time). A file is published (renamed) only once its size and checksum are checked;
+    on any failure every temporary is removed. Memory, besides the destination files: none per
+    request when spliced, else a 1 MiB buffer (S3) or one piece (other stores) per request in
+    flight."""
     if not files:
         return []
     inflight = max(1, int(getattr(store, "concurrency", 0) or 8))
@@ -254,7 +254,7 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
         # Big files a few at a time, so their hashes spread over the cores (more at once only
         # interleave their pieces: measured slower); small ones, each one GET and little to hash,
         # up to as many at once as requests in flight, so many of them are not fetched in turns.
-        small = sum(1 for f in files if f.bytes <= _WHOLE)
+        small = sum(1 for f in files if f.bytes <= WHOLE_READ_BYTES)
         workers = min(len(files), max(min(os.cpu_count() or 1, 4), min(small, inflight)))
         with ThreadPoolExecutor(workers, thread_name_prefix="shm-land") as pool:
             futures = [pool.submit(_land_one, store, dst, f, gets, fetch, piece, inflight, failed) for f in files]
@@ -281,7 +281,7 @@ def _land_one(store: Storage, dst: LocalStorage, listed: ListedFile,
     t0 = time.perf_counter()
     head = b""
     try:
-        if 0 < size <= min(piece, _WHOLE):  # its GET answers the size and version a stat would
+        if 0 < size <= min(piece, WHOLE_READ_BYTES):  # one GET (through a buffer), no stat: larger files spliced
             head, info = store.read_head(key, size)
         else:
             info = store.stat(key)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -141,7 +142,8 @@ def _empty_buckets(stores: list[S3Storage]) -> None:
 def s3_storage_factory(s3_server, s3_credentials) -> Iterator[Callable[..., S3Storage]]:
     """``factory(*, create=True, **S3Storage kwargs)``: an S3Storage over a fresh bucket (created
     unless ``create=False``) on the session's radosgw, with S3's smallest part size (and GETs of
-    that size), so that multipart and split-read paths run with objects of a few MiB. Buckets are emptied and removed afterwards."""
+    that size), so that multipart and split-read paths run with objects of a few MiB. Buckets are
+    emptied and removed afterwards."""
     made: list[S3Storage] = []
     yield _bucket_factory(s3_server, s3_credentials, made)
     _empty_buckets(made)
@@ -175,8 +177,6 @@ class S3Requests:
     seen in flight at once."""
 
     def __init__(self, client, monkeypatch):
-        import threading
-
         self.lock, self.now = threading.Lock(), {}
         self.peak: dict[str, int] = {}
         self.calls: list[tuple[str, str]] = []
@@ -184,8 +184,6 @@ class S3Requests:
             monkeypatch.setattr(client, name, self._slowed(name, getattr(client, name)))
 
     def _slowed(self, name, real):
-        import time as _time
-
         def call(**kw):
             kind = {"head_object": "HEAD", "list_objects_v2": "LIST"}.get(name) or (
                 "header" if kw.get("Range", "").startswith("bytes=0-") else "GET")
@@ -194,7 +192,7 @@ class S3Requests:
                 self.now[kind] = self.now.get(kind, 0) + 1
                 self.peak[kind] = max(self.peak.get(kind, 0), self.now[kind])
             try:
-                _time.sleep(0.02)
+                time.sleep(0.02)
                 return real(**kw)
             finally:
                 with self.lock:

@@ -46,7 +46,6 @@ def _promotion():
 
 MiB = 1 << 20
 _REMOTE_HEADER_PROBE = 64 * 1024  # first ranged read of a remote shard: the header usually fits
-_REMOTE_WHOLE = 1 * MiB  # a remote shard the manifest says is this small is read whole by that read
 _PUBLISHED_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._+-]*)/([A-Za-z0-9][A-Za-z0-9._+-]*)$")
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -458,6 +457,7 @@ def _store_shard(store: Storage, key: str, file: str, **kw: Any) -> Shard:
     """A shard inside a storage: a local path when the storage has one, else ranged reads pinned
     to the object's current version."""
     from pipeline.storage import ObjectNotFound
+    from pipeline.storage.base import WHOLE_READ_BYTES
 
     display = store.uri(key)
     path = store.local_path(key)
@@ -466,7 +466,7 @@ def _store_shard(store: Storage, key: str, file: str, **kw: Any) -> Shard:
             raise LoadError(display, f"shard {file!r} is missing")
         return Shard(str(path), file, path=str(path), **kw)
     try:  # size, version and (usually) the whole header in one request; a small shard whole
-        small = kw.get("size") is not None and kw["size"] <= _REMOTE_WHOLE
+        small = kw.get("size") is not None and kw["size"] <= WHOLE_READ_BYTES
         head, info = store.read_head(key, kw["size"] if small else _REMOTE_HEADER_PROBE)
     except ObjectNotFound:
         raise LoadError(display, f"shard {file!r} is missing") from None

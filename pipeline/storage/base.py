@@ -325,6 +325,11 @@ class Storage(ABC):
         return len(objs)
 
 
+# An object this small is read whole by the GET that learns its size and version
+# (Storage.read_head): the bytes cost little more than that request, a second one costs a round trip.
+WHOLE_READ_BYTES = 1 << 20
+
+
 def in_parallel(fn: Callable[[Any], Any], items: list, name: str, workers: int) -> list:
     """``fn(item)`` for each item, results in order, on up to ``workers`` threads named ``name``
     (a storage's ``parallel_requests``): per-object round trips to a remote store (a stat, a
