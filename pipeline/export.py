@@ -765,9 +765,18 @@ def latest_version(store: Storage, model: str, root: str = DEFAULT_ROOT) -> str 
 
 
 def latest_manifest(store: Storage, model: str, root: str = DEFAULT_ROOT) -> tuple[str, dict] | None:
-    """:func:`latest_version` and its manifest. The manifests are read in parallel, then the
-    newest are checked for completeness until one passes: a list, a round of manifest reads and
-    usually one round of stats, however many versions there are."""
+    """:func:`latest_version` and its manifest: the newest of :func:`newest_manifests` that
+    passes :func:`version_problem`, usually after one round of stats, however many versions."""
+    for v, m in newest_manifests(store, model, root):
+        if version_problem(store, model, v, root=root, manifest=m) is None:
+            return v, m
+    return None
+
+
+def newest_manifests(store: Storage, model: str, root: str = DEFAULT_ROOT) -> list[tuple[str, dict]]:
+    """``[(version, manifest)]`` of every published version of ``model`` whose manifest reads,
+    newest first (by the manifests' ``created``): the candidates for ``latest``, whole or rejected
+    or not. One list and one round of manifest reads (in parallel), however many versions."""
 
     def manifest_of(v: str) -> dict | None:
         try:
@@ -779,10 +788,7 @@ def latest_manifest(store: Storage, model: str, root: str = DEFAULT_ROOT) -> tup
     manifests = in_parallel(manifest_of, versions, "forgeline-manifest", store.parallel_requests)
     newest_first = sorted(((str(m.get("created", "")), v, m) for v, m in zip(versions, manifests)
                            if isinstance(m, dict)), key=lambda c: c[:2], reverse=True)
-    for _created, v, m in newest_first:
-        if version_problem(store, model, v, root=root, manifest=m) is None:
-            return v, m
-    return None
+    return [(v, m) for _created, v, m in newest_first]
 
 
 def record_gates(store: Storage, model: str, version: str, gates: Mapping[str, dict], *,
@@ -1085,6 +1091,7 @@ __all__ = [
     "load_state_dict",
     "manifest_files",
     "new_version",
+    "newest_manifests",
     "plan_shards",
     "read_golden",
     "read_manifest",

@@ -174,11 +174,12 @@ def s3_storage(s3_storage_factory) -> S3Storage:
 class S3Requests:
     """Every S3 request of a client, by kind (HEAD, LIST, header = a GET from byte 0, GET), each
     delayed by 20 ms as a round trip to a real object store is; ``peak`` is the most of a kind
-    seen in flight at once."""
+    seen in flight at once, ``met`` the pairs of kinds seen in flight together (sorted)."""
 
     def __init__(self, client, monkeypatch):
         self.lock, self.now = threading.Lock(), {}
         self.peak: dict[str, int] = {}
+        self.met: set[tuple[str, str]] = set()
         self.calls: list[tuple[str, str]] = []
         for name in ("head_object", "get_object", "list_objects_v2"):
             monkeypatch.setattr(client, name, self._slowed(name, getattr(client, name)))
@@ -191,6 +192,7 @@ class S3Requests:
                 self.calls.append((kind, kw.get("Key") or kw.get("Prefix", "")))
                 self.now[kind] = self.now.get(kind, 0) + 1
                 self.peak[kind] = max(self.peak.get(kind, 0), self.now[kind])
+                self.met |= {tuple(sorted((kind, other))) for other, n in self.now.items() if n and other != kind}
             try:
                 time.sleep(0.02)
                 return real(**kw)

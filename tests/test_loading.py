@@ -939,9 +939,9 @@ def test_s3_requests_grow_to_get_size_and_land_in_their_tensors(s3_storage_facto
 @pytest.mark.parametrize("ref", ["v1", "production"])
 def test_s3_cold_load_of_a_version_asks_for_each_object_once_and_for_its_shards_at_once(s3_storage, s3_requests, ref):
     """A published version loaded from S3 (by id, or by the production alias: one more GET):
-    its manifest, then every shard's first 64 KiB at once (one answer: size, ETag and header),
-    then the other files it lists (the index) stat-ed for the completeness check. Each object is
-    asked for once: no HEAD of a shard on top of its first GET, however many shards."""
+    its manifest, then every shard's first 64 KiB (one answer: size, ETag and header) and a stat
+    of each other file it lists (the index, for the completeness check), all at once: two round
+    trips. Each object is asked for once: no HEAD of a shard on top of its first GET."""
     from pipeline import promotion
 
     manifest, state = published(s3_storage, max_shard_bytes=1500)
@@ -957,6 +957,7 @@ def test_s3_cold_load_of_a_version_asks_for_each_object_once_and_for_its_shards_
     assert firsts[0] == "v1/manifest.json" and sorted(firsts[1:]) == sorted(f"v1/{f}" for f in shards)
     assert req.peak["header"] >= 2, req.peak  # the shards' first GETs in flight together
     assert req.of("HEAD") == [f"v1/{f}" for f in others]
+    assert ("HEAD", "header") in req.met  # the index's stat went out with the shards' reads
     assert not req.of("LIST")
     assert not req.of("GET")  # shards under 1 MiB came whole with their first GET
 
@@ -975,21 +976,45 @@ def test_s3_large_shard_is_read_past_its_first_64_kib_once(s3_storage, monkeypat
     assert sum(last - first + 1 for first, last in ranges[1:]) == 2**21  # b_big's bytes, once
 
 
-def test_s3_cold_load_of_latest_reads_each_manifest_once_and_checks_only_the_newest(s3_storage, s3_requests):
+def test_s3_cold_load_of_latest_reads_each_manifest_once_and_the_newest_usable_version_at_once(s3_storage, s3_requests):
     """``<model>/latest`` from S3: one LIST, every version's manifest read once (in parallel),
-    the files of the newest usable version stat-ed once, then that version's shards. A newer
-    version that is rejected is passed over without a stat."""
+    then the newest version not rejected is read as it is chosen: its shard's first GET and a
+    stat of its index together, no round of stats before. A newer version that is rejected is
+    passed over without a request."""
     for i, v in enumerate(["v1", "v2", "v3"]):
         published(s3_storage, version=v, state={"w": torch.full((3,), float(i))})
     ex.record_gates(s3_storage, "net", "v3", {"accuracy_gate": {"passed": False, "value": 9, "limit": 1}})
     req = s3_requests(s3_storage.client)
-    assert load("net/latest", storage=s3_storage)["w"].tolist() == [1, 1, 1]
+    rep = LoadReport()
+    assert load("net/latest", storage=s3_storage, report=rep)["w"].tolist() == [1, 1, 1]
+    assert rep.source == "net/latest (v2)"
     assert len(req.of("LIST")) == 1
     manifests = [k for k in req.of("header") if k.endswith("manifest.json")]
     assert sorted(manifests) == ["v1/manifest.json", "v2/manifest.json", "v3/manifest.json"]
     assert req.peak["header"] >= 2
-    assert req.of("HEAD") == [f"v2/{f.file}" for f in ex.manifest_files(ex.read_manifest(s3_storage, "net", "v2"))]
+    assert req.of("HEAD") == [f"v2/{ex.INDEX_NAME}"]
     assert [k for k in req.of("header") if not k.endswith("manifest.json")] == ["v2/model.safetensors"]
+    assert ("HEAD", "header") in req.met
+    assert not req.of("GET")
+
+
+def test_latest_passes_over_a_newer_version_with_a_file_missing(s3_storage, local_storage):
+    """A newer version whose shard or index is gone is not ``latest``: the next newest complete one
+    is loaded, and with none complete the error says why, version by version."""
+    for store in (s3_storage, local_storage):
+        for i, v in enumerate(["v1", "v2", "v3"]):
+            published(store, version=v, state={"w": torch.full((3,), float(i))})
+        store.delete(ex.version_prefix("net", "v3") + "/model.safetensors")
+        assert load("net/latest", storage=store)["w"].tolist() == [1, 1, 1]
+        store.delete(ex.version_prefix("net", "v2") + "/" + ex.INDEX_NAME)
+        assert load("net/latest", storage=store)["w"].tolist() == [0, 0, 0]
+        assert ex.latest_version(store, "net") == "v1"  # the same choice as the completeness check's
+        store.write_atomic(ex.version_prefix("net", "v1") + "/model.safetensors", b"short")
+        with pytest.raises(LoadError, match=r"net/latest: no published version of 'net' in .* is complete and not "
+                                            r"rejected \(net/v3: model\.safetensors is missing.*; net/v2: "
+                                            r"model\.safetensors\.index\.json is missing.*; net/v1: model\.safetensors "
+                                            r"has 5 bytes, the manifest says"):
+            load("net/latest", storage=store)
 
 
 def test_s3_part_failing_once_is_retried(s3_storage, monkeypatch):

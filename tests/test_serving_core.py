@@ -437,18 +437,20 @@ def test_reload_after_eviction_still_verifies_every_byte(store, tmp_path):
 
 
 def test_load_from_s3_asks_for_each_file_once_and_an_incomplete_version_is_unusable(s3_storage, monkeypatch):
-    """A version loaded from S3 by the server: its shard is read (first GET: size, ETag, bytes)
-    and never stat-ed on top; the other files it lists are stat-ed once. With its shard gone,
-    the version is refused as incomplete, naming the file."""
+    """A version loaded from S3 by the server: its manifest is read once, its shard is read
+    (first GET: size, ETag, bytes) and never stat-ed on top; the other files it lists are stat-ed
+    once. With its shard gone, the version is refused as incomplete, naming the file."""
     from pipeline.serving import loader
 
     publish(s3_storage, "digits", "v1", 0)
-    client, heads = s3_storage.client, []
-    real_head = client.head_object
+    client, heads, gets = s3_storage.client, [], []
+    real_head, real_get = client.head_object, client.get_object
     monkeypatch.setattr(client, "head_object", lambda **kw: heads.append(kw["Key"].rsplit("/", 1)[-1]) or real_head(**kw))
+    monkeypatch.setattr(client, "get_object", lambda **kw: gets.append(kw["Key"].rsplit("/", 1)[-1]) or real_get(**kw))
     lv = loader.load_version(s3_storage, "digits", "v1")
     assert lv.golden["checked"]
     assert sorted(heads) == sorted(["golden.safetensors", export.INDEX_NAME])  # once each, no shard
+    assert gets.count(export.MANIFEST_NAME) == 1
     loader.release(lv)
     s3_storage.delete(export.version_prefix("digits", "v1") + "/model.safetensors")
     with pytest.raises(loader.VersionUnusable, match=r"digits/v1: model\.safetensors is missing"):

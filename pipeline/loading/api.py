@@ -114,7 +114,8 @@ def load(
     source: a ``.safetensors`` file, a folder (published version, index or ``*.safetensors``), an
         index file, ``s3://bucket/prefix``, ``<model>/<version>`` (``latest`` and ``production``
         too: :func:`pipeline.promotion.resolve`) in ``storage``,
-        or a key inside ``storage``.
+        or a key inside ``storage``; or a :class:`~pipeline.loading.sources.Source` already
+        resolved (:func:`~pipeline.loading.sources.published_version`).
     device: ``"cpu"`` or a CUDA device.
     storage: where ``<model>/<version>`` and keys are looked up; an S3 storage is also reused for
         ``s3://`` URIs inside it (its client, retries and pool).

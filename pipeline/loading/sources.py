@@ -230,7 +230,10 @@ def resolve(source: Any, storage: Storage | None = None, *, allow_rejected: bool
     (:func:`pipeline.promotion.resolve`). The version must be complete
     (:func:`pipeline.export.version_problem`, the one completeness test); a rejected version never
     loads as ``production``/``latest``, and by its id only with ``allow_rejected``. A published
-    version found under a key or URI, or a local folder holding a manifest, follows the same rule."""
+    version found under a key or URI, or a local folder holding a manifest, follows the same rule.
+    A :class:`Source` (from here or :func:`published_version`) is returned as it is."""
+    if isinstance(source, Source):
+        return source
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
@@ -279,6 +282,8 @@ def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bo
     manifest, resolved_here = None, False  # resolved_here: the reference's manifest, checked, is the one read
     if ref in (_promotion().ALIAS, _promotion().LATEST):
         version = (getattr(storage, "pinned_refs", None) or {}).get(what)
+        if version is None and ref == _promotion().LATEST and authority is storage:
+            return _latest_source(storage, model, what)
         if version is None:
             try:  # not rejected (latest: and complete), or the resolve fails
                 version, resolved = _promotion().resolve_manifest(authority, model, ref, files=False)
@@ -310,11 +315,36 @@ def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bo
         if problem is not None:
             raise LoadError(display, f"the copy in {storage.uri()} is not complete: {problem}")
         return _store_manifest_source(storage, prefix, manifest, display)
-    if resolved_here and ref == _promotion().LATEST:  # choosing it stat-ed its files
-        return _store_manifest_source(storage, prefix, manifest, display)
     # rejection: the production alias was refused if rejected; by id, allow_rejected decides
     return _store_manifest_source(storage, prefix, manifest, display, True if resolved_here else allow_rejected,
                                   published=(model, version))
+
+
+def published_version(store: Storage, model: str, version: str, manifest: dict, *, root: str | None = None) -> Source:
+    """The shards of the published ``model/version`` in ``store`` (under ``root``, default the
+    published root) from its ``manifest`` as the caller has just read it there: what
+    ``resolve("<model>/<version>", store, allow_rejected=True)`` gives, without reading the
+    manifest again. The version must be complete, as always."""
+    prefix = _export().version_prefix(model, version, *(() if root is None else (root,)))
+    return _store_manifest_source(store, prefix, manifest, f"{model}/{version}", True, published=(model, version),
+                                  root=root)
+
+
+def _latest_source(storage: Storage, model: str, what: str) -> Source:
+    """``<model>/latest``: the newest version that is not rejected and whose files are all there,
+    found by reading it: the newest candidate's shards are read (and its other files stat-ed) at
+    once, with no round of stats to choose it first; an incomplete one passes to the next newest."""
+    skipped = []
+    for version, manifest in _export().newest_manifests(storage, model):
+        if manifest.get("rejected"):
+            continue
+        try:
+            return _store_manifest_source(storage, _export().version_prefix(model, version), manifest,
+                                          f"{what} ({version})", True, published=(model, version))
+        except LoadError as e:  # a file missing, or of another size, or a malformed manifest
+            skipped.append(e.message)
+    why = f" ({'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''})" if skipped else ""
+    raise LoadError(what, f"no published version of {model!r} in {storage.uri()} is complete and not rejected{why}")
 
 
 def _check_version(store: Storage, model: str, version: str, display: str, allow_rejected: bool,
@@ -537,31 +567,49 @@ def _storage_source(store: Storage, key: str, display: str | None = None, allow_
 
 
 def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, allow_rejected: bool | None = None,
-                           *, published: tuple[str, str] | None = None) -> Source:
+                           *, published: tuple[str, str] | None = None, root: str | None = None) -> Source:
     """The shards of the version ``m`` describes under ``prefix``. ``allow_rejected`` given (a
     manifest found under a key or URI, or a version by its id): a published location
-    (``published``, else found from ``m``) is checked like ``<model>/<version>``
+    (``published``, under ``root``; else found from ``m``) is checked like ``<model>/<version>``
     (:func:`_check_version`), any other only for a recorded rejection. The rejection is checked
-    first, from ``m`` alone; the files after the shards' first reads, which answered their sizes,
-    so only the other files (index, golden outputs) are stat-ed."""
-    from pipeline.storage import join
+    first, from ``m`` alone; then the shards' first reads, which answer their sizes, and a stat of
+    each other listed file (index, golden outputs) go out together: one round trip for the lot."""
+    from pipeline.storage import StorageError, in_parallel, join
 
-    if allow_rejected is not None:
+    where = {} if root is None else {"root": root}
+    check = allow_rejected is not None
+    if check:
         published = published or _version_of_prefix(store, prefix, m)
         if published is not None:
-            _check_version(store, *published, display, allow_rejected, m, files=False)
+            _check_version(store, *published, display, allow_rejected, m, files=False, **where)
         else:
             _reject_check(display, m, allow_rejected)
+    check = check and published is not None
+    specs = [(join(prefix, s["file"]), s["file"], _manifest_fields(s)) for s in _manifest_shards(display, m)]
+    # well-formed: the check above parsed the listing
+    others = [f.file for f in _export().manifest_files(m)][len(specs):] if check else []
+
+    def first_read(item: tuple | str) -> Shard | int | None:
+        if isinstance(item, tuple):
+            return _store_shard(store, item[0], item[1], **item[2])
+        try:
+            return store.stat(join(prefix, item)).size
+        except StorageError:
+            return None  # the check asks again and says why
+
     try:
-        shards = _store_shards(store, [(join(prefix, s["file"]), s["file"], _manifest_fields(s))
-                                       for s in _manifest_shards(display, m)])
+        got = in_parallel(first_read, [*specs, *others], "forgeline-shard", store.parallel_requests)
     except LoadError:
-        if allow_rejected is not None and published is not None:  # a missing shard: said as the check says it
-            _check_version(store, *published, display, True, m)
+        if check:  # a missing shard: said as the check says it
+            _check_version(store, *published, display, True, m, **where)
         raise
-    if allow_rejected is not None and published is not None:
-        _check_version(store, *published, display, True, m, known_sizes={s.file: s.size for s in shards})
+    shards = got[:len(specs)]
+    if check:
+        # sizes learned from the store: a remote shard's first read, the stats (a local shard: a stat)
+        sizes = ({s.file: s.size for s in shards if s.path is None}
+                 | {f: n for f, n in zip(others, got[len(specs):]) if n is not None})
+        _check_version(store, *published, display, True, m, known_sizes=sizes, **where)
     return Source(display, "published", shards, quant=_quant_of(m))
 
 
-__all__ = ["Shard", "Source", "hash_file", "resolve"]
+__all__ = ["Shard", "Source", "hash_file", "published_version", "resolve"]

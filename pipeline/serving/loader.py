@@ -53,6 +53,7 @@ import torch
 
 from pipeline import export
 from pipeline.loading import LoadError, LoadReport, load, module_slots
+from pipeline.loading.sources import published_version
 from pipeline.storage import Storage, StorageError, join
 
 log = logging.getLogger("forgeline.serving")
@@ -396,9 +397,8 @@ def load_version(
             except Exception as e:  # noqa: BLE001 - the copy is not used either way
                 log.warning("%s: could not drop the tier copy: %s", what, e)
     if module is None:
-        key = f"{model}/{version}" if root == export.DEFAULT_ROOT else export.version_prefix(model, version, root)
-        try:  # the load checks that the storage copy is complete (no round trip of its own)
-            module, rep = _fill(key, dev, manifest, store)
+        try:  # the manifest read above; the load checks that the storage copy is complete
+            module, rep = _fill(published_version(store, model, version, manifest, root=root), dev, manifest, store)
         except LoadError:
             problem = export.version_problem(store, model, version, root=root, manifest=manifest)
             if problem is not None:
