@@ -24,8 +24,10 @@ median of ``--repeat`` loads in fresh S3Storage objects (new connections):
               (a LIST is a GET).
 
 and the same for a pre-warm of ``<model>/production`` into an empty shm tier (``ShmTier.prewarm``:
-resolve, manifest, every file landed and checked, the manifest written last): its seconds, with
-and without the delay, and its requests.
+resolve, manifest, every file landed and checked, the manifest written last), and for a server's
+load of a published DigitsCNN (``serving.loader.load_version``: manifest, golden outputs, weights,
+the golden check; what a hot swap to a version not in the tier waits for): their seconds, with and
+without the delay, and their requests.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def main() -> int:
 
     from pipeline import export, promotion
     from pipeline.loading import LoadReport, load
+    from pipeline.models import build_model
+    from pipeline.serving.loader import load_version, release
     from pipeline.shm_tier import ShmTier
     from pipeline.storage.s3 import S3Storage
 
@@ -87,6 +91,10 @@ def main() -> int:
             manifest = export.export(state, store, "cold", v, max_shard_bytes=4096)
         assert len(manifest["shards"]) == a.shards, len(manifest["shards"])
         promotion.promote(store, "cold", versions[-1])
+        torch.manual_seed(0)
+        served = build_model("digits_cnn", width=16).eval()
+        export.export(export.from_module(served, architecture="digits_cnn", model_kwargs={"width": 16}), store,
+                      "served", "v01", golden=export.golden_outputs(served, export.golden_input((1, 28, 28))))
 
         last = f"layers.{a.shards - 1}.weight"
 
@@ -134,11 +142,22 @@ def main() -> int:
             finally:
                 shutil.rmtree(root, ignore_errors=True)
 
-        runs = [timed_prewarm(a.rtt_ms / 1000) for _ in range(a.repeat)]
-        floor = [timed_prewarm(0.0)[0] for _ in range(a.repeat)]
-        results["prewarm cold/production"] = {"header_s": None, "total_s": statistics.median(r[0] for r in runs),
-                                              "header_s_no_delay": None, "total_s_no_delay": statistics.median(floor),
-                                              "requests": dict(runs[-1][1])}
+        def timed_serve(delay: float) -> tuple[float, Counter]:
+            """(seconds, requests by method) of one server load of served/v01, in a fresh S3Storage."""
+            s, seen = delayed_storage(delay)
+            t = time.perf_counter()
+            loaded = load_version(s, "served", "v01")
+            seconds = time.perf_counter() - t
+            assert loaded.golden["checked"]
+            release(loaded)
+            return seconds, seen
+
+        for row, timed in (("prewarm cold/production", timed_prewarm), ("server load served/v01", timed_serve)):
+            runs = [timed(a.rtt_ms / 1000) for _ in range(a.repeat)]
+            floor = [timed(0.0)[0] for _ in range(a.repeat)]
+            results[row] = {"header_s": None, "total_s": statistics.median(r[0] for r in runs),
+                            "header_s_no_delay": None, "total_s_no_delay": statistics.median(floor),
+                            "requests": dict(runs[-1][1])}
     finally:
         rgw.stop()
 
