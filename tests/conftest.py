@@ -174,12 +174,13 @@ def s3_storage(s3_storage_factory) -> S3Storage:
 class S3Requests:
     """Every S3 request of a client, by kind (HEAD, LIST, header = a GET from byte 0, GET), each
     delayed by 20 ms as a round trip to a real object store is; ``peak`` is the most of a kind
-    seen in flight at once, ``met`` the pairs of kinds seen in flight together (sorted)."""
+    seen in flight at once; :meth:`together` says whether two objects were asked for at once."""
 
     def __init__(self, client, monkeypatch):
         self.lock, self.now = threading.Lock(), {}
         self.peak: dict[str, int] = {}
-        self.met: set[tuple[str, str]] = set()
+        self.flying: dict[str, int] = {}  # objects in flight (short names), how many requests each
+        self.met: set[frozenset[str]] = set()
         self.calls: list[tuple[str, str]] = []
         for name in ("head_object", "get_object", "list_objects_v2"):
             monkeypatch.setattr(client, name, self._slowed(name, getattr(client, name)))
@@ -188,21 +189,32 @@ class S3Requests:
         def call(**kw):
             kind = {"head_object": "HEAD", "list_objects_v2": "LIST"}.get(name) or (
                 "header" if kw.get("Range", "").startswith("bytes=0-") else "GET")
+            key = kw.get("Key") or kw.get("Prefix", "")
             with self.lock:
-                self.calls.append((kind, kw.get("Key") or kw.get("Prefix", "")))
+                self.calls.append((kind, key))
                 self.now[kind] = self.now.get(kind, 0) + 1
                 self.peak[kind] = max(self.peak.get(kind, 0), self.now[kind])
-                self.met |= {tuple(sorted((kind, other))) for other, n in self.now.items() if n and other != kind}
+                self.met |= {frozenset((self._short(key), other)) for other, n in self.flying.items() if n}
+                self.flying[self._short(key)] = self.flying.get(self._short(key), 0) + 1
             try:
                 time.sleep(0.02)
                 return real(**kw)
             finally:
                 with self.lock:
                     self.now[kind] -= 1
+                    self.flying[self._short(key)] -= 1
         return call
 
+    @staticmethod
+    def _short(key: str) -> str:
+        return key.rsplit("/", 2)[-2] + "/" + key.rsplit("/", 1)[-1]
+
     def of(self, kind: str) -> list[str]:
-        return [key.rsplit("/", 2)[-2] + "/" + key.rsplit("/", 1)[-1] for k, key in self.calls if k == kind]
+        return [self._short(key) for k, key in self.calls if k == kind]
+
+    def together(self, a: str, *others: str) -> bool:
+        """Whether object ``a`` (as :meth:`of` names it) was asked for while one of ``others`` was."""
+        return any(frozenset((a, b)) in self.met for b in others)
 
 
 @pytest.fixture

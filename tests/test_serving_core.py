@@ -436,21 +436,21 @@ def test_reload_after_eviction_still_verifies_every_byte(store, tmp_path):
     run(main())
 
 
-def test_load_from_s3_asks_for_each_file_once_and_an_incomplete_version_is_unusable(s3_storage, monkeypatch):
-    """A version loaded from S3 by the server: its manifest is read once, its shard is read
-    (first GET: size, ETag, bytes) and never stat-ed on top; the other files it lists are stat-ed
-    once. With its shard gone, the version is refused as incomplete, naming the file."""
+def test_load_from_s3_asks_for_each_file_once_and_an_incomplete_version_is_unusable(s3_storage, s3_requests):
+    """A version loaded from S3 by the server: its manifest is read once; then, all at once, its
+    shard (first GET: size, ETag, bytes, never stat-ed on top), a stat of each other file it lists,
+    and its golden outputs. With its shard gone, the version is refused as incomplete, naming the
+    file."""
     from pipeline.serving import loader
 
     publish(s3_storage, "digits", "v1", 0)
-    client, heads, gets = s3_storage.client, [], []
-    real_head, real_get = client.head_object, client.get_object
-    monkeypatch.setattr(client, "head_object", lambda **kw: heads.append(kw["Key"].rsplit("/", 1)[-1]) or real_head(**kw))
-    monkeypatch.setattr(client, "get_object", lambda **kw: gets.append(kw["Key"].rsplit("/", 1)[-1]) or real_get(**kw))
+    req = s3_requests(s3_storage.client)
     lv = loader.load_version(s3_storage, "digits", "v1")
     assert lv.golden["checked"]
-    assert sorted(heads) == sorted(["golden.safetensors", export.INDEX_NAME])  # once each, no shard
-    assert gets.count(export.MANIFEST_NAME) == 1
+    assert sorted(req.of("HEAD")) == sorted(["v1/golden.safetensors", f"v1/{export.INDEX_NAME}"])  # no shard
+    assert sorted(req.of("header")) == ["v1/golden.safetensors", "v1/manifest.json", "v1/model.safetensors"]
+    assert req.together("v1/golden.safetensors", "v1/model.safetensors")
+    assert req.together(f"v1/{export.INDEX_NAME}", "v1/model.safetensors")
     loader.release(lv)
     s3_storage.delete(export.version_prefix("digits", "v1") + "/model.safetensors")
     with pytest.raises(loader.VersionUnusable, match=r"digits/v1: model\.safetensors is missing"):

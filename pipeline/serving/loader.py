@@ -19,7 +19,8 @@
    asked) and every output must be within ``golden_atol`` of the recorded one
    (:class:`GoldenMismatch` otherwise). This also warms the module up. A version without golden
    outputs is accepted unless ``require_golden`` (``LoadedVersion.golden["checked"]`` is False).
-   ``golden_rows`` narrows or (0) skips it for a re-load of bytes that already passed;
+   ``golden_rows`` narrows or (0) skips it for a re-load of bytes that already passed. The golden
+   file is read while the weights load (kept by its sha256: read once per process);
 5. with ``compile=True``: an AOTInductor package through
    :func:`pipeline.compile_cache.aot_compile_with_cache`: one package for batch sizes 1 to
    ``max_batch_size`` (or the golden batch, if larger), keyed by the architecture, not the weights,
@@ -45,6 +46,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,6 +155,9 @@ _META: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[dict, str, torch.Te
 # Golden outputs by their sha256 (from the manifest): immutable, so a re-load reads them once.
 _GOLDEN: dict[str, dict[str, torch.Tensor]] = {}
 _GOLDEN_KEEP = 256
+_GOLDEN_LOCK = threading.Lock()
+# reads them while the weights load (threads start on first use)
+_GOLDEN_READER = ThreadPoolExecutor(4, thread_name_prefix="forgeline-golden")
 
 
 def _arch_key(manifest: dict) -> str:
@@ -195,9 +200,10 @@ def _golden(store: Storage, model: str, version: str, manifest: dict, root: str)
     got = _GOLDEN.get(sha)
     if got is None:
         got = export.read_golden(store, model, version, root=root, manifest=manifest)
-        if len(_GOLDEN) >= _GOLDEN_KEEP:
-            _GOLDEN.pop(next(iter(_GOLDEN)), None)
-        _GOLDEN[sha] = got
+        with _GOLDEN_LOCK:  # loads run in threads (and the read in the reader's)
+            if len(_GOLDEN) >= _GOLDEN_KEEP:
+                _GOLDEN.pop(next(iter(_GOLDEN)), None)
+            _GOLDEN[sha] = got
     return got
 
 
@@ -331,6 +337,41 @@ def _check_golden(fn: Callable, golden: dict[str, torch.Tensor], device: torch.d
     return {"checked": True, "max_abs_diff": diff, "rows": int(want.shape[0]), "atol": atol}
 
 
+def _load_weights(store: Storage, model: str, version: str, manifest: dict, dev: torch.device, tier: Any, root: str,
+                  on_tier_reject: Callable[[str], None] | None) -> tuple[torch.nn.Module, LoadReport, str, str | None]:
+    """``(module, report, source, tier problem)``: the weights from the tier's copy when it holds a
+    good one (a bad one is dropped, and said), else from ``store``."""
+    what = f"{model}/{version}"
+    source, tier_problem = "storage", None
+    module = rep = None
+    if tier is not None and root == export.DEFAULT_ROOT:
+        folder, why = _tier_copy(tier, model, version, manifest)
+        if folder is not None:
+            try:
+                module, rep = _fill(folder, dev, manifest, None)
+                source = "shm"
+            except (LoadError, StorageError, OSError, RuntimeError) as e:
+                why = str(e).splitlines()[0]
+        if why is not None and why != "absent":
+            tier_problem = why
+            log.warning("%s: the shm tier copy is not served (%s); dropping it and reading from storage", what, why)
+            if on_tier_reject is not None:
+                on_tier_reject(why)
+            try:
+                tier.evict(model, version, force=True)
+            except Exception as e:  # noqa: BLE001 - the copy is not used either way
+                log.warning("%s: could not drop the tier copy: %s", what, e)
+    if module is None:
+        try:  # the manifest read above; the load checks that the storage copy is complete
+            module, rep = _fill(published_version(store, model, version, manifest, root=root), dev, manifest, store)
+        except LoadError:
+            problem = export.version_problem(store, model, version, root=root, manifest=manifest)
+            if problem is not None:
+                raise VersionUnusable(problem) from None
+            raise
+    return module, rep, source, tier_problem
+
+
 def load_version(
     store: Storage,
     model: str,
@@ -370,40 +411,25 @@ def load_version(
     problem = export.version_problem(store, model, version, root=root, manifest=manifest, files=False)
     if problem is not None:
         raise VersionUnusable(problem)
+    if require_golden and not manifest.get("golden"):
+        raise VersionUnusable(f"{what} has no golden outputs (require_golden is on)")
+    # golden outputs not read yet in this process come while the weights load: one round trip
+    # less to a remote store
+    g = manifest.get("golden")
+    golden_read = (_GOLDEN_READER.submit(_golden, store, model, version, manifest, root)
+                   if g and str(g.get("sha256")) not in _GOLDEN else None)
     try:
-        golden = _golden(store, model, version, manifest, root)
+        module, rep, source, tier_problem = _load_weights(store, model, version, manifest, dev, tier, root,
+                                                          on_tier_reject)
+    finally:
+        if golden_read is not None:  # not left running past this call, whatever happened
+            wait([golden_read])
+    try:
+        golden = golden_read.result() if golden_read is not None else _golden(store, model, version, manifest, root)
     except (export.ExportError, StorageError) as e:
         raise VersionUnusable(export.version_problem(store, model, version, root=root, manifest=manifest)
                               or str(e)) from None
-    if golden is None and require_golden:
-        raise VersionUnusable(f"{what} has no golden outputs (require_golden is on)")
-    source, tier_problem = "storage", None
-    module = rep = None
-    if tier is not None and root == export.DEFAULT_ROOT:
-        folder, why = _tier_copy(tier, model, version, manifest)
-        if folder is not None:
-            try:
-                module, rep = _fill(folder, dev, manifest, None)
-                source = "shm"
-            except (LoadError, StorageError, OSError, RuntimeError) as e:
-                why = str(e).splitlines()[0]
-        if why is not None and why != "absent":
-            tier_problem = why
-            log.warning("%s: the shm tier copy is not served (%s); dropping it and reading from storage", what, why)
-            if on_tier_reject is not None:
-                on_tier_reject(why)
-            try:
-                tier.evict(model, version, force=True)
-            except Exception as e:  # noqa: BLE001 - the copy is not used either way
-                log.warning("%s: could not drop the tier copy: %s", what, e)
-    if module is None:
-        try:  # the manifest read above; the load checks that the storage copy is complete
-            module, rep = _fill(published_version(store, model, version, manifest, root=root), dev, manifest, store)
-        except LoadError:
-            problem = export.version_problem(store, model, version, root=root, manifest=manifest)
-            if problem is not None:
-                raise VersionUnusable(problem) from None
-            raise
+    t_loaded = time.perf_counter()
     t_loaded = time.perf_counter()
 
     inp, out = io_specs(manifest, golden)
