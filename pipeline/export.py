@@ -658,7 +658,7 @@ def export(
             cleanup = False  # (same file names: deleting "ours" would delete theirs)
             raise VersionExists(f"{store.uri(manifest_key)} appeared during the export; version "
                                 f"{version!r} of {model!r} was published by another writer")
-        store.write_atomic(manifest_key, json.dumps(manifest, indent=1).encode())
+        store.write_atomic(manifest_key, manifest_bytes(manifest))
         return manifest
     except BaseException:
         if cleanup:
@@ -806,7 +806,7 @@ def record_gates(store: Storage, model: str, version: str, gates: Mapping[str, d
                                 "reason": "failed gate(s): " + ", ".join(failed)}
     else:
         manifest.pop("rejected", None)
-    store.write_atomic(join(version_prefix(model, version, root), MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+    store.write_atomic(join(version_prefix(model, version, root), MANIFEST_NAME), manifest_bytes(manifest))
     return manifest
 
 
@@ -818,6 +818,12 @@ def find_version(store: Storage, model: str, source: dict, *, root: str = DEFAUL
         if (read_manifest(store, model, v, root=root).get("metadata") or {}).get("source") == source:
             return v
     return None
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    """A manifest as it is stored (export, gate records, and the shm tier's copy of a manifest it
+    was handed rather than read: the same bytes as the published one)."""
+    return json.dumps(manifest, indent=1).encode()
 
 
 def read_manifest(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT) -> dict:
@@ -1089,6 +1095,7 @@ __all__ = [
     "latest_version",
     "list_versions",
     "load_state_dict",
+    "manifest_bytes",
     "manifest_files",
     "new_version",
     "newest_manifests",

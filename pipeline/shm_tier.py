@@ -76,6 +76,7 @@ from pipeline.export import (
     ExportError,
     ListedFile,
     VersionNotFound,
+    manifest_bytes,
     manifest_files,
     version_prefix,
     version_problem,
@@ -235,8 +236,8 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     corrupted transfers; sha256 stays the content identity, checked again when a server first
     loads the version); manifests written before crc32 was recorded are checked by sha256.
     Several files land at once (up to the CPU count, at most 4, so their hashes run on different
-    cores; more when many files are small, up to the requests in flight, so they are not fetched
-    a few at a time). A file is published (renamed) only once its size and checksum are checked;
+    cores; more when many files are small, up to the store's ``parallel_requests``, so they are
+    not fetched a few at a time). A file is published (renamed) only once its size and checksum are checked;
     on any failure every temporary is removed. Memory, besides the destination files: none per
     request when spliced, else a 1 MiB buffer (S3) or one piece (other stores) per request in
     flight."""
@@ -252,10 +253,11 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     gets = ThreadPoolExecutor(inflight, thread_name_prefix="shm-get")
     try:
         # Big files a few at a time, so their hashes spread over the cores (more at once only
-        # interleave their pieces: measured slower); small ones, each one GET and little to hash,
-        # up to as many at once as requests in flight, so many of them are not fetched in turns.
+        # interleave their pieces: measured slower); small ones, each one GET (in its own
+        # thread, not through the pool) and little to hash, as many at once as the store takes
+        # requests in parallel (S3: its connection pool), so many of them are not fetched in turns.
         small = sum(1 for f in files if f.bytes <= WHOLE_READ_BYTES)
-        workers = min(len(files), max(min(os.cpu_count() or 1, 4), min(small, inflight)))
+        workers = min(len(files), max(min(os.cpu_count() or 1, 4), min(small, max(inflight, store.parallel_requests))))
         with ThreadPoolExecutor(workers, thread_name_prefix="shm-land") as pool:
             futures = [pool.submit(_land_one, store, dst, f, gets, fetch, piece, inflight, failed) for f in files]
             try:
@@ -642,7 +644,7 @@ class ShmTier:
         it from ``store``, every file checked against the manifest, if it is not there yet.
         Idempotent; concurrent calls for one version copy it once (the others report a hit)."""
         t0 = time.perf_counter()
-        version = _version_for(store, model, version, "to prewarm")
+        version, manifest = _version_for(store, model, version, "to prewarm")
         prefix = version_prefix(model, version)
         created_pin = pin and not self.pinned(model, version)
         if pin:
@@ -653,7 +655,7 @@ class ShmTier:
             with _locked(self._version_lock(model, version)):
                 if self.complete(model, version):  # another process copied it while we waited
                     return self._hit(model, version, t0)
-                copied, evicted, file_seconds = self._fill(store, model, version, prefix)
+                copied, evicted, file_seconds = self._fill(store, model, version, prefix, manifest)
                 self._touch(model, version)
         except BaseException:
             if created_pin:
@@ -670,20 +672,26 @@ class ShmTier:
         return PrewarmReport(model, version, True, 0, time.perf_counter() - t0, 0.0, [], size,
                              str(self._dir(model, version)))
 
-    def _fill(self, store: Storage, model: str, version: str, prefix: str) -> tuple[int, list[str], list[float]]:
-        """Copy the version (caller holds its lock). Returns ``(bytes copied, evicted, seconds per file)``."""
+    def _fill(self, store: Storage, model: str, version: str, prefix: str,
+              manifest: dict | None) -> tuple[int, list[str], list[float]]:
+        """Copy the version (caller holds its lock; ``manifest``: as resolving the reference read
+        it, else read here). Returns ``(bytes copied, evicted, seconds per file)``."""
         manifest_key = join(prefix, MANIFEST_NAME)
-        try:
-            raw = store.read(manifest_key)
-        except ObjectNotFound:
-            raise VersionNotFound(f"{store.uri(manifest_key)}: no such published version {version!r} "
-                                  f"of {model!r}") from None
-        try:
-            manifest = json.loads(raw)
-        except ValueError as e:
-            raise ExportError(f"{store.uri(manifest_key)}: unreadable manifest ({e})") from None
-        if manifest.get("format") != FORMAT:
-            raise ExportError(f"{store.uri(manifest_key)}: unsupported manifest format {manifest.get('format')!r}")
+        if manifest is not None:
+            raw = manifest_bytes(manifest)
+        else:
+            try:
+                raw = store.read(manifest_key)
+            except ObjectNotFound:
+                raise VersionNotFound(f"{store.uri(manifest_key)}: no such published version {version!r} "
+                                      f"of {model!r}") from None
+            try:
+                manifest = json.loads(raw)
+            except ValueError as e:
+                raise ExportError(f"{store.uri(manifest_key)}: unreadable manifest ({e})") from None
+            if manifest.get("format") != FORMAT:
+                raise ExportError(f"{store.uri(manifest_key)}: unsupported manifest format "
+                                  f"{manifest.get('format')!r}")
         files = manifest_files(manifest)
         if not manifest.get("index"):  # manifests before the index was listed: copy it if it is there
             try:
@@ -742,12 +750,13 @@ class ShmTier:
 # ---------------------------------------------------------------------------------------------
 
 
-def _version_for(store: Storage, model: str, ref: str, purpose: str) -> str:
-    """``ref`` when it is a version id, else what ``"latest"``/``"production"`` names in ``store``."""
+def _version_for(store: Storage, model: str, ref: str, purpose: str) -> tuple[str, dict | None]:
+    """``(ref, None)`` when ``ref`` is a version id, else what ``"latest"``/``"production"`` names
+    in ``store`` and the manifest read to check it."""
     if ref not in (LATEST, ALIAS):
-        return ref
+        return ref, None
     try:  # the files are checked by whoever reads them (each landed file's size and checksum)
-        return resolve_manifest(store, model, ref, files=False)[0]
+        return resolve_manifest(store, model, ref, files=False)
     except PromotionError as e:
         raise VersionNotFound(f"{store.uri(join(DEFAULT_ROOT, model))}: no {ref} version of {model!r} "
                               f"{purpose} ({e})") from None
@@ -783,7 +792,7 @@ def resolve_source(
     pinned to the version resolved here, rejection checked on ``remote``), so the loader can be
     given the reference itself: ``load(f"{model}/production", storage=returned)``."""
     ref = version
-    version = _version_for(remote, model, version, "to load")
+    version = _version_for(remote, model, version, "to load")[0]
     version_prefix(model, version)
     pinned = {f"{model}/{ref}": version} if ref != version else {}
     if tier is not None and tier.resolve(model, version) is not None:
