@@ -46,7 +46,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,8 +156,6 @@ _META: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[dict, str, torch.Te
 _GOLDEN: dict[str, dict[str, torch.Tensor]] = {}
 _GOLDEN_KEEP = 256
 _GOLDEN_LOCK = threading.Lock()
-# reads them while the weights load (threads start on first use)
-_GOLDEN_READER = ThreadPoolExecutor(4, thread_name_prefix="forgeline-golden")
 
 
 def _arch_key(manifest: dict) -> str:
@@ -416,14 +414,16 @@ def load_version(
     # golden outputs not read yet in this process come while the weights load: one round trip
     # less to a remote store
     g = manifest.get("golden")
-    golden_read = (_GOLDEN_READER.submit(_golden, store, model, version, manifest, root)
-                   if g and str(g.get("sha256")) not in _GOLDEN else None)
+    reader = golden_read = None
+    if g and str(g.get("sha256")) not in _GOLDEN:
+        reader = ThreadPoolExecutor(1, thread_name_prefix="forgeline-golden")
+        golden_read = reader.submit(_golden, store, model, version, manifest, root)
     try:
         module, rep, source, tier_problem = _load_weights(store, model, version, manifest, dev, tier, root,
                                                           on_tier_reject)
     finally:
-        if golden_read is not None:  # not left running past this call, whatever happened
-            wait([golden_read])
+        if reader is not None:  # the read is not left running past this call, whatever happened
+            reader.shutdown(wait=True)
     try:
         golden = golden_read.result() if golden_read is not None else _golden(store, model, version, manifest, root)
     except (export.ExportError, StorageError) as e:
