@@ -237,10 +237,10 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     loads the version); manifests written before crc32 was recorded are checked by sha256.
     Several files land at once (up to the CPU count, at most 4, so their hashes run on different
     cores; more when many files are small, up to the store's ``parallel_requests``, so they are
-    not fetched a few at a time). A file is published (renamed) only once its size and checksum are checked;
-    on any failure every temporary is removed. Memory, besides the destination files: none per
-    request when spliced, else a 1 MiB buffer (S3) or one piece (other stores) per request in
-    flight."""
+    not fetched a few at a time). A file is published (renamed) only once its size and checksum
+    are checked; on any failure every temporary is removed. Memory, besides the destination
+    files: none per request when spliced, else a 1 MiB buffer (S3) or one piece (other stores)
+    per request in flight, and up to 1 MiB per small file landing."""
     if not files:
         return []
     inflight = max(1, int(getattr(store, "concurrency", 0) or 8))
@@ -257,7 +257,8 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
         # thread, not through the pool) and little to hash, as many at once as the store takes
         # requests in parallel (S3: its connection pool), so many of them are not fetched in turns.
         small = sum(1 for f in files if f.bytes <= WHOLE_READ_BYTES)
-        workers = min(len(files), max(min(os.cpu_count() or 1, 4), min(small, max(inflight, store.parallel_requests))))
+        at_once = max(inflight, store.parallel_requests)
+        workers = min(len(files), max(min(os.cpu_count() or 1, 4), min(small, at_once)))
         with ThreadPoolExecutor(workers, thread_name_prefix="shm-land") as pool:
             futures = [pool.submit(_land_one, store, dst, f, gets, fetch, piece, inflight, failed) for f in files]
             try:

@@ -430,7 +430,6 @@ def load_version(
         raise VersionUnusable(export.version_problem(store, model, version, root=root, manifest=manifest)
                               or str(e)) from None
     t_loaded = time.perf_counter()
-    t_loaded = time.perf_counter()
 
     inp, out = io_specs(manifest, golden)
     dtype = _float_dtype(module)
