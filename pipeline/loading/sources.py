@@ -21,7 +21,7 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
-from pipeline.layout import FORMAT, INDEX_NAME, MANIFEST_NAME
+from pipeline.layout import DEFAULT_ROOT, FORMAT, INDEX_NAME, MANIFEST_NAME
 from pipeline.loading.header import LoadError, TensorInfo, header_length, parse_header
 
 if TYPE_CHECKING:
@@ -320,14 +320,14 @@ def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bo
                                   published=(model, version))
 
 
-def published_version(store: Storage, model: str, version: str, manifest: dict, *, root: str | None = None) -> Source:
-    """The shards of the published ``model/version`` in ``store`` (under ``root``, default the
-    published root) from its ``manifest`` as the caller has just read it there: what
-    ``resolve("<model>/<version>", store, allow_rejected=True)`` gives, without reading the
-    manifest again. The version must be complete, as always."""
-    prefix = _export().version_prefix(model, version, *(() if root is None else (root,)))
-    return _store_manifest_source(store, prefix, manifest, f"{model}/{version}", True, published=(model, version),
-                                  root=root)
+def published_version(store: Storage, model: str, version: str, manifest: dict, *,
+                      root: str = DEFAULT_ROOT) -> Source:
+    """The shards of the published ``model/version`` in ``store`` (under ``root``) from its
+    ``manifest`` as the caller has just read it there: what ``resolve("<model>/<version>", store,
+    allow_rejected=True)`` gives, without reading the manifest again. The version must be
+    complete, as always."""
+    return _store_manifest_source(store, _export().version_prefix(model, version, root), manifest,
+                                  f"{model}/{version}", True, published=(model, version), root=root)
 
 
 def _latest_source(storage: Storage, model: str, what: str) -> Source:
@@ -349,8 +349,8 @@ def _latest_source(storage: Storage, model: str, what: str) -> Source:
 
 def _check_version(store: Storage, model: str, version: str, display: str, allow_rejected: bool,
                    manifest: dict | None = None, **files: Any) -> None:
-    """:func:`pipeline.export.version_problem` (``files``: its ``files``/``known_sizes``) as a
-    :class:`LoadError` (a rejected version names the way to load it anyway)."""
+    """:func:`pipeline.export.version_problem` (``files``: its ``files``, ``known_sizes`` and
+    ``root``) as a :class:`LoadError` (a rejected version names the way to load it anyway)."""
     problem = _export().version_problem(store, model, version, allow_rejected=allow_rejected, manifest=manifest,
                                         **files)
     if problem is None:
@@ -567,7 +567,7 @@ def _storage_source(store: Storage, key: str, display: str | None = None, allow_
 
 
 def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, allow_rejected: bool | None = None,
-                           *, published: tuple[str, str] | None = None, root: str | None = None) -> Source:
+                           *, published: tuple[str, str] | None = None, root: str = DEFAULT_ROOT) -> Source:
     """The shards of the version ``m`` describes under ``prefix``. ``allow_rejected`` given (a
     manifest found under a key or URI, or a version by its id): a published location
     (``published``, under ``root``; else found from ``m``) is checked like ``<model>/<version>``
@@ -576,12 +576,11 @@ def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, a
     each other listed file (index, golden outputs) go out together: one round trip for the lot."""
     from pipeline.storage import StorageError, in_parallel, join
 
-    where = {} if root is None else {"root": root}
     check = allow_rejected is not None
     if check:
         published = published or _version_of_prefix(store, prefix, m)
         if published is not None:
-            _check_version(store, *published, display, allow_rejected, m, files=False, **where)
+            _check_version(store, *published, display, allow_rejected, m, files=False, root=root)
         else:
             _reject_check(display, m, allow_rejected)
     check = check and published is not None
@@ -601,14 +600,14 @@ def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, a
         got = in_parallel(first_read, [*specs, *others], "forgeline-shard", store.parallel_requests)
     except LoadError:
         if check:  # a missing shard: said as the check says it
-            _check_version(store, *published, display, True, m, **where)
+            _check_version(store, *published, display, True, m, root=root)
         raise
     shards = got[:len(specs)]
     if check:
         # sizes learned from the store: a remote shard's first read, the stats (a local shard: a stat)
         sizes = ({s.file: s.size for s in shards if s.path is None}
                  | {f: n for f, n in zip(others, got[len(specs):]) if n is not None})
-        _check_version(store, *published, display, True, m, known_sizes=sizes, **where)
+        _check_version(store, *published, display, True, m, known_sizes=sizes, root=root)
     return Source(display, "published", shards, quant=_quant_of(m))
 
 

@@ -409,11 +409,11 @@ def load_version(
     problem = export.version_problem(store, model, version, root=root, manifest=manifest, files=False)
     if problem is not None:
         raise VersionUnusable(problem)
-    if require_golden and not manifest.get("golden"):
+    g = manifest.get("golden")
+    if require_golden and not g:
         raise VersionUnusable(f"{what} has no golden outputs (require_golden is on)")
     # golden outputs not read yet in this process come while the weights load: one round trip
     # less to a remote store
-    g = manifest.get("golden")
     reader = golden_read = None
     if g and str(g.get("sha256")) not in _GOLDEN:
         reader = ThreadPoolExecutor(1, thread_name_prefix="forgeline-golden")
