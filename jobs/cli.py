@@ -218,19 +218,20 @@ def cmd_load(args) -> int:
     _check_cuda_device(args.device)
     options = {"dtype": getattr(__import__("torch"), args.dtype) if args.dtype else None,
                "verify": args.verify, "owned": args.owned, "allow_rejected": args.allow_rejected}
-    where = "path"
-    if _is_published(args.source):
+    source, where = args.source, "path"
+    if _is_published(args.source):  # resolved once, where the bytes are read: the shm tier, else the storage
         from pipeline.shm_tier import resolve_source
         from resources.storage import shm_from_env
 
         model, version = args.source.split("/")
         tier = None if args.no_shm else shm_from_env().tier()
-        options["storage"], where = resolve_source(model, version, tier=tier, local_cache=None, remote=open_store())
+        source, where = resolve_source(model, version, tier=tier, local_cache=None, remote=open_store(),
+                                       allow_rejected=args.allow_rejected)
     with Progress(TextColumn(f"loading {args.source}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console, disable=args.json, transient=True) as progress:
         task = progress.add_task("load", total=None)
         tensors, rep = loading.load_with_report(
-            args.source, args.device, progress=lambda done, total: progress.update(task, completed=done, total=total),
+            source, args.device, progress=lambda done, total: progress.update(task, completed=done, total=total),
             **options)
     out = {"tensors": rep.tensors, "bytes": rep.bytes, "seconds": rep.seconds_total, "gbps": rep.gbps,
            "read_seconds": rep.seconds_read, "copy_seconds": rep.seconds_copy, "source_kind": rep.source_kind,

@@ -43,8 +43,8 @@ Usage::
     tier = ShmTier("/dev/shm/forgeline", capacity_bytes=64 * 2**30)
     report = tier.prewarm(store, "digits", "production")   # or "latest", or a version id
     report.hit, report.bytes, report.seconds, report.gbps, report.evicted
-    source, where = resolve_source("digits", report.version, tier=tier, local_cache=None, remote=store)
-    module = build_from_version(source, "digits", report.version)
+    source, where = resolve_source("digits", "production", tier=tier, local_cache=None, remote=store)
+    tensors = load(source)                                  # where == "shm": read from the tier
 
 This module never imports dagster.
 """
@@ -66,7 +66,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from pipeline.export import (
     DEFAULT_ROOT,
@@ -99,6 +99,9 @@ from pipeline.storage import (
 )
 from pipeline.storage.base import WHOLE_READ_BYTES, pwrite_all
 from pipeline.storage.local import temp_path
+
+if TYPE_CHECKING:
+    from pipeline.loading.sources import Source
 
 DEFAULT_TIER_ROOT = "/dev/shm/forgeline"
 _META = ".tier"
@@ -769,13 +772,17 @@ class TierView(LocalStorage):
     ``latest`` and rejection are those of ``authority``, the storage the copy came from (a copy has
     no production alias, and its manifests predate a later rejection); ``pinned_refs``
     (``{"<model>/<ref>": version}``) is what resolve_source resolved, so ``load("digits/production",
-    storage=view)`` reads exactly the version found in the copy even if the alias moves meanwhile
+    storage=view)`` reads exactly the version found in the copy even if the alias moves meanwhile;
+    ``authority_manifests`` (``{version: manifest}``) are the authority's manifests as the caller
+    has just read them, so rejection is checked without reading them again
     (:mod:`pipeline.loading.sources`)."""
 
-    def __init__(self, root: str | os.PathLike, *, authority: Storage, pinned_refs: dict[str, str] | None = None):
+    def __init__(self, root: str | os.PathLike, *, authority: Storage, pinned_refs: dict[str, str] | None = None,
+                 authority_manifests: dict[str, dict] | None = None):
         super().__init__(root, fsync=False)
         self.authority = authority
         self.pinned_refs = dict(pinned_refs or {})
+        self.authority_manifests = dict(authority_manifests or {})
 
 
 def resolve_source(
@@ -785,22 +792,45 @@ def resolve_source(
     tier: ShmTier | None,
     local_cache: LocalStorage | None,
     remote: Storage,
-) -> tuple[Storage, str]:
-    """Where the loader should read ``model``/``version`` from: the shm tier when the version is
-    complete there (``"shm"``; recency refreshed), else the local cache when it holds the whole
-    version (``"local"``), else ``remote`` (``"remote"``). ``"latest"`` and ``"production"`` are
-    resolved on ``remote``. The tier and the cache come back as a :class:`TierView` (references
-    pinned to the version resolved here, rejection checked on ``remote``), so the loader can be
-    given the reference itself: ``load(f"{model}/production", storage=returned)``."""
-    ref = version
-    version = _version_for(remote, model, version, "to load")[0]
-    version_prefix(model, version)
-    pinned = {f"{model}/{ref}": version} if ref != version else {}
-    if tier is not None and tier.resolve(model, version) is not None:
-        return TierView(tier.root, authority=remote, pinned_refs=pinned), "shm"
-    if local_cache is not None and version_problem(local_cache, model, version, allow_rejected=True) is None:
-        return TierView(local_cache.root, authority=remote, pinned_refs=pinned), "local"
-    return remote, "remote"
+    allow_rejected: bool = False,
+) -> tuple[Source, str]:
+    """``model``/``version`` resolved for the loader (``load(source)``) and where its bytes are
+    read: the shm tier when the version is complete there (``"shm"``; recency refreshed), else the
+    local cache when it holds the whole version (``"local"``), else ``remote`` (``"remote"``).
+    ``"latest"`` and ``"production"`` are what ``remote`` names, rejection is ``remote``'s, and a
+    version read from ``remote`` is resolved once: the manifest read to choose it is the one
+    loaded. ``latest`` is the newest candidate that is not rejected and is whole in a copy or on
+    ``remote`` (:func:`pipeline.loading.sources.latest_source`). ``allow_rejected``: as for
+    :func:`pipeline.loading.load`, by version id only."""
+    from pipeline.loading.sources import latest_source, published_version, resolve
+
+    ref, where = version, "remote"
+
+    def copy(v: str, manifest: dict | None = None) -> Source | None:  # from a whole copy, by a view pinned to v
+        nonlocal where
+        if tier is not None and tier.resolve(model, v) is not None:
+            root, where = tier.root, "shm"
+        elif local_cache is not None and version_problem(local_cache, model, v, allow_rejected=True) is None:
+            root, where = local_cache.root, "local"
+        else:
+            return None
+        view = TierView(root, authority=remote, pinned_refs={f"{model}/{ref}": v} if ref != v else {},
+                        authority_manifests={v: manifest} if manifest is not None else None)
+        return resolve(f"{model}/{ref}", view, allow_rejected=allow_rejected)
+
+    if ref == LATEST:
+        return latest_source(remote, model, copy=copy), where
+    if ref == ALIAS:
+        v, manifest = _version_for(remote, model, ref, "to load")
+        found = copy(v, manifest)
+        if found is None:
+            found = published_version(remote, model, v, manifest, ref=ref)
+        return found, where
+    version_prefix(model, ref)  # a valid version id
+    found = copy(ref)
+    if found is None:
+        found = resolve(f"{model}/{ref}", remote, allow_rejected=allow_rejected)
+    return found, where
 
 
 __all__ = [

@@ -215,11 +215,13 @@ def test_tier_view_reads_the_copy_but_follows_the_authority(local_storage, tmp_p
     promotion.promote(local_storage, "net", "v1")
     tier = ShmTier(tmp_path / "tier")
     tier.prewarm(local_storage, "net", "production")
-    view, where = resolve_source("net", "production", tier=tier, local_cache=None, remote=local_storage)
-    assert where == "shm" and isinstance(view, TierView) and view.pinned_refs == {"net/production": "v1"}
-    promotion.promote(local_storage, "net", "v2")  # the alias moves after resolve_source: the pin holds
-    rep = LoadReport()
-    assert load("net/production", storage=view, report=rep)["w"].tolist() == [0, 0, 0]
+    source, where = resolve_source("net", "production", tier=tier, local_cache=None, remote=local_storage)
+    assert where == "shm" and source.display == "net/production (v1)"
+    assert all(s.path.startswith(str(tier.root)) for s in source.shards)
+    promotion.promote(local_storage, "net", "v2")  # the alias moves after resolve_source: what it resolved holds
+    assert load(source)["w"].tolist() == [0, 0, 0]
+    view = TierView(tier.root, authority=local_storage, pinned_refs={"net/production": "v1"})
+    assert load("net/production", storage=view)["w"].tolist() == [0, 0, 0]  # pinned: the alias is not asked
     # unpinned, the view resolves on its authority: v2 is not in the tier copy
     with pytest.raises(LoadError, match=r"net/production \(v2\): v2 is not in"):
         load("net/production", storage=TierView(tier.root, authority=local_storage))

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from pipeline import export as ex
+from pipeline.loading import load
 from pipeline.shm_tier import PrewarmReport, ShmTier, VersionPinned, resolve_source
 from pipeline.storage import IntegrityError, LocalStorage, Storage, StorageError, StorageFull, copy_between, join
 
@@ -405,7 +406,10 @@ def test_resolve_source_prefers_shm_then_local_then_remote(local_storage, tier_r
     def where(version="v2", **kw):
         args = {"tier": tier, "local_cache": cache, "remote": remote, **kw}
         source, w = resolve_source(MODEL, version, **args)
-        assert ex.verify(source, MODEL, "v2" if version == "latest" else version) == []
+        root = {"shm": tier.root, "local": cache.root, "remote": remote.root}[w]
+        assert all(s.path.startswith(str(root)) for s in source.shards)  # read where it says
+        got = load(source)
+        assert all(torch.equal(got[k], v) for k, v in state(0 if version == "v1" else 1).items())
         return w
 
     assert where() == "remote"
@@ -426,8 +430,6 @@ def test_resolve_source_prefers_shm_then_local_then_remote(local_storage, tier_r
 
 def test_resolve_source_follows_the_production_alias(local_storage, tier_root):
     from pipeline import promotion
-    from pipeline.loading import load
-    from pipeline.shm_tier import TierView
 
     remote = local_storage
     publish(remote, "v1", seed=0)
@@ -437,14 +439,45 @@ def test_resolve_source_follows_the_production_alias(local_storage, tier_root):
         resolve_source(MODEL, "production", tier=tier, local_cache=None, remote=remote)
     promotion.promote(remote, MODEL, "v1")
     tier.prewarm(remote, MODEL, "v2")  # the newest is warm, production is not
-    source, where = resolve_source(MODEL, "production", tier=tier, local_cache=None, remote=remote)
-    assert (source, where) == (remote, "remote")
-    tier.prewarm(remote, MODEL, "production")
-    source, where = resolve_source(MODEL, "production", tier=tier, local_cache=None, remote=remote)
-    assert where == "shm" and isinstance(source, TierView) and source.root == tier.root
-    assert source.authority is remote and source.pinned_refs == {f"{MODEL}/production": "v1"}
-    got = load(f"{MODEL}/production", storage=source)
-    assert all(torch.equal(got[k], v) for k, v in state(0).items())
+    for warm in (False, True):
+        if warm:
+            tier.prewarm(remote, MODEL, "production")
+        source, where = resolve_source(MODEL, "production", tier=tier, local_cache=None, remote=remote)
+        assert where == ("shm" if warm else "remote") and source.display == f"{MODEL}/production (v1)"
+        assert all(s.path.startswith(str(tier.root if warm else remote.root)) for s in source.shards)
+        got = load(source)
+        assert all(torch.equal(got[k], v) for k, v in state(0).items())
+
+
+@pytest.mark.parametrize("ref", ["latest", "production"])
+def test_resolve_source_from_s3_asks_as_a_load_does(s3_storage, tier_root, s3_requests, ref):
+    """What ``forgeline load <model>/<ref>`` resolves from S3 is resolved once: the reference's
+    requests (the LIST and each manifest for ``latest``, the alias and the manifest for
+    ``production``), then the shard's first GET, each asked once. With the version in the tier,
+    no byte of it comes from S3."""
+    from pipeline import promotion
+
+    for i, v in enumerate(["v1", "v2"]):
+        ex.export({"w": torch.full((3,), float(i))}, s3_storage, MODEL, v)
+    promotion.promote(s3_storage, MODEL, "v2")
+    tier = ShmTier(tier_root)
+    for warm in (False, True):
+        if warm:
+            tier.prewarm(s3_storage, MODEL, "v2")
+        req = s3_requests(s3_storage.client)
+        source, where = resolve_source(MODEL, ref, tier=tier, local_cache=None, remote=s3_storage)
+        assert where == ("shm" if warm else "remote")
+        assert load(source)["w"].tolist() == [1, 1, 1]
+        reads = req.of("header")
+        if ref == "latest":
+            assert req.of("LIST") and len(req.of("LIST")) == 1
+            assert sorted(k for k in reads if k.endswith("manifest.json"))[:2] == ["v1/manifest.json",
+                                                                                   "v2/manifest.json"]
+        else:
+            assert not req.of("LIST") and reads[:2] == [f"{MODEL}/production", "v2/manifest.json"]
+        shard_reads = [k for k in reads + req.of("GET") if k.endswith(".safetensors")]
+        assert shard_reads == ([] if warm else ["v2/model.safetensors"])
+        assert len(reads) == len(set(reads))  # a tier copy's rejection: from the manifest read to choose it
 
 
 # Pre-warm from S3 (the real radosgw): parallel ranged reads straight into the tier's files -------

@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,7 +283,7 @@ def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bo
     if ref in (_promotion().ALIAS, _promotion().LATEST):
         version = (getattr(storage, "pinned_refs", None) or {}).get(what)
         if version is None and ref == _promotion().LATEST and authority is storage:
-            return _latest_source(storage, model, what)
+            return latest_source(storage, model)
         if version is None:
             try:  # not rejected (latest: and complete), or the resolve fails
                 version, resolved = _promotion().resolve_manifest(authority, model, ref, files=False)
@@ -310,7 +310,8 @@ def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bo
             raise LoadError(display, str(e)) from None
     prefix = _export().version_prefix(model, version)
     if authority is not storage:  # rejection is the authority's; the bytes are the copy's, which must be complete
-        _check_version(authority, model, version, display, allow_rejected, files=False)
+        checked = (getattr(storage, "authority_manifests", None) or {}).get(version)
+        _check_version(authority, model, version, display, allow_rejected, checked, files=False)
         problem = _export().version_problem(storage, model, version, allow_rejected=True, manifest=manifest)
         if problem is not None:
             raise LoadError(display, f"the copy in {storage.uri()} is not complete: {problem}")
@@ -321,26 +322,33 @@ def _published_source(storage: Storage, model: str, ref: str, allow_rejected: bo
 
 
 def published_version(store: Storage, model: str, version: str, manifest: dict, *,
-                      root: str = DEFAULT_ROOT) -> Source:
+                      root: str = DEFAULT_ROOT, ref: str | None = None) -> Source:
     """The shards of the published ``model/version`` in ``store`` (under ``root``) from its
     ``manifest`` as the caller has just read it there: what ``resolve("<model>/<version>", store,
     allow_rejected=True)`` gives, without reading the manifest again. The version must be
-    complete, as always."""
+    complete, as always. ``ref``: the reference the caller resolved to it (``production``), for
+    messages (``model/production (version)``)."""
+    display = f"{model}/{version}" if ref in (None, version) else f"{model}/{ref} ({version})"
     return _store_manifest_source(store, _export().version_prefix(model, version, root), manifest,
-                                  f"{model}/{version}", True, published=(model, version), root=root)
+                                  display, True, published=(model, version), root=root)
 
 
-def _latest_source(storage: Storage, model: str, what: str) -> Source:
+def latest_source(storage: Storage, model: str, *,
+                  copy: Callable[[str, dict], Source | None] | None = None) -> Source:
     """``<model>/latest``: the newest version that is not rejected and whose files are all there,
     found by reading it: the newest candidate's shards are read (and its other files stat-ed) at
-    once, with no round of stats to choose it first; an incomplete one passes to the next newest."""
-    skipped = []
+    once, with no round of stats to choose it first; an incomplete one passes to the next newest.
+    ``copy(version, manifest)``: the candidate's shards from a whole copy of it (the shm tier, a
+    local cache; ``manifest``: the candidate's in ``storage``), or None to read it from ``storage``."""
+    what, skipped = f"{model}/latest", []
     for version, manifest in _export().newest_manifests(storage, model):
         if manifest.get("rejected"):
             continue
+        found = copy(version, manifest) if copy is not None else None
+        if found is not None:
+            return found
         try:
-            return _store_manifest_source(storage, _export().version_prefix(model, version), manifest,
-                                          f"{what} ({version})", True, published=(model, version))
+            return published_version(storage, model, version, manifest, ref="latest")
         except LoadError as e:  # a file missing, or of another size, or a malformed manifest
             skipped.append(e.message)
     why = f" ({'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''})" if skipped else ""
@@ -611,4 +619,4 @@ def _store_manifest_source(store: Storage, prefix: str, m: dict, display: str, a
     return Source(display, "published", shards, quant=_quant_of(m))
 
 
-__all__ = ["Shard", "Source", "hash_file", "published_version", "resolve"]
+__all__ = ["Shard", "Source", "hash_file", "latest_source", "published_version", "resolve"]
