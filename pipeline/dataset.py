@@ -36,7 +36,7 @@ def collect(store: Storage, *, published: str = "raw/shards", batches: list[str]
     used, skipped, unlabeled = [], [], []
     gone_batches, gone_shards = withdrawn(store)
     for key in manifests:
-        m = json.loads(store.read(key))
+        m = store.read_record(key, "batch manifest")
         if batches is not None and m["batch"] not in batches:
             continue
         if m["batch"] in gone_batches:

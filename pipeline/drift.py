@@ -132,7 +132,7 @@ def table_rows(store: Storage, batches: list[str], *, published: str = "raw/tabl
         man_key = join(published, batch, MANIFEST)
         if not store.exists(man_key):
             raise DriftError(f"{store.uri(man_key)}: batch {batch!r} has no published table")
-        manifest = json.loads(store.read(man_key))
+        manifest = store.read_record(man_key, "table manifest")
         for f in manifest["files"]:
             frames.append(pl.read_parquet(io.BytesIO(store.read(f["key"]))))
     if not frames:

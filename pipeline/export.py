@@ -89,7 +89,7 @@ from pipeline.safetensors_format import CODES as _ST_CODES
 from pipeline.safetensors_format import itemsize as _itemsize
 from pipeline.layout import DEFAULT_ROOT, FORMAT, GOLDEN_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_SHARD_NAME
 from pipeline.storage import (CHUNK, Crc32, ObjectNotFound, Storage, StorageError, check_key, hash_stream, in_parallel,
-                              join)
+                              join, parse_record)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -829,11 +829,18 @@ def manifest_bytes(manifest: dict) -> bytes:
 def read_manifest(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT) -> dict:
     key = join(version_prefix(model, version, root), MANIFEST_NAME)
     try:
-        manifest = json.loads(store.read(key))
+        raw = store.read(key)
     except ObjectNotFound:
         raise VersionNotFound(f"{store.uri(key)}: no such published version {version!r} of {model!r}") from None
+    return parse_manifest(raw, store.uri(key))
+
+
+def parse_manifest(raw: bytes, where: str) -> dict:
+    """A stored manifest's bytes (from ``where``, its uri) as a manifest of this format, else
+    :class:`~pipeline.storage.CorruptObject` or :class:`ExportError` naming ``where``."""
+    manifest = parse_record(raw, where, "manifest")
     if manifest.get("format") != FORMAT:
-        raise ExportError(f"{store.uri(key)}: unsupported manifest format {manifest.get('format')!r}")
+        raise ExportError(f"{where}: unsupported manifest format {manifest.get('format')!r}")
     return manifest
 
 
@@ -850,7 +857,7 @@ def verify(store: Storage, model: str, version: str, *, root: str = DEFAULT_ROOT
         problems += _file_problems(store, join(prefix, g["file"]), f"golden {g['file']}", g["size"], g)
     idx = manifest.get("index") or {"file": INDEX_NAME}
     try:
-        index = json.loads(store.read(join(prefix, idx["file"])))
+        index = store.read_record(join(prefix, idx["file"]), "index")
         want = {n: s["file"] for s in manifest["shards"] for n in s["tensors"]}
         if index.get("weight_map") != want or index.get("metadata", {}).get("total_size") != manifest["total_size"]:
             problems.append(f"{idx['file']}: weight map or total_size disagrees with the manifest")
@@ -1099,6 +1106,7 @@ __all__ = [
     "manifest_files",
     "new_version",
     "newest_manifests",
+    "parse_manifest",
     "plan_shards",
     "read_golden",
     "read_manifest",

@@ -726,11 +726,9 @@ class ShardIngestResult:
 
 def _read_manifest(store: Storage, key: str) -> dict | None:
     try:
-        return json.loads(store.read(key))
+        return store.read_record(key, "published manifest")
     except ObjectNotFound:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IngestError(f"{store.uri(key)}: published manifest is not valid JSON ({e})") from e
 
 
 def _note(store: Storage, src_key: str, qkey: str, reason: str) -> None:
@@ -977,11 +975,8 @@ def withdrawals(store: Storage, *, records: str = WITHDRAWN) -> list[dict]:
     for o in store.list(records):
         if not o.key.endswith(".json"):
             continue
-        try:
-            rec = json.loads(store.read(o.key))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise IngestError(f"{store.uri(o.key)}: unreadable withdrawal record ({type(e).__name__}: {e})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("batch"), str):
+        rec = store.read_record(o.key, "withdrawal record")
+        if not isinstance(rec.get("batch"), str):
             raise IngestError(f"{store.uri(o.key)}: withdrawal record without a 'batch'")
         out.append({**rec, "record": o.key})
     return sorted(out, key=lambda r: PurePosixPath(r["record"]).name)  # names start with the UTC time

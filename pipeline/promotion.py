@@ -52,7 +52,7 @@ def _history_prefix(model: str, root: str) -> str:
 def production(store: Storage, model: str, *, root: str = DEFAULT_ROOT) -> dict | None:
     """The production alias of ``model`` (the promotion record), or None when nothing was promoted."""
     try:
-        return json.loads(store.read(_alias_key(model, root)))
+        return store.read_record(_alias_key(model, root), "production alias")
     except ObjectNotFound:
         return None
 
@@ -108,7 +108,7 @@ def history(store: Storage, model: str, *, root: str = DEFAULT_ROOT) -> list[dic
     """Every promotion of ``model``, oldest first."""
     prefix = _history_prefix(model, root)
     keys = sorted(o.key for o in store.list(prefix) if o.key.endswith(".json"))
-    return [json.loads(store.read(k)) for k in keys]
+    return [store.read_record(k, "promotion record") for k in keys]
 
 
 def resolve(store: Storage, model: str, ref: str, *, root: str = DEFAULT_ROOT) -> str:

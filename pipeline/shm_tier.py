@@ -70,14 +70,13 @@ from typing import TYPE_CHECKING, NoReturn
 
 from pipeline.export import (
     DEFAULT_ROOT,
-    FORMAT,
     INDEX_NAME,
     MANIFEST_NAME,
-    ExportError,
     ListedFile,
     VersionNotFound,
     manifest_bytes,
     manifest_files,
+    parse_manifest,
     version_prefix,
     version_problem,
 )
@@ -689,13 +688,7 @@ class ShmTier:
             except ObjectNotFound:
                 raise VersionNotFound(f"{store.uri(manifest_key)}: no such published version {version!r} "
                                       f"of {model!r}") from None
-            try:
-                manifest = json.loads(raw)
-            except ValueError as e:
-                raise ExportError(f"{store.uri(manifest_key)}: unreadable manifest ({e})") from None
-            if manifest.get("format") != FORMAT:
-                raise ExportError(f"{store.uri(manifest_key)}: unsupported manifest format "
-                                  f"{manifest.get('format')!r}")
+            manifest = parse_manifest(raw, store.uri(manifest_key))
         files = manifest_files(manifest)
         if not manifest.get("index"):  # manifests before the index was listed: copy it if it is there
             try:

@@ -148,3 +148,25 @@ def test_load_refuses_rejected_versions_unless_allowed(env, tmp_path, capsys):
     assert rc == 1 and "missing" in one_line(err)
     rc, _, err = run(capsys, "load", "digits/production")  # production (v2) still loads
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("record,commands", [
+    ("production", [["models", "digits"], ["load", "digits/production"], ["promote", "digits", "v1"],
+                    ["rollback", "digits"]]),
+    ("promotions", [["models", "digits"]]),  # (a rollback reads the alias only)
+    ("v2/manifest.json", [["load", "digits/v2"], ["load", "digits/production"], ["promote", "digits", "v2"]]),
+])
+@pytest.mark.parametrize("damage", [b'{"version": "v2", "at', b"[]"], ids=["truncated", "not-an-object"])
+def test_a_damaged_record_is_one_line_naming_it(env, capsys, record, commands, damage):
+    """A promotion alias, promotion record or manifest damaged outside forgeline (every write it
+    makes is atomic): each command that reads it fails with one line naming the file and what is
+    wrong, and changes nothing."""
+    prefix = join(export.DEFAULT_ROOT, "digits")
+    key = env.list(join(prefix, record))[-1].key  # a promotion record: the newest
+    env.write_atomic(key, damage)
+    before = {o.key: env.read(o.key) for o in env.list(prefix)}
+    for argv in commands:
+        rc, _, err = run(capsys, *argv)
+        assert rc == 1 and env.uri(key) in one_line(err), (argv, err)
+        assert ("is corrupt or truncated" if damage.startswith(b"{") else "is a JSON list, not an object") in err
+    assert {o.key: env.read(o.key) for o in env.list(prefix)} == before

@@ -15,6 +15,7 @@ import pytest
 from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
 
 from pipeline.storage import (
+    CorruptObject,
     IntegrityError,
     ObjectChanged,
     ObjectNotFound,
@@ -232,6 +233,23 @@ def test_copy(store):
     if is_s3(store):
         assert info.sha256 == store.stat("dst/a").sha256 == hashlib.sha256(BIG).hexdigest()
         assert store.stat("dst/small").sha256 == hashlib.sha256(b"tiny").hexdigest()
+
+
+@pytest.mark.parametrize("data,problem", [
+    (b'{"version": "v2", "at', r"not valid JSON \(Unterminated string.*\): the alias is corrupt or truncated"),
+    (b"", r"not valid JSON \(Expecting value.*\): the alias is corrupt or truncated"),
+    (b"\xff\xfe\x00{", r"not valid JSON .*: the alias is corrupt or truncated"),
+    (b"[1, 2]", r"the alias is a JSON list, not an object"),
+    (b'"v2"', r"the alias is a JSON str, not an object"),
+    (b"[" * 100_000, r"not valid JSON .*: the alias is corrupt or truncated"),  # too deep to parse
+], ids=["truncated", "empty", "not-utf8", "list", "string", "deep"])
+def test_read_record_names_the_object_and_the_problem(store, data, problem):
+    store.write_atomic("m/alias", data)
+    with pytest.raises(CorruptObject, match=re.escape(store.uri("m/alias")) + ": " + problem):
+        store.read_record("m/alias", "alias")
+    store.write_atomic("m/alias", b'{"version": "v2"}')
+    assert store.read_record("m/alias", "alias") == {"version": "v2"}
+    assert issubclass(CorruptObject, StorageError) and issubclass(CorruptObject, ValueError)
 
 
 def test_missing_object_names_uri(store):

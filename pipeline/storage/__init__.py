@@ -15,6 +15,7 @@ The interface and its errors are in ``base``; the backends in ``local``, ``shm``
 from pipeline.storage.base import (
     CHUNK,
     AtomicWriter,
+    CorruptObject,
     Crc32,
     IntegrityError,
     ObjectChanged,
@@ -28,6 +29,7 @@ from pipeline.storage.base import (
     hash_stream,
     in_parallel,
     join,
+    parse_record,
     ranged_read_size,
     sha256_stream,
 )
@@ -38,6 +40,7 @@ from pipeline.storage.spec import configured, from_spec, from_uri
 __all__ = [
     "CHUNK",
     "AtomicWriter",
+    "CorruptObject",
     "Crc32",
     "IntegrityError",
     "LocalStorage",
@@ -56,6 +59,7 @@ __all__ = [
     "hash_stream",
     "in_parallel",
     "join",
+    "parse_record",
     "ranged_read_size",
     "sha256_stream",
 ]

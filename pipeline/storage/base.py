@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -47,6 +48,23 @@ class ObjectChanged(IntegrityError):
 
 class StorageFull(StorageError):
     """No space left (disk full, tmpfs full, or a configured capacity reached)."""
+
+
+class CorruptObject(StorageError, ValueError):
+    """An object whose bytes are not what it must hold (a JSON record that does not parse). Every
+    write is atomic, so this is damage from outside: a truncated copy, a hand edit."""
+
+
+def parse_record(data: bytes, where: str, what: str) -> dict:
+    """``data`` as a JSON object; else :class:`CorruptObject` naming ``where`` (the object's
+    uri) and saying what is wrong with this ``what`` (``"manifest"``, ``"production alias"``)."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CorruptObject(f"{where}: not valid JSON ({e}): the {what} is corrupt or truncated") from None
+    if not isinstance(doc, dict):
+        raise CorruptObject(f"{where}: the {what} is a JSON {type(doc).__name__}, not an object")
+    return doc
 
 
 @dataclass(frozen=True)
@@ -270,6 +288,10 @@ class Storage(ABC):
     def read(self, key: str) -> bytes:
         with self.open_read(key) as f:
             return f.read()
+
+    def read_record(self, key: str, what: str) -> dict:
+        """The JSON object stored at ``key`` (a manifest, an alias, a record): :func:`parse_record`."""
+        return parse_record(self.read(key), self.uri(key), what)
 
     def write_atomic(
         self,

@@ -48,7 +48,7 @@ def read_node_result(storage: Storage, job_key: str) -> TrainResult:
     """The result the node hosting global rank 0 wrote for ``job_key``."""
     key = node_result_key(job_key)
     try:
-        res = json.loads(storage.read(key))
+        res = storage.read_record(key, "training result")
     except ObjectNotFound:
         raise TrainingFailed(f"{storage.uri(key)}: no result for training job {job_key!r}; the run has not "
                              "finished, or failed (see the node logs)") from None
@@ -83,7 +83,7 @@ def node_main(argv: list[str]) -> int:
 
     store = from_spec(json.loads(args.storage))
     try:
-        job = json.loads(store.read(args.job_key))
+        job = store.read_record(args.job_key, "training job")
     except ObjectNotFound:
         raise SystemExit(f"{tag}: no training job at {store.uri(args.job_key)} (prepare_node_job writes it)") from None
     if job.get("format") != NODE_JOB_FORMAT:
