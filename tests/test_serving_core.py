@@ -325,6 +325,34 @@ def test_lru_budget_evicts_idle_models_and_reloads(store):
     run(main())
 
 
+def test_a_damaged_alias_keeps_the_served_version_until_it_is_repaired(store, caplog):
+    """The production alias damaged outside forgeline: the server keeps answering with what it
+    serves and logs one warning naming the file each poll; once the alias reads again, it swaps."""
+    mods = {"v1": publish(store, "digits", "v1", 1), "v2": publish(store, "digits", "v2", 2)}
+    promotion.promote(store, "digits", "v1")
+    alias = export.version_prefix("digits", "production")
+    good = store.read(alias)
+
+    async def main():
+        reg = ModelRegistry(store, config())
+        await reg.start()
+        x = batch(2)
+        assert np.allclose((await reg.infer("digits", None, {"input": x}))["output"], eager(mods["v1"], x), atol=1e-5)
+        store.write_atomic(alias, good[: len(good) // 2])
+        await asyncio.sleep(10 * reg.config.poll_s)
+        out = await reg.infer("digits", None, {"input": x})
+        assert out.version == "v1" and np.allclose(out["output"], eager(mods["v1"], x), atol=1e-5)
+        warned = [r.getMessage() for r in caplog.records if "cannot read the production alias" in r.getMessage()]
+        assert warned and all(store.uri(alias) in w and "corrupt or truncated" in w for w in warned)
+        store.write_atomic(alias, good)
+        promotion.promote(store, "digits", "v2")
+        await wait_until(lambda: reg.metadata("digits")["parameters"]["serving"] == "v2", timeout=10)
+        await reg.stop()
+
+    with caplog.at_level("WARNING"):
+        run(main())
+
+
 def test_watcher_does_not_reload_a_model_evicted_while_it_read_the_alias(store):
     """The alias watcher reads every serving model's alias off the event loop; a model the LRU
     evicts meanwhile must stay evicted (its next request loads it), not be loaded back by the
