@@ -23,7 +23,9 @@ median of ``--repeat`` loads in fresh S3Storage objects (new connections):
 * requests    how many the load sent, weights included (one GET per 4 KiB shard), by HTTP method
               (a LIST is a GET).
 
-and the same for a pre-warm of ``<model>/production`` into an empty shm tier (``ShmTier.prewarm``:
+and for ``forgeline load <model>/latest`` and ``<model>/production`` (``shm_tier.resolve_source``,
+then the load: the CLI's path, with a shm tier that holds another version) the same figures; then
+the same for a pre-warm of ``<model>/production`` into an empty shm tier (``ShmTier.prewarm``:
 resolve, manifest, every file landed and checked, the manifest written last), and for a server's
 load of a published DigitsCNN (``serving.loader.load_version``: manifest, golden outputs, weights,
 the golden check; what a hot swap to a version not in the tier waits for; each load a version the
@@ -63,7 +65,7 @@ def main() -> int:
     from pipeline.loading import LoadReport, load
     from pipeline.models import build_model
     from pipeline.serving.loader import load_version, release
-    from pipeline.shm_tier import ShmTier
+    from pipeline.shm_tier import ShmTier, resolve_source
     from pipeline.storage.s3 import S3Storage
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -76,7 +78,7 @@ def main() -> int:
     if a.shards < 1 or a.versions < 1 or a.rtt_ms <= 0:
         ap.error("--shards and --versions must be at least 1 and --rtt-ms positive")
 
-    rgw = RGWCluster(memstore_bytes=1 << 30).start()
+    rgw, tier_root = RGWCluster(memstore_bytes=1 << 30).start(), None
     try:
         print(f"radosgw up in {rgw.started_in:.1f} s at {rgw.endpoint}", flush=True)
         rgw.client().create_bucket(Bucket=BUCKET)
@@ -100,6 +102,7 @@ def main() -> int:
                           "served", v, golden=export.golden_outputs(m, export.golden_input((1, 28, 28))))
 
         last = f"layers.{a.shards - 1}.weight"
+        shm_dir = "/dev/shm" if Path("/dev/shm").is_dir() else None
 
         def delayed_storage(delay: float) -> tuple[S3Storage, Counter]:
             """A fresh S3Storage whose every request waits ``delay`` s first, and its requests by
@@ -125,11 +128,29 @@ def main() -> int:
             assert torch.equal(got[last], state[last])
             return rep.seconds_header, total, seen
 
+        def timed_cli(ref: str, delay: float) -> tuple[float, float, Counter]:
+            """The same, as ``forgeline load <ref>`` does it: where to read from (a shm tier that
+            holds an older version, so the answer is the storage), then the load."""
+            s, seen = delayed_storage(delay)
+            rep = LoadReport()
+            t = time.perf_counter()
+            source, where = resolve_source(*ref.split("/"), tier=tier, local_cache=None, remote=s)
+            resolved = time.perf_counter() - t  # the shards' first reads are in it (header s: both)
+            got = load(source, report=rep)
+            total = time.perf_counter() - t
+            assert where == "remote" and torch.equal(got[last], state[last])
+            return resolved + rep.seconds_header, total, seen
+
+        tier_root = tempfile.mkdtemp(prefix="forgeline-coldstart-", dir=shm_dir)
+        tier = ShmTier(tier_root)
+        tier.prewarm(store, "cold", versions[0])
         results = {}
-        for ref in (f"cold/{versions[-1]}", "cold/latest", "cold/production"):
-            runs = [timed_load(ref, a.rtt_ms / 1000) for _ in range(a.repeat)]
-            floor = [timed_load(ref, 0.0)[0] for _ in range(a.repeat)]
-            results[ref] = {"header_s": statistics.median(r[0] for r in runs),
+        loads = [(ref, ref, timed_load) for ref in (f"cold/{versions[-1]}", "cold/latest", "cold/production")]
+        loads += [(f"forgeline load {ref}", ref, timed_cli) for ref in ("cold/latest", "cold/production")]
+        for row, ref, timed in loads:
+            runs = [timed(ref, a.rtt_ms / 1000) for _ in range(a.repeat)]
+            floor = [timed(ref, 0.0)[0] for _ in range(a.repeat)]
+            results[row] = {"header_s": statistics.median(r[0] for r in runs),
                             "total_s": statistics.median(r[1] for r in runs),
                             "header_s_no_delay": statistics.median(floor), "requests": dict(runs[-1][2])}
 
@@ -137,7 +158,7 @@ def main() -> int:
             """(seconds, requests by method) of one pre-warm of the production version into an
             empty shm tier, in a fresh S3Storage."""
             s, seen = delayed_storage(delay)
-            root = tempfile.mkdtemp(prefix="forgeline-coldstart-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+            root = tempfile.mkdtemp(prefix="forgeline-coldstart-", dir=shm_dir)
             try:
                 t = time.perf_counter()
                 ShmTier(root).prewarm(s, "cold", "production")
@@ -164,6 +185,8 @@ def main() -> int:
                             "requests": dict(runs[-1][1])}
     finally:
         rgw.stop()
+        if tier_root:
+            shutil.rmtree(tier_root, ignore_errors=True)
 
     table = Table(title=f"cold start: {a.shards} shards, {a.versions} versions, {a.rtt_ms:g} ms per request "
                         f"(median of {a.repeat})")
