@@ -23,6 +23,7 @@ from pipeline.storage import (
     StorageError,
     StorageFull,
     copy_between,
+    in_parallel,
     ranged_read_size,
 )
 from pipeline.storage.s3 import MIN_PART_SIZE, S3Storage
@@ -250,6 +251,30 @@ def test_read_record_names_the_object_and_the_problem(store, data, problem):
     store.write_atomic("m/alias", b'{"version": "v2"}')
     assert store.read_record("m/alias", "alias") == {"version": "v2"}
     assert issubclass(CorruptObject, StorageError) and issubclass(CorruptObject, ValueError)
+
+
+@pytest.mark.parametrize("fail_fast", [False, True])
+def test_in_parallel_results_in_order_first_failure_raised(fail_fast):
+    """Results in item order; the first failure in item order is raised after the calls started
+    have ended; ``fail_fast`` (one bulk transfer's pieces) starts no item after a failure."""
+    import threading
+    import time
+
+    started, lock = [], threading.Lock()
+
+    def fn(i: int) -> int:
+        with lock:
+            started.append(i)
+        if i in (3, 5):
+            time.sleep(0.05 if i == 5 else 0.0)
+            raise OSError(f"item {i}")
+        time.sleep(0.01)
+        return i * i
+
+    assert in_parallel(lambda i: i * i, list(range(10)), "t", 4) == [i * i for i in range(10)]
+    with pytest.raises(OSError, match="item 3"):
+        in_parallel(fn, list(range(40)), "t", 2, fail_fast=fail_fast)
+    assert (len(started) < 10) if fail_fast else (sorted(started) == list(range(40)))
 
 
 def test_missing_object_names_uri(store):

@@ -352,17 +352,31 @@ class Storage(ABC):
 WHOLE_READ_BYTES = 1 << 20
 
 
-def in_parallel(fn: Callable[[Any], Any], items: list, name: str, workers: int) -> list:
+def in_parallel(fn: Callable[[Any], Any], items: list, name: str, workers: int, *, fail_fast: bool = False) -> list:
     """``fn(item)`` for each item, results in order, on up to ``workers`` threads named ``name``
     (a storage's ``parallel_requests``): per-object round trips to a remote store (a stat, a
-    header GET, a manifest) overlap instead of adding up. Every call runs to its end; the first
-    failure in ``items`` order is then raised."""
+    header GET, a manifest) overlap instead of adding up. Every call started runs to its end; the
+    first failure in ``items`` order is then raised. ``fail_fast``: a failure stops the items not
+    started yet (the pieces of one bulk transfer, which fails as a whole)."""
     if len(items) <= 1 or workers <= 1:
         return [fn(item) for item in items]
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    failed = threading.Event()
+
+    def guarded(item: Any) -> Any:
+        if failed.is_set():
+            return None  # a failure before it is raised below
+        try:
+            return fn(item)
+        except BaseException:
+            if fail_fast:
+                failed.set()
+            raise
+
     with ThreadPoolExecutor(min(len(items), workers), thread_name_prefix=name) as pool:
-        futures = [pool.submit(fn, item) for item in items]
+        futures = [pool.submit(guarded, item) for item in items]
     return [f.result() for f in futures]
 
 

@@ -92,6 +92,7 @@ from pipeline.storage.base import (
     StorageError,
     StorageFull,
     check_key,
+    in_parallel,
     join,
     pwrite_all,
 )
@@ -691,7 +692,7 @@ class S3Storage(Storage):
             if got != n:  # the object (of the pinned version) ends before the range does
                 self._check_range(key, start, length, at + got, size)
 
-        _run_all(fetch, pieces, self.concurrency)
+        in_parallel(fetch, pieces, "s3-get", self.concurrency, fail_fast=True)
 
     def _check_range(self, key: str, start: int, length: int, got: int, size: int) -> None:
         if got != length:
@@ -784,29 +785,6 @@ class S3Storage(Storage):
 
         # Idempotent (If-Match on the source), so a failed copy is simply started again.
         self._retrying(f"COPY from {self.uri(src_key)}", dst_key, copy)
-
-
-def _run_all(fn: Callable[[Any], None], items: list, workers: int) -> None:
-    """``fn(item)`` for every item, ``workers`` at a time; the first exception (in item order)
-    is raised once the others have stopped: a failure stops the items not yet started."""
-    if workers <= 1 or len(items) <= 1:
-        for item in items:
-            fn(item)
-        return
-    failed = threading.Event()
-
-    def guarded(item: Any) -> None:
-        if not failed.is_set():
-            try:
-                fn(item)
-            except BaseException:
-                failed.set()
-                raise
-
-    with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="s3-get") as pool:
-        futures = [pool.submit(guarded, item) for item in items]
-    for f in futures:
-        f.result()
 
 
 class _S3Reader(io.RawIOBase):
