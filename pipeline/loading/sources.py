@@ -350,7 +350,7 @@ def latest_source(storage: Storage, model: str, *,
         try:
             return published_version(storage, model, version, manifest, ref="latest")
         except LoadError as e:  # a file missing, or of another size, or a malformed manifest
-            skipped.append(e.message)
+            skipped.append(f"{model}/{version}: {e.message}" if e.path == f"{what} ({version})" else str(e))
     why = f" ({'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''})" if skipped else ""
     raise LoadError(what, f"no published version of {model!r} in {storage.uri()} is complete and not rejected{why}")
 
@@ -366,7 +366,7 @@ def _check_version(store: Storage, model: str, version: str, display: str, allow
     if not allow_rejected and _export().version_problem(store, model, version, allow_rejected=True,
                                                         manifest=manifest, **files) is None:
         problem += " (load it anyway with allow_rejected=True: forgeline load --allow-rejected)"
-    raise LoadError(display, problem)
+    raise LoadError(display, problem.removeprefix(f"{model}/{version}: "))  # display names the version
 
 
 def _version_of_prefix(store: Storage, prefix: str, manifest: dict) -> tuple[str, str] | None:
