@@ -159,6 +159,26 @@ def test_prewarm_loop_follows_the_production_alias(tmp_path):
     assert "not servable" in loop()[0] and not (tmp_path / "ready").exists()
 
 
+def test_prewarm_loop_steady_round_reads_the_alias_and_the_manifest_only(s3_storage, s3_requests, tmp_path):
+    """Every node runs the loop every minute: once production is warm, a round asks S3 for the
+    alias and the manifest (rejection), one GET each, and stats none of the version's files."""
+    from pipeline import export, promotion
+    from pipeline.shm_tier import ShmTier
+    import torch
+
+    export.export({f"t{i}": torch.full((64,), float(i)) for i in range(6)}, s3_storage, "digits", "v1",
+                  max_shard_bytes=300)
+    promotion.promote(s3_storage, "digits", "v1")
+    tier = ShmTier(tmp_path / "tier")
+    prewarm.prewarm_loop(["digits"], every_s=0, rounds=1, pin=True, store=s3_storage, tier=tier, log=lambda _: None)
+    assert tier.complete("digits", "v1")
+    req = s3_requests(s3_storage.client)
+    lines: list[str] = []
+    prewarm.prewarm_loop(["digits"], every_s=0, rounds=1, pin=True, store=s3_storage, tier=tier, log=lines.append)
+    assert lines == [] and req.of("header") == ["digits/production", "v1/manifest.json"]
+    assert not req.of("HEAD") and not req.of("LIST") and not req.of("GET")
+
+
 def test_prewarm_loop_unpins_the_old_production_when_both_do_not_fit(tmp_path):
     from pipeline import export, promotion
     from pipeline.shm_tier import ShmTier

@@ -33,13 +33,16 @@ def target_version(store: Storage, model: str) -> tuple[str, str] | None:
     """``(ref, version)`` the node should hold for ``model``: the production alias's version, else
     (nothing promoted yet) the newest complete, non-rejected version; None when there is none.
     :class:`~pipeline.promotion.PromotionError` when the production version is no longer servable."""
-    ref = promotion.ALIAS if promotion.production(store, model) is not None else promotion.LATEST
-    try:
-        return ref, promotion.resolve(store, model, ref)
+    try:  # the alias and the manifest (rejection): a steady round sends these two requests, no stats
+        # (the pre-warm checks every file it lands, and a warm copy is already whole)
+        return promotion.ALIAS, promotion.resolve_manifest(store, model, promotion.ALIAS, files=False)[0]
     except promotion.PromotionError:
-        if ref == promotion.LATEST:
-            return None
-        raise
+        if promotion.production(store, model) is not None:
+            raise  # promoted, but that version is not servable
+    try:
+        return promotion.LATEST, promotion.resolve(store, model, promotion.LATEST)
+    except promotion.PromotionError:
+        return None
 
 
 def _held_file(tier, model: str) -> Path:
