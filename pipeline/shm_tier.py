@@ -82,7 +82,6 @@ from pipeline.export import (
 )
 from pipeline.mounts import in_ram
 from pipeline.promotion import ALIAS, LATEST, PromotionError
-from pipeline.promotion import resolve as resolve_ref
 from pipeline.promotion import resolve_manifest
 from pipeline.storage import (
     Crc32,
@@ -517,9 +516,10 @@ class ShmTier:
     def needs_prewarm(self, store: Storage, model: str, ref: str = LATEST) -> str | None:
         """The version ``ref`` names in ``store`` (``"latest"``, ``"production"`` or an id) when it
         is not in the tier yet, else None, also when ``ref`` names nothing (what a sensor asks
-        before requesting a prewarm run)."""
+        before requesting a prewarm run). The version's files are not stat-ed: a pre-warm checks
+        every file it lands, and a copy in the tier is whole."""
         try:
-            v = resolve_ref(store, model, ref)
+            v = resolve_manifest(store, model, ref, files=False)[0]
         except PromotionError:
             return None
         return v if not self.complete(model, v) else None

@@ -229,6 +229,9 @@ def test_prewarm_from_s3_of_small_files_asks_for_each_once_and_for_all_at_once(s
     assert sorted(firsts[2:]) == sorted(f"s1/{f}" for f in listed)
     assert not heads and not gets
     assert peak["header"] == len(listed), peak
+    req.calls.clear()  # the sensor's question once it is warm: the alias and the manifest, no stats
+    assert ShmTier(tier_root).needs_prewarm(s3_storage, MODEL, promotion.ALIAS) is None
+    assert req.of("header") == [f"{MODEL}/production", "s1/manifest.json"] and not req.of("HEAD")
 
 
 def test_budget_evicts_lru_unpinned(local_storage, tier_root):
