@@ -812,7 +812,8 @@ def resolve_source(
         return resolve(f"{model}/{ref}", view, allow_rejected=allow_rejected)
 
     if ref == LATEST:
-        return latest_source(remote, model, copy=copy), where
+        found = latest_source(remote, model, copy=copy)  # sets where
+        return found, where
     if ref == ALIAS:
         v, manifest = _version_for(remote, model, ref, "to load")
         found = copy(v, manifest)
