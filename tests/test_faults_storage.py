@@ -309,6 +309,24 @@ def test_failed_upload_shows_its_root_cause_not_the_abort(moto_storage_factory, 
     assert not store.exists("models/m/v1/model.safetensors")
 
 
+@pytest.mark.parametrize("wrong,hint", [
+    ("aws_secret_access_key", r"SignatureDoesNotMatch.*check AWS_SECRET_ACCESS_KEY"),
+    ("aws_access_key_id", r"InvalidAccessKeyId.*check AWS_ACCESS_KEY_ID"),
+])
+def test_wrong_credentials_say_which_setting(s3_storage, s3_server, s3_credentials, wrong, hint):
+    """Keys a real server (radosgw) refuses: one line naming the object, the endpoint, the code and
+    the setting to check; not retried."""
+    s3_storage.write_atomic("models/m/v1/model.safetensors", b"x")
+    creds = {**s3_credentials, wrong: "WRONG" + s3_credentials[wrong][5:]}
+    store = S3Storage(s3_storage.bucket, prefix=s3_storage.prefix, endpoint_url=s3_server, region_name="us-east-1",
+                      **creds, **FAST)
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=hint) as ei:
+        store.read("models/m/v1/model.safetensors")
+    assert_one_clear_line(ei.value, store)
+    assert time.monotonic() - t0 < 1
+
+
 def test_access_denied_is_not_retried(moto_storage_factory):
     store = moto_storage_factory(**FAST)
     seen = inject(store, "HeadObject", 403, "AccessDenied")

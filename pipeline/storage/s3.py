@@ -125,6 +125,15 @@ _RETRY_CODES = frozenset({
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
+# what a new user most often got wrong, for the codes that say the request was not allowed
+_CREDENTIAL_HINTS = {
+    "SignatureDoesNotMatch": ": the secret key does not match the access key (check AWS_SECRET_ACCESS_KEY)",
+    "InvalidAccessKeyId": ": the endpoint does not know this access key (check AWS_ACCESS_KEY_ID, and "
+                          "FORGELINE_S3_ENDPOINT_URL for a store other than AWS)",
+    "AccessDenied": ": these credentials may not do this on the bucket (check the key's policy)",
+}
+
+
 def _unreachable(err: Exception) -> bool:
     """A refused/timed-out/dropped connection or a truncated body: the endpoint did not answer
     (in full). TLS certificate failures are connection errors too, but retrying cannot fix them."""
@@ -499,8 +508,9 @@ class S3Storage(Storage):
         if code in _FULL:
             return StorageFull(f"{where}: {op} refused, storage full ({code}: {message})")
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        hint = _CREDENTIAL_HINTS.get(code, "")
         return StorageError(f"{where}: {op} failed{tries} ({code or status}: {message or 'no message'}; "
-                            f"endpoint {self.endpoint})")
+                            f"endpoint {self.endpoint}){hint}")
 
     def _retrying(self, op: str, key: str, fn: Callable[[], Any]) -> Any:
         """``fn()`` retried within the retry budget; a final failure is raised as a StorageError
