@@ -795,6 +795,14 @@ def resolve_source(
     loaded. ``latest`` is the newest candidate that is not rejected and is whole in a copy or on
     ``remote`` (:func:`pipeline.loading.sources.latest_source`). ``allow_rejected``: as for
     :func:`pipeline.loading.load`, by version id only."""
+    t0 = time.perf_counter()
+    found = _resolve_source(model, version, tier, local_cache, remote, allow_rejected)
+    found[0].seconds = time.perf_counter() - t0  # all of it, for the load's report
+    return found
+
+
+def _resolve_source(model: str, version: str, tier: ShmTier | None, local_cache: LocalStorage | None,
+                    remote: Storage, allow_rejected: bool) -> tuple[Source, str]:
     from pipeline.loading.sources import latest_source, published_version, resolve
 
     ref, where = version, "remote"

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from pipeline import export as ex
-from pipeline.loading import load
+from pipeline.loading import LoadReport, load
 from pipeline.shm_tier import PrewarmReport, ShmTier, VersionPinned, resolve_source
 from pipeline.storage import IntegrityError, LocalStorage, Storage, StorageError, StorageFull, copy_between, join
 
@@ -470,7 +470,10 @@ def test_resolve_source_from_s3_asks_as_a_load_does(s3_storage, tier_root, s3_re
         req = s3_requests(s3_storage.client)
         source, where = resolve_source(MODEL, ref, tier=tier, local_cache=None, remote=s3_storage)
         assert where == ("shm" if warm else "remote")
-        assert load(source)["w"].tolist() == [1, 1, 1]
+        rep = LoadReport()
+        assert load(source, report=rep)["w"].tolist() == [1, 1, 1]
+        # the report counts the resolving (two rounds of 20 ms at least) in the header and the total
+        assert 0.04 <= source.seconds <= rep.seconds_header <= rep.seconds_total
         reads = req.of("header")
         if ref == "latest":
             assert req.of("LIST") and len(req.of("LIST")) == 1

@@ -140,7 +140,8 @@ def load(
     allow_rejected: load a published version a gate rejected (only by its version id, a key or a
         path: ``production`` and ``latest`` never name a rejected version).
     """
-    t_start = time.perf_counter()
+    # a Source resolved before: its resolving counts too (header and total seconds)
+    t_start = time.perf_counter() - (source.seconds if isinstance(source, Source) else 0.0)
     rep = report if report is not None else LoadReport()
     rep.__dict__.update(LoadReport().__dict__)  # a reused report starts afresh
     dev = _parse_device(device)

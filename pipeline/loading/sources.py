@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -182,6 +183,9 @@ class Source:
     shards: list[Shard]
     quant: dict | None = None  # quantization metadata (manifest)
     complete: bool = True  # the shards are a whole model (strict dequantization)
+    # resolved before load() was handed it (published_version, shm_tier.resolve_source): the time
+    # that took (the requests that chose it, the shards' first reads), counted into the load's report
+    seconds: float = 0.0
 
     def check_names(self) -> None:
         """Every tensor the index/manifest places in a shard is there, and no tensor is in two."""
@@ -328,9 +332,12 @@ def published_version(store: Storage, model: str, version: str, manifest: dict, 
     allow_rejected=True)`` gives, without reading the manifest again. The version must be
     complete, as always. ``ref``: the reference the caller resolved to it (``production``), for
     messages (``model/production (version)``)."""
+    t0 = time.perf_counter()
     display = f"{model}/{version}" if ref in (None, version) else f"{model}/{ref} ({version})"
-    return _store_manifest_source(store, _export().version_prefix(model, version, root), manifest,
-                                  display, True, published=(model, version), root=root)
+    src = _store_manifest_source(store, _export().version_prefix(model, version, root), manifest,
+                                 display, True, published=(model, version), root=root)
+    src.seconds = time.perf_counter() - t0
+    return src
 
 
 def latest_source(storage: Storage, model: str, *,
