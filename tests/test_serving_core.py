@@ -325,6 +325,32 @@ def test_lru_budget_evicts_idle_models_and_reloads(store):
     run(main())
 
 
+def test_metadata_without_golden_outputs_names_only_what_the_manifest_says(store):
+    """A version without golden outputs: its specs come from the architecture (its config, else its
+    constructor's defaults); a manifest naming no known architecture gets -1 (unknown), not another
+    model's shapes, and its state says why it cannot load."""
+    m = make_module(1)
+    export.export(export.from_module(m, architecture="digits_cnn", model_kwargs={"width": WIDTH}), store, "d", "v1")
+    export.export({"w": torch.ones(4)}, store, "bare", "v1")
+    export.export({"w": torch.ones(4)}, store, "r", "v1",  # the specs need only the config
+                  config={"architecture": "resnet50", "kwargs": {"num_classes": 7}})
+    for name in ("d", "bare", "r"):
+        promotion.promote(store, name, "v1")
+
+    async def main():
+        reg = ModelRegistry(store, config())
+        await reg.start()
+        shapes = {n: (reg.metadata(n)["inputs"][0]["shape"], reg.metadata(n)["outputs"][0]["shape"])
+                  for n in ("d", "bare", "r")}
+        assert shapes == {"d": ([-1, 1, -1, -1], [-1, 10]), "bare": ([-1, -1, -1, -1], [-1, -1]),
+                          "r": ([-1, 3, -1, -1], [-1, 7])}
+        with pytest.raises(Unavailable, match="names no architecture"):
+            await reg.infer("bare", None, {"input": batch(1)})
+        await reg.stop()
+
+    run(main())
+
+
 def test_a_damaged_alias_keeps_the_served_version_until_it_is_repaired(store, caplog):
     """The production alias damaged outside forgeline: the server keeps answering with what it
     serves and logs one warning naming the file each poll; once the alias reads again, it swaps."""

@@ -40,6 +40,7 @@ This module never imports dagster.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
@@ -238,14 +239,19 @@ def _quantized(manifest: dict) -> bool:
 
 
 def io_specs(manifest: dict, golden: dict[str, torch.Tensor] | None) -> tuple[TensorSpec, TensorSpec]:
+    """Input and output specs (without the batch dimension): the golden outputs' shapes, else the
+    architecture's channels and classes (its config, else its constructor's defaults); -1 where
+    nothing says (an architecture forgeline does not know: such a version does not load either)."""
     if golden is not None:
         return (TensorSpec("input", tuple(int(s) for s in golden["input"].shape[1:])),
                 TensorSpec("output", tuple(int(s) for s in golden["output"].shape[1:])))
+    from pipeline.models import REGISTRY
+
     kwargs = (manifest.get("config") or {}).get("kwargs") or {}
-    arch = (manifest.get("config") or {}).get("architecture")
-    channels = int(kwargs.get("in_channels", 1 if arch == "digits_cnn" else 3))
-    classes = int(kwargs.get("num_classes", 10 if arch == "digits_cnn" else 1000))
-    return TensorSpec("input", (channels, -1, -1)), TensorSpec("output", (classes,))
+    cls = REGISTRY.get((manifest.get("config") or {}).get("architecture"))
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()} if cls is not None else {}
+    channels, classes = (kwargs.get(k, defaults.get(k, -1)) for k in ("in_channels", "num_classes"))
+    return TensorSpec("input", (int(channels), -1, -1)), TensorSpec("output", (int(classes),))
 
 
 def spec_for(store: Storage, model: str, version: str, *, root: str = export.DEFAULT_ROOT) -> tuple[TensorSpec, TensorSpec]:
