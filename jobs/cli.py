@@ -219,6 +219,11 @@ def cmd_load(args) -> int:
     options = {"dtype": getattr(__import__("torch"), args.dtype) if args.dtype else None,
                "verify": args.verify, "owned": args.owned, "allow_rejected": args.allow_rejected}
     source, where = args.source, "path"
+    if _is_published(args.source.rstrip("/")):  # digits/v1/ as digits/v1
+        args.source = source = args.source.rstrip("/")
+    elif "://" not in args.source and not Path(args.source).exists():
+        raise UserError(f"{args.source}: no such file or directory (a published version is <model>/<version>, "
+                        "<model>/latest or <model>/production; a remote file or folder s3://<bucket>/<key>)")
     if _is_published(args.source):  # resolved once, where the bytes are read: the shm tier, else the storage
         from pipeline.shm_tier import resolve_source
         from resources.storage import shm_from_env

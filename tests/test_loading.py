@@ -27,7 +27,7 @@ from pipeline.loading.header import parse_header
 from pipeline.loading.plan import plan_reads, ring_slot
 from pipeline.loading.probe import cached_fraction, classify_fstype, tune
 from pipeline.safetensors_format import DTYPES
-from pipeline.storage import join
+from pipeline.storage import LocalStorage, join
 
 CPU_METHODS = [None, "pread", "ring"]  # mmap zero-copy, owned preadv, the staged (GPU) pipeline
 
@@ -1190,6 +1190,24 @@ def test_cli_load_validates_dtype_and_device(monkeypatch, capsys):
     assert cli.main(["load", "m.safetensors", "--device", "cuda:2"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "this host has 2 CUDA devices (cuda:0..cuda:1)" in err
+
+
+def test_cli_load_of_nothing_says_what_a_source_is(tmp_path, monkeypatch, capsys):
+    """A path that is not there and is not <model>/<ref>: one line naming it and the forms a source
+    takes (not the Python API's ``storage=``); ``digits/v1/`` is ``digits/v1``."""
+    from jobs import cli
+
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
+    monkeypatch.setenv("FORGELINE_SHM_ROOT", str(tmp_path / "shm"))
+    monkeypatch.chdir(tmp_path)
+    for bad in ("nosuch.safetensors", "a/b/c"):
+        assert cli.main(["load", bad]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{bad}: no such file or directory (a published version is" in err
+        assert "storage=" not in err
+    published(LocalStorage(tmp_path / "store"), version="v1", state={"w": torch.ones(3)})
+    assert cli.main(["load", "net/v1/", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tensors"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
