@@ -349,10 +349,10 @@ def test_corrupt_zlib_stream_with_consistent_crcs_is_refused(gray):
     z = bytearray(zlib.compress(_raw(gray), 0))  # stored blocks: a flipped byte is a flipped pixel
     z[200] ^= 0xFF
     data = _with_raw(gray, b"", zdata=bytes(z))
-    _refused(data, r"corrupt image data \(Error -3 .*incorrect data check\)")  # adler-32 of the pixels
+    _refused(data, r"corrupt image data \(Error -6 Incorrect checksum found\)")  # adler-32 of the pixels
     z = bytearray(zlib.compress(_raw(gray)))
     z[2] |= 0b110  # the first deflate block's type: 3 is reserved
-    _refused(_with_raw(gray, b"", zdata=bytes(z)), r"corrupt image data \(Error -3 .*invalid block type")
+    _refused(_with_raw(gray, b"", zdata=bytes(z)), r"corrupt image data \(Error -1 Invalid deflate block found")
 
 
 def test_wrong_inflated_size_is_refused(gray):
@@ -385,7 +385,7 @@ def test_bomb_dimensions_are_refused_before_inflating(gray, monkeypatch):
     def no_inflate(*a, **kw):
         raise AssertionError("inflated a decompression bomb")
 
-    monkeypatch.setattr(webdataset.zlib, "decompressobj", no_inflate)
+    monkeypatch.setattr(webdataset._zlib, "decompressobj", no_inflate)
     bomb = _png([_ihdr(100_000, 100_000), (b"IDAT", zlib.compress(bytes(10 << 20))), (b"IEND", b"")])
     _refused(bomb, r"100000x100000 image \(10000000000 pixels\) exceeds the 89478485-pixel limit \(decompression bomb\)")
     assert _problem(_png([_ihdr(50, 50), *_chunks(gray)[1:]]), limit=49 * 49).endswith(
