@@ -355,6 +355,46 @@ def test_corrupt_zlib_stream_with_consistent_crcs_is_refused(gray):
     _refused(_with_raw(gray, b"", zdata=bytes(z)), r"corrupt image data \(Error -1 Invalid deflate block found")
 
 
+def test_png_check_refuses_exactly_what_zlib_refuses(gray):
+    """The check inflates with ISA-L for speed; its verdict must stay zlib's. Image data streams
+    with consistent CRCs, corrupted every way (a flipped bit, a random byte, a run of garbage, cut
+    short, bytes appended): each is refused by the check exactly when zlib, inflating it the same
+    bounded way, fails, ends early, inflates to another size or leaves bytes after the stream."""
+    import random
+
+    rng = random.Random(0)
+    raw = _raw(gray)
+    z = zlib.compress(raw)
+
+    def zlib_verdict(zdata: bytes) -> bool:  # the check's steps, done by zlib
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(zdata, len(raw) + 1)
+        except zlib.error:
+            return False
+        return d.eof and len(out) == len(raw) and not d.unused_data and _problem(_with_raw(gray, out)) is None
+
+    refused = 0
+    for trial in range(2000):
+        b = bytearray(z)
+        p = rng.randrange(len(b))
+        kind = trial % 5
+        if kind == 0:
+            b[p] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            b[p] = rng.randrange(256)
+        elif kind == 2:
+            b[p:p + 16] = bytes(rng.randrange(256) for _ in range(16))
+        elif kind == 3:
+            b = b[:p]
+        else:
+            b += bytes(rng.randrange(1, 256) for _ in range(rng.randrange(1, 4)))
+        ours = _problem(_with_raw(gray, b"", zdata=bytes(b))) is None
+        assert ours == zlib_verdict(bytes(b)), (trial, kind, p)
+        refused += not ours
+    assert refused > 1500  # nearly all of them are refused (a few corruptions leave a valid stream)
+
+
 def test_wrong_inflated_size_is_refused(gray):
     raw = _raw(gray)
     _refused(_with_raw(gray, raw[:-1]), r"inflates to \d+ bytes, a 37x23 image needs 874")
