@@ -778,6 +778,35 @@ def test_s3_streaming_read_reuses_its_window_buffers(s3_storage_factory, monkeyp
     assert out == BIGGER
 
 
+def test_s3_whole_read_is_one_get_then_parallel_pieces_pinned_to_its_etag(s3_storage_factory, monkeypatch):
+    """``read`` of an object past one ``get_size``: the first GET (from byte 0) answers its size and
+    ETag, the rest comes in parallel ranged GETs with ``If-Match`` on that ETag; a small object is one
+    GET; an object replaced between the first GET and the rest is ``ObjectChanged``, never a mix."""
+    store = s3_storage_factory(concurrency=4)
+    store.write_atomic("big", BIGGER)
+    store.write_atomic("small", b"tiny")
+    store.write_atomic("empty", b"")
+    etag = store.stat("big").version
+    seen = _in_flight(monkeypatch, store.client, "get_object")
+    assert store.read("big") == BIGGER
+    first, rest = seen["calls"][0], seen["calls"][1:]
+    assert first["Range"].startswith("bytes=0-") and "IfMatch" not in first
+    assert len(rest) == -(-len(BIGGER) // store.get_size) - 1 and all(c.get("IfMatch") == etag for c in rest)
+    assert seen["max"] >= 2
+    seen["calls"].clear()
+    assert store.read("small") == b"tiny" and len(seen["calls"]) == 1
+    assert store.read("empty") == b""
+    real = store.read_into
+
+    def replaced_meanwhile(*a, **kw):
+        store.write_atomic("big", payload(len(BIGGER), seed=9))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(store, "read_into", replaced_meanwhile)
+    with pytest.raises(ObjectChanged):
+        store.read("big")
+
+
 def test_s3_read_ahead_never_mixes_versions(s3_storage_factory):
     store = s3_storage_factory(concurrency=4)
     store.write_atomic("v", BIGGER)
