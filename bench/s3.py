@@ -44,6 +44,10 @@ every loader child) on the other half, as a storage server and its client do on 
 without it both sides share every core, and on a small machine each row then also measures how
 much CPU the server has left (the rows that do more client work lose most).
 
+``--warmup`` rounds (default 1) run every row first and are not counted: on a machine just started
+(a VM whose host backs its memory on first touch), the first rounds of every row measured up to 2x
+slower than later ones, the rows that land bytes in new memory most.
+
 Deleted data is garbage-collected (``radosgw-admin gc process --include-all``) between rounds, so
 the memstore OSD never holds more than the checkpoint plus one round of uploads. Targets: loader
 ≥ 90% of raw GET, loader+client ≥ 1.5x Run:ai; prewarm ≥ 80% of raw GET; upload ≥ 80% of raw PUT.
@@ -133,6 +137,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gb", type=float, default=1.0)
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the best of each row is reported")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="rounds of every row run first and not counted (a machine's first touches)")
     ap.add_argument("--concurrency", type=int, default=8, help="requests in flight (raw and forgeline alike)")
     ap.add_argument("--part-mib", type=int, default=8)
     ap.add_argument("--root", default=str(ROOT / ".forgeline" / "bench" / "loaders"))
@@ -143,6 +149,8 @@ def main() -> int:
                     help="server on the first half of the CPUs, client on the other half")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.repeat < 1 or a.warmup < 0:
+        ap.error("--repeat must be at least 1 and --warmup at least 0")
     part = a.part_mib * MiB
     server_cpus = None
     if a.split_cores:
@@ -204,7 +212,9 @@ def main() -> int:
             cpu.setdefault(name, []).append(cpu_since(c) / n * 1e9)
             box.setdefault(name, []).append((machine_cpu() - b) / n * 1e9)
 
-        for r in range(a.repeat):
+        for r in range(a.warmup + a.repeat):
+            if r == a.warmup:  # the warm-up rounds are not counted
+                rows.clear(), cpu.clear(), box.clear()
             if "raw-get" in want:
                 timed("raw GET (boto3)", lambda: raw_get(client, keys, part, a.concurrency))
             if "raw-get-kept" in want:
@@ -249,7 +259,8 @@ def main() -> int:
             for o in store.list("raw") + store.list("up"):  # free the round's uploads from the OSD's RAM
                 store.delete(o.key)
             rgw.gc()
-            print(f"round {r + 1}/{a.repeat}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
+            label = f"warm-up {r + 1}/{a.warmup}" if r < a.warmup else f"round {r - a.warmup + 1}/{a.repeat}"
+            print(f"{label}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
         subprocess.run(["rm", "-rf", str(shm_root)], check=False)
     finally:
         rgw.stop()
@@ -267,7 +278,8 @@ def main() -> int:
     }
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, {platform.platform()}"
     table = Table(title=f"S3 on Ceph RGW (loopback, memstore): {size / 1e9:.2f} GB, {len(files)} shards, "
-                        f"{a.part_mib} MiB parts, {a.concurrency} in flight; best of {a.repeat}; {date.today()}"
+                        f"{a.part_mib} MiB parts, {a.concurrency} in flight; best of {a.repeat} after {a.warmup} "
+                        f"warm-up; {date.today()}"
                         + (f"; server on CPUs {sorted(server_cpus)}, client on the rest" if server_cpus else ""))
     for col in ("row", "GB/s", "vs", "target", "client CPU s/GB", "machine CPU s/GB"):
         table.add_column(col, justify="left" if col == "row" else "right")
@@ -300,7 +312,7 @@ def main() -> int:
     print(f"machine: {machine}")
     if a.json:
         Path(a.json).write_text(json.dumps({"date": str(date.today()), "machine": machine, "bytes": size,
-                                            "concurrency": a.concurrency, "part_mib": a.part_mib,
+                                            "concurrency": a.concurrency, "part_mib": a.part_mib, "warmup": a.warmup,
                                             "server_cpus": sorted(server_cpus) if server_cpus else None,
                                             "rows": report, "errors": errors}, indent=1))
     return 0
