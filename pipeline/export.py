@@ -764,10 +764,12 @@ def latest_version(store: Storage, model: str, root: str = DEFAULT_ROOT) -> str 
     return found[0] if found else None
 
 
-def latest_manifest(store: Storage, model: str, root: str = DEFAULT_ROOT) -> tuple[str, dict] | None:
-    """:func:`latest_version` and its manifest: the newest of :func:`newest_manifests` that
-    passes :func:`version_problem`, usually after one round of stats, however many versions."""
-    for v, m in newest_manifests(store, model, root):
+def latest_manifest(store: Storage, model: str, root: str = DEFAULT_ROOT, *,
+                    candidates: list[tuple[str, dict]] | None = None) -> tuple[str, dict] | None:
+    """:func:`latest_version` and its manifest: the newest of :func:`newest_manifests` (or of
+    ``candidates``, what it gave the caller) that passes :func:`version_problem`, usually after
+    one round of stats, however many versions."""
+    for v, m in candidates if candidates is not None else newest_manifests(store, model, root):
         if version_problem(store, model, v, root=root, manifest=m) is None:
             return v, m
     return None

@@ -62,7 +62,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +75,9 @@ from pipeline.export import (
     ListedFile,
     VersionNotFound,
     manifest_bytes,
+    latest_manifest,
     manifest_files,
+    newest_manifests,
     parse_manifest,
     version_prefix,
     version_problem,
@@ -647,7 +649,8 @@ class ShmTier:
         it from ``store``, every file checked against the manifest, if it is not there yet.
         Idempotent; concurrent calls for one version copy it once (the others report a hit)."""
         t0 = time.perf_counter()
-        version, manifest = _version_for(store, model, version, "to prewarm")
+        version, manifest = _version_for(store, model, version, "to prewarm",
+                                         whole_here=lambda v: self.complete(model, v))
         prefix = version_prefix(model, version)
         created_pin = pin and not self.pinned(model, version)
         if pin:
@@ -747,12 +750,24 @@ class ShmTier:
 # ---------------------------------------------------------------------------------------------
 
 
-def _version_for(store: Storage, model: str, ref: str, purpose: str) -> tuple[str, dict | None]:
+def _version_for(store: Storage, model: str, ref: str, purpose: str,
+                 whole_here: Callable[[str], bool] | None = None) -> tuple[str, dict | None]:
     """``(ref, None)`` when ``ref`` is a version id, else what ``"latest"``/``"production"`` names
-    in ``store`` and the manifest read to check it."""
+    in ``store`` and the manifest read to check it. ``whole_here(version)``: whether a copy at
+    hand (the tier) holds a version whole; then ``latest``, when it is the newest candidate not
+    rejected, is chosen from the manifests alone, without the stats that check its files."""
     if ref not in (LATEST, ALIAS):
         return ref, None
     try:  # the files are checked by whoever reads them (each landed file's size and checksum)
+        if ref == LATEST and whole_here is not None:
+            candidates = newest_manifests(store, model)
+            newest = next(((v, m) for v, m in candidates if not m.get("rejected")), None)
+            if newest is not None and whole_here(newest[0]):
+                return newest  # whole here already: nothing to stat in the store to choose it
+            found = latest_manifest(store, model, candidates=candidates)
+            if found is None:
+                raise PromotionError(f"{model}/latest: no complete, non-rejected published version")
+            return found
         return resolve_manifest(store, model, ref, files=False)
     except PromotionError as e:
         raise VersionNotFound(f"{store.uri(join(DEFAULT_ROOT, model))}: no {ref} version of {model!r} "

@@ -193,6 +193,11 @@ def test_prewarm_miss_then_hit_identical_bytes(local_storage, tier_root):
     assert tier.complete(MODEL, "v2") and not tier.complete(MODEL, "v1")
     assert tier.resolve(MODEL) == tier.resolve(MODEL, "v2") == tier_root.resolve() / "models" / MODEL / "v2"
     assert tier.resolve(MODEL, "v1") is None
+    # a newer version with a shard missing is not latest: the pre-warm passes over it to v2 (a hit)
+    m3 = publish(local_storage, "v3", seed=3)
+    local_storage.delete(join(ex.version_prefix(MODEL, "v3"), m3["shards"][0]["file"]))
+    third = tier.prewarm(local_storage, MODEL)
+    assert (third.version, third.hit) == ("v2", True) and not tier.complete(MODEL, "v3")
     [entry] = tier.list()
     assert (entry.model, entry.version, entry.bytes, entry.pinned) == (MODEL, "v2", first.version_bytes, False)
     assert tier.used_bytes() == first.version_bytes
@@ -232,6 +237,9 @@ def test_prewarm_from_s3_of_small_files_asks_for_each_once_and_for_all_at_once(s
     req.calls.clear()  # the sensor's question once it is warm: the alias and the manifest, no stats
     assert ShmTier(tier_root).needs_prewarm(s3_storage, MODEL, promotion.ALIAS) is None
     assert req.of("header") == [f"{MODEL}/production", "s1/manifest.json"] and not req.of("HEAD")
+    req.calls.clear()  # a pre-warm of latest that the tier holds whole: the listing and the manifests
+    assert ShmTier(tier_root).prewarm(s3_storage, MODEL, "latest").hit
+    assert req.of("LIST") and req.of("header") == ["s1/manifest.json"] and not req.of("HEAD")
 
 
 def test_budget_evicts_lru_unpinned(local_storage, tier_root):
