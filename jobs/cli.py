@@ -219,19 +219,18 @@ def cmd_load(args) -> int:
     options = {"dtype": getattr(__import__("torch"), args.dtype) if args.dtype else None,
                "verify": args.verify, "owned": args.owned, "allow_rejected": args.allow_rejected}
     source, where = args.source, "path"
-    if _is_published(args.source.rstrip("/")):  # digits/v1/ as digits/v1
-        args.source = source = args.source.rstrip("/")
-    elif "://" not in args.source and not Path(args.source).exists():
-        raise UserError(f"{args.source}: no such file or directory (a published version is <model>/<version>, "
-                        "<model>/latest or <model>/production; a remote file or folder s3://<bucket>/<key>)")
-    if _is_published(args.source):  # resolved once, where the bytes are read: the shm tier, else the storage
+    if _is_published(args.source.rstrip("/")):  # resolved once, where its bytes are read: shm tier, else storage
         from pipeline.shm_tier import resolve_source
         from resources.storage import shm_from_env
 
+        args.source = args.source.rstrip("/")  # digits/v1/ as digits/v1
         model, version = args.source.split("/")
         tier = None if args.no_shm else shm_from_env().tier()
         source, where = resolve_source(model, version, tier=tier, local_cache=None, remote=open_store(),
                                        allow_rejected=args.allow_rejected)
+    elif "://" not in args.source and not Path(args.source).exists():
+        raise UserError(f"{args.source}: no such file or directory (a published version is <model>/<version>, "
+                        "<model>/latest or <model>/production; a remote file or folder s3://<bucket>/<key>)")
     with Progress(TextColumn(f"loading {args.source}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console, disable=args.json, transient=True) as progress:
         task = progress.add_task("load", total=None)

@@ -783,7 +783,7 @@ def newest_manifests(store: Storage, model: str, root: str = DEFAULT_ROOT) -> li
     def manifest_of(v: str) -> dict | None:
         try:
             return read_manifest(store, model, v, root=root)
-        except (ExportError, StorageError, ValueError, AttributeError):
+        except (ExportError, StorageError, ValueError):
             return None  # unreadable: not a usable version (version_problem would say why)
 
     versions = list_versions(store, model, root)

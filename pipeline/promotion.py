@@ -119,13 +119,13 @@ def resolve(store: Storage, model: str, ref: str, *, root: str = DEFAULT_ROOT) -
 
 
 def resolve_manifest(store: Storage, model: str, ref: str, *, root: str = DEFAULT_ROOT,
-                     files: bool = True) -> tuple[str, dict]:
+                     files: bool = True, candidates: list[tuple[str, dict]] | None = None) -> tuple[str, dict]:
     """:func:`resolve`, with the version's manifest: read once, for the check and the caller.
     ``files=False``: the version's files are not stat-ed (:func:`~pipeline.export.version_problem`)
     for a caller that reads them and checks their sizes itself; ``latest`` stats them anyway, to
-    choose."""
+    choose, among ``candidates`` when the caller has them (:func:`~pipeline.export.newest_manifests`)."""
     if ref == LATEST:
-        found = latest_manifest(store, model, root)
+        found = latest_manifest(store, model, root, candidates=candidates)
         if found is None:
             raise PromotionError(f"{model}/latest: no complete, non-rejected published version")
         return found
@@ -139,7 +139,7 @@ def resolve_manifest(store: Storage, model: str, ref: str, *, root: str = DEFAUL
         version, what, allow_rejected = ref, f"{model}/{ref}", True
     try:
         manifest = read_manifest(store, model, version, root=root)
-    except (ExportError, StorageError, ValueError, AttributeError):
+    except (ExportError, StorageError, ValueError):
         manifest = None  # version_problem says why
     problem = version_problem(store, model, version, root=root, allow_rejected=allow_rejected, manifest=manifest,
                               files=files)

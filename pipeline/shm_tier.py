@@ -75,7 +75,6 @@ from pipeline.export import (
     ListedFile,
     VersionNotFound,
     manifest_bytes,
-    latest_manifest,
     manifest_files,
     newest_manifests,
     parse_manifest,
@@ -764,10 +763,7 @@ def _version_for(store: Storage, model: str, ref: str, purpose: str,
             newest = next(((v, m) for v, m in candidates if not m.get("rejected")), None)
             if newest is not None and whole_here(newest[0]):
                 return newest  # whole here already: nothing to stat in the store to choose it
-            found = latest_manifest(store, model, candidates=candidates)
-            if found is None:
-                raise PromotionError(f"{model}/latest: no complete, non-rejected published version")
-            return found
+            return resolve_manifest(store, model, ref, candidates=candidates)
         return resolve_manifest(store, model, ref, files=False)
     except PromotionError as e:
         raise VersionNotFound(f"{store.uri(join(DEFAULT_ROOT, model))}: no {ref} version of {model!r} "

@@ -365,18 +365,17 @@ def in_parallel(fn: Callable[[Any], Any], items: list, name: str, workers: int, 
 
     failed = threading.Event()
 
-    def guarded(item: Any) -> Any:
+    def guarded(item: Any) -> Any:  # fail_fast: no item starts after a failure
         if failed.is_set():
             return None  # a failure before it is raised below
         try:
             return fn(item)
         except BaseException:
-            if fail_fast:
-                failed.set()
+            failed.set()
             raise
 
     with ThreadPoolExecutor(min(len(items), workers), thread_name_prefix=name) as pool:
-        futures = [pool.submit(guarded, item) for item in items]
+        futures = [pool.submit(guarded if fail_fast else fn, item) for item in items]
     return [f.result() for f in futures]
 
 
