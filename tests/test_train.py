@@ -3,6 +3,7 @@ weights identical; a run killed mid-epoch resumes from its checkpoint to the sam
 or hung rank fails the run with a clear error within the configured timeouts."""
 
 import io
+import re
 import time
 
 import pytest
@@ -59,6 +60,18 @@ def test_two_gloo_ranks_hold_identical_weights(data, tmp_path):
     # rank 0 timed every optimizer step: (1259 // 2) // 64 = 9 in the one epoch
     assert res.extra["step_latency_count"] == res.history[0]["step_latency_count"] == 9
     assert 0 < res.extra["step_latency_p50_ms"] <= res.extra["step_latency_p99_ms"] <= res.extra["step_latency_max_ms"]
+
+
+def test_a_damaged_checkpoint_pointer_is_one_line_naming_it(tmp_path):
+    """``latest.json`` truncated outside forgeline: resuming says which file and what is wrong."""
+    from pipeline.storage import CorruptObject, LocalStorage
+
+    store = LocalStorage(tmp_path / "store")
+    assert checkpoints.latest_checkpoint(store, "ckpt/x") is None  # a fresh run
+    store.write_atomic("ckpt/x/latest.json", b'{"epoch": 1, "key": "ckpt/x/epo')
+    with pytest.raises(CorruptObject, match=re.escape(store.uri("ckpt/x/latest.json")) + r": not valid JSON .*"
+                                             r"the checkpoint pointer is corrupt or truncated"):
+        checkpoints.load_checkpoint(store, "ckpt/x")
 
 
 def test_killed_run_resumes_to_the_same_weights(data, tmp_path):

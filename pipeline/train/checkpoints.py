@@ -17,7 +17,7 @@ CHECKPOINT_FORMAT = "forgeline.checkpoint/1"
 def latest_checkpoint(store: Storage, prefix: str) -> dict | None:
     """The pointer written after the newest complete checkpoint, or None for a fresh run."""
     try:
-        return json.loads(store.read(join(prefix, "latest.json")))
+        return store.read_record(join(prefix, "latest.json"), "checkpoint pointer")
     except ObjectNotFound:
         return None
 
