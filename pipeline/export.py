@@ -67,10 +67,8 @@ This module never imports dagster; ``safetensors`` is needed only by the readers
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import mmap
 import os
 import re
 import secrets
@@ -84,7 +82,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from pipeline._libc import libc_function
+from pipeline._libc import MADV_DONTNEED, advise_pages
 from pipeline.safetensors_format import CODES as _ST_CODES
 from pipeline.safetensors_format import itemsize as _itemsize
 from pipeline.layout import DEFAULT_ROOT, FORMAT, GOLDEN_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_SHARD_NAME
@@ -313,17 +311,8 @@ def shard_file_names(n: int) -> list[str]:
 def _release_pages(t: torch.Tensor) -> None:
     """Give the pages of a tensor that lives in a private, read-only-used file mapping back to
     the kernel (they are re-read from the file if touched again). Linux only; best effort."""
-    if _MADVISE is None or t.numel() == 0:
-        return
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    page = mmap.PAGESIZE
-    lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
-    if hi > lo:
-        _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
-
-
-_MADVISE = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+    if t.numel():
+        advise_pages(t.data_ptr(), t.numel() * t.element_size(), MADV_DONTNEED)
 
 
 class TensorSource:

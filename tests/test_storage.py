@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import re
+import sys
 import zlib
 
 import pytest
@@ -702,6 +703,49 @@ def test_s3_get_into_fills_the_buffer_in_place_across_a_resume(s3_storage, monke
     assert calls[1]["Range"] == f"bytes={5 + 1_000_003}-{5 + 2 * MiB - 1}" and calls[1]["IfMatch"] == etag
     tail = bytearray(100)  # past the end: only what exists, and says so
     assert s3_storage.get_into("r", len(BIG) - 10, tail)[0] == 10 and bytes(tail[:10]) == BIG[-10:]
+
+
+def _resident_pages(mm) -> list[bool]:
+    """Which pages of the anonymous mapping ``mm`` are in memory (mincore)."""
+    import ctypes
+    import mmap
+
+    from pipeline._libc import libc_function
+
+    mincore = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)])
+    holder = ctypes.c_char.from_buffer(mm)
+    vec = (ctypes.c_ubyte * (len(mm) // mmap.PAGESIZE))()
+    try:
+        assert mincore(ctypes.addressof(holder), len(mm), vec) == 0
+    finally:
+        del holder
+    return [bool(v & 1) for v in vec]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_WRITE) is Linux's")
+def test_s3_get_into_populates_fresh_memory_before_receiving(s3_storage, monkeypatch):
+    """Pages of the destination are allocated in one madvise before the GET is sent (cheaper than a
+    fault per page inside the receive); only whole pages inside the buffer are touched."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    s3_storage.write_atomic("r", BIG)
+    mm = mmap.mmap(-1, 8 * page)  # anonymous: no page is in memory until touched
+    assert not any(_resident_pages(mm))
+    seen = []
+    real = s3_storage.client.get_object
+
+    def get_object(**kw):
+        seen.append(_resident_pages(mm))  # as the request goes out
+        return real(**kw)
+
+    monkeypatch.setattr(s3_storage.client, "get_object", get_object)
+    view = memoryview(mm)[page + 100 : 6 * page]  # pages 1 (partly) to 5 (whole)
+    assert s3_storage.get_into("r", 0, view)[0] == len(view)
+    assert bytes(view) == BIG[: len(view)]
+    assert seen == [[False, False, True, True, True, True, False, False]]
+    del view
+    mm.close()
 
 
 # Parallel transfers (S3): read-ahead, split ranged reads, concurrent part uploads ---------------

@@ -81,6 +81,7 @@ from botocore.exceptions import (
 from botocore.response import StreamingBody
 
 from pipeline import settings
+from pipeline._libc import populate
 from pipeline.storage.base import (
     AtomicWriter,
     Crc32,
@@ -554,6 +555,7 @@ class S3Storage(Storage):
         view = memoryview(out).cast("B")
         if len(view) == 0:
             return 0, etag, self.stat(key).size
+        populate(view)
         etag, size, end = self._stream(key, start, start + len(view) - 1, etag, lambda n: view[:n])
         return end - start, etag, size
 
