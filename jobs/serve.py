@@ -16,10 +16,11 @@ prewarm_job = dg.define_asset_job(
                        "in the shm tier yet (run_key per version: one pre-warm per version).")
 def new_model_version(context: dg.SensorEvaluationContext, storage: StorageResource, shm: ShmStorageResource):
     model = settings.model_name()
-    version = shm.tier().needs_prewarm(storage.client(), model, promotion.ALIAS)
-    if version is None:
-        current = promotion.production(storage.client(), model)
-        return dg.SkipReason(f"{model}: " + ("nothing in production" if current is None
-                                             else f"production {current['version']} already warm or not servable"))
+    try:  # the alias and the version's manifest, no stats: the pre-warm checks every file it lands
+        version = promotion.resolve_manifest(storage.client(), model, promotion.ALIAS, files=False)[0]
+    except promotion.PromotionError as e:  # nothing promoted, or production is not servable: says which
+        return dg.SkipReason(str(e))
+    if shm.tier().complete(model, version):
+        return dg.SkipReason(f"{model}: production {version} is already warm")
     return dg.RunRequest(run_key=f"prewarm:{model}/{version}",
                          run_config={"ops": {"shm_prewarm": {"config": {"version": version}}}})

@@ -514,17 +514,6 @@ class ShmTier:
         self._touch(model, version)
         return self._dir(model, version)
 
-    def needs_prewarm(self, store: Storage, model: str, ref: str = LATEST) -> str | None:
-        """The version ``ref`` names in ``store`` (``"latest"``, ``"production"`` or an id) when it
-        is not in the tier yet, else None, also when ``ref`` names nothing (what a sensor asks
-        before requesting a prewarm run). The version's files are not stat-ed: a pre-warm checks
-        every file it lands, and a copy in the tier is whole."""
-        try:
-            v = resolve_manifest(store, model, ref, files=False)[0]
-        except PromotionError:
-            return None
-        return v if not self.complete(model, v) else None
-
     # Removal ----------------------------------------------------------------------------------
     def _remove_version(self, model: str, version: str) -> None:
         """Delete a version's files, manifest first (so it stops being complete at once). The

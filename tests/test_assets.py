@@ -331,14 +331,18 @@ def test_new_version_sensor_requests_one_prewarm_per_version(tmp_path, instance)
     source = export.from_module(build_model("digits_cnn"), architecture="digits_cnn")
     v1 = export.export(source, storage.client(), "digits", "v1")["version"]
     msg = new_model_version(dg.build_sensor_context(instance=instance, resources=resources)).skip_message
-    assert "nothing in production" in msg  # published is not enough: the sensor follows the alias
+    assert msg == "digits/production: nothing has been promoted"  # published is not enough: it follows the alias
     promotion.promote(storage.client(), "digits", v1)
     req = new_model_version(dg.build_sensor_context(instance=instance, resources=resources))
     assert req.run_key == "prewarm:digits/v1"
     assert req.run_config == {"ops": {"shm_prewarm": {"config": {"version": v1}}}}
 
     shm.tier().prewarm(storage.client(), "digits", v1)  # what the requested run does
-    assert isinstance(new_model_version(dg.build_sensor_context(instance=instance, resources=resources)), dg.SkipReason)
+    msg = new_model_version(dg.build_sensor_context(instance=instance, resources=resources)).skip_message
+    assert msg == f"digits: production {v1} is already warm"
+    storage.client().delete(f"{export.version_prefix('digits', v1)}/manifest.json")  # production not servable
+    msg = new_model_version(dg.build_sensor_context(instance=instance, resources=resources)).skip_message
+    assert msg.startswith(f"digits/production is {v1}, which is not servable: ") and "manifest" in msg, msg
 
 
 def test_cli_load_prefers_the_shm_copy(tmp_path, monkeypatch, capsys):

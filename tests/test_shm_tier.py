@@ -171,7 +171,7 @@ def test_prewarm_miss_then_hit_identical_bytes(local_storage, tier_root):
     publish(local_storage, "v1", seed=1)
     m2 = publish(local_storage, "v2", seed=2)
     tier = ShmTier(tier_root)
-    assert tier.needs_prewarm(local_storage, MODEL) == "v2"
+    assert not tier.complete(MODEL, "v2")
 
     first = tier.prewarm(local_storage, MODEL)  # "latest"
     assert isinstance(first, PrewarmReport)
@@ -186,7 +186,7 @@ def test_prewarm_miss_then_hit_identical_bytes(local_storage, tier_root):
     assert ex.list_versions(LocalStorage(tier_root), MODEL) == ["v2"]
     got = ex.load_state_dict(tier.storage(), MODEL, "v2")
     assert all(torch.equal(got[k], v) for k, v in state(2).items())
-    assert tier.needs_prewarm(local_storage, MODEL) is None
+    assert tier.complete(MODEL, "v2")
 
     again = tier.prewarm(local_storage, MODEL, "v2")
     assert again.hit and again.bytes == 0 and again.version_bytes == first.version_bytes and again.file_seconds == []
@@ -234,8 +234,8 @@ def test_prewarm_from_s3_of_small_files_asks_for_each_once_and_for_all_at_once(s
     assert sorted(firsts[2:]) == sorted(f"s1/{f}" for f in listed)
     assert not heads and not gets
     assert peak["header"] == len(listed), peak
-    req.calls.clear()  # the sensor's question once it is warm: the alias and the manifest, no stats
-    assert ShmTier(tier_root).needs_prewarm(s3_storage, MODEL, promotion.ALIAS) is None
+    req.calls.clear()  # the new_model_version sensor's question: the alias and the manifest, no stats
+    assert promotion.resolve_manifest(s3_storage, MODEL, promotion.ALIAS, files=False)[0] == "s1"
     assert req.of("header") == [f"{MODEL}/production", "s1/manifest.json"] and not req.of("HEAD")
     req.calls.clear()  # a pre-warm of latest that the tier holds whole: the listing and the manifests
     assert ShmTier(tier_root).prewarm(s3_storage, MODEL, "latest").hit
