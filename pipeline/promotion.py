@@ -41,6 +41,10 @@ class PromotionError(ExportError):
     """A promotion, rollback or reference that cannot be honoured; the message names model/version and why."""
 
 
+class NotPromoted(PromotionError):
+    """``production`` was asked for a model that has no production alias: nothing was ever promoted."""
+
+
 def _alias_key(model: str, root: str) -> str:
     return version_prefix(model, ALIAS, root)  # export refuses these names as versions
 
@@ -97,7 +101,7 @@ def rollback(store: Storage, model: str, *, reason: str = "rollback", root: str 
     that version can no longer be promoted (e.g. rejected since)."""
     current = production(store, model, root=root)
     if current is None:
-        raise PromotionError(f"cannot roll back {model}: nothing is in production")
+        raise NotPromoted(f"cannot roll back {model}: nothing is in production")
     if not current.get("previous"):
         raise PromotionError(f"cannot roll back {model}: production {current['version']} has no previous version")
     return promote(store, model, current["previous"], run_id=current.get("run_id"),
@@ -132,7 +136,7 @@ def resolve_manifest(store: Storage, model: str, ref: str, *, root: str = DEFAUL
     if ref == ALIAS:
         current = production(store, model, root=root)
         if current is None:
-            raise PromotionError(f"{model}/production: nothing has been promoted")
+            raise NotPromoted(f"{model}/production: nothing has been promoted")
         version, allow_rejected = current["version"], False
         what = f"{model}/production is {version}, which is not servable"
     else:
@@ -149,5 +153,5 @@ def resolve_manifest(store: Storage, model: str, ref: str, *, root: str = DEFAUL
     return version, manifest
 
 
-__all__ = ["ALIAS", "LATEST", "PromotionError", "history", "production", "promote", "resolve", "resolve_manifest",
+__all__ = ["ALIAS", "LATEST", "NotPromoted", "PromotionError", "history", "production", "promote", "resolve", "resolve_manifest",
            "rollback"]

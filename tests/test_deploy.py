@@ -177,6 +177,13 @@ def test_prewarm_loop_steady_round_reads_the_alias_and_the_manifest_only(s3_stor
     prewarm.prewarm_loop(["digits"], every_s=0, rounds=1, pin=True, store=s3_storage, tier=tier, log=lines.append)
     assert lines == [] and req.of("header") == ["digits/production", "v1/manifest.json"]
     assert not req.of("HEAD") and not req.of("LIST") and not req.of("GET")
+    # a model never promoted follows latest: its alias is asked for once per round (it is absent)
+    export.export({"w": torch.ones(8)}, s3_storage, "other", "v1")
+    prewarm.prewarm_loop(["other"], every_s=0, rounds=1, store=s3_storage, tier=tier, log=lambda _: None)
+    assert tier.complete("other", "v1")
+    req.calls.clear()
+    prewarm.prewarm_loop(["other"], every_s=0, rounds=1, store=s3_storage, tier=tier, log=lines.append)
+    assert lines == [] and req.of("header").count("other/production") == 1, req.of("header")
 
 
 def test_prewarm_loop_unpins_the_old_production_when_both_do_not_fit(tmp_path):

@@ -36,9 +36,8 @@ def target_version(store: Storage, model: str) -> tuple[str, str] | None:
     try:  # the alias and the manifest (rejection): a steady round sends these two requests, no stats
         # (the pre-warm checks every file it lands, and a warm copy is already whole)
         return promotion.ALIAS, promotion.resolve_manifest(store, model, promotion.ALIAS, files=False)[0]
-    except promotion.PromotionError:
-        if promotion.production(store, model) is not None:
-            raise  # promoted, but that version is not servable
+    except promotion.NotPromoted:  # (promoted, but that version not servable: raised)
+        pass
     try:
         return promotion.LATEST, promotion.resolve(store, model, promotion.LATEST)
     except promotion.PromotionError:
