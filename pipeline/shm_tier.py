@@ -55,7 +55,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import mmap
 import os
 import shutil
@@ -70,6 +69,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from pipeline.export import (
     DEFAULT_ROOT,
+    ExportError,
     INDEX_NAME,
     MANIFEST_NAME,
     ListedFile,
@@ -78,6 +78,7 @@ from pipeline.export import (
     manifest_files,
     newest_manifests,
     parse_manifest,
+    read_manifest,
     version_prefix,
     version_problem,
 )
@@ -491,12 +492,15 @@ class ShmTier:
     def _latest_here(self, model: str) -> str | None:
         best = None
         for m, v in self._versions_on_disk():
-            if m != model or version_problem(self.store, m, v) is not None:
+            if m != model:
                 continue
-            try:
-                created = json.loads((self._dir(m, v) / MANIFEST_NAME).read_bytes()).get("created", "")
-            except (OSError, ValueError):
+            try:  # read once: for the completeness check and the recency
+                manifest = read_manifest(self.store, m, v)
+            except (ExportError, StorageError, ValueError):
                 continue
+            if version_problem(self.store, m, v, manifest=manifest) is not None:
+                continue
+            created = manifest.get("created", "")
             if best is None or (created, v) > best:
                 best = (created, v)
         return best[1] if best else None
