@@ -814,6 +814,14 @@ def test_s3_streaming_read_reuses_its_window_buffers(s3_storage_factory, monkeyp
                 i += 1
         assert bytes(got) == BIGGER, sizes
         assert len(buffers) == 8 and len({id(b) for b in buffers}) <= 3 + 1  # 8 windows after the first
+    def assembled(self, view):
+        raise AssertionError(f"a read of {len(view)} bytes was assembled from windows")
+
+    # reads of whole windows are sliced from the window (one copy), never assembled in a buffer
+    monkeypatch.setattr(type(f), "_fill", assembled)
+    with store.open_read("big") as f:
+        assert b"".join(iter(lambda: f.read(store.part_size), b"")) == BIGGER
+    monkeypatch.undo()
     with store.open_read("big") as f:  # readinto into the caller's buffer (write_atomic, copy)
         out = bytearray(len(BIGGER))
         view, at = memoryview(out), 0

@@ -887,6 +887,8 @@ class _S3Reader(io.RawIOBase):
         self._checkClosed()
         remaining = self.size - self._offset
         want = remaining if size is None or size < 0 else min(size, remaining)
+        if want and not self._buf:  # at a window's end: a read of the next window alone is one copy too
+            self._next_window()
         if want <= len(self._buf):  # within the current window: one copy
             piece = self._buf[:want]
             self._buf = self._buf[want:]
