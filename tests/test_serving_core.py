@@ -379,6 +379,23 @@ def test_a_damaged_alias_keeps_the_served_version_until_it_is_repaired(store, ca
         run(main())
 
 
+def test_a_server_started_on_an_empty_store_says_so_and_serves_a_model_published_later(store, caplog):
+    async def main():
+        reg = ModelRegistry(store, config())
+        await reg.start()
+        with pytest.raises(ModelNotFound, match="nothing published under models/digits"):
+            await reg.infer("digits", None, {"input": batch(1)})
+        m = publish(store, "digits", "v1", 1)
+        x = batch(2)
+        assert np.allclose((await reg.infer("digits", None, {"input": x}))["output"], eager(m, x), atol=1e-5)
+        await reg.stop()
+
+    with caplog.at_level("WARNING"):
+        run(main())
+    [warned] = [r.getMessage() for r in caplog.records if "no model is published" in r.getMessage()]
+    assert store.uri("models") in warned, warned
+
+
 def test_watcher_does_not_reload_a_model_evicted_while_it_read_the_alias(store):
     """The alias watcher reads every serving model's alias off the event loop; a model the LRU
     evicts meanwhile must stay evicted (its next request loads it), not be loaded back by the

@@ -284,6 +284,9 @@ class ModelRegistry:
             self.traffic.start()
         if self.config.models is None:
             await self._discover()
+            if not self._known:  # a server up and ready with nothing to serve: say so once
+                log.warning("no model is published under %s yet: models are looked for again every %gs, and "
+                            "on a request naming one", self.store.uri(self.config.root), self.config.discover_s)
         self._poller.start()
         if self.config.models and self.config.preload:
             for name in self.config.models:
