@@ -213,7 +213,7 @@ def test_infer_binary_default(client):
     np.testing.assert_array_equal(res.as_numpy("y"), x * 2)
 
 
-def test_infer_json_and_mixed_outputs(client):
+def test_infer_json_and_mixed_outputs(client, server):
     import tritonclient.http as httpclient
 
     x = np.arange(8, dtype=np.float32).reshape(2, 4) - 3.5
@@ -228,6 +228,11 @@ def test_infer_json_and_mixed_outputs(client):
     np.testing.assert_array_equal(res.as_numpy("y"), x * 2)
     np.testing.assert_array_equal(res.as_numpy("idx"), [3, 3])
     assert "data" in res.get_output("idx") and "binary_data_size" in res.get_output("y")["parameters"]
+    # JSON integers past int64 for an FP32 input are numbers like any other (numpy would keep them as objects)
+    st, _, out = raw(server, "POST", "/v2/models/double/infer",
+                     json.dumps({"inputs": [{**_X, "data": [1, 2, 3, 2**70]}], "outputs": [{"name": "y",
+                                 "parameters": {"binary_data": False}}]}))
+    assert st == 200 and json.loads(out)["outputs"][0]["data"] == [2.0, 4.0, 6.0, float(np.float32(2**71))], out
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -368,6 +373,10 @@ BAD = {
                          "integers"),
     "INT8 out of range": (json.dumps({"inputs": [{**_X, "datatype": "INT8", "data": [1, 2, 3, 300]}]}), {}, 400,
                           "out of range"),
+    "FP32 out of range": (json.dumps({"inputs": [{**_X, "data": [1, 2, 3, 1e39]}]}), {}, 400,
+                          "value 1e+39 out of range for FP32"),
+    "FP16 out of range": (json.dumps({"inputs": [{**_X, "datatype": "FP16", "data": [1, 2, 3, 70000]}]}), {}, 400,
+                          "value 70000 out of range for FP16"),
     "numbers for BOOL": (json.dumps({"inputs": [{**_X, "datatype": "BOOL", "data": [1, 0, 1, 0]}]}), {}, 400, "BOOL"),
     "duplicate input": (json.dumps({"inputs": [_X, _X]}), {}, 400, "twice"),
     "bad binary_data_output": (json.dumps({"inputs": [_X], "parameters": {"binary_data_output": "yes"}}), {}, 400,

@@ -206,8 +206,23 @@ def _json_array(data: Any, datatype: str, shape: list[int], where: str) -> np.nd
             if lo < info.min or hi > info.max:
                 raise ProtocolError(f"{where}: value out of range for {datatype} ({info.min}..{info.max})")
         elif want.kind == "f":
+            if kind == "O":  # integers past int64 among them: numpy keeps Python objects
+                flat = _flatten(data, where)
+                if all(type(v) in (int, float) for v in flat):
+                    try:
+                        arr, kind = np.array(flat, dtype=np.float64), "f"
+                    except OverflowError:
+                        raise ProtocolError(f"{where}: value out of range for {datatype}") from None
             if kind not in "iuf":
                 raise ProtocolError(f"{where}: {datatype} data must be numbers")
+            if want.itemsize < arr.dtype.itemsize or kind != "f":  # a number may not fit: say so, not inf
+                with np.errstate(over="ignore"):
+                    narrow = arr.astype(want)
+                over = np.isinf(narrow) & ~np.isinf(arr)
+                if over.any():
+                    raise ProtocolError(f"{where}: value {arr[over][0].item()!r} out of range for {datatype} "
+                                        f"(largest {np.finfo(want).max.item():g})")
+                arr = narrow
         if arr.dtype != want:
             arr = arr.astype(want)
     if arr.size != count:
