@@ -232,7 +232,8 @@ def cmd_load(args) -> int:
         raise UserError(f"{args.source}: no such file or directory (a published version is <model>/<version>, "
                         "<model>/latest or <model>/production; a remote file or folder s3://<bucket>/<key>)")
     with Progress(TextColumn(f"loading {args.source}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=console, disable=args.json, transient=True) as progress:
+                  TimeElapsedColumn(), console=console, disable=args.json or not console.is_terminal,
+                  transient=True) as progress:
         task = progress.add_task("load", total=None)
         tensors, rep = loading.load_with_report(
             source, args.device, progress=lambda done, total: progress.update(task, completed=done, total=total),
@@ -244,7 +245,8 @@ def cmd_load(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        console.print(f"[green]loaded[/] ({where}) {rep.summary()}")
+        origin = {"shm": "from the shm tier", "local": "from the local cache", "remote": "from the store"}.get(where)
+        console.print(f"[green]loaded[/] {args.source}{f' ({origin})' if origin else ''}: {rep.summary()}")
     del tensors
     return 0
 

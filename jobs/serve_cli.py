@@ -211,14 +211,6 @@ def _ms(v) -> str:
     return "—" if v is None else (f"{v:.2f}" if v < 10 else f"{v:.1f}")
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _counts(d: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in d.items()) or "0"
 
@@ -234,7 +226,7 @@ def cmd_status(args) -> int:
         reason = getattr(e, "reason", e)
         print(f"forgeline serve status: cannot read {url}/metrics: {reason}", file=sys.stderr)
         return 1
-    from pipeline.metrics import served_summary
+    from pipeline.metrics import human_bytes, served_summary
 
     try:
         summary = served_summary(text)

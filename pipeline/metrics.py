@@ -29,6 +29,15 @@ SERVING_PREFIX = "forgeline_serving"  # the model server's Prometheus metric nam
 T = TypeVar("T")
 
 
+def human_bytes(n: float) -> str:
+    """``n`` bytes in binary units, as people read sizes: ``512 B``, ``110.3 KiB``, ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def summary(seconds: Iterable[float], prefix: str) -> dict[str, float | int]:
     """``<prefix>_p50_ms``, ``_p95_ms``, ``_p99_ms``, ``_max_ms`` (floats, milliseconds) and
     ``<prefix>_count`` of latencies given in seconds; ``{}`` when there are none."""

@@ -826,10 +826,12 @@ def test_report_is_filled(st_file):
     assert rep.seconds_total > 0 and rep.seconds_read > 0 and rep.gbps > 0
     assert rep.cached_fraction is not None and 0 <= rep.cached_fraction <= 1
     assert progress[-1] == (rep.bytes, rep.bytes) and progress == sorted(progress)
-    assert "GB/s" in rep.summary()
+    line = rep.summary()
+    assert "via pread-owned (2 threads, 8.0 KiB requests) -> cpu: read " in line and ", total " in line, line
     assert len(rep.chunk_seconds) >= rep.bytes // 8192 and min(rep.chunk_seconds) > 0  # one per read
     _, rep = load_with_report(st_file)
     assert rep.path == "mmap-zero-copy" and len(rep.chunk_seconds) == 1  # one per mapped shard
+    assert "threads" not in rep.summary() and "read" not in rep.summary()  # a mapping reads nothing
     _, rep = load_with_report(st_file, method="ring", staging_bytes=1 << 16)
     assert rep.path == "pread-ring" and rep.staging_bytes <= 1 << 16 and rep.seconds_copy > 0
     assert len(rep.chunk_seconds) >= rep.bytes // (1 << 16)

@@ -78,12 +78,19 @@ class LoadReport:
         return self.bytes / self.seconds_copy / 1e9 if self.seconds_copy > 0 else 0.0
 
     def summary(self) -> str:
+        """One line: what was loaded, from where, how, and each stage's seconds and rate (stages a
+        path does not have, such as the read of a zero-copy mapping, are left out)."""
+        from pipeline.metrics import human_bytes  # for display only: a load does not import it
+
         cached = "" if self.cached_fraction is None else f", {self.cached_fraction:.0%} cached"
-        return (f"{self.tensors} tensors, {self.bytes / 1e9:.3f} GB from {self.source_kind}{cached} "
-                f"via {self.path} ({self.threads} threads, {self.chunk_bytes // MiB} MiB chunks) -> "
-                f"{self.device}: read {self.seconds_read:.3f}s ({self.read_gbps:.2f} GB/s), copy "
-                f"{self.seconds_copy:.3f}s ({self.copy_gbps:.2f} GB/s), total {self.seconds_total:.3f}s "
-                f"({self.gbps:.2f} GB/s)")
+        how = self.path + (f" ({self.threads} threads, {human_bytes(self.chunk_bytes)} requests)" if self.chunk_bytes else "")
+        stages = [f"{name} {s:.3f}s ({gbps:.2f} GB/s)" for name, s, gbps in
+                  (("read", self.seconds_read, self.read_gbps), ("copy", self.seconds_copy, self.copy_gbps)) if s > 0]
+        if self.verified:
+            stages.append(f"sha256 of {self.verified} shard{'s' if self.verified > 1 else ''} checked")
+        stages.append(f"total {self.seconds_total:.3f}s ({self.gbps:.2f} GB/s)")
+        return (f"{self.tensors} tensors, {human_bytes(self.bytes)} from {self.source_kind}{cached} via {how} -> "
+                f"{self.device}: " + ", ".join(stages))
 
 
 def load(
