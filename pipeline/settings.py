@@ -195,9 +195,14 @@ def storage_root(env: Env = None) -> str | None:
     return raw("FORGELINE_STORAGE_ROOT", env)
 
 
+S3_ENDPOINT_EXAMPLE = "http://127.0.0.1:9000 or https://s3.example.com"
+
+
 def s3_endpoint(env: Env = None) -> str | None:
-    """``FORGELINE_S3_ENDPOINT_URL``: an S3-compatible endpoint (MinIO, Ceph RGW, ...); None = AWS."""
-    return raw("FORGELINE_S3_ENDPOINT_URL", env)
+    """``FORGELINE_S3_ENDPOINT_URL``: an S3-compatible endpoint (MinIO, Ceph RGW, ...), with its
+    scheme (``http://minio:9000``); None = AWS."""
+    value = raw("FORGELINE_S3_ENDPOINT_URL", env)
+    return http_url("FORGELINE_S3_ENDPOINT_URL", value, implied=False, example=S3_ENDPOINT_EXAMPLE) if value else None
 
 
 def shm_root(env: Env = None) -> str:
@@ -295,13 +300,18 @@ def debug(env: Env = None) -> bool:
     return (raw("FORGELINE_DEBUG", env) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _http_url(name: str, value: str, schemes: tuple[str, ...] = ()) -> str:
-    """``value`` as an absolute http(s) (or one of ``schemes``) URL without a trailing slash
-    (``host:port`` gets ``http://``)."""
+def http_url(name: str, value: str, schemes: tuple[str, ...] = (), *, implied: bool = True,
+             example: str = "http://forgeline-serving:8000") -> str:
+    """``value`` as an absolute http(s) (or one of ``schemes``) URL without a trailing slash;
+    ``host:port`` gets ``http://`` when ``implied``, else it is refused (an S3 endpoint: guessing
+    http for a server that speaks https would fail later, and less clearly). :class:`SettingError`
+    naming ``name`` (the setting or parameter) otherwise."""
     from urllib.parse import urlsplit
 
     url = value.strip()
     if "://" not in url:
+        if not implied:
+            raise SettingError(f"{name}: {value!r} has no scheme (use e.g. {example})")
         url = "http://" + url
     url = url.rstrip("/")
     try:
@@ -310,7 +320,7 @@ def _http_url(name: str, value: str, schemes: tuple[str, ...] = ()) -> str:
     except ValueError as e:
         raise SettingError(f"{name}: not a URL: {value!r} ({e})") from None
     if parts.scheme not in ("http", "https", *schemes) or not parts.hostname or parts.query or parts.fragment:
-        raise SettingError(f"{name}: not an http(s) URL: {value!r} (use e.g. http://forgeline-serving:8000)")
+        raise SettingError(f"{name}: not an http(s) URL: {value!r} (use e.g. {example})")
     return url
 
 
@@ -323,7 +333,7 @@ def serve_urls(env: Env = None) -> list[str]:
     urls: list[str] = []
     for part in (value or "").split(","):
         if part.strip():
-            url = _http_url("FORGELINE_SERVE_URLS", part, ("dns+http", "dns+https"))
+            url = http_url("FORGELINE_SERVE_URLS", part, ("dns+http", "dns+https"))
             if url not in urls:
                 urls.append(url)
     return urls
@@ -333,7 +343,7 @@ def reports_url(env: Env = None) -> str | None:
     """``FORGELINE_REPORTS_URL``: base URL of a ``forgeline serve`` that serves the drift reports
     (``GET /reports/...``); the drift checks then link the report there instead of its storage path."""
     value = raw("FORGELINE_REPORTS_URL", env)
-    return _http_url("FORGELINE_REPORTS_URL", value) if value else None
+    return http_url("FORGELINE_REPORTS_URL", value) if value else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,11 +144,19 @@ def test_debug_shows_the_traceback(home, monkeypatch):
         main(["launch", "nope"])
 
 
-def test_a_bad_environment_setting_is_one_line(home, monkeypatch, capsys):
-    monkeypatch.setenv("FORGELINE_GPUS_PER_RUN", "lots")
-    assert main(["launch", "ingest", "-p", "b"]) == 1
+@pytest.mark.parametrize("env, argv, words", [
+    ({"FORGELINE_GPUS_PER_RUN": "lots"}, ["launch", "ingest", "-p", "b"], "FORGELINE_GPUS_PER_RUN"),
+    ({"FORGELINE_S3_BUCKET": "b", "FORGELINE_S3_ENDPOINT_URL": "localhost:9000"}, ["models", "digits"],
+     "FORGELINE_S3_ENDPOINT_URL: 'localhost:9000' has no scheme"),
+    ({"FORGELINE_S3_BUCKET": "b", "FORGELINE_S3_ENDPOINT_URL": "ftp://x"}, ["load", "digits/production"],
+     "FORGELINE_S3_ENDPOINT_URL: not an http(s) URL: 'ftp://x'"),
+], ids=["gpus", "endpoint without scheme", "endpoint not http"])
+def test_a_bad_environment_setting_is_one_line(home, monkeypatch, capsys, env, argv, words):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(argv) == 1
     err = _err_lines(capsys)
-    assert len(err) == 1 and "FORGELINE_GPUS_PER_RUN" in err[0], err
+    assert len(err) == 1 and words in err[0], err
 
 
 def test_a_failed_ingest_prints_its_root_cause(home, capsys):

@@ -675,6 +675,13 @@ def test_s3_part_size_below_minimum_rejected(s3_storage_factory):
         s3_storage_factory(part_size=MIN_PART_SIZE - 1)
 
 
+@pytest.mark.parametrize("url, words", [("localhost:9000", "has no scheme"), ("ftp://x", "not an http(s) URL"),
+                                        ("http://", "not an http(s) URL"), ("http://h:port", "not a URL")])
+def test_s3_endpoint_that_is_not_a_url_is_refused_naming_it(url, words):
+    with pytest.raises(ValueError, match=f"^endpoint_url: .*{re.escape(words)}"):
+        S3Storage("b", endpoint_url=url)
+
+
 def test_copy_between_s3_and_local(local_storage, s3_storage):
     s3_storage.write_atomic("shard", BIG)
     sha = s3_storage.stat("shard").sha256

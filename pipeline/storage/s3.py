@@ -407,6 +407,9 @@ class S3Storage(Storage):
         read_timeout: float = 15.0,
         retry_deadline: float = 20.0,
     ):
+        if endpoint_url is not None:  # a SettingError (ValueError) naming it, not boto3's "Invalid endpoint"
+            endpoint_url = settings.http_url("endpoint_url", endpoint_url, implied=False,
+                                             example=settings.S3_ENDPOINT_EXAMPLE)
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size {part_size} is below S3's minimum part size {MIN_PART_SIZE}")
         if get_size < 1024 * 1024:
