@@ -178,13 +178,35 @@ class StorageSettings:
         return {"kind": "local", "root": str(self.root)}
 
 
+_BUCKET_NAME = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")  # what boto3 accepts (S3 itself: 3-63, lowercase)
+
+
+def s3_bucket_name(name: str, value: str) -> str:
+    """``value`` when it is a bucket's name, else :class:`SettingError` naming ``name`` (the
+    setting or parameter) and what is wrong: a bucket is named alone, not as a URL or path."""
+    if not _BUCKET_NAME.fullmatch(value):
+        alone = value.split("://", 1)[-1].split("/")[0]
+        hint = (f"name the bucket alone, e.g. {alone!r}; the path after it is the prefix"
+                if "/" in value and _BUCKET_NAME.fullmatch(alone) else "letters, digits, '.', '-' and '_'")
+        raise SettingError(f"{name}: {value!r} is not a bucket name ({hint})")
+    return value
+
+
 def storage(env: Env = None) -> StorageSettings:
     """``FORGELINE_S3_BUCKET`` (+ ``FORGELINE_S3_PREFIX``, ``FORGELINE_S3_ENDPOINT_URL``,
     ``AWS_REGION``) → S3; else ``FORGELINE_STORAGE_ROOT``; else ``$FORGELINE_HOME/storage``."""
     region = raw("AWS_REGION", env) or raw("AWS_DEFAULT_REGION", env)
     if raw("FORGELINE_S3_BUCKET", env):
-        return StorageSettings(bucket=raw("FORGELINE_S3_BUCKET", env), prefix=raw("FORGELINE_S3_PREFIX", env) or "",
-                               endpoint_url=s3_endpoint(env), region_name=region)
+        prefix = (raw("FORGELINE_S3_PREFIX", env) or "").strip("/")
+        if prefix:
+            from pipeline.storage.base import check_key  # (a leaf module: no cycle)
+
+            try:
+                check_key(prefix)
+            except ValueError as e:
+                raise SettingError(f"FORGELINE_S3_PREFIX: {e}") from None
+        return StorageSettings(bucket=s3_bucket_name("FORGELINE_S3_BUCKET", raw("FORGELINE_S3_BUCKET", env)),
+                               prefix=prefix, endpoint_url=s3_endpoint(env), region_name=region)
     root = storage_root(env)
     return StorageSettings(root=Path(root) if root else home(env) / "storage", root_from_env=bool(root),
                            endpoint_url=s3_endpoint(env), region_name=region)

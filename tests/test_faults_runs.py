@@ -150,7 +150,13 @@ def test_debug_shows_the_traceback(home, monkeypatch):
      "FORGELINE_S3_ENDPOINT_URL: 'localhost:9000' has no scheme"),
     ({"FORGELINE_S3_BUCKET": "b", "FORGELINE_S3_ENDPOINT_URL": "ftp://x"}, ["load", "digits/production"],
      "FORGELINE_S3_ENDPOINT_URL: not an http(s) URL: 'ftp://x'"),
-], ids=["gpus", "endpoint without scheme", "endpoint not http"])
+    ({"FORGELINE_S3_BUCKET": "s3://bucket/models"}, ["models", "digits"],
+     "FORGELINE_S3_BUCKET: 's3://bucket/models' is not a bucket name (name the bucket alone, e.g. 'bucket';"),
+    ({"FORGELINE_S3_BUCKET": "My Bucket"}, ["promote", "digits", "v1"], "FORGELINE_S3_BUCKET: 'My Bucket' is not"),
+    ({"FORGELINE_S3_BUCKET": "b", "FORGELINE_S3_PREFIX": "a/../b"}, ["models", "digits"],
+     "FORGELINE_S3_PREFIX: invalid storage key 'a/../b'"),
+], ids=["gpus", "endpoint without scheme", "endpoint not http", "bucket as a URL", "bucket with a space",
+        "prefix not normalized"])
 def test_a_bad_environment_setting_is_one_line(home, monkeypatch, capsys, env, argv, words):
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -682,6 +682,12 @@ def test_s3_endpoint_that_is_not_a_url_is_refused_naming_it(url, words):
         S3Storage("b", endpoint_url=url)
 
 
+@pytest.mark.parametrize("bucket", ["s3://b/p", "b/p", "my bucket", ""])
+def test_s3_bucket_that_is_not_a_name_is_refused_naming_it(bucket):
+    with pytest.raises(ValueError, match=f"^bucket: {re.escape(repr(bucket))} is not a bucket name"):
+        S3Storage(bucket)
+
+
 def test_copy_between_s3_and_local(local_storage, s3_storage):
     s3_storage.write_atomic("shard", BIG)
     sha = s3_storage.stat("shard").sha256

@@ -407,7 +407,8 @@ class S3Storage(Storage):
         read_timeout: float = 15.0,
         retry_deadline: float = 20.0,
     ):
-        if endpoint_url is not None:  # a SettingError (ValueError) naming it, not boto3's "Invalid endpoint"
+        settings.s3_bucket_name("bucket", bucket)  # a SettingError (ValueError) naming it, not boto3's regex
+        if endpoint_url is not None:  # likewise, not boto3's "Invalid endpoint"
             endpoint_url = settings.http_url("endpoint_url", endpoint_url, implied=False,
                                              example=settings.S3_ENDPOINT_EXAMPLE)
         if part_size < MIN_PART_SIZE:
