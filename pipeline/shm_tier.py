@@ -97,7 +97,7 @@ from pipeline.storage import (
     join,
     ranged_read_size,
 )
-from pipeline.storage.base import WHOLE_READ_BYTES, pwrite_all
+from pipeline.storage.base import WHOLE_READ_BYTES, os_error, pwrite_all
 from pipeline.storage.local import temp_path
 
 if TYPE_CHECKING:
@@ -356,9 +356,7 @@ def _reraise(e: BaseException, where: str) -> NoReturn:
     """Raise ``e``; an OSError of the tier's filesystem as the StorageError callers expect
     (ENOSPC: StorageFull), anything else as it is."""
     if isinstance(e, OSError) and not isinstance(e, StorageError):
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageFull(f"{where}: no space left on device ({e.strerror})") from e
-        raise StorageError(f"{where}: {e.strerror or e}") from e
+        raise os_error(e, where) from e
     raise e
 
 

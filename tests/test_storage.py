@@ -212,6 +212,29 @@ def test_exception_mid_stream_leaves_nothing(store, size):
     assert [o.key for o in store.list()] == ["keep"]
 
 
+def test_a_write_after_a_failed_write_raises_the_failure_and_nothing_is_published(store, monkeypatch):
+    """A file object wrapping the writer (tarfile in stream mode) flushes its buffer while the first
+    error unwinds: that write raises the first error again, so the error that reaches the user is
+    the cause (a full disk), not 'write after abort'."""
+    store.write_atomic("keep", b"old")
+    w = store.open_write("keep")
+    w.write(b"a" * 1000)
+    failure = StorageFull("disk full (injected)")
+
+    def fail(data):
+        raise failure
+
+    monkeypatch.setattr(w, "_write", fail)
+    with pytest.raises(StorageFull) as first:
+        w.write(b"b" * 1000)
+    with pytest.raises(StorageFull) as again:
+        w.write(b"c" * 10)
+    assert first.value is again.value is failure and w.closed
+    with pytest.raises(StorageError, match="already committed or aborted"):
+        w.commit()
+    assert store.read("keep") == b"old" and [o.key for o in store.list()] == ["keep"]
+
+
 def test_multipart_round_trip_bit_exact(store):
     info = store.write_atomic("mp/big.bin", BIG)
     digest = hashlib.sha256(BIG).hexdigest()

@@ -13,6 +13,7 @@ This module knows no backend; they subclass :class:`Storage` in ``local``, ``shm
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -50,6 +51,19 @@ class StorageFull(StorageError):
 class CorruptObject(StorageError, ValueError):
     """An object whose bytes are not what it must hold (a JSON record that does not parse). Every
     write is atomic, so this is damage from outside: a truncated copy, a hand edit."""
+
+
+def os_error(err: OSError, what: str) -> StorageError:
+    """The storage error for ``err``, an OSError of a local filesystem at ``what`` (a path or
+    URI): :class:`StorageFull` for a full disk or quota, :class:`ObjectNotFound` for a missing
+    file, else :class:`StorageError` with the system's reason. Raise it ``from err``."""
+    if err.errno == errno.ENOSPC:
+        return StorageFull(f"{what}: no space left on device")
+    if err.errno == errno.EDQUOT:
+        return StorageFull(f"{what}: disk quota exceeded")
+    if err.errno == errno.ENOENT:
+        return ObjectNotFound(f"{what}: not found")
+    return StorageError(f"{what}: {err.strerror or err}")
 
 
 def parse_record(data: bytes, where: str, what: str) -> dict:
@@ -146,6 +160,7 @@ class AtomicWriter(ABC):
         self.size = 0
         self.closed = False
         self.info: ObjectInfo | None = None  # set by commit()
+        self._failure: BaseException | None = None  # the error of a failed write
 
     @property
     def sha256(self) -> str:
@@ -154,11 +169,18 @@ class AtomicWriter(ABC):
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.closed:
+            if self._failure is not None:  # a write after a failed one (a file object flushing as it
+                raise self._failure  # unwinds, e.g. tarfile's): the failure again, not an error hiding it
             raise StorageError(f"{self.key}: write after commit/abort")
         self._hash.update(data)
         self._crc.update(data)
         self.size += len(data)
-        self._write(data)
+        try:
+            self._write(data)
+        except BaseException as e:  # nothing of it is published: the writer is aborted
+            self._failure = e
+            self.abort()
+            raise
         return len(data)
 
     def _verify_stream(self) -> str:

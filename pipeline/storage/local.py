@@ -7,11 +7,10 @@ complete or not at all; temporaries left by a killed writer are hidden and liste
 
 from __future__ import annotations
 
-import errno
 import os
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from pipeline.storage.base import (
     CHUNK,
@@ -21,19 +20,15 @@ from pipeline.storage.base import (
     ObjectInfo,
     ObjectNotFound,
     Storage,
-    StorageError,
     StorageFull,
     check_key,
+    os_error,
     sha256_stream,
 )
 
 
-def _raise_os(err: OSError, what: str) -> None:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise StorageFull(f"{what}: no space left on device ({err.strerror})") from err
-    if err.errno == errno.ENOENT:
-        raise ObjectNotFound(f"{what}: not found") from err
-    raise StorageError(f"{what}: {err.strerror or err}") from err
+def _raise_os(err: OSError, what: str) -> NoReturn:
+    raise os_error(err, what) from err
 
 
 def _fsync_dir(path: Path) -> None:
@@ -72,7 +67,6 @@ class _LocalWriter(AtomicWriter):
         try:
             self._f.write(data)
         except OSError as e:
-            self.abort()
             _raise_os(e, self._store.uri(self.key))
 
     def _commit(self, sha256: str) -> ObjectInfo:

@@ -979,25 +979,21 @@ class _S3Writer(AtomicWriter):
 
     def _write(self, data) -> None:
         view = memoryview(data).cast("B")
-        try:
-            while view:
-                if self._part is None:
-                    self._part = self._spare.pop() if self._spare else bytearray(self._part_size)
-                n = min(len(view), self._part_size - self._fill)
-                self._part[self._fill : self._fill + n] = view[:n]
-                self._fill += n
-                view = view[n:]
-                if self._fill < self._part_size:
-                    break
-                self._full.append(self._part)
-                self._part, self._fill = None, 0
-                if self._upload_id is None and len(self._full) * self._part_size >= self._multipart_at:
-                    self._start_multipart()
-                while self._upload_id is not None and self._full:
-                    self._upload_part(self._full.popleft())
-        except BaseException:
-            self.abort()
-            raise
+        while view:
+            if self._part is None:
+                self._part = self._spare.pop() if self._spare else bytearray(self._part_size)
+            n = min(len(view), self._part_size - self._fill)
+            self._part[self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill < self._part_size:
+                break
+            self._full.append(self._part)
+            self._part, self._fill = None, 0
+            if self._upload_id is None and len(self._full) * self._part_size >= self._multipart_at:
+                self._start_multipart()
+            while self._upload_id is not None and self._full:
+                self._upload_part(self._full.popleft())
 
     def _buffered(self) -> bytes:
         """Every byte written and not yet sent (at commit: the last part, or a small object)."""
