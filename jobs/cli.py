@@ -150,11 +150,12 @@ def cmd_gen(args) -> int:
         with Progress(TextColumn("synthetic shards"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} B"),
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("gen", total=args.size)
-            shards = datagen.write_synthetic_shards(
-                store, join(prefix, "shards"), args.size, image_size=args.image_size or 224,
-                samples_per_shard=args.samples_per_shard, seed=args.seed,
-                progress=lambda n: progress.update(task, completed=min(n, args.size)),
-            )
+            with datagen.landing(store, prefix):
+                shards = datagen.write_synthetic_shards(
+                    store, join(prefix, "shards"), args.size, image_size=args.image_size or 224,
+                    samples_per_shard=args.samples_per_shard, seed=args.seed,
+                    progress=lambda n: progress.update(task, completed=min(n, args.size)),
+                )
         store.write_atomic(join(prefix, datagen.READY_MARKER), b'{"synthetic": true}')
         console.print(f"wrote {len(shards)} shards ({sum(s.size for s in shards) / 1e6:.1f} MB) to {store.uri(prefix)}")
     return 0
@@ -460,12 +461,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error_line(e: BaseException) -> str:
-    """A user-facing line for an error: its own message for the ones we raise, its type too otherwise."""
+    """A user-facing line for an error: its own message for the ones forgeline raises, its type and
+    the hint to --debug for the others (a bug, or a library's error that reached the top)."""
     import dagster as dg
     from pydantic import ValidationError
 
-    if isinstance(e, (UserError, settings.SettingError)):
-        return " ".join(str(e).split())
+    ours = type(e).__module__.partition(".")[0] in ("pipeline", "jobs", "resources", "assets")
+    if (ours or isinstance(e, (UserError, settings.SettingError))) and str(e).strip():
+        return " ".join(str(e).split())  # forgeline's errors name the file or setting and the problem
     if isinstance(e, dg.DagsterInvalidConfigError):
         return "invalid config: " + "; ".join(" ".join(err.message.split()) for err in e.errors)
     if isinstance(e, ValidationError):

@@ -13,12 +13,13 @@ Shard members are named and labels written by the conventions of :mod:`pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -183,11 +184,12 @@ def write_batch(
     image_size: int | None = None,
     fmt: str = "png",
 ) -> dict:
-    """Write one complete landing batch (shards + table) and mark it ready last."""
-    shards = write_shards(
-        store, join(prefix, "shards"), data, samples_per_shard=samples_per_shard, image_size=image_size, fmt=fmt
-    )
-    table = write_table(store, join(prefix, "table.parquet"), data)
+    """Write one complete landing batch (shards + table) and mark it ready last (see :func:`landing`)."""
+    with landing(store, prefix):
+        shards = write_shards(
+            store, join(prefix, "shards"), data, samples_per_shard=samples_per_shard, image_size=image_size, fmt=fmt
+        )
+        table = write_table(store, join(prefix, "table.parquet"), data)
     summary = {
         "samples": len(data),
         "shards": [s.key for s in shards],
@@ -196,6 +198,24 @@ def write_batch(
     }
     store.write_atomic(join(prefix, READY_MARKER), json.dumps(summary, indent=1).encode())
     return summary
+
+
+@contextlib.contextmanager
+def landing(store: Storage, prefix: str) -> Iterator[None]:
+    """The writing of a landing batch under ``prefix``; the caller marks it ready after the block.
+    A batch being rewritten stops being ready first (so no sensor ingests old and new files mixed),
+    and a write that fails (a full disk, an interrupt) removes what it wrote: a landing folder is
+    either whole and ready or absent, never half there, and a full disk gets its space back."""
+    marker = join(prefix, READY_MARKER)
+    if store.exists(marker):
+        store.delete(marker)
+    try:
+        yield
+    except BaseException:
+        for o in store.list(prefix):
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                store.delete(o.key)
+        raise
 
 
 def write_synthetic_shards(

@@ -287,6 +287,67 @@ def test_cli_refuses_bad_names_and_unready_partitions(tmp_path, monkeypatch, cap
     assert dg.DagsterInstance.get().get_dynamic_partitions("batches") == []
 
 
+def _disk_fills_after(monkeypatch, n_bytes: int) -> None:
+    """Local writes fail as a full disk does (ENOSPC from the file's write) once ``n_bytes`` are written."""
+    import errno
+
+    from pipeline.storage import local
+
+    left = {"bytes": n_bytes}
+    real_init = local._LocalWriter.__init__
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            left["bytes"] -= len(data)
+            if left["bytes"] < 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self._f = Full(self._f)
+
+    monkeypatch.setattr(local._LocalWriter, "__init__", init)
+
+
+def test_gen_on_a_full_disk_is_one_line_and_leaves_no_half_batch(tmp_path, monkeypatch, capsys):
+    from jobs import cli
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
+    store = LocalStorage(tmp_path / "store")
+    _disk_fills_after(monkeypatch, 200_000)
+    _cli_fails(cli, capsys, ["gen", "digits", "--batch", "b1"], r"^forgeline: \S+/incoming/b1/\S+: no space left on "
+                                                               r"device$")
+    assert store.list("incoming") == []  # what it wrote is removed: the space comes back, no unready half batch
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+
+
+def test_a_batch_rewritten_is_not_ready_until_whole_again(store, monkeypatch):
+    datagen.write_batch(store, f"incoming/{B}", datagen.load_digits(), samples_per_shard=600)
+    marker = f"incoming/{B}/{datagen.READY_MARKER}"
+    seen = []
+    real = datagen.write_tar
+
+    def write_tar(st, key, samples):
+        seen.append(st.exists(marker))  # as each shard is rewritten
+        return real(st, key, samples)
+
+    monkeypatch.setattr(datagen, "write_tar", write_tar)
+    datagen.write_batch(store, f"incoming/{B}", datagen.load_digits(), samples_per_shard=600)
+    assert seen and not any(seen) and store.exists(marker)
+    monkeypatch.setattr(datagen, "write_table", lambda *a, **k: 1 / 0)  # a rewrite that fails: nothing is left
+    with pytest.raises(ZeroDivisionError):
+        datagen.write_batch(store, f"incoming/{B}", datagen.load_digits(), samples_per_shard=600)
+    assert store.list(f"incoming/{B}") == []
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Withdrawal: recorded, and the next training data leaves it out
 # ---------------------------------------------------------------------------------------------
