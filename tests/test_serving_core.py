@@ -5,6 +5,7 @@ Every answer is compared with the eager module it came from."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import numpy as np
@@ -635,7 +636,7 @@ def test_stop_drains_in_flight_requests_and_unload(store):
     run(main())
 
 
-def test_quantized_variant_is_served_dequantized(store):
+def test_quantized_variant_is_served_dequantized(store, caplog):
     from pipeline import package
 
     publish(store, "digits", "v1", 1, width=16)  # wide enough for layers to be quantized
@@ -657,4 +658,6 @@ def test_quantized_variant_is_served_dequantized(store):
             await reg.infer("digits", None, {"input": x})
         await reg.stop()
 
-    run(main())
+    with caplog.at_level("INFO", logger="forgeline.serving"):
+        run(main())
+    assert any(re.fullmatch(r"digits-int8: serving v1 \(\d+\.\d+s, preload\)", r.getMessage()) for r in caplog.records)

@@ -295,7 +295,7 @@ class ModelRegistry:
 
     async def _preload(self, m: _Model) -> None:
         try:
-            await self._activate_task(m)
+            await self._activate_task(m, why="preload")
         except Exception as e:  # noqa: BLE001 - already recorded; requests will retry
             log.warning("%s: preload failed: %s", m.name, _one_line(e))
 
@@ -653,10 +653,11 @@ class ModelRegistry:
         t.add_done_callback(self._tasks.discard)
         return t
 
-    def _activate_task(self, m: _Model) -> asyncio.Task:
-        """The shared task that makes the production version serve (requests wait on it)."""
+    def _activate_task(self, m: _Model, why: str = "request") -> asyncio.Task:
+        """The shared task that makes the production version serve (requests wait on it); ``why``
+        (a request, or the preload at start) is what the log line says."""
         if m.activating is None or m.activating.done():
-            m.activating = self._spawn(self._activate(m))
+            m.activating = self._spawn(self._activate(m, why))
         return m.activating
 
     async def _manifest(self, m: _Model, version: str) -> dict:
@@ -671,13 +672,13 @@ class ModelRegistry:
         m.manifests[version] = (manifest, t)
         return manifest
 
-    async def _activate(self, m: _Model) -> None:
+    async def _activate(self, m: _Model, why: str) -> None:
         version, _ = await self._reference(m, cached=True)
         since = time.monotonic() - m.failed_at.get(version, -1e18)
         if version in m.failed and version not in m.versions and since < self.config.retry_failed_s:
             raise Unavailable(f"{m.name}/{version} failed to load {since:.0f}s ago: {m.failed[version]}",
                               max(self.config.retry_after_s, self.config.retry_failed_s - since))
-        await self._swap(m, version, why="request")  # a resident version (e.g. previous) swaps without loading
+        await self._swap(m, version, why=why)  # a resident version (e.g. previous) swaps without loading
 
     def _version_task(self, m: _Model, version: str) -> asyncio.Task:
         return self._spawn(self._ensure_version(m, version))
