@@ -33,6 +33,7 @@ from rich.table import Table
 from jobs.runs import (
     RunCanceled,
     UserError,
+    check_port,
     console,
     ensure_instance_home,
     err_console,
@@ -346,6 +347,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    check_port(args.host, args.port, "Dagster UI")
     ensure_instance_home()
     dagster = Path(sys.executable).with_name("dagster")
     argv = [str(dagster), "dev", "-w", str(settings.PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]

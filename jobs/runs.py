@@ -32,6 +32,26 @@ class RunCanceled(Exception):
     """The run was canceled from this CLI (Ctrl-C, SIGTERM)."""
 
 
+def check_port(host: str, port: int, what: str) -> None:
+    """:class:`UserError` unless this host can listen on ``host:port`` now: a server whose port is
+    taken should say so in one line before it starts (``dagster dev`` keeps running without its UI;
+    a model server would set up its registry first). ``what``: the server, for the message."""
+    import errno
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host}: not an address of this machine ({e})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT does not count
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"{host}:{port} is already in use (another {what}?): choose another with --port") from None
+            raise UserError(f"{what} cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 # Run monitoring (needs the daemon: `make ui` / `dagster dev` / `dagster-daemon run`): a run stuck
 # starting, or a canceling run whose process is gone, is failed / marked canceled; slots still
 # held by a run that ended are freed; a run past max_runtime_seconds (e.g. its run worker was

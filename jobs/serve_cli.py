@@ -188,6 +188,9 @@ def cmd_serve(args) -> int:
     writer.start()
     try:
         try:
+            from jobs.runs import check_port
+
+            check_port(args.host, args.port, "model server")
             registry, store = build_registry(args)
         except Exception as e:  # noqa: BLE001 - bad settings, unreachable storage: one line
             print(f"forgeline serve: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)

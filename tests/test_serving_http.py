@@ -642,6 +642,25 @@ def test_serve_bad_flags_one_line(argv, words, capsys):
     assert e.value.code == 2 and words in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("command, what", [("serve", "model server"), ("ui", "Dagster UI")])
+def test_a_taken_port_is_one_line_before_anything_starts(command, what, capsys, monkeypatch, tmp_path):
+    """``dagster dev`` keeps running without its UI when the port is taken, and a model server set
+    up its registry first: both say it in one line and start nothing."""
+    import socket
+
+    from jobs import cli
+
+    monkeypatch.setenv("FORGELINE_HOME", str(tmp_path))
+    monkeypatch.setattr(cli.os, "execv", lambda *a: pytest.fail("dagster dev was started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main([command, "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port} is already in use (another {what}?)" in err and err.count("\n") == 1, err
+
+
 def test_serve_status_unreachable(capsys):
     from jobs.cli import main
 
