@@ -30,6 +30,7 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from jobs import argtypes
 from jobs.runs import (
     RunCanceled,
     UserError,
@@ -45,14 +46,6 @@ from jobs.runs import (
     run_job,
 )
 from pipeline import settings
-
-
-def parse_size(text: str) -> int:
-    """An argparse type for sizes ('2GB', '512MiB', '1000'): :func:`pipeline.settings.parse_size`."""
-    try:
-        return settings.parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_jobs(args) -> int:
@@ -382,10 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("kind", choices=["digits", "synthetic"])
     s.add_argument("--batch", required=True, type=batch_name)
     s.add_argument("--shifted", action="store_true", help="digits with brightness/rotation/noise drift")
-    s.add_argument("--image-size", type=int, default=None, help="upscale images to N x N pixels")
+    s.add_argument("--image-size", type=argtypes.positive(int), default=None, help="upscale images to N x N pixels")
     s.add_argument("--format", choices=["png", "jpg"], default="png")
-    s.add_argument("--samples-per-shard", type=int, default=256)
-    s.add_argument("--size", type=parse_size, default=parse_size("1GB"), help="synthetic: total shard bytes")
+    s.add_argument("--samples-per-shard", type=argtypes.positive(int), default=256)
+    s.add_argument("--size", type=argtypes.size, default=10**9, help="synthetic: total shard bytes (default 1GB)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="rewrite a batch that already landed")
     s.set_defaults(fn=cmd_gen)
@@ -410,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ui", help="open the Dagster UI (dagster dev) on the embedded instance")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=3000)
+    s.add_argument("--port", type=argtypes.port, default=3000)
     s.set_defaults(fn=cmd_ui)
 
     from jobs.serve_cli import add_parser as add_serve_parser  # forgeline serve [status]

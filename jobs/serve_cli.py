@@ -17,12 +17,13 @@ import argparse
 import json
 import logging
 import logging.handlers
-import math
 import queue
 import sys
 import types
 import urllib.error
 import urllib.request
+
+from jobs import argtypes
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -39,41 +40,6 @@ class _OneLineParser(argparse.ArgumentParser):
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return ns, extras
-
-
-def _size(text: str) -> int:
-    from pipeline.settings import parse_size
-
-    try:
-        n = parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
-    return n
-
-
-def _number(kind, ok, need: str, what: str = "a number"):
-    """An argparse type: ``kind(text)``, finite and passing ``ok``, else one line (``need``)."""
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-        if not (math.isfinite(v) and ok(v)):
-            raise argparse.ArgumentTypeError(f"{need}: {text!r}")
-        return v
-
-    return parse
-
-
-def _positive(kind):
-    return _number(kind, lambda v: v > 0, "must be positive")
-
-
-_non_negative = _number(float, lambda v: v >= 0, "must be zero or more")
-_rate = _number(float, lambda v: 0.0 <= v <= 1.0, "must be within 0..1")
-_port = _number(int, lambda v: 0 <= v <= 65535, "not a port (0..65535)", what="a port")
 
 
 def _models(text: str) -> list[str]:
@@ -96,31 +62,31 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--models", type=_models, default=None,
                    help="comma-separated model names to load at start (default: every published model)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=_port, default=8000)
+    s.add_argument("--port", type=argtypes.port, default=8000)
     s.add_argument("--device", "-d", default="cpu", help="cpu or cuda[:N]")
-    s.add_argument("--budget", type=_size, default=None,
+    s.add_argument("--budget", type=argtypes.size, default=None,
                    help="bytes of weights resident at once (e.g. 2GiB); least recently used models are unloaded")
-    s.add_argument("--max-batch-size", type=_positive(int), default=32, help="rows per forward (dynamic batching)")
-    s.add_argument("--max-queue-delay-ms", type=_non_negative, default=0.0,
+    s.add_argument("--max-batch-size", type=argtypes.positive(int), default=32, help="rows per forward (dynamic batching)")
+    s.add_argument("--max-queue-delay-ms", type=argtypes.non_negative, default=0.0,
                    help="longest a request waits for others to batch with (0, Triton's default: batches "
                         "form from requests that arrive while the previous forward runs)")
-    s.add_argument("--queue-limit", type=_positive(int), default=256,
+    s.add_argument("--queue-limit", type=argtypes.positive(int), default=256,
                    help="requests queued per model before answering 503")
     s.add_argument("--compile", action="store_true", help="torch.compile each version (cached compile artifacts)")
     s.add_argument("--compile-mode", default="default", help="torch.compile mode")
-    s.add_argument("--poll-s", type=_positive(float), default=2.0,
+    s.add_argument("--poll-s", type=argtypes.positive(float), default=2.0,
                    help="seconds between checks for a newly promoted version (hot swap)")
     s.add_argument("--no-shm", action="store_true", help="ignore the /dev/shm tier")
-    s.add_argument("--max-body", type=_size, default=None, help="largest request body (default 64MiB)")
-    s.add_argument("--drain-timeout-s", type=_positive(float), default=30.0,
+    s.add_argument("--max-body", type=argtypes.size, default=None, help="largest request body (default 64MiB)")
+    s.add_argument("--drain-timeout-s", type=argtypes.positive(float), default=30.0,
                    help="on SIGTERM, how long in-flight requests may take to finish")
-    s.add_argument("--sample-rate", type=_rate, default=None,
+    s.add_argument("--sample-rate", type=argtypes.rate, default=None,
                    help="share of inference rows written back as unlabeled batches under incoming/serving-*/ "
                         "for ingestion and drift checks (0..1; default FORGELINE_SERVE_SAMPLE_RATE, else 0: off)")
-    s.add_argument("--sample-window-s", type=_positive(float), default=None,
+    s.add_argument("--sample-window-s", type=argtypes.positive(float), default=None,
                    help="a traffic window closes (and lands, _READY last) this many seconds after its first sample "
                         "(default FORGELINE_SERVE_SAMPLE_WINDOW_S, else 300)")
-    s.add_argument("--sample-window-samples", type=_positive(int), default=None,
+    s.add_argument("--sample-window-samples", type=argtypes.positive(int), default=None,
                    help="...or when it holds this many samples (default FORGELINE_SERVE_SAMPLE_WINDOW_SAMPLES, else 10000)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=cmd_serve)
@@ -129,7 +95,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     st = ssub.add_parser("status", help="per-model latency, requests, queue wait, memory, loads/swaps of a server")
     st.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
     st.add_argument("--json", action="store_true", help="print one JSON object")
-    st.add_argument("--timeout-s", type=_positive(float), default=5.0)
+    st.add_argument("--timeout-s", type=argtypes.positive(float), default=5.0)
     st.set_defaults(fn=cmd_status)
     return s
 

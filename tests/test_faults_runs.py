@@ -127,13 +127,20 @@ def test_cli_misuse_is_one_line(home, capsys, argv, words):
     assert len(err) == 1 and err[0].startswith("forgeline") and words in err[0], err
 
 
-@pytest.mark.parametrize("argv", [["bogus"], ["launch"], ["gen", "digits"], ["launch", "ingest", "--oops"]])
-def test_argparse_misuse_is_one_line(home, capsys, argv):
+@pytest.mark.parametrize("argv, words", [
+    (["bogus"], "invalid choice"), (["launch"], "required"), (["gen", "digits"], "--batch"),
+    (["launch", "ingest", "--oops"], "--oops"),
+    (["gen", "digits", "--batch", "b", "--samples-per-shard", "0"], "argument --samples-per-shard: must be positive"),
+    (["gen", "digits", "--batch", "b", "--image-size", "-3"], "argument --image-size: must be positive"),
+    (["gen", "synthetic", "--batch", "b", "--size", "0"], "argument --size: not a positive size"),
+    (["ui", "--port", "70000"], "argument --port: not a port"),
+])
+def test_argparse_misuse_is_one_line(home, capsys, argv, words):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
     err = _err_lines(capsys)
-    assert len(err) == 1 and "usage:" not in err[0], err
+    assert len(err) == 1 and "usage:" not in err[0] and words in err[0], err
 
 
 def test_debug_shows_the_traceback(home, monkeypatch):
