@@ -465,7 +465,11 @@ def _error_line(e: BaseException) -> str:
     if (ours or isinstance(e, (UserError, settings.SettingError))) and str(e).strip():
         return " ".join(str(e).split())  # forgeline's errors name the file or setting and the problem
     if isinstance(e, dg.DagsterInvalidConfigError):
-        return "invalid config: " + "; ".join(" ".join(err.message.split()) for err in e.errors)
+        # each error's first sentence: Dagster appends the whole expected schema ("Expected: {...}")
+        said = "; ".join(" ".join(err.message.partition(' Expected: "')[0].split()) for err in e.errors)
+        if "instance config" in first_line(e):  # the instance's dagster.yaml, not a run's config
+            return f"{Path(os.environ.get('DAGSTER_HOME', '.')) / 'dagster.yaml'}: invalid instance config: {said}"
+        return "invalid config: " + said
     if isinstance(e, ValidationError):
         return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
     if isinstance(e, FileNotFoundError) and e.filename:

@@ -188,6 +188,16 @@ def test_a_failed_ingest_prints_its_root_cause(home, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_an_invalid_dagster_yaml_is_one_line_naming_it_and_each_entry(home, capsys):
+    cfg = home / "dagster_home" / "dagster.yaml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text("run_monitoring:\n  enabled: true\nbogus_key: 1\nstorage:\n  sqlite:\n    base_dir: 12\n")
+    assert main(["batches"]) == 1
+    [err] = [ln for ln in _err_lines(capsys) if "invalid" in ln]
+    assert err.startswith(f"forgeline: {cfg}: invalid instance config: ") and '"bogus_key"' in err, err
+    assert "root:storage:sqlite:base_dir" in err and "Expected" not in err and len(err) < 400, err
+
+
 def test_an_existing_dagster_yaml_gets_run_monitoring_added(home, capsys):
     import yaml
 
