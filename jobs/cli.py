@@ -218,8 +218,8 @@ def cmd_load(args) -> int:
         from pipeline.shm_tier import resolve_source
         from resources.storage import shm_from_env
 
-        args.source = args.source.rstrip("/")  # digits/v1/ as digits/v1
-        model, version = args.source.split("/")
+        args.source = source = args.source.rstrip("/")  # digits/v1/ as digits/v1
+        model, version = source.split("/")
         tier = None if args.no_shm else shm_from_env().tier()
         source, where = resolve_source(model, version, tier=tier, local_cache=None, remote=open_store(),
                                        allow_rejected=args.allow_rejected)
@@ -461,9 +461,9 @@ def _error_line(e: BaseException) -> str:
     import dagster as dg
     from pydantic import ValidationError
 
-    ours = type(e).__module__.partition(".")[0] in ("pipeline", "jobs", "resources", "assets")
-    if (ours or isinstance(e, (UserError, settings.SettingError))) and str(e).strip():
-        return " ".join(str(e).split())  # forgeline's errors name the file or setting and the problem
+    # forgeline's own errors (UserError, SettingError, StorageError, ...) name the file or setting and the problem
+    if type(e).__module__.partition(".")[0] in ("pipeline", "jobs", "resources", "assets") and str(e).strip():
+        return " ".join(str(e).split())
     if isinstance(e, dg.DagsterInvalidConfigError):
         # each error's first sentence: Dagster appends the whole expected schema ("Expected: {...}")
         said = "; ".join(" ".join(err.message.partition(' Expected: "')[0].split()) for err in e.errors)

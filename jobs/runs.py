@@ -48,7 +48,8 @@ def check_port(host: str, port: int, what: str) -> None:
             s.bind(addr)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise UserError(f"{host}:{port} is already in use (another {what}?): choose another with --port") from None
+                raise UserError(f"{host}:{port} is already in use (another {what}?): "
+                                "choose another with --port") from None
             raise UserError(f"{what} cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 

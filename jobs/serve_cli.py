@@ -66,7 +66,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--device", "-d", default="cpu", help="cpu or cuda[:N]")
     s.add_argument("--budget", type=argtypes.size, default=None,
                    help="bytes of weights resident at once (e.g. 2GiB); least recently used models are unloaded")
-    s.add_argument("--max-batch-size", type=argtypes.positive(int), default=32, help="rows per forward (dynamic batching)")
+    s.add_argument("--max-batch-size", type=argtypes.positive(int), default=32,
+                   help="rows per forward (dynamic batching)")
     s.add_argument("--max-queue-delay-ms", type=argtypes.non_negative, default=0.0,
                    help="longest a request waits for others to batch with (0, Triton's default: batches "
                         "form from requests that arrive while the previous forward runs)")

@@ -153,5 +153,5 @@ def resolve_manifest(store: Storage, model: str, ref: str, *, root: str = DEFAUL
     return version, manifest
 
 
-__all__ = ["ALIAS", "LATEST", "NotPromoted", "PromotionError", "history", "production", "promote", "resolve", "resolve_manifest",
-           "rollback"]
+__all__ = ["ALIAS", "LATEST", "NotPromoted", "PromotionError", "history", "production", "promote", "resolve",
+           "resolve_manifest", "rollback"]

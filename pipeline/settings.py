@@ -199,7 +199,7 @@ def storage(env: Env = None) -> StorageSettings:
     if raw("FORGELINE_S3_BUCKET", env):
         prefix = (raw("FORGELINE_S3_PREFIX", env) or "").strip("/")
         if prefix:
-            from pipeline.storage.base import check_key  # (a leaf module: no cycle)
+            from pipeline.storage.base import check_key  # the one key check, imported when used: settings stays light
 
             try:
                 check_key(prefix)

@@ -83,7 +83,9 @@ class LoadReport:
         from pipeline.metrics import human_bytes  # for display only: a load does not import it
 
         cached = "" if self.cached_fraction is None else f", {self.cached_fraction:.0%} cached"
-        how = self.path + (f" ({self.threads} threads, {human_bytes(self.chunk_bytes)} requests)" if self.chunk_bytes else "")
+        how = self.path
+        if self.chunk_bytes:
+            how += f" ({self.threads} threads, {human_bytes(self.chunk_bytes)} requests)"
         stages = [f"{name} {s:.3f}s ({gbps:.2f} GB/s)" for name, s, gbps in
                   (("read", self.seconds_read, self.read_gbps), ("copy", self.seconds_copy, self.copy_gbps)) if s > 0]
         if self.verified:
