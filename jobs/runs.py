@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from pipeline import settings
+from pipeline.storage import StorageError, write_file_atomic
 
 console = Console(log_path=False)  # step lines name the step, not the line of runs.py that printed them
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -88,7 +89,7 @@ def ensure_instance_home() -> Path:
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     if not cfg.exists():
-        cfg.write_text(_DAGSTER_YAML)
+        write_file_atomic(cfg, _DAGSTER_YAML)  # whole or absent: a full disk leaves no empty instance file
     else:
         _add_run_monitoring(cfg)
     return home
@@ -101,6 +102,10 @@ def _add_run_monitoring(cfg: Path) -> None:
     import yaml
 
     text = cfg.read_text()
+    if not text.strip():  # empty (as an interrupted write by an older forgeline left it): the defaults
+        write_file_atomic(cfg, _DAGSTER_YAML)
+        err_console.print(f"forgeline: {cfg} was empty: wrote the embedded defaults")
+        return
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -109,10 +114,9 @@ def _add_run_monitoring(cfg: Path) -> None:
         raise UserError(f"{cfg} must be a YAML mapping of instance settings: fix it or remove it to get the defaults")
     if data and "run_monitoring" in data:
         return
-    try:
-        with cfg.open("a") as f:
-            f.write(("\n" if text and not text.endswith("\n") else "") + _RUN_MONITORING_YAML)
-    except OSError:
+    try:  # rewritten whole: a failed append would leave half a block (invalid YAML)
+        write_file_atomic(cfg, text + ("" if text.endswith("\n") else "\n") + _RUN_MONITORING_YAML)
+    except StorageError:
         err_console.print(f"forgeline: {cfg} has no run_monitoring: add `run_monitoring: {{enabled: true, "
                           "max_runtime_seconds: 43200}}` so a killed run cannot hold pool slots forever")
         return

@@ -82,7 +82,6 @@ import tempfile
 import threading
 import time
 import types
-import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -93,7 +92,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.storage import LocalStorage, ObjectNotFound, Storage, join
+from pipeline.storage import LocalStorage, ObjectNotFound, Storage, join, write_file_atomic
 
 FORMAT_VERSION = 1
 MAGIC = b"FLCCACHE"  # 8 bytes
@@ -586,15 +585,8 @@ def _restore_kernels(root: Path, files: dict[str, bytes]) -> int:
         if dst.exists():
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o755 if rel.endswith(".so") else 0o644)
-            os.replace(tmp, dst)
-            written += 1
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_file_atomic(dst, data, mode=0o755 if rel.endswith(".so") else 0o644, durable=False)
+        written += 1
     return written
 
 

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from pipeline.storage import write_file_atomic
 from pipeline.webdataset import (
     IMAGE_EXTS,
     LABEL_EXT,
@@ -231,11 +232,8 @@ def index_shard(path: str | os.PathLike, index_dir: str | os.PathLike) -> ShardI
         )
 
     os.makedirs(index_dir, exist_ok=True)
-    tmp = f"{idx_path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"v1.2 {len(lines)}\n")
-        f.writelines(line + "\n" for line in lines)
-    os.replace(tmp, idx_path)
+    index = "".join([f"v1.2 {len(lines)}\n", *(line + "\n" for line in lines)])
+    write_file_atomic(idx_path, index, durable=False)  # a cache, rebuilt when missing
     return ShardIndex(path, idx_path, len(lines))
 
 

@@ -98,7 +98,7 @@ from pipeline.storage import (
     ranged_read_size,
 )
 from pipeline.storage.base import WHOLE_READ_BYTES, os_error, pwrite_all
-from pipeline.storage.local import temp_path
+from pipeline.storage.local import temp_path, write_file_atomic
 
 if TYPE_CHECKING:
     from pipeline.loading.sources import Source
@@ -699,7 +699,7 @@ class ShmTier:
             evicted = self._make_room(model, version, need, fs_need)
             res = self._bk("reserve", model, version)
             res.parent.mkdir(parents=True, exist_ok=True)
-            res.write_text(str(need))
+            write_file_atomic(res, str(need), durable=False)
             vdir.mkdir(parents=True, exist_ok=True)  # under the tier lock: its model dir stays
 
         copied, file_seconds = 0, []

@@ -215,6 +215,33 @@ def test_an_existing_dagster_yaml_gets_run_monitoring_added(home, capsys):
     assert _err_lines(capsys) == [] and cfg.read_text().count("run_monitoring:") == 1
 
 
+def test_a_full_disk_at_the_first_run_leaves_no_instance_file(home, monkeypatch, capsys):
+    import yaml
+
+    from tests.test_storage import _disk_full_in_temporaries
+
+    cfg = home / "dagster_home" / "dagster.yaml"
+    with monkeypatch.context() as m:
+        _disk_full_in_temporaries(m)
+        assert main(["batches"]) == 1
+    assert _err_lines(capsys) == [f"forgeline: {cfg}: no space left on device"]
+    assert not cfg.exists() and not [p for p in cfg.parent.iterdir() if p.is_file()]  # no empty or partial file
+    assert main(["batches"]) == 0  # space again: the defaults are written whole
+    assert yaml.safe_load(cfg.read_text())["concurrency"]["pools"]["default_limit"] == 1
+
+
+def test_an_empty_dagster_yaml_gets_the_defaults(home, capsys):
+    import yaml
+
+    cfg = home / "dagster_home" / "dagster.yaml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text("\n")  # as an interrupted write left it: not just the run_monitoring block appended
+    ensure_instance_home()
+    assert _err_lines(capsys) == [f"forgeline: {cfg} was empty: wrote the embedded defaults"]
+    data = yaml.safe_load(cfg.read_text())
+    assert data["concurrency"]["pools"]["default_limit"] == 1 and data["run_monitoring"]["enabled"] is True
+
+
 def test_reaper_fails_a_run_whose_process_is_gone_and_frees_its_slot(home):
     ensure_instance_home()
     instance = dg.DagsterInstance.get()

@@ -26,6 +26,7 @@ from pipeline.storage import (
     copy_between,
     in_parallel,
     ranged_read_size,
+    write_file_atomic,
 )
 from pipeline.storage.s3 import MIN_PART_SIZE, S3Storage
 
@@ -350,6 +351,58 @@ def test_local_no_temp_files_after_success_or_failure(local_storage):
     assert local_storage.stale_temporaries() == []
     assert _hidden_files(local_storage.root) == []
     assert [o.key for o in local_storage.list()] == ["a/ok"]
+
+
+def _disk_full_in_temporaries(monkeypatch) -> None:
+    """``os.write`` to a storage temporary (TMP_MARK in its name) writes half, then fails as a full disk does."""
+    from pipeline.storage.base import TMP_MARK
+
+    real = os.write
+
+    def where(fd) -> str:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return ""
+
+    def write(fd, data):
+        if TMP_MARK in where(fd):
+            if len(data) > 1:
+                return real(fd, memoryview(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_write_file_atomic_publishes_whole_or_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "d" / "state.json"
+    path.parent.mkdir()
+    write_file_atomic(path, '{"v": 1}')
+    assert path.read_text() == '{"v": 1}'
+    write_file_atomic(path, b"x" * 100_000, durable=False)  # replaces it
+    assert path.read_bytes() == b"x" * 100_000
+
+    with monkeypatch.context() as m:
+        _disk_full_in_temporaries(m)
+        with pytest.raises(StorageFull, match=rf"^{re.escape(str(path))}: no space left on device$"):
+            write_file_atomic(path, b"y" * 100_000)
+    assert path.read_bytes() == b"x" * 100_000  # the old file, whole
+    assert _hidden_files(tmp_path) == []  # and no temporary
+
+    with pytest.raises(ObjectNotFound, match=re.escape(str(tmp_path / "missing" / "f"))):
+        write_file_atomic(tmp_path / "missing" / "f", "x")  # its folder is not made: the caller says where
+
+
+def test_write_file_atomic_permissions(tmp_path):
+    old = os.umask(0o077)
+    try:
+        write_file_atomic(tmp_path / "private", "x")  # as open() would: 0o666 less the umask
+        write_file_atomic(tmp_path / "kernel.so", b"\x7fELF", mode=0o755)  # exactly as asked
+    finally:
+        os.umask(old)
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "kernel.so").stat().st_mode & 0o777 == 0o755
 
 
 def test_local_storage_full_for_huge_expected_size(local_storage):

@@ -12,13 +12,12 @@ since it was promoted is not warmed (logged; the round is not ready)."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import promotion, settings
-from pipeline.storage import Storage, StorageFull, from_spec
+from pipeline.storage import Storage, StorageFull, from_spec, write_file_atomic
 
 
 def model_store(env: settings.Env = None) -> Storage:
@@ -60,9 +59,7 @@ def _held(tier, model: str) -> str | None:
 def _hold(tier, model: str, version: str) -> None:
     path = _held_file(tier, model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{model}.{os.getpid()}")
-    tmp.write_text(version)
-    os.replace(tmp, path)
+    write_file_atomic(path, version, durable=False)  # tmpfs: nothing to make durable
 
 
 def prewarm_loop(models: list[str], *, every_s: float, pin: bool = False, ready_file: str | None = None,

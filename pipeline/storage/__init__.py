@@ -33,7 +33,7 @@ from pipeline.storage.base import (
     ranged_read_size,
     sha256_stream,
 )
-from pipeline.storage.local import LocalStorage
+from pipeline.storage.local import LocalStorage, write_file_atomic
 from pipeline.storage.shm import ShmStorage
 from pipeline.storage.spec import configured, from_spec, from_uri
 
@@ -62,4 +62,5 @@ __all__ = [
     "parse_record",
     "ranged_read_size",
     "sha256_stream",
+    "write_file_atomic",
 ]

@@ -7,6 +7,7 @@ complete or not at all; temporaries left by a killed writer are hidden and liste
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -48,6 +49,35 @@ def temp_path(final: Path) -> Path:
     """The unpublished temporary beside ``final`` (a hidden name with TMP_MARK: never a valid key,
     listed by :meth:`LocalStorage.stale_temporaries`), renamed onto ``final`` once verified."""
     return final.parent / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int | None = None,
+                      durable: bool = True) -> None:
+    """Publish ``data`` as the file ``path`` (any path; objects of a store go through its
+    ``write_atomic``): written to :func:`temp_path` beside it and renamed over it, so a reader,
+    a crash or a full disk finds the old file or the new one, never part of one. ``mode``: the
+    file's exact permissions (default: 0o666 less the umask, as ``open`` gives); ``durable``:
+    fsynced before the rename. A failure removes the temporary and raises the StorageError
+    naming ``path`` (StorageFull for a full disk)."""
+    final = Path(path)
+    view = memoryview(data.encode() if isinstance(data, str) else data)
+    tmp = temp_path(final)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+            if mode is not None:
+                os.fchmod(fd, mode)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        _raise_os(e, str(final))
 
 
 class _LocalWriter(AtomicWriter):

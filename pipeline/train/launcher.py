@@ -26,7 +26,7 @@ from typing import Callable
 
 from pipeline import settings
 from pipeline._libc import libc_function
-from pipeline.storage import Storage
+from pipeline.storage import Storage, write_file_atomic
 from pipeline.train.config import TrainConfig, TrainingFailed, TrainingTimeout
 
 
@@ -96,7 +96,7 @@ def launch(
            "shards": shards, "spec": spec, "device_type": device_type, "result_path": str(result_path),
            "work_dir": str(work), "synthetic": synthetic}
     job_path = work / "job.json"
-    job_path.write_text(json.dumps(job, indent=1))
+    write_file_atomic(job_path, json.dumps(job, indent=1), durable=False)
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world_size}",
            "--max-restarts=0", "--monitor-interval=0.5"]

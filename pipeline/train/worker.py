@@ -40,7 +40,7 @@ from pipeline import settings
 from pipeline.metrics import summary as latency_summary
 from pipeline.models import build_model
 from pipeline.preprocess import PreprocessSpec, WebDatasetLoader
-from pipeline.storage import Storage, from_spec
+from pipeline.storage import Storage, from_spec, write_file_atomic
 from pipeline.train.checkpoints import CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.launcher import die_with_parent
@@ -263,9 +263,7 @@ def finish(run: Run) -> None:
         ptr = latest_checkpoint(run.store, run.prefix)
         result["checkpoint"] = ptr["key"] if ptr else None
         result["checkpoint_sha256"] = ptr["sha256"] if ptr else None
-        tmp = Path(run.job["result_path"]).with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, run.job["result_path"])
+        write_file_atomic(run.job["result_path"], json.dumps(result, indent=1), durable=False)
     dist.destroy_process_group()
 
 
