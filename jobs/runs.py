@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from pipeline import settings
-from pipeline.storage import StorageError, write_file_atomic
+from pipeline.storage import StorageError, make_dir, write_file_atomic
 
 console = Console(log_path=False)  # step lines name the step, not the line of runs.py that printed them
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -85,8 +85,9 @@ concurrency:
 def ensure_instance_home() -> Path:
     """Point DAGSTER_HOME at the project-local instance unless the user chose one; write its
     dagster.yaml if missing, and add run monitoring to an existing one that lacks it."""
+    what = "DAGSTER_HOME" if os.environ.get("DAGSTER_HOME") else "the Dagster instance folder (in FORGELINE_HOME)"
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings.home() / "dagster_home")))
-    home.mkdir(parents=True, exist_ok=True)
+    make_dir(home, what)
     cfg = home / "dagster.yaml"
     if not cfg.exists():
         write_file_atomic(cfg, _DAGSTER_YAML)  # whole or absent: a full disk leaves no empty instance file

@@ -82,7 +82,6 @@ def stage(store: Storage, entries: list[dict], cache_dir: str | os.PathLike) -> 
         if path is None:
             path = cache / f"{e['sha256']}.tar"
             if not path.exists():
-                cache.mkdir(parents=True, exist_ok=True)
                 copy_between(store, e["key"], LocalStorage(cache, fsync=False), path.name, expected_sha256=e["sha256"])
         out.append(str(path))
     return out

@@ -98,7 +98,7 @@ from pipeline.storage import (
     ranged_read_size,
 )
 from pipeline.storage.base import WHOLE_READ_BYTES, os_error, pwrite_all
-from pipeline.storage.local import temp_path, write_file_atomic
+from pipeline.storage.local import make_dir, temp_path, write_file_atomic
 
 if TYPE_CHECKING:
     from pipeline.loading.sources import Source
@@ -374,6 +374,7 @@ class ShmTier:
             raise StorageError(f"shm tier {root}: /dev/shm does not exist on this host")
         if capacity_bytes is not None and capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        make_dir(root, "shm tier")
         self.store = LocalStorage(root, fsync=False)  # RAM: nothing to make durable
         self.root: Path = self.store.root
         self.in_ram = in_ram(self.root, "shm tier")

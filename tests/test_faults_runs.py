@@ -230,6 +230,24 @@ def test_a_full_disk_at_the_first_run_leaves_no_instance_file(home, monkeypatch,
     assert yaml.safe_load(cfg.read_text())["concurrency"]["pools"]["default_limit"] == 1
 
 
+def test_a_home_that_cannot_be_a_folder_is_one_line_naming_it(home, tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    monkeypatch.setenv("FORGELINE_HOME", str(a_file))
+    monkeypatch.delenv("DAGSTER_HOME")
+    assert main(["batches"]) == 1
+    assert _err_lines(capsys) == [f"forgeline: the Dagster instance folder (in FORGELINE_HOME) {a_file}/dagster_home: "
+                                  "part of the path is a file, not a directory"]
+    monkeypatch.setenv("DAGSTER_HOME", str(a_file))
+    assert main(["batches"]) == 1
+    assert _err_lines(capsys) == [f"forgeline: DAGSTER_HOME {a_file}: exists and is not a directory"]
+    monkeypatch.setenv("FORGELINE_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(a_file))
+    assert main(["gen", "digits", "--batch", "b1"]) == 1
+    assert _err_lines(capsys) == [f"forgeline: {a_file}: exists and is not a directory"]
+
+
 def test_an_empty_dagster_yaml_gets_the_defaults(home, capsys):
     import yaml
 

@@ -18,6 +18,7 @@ from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
 from pipeline.storage import (
     CorruptObject,
     IntegrityError,
+    LocalStorage,
     ObjectChanged,
     ObjectNotFound,
     ShmStorage,
@@ -25,6 +26,7 @@ from pipeline.storage import (
     StorageFull,
     copy_between,
     in_parallel,
+    make_dir,
     ranged_read_size,
     write_file_atomic,
 )
@@ -392,6 +394,20 @@ def test_write_file_atomic_publishes_whole_or_keeps_the_old_file(tmp_path, monke
 
     with pytest.raises(ObjectNotFound, match=re.escape(str(tmp_path / "missing" / "f"))):
         write_file_atomic(tmp_path / "missing" / "f", "x")  # its folder is not made: the caller says where
+
+
+def test_make_dir_says_what_is_in_the_way(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert make_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    assert make_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"  # already there: fine
+    with pytest.raises(StorageError, match=rf"^the root {re.escape(str(tmp_path / 'file'))}: exists and is not a dir"):
+        make_dir(tmp_path / "file", "the root")
+    with pytest.raises(StorageError, match=rf"^{re.escape(str(tmp_path / 'file' / 'x'))}: part of the path is a file"):
+        make_dir(tmp_path / "file" / "x")
+    with pytest.raises(StorageError, match=r"^/proc/forgeline-test/x: cannot create it \(No such file or directory\)$"):
+        make_dir("/proc/forgeline-test/x")  # procfs takes no new directories
+    with pytest.raises(StorageError, match="exists and is not a directory"):
+        LocalStorage(tmp_path / "file")
 
 
 def test_write_file_atomic_permissions(tmp_path):

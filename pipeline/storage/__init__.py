@@ -33,7 +33,7 @@ from pipeline.storage.base import (
     ranged_read_size,
     sha256_stream,
 )
-from pipeline.storage.local import LocalStorage, write_file_atomic
+from pipeline.storage.local import LocalStorage, make_dir, write_file_atomic
 from pipeline.storage.shm import ShmStorage
 from pipeline.storage.spec import configured, from_spec, from_uri
 
@@ -59,6 +59,7 @@ __all__ = [
     "hash_stream",
     "in_parallel",
     "join",
+    "make_dir",
     "parse_record",
     "ranged_read_size",
     "sha256_stream",

@@ -8,6 +8,7 @@ complete or not at all; temporaries left by a killed writer are hidden and liste
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -21,6 +22,7 @@ from pipeline.storage.base import (
     ObjectInfo,
     ObjectNotFound,
     Storage,
+    StorageError,
     StorageFull,
     check_key,
     os_error,
@@ -43,6 +45,25 @@ def _fsync_dir(path: Path) -> None:
         pass  # some filesystems (tmpfs on old kernels, some NFS) refuse directory fsync
     finally:
         os.close(fd)
+
+
+def make_dir(path: str | os.PathLike, what: str = "") -> Path:
+    """The directory ``path``, made with its parents when missing; else the StorageError naming
+    it, ``what`` it is (e.g. ``"the storage root"``, ``"FORGELINE_HOME"``) and why: a file in the
+    way, a read-only or full filesystem, no permission."""
+    p = Path(path)
+    where = f"{what} {p}" if what else str(p)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    except FileExistsError:  # exist_ok: something that is not a directory is there
+        raise StorageError(f"{where}: exists and is not a directory") from None
+    except NotADirectoryError:
+        raise StorageError(f"{where}: part of the path is a file, not a directory") from None
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise os_error(e, where) from e
+        raise StorageError(f"{where}: cannot create it ({e.strerror or e})") from e
 
 
 def temp_path(final: Path) -> Path:
@@ -143,10 +164,7 @@ class LocalStorage(Storage):
         self.root = Path(root).expanduser().resolve()
         self.verify = verify
         self.fsync = fsync
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            _raise_os(e, str(self.root))
+        make_dir(self.root)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r})"
