@@ -144,14 +144,12 @@ def cmd_gen(args) -> int:
         with Progress(TextColumn("synthetic shards"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} B"),
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("gen", total=args.size)
-            with datagen.landing(store, prefix):
-                shards = datagen.write_synthetic_shards(
-                    store, join(prefix, "shards"), args.size, image_size=args.image_size or 224,
-                    samples_per_shard=args.samples_per_shard, seed=args.seed,
-                    progress=lambda n: progress.update(task, completed=min(n, args.size)),
-                )
-        store.write_atomic(join(prefix, datagen.READY_MARKER), b'{"synthetic": true}')
-        console.print(f"wrote {len(shards)} shards ({sum(s.size for s in shards) / 1e6:.1f} MB) to {store.uri(prefix)}")
+            summary = datagen.write_synthetic_batch(
+                store, prefix, args.size, image_size=args.image_size or 224, samples_per_shard=args.samples_per_shard,
+                seed=args.seed, progress=lambda n: progress.update(task, completed=min(n, args.size)),
+            )
+        console.print(f"wrote {summary['samples']} samples in {len(summary['shards'])} shards + table "
+                      f"({summary['bytes'] / 1e6:.1f} MB) to {store.uri(prefix)}")
     return 0
 
 

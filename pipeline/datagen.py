@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from pipeline.storage import ObjectInfo, Storage, join
+from pipeline.storage import LocalStorage, ObjectInfo, Storage, join
 from pipeline.webdataset import IMAGE_EXTS, LABEL_EXT, format_label, member_name
 
 NUM_CLASSES = 10
@@ -190,12 +190,29 @@ def write_batch(
             store, join(prefix, "shards"), data, samples_per_shard=samples_per_shard, image_size=image_size, fmt=fmt
         )
         table = write_table(store, join(prefix, "table.parquet"), data)
-    summary = {
-        "samples": len(data),
-        "shards": [s.key for s in shards],
-        "table": table.key,
-        "bytes": sum(s.size for s in shards) + table.size,
-    }
+    return _mark_ready(store, prefix, shards, table, len(data))
+
+
+def write_synthetic_batch(store: Storage, prefix: str, total_bytes: int, *, image_size: int = 224,
+                          samples_per_shard: int = 512, seed: int = 0,
+                          progress: Callable[[int], None] | None = None) -> dict:
+    """A landing batch of benchmark volume (:func:`write_synthetic_shards`) with its table (each
+    sample's source digit and label), so it ingests as any batch does; marked ready last."""
+    with landing(store, prefix):
+        drawn: list[int] = []
+        shards = write_synthetic_shards(store, join(prefix, "shards"), total_bytes, image_size=image_size,
+                                        samples_per_shard=samples_per_shard, seed=seed, progress=progress, drawn=drawn)
+        digits, rows = load_digits(), np.asarray(drawn, dtype=np.int64)
+        samples = Digits(digits.images[rows], digits.labels[rows], np.full(len(rows), "train"),
+                         np.arange(len(rows), dtype=np.int64))  # ids as the shards name them
+        table = write_table(store, join(prefix, "table.parquet"), samples)
+    return _mark_ready(store, prefix, shards, table, len(drawn), synthetic=True)
+
+
+def _mark_ready(store: Storage, prefix: str, shards: list[ObjectInfo], table: ObjectInfo, samples: int,
+                **extra) -> dict:
+    summary = {"samples": samples, "shards": [s.key for s in shards], "table": table.key,
+               "bytes": sum(s.size for s in shards) + table.size, **extra}
     store.write_atomic(join(prefix, READY_MARKER), json.dumps(summary, indent=1).encode())
     return summary
 
@@ -203,19 +220,30 @@ def write_batch(
 @contextlib.contextmanager
 def landing(store: Storage, prefix: str) -> Iterator[None]:
     """The writing of a landing batch under ``prefix``; the caller marks it ready after the block.
-    A batch being rewritten stops being ready first (so no sensor ingests old and new files mixed),
-    and a write that fails (a full disk, an interrupt) removes what it wrote: a landing folder is
-    either whole and ready or absent, never half there, and a full disk gets its space back."""
+    The batch is written whole: what was there goes first, the ready marker before anything else
+    (so no sensor ingests old and new files mixed), whether an earlier batch being rewritten or
+    what a killed writer left (unready; a smaller rewrite kept its extra shards). A write that
+    fails (a full disk, an interrupt) removes what it wrote: a landing folder is either whole and
+    ready or absent, never half there, and a full disk gets its space back."""
     marker = join(prefix, READY_MARKER)
     if store.exists(marker):
         store.delete(marker)
+    _clear(store, prefix)
     try:
         yield
     except BaseException:
-        for o in store.list(prefix):
-            with contextlib.suppress(Exception):  # the first error is the one to report
-                store.delete(o.key)
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            _clear(store, prefix)
         raise
+
+
+def _clear(store: Storage, prefix: str) -> None:
+    """Every object under ``prefix``, and in a local store the temporaries of writers that died."""
+    for o in store.list(prefix):
+        store.delete(o.key)
+    if isinstance(store, LocalStorage):
+        for tmp in store.stale_temporaries(prefix):
+            tmp.unlink(missing_ok=True)
 
 
 def write_synthetic_shards(
@@ -228,17 +256,20 @@ def write_synthetic_shards(
     seed: int = 0,
     pool_size: int = 512,
     progress: Callable[[int], None] | None = None,
+    drawn: list[int] | None = None,
 ) -> list[ObjectInfo]:
     """Benchmark volume: upscaled digits plus per-pixel noise (so PNG cannot compress them away)
     until ``total_bytes`` of shards exist. Images are drawn from a pool of ``pool_size`` distinct
-    encodings so generating GBs runs at disk speed. ``progress(bytes_so_far)`` after each shard."""
+    encodings so generating GBs runs at disk speed. ``progress(bytes_so_far)`` after each shard;
+    ``drawn`` gets the index in :func:`load_digits` of each sample's digit, in sample order."""
     from PIL import Image
 
     base = load_digits()
     rng = np.random.default_rng(seed)
-    pool = []
+    pool, source = [], []
     for _ in range(pool_size):
         i = int(rng.integers(0, len(base)))
+        source.append(i)
         up = Image.open(io.BytesIO(encode_image(base.images[i], image_size)))
         arr = np.asarray(up, dtype=np.int16) + rng.integers(-8, 9, (image_size, image_size))
         buf = io.BytesIO()
@@ -253,6 +284,8 @@ def write_synthetic_shards(
         samples = ((f"{first + k:08d}", "png", *pool[p]) for k, p in enumerate(picks))
         written.append(write_tar(store, join(prefix, f"train-{len(written):06d}.tar"), samples))
         total += written[-1].size
+        if drawn is not None:
+            drawn.extend(source[p] for p in picks)
         if progress:
             progress(total)
     return written

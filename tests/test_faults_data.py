@@ -416,3 +416,27 @@ def test_cli_withdraw_and_batches(tmp_path, monkeypatch, capsys):
     assert cli.main(["batches"]) == 0
     out = capsys.readouterr().out
     assert "1 shard(s) withdrawn" in out and "blurry" in out and "bob" in out
+
+
+def test_gen_after_a_killed_gen_or_with_force_writes_the_batch_whole(tmp_path, monkeypatch, capsys):
+    from jobs import cli
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
+    store = LocalStorage(tmp_path / "store")
+    # what a `forgeline gen` killed mid-way leaves: shards of its own, a temporary, no ready marker
+    shards = tmp_path / "store" / "incoming" / "b1" / "shards"
+    shards.mkdir(parents=True)
+    (shards / "train-000042.tar").write_bytes(b"from the killed run")
+    (shards / ".train-000043.tar.tmp-0123456789ab").write_bytes(b"half")
+    def written() -> set[str]:  # what this run says it wrote: its shards, its table and the marker
+        summary = json.loads(store.read("incoming/b1/_READY"))
+        return {*summary["shards"], summary["table"], "incoming/b1/_READY"}
+
+    assert cli.main(["gen", "digits", "--batch", "b1", "--samples-per-shard", "500"]) == 0
+    assert {o.key for o in store.list("incoming/b1")} == written()  # the killed run's shard is gone
+    assert store.stale_temporaries("incoming/b1") == [] and len(written()) > 6
+    # a rewrite in fewer shards keeps none of the earlier batch's extra ones
+    assert cli.main(["gen", "digits", "--batch", "b1", "--samples-per-shard", "2000", "--force"]) == 0
+    assert {o.key for o in store.list("incoming/b1")} == written() and len(written()) < 7
+    capsys.readouterr()

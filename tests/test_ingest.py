@@ -466,3 +466,18 @@ def test_reader_reads_the_same_whatever_the_chunk_size(monkeypatch, chunk):
     assert isinstance(expected[0], list) and all(isinstance(x, str) for x in expected[2:])
     monkeypatch.setattr(ingest, "CHUNK", chunk)
     assert [outcome(d) for d in cases] == expected
+
+
+def test_a_synthetic_batch_lands_whole_with_its_table_and_ingests(tmp_path):
+    store = LocalStorage(tmp_path / "store")
+    summary = datagen.write_synthetic_batch(store, "incoming/big", 400_000, image_size=48, samples_per_shard=64)
+    assert json.loads(store.read("incoming/big/_READY")) == summary and summary["synthetic"] is True
+    table = pl.read_parquet(store.local_path(summary["table"]))
+    assert table.height == summary["samples"] == 64 * len(summary["shards"])
+    # each row is its sample: the same id and label as the shard member
+    with tarfile.open(store.local_path(summary["shards"][-1])) as tar:
+        labels = {m.name.split(".")[0]: int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")}
+    rows = dict(zip(table["id"].to_list(), table["label"].to_list()))
+    assert labels and all(rows[int(k)] == v for k, v in labels.items())
+    shards, tab = ingest_shards(store, "big"), ingest_table(store, "big")
+    assert not shards.quarantined and shards.samples == tab.rows == summary["samples"]

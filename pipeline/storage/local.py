@@ -271,6 +271,8 @@ class LocalStorage(Storage):
     def spec(self) -> tuple[dict, dict[str, str]]:
         return {"kind": self.kind, "root": str(self.root), "verify": self.verify, "fsync": self.fsync}, {}
 
-    def stale_temporaries(self) -> list[Path]:
-        """Temporary files left by writers that died (crash, kill -9) — safe to delete."""
-        return [p for p in self.root.rglob(f".*{TMP_MARK}*") if p.is_file()]
+    def stale_temporaries(self, prefix: str = "") -> list[Path]:
+        """Temporary files left by writers that died (crash, kill -9), under ``prefix``: safe to
+        delete once no writer is at work there."""
+        base = self._path(prefix) if prefix else self.root
+        return [p for p in base.rglob(f".*{TMP_MARK}*") if p.is_file()]
