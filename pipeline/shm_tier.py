@@ -98,7 +98,7 @@ from pipeline.storage import (
     ranged_read_size,
 )
 from pipeline.storage.base import WHOLE_READ_BYTES, os_error, pwrite_all
-from pipeline.storage.local import make_dir, temp_path, write_file_atomic
+from pipeline.storage.local import create_temp, make_dir, release_temp, write_file_atomic
 
 if TYPE_CHECKING:
     from pipeline.loading.sources import Source
@@ -294,9 +294,8 @@ def _land_one(store: Storage, dst: LocalStorage, listed: ListedFile,
         if info.size != size:
             raise IntegrityError(f"{store.uri(key)}: {info.size} bytes, the manifest says {size}")
         final = dst.local_path(key)
-        tmp = temp_path(final)
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd, tmp = create_temp(final, 0o644)
     except BaseException as e:
         failed.set()
         _reraise(e, dst.uri(key))
@@ -331,9 +330,9 @@ def _land_one(store: Storage, dst: LocalStorage, listed: ListedFile,
         if mm is not None:
             mm.close()
             mm = None
-        os.close(fd)
-        fd = -1
         os.rename(tmp, final)
+        release_temp(tmp, fd)
+        fd = -1
         return time.perf_counter() - t0
     except BaseException as e:
         failed.set()
@@ -347,8 +346,8 @@ def _land_one(store: Storage, dst: LocalStorage, listed: ListedFile,
             with contextlib.suppress(BufferError):  # a traceback still views it: freed with it
                 mm.close()
         if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+            release_temp(tmp, fd)
         _reraise(e, dst.uri(key))
 
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import base64
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import sys
+import time
 import zlib
+from pathlib import Path
 
 import pytest
 from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
@@ -30,6 +33,7 @@ from pipeline.storage import (
     ranged_read_size,
     write_file_atomic,
 )
+from pipeline.storage.base import TMP_MARK
 from pipeline.storage.s3 import MIN_PART_SIZE, S3Storage
 
 MiB = 1024 * 1024
@@ -357,8 +361,6 @@ def test_local_no_temp_files_after_success_or_failure(local_storage):
 
 def _disk_full_in_temporaries(monkeypatch) -> None:
     """``os.write`` to a storage temporary (TMP_MARK in its name) writes half, then fails as a full disk does."""
-    from pipeline.storage.base import TMP_MARK
-
     real = os.write
 
     def where(fd) -> str:
@@ -419,6 +421,58 @@ def test_write_file_atomic_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "kernel.so").stat().st_mode & 0o777 == 0o755
+
+
+def _age(path, seconds: float = 120) -> None:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_a_killed_writers_temporary_is_removed_when_its_folder_is_next_written(tmp_path):
+    import signal
+    import subprocess
+
+    root = tmp_path / "store"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time; from pipeline.storage import LocalStorage\n"
+        f"w = LocalStorage({str(root)!r}).open_write('b/shard-1.tar')\n"
+        "w.write(b'x' * 100_000); w._f.flush(); print('writing', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert child.stdout.readline().strip() == "writing"
+    store = LocalStorage(root)
+    [live] = store.stale_temporaries("b")
+    _age(live)
+    store.write_atomic("b/shard-0.tar", b"a")  # its writer is at work (it holds the lock): kept
+    assert live.exists()
+    child.send_signal(signal.SIGKILL)  # kill -9: no handler runs, the temporary stays
+    child.wait()
+    assert store.stale_temporaries("b") == [live]
+    LocalStorage(root).write_atomic("b/shard-2.tar", b"c")  # the next writer of the folder removes it
+    assert store.stale_temporaries("b") == []
+    assert [o.key for o in store.list("b")] == ["b/shard-0.tar", "b/shard-2.tar"]
+
+
+def test_temporaries_of_writers_at_work_are_never_taken(tmp_path):
+    root = tmp_path / "store"
+    store = LocalStorage(root)
+    here = store.open_write("b/mine")  # this process's own, at work (the live set, whatever the locks)
+    here.write(b"1")
+    elsewhere = root / "b" / f".other{TMP_MARK}000000000000"  # another process's, at work: locked
+    elsewhere.write_bytes(b"2")
+    held = os.open(elsewhere, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    young = root / "b" / f".young{TMP_MARK}000000000000"  # just created: its writer may not hold the lock yet
+    young.write_bytes(b"3")
+    dead = root / "b" / f".dead{TMP_MARK}000000000000"
+    dead.write_bytes(b"4")
+    for p in (here._tmp, elsewhere, dead):
+        _age(p)
+    try:
+        assert store.remove_dead_temporaries(root / "b") == 1
+        assert not dead.exists() and elsewhere.exists() and young.exists()
+        assert here.commit().size == 1 and store.read("b/mine") == b"1"
+    finally:
+        os.close(held)
 
 
 def test_local_storage_full_for_huge_expected_size(local_storage):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, NoReturn
@@ -72,6 +75,59 @@ def temp_path(final: Path) -> Path:
     return final.parent / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
 
 
+# A writer's temporary is live while its writer holds an flock on it (the kernel drops the lock
+# when the process dies: kill -9, OOM) and, in this process, while it is in _live (the POSIX
+# record locks NFS clients emulate flock with never exclude the process's own threads).
+# A temporary younger than _SETTLING_S is never taken: its writer may be between create and lock.
+_live: set[str] = set()
+_live_guard = threading.Lock()
+_SETTLING_S = 60.0
+
+
+def create_temp(final: Path, mode: int = 0o666) -> tuple[int, Path]:
+    """A new temporary for ``final`` (:func:`temp_path`; its folder must exist), open for reading
+    and writing, live until :func:`release_temp`: :meth:`LocalStorage.remove_dead_temporaries`
+    takes only the temporaries of writers that died."""
+    tmp = temp_path(final)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    with _live_guard:
+        _live.add(str(tmp))
+    with contextlib.suppress(OSError):  # a filesystem without locks: only the age tells
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd, tmp
+
+
+def release_temp(tmp: Path, fd: int | None = None) -> None:
+    """A temporary of :func:`create_temp` is renamed or removed: close ``fd`` (never before the
+    rename: closing drops the lock; pass None when a file object owns it and is closed)."""
+    try:
+        if fd is not None:
+            os.close(fd)
+    finally:
+        with _live_guard:
+            _live.discard(str(tmp))
+
+
+def _dead(path: str) -> bool:
+    """Whether the temporary at ``path`` was left by a writer that died."""
+    with _live_guard:
+        if path in _live:
+            return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        if time.time() - os.fstat(fd).st_mtime < _SETTLING_S:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its writer's lock is gone with its process
+        return True
+    except OSError:  # held (a writer at work), or no locks here: cannot tell, so not taken
+        return False
+    finally:
+        os.close(fd)
+
+
 def write_file_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int | None = None,
                       durable: bool = True) -> None:
     """Publish ``data`` as the file ``path`` (any path; objects of a store go through its
@@ -82,23 +138,24 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int |
     naming ``path`` (StorageFull for a full disk)."""
     final = Path(path)
     view = memoryview(data.encode() if isinstance(data, str) else data)
-    tmp = temp_path(final)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        try:
-            while view:
-                view = view[os.write(fd, view):]
-            if mode is not None:
-                os.fchmod(fd, mode)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        fd, tmp = create_temp(final)
+    except OSError as e:
+        _raise_os(e, str(final))
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+        if mode is not None:
+            os.fchmod(fd, mode)
+        if durable:
+            os.fsync(fd)
         os.replace(tmp, final)
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         _raise_os(e, str(final))
+    finally:
+        release_temp(tmp, fd)
 
 
 class _LocalWriter(AtomicWriter):
@@ -107,12 +164,13 @@ class _LocalWriter(AtomicWriter):
         self._store = store
         self._final = final
         self._verify_disk = verify
-        self._tmp = temp_path(final)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self._tmp, "wb")
+            store._sweep_once(final.parent)
+            fd, self._tmp = create_temp(final)
         except OSError as e:
             _raise_os(e, store.uri(key))
+        self._f = os.fdopen(fd, "wb")
 
     def _write(self, data) -> None:
         try:
@@ -126,8 +184,7 @@ class _LocalWriter(AtomicWriter):
             self._f.flush()
             if self._store.fsync:
                 os.fsync(self._f.fileno())
-            self._f.close()
-            size = self._tmp.stat().st_size
+            size = os.fstat(self._f.fileno()).st_size
             if size != self.size:
                 raise IntegrityError(f"{where}: {size} bytes on disk, {self.size} written")
             if self._verify_disk:
@@ -135,7 +192,9 @@ class _LocalWriter(AtomicWriter):
                     on_disk, _ = sha256_stream(f)
                 if on_disk != sha256:
                     raise IntegrityError(f"{where}: sha256 on disk {on_disk} != written {sha256}")
-            os.replace(self._tmp, self._final)
+            os.replace(self._tmp, self._final)  # still open: its lock keeps it live until here
+            self._f.close()
+            release_temp(self._tmp)
             if self._store.fsync:
                 _fsync_dir(self._final.parent)
         except OSError as e:
@@ -143,11 +202,11 @@ class _LocalWriter(AtomicWriter):
         return ObjectInfo(self.key, self.size, sha256)
 
     def _abort(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
+            self._tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a buffered flush into a full disk
             self._f.close()
-        except OSError:
-            pass
-        self._tmp.unlink(missing_ok=True)
+        release_temp(self._tmp)
 
 
 class LocalStorage(Storage):
@@ -164,6 +223,7 @@ class LocalStorage(Storage):
         self.root = Path(root).expanduser().resolve()
         self.verify = verify
         self.fsync = fsync
+        self._swept: set[Path] = set()  # folders whose dead writers' temporaries this store removed
         make_dir(self.root)
 
     def __repr__(self) -> str:
@@ -272,7 +332,29 @@ class LocalStorage(Storage):
         return {"kind": self.kind, "root": str(self.root), "verify": self.verify, "fsync": self.fsync}, {}
 
     def stale_temporaries(self, prefix: str = "") -> list[Path]:
-        """Temporary files left by writers that died (crash, kill -9), under ``prefix``: safe to
-        delete once no writer is at work there."""
+        """Every unpublished temporary under ``prefix``: of writers at work, and of writers that
+        died (crash, kill -9), which :meth:`remove_dead_temporaries` removes."""
         base = self._path(prefix) if prefix else self.root
         return [p for p in base.rglob(f".*{TMP_MARK}*") if p.is_file()]
+
+    def remove_dead_temporaries(self, folder: Path) -> int:
+        """Remove the temporaries in ``folder`` (not below it) whose writer died; returns how
+        many. A writer of this store does it once per folder it writes to, so what a killed
+        writer left is gone the next time that folder is written (a minute after it died at
+        the earliest: see :func:`create_temp`)."""
+        removed = 0
+        try:
+            entries = [e.path for e in os.scandir(folder) if e.name.startswith(".") and TMP_MARK in e.name]
+        except OSError:
+            return 0
+        for path in entries:
+            if _dead(path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed += 1
+        return removed
+
+    def _sweep_once(self, folder: Path) -> None:
+        if folder not in self._swept:
+            self._swept.add(folder)
+            self.remove_dead_temporaries(folder)
