@@ -114,7 +114,8 @@ def _dead(path: str) -> bool:
         if path in _live:
             return False
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # read-write: NFS emulates flock with a POSIX write lock, which needs a file open for writing
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return False
     try:
