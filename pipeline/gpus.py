@@ -28,8 +28,6 @@ Usage::
 from __future__ import annotations
 
 import datetime as _dt
-import errno
-import fcntl
 import json
 import os
 import re
@@ -40,6 +38,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline import locks
 
 __all__ = [
     "Device",
@@ -222,16 +222,11 @@ def _describe_holder(info: dict[str, Any]) -> str:
 def _try_lock(path: Path, label: str) -> int | None:
     """An fd holding an exclusive flock on ``path`` (holder details written), or None if busy."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = locks.acquire(path, blocking=False)
     except OSError as err:
-        raise GpuError(f"cannot open GPU lock file {path}: {err.strerror or err}") from err
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        os.close(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise GpuError(f"cannot lock {path}: {err.strerror or err}") from err
+        raise GpuError(f"cannot lock GPU lock file {path}: {err.strerror or err}") from err
+    if fd is None:
+        return None
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -248,10 +243,7 @@ def _unlock(fd: int) -> None:
         os.ftruncate(fd, 0)  # the next reader must not mistake us for the holder
     except OSError:
         pass
-    try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    locks.release(fd)
 
 
 class Lease:

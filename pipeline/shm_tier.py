@@ -52,8 +52,6 @@ This module never imports dagster.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import mmap
 import os
@@ -82,6 +80,7 @@ from pipeline.export import (
     version_prefix,
     version_problem,
 )
+from pipeline import locks
 from pipeline.mounts import in_ram
 from pipeline.promotion import ALIAS, LATEST, PromotionError
 from pipeline.promotion import resolve_manifest
@@ -146,37 +145,12 @@ class TierEntry:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_lock(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except OSError as e:
-        raise StorageError(f"cannot open lock file {path}: {e.strerror or e}") from e
-
-
 def _lock(path: Path, *, blocking: bool = True) -> int | None:
-    """An fd holding an exclusive flock on ``path``; None when ``blocking=False`` and it is busy.
-    flock locks belong to the open file description, so a second lock attempt on the same file
-    from the same process (another fd) conflicts too, as between processes."""
-    fd = _open_lock(path)
+    """:func:`pipeline.locks.acquire`, a failure as the StorageError naming the lock file."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return locks.acquire(path, blocking=blocking)
     except OSError as e:
-        os.close(fd)
-        if not blocking and e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
         raise StorageError(f"cannot lock {path}: {e.strerror or e}") from e
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _unlock(fd: int) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -185,7 +159,7 @@ def _locked(path: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        _unlock(fd)  # type: ignore[arg-type]
+        locks.release(fd)  # type: ignore[arg-type]
 
 
 def _round_up(n: int, block: int) -> int:
@@ -553,7 +527,7 @@ class ShmTier:
             try:
                 self._remove_version(m, v)
             finally:
-                _unlock(fd)
+                locks.release(fd)
         rdir = self.meta / "reserve"
         if rdir.is_dir():
             for p in rdir.glob("*/*"):
@@ -566,7 +540,7 @@ class ShmTier:
                     continue
                 if fd is not None:
                     p.unlink(missing_ok=True)
-                    _unlock(fd)
+                    locks.release(fd)
 
     def _make_room(self, model: str, version: str, need: int, fs_need: int) -> list[str]:
         """Reserve room for ``need`` bytes (``fs_need`` on the filesystem, block-rounded),
@@ -630,7 +604,7 @@ class ShmTier:
             return evicted
         finally:
             for fd, *_ in held:
-                _unlock(fd)
+                locks.release(fd)
 
     # Prewarm ----------------------------------------------------------------------------------
     def prewarm(self, store: Storage, model: str, version: str = LATEST, *, pin: bool = False) -> PrewarmReport:
