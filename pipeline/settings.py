@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from pipeline.keys import check_key
+
 Env = Optional[Mapping[str, str]]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -199,8 +201,6 @@ def storage(env: Env = None) -> StorageSettings:
     if raw("FORGELINE_S3_BUCKET", env):
         prefix = (raw("FORGELINE_S3_PREFIX", env) or "").strip("/")
         if prefix:
-            from pipeline.storage.base import check_key  # the one key check, imported when used: settings stays light
-
             try:
                 check_key(prefix)
             except ValueError as e:

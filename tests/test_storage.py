@@ -33,7 +33,7 @@ from pipeline.storage import (
     ranged_read_size,
     write_file_atomic,
 )
-from pipeline.storage.base import TMP_MARK
+from pipeline.keys import TMP_MARK
 from pipeline.storage.s3 import MIN_PART_SIZE, S3Storage
 
 MiB = 1024 * 1024

@@ -12,6 +12,7 @@ The interface and its errors are in ``base``; the backends in ``local``, ``shm``
 ``from_spec`` / ``from_uri`` in ``spec`` build a storage from a description.
 """
 
+from pipeline.keys import check_key
 from pipeline.storage.base import (
     CHUNK,
     AtomicWriter,
@@ -24,7 +25,6 @@ from pipeline.storage.base import (
     Storage,
     StorageError,
     StorageFull,
-    check_key,
     copy_between,
     hash_stream,
     in_parallel,

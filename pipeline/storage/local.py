@@ -17,9 +17,9 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
+from pipeline.keys import TMP_MARK, check_key
 from pipeline.storage.base import (
     CHUNK,
-    TMP_MARK,
     AtomicWriter,
     IntegrityError,
     ObjectInfo,
@@ -27,7 +27,6 @@ from pipeline.storage.base import (
     Storage,
     StorageError,
     StorageFull,
-    check_key,
     os_error,
     sha256_stream,
 )

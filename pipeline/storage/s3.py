@@ -82,6 +82,7 @@ from botocore.response import StreamingBody
 
 from pipeline import settings
 from pipeline._libc import populate
+from pipeline.keys import check_key
 from pipeline.storage.base import (
     AtomicWriter,
     Crc32,
@@ -92,7 +93,6 @@ from pipeline.storage.base import (
     Storage,
     StorageError,
     StorageFull,
-    check_key,
     in_parallel,
     join,
     pwrite_all,
