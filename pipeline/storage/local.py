@@ -1,8 +1,9 @@
 """The local tier: a directory on any POSIX filesystem (local disk, NFS, Ceph and other mounts).
 
 Publishing is ``write a temporary name -> fsync -> verify sha256 -> rename``, so an object appears
-complete or not at all; temporaries left by a killed writer are hidden and listed by
-:meth:`LocalStorage.stale_temporaries`.
+complete or not at all. Temporaries are hidden (:meth:`LocalStorage.stale_temporaries` lists
+them); one left by a killed writer is removed by the next writer into its folder
+(:meth:`LocalStorage.remove_dead_temporaries`).
 """
 
 from __future__ import annotations
@@ -340,8 +341,8 @@ class LocalStorage(Storage):
     def remove_dead_temporaries(self, folder: Path) -> int:
         """Remove the temporaries in ``folder`` (not below it) whose writer died; returns how
         many. A writer of this store does it once per folder it writes to, so what a killed
-        writer left is gone the next time that folder is written (a minute after it died at
-        the earliest: see :func:`create_temp`)."""
+        writer left is gone the next time that folder is written (once a minute has passed
+        since its last write: see :func:`create_temp`)."""
         removed = 0
         try:
             entries = [e.path for e in os.scandir(folder) if e.name.startswith(".") and TMP_MARK in e.name]
