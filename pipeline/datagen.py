@@ -239,8 +239,7 @@ def landing(store: Storage, prefix: str) -> Iterator[None]:
 
 def _clear(store: Storage, prefix: str) -> None:
     """Every object under ``prefix``, and in a local store the temporaries of writers that died."""
-    for o in store.list(prefix):
-        store.delete(o.key)
+    store.delete_prefix(prefix)
     if isinstance(store, LocalStorage):
         for tmp in store.stale_temporaries(prefix):
             tmp.unlink(missing_ok=True)

@@ -347,9 +347,9 @@ class Storage(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot be described for another process")
 
     def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under ``prefix`` (``parallel_requests`` at a time); returns how many."""
         objs = self.list(prefix)
-        for o in objs:
-            self.delete(o.key)
+        in_parallel(lambda o: self.delete(o.key), objs, "delete", self.parallel_requests)
         return len(objs)
 
 
