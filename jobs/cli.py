@@ -269,6 +269,9 @@ def latest_report(instance, defs, asset: str | None = None) -> dict:
     order = {k: i for i, k in enumerate(graph.toposorted_asset_keys)}
     keys = set(instance.get_asset_keys()) | set(order)
     if asset is not None:
+        if dg.AssetKey.from_user_string(asset) not in keys:
+            names = ", ".join(k.to_user_string() for k in graph.toposorted_asset_keys)
+            raise UserError(f"unknown asset {asset!r}; assets: {names}")
         keys &= {dg.AssetKey.from_user_string(asset)}
     checks: dict = {}
     for ck in graph.asset_check_keys:
@@ -316,7 +319,7 @@ def cmd_report(args) -> int:
     if args.json:
         print(json.dumps({"instance": str(home), "assets": report}))
     elif not report:
-        what = f"asset {args.asset!r} has" if args.asset else "no asset has"
+        what = f"asset {args.asset!r} has not" if args.asset else "no asset has"
         console.print(f"{what} been materialized on the instance {home} yet: run `forgeline demo`, or "
                       "`forgeline launch <job>`")
     else:

@@ -175,6 +175,10 @@ def test_cli_report_prints_the_latest_numbers(tmp_path, monkeypatch, capsys):
     assert cli.main(["report", "--json", "--asset", "raw_table"]) == 0
     assert list(json.loads(capsys.readouterr().out)["assets"]) == ["raw_table"]
     assert cli.main(["report", "--asset", "trained_model"]) == 1  # not materialized here
+    assert "asset 'trained_model' has not been materialized" in " ".join(capsys.readouterr().out.split())
+    assert cli.main(["report", "--asset", "trained-model"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("forgeline: unknown asset 'trained-model'; assets: raw_shards, ") and "\n" not in err, err
 
 
 def test_ingest_on_s3_through_env_configured_resource(instance, s3_storage, s3_server, s3_credentials, monkeypatch):
