@@ -546,6 +546,27 @@ def test_s3_failed_multipart_is_aborted(s3_storage):
     assert uploads.get("Uploads", []) == []
 
 
+def test_s3_a_killed_writers_upload_is_aborted_when_its_key_is_uploaded_again(s3_storage):
+    store, c = s3_storage, s3_storage.client
+
+    def abandoned(key: str) -> str:  # what a writer killed mid-upload leaves: a part up, never completed
+        uid = c.create_multipart_upload(Bucket=store.bucket, Key=store._full(key))["UploadId"]
+        c.upload_part(Bucket=store.bucket, Key=store._full(key), UploadId=uid, PartNumber=1, Body=b"x" * MIN_PART_SIZE)
+        return uid
+
+    def open_uploads() -> dict[str, str]:
+        return {u["UploadId"]: u["Key"] for u in c.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])}
+
+    dead, other = abandoned("shard.tar"), abandoned("shard.tar.2")
+    store.write_atomic("shard.tar", BIG)  # begun a moment ago: may be a live writer's, kept
+    assert set(open_uploads()) == {dead, other}
+    store.STALE_UPLOAD_S = 0  # as if a day had passed
+    store.write_atomic("shard.tar", BIG)
+    assert open_uploads() == {other: store._full("shard.tar.2")}  # only that key's: not another with its prefix
+    assert store.read("shard.tar") == BIG
+    store.client.abort_multipart_upload(Bucket=store.bucket, Key=store._full("shard.tar.2"), UploadId=other)
+
+
 def test_s3_object_replaced_during_read(s3_storage):
     s3_storage.write_atomic("v", BIG)
     with s3_storage.open_read("v") as f:

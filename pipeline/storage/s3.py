@@ -386,6 +386,8 @@ class S3Storage(Storage):
     """
 
     kind = "s3"
+    # A multipart upload of a key begun this long ago is a killed writer's (see _abort_stale_uploads).
+    STALE_UPLOAD_S = 24 * 3600.0
 
     def __init__(
         self,
@@ -534,6 +536,25 @@ class S3Storage(Storage):
         """``fn(Bucket=..., Key=<full key>, **kw)``, retried (:meth:`_retrying`)."""
         full = self._full(key)
         return self._retrying(op, key, lambda: fn(Bucket=self.bucket, Key=full, **kw))
+
+    def _abort_stale_uploads(self, key: str) -> int:
+        """Abort the multipart uploads of ``key`` begun more than ``STALE_UPLOAD_S`` ago: what a
+        writer killed mid-upload (kill -9, OOM) left, invisible and billed until aborted. Done as
+        the key is uploaded again, so a key rewritten (a batch ingested again) never piles them up;
+        a bucket lifecycle rule (deploy/README.md) covers keys never written again. Best effort:
+        a store that refuses the listing or the abort is left as it is. Returns how many."""
+        full, aborted = self._full(key), 0
+        try:
+            uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full).get("Uploads", [])
+        except (ClientError, BotoCoreError):
+            return 0
+        cutoff = time.time() - self.STALE_UPLOAD_S
+        for u in uploads:
+            if u.get("Key") == full and u["Initiated"].timestamp() < cutoff:
+                with contextlib.suppress(ClientError, BotoCoreError):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=u["UploadId"])
+                    aborted += 1
+        return aborted
 
     def _head(self, key: str) -> dict:
         return self._call("HEAD", key, self.client.head_object)
@@ -1001,6 +1022,7 @@ class _S3Writer(AtomicWriter):
         return b"".join([*self._full, tail])
 
     def _start_multipart(self) -> None:
+        self._store._abort_stale_uploads(self.key)
         # Metadata can only be set when the upload starts; the sha256 is known then only if the
         # caller declared it (it is verified before completing). Otherwise see _commit.
         metadata = {"sha256": self.expected_sha256} if self.expected_sha256 else {}
