@@ -269,10 +269,11 @@ def latest_report(instance, defs, asset: str | None = None) -> dict:
     order = {k: i for i, k in enumerate(graph.toposorted_asset_keys)}
     keys = set(instance.get_asset_keys()) | set(order)
     if asset is not None:
-        if dg.AssetKey.from_user_string(asset) not in keys:
+        wanted = dg.AssetKey.from_user_string(asset)
+        if wanted not in keys:
             names = ", ".join(k.to_user_string() for k in graph.toposorted_asset_keys)
             raise UserError(f"unknown asset {asset!r}; assets: {names}")
-        keys &= {dg.AssetKey.from_user_string(asset)}
+        keys = {wanted}
     checks: dict = {}
     for ck in graph.asset_check_keys:
         checks.setdefault(ck.asset_key, []).append(ck)

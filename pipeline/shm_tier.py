@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from pipeline import locks
 from pipeline.export import (
     DEFAULT_ROOT,
     ExportError,
@@ -80,7 +81,6 @@ from pipeline.export import (
     version_prefix,
     version_problem,
 )
-from pipeline import locks
 from pipeline.mounts import in_ram
 from pipeline.promotion import ALIAS, LATEST, PromotionError
 from pipeline.promotion import resolve_manifest

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
-from pipeline.keys import TMP_MARK, check_key
+from pipeline.keys import TMP_MARK, check_key, is_temporary
 from pipeline.storage.base import (
     CHUNK,
     AtomicWriter,
@@ -295,7 +295,7 @@ class LocalStorage(Storage):
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames.sort()
             for name in sorted(filenames):
-                if name.startswith(".") and TMP_MARK in name:
+                if is_temporary(name):
                     continue
                 p = Path(dirpath) / name
                 try:
@@ -336,7 +336,7 @@ class LocalStorage(Storage):
         """Every unpublished temporary under ``prefix``: of writers at work, and of writers that
         died (crash, kill -9), which :meth:`remove_dead_temporaries` removes."""
         base = self._path(prefix) if prefix else self.root
-        return [p for p in base.rglob(f".*{TMP_MARK}*") if p.is_file()]
+        return [p for p in base.rglob(f"*{TMP_MARK}*") if is_temporary(p.name) and p.is_file()]
 
     def remove_dead_temporaries(self, folder: Path) -> int:
         """Remove the temporaries in ``folder`` (not below it) whose writer died; returns how
@@ -345,7 +345,7 @@ class LocalStorage(Storage):
         since its last write: see :func:`create_temp`)."""
         removed = 0
         try:
-            entries = [e.path for e in os.scandir(folder) if e.name.startswith(".") and TMP_MARK in e.name]
+            entries = [e.path for e in os.scandir(folder) if is_temporary(e.name)]
         except OSError:
             return 0
         for path in entries:
