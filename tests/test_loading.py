@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import struct
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -720,6 +722,37 @@ def test_ring_slots_recycle_in_order():
     with pytest.raises(RuntimeError, match="boom"):
         staged.pump(list(range(20)), lambda i, p: (_ for _ in ()).throw(RuntimeError("boom")) if i == 5 else p,
                  lambda i, r: None, threads=2, window=2)
+
+
+def test_pump_a_slow_part_does_not_idle_the_others():
+    """A part that finishes frees its place at once: while the first part is stuck, the parts up
+    to ``ahead`` past it run (none further), and every result is still handed on in part order;
+    with ``ahead`` equal to ``window`` (the ring's rule), none runs past the window."""
+    for ahead, started_while_stuck in ((6, set(range(1, 6))), (None, {1, 2})):
+        release, started, order = threading.Event(), set(), []
+
+        def work(i, part):
+            if i == 0:
+                assert release.wait(10)
+            else:
+                started.add(i)
+            return part
+
+        def watch():  # lets part 0 go once the others have had every chance to start
+            deadline = time.monotonic() + 10
+            while started != started_while_stuck and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)
+            seen.append(set(started))
+            release.set()
+
+        seen: list[set] = []
+        t = threading.Thread(target=watch)
+        t.start()
+        staged.pump(list(range(10)), work, lambda i, r: order.append((i, r)), threads=3, window=3, ahead=ahead)
+        t.join()
+        assert seen == [started_while_stuck]
+        assert order == [(i, i) for i in range(10)]
 
 
 class AsyncCopier(staged.HostCopier):

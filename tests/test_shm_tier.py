@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -547,6 +548,31 @@ def test_prewarm_from_s3_lands_every_shard_in_parallel_pinned_pieces(s3_storage_
     assert not list(tier.root.rglob("*.tmp-*"))
     got = ex.load_state_dict(tier.storage(), MODEL, "b1")
     assert all(torch.equal(got[k], v) for k, v in big_state(1).items())
+
+
+def test_prewarm_a_slow_piece_does_not_hold_back_the_pieces_after_it(s3_storage_factory, tier_root, monkeypatch):
+    """A file's first piece stalls (a slow request, as object stores have at their tail) until
+    pieces of the same file far past the requests in flight have landed: they are all queued at
+    once, so the stall costs one request's place, not the file's progress."""
+    store = s3_storage_factory(concurrency=2, get_size=2**20)  # 1 MiB pieces, 2 in flight
+    manifest = publish_big(store, "b1", seed=1)
+    victim = join(ex.version_prefix(MODEL, "b1"), manifest["shards"][0]["file"])
+    later_landed, waited = threading.Event(), []
+    real = store.read_to_file
+
+    def read_to_file(key, start, length, fd, offset, *, version=None):
+        if key == victim and start == 0:
+            waited.append(later_landed.wait(10))  # False: nothing past it landed meanwhile
+        n = real(key, start, length, fd, offset, version=version)
+        if key == victim and start >= 4 * 2**20:  # past the 2 in flight and the 2 queued before
+            later_landed.set()
+        return n
+
+    monkeypatch.setattr(store, "read_to_file", read_to_file)
+    tier = ShmTier(tier_root)
+    assert not tier.prewarm(store, MODEL, "b1").hit
+    assert waited == [True]
+    assert ex.verify(tier.storage(), MODEL, "b1") == []  # checked in order all the same
 
 
 def test_prewarm_from_s3_object_replaced_mid_read_fails_and_leaves_nothing(s3_storage_factory, tier_root, monkeypatch):

@@ -903,27 +903,35 @@ def _resident_pages(mm) -> list[bool]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_WRITE) is Linux's")
-def test_s3_get_into_populates_fresh_memory_before_receiving(s3_storage, monkeypatch):
-    """Pages of the destination are allocated in one madvise before the GET is sent (cheaper than a
-    fault per page inside the receive); only whole pages inside the buffer are touched."""
+def test_s3_get_into_populates_fresh_memory_once_the_request_is_out(s3_storage, monkeypatch):
+    """Pages of the destination are allocated in one madvise (cheaper than a fault per page inside
+    the receive), after the GET went out, so a load's first requests do not wait on it; only whole
+    pages inside the buffer are touched."""
     import mmap
+
+    import pipeline.storage.s3 as s3mod
 
     page = mmap.PAGESIZE
     s3_storage.write_atomic("r", BIG)
     mm = mmap.mmap(-1, 8 * page)  # anonymous: no page is in memory until touched
     assert not any(_resident_pages(mm))
-    seen = []
-    real = s3_storage.client.get_object
+    events = []
+    real_get, real_populate = s3_storage.client.get_object, s3mod.populate
 
     def get_object(**kw):
-        seen.append(_resident_pages(mm))  # as the request goes out
-        return real(**kw)
+        events.append(("GET", _resident_pages(mm)))  # as the request goes out
+        return real_get(**kw)
+
+    def populate(buf):
+        real_populate(buf)
+        events.append(("populate", _resident_pages(mm)))
 
     monkeypatch.setattr(s3_storage.client, "get_object", get_object)
+    monkeypatch.setattr(s3mod, "populate", populate)
     view = memoryview(mm)[page + 100 : 6 * page]  # pages 1 (partly) to 5 (whole)
     assert s3_storage.get_into("r", 0, view)[0] == len(view)
     assert bytes(view) == BIG[: len(view)]
-    assert seen == [[False, False, True, True, True, True, False, False]]
+    assert events == [("GET", [False] * 8), ("populate", [False, False, True, True, True, True, False, False])]
     del view
     mm.close()
 

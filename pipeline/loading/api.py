@@ -132,7 +132,8 @@ def load(
     verify: check each shard's sha256 against the manifest.
     dequantize: dequantize quantized versions (int8/int4) on load.
     owned: CPU tensors get their own memory instead of copy-on-write views of the file.
-    staging_bytes: bound on host staging (pinned ring / remote parts in flight).
+    staging_bytes: bound on host staging (pinned ring / remote parts in flight; up to twice that
+        while parts that finished early wait for their shard's in-order sha256).
     threads: parallel reads (default: by storage kind, see docs/loading.md).
     chunk_bytes: size of each read request (default: by storage kind).
     module: a module built on the meta device, filled with ``load_state_dict(strict=True,

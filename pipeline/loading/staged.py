@@ -22,9 +22,8 @@ import os
 import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -102,25 +101,33 @@ class CudaCopier(HostCopier):
 
 
 def pump(parts: Sequence[Any], work: Callable[[int, Any], Any], on_done: Callable[[int, Any], None],
-         *, threads: int, window: int) -> None:
-    """Run ``work(i, part)`` on ``threads`` threads with at most ``window`` parts outstanding;
-    ``on_done(i, result)`` is called in the calling thread in part order. On any error the
-    remaining parts are cancelled, running ones awaited, and the error re-raised."""
+         *, threads: int, window: int, ahead: int | None = None) -> None:
+    """Run ``work(i, part)`` on ``threads`` threads, at most ``window`` parts at once and none more
+    than ``ahead`` (default ``window``) parts past the oldest one not yet handed on;
+    ``on_done(i, result)`` is called in the calling thread in part order. A part that finishes
+    frees its place at once, so one slow request does not idle the others (with ``ahead`` larger
+    than ``window``). On any error the remaining parts are cancelled, running ones awaited, and the
+    error re-raised."""
     if not parts:
         return
     window = max(1, window)
+    ahead = max(window, ahead or window)
     threads = max(1, min(threads, window, len(parts)))
-    pending: deque = deque()
+    running: dict[Future, int] = {}
+    finished: dict[int, Any] = {}
+    head = nxt = 0
     pool = ThreadPoolExecutor(threads, thread_name_prefix="forgeline-load")
     try:
-        for i, part in enumerate(parts):
-            if len(pending) >= window:
-                j, f = pending.popleft()
-                on_done(j, f.result())
-            pending.append((i, pool.submit(work, i, part)))
-        while pending:
-            j, f = pending.popleft()
-            on_done(j, f.result())
+        while head < len(parts):
+            while nxt < len(parts) and len(running) < window and nxt - head < ahead:
+                running[pool.submit(work, nxt, parts[nxt])] = nxt
+                nxt += 1
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                finished[running.pop(f)] = f.result()
+            while head in finished:
+                on_done(head, finished.pop(head))
+                head += 1
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -212,6 +219,10 @@ class StagedCopy:
                                                   whole_from=MiB if in_place else None)
         self.n_slots = max(1, staging // chunk)
         self.window = max(2 * threads, 4) if direct else self.n_slots
+        # Parts may finish out of order: up to another window of them wait for their turn (in
+        # place, or in their own buffer when their shard is hashed in order), so one slow request
+        # does not idle the rest. Ring slots are reused in part order: none may run ahead there.
+        self.ahead = self.window if self.use_ring else 2 * self.window
         self.total = sum(e.nbytes for s in self.shards for e in s.entries)
         self.staging_bytes = self.n_slots * chunk if self.use_ring else (0 if direct else self.window * chunk)
         # Destination and staging memory, files, per-shard progress: set up by run().
@@ -245,7 +256,7 @@ class StagedCopy:
             for si, n in enumerate(self.shard_parts):
                 if n == 0:
                     self._finish_shard(si)
-            pump(self.parts, self._work, self._on_done, threads=self.threads, window=self.window)
+            pump(self.parts, self._work, self._on_done, threads=self.threads, window=self.window, ahead=self.ahead)
             copier.finish()
             now = time.perf_counter()
             self.copy_span.add(self.copy_span.lo if self.copy_span.lo != math.inf else now, now)
@@ -308,7 +319,8 @@ class StagedCopy:
             self.copier.wait_host(self.slot_events[slot])  # the slot's previous copy has left it
         s = self.shards[p.shard]
         if s.path is None and not self.slot_remote:
-            return self._fetch_to_tensors(p), slot, None
+            keep = self._fetch_to_tensors(p)
+            return (keep if p.shard in self.hashers else None), slot, None  # kept only to be hashed
         sv = self.ring_np[slot * self.chunk : slot * self.chunk + p.length]  # type: ignore[index]
         t0 = time.perf_counter()
         if s.path is not None:

@@ -580,8 +580,14 @@ class S3Storage(Storage):
         view = memoryview(out).cast("B")
         if len(view) == 0:
             return 0, etag, self.stat(key).size
-        populate(view)
-        etag, size, end = self._stream(key, start, start + len(view) - 1, etag, lambda n: view[:n])
+
+        def land(n: int) -> memoryview:
+            # The pages are allocated once the request is out, while the server sends its first
+            # bytes, not before it: a load's first requests would otherwise leave last.
+            populate(view[:n])
+            return view[:n]
+
+        etag, size, end = self._stream(key, start, start + len(view) - 1, etag, land)
         return end - start, etag, size
 
     def _stream(self, key: str, start: int, end: int, etag: str | None,
