@@ -208,8 +208,9 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
     whose pages would be faulted in and zeroed one by one). The file's
     checksum is computed in order, in the file's own thread, from the landed bytes while later
     pieces are still in flight (both hashes release the GIL): so it checks what is in the tier,
-    not what was received. Every piece of a file is queued at once, so a slow request never holds
-    back the pieces after it. The checksum is the manifest's crc32 (:class:`Crc32`, ~10x cheaper
+    not what was received. A file queues up to twice ``concurrency`` pieces past the oldest one
+    not yet checked, so one slow request does not hold back the pieces after it. The checksum is
+    the manifest's crc32 (:class:`Crc32`, ~10x cheaper
     than sha256, which bound the copy on a busy core: it catches truncated, torn, swapped and
     corrupted transfers; sha256 stays the content identity, checked again when a server first
     loads the version); manifests written before crc32 was recorded are checked by sha256.
@@ -238,7 +239,7 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
         at_once = max(inflight, store.parallel_requests)
         workers = min(len(files), max(min(os.cpu_count() or 1, 4), min(small, at_once)))
         with ThreadPoolExecutor(workers, thread_name_prefix="shm-land") as pool:
-            futures = [pool.submit(_land_one, store, dst, f, gets, fetch, piece, failed) for f in files]
+            futures = [pool.submit(_land_one, store, dst, f, gets, fetch, piece, inflight, failed) for f in files]
             try:
                 errors = [f.exception() for f in futures]
             except BaseException:
@@ -253,7 +254,7 @@ def _land_files(store: Storage, dst: LocalStorage, files: list[ListedFile]) -> l
 
 
 def _land_one(store: Storage, dst: LocalStorage, listed: ListedFile,
-              gets: ThreadPoolExecutor, fetch, piece: int, failed: threading.Event) -> float:
+              gets: ThreadPoolExecutor, fetch, piece: int, window: int, failed: threading.Event) -> float:
     """One file of :func:`_land_files` (in its own thread); returns its seconds."""
     key, size = listed.file, listed.bytes
     h, want = (Crc32(), listed.crc32) if listed.crc32 is not None else (hashlib.sha256(), listed.sha256)
@@ -280,22 +281,23 @@ def _land_one(store: Storage, dst: LocalStorage, listed: ListedFile,
         os.ftruncate(fd, size)  # sparse: pages are allocated by the writes (ENOSPC there)
         mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
 
+        def hash_oldest() -> None:
+            at, n, fut = pending.popleft()
+            fut.result()
+            h.update(memoryview(mm)[at : at + n])  # in order; the next pieces keep arriving meanwhile
+
         if head:
             pwrite_all(fd, head, 0)
             pending.append((0, len(head), _DONE))
-        # Every piece is queued at once (a queued piece holds no memory; the pool bounds the
-        # requests in flight), so a slow piece never stops the next ones from being fetched; the
-        # checksum follows in order as the pieces land.
         for at in range(len(head), size, piece):
+            if failed.is_set():
+                raise _Cancelled()
+            while len(pending) >= 2 * window:
+                hash_oldest()
             n = min(piece, size - at)
             pending.append((at, n, gets.submit(fetch, key, info.version, fd, at, n)))
         while pending:
-            if failed.is_set():  # another file failed: this one stops too
-                raise _Cancelled()
-            at, n, fut = pending[0]
-            fut.result()
-            pending.popleft()
-            h.update(memoryview(mm)[at : at + n])
+            hash_oldest()
         digest = h.hexdigest()
         if want is not None and digest != want:
             raise IntegrityError(f"{store.uri(key)}: {h.name} {digest} != expected {want}")
