@@ -115,6 +115,8 @@ def run_loader(name: str, files: list[str], device: str, s3: dict | None) -> dic
             # every loader's client, and also reported apart: bench/s3.py compares the load
             # alone with raw GETs, whose client is built before their clock.
             setup, setup_cpu = time.perf_counter() - t, cpu_since(cpu0)
+            if s3.get("tail"):
+                add_tail(store.client, *s3["tail"])
             tensors = load(f"s3://{s3['bucket']}/{s3['prefix']}", device, storage=store)
         else:
             for f in files:
@@ -167,6 +169,21 @@ def run_loader(name: str, files: list[str], device: str, s3: dict | None) -> dic
     if setup is not None:
         out["setup_seconds"], out["setup_cpu_seconds"] = setup, setup_cpu
     return out
+
+
+def add_tail(client, every: int, ms: float) -> None:
+    """Hold every ``every``-th ranged GET the boto3 ``client`` sends for ``ms`` milliseconds
+    before it goes out: the slow tail of a real object store's requests, which loopback lacks
+    (a load that waits on its oldest request idles the others meanwhile)."""
+    import itertools
+
+    seen = itertools.count(1)
+
+    def hold(request, **_):
+        if request.method == "GET" and "Range" in request.headers and next(seen) % every == 0:
+            time.sleep(ms / 1e3)
+
+    client.meta.events.register("before-send", hold)
 
 
 def machine_cpu() -> float:

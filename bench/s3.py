@@ -44,6 +44,11 @@ every loader child) on the other half, as a storage server and its client do on 
 without it both sides share every core, and on a small machine each row then also measures how
 much CPU the server has left (the rows that do more client work lose most).
 
+``--tail EVERY MS``: every EVERY-th ranged GET is held MS milliseconds before it is sent, in the
+raw GET, loader and pre-warm rows alike (Run:ai's C++ client cannot be reached, so its row and the
+PUT rows are left out): the slow tail of a real object store's requests, which loopback lacks, and
+which costs a reader that waits on its oldest request more than one that keeps the others going.
+
 ``--warmup`` rounds (default 1) run every row first and are not counted: on a machine just started
 (a VM whose host backs its memory on first touch), the first rounds of every row measured up to 2x
 slower than later ones, the rows that land bytes in new memory most.
@@ -111,10 +116,11 @@ def raw_put(client, blobs: dict[str, bytes], part: int, workers: int) -> int:
     return sum(len(d) for d in blobs.values())
 
 
-def child_load(loader: str, files: list[Path], prefix: str, endpoint: str, env: dict, timeout: float) -> dict:
+def child_load(loader: str, files: list[Path], prefix: str, endpoint: str, env: dict, timeout: float,
+               tail: tuple[int, float] | None = None) -> dict:
     """One load by bench/loaders.py in a fresh process (imports before the clock, tensors touched)."""
     spec = json.dumps({"loader": loader, "files": [str(f) for f in files],
-                       "s3": {"bucket": BUCKET, "prefix": prefix, "endpoint": endpoint}})
+                       "s3": {"bucket": BUCKET, "prefix": prefix, "endpoint": endpoint, "tail": tail}})
     try:
         out = subprocess.run([sys.executable, str(ROOT / "bench" / "loaders.py"), "--device", "cpu", "--child", spec],
                              capture_output=True, text=True, timeout=timeout, env=env)
@@ -129,7 +135,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from bench.loaders import available, cpu_since, machine_cpu, make_checkpoint
+    from bench.loaders import add_tail, available, cpu_since, machine_cpu, make_checkpoint
     from pipeline.export import FORMAT, version_prefix
     from pipeline.shm_tier import ShmTier
     from pipeline.storage.s3 import S3Storage
@@ -147,10 +153,19 @@ def main() -> int:
                                                     "prewarm-sha256", "raw-put", "upload"])
     ap.add_argument("--split-cores", action="store_true",
                     help="server on the first half of the CPUs, client on the other half")
+    ap.add_argument("--tail", nargs=2, type=float, metavar=("EVERY", "MS"),
+                    help="hold every EVERY-th ranged GET for MS milliseconds before it is sent (a real "
+                         "store's slow tail) in the raw GET, loader and pre-warm rows; the Run:ai and "
+                         "PUT rows, which it cannot reach or does not concern, are left out")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.repeat < 1 or a.warmup < 0:
         ap.error("--repeat must be at least 1 and --warmup at least 0")
+    tail = None
+    if a.tail:
+        if a.tail[0] < 1 or a.tail[0] != int(a.tail[0]) or a.tail[1] < 0:
+            ap.error("--tail takes a whole number of requests (at least 1) and milliseconds (at least 0)")
+        tail = (int(a.tail[0]), a.tail[1])
     part = a.part_mib * MiB
     server_cpus = None
     if a.split_cores:
@@ -199,6 +214,10 @@ def main() -> int:
         blobs = {f"raw/{f.name}": f.read_bytes() for f in files}
         want = set(a.only or ["raw-get", "raw-get-kept", "loader", "runai", "prewarm", "prewarm-sha256",
                               "raw-put", "upload"])
+        if tail:
+            want -= {"runai", "raw-put", "upload"}
+            add_tail(client, *tail)
+            add_tail(store.client, *tail)  # after the uploads above: only the pre-warm's GETs wait
         peers = available("cpu", True)
         if "runai" in want and "runai" not in peers:
             errors["runai"] = "not installed (pip install -e '.[bench]')"
@@ -223,7 +242,7 @@ def main() -> int:
                 del kept  # freed after the clock, as the loader's tensors are
             for loader, name in (("forgeline", "loader"), ("runai", "runai")):
                 if name in want:
-                    res = child_load(loader, files, "ckpt", rgw.endpoint, env, a.child_timeout)
+                    res = child_load(loader, files, "ckpt", rgw.endpoint, env, a.child_timeout, tail)
                     if "gbps" not in res:
                         errors[name] = res["error"]
                         continue
@@ -280,7 +299,8 @@ def main() -> int:
     table = Table(title=f"S3 on Ceph RGW (loopback, memstore): {size / 1e9:.2f} GB, {len(files)} shards, "
                         f"{a.part_mib} MiB parts, {a.concurrency} in flight; best of {a.repeat} after {a.warmup} "
                         f"warm-up; {date.today()}"
-                        + (f"; server on CPUs {sorted(server_cpus)}, client on the rest" if server_cpus else ""))
+                        + (f"; server on CPUs {sorted(server_cpus)}, client on the rest" if server_cpus else "")
+                        + (f"; every {tail[0]}th ranged GET held {tail[1]:g} ms" if tail else ""))
     for col in ("row", "GB/s", "vs", "target", "client CPU s/GB", "machine CPU s/GB"):
         table.add_column(col, justify="left" if col == "row" else "right")
     report = []
@@ -314,7 +334,7 @@ def main() -> int:
         Path(a.json).write_text(json.dumps({"date": str(date.today()), "machine": machine, "bytes": size,
                                             "concurrency": a.concurrency, "part_mib": a.part_mib, "warmup": a.warmup,
                                             "server_cpus": sorted(server_cpus) if server_cpus else None,
-                                            "rows": report, "errors": errors}, indent=1))
+                                            "tail": tail, "rows": report, "errors": errors}, indent=1))
     return 0
 
 
