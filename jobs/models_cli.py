@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 import sys
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from jobs.runs import open_store
+from jobs.runs import make_console, open_store
 from pipeline import export, promotion
 from pipeline.storage import StorageError
 
@@ -32,11 +31,6 @@ class _Refused(Exception):
 def _fail(e: BaseException | str) -> int:
     print(f"forgeline: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
-
-
-def _console() -> Console:
-    console = Console()
-    return console if console.is_terminal else Console(width=200)  # piped: rows not folded to 80 columns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +154,7 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps(infos[0] if args.model else {"models": infos}, indent=1, default=str))
         return 0
-    console = _console()
+    console = make_console()
     for info in infos:
         console.print(versions_table(info))
     return 0
@@ -176,9 +170,9 @@ def cmd_promote(args) -> int:
         rec = promotion.promote(open_store(), args.model, args.version, reason=args.reason or "forgeline promote")
     except (export.ExportError, StorageError, ValueError) as e:  # PromotionError is an ExportError
         return _fail(e)
-    _console().print(f"promoted {escape(args.model)}/{escape(rec['version'])} to production"
-                     + (f" (previous: {escape(rec['previous'])})" if rec.get("previous") else ""),
-                     highlight=False)
+    make_console().print(f"promoted {escape(args.model)}/{escape(rec['version'])} to production"
+                         + (f" (previous: {escape(rec['previous'])})" if rec.get("previous") else ""),
+                         highlight=False)
     return 0
 
 
@@ -189,8 +183,8 @@ def cmd_rollback(args) -> int:
         rec = promotion.rollback(store, args.model, reason=args.reason or "forgeline rollback")
     except (export.ExportError, StorageError, ValueError) as e:
         return _fail(e)
-    _console().print(f"rolled back {escape(args.model)}: production is {escape(rec['version'])} again "
-                     f"(was {escape(was['version'])})", highlight=False)
+    make_console().print(f"rolled back {escape(args.model)}: production is {escape(rec['version'])} again "
+                         f"(was {escape(was['version'])})", highlight=False)
     return 0
 
 

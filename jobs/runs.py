@@ -21,7 +21,15 @@ from rich.table import Table
 from pipeline import settings
 from pipeline.storage import StorageError, make_dir, write_file_atomic
 
-console = Console(log_path=False)  # step lines name the step, not the line of runs.py that printed them
+
+def make_console(**kw) -> Console:
+    """A rich Console for a command's output: the terminal's width, or 200 columns when piped (a log,
+    ``| tee``), where rich would otherwise fold every table to 80 columns and cut its cells short."""
+    console = Console(**kw)
+    return console if console.is_terminal else Console(width=200, **kw)
+
+
+console = make_console(log_path=False)  # step lines name the step, not the line of runs.py that printed them
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

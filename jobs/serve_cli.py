@@ -206,12 +206,11 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps({"url": url, "models": summary}))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:  # piped: one row per model, not folded to 80 columns
-        console = Console(width=200)
+    from jobs.runs import make_console
+
+    console = make_console()
     if not summary:
         console.print(f"{url}: no model has been loaded or asked for yet")
         return 0
