@@ -57,7 +57,7 @@ import torch
 from pipeline import export
 from pipeline.loading import LoadError, LoadReport, load, module_slots
 from pipeline.loading.sources import published_version
-from pipeline.storage import Storage, StorageError, join
+from pipeline.storage import Storage, StorageError
 
 log = logging.getLogger("forgeline.serving")
 
