@@ -19,6 +19,7 @@ import logging
 import logging.handlers
 import queue
 import sys
+import time
 import types
 import urllib.error
 import urllib.request
@@ -215,11 +216,16 @@ def cmd_status(args) -> int:
         console.print(f"{url}: no model has been loaded or asked for yet")
         return 0
     table = Table(title=f"forgeline serve status ({url})")
-    for col in ("model", "versions", "requests", "latency P50/P95/P99 ms", "queue wait P50/P99 ms", "queued",
-                "resident", "loads", "swaps", "evictions"):
+    for col in ("model", "serving (previous)", "alias read", "requests", "latency P50/P95/P99 ms",
+                "queue wait P50/P99 ms", "queued", "resident", "loads", "swaps", "evictions"):
         table.add_column(col, overflow="fold")
+    now = time.time()
     for model, e in summary.items():
-        table.add_row(model, ", ".join(e["versions"]), _counts(e["requests_by_result"]),
+        serving = (e["serving"] or "—") + (f" ({e['previous']})" if e["previous"] else "")
+        read = "—" if e["alias_read_at"] is None else f"{max(0.0, now - e['alias_read_at']):.0f}s ago"
+        if e["alias_reads_failed"]:
+            read += f", {e['alias_reads_failed']} failed"
+        table.add_row(model, serving, read, _counts(e["requests_by_result"]),
                       f"{_ms(e['p50_ms'])} / {_ms(e['p95_ms'])} / {_ms(e['p99_ms'])}",
                       f"{_ms(e['queue_wait_p50_ms'])} / {_ms(e['queue_wait_p99_ms'])}", str(e["queue_depth"]),
                       human_bytes(e["resident_bytes"]), _counts(e["loads"]), _counts(e["swaps"]), _counts(e["evictions_by_reason"]))

@@ -137,7 +137,8 @@ def _merge(hists: dict, key: str, samples) -> None:
 def served_summary(text: str, prefix: str = SERVING_PREFIX) -> dict[str, dict]:
     """Per model, from a server's Prometheus text: request counts by result, latency
     P50/P95/P99 (ms, estimated from the histogram), queue wait P50/P99 and mean, resident bytes,
-    loads/swaps by result, evictions by reason, versions seen."""
+    loads/swaps by result, evictions by reason, versions seen, the serving and previous versions,
+    and the watcher's alias reads (failures, Unix time of the last one that succeeded)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     models: dict[str, dict] = {}
@@ -145,7 +146,8 @@ def served_summary(text: str, prefix: str = SERVING_PREFIX) -> dict[str, dict]:
 
     def row(model: str) -> dict:
         return models.setdefault(model, {"versions": set(), "requests": {}, "resident_bytes": 0.0, "loads": {},
-                                         "swaps": {}, "evictions": {}, "queue_depth": 0.0})
+                                         "swaps": {}, "evictions": {}, "queue_depth": 0.0, "roles": {},
+                                         "alias_failed": 0.0, "alias_read_at": None})
 
     for fam in text_string_to_metric_families(text):
         name = fam.name
@@ -182,6 +184,15 @@ def served_summary(text: str, prefix: str = SERVING_PREFIX) -> dict[str, dict]:
                 r["resident_bytes"] = sum(s.value for s in samples)
             elif name == f"{prefix}_queue_depth":
                 r["queue_depth"] = sum(s.value for s in samples)
+            elif name == f"{prefix}_version_info":
+                for s in samples:
+                    if s.value:
+                        r["roles"][s.labels.get("role", "")] = s.labels.get("version")
+            elif name == f"{prefix}_alias_reads":
+                r["alias_failed"] += sum(s.value for s in samples
+                                         if s.name.endswith("_total") and s.labels.get("result") == "failed")
+            elif name == f"{prefix}_alias_read_timestamp_seconds":
+                r["alias_read_at"] = max(s.value for s in samples)
 
     out = {}
     for model in sorted(models):
@@ -204,7 +215,9 @@ def served_summary(text: str, prefix: str = SERVING_PREFIX) -> dict[str, dict]:
                      loads={k: int(v) for k, v in sorted(r["loads"].items())},
                      swaps={k: int(v) for k, v in sorted(r["swaps"].items())},
                      evictions=int(sum(r["evictions"].values())),
-                     evictions_by_reason={k: int(v) for k, v in sorted(r["evictions"].items())})
+                     evictions_by_reason={k: int(v) for k, v in sorted(r["evictions"].items())},
+                     serving=r["roles"].get("serving"), previous=r["roles"].get("previous"),
+                     alias_reads_failed=int(r["alias_failed"]), alias_read_at=r["alias_read_at"])
         out[model] = entry
     return out
 

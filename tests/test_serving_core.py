@@ -147,6 +147,14 @@ def test_infer_matches_eager_and_validates_inputs(store):
     run(main())
 
 
+def roles(reg: ModelRegistry, model: str = "digits") -> set[tuple[str, str]]:
+    """``(version, role)`` of the model in the server's ``version_info`` metric, as scraped."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.labels["version"], s.labels["role"]) for fam in text_string_to_metric_families(reg.metrics.render().decode())
+            if fam.name == "forgeline_serving_version_info" for s in fam.samples if s.labels["model"] == model}
+
+
 def test_hot_swap_under_load_and_instant_rollback(store):
     mods = {"v1": publish(store, "digits", "v1", 1), "v2": publish(store, "digits", "v2", 2)}
     promotion.promote(store, "digits", "v1")
@@ -194,6 +202,7 @@ def test_hot_swap_under_load_and_instant_rollback(store):
         assert swapped_after < 40 * reg.config.poll_s + 2  # a few poll periods plus the (tiny) load
         p = reg.metadata("digits")["parameters"]
         assert p["previous"] == "v1" and p["last_swap"]["from"] == "v1" and p["last_swap"]["loaded"]
+        assert roles(reg) == {("v2", "serving"), ("v1", "previous")}
         assert reg.metrics.value("swaps_total", model="digits", result="ok") == 1
         loads = reg.metrics.value("loads_total", model="digits", result="ok")
         assert loads == 2
@@ -203,6 +212,7 @@ def test_hot_swap_under_load_and_instant_rollback(store):
         await wait_until(lambda: reg.metadata("digits")["parameters"]["serving"] == "v1")
         assert reg.metrics.value("loads_total", model="digits", result="ok") == loads
         assert reg.metadata("digits")["parameters"]["last_swap"]["loaded"] is False
+        assert roles(reg) == {("v1", "serving"), ("v2", "previous")}
         x = batch(3, 7)
         np.testing.assert_allclose((await reg.infer("digits", None, {"input": x}))["output"],
                                    eager(mods["v1"], x), atol=1e-5)
@@ -365,15 +375,24 @@ def test_a_damaged_alias_keeps_the_served_version_until_it_is_repaired(store, ca
         await reg.start()
         x = batch(2)
         assert np.allclose((await reg.infer("digits", None, {"input": x}))["output"], eager(mods["v1"], x), atol=1e-5)
+        await wait_until(lambda: reg.metrics.value("alias_reads_total", model="digits", result="ok") > 0)
+        assert reg.metadata("digits")["parameters"]["alias_error"] is None
         store.write_atomic(alias, good[: len(good) // 2])
-        await asyncio.sleep(10 * reg.config.poll_s)
+        await wait_until(lambda: reg.metrics.value("alias_reads_total", model="digits", result="failed") >= 3)
+        last_read = reg.metrics.value("alias_read_timestamp_seconds", model="digits")
         out = await reg.infer("digits", None, {"input": x})
         assert out.version == "v1" and np.allclose(out["output"], eager(mods["v1"], x), atol=1e-5)
         warned = [r.getMessage() for r in caplog.records if "cannot read the production alias" in r.getMessage()]
         assert warned and all(store.uri(alias) in w and "corrupt or truncated" in w for w in warned)
+        # what monitoring sees: the error in the metadata, the failures counted, the last good read's time held
+        error = reg.metadata("digits")["parameters"]["alias_error"]
+        assert store.uri(alias) in error and "corrupt or truncated" in error
+        assert reg.metrics.value("alias_read_timestamp_seconds", model="digits") == last_read
         store.write_atomic(alias, good)
         promotion.promote(store, "digits", "v2")
         await wait_until(lambda: reg.metadata("digits")["parameters"]["serving"] == "v2", timeout=10)
+        assert reg.metadata("digits")["parameters"]["alias_error"] is None
+        assert reg.metrics.value("alias_read_timestamp_seconds", model="digits") > last_read
         await reg.stop()
 
     with caplog.at_level("WARNING"):

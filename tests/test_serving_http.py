@@ -612,6 +612,10 @@ def test_serve_status_summarizes_every_metric():
     m.swaps.labels("a", "failed").inc()
     m.evictions.labels(**{n: "b" if n == "model" else "lru" for n in m.evictions._labelnames}).inc()
     m.resident_bytes.labels("a").set(3 * 2**20)
+    m.track_versions(lambda: [("a", "v2", "serving"), ("a", "v1", "previous")])
+    m.alias_reads.labels("a", "ok").inc(3)
+    m.alias_reads.labels("a", "failed").inc(2)
+    m.alias_read_time.labels("a").set(1234.5)
     s = served_summary(generate_latest(m.registry).decode())
     a = s["a"]
     assert a["versions"] == ["v1", "v2"] and a["requests"] == 101
@@ -620,6 +624,8 @@ def test_serve_status_summarizes_every_metric():
     assert 1 < a["queue_wait_p50_ms"] <= 2 and a["queue_wait_mean_ms"] == pytest.approx(1.5)
     assert a["resident_bytes"] == 3 * 2**20 and a["loads"] == {"ok": 2} and a["swaps"] == {"failed": 1, "ok": 1}
     assert s["b"]["evictions"] == 1 and s["b"]["evictions_by_reason"] == {"lru": 1} and s["b"]["p50_ms"] is None
+    assert (a["serving"], a["previous"], a["alias_reads_failed"], a["alias_read_at"]) == ("v2", "v1", 2, 1234.5)
+    assert (s["b"]["serving"], s["b"]["alias_reads_failed"], s["b"]["alias_read_at"]) == (None, 0, None)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -822,6 +828,7 @@ def test_real_registry_end_to_end(published, capsys):
         d = json.loads(capsys.readouterr().out)["models"]["digits"]
         assert d["requests_by_result"]["ok"] >= 8 and d["p50_ms"] and d["resident_bytes"] > 0
         assert d["loads"].get("ok", 0) >= 2 and d["swaps"].get("ok", 0) >= 2
+        assert d["serving"] == "v1" and d["alias_reads_failed"] == 0 and d["alias_read_at"] > 0
         c.close()
     assert not reg.live()  # the lifespan stopped it
 

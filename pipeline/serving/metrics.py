@@ -17,6 +17,12 @@ Names (all prefixed ``forgeline_serving_``)::
     resident_bytes{model}                  gauge      weight bytes held by the model's resident versions
     resident_models                        gauge      models with at least one resident version
     queue_depth{model}                     gauge      requests waiting (for a load or in the batcher)
+    version_info{model,version,role}       gauge      1 per resident version that serves (role = serving)
+                                                      or is kept for rollback (role = previous)
+    alias_reads_total{model,result}        counter    the watcher's reads of the production alias:
+                                                      result = ok | failed (storage unreachable, alias damaged)
+    alias_read_timestamp_seconds{model}    gauge      Unix time of the last read that succeeded: alert on
+                                                      ``time() - it`` to catch a server blind to promotions
 
 Per-model P50/P99 of the last requests is also kept in memory (:meth:`ServingMetrics.latency`),
 for the model metadata: a histogram's quantiles need a Prometheus server to compute.
@@ -26,9 +32,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 PREFIX = "forgeline_serving"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -66,6 +74,13 @@ class ServingMetrics:
         self.resident_models = Gauge(f"{PREFIX}_resident_models", "Models with a resident version", registry=r)
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting (for a load or in the batcher)",
                                  ["model"], registry=r)
+        self.alias_reads = Counter(f"{PREFIX}_alias_reads", "Reads of the production alias by the watcher",
+                                   ["model", "result"], registry=r)
+        self.alias_read_time = Gauge(f"{PREFIX}_alias_read_timestamp_seconds",
+                                     "Unix time of the watcher's last successful read of the production alias",
+                                     ["model"], registry=r)
+        self._version_sources: list[Callable[[], Iterable[tuple[str, str, str]]]] = []
+        r.register(_VersionInfo(self._version_sources))
         self._recent: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
@@ -76,6 +91,12 @@ class ServingMetrics:
             self.request_seconds.labels(model, version).observe(seconds)
             with self._lock:
                 self._recent.setdefault(model, deque(maxlen=_RECENT)).append(seconds)
+
+    def track_versions(self, source: Callable[[], Iterable[tuple[str, str, str]]]) -> None:
+        """Have ``version_info`` report what ``source()`` yields, ``(model, version, role)``, at
+        every scrape: read from the registry's state then, so no swap, rollback or eviction path
+        has to keep a gauge in step with it."""
+        self._version_sources.append(source)
 
     def latency(self, model: str) -> dict[str, float] | None:
         """``{"p50_ms", "p99_ms", "count"}`` over the model's last requests (None before any)."""
@@ -94,6 +115,28 @@ class ServingMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric here."""
         return generate_latest(self.registry)
+
+
+class _VersionInfo:
+    """The ``version_info`` gauge, collected from the tracked sources at scrape time."""
+
+    def __init__(self, sources: list):
+        self._sources = sources
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(f"{PREFIX}_version_info", "Resident versions that serve or are kept for rollback",
+                                 labels=["model", "version", "role"])
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        fam = self._family()
+        for source in list(self._sources):
+            for model, version, role in source():
+                fam.add_metric([model, version, role], 1.0)
+        yield fam
 
 
 __all__ = ["ServingMetrics", "PREFIX"]

@@ -204,6 +204,7 @@ class _Model:
     production: str | None = None  # the version the alias (or latest) named at the last read
     alias: dict | None = None
     reference_at: float = -math.inf  # time.monotonic() when that read started
+    alias_error: str | None = None  # why the watcher's last read of the alias failed (None: it read)
     manifests: dict[str, tuple[dict, float]] = field(default_factory=dict)  # version -> (manifest, read at)
     last_error: str | None = None
     last_swap: dict | None = None
@@ -250,8 +251,18 @@ class ModelRegistry:
         self._golden_passed: set[tuple] = set()
         self.metrics.resident_models.set_function(
             lambda: sum(1 for m in list(self._models.values()) if m.versions))
+        self.metrics.track_versions(self._version_roles)
         for name in self._known:
             self._check_name(name)
+
+    def _version_roles(self):
+        """``(model, version, role)`` of every version that serves or is kept for rollback (the
+        ``version_info`` metric; the same rules as the metadata's ``serving`` and ``previous``)."""
+        for m in list(self._models.values()):
+            if m.resident() is not None:
+                yield m.name, m.serving, "serving"
+            if m.previous is not None and m.previous in m.versions:
+                yield m.name, m.previous, "previous"
 
     def _traffic(self, store):
         if not self.config.sample_rate > 0:
@@ -448,6 +459,7 @@ class ModelRegistry:
                 "last_error": m.last_error,
                 "last_swap": m.last_swap,
                 "alias": m.alias,
+                "alias_error": m.alias_error,
                 "lineage": serving.loaded.lineage() if serving is not None else None,
                 "source": serving.loaded.source if serving is not None else None,
                 "golden": serving.loaded.golden if serving is not None else None,
@@ -960,9 +972,13 @@ class ModelRegistry:
         for m in active:
             version, alias, err = refs[m.name]
             if err is not None:
+                self.metrics.alias_reads.labels(m.name, "failed").inc()
+                m.alias_error = err
                 log.warning("%s: cannot read the production alias (%s); keeping %s", m.name, err, m.serving)
                 continue
-            m.production, m.alias, m.reference_at = version, alias, now
+            self.metrics.alias_reads.labels(m.name, "ok").inc()
+            self.metrics.alias_read_time.labels(m.name).set(time.time())
+            m.production, m.alias, m.reference_at, m.alias_error = version, alias, now, None
             if version is None or version == m.serving or version in m.failed:
                 continue
             if m.unloaded or m.resident() is None:  # evicted or unloaded while the alias was read:
