@@ -35,7 +35,7 @@ def _table(states: list[rollout.ServerState], seconds: dict[str, float] | None =
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in states:
         row = [_label(s.url), s.model, s.version, s.since, s.requests, s.p50_ms, s.p99_ms,
-               s.error or s.state]
+               s.error or (f"{s.state}; alias unreadable: {s.alias_error}" if s.alias_error else s.state)]
         if seconds is not None:
             row.insert(4, seconds.get(s.url))
         rows.append("| " + " | ".join(_cell(v) for v in row) + " |")
@@ -100,8 +100,8 @@ class ServedModelsConfig(dg.Config):
 @dg.asset(
     group_name="serve", kinds={"http"}, deps=[model_rollout],
     check_specs=[dg.AssetCheckSpec("serves_production", asset="served_models",
-                                   description="Every listed server answers and serves the production version "
-                                               "(WARN otherwise).")],
+                                   description="Every listed server answers, serves the production version and "
+                                               "can read the production alias (WARN otherwise).")],
 )
 def served_models(context: dg.AssetExecutionContext, config: ServedModelsConfig, storage: StorageResource):
     """What each server in ``FORGELINE_SERVE_URLS`` serves now: model, version, since when, requests
@@ -112,7 +112,8 @@ def served_models(context: dg.AssetExecutionContext, config: ServedModelsConfig,
     current = promotion.production(storage.client(), model)
     production = current["version"] if current else None
     metadata: dict = {"servers": len(urls), "production": production or "",
-                      "reachable": sum(s.ok for s in states)}
+                      "reachable": sum(s.ok for s in states),
+                      "alias_unreadable": sum(bool(s.alias_error) for s in states)}
     if not urls:
         metadata["note"] = "no servers configured (FORGELINE_SERVE_URLS is empty)"
     else:
@@ -129,7 +130,8 @@ def served_models(context: dg.AssetExecutionContext, config: ServedModelsConfig,
             if s.p99_ms is not None:
                 metadata[f"p99_ms/{label}"] = s.p99_ms
     yield dg.MaterializeResult(metadata=metadata)
-    off = [s for s in states if not s.ok or s.version != production]
+    # a server that cannot read the alias serves production now but will miss the next promotion
+    off = [s for s in states if not s.ok or s.version != production or s.alias_error]
     yield dg.AssetCheckResult(
         check_name="serves_production", passed=not off, severity=dg.AssetCheckSeverity.WARN,
         description=("every server serves production" if not off else

@@ -50,6 +50,7 @@ class ServerState:
     state: str | None = None  # READY / LOADING / UNAVAILABLE ... (parameters.state)
     since: str | None = None  # UTC ISO time the serving version took traffic (last_swap.at)
     reason: str | None = None  # parameters.reason / last_error, when the server gives one
+    alias_error: str | None = None  # why the server's last read of the alias failed: it misses promotions
     requests: int | None = None  # inference requests for the model since the server started
     p50_ms: float | None = None
     p95_ms: float | None = None
@@ -71,6 +72,8 @@ class ServerState:
             extra.append(f"production read as {self.production}")
         if self.reason:
             extra.append(self.reason)
+        if self.alias_error:
+            extra.append(f"cannot read the production alias: {self.alias_error}")
         return what + (f" ({'; '.join(extra)})" if extra else "")
 
     def as_dict(self) -> dict:
@@ -158,6 +161,7 @@ def probe(url: str, model: str, *, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     s.production = params.get("production") or None
     s.state = params.get("state") or None
     s.reason = params.get("last_error") or params.get("reason") or None
+    s.alias_error = params.get("alias_error") or None
     swap = params.get("last_swap") or {}
     if isinstance(swap, dict) and s.version and swap.get("to") == s.version:
         s.since = swap.get("at")

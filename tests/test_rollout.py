@@ -194,6 +194,38 @@ def test_served_models_records_each_server_and_warns_when_one_is_off(monkeypatch
     assert check.passed
 
 
+def test_a_server_that_cannot_read_the_alias_is_named_by_probe_and_served_models(monkeypatch, tmp_path):
+    """It keeps serving production, but would miss the next promotion: the probe says so, and the
+    served_models check warns naming it, though the version it serves is right."""
+    from resources.storage import LocalStorageResource
+
+    ra = _assets()
+    store = LocalStorage(tmp_path / "store")
+    publish(store, "v1", 1)
+    promotion.promote(store, "digits", "v1")
+    alias = export.version_prefix("digits", "production")
+    good = store.read(alias)
+    with Server(store, 0.05) as s:
+        rollout.wait_for_version([s.url], "digits", "v1", timeout_s=30, poll_s=0.05)
+        assert rollout.probe(s.url, "digits").alias_error is None
+        store.write_atomic(alias, good[: len(good) // 2])  # damaged outside forgeline
+        deadline = time.monotonic() + 10
+        while (state := rollout.probe(s.url, "digits")).alias_error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state.version == "v1" and store.uri(alias) in state.alias_error
+        assert "cannot read the production alias" in state.describe()
+        monkeypatch.setenv("FORGELINE_SERVE_URLS", s.url)
+        # the Dagster side reads production from a store of its own whose alias is fine
+        healthy = LocalStorage(tmp_path / "healthy")
+        publish(healthy, "v1", 1)
+        promotion.promote(healthy, "digits", "v1")
+        mat, check = list(ra.served_models(_ctx(), ra.ServedModelsConfig(),
+                                           LocalStorageResource(root=str(healthy.root))))
+        assert mat.metadata["alias_unreadable"] == 1 and mat.metadata["production"] == "v1"
+        assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+        assert "cannot read the production alias" in check.description
+
+
 # ---------------------------------------------------------------------------------------------
 # Settings and charts
 # ---------------------------------------------------------------------------------------------
