@@ -286,7 +286,10 @@ def inject(store: S3Storage, operation: str, status: int, code: str, times: int 
 
 
 def test_throttling_and_5xx_are_retried(moto_storage_factory):
-    store = moto_storage_factory(**FAST)
+    # Two retries pause up to 0.75 s (backoff with jitter) on top of the failed attempts' own time:
+    # FAST's 1 s deadline left a loaded 2-core machine ~0.25 s for two round trips to moto, and a
+    # fresh clone's run once ran out of it. This test is about the retries, not the deadline.
+    store = moto_storage_factory(**{**FAST, "retry_deadline": 10.0})
     seen = inject(store, "PutObject", 503, "SlowDown", times=2)
     store.write_atomic("k", b"hello")
     assert len(seen) == 3 and store.read("k") == b"hello"
