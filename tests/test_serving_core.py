@@ -151,7 +151,8 @@ def roles(reg: ModelRegistry, model: str = "digits") -> set[tuple[str, str]]:
     """``(version, role)`` of the model in the server's ``version_info`` metric, as scraped."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return {(s.labels["version"], s.labels["role"]) for fam in text_string_to_metric_families(reg.metrics.render().decode())
+    families = text_string_to_metric_families(reg.metrics.render().decode())
+    return {(s.labels["version"], s.labels["role"]) for fam in families
             if fam.name == "forgeline_serving_version_info" for s in fam.samples if s.labels["model"] == model}
 
 
