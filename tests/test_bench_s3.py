@@ -3,23 +3,14 @@ radosgw. The bench's numbers live in BENCHMARKS.md, not here."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench_loaders():
-    spec = importlib.util.spec_from_file_location("bench_loaders", ROOT / "bench" / "loaders.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench.loaders import add_tail
 
 
 def test_tail_holds_every_nth_ranged_get_and_nothing_else(s3_storage):
     client, bucket = s3_storage.client, s3_storage.bucket
-    _bench_loaders().add_tail(client, 2, 1000)
+    add_tail(client, 2, 1000)
     t = time.perf_counter()
     client.put_object(Bucket=bucket, Key="data/blob", Body=b"x" * 4096)
     client.head_object(Bucket=bucket, Key="data/blob")

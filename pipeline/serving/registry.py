@@ -221,6 +221,11 @@ class _Model:
     def resident(self) -> _Resident | None:
         return self.versions.get(self.serving) if self.serving else None
 
+    def roles(self) -> tuple[str | None, str | None]:
+        """``(serving, previous)`` as reported (metadata, ``version_info``): each only while resident."""
+        return (self.serving if self.resident() is not None else None,
+                self.previous if self.previous in self.versions else None)
+
 
 class ModelRegistry:
     def __init__(self, store, config: ServeConfig | None = None, *, tier=None, cache=None,
@@ -257,12 +262,11 @@ class ModelRegistry:
 
     def _version_roles(self):
         """``(model, version, role)`` of every version that serves or is kept for rollback (the
-        ``version_info`` metric; the same rules as the metadata's ``serving`` and ``previous``)."""
+        ``version_info`` metric)."""
         for m in list(self._models.values()):
-            if m.resident() is not None:
-                yield m.name, m.serving, "serving"
-            if m.previous is not None and m.previous in m.versions:
-                yield m.name, m.previous, "previous"
+            for version, role in zip(m.roles(), ("serving", "previous")):
+                if version is not None:
+                    yield m.name, version, role
 
     def _traffic(self, store):
         if not self.config.sample_rate > 0:
@@ -444,6 +448,7 @@ class ModelRegistry:
             inp, out = m.specs[spec_version]
         state, reason = self._state(m)
         serving = m.resident()
+        serving_version, previous = m.roles()
         return {
             "name": name,
             "versions": sorted(m.versions),
@@ -452,8 +457,8 @@ class ModelRegistry:
             "outputs": [out.as_metadata()],
             "parameters": {
                 "production": m.production,
-                "serving": m.serving if serving is not None else None,
-                "previous": m.previous if m.previous in m.versions else None,
+                "serving": serving_version,
+                "previous": previous,
                 "state": state,
                 "reason": reason,
                 "last_error": m.last_error,
