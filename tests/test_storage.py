@@ -885,57 +885,6 @@ def test_s3_get_into_fills_the_buffer_in_place_across_a_resume(s3_storage, monke
     assert s3_storage.get_into("r", len(BIG) - 10, tail)[0] == 10 and bytes(tail[:10]) == BIG[-10:]
 
 
-def _resident_pages(mm) -> list[bool]:
-    """Which pages of the anonymous mapping ``mm`` are in memory (mincore)."""
-    import ctypes
-    import mmap
-
-    from pipeline._libc import libc_function
-
-    mincore = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)])
-    holder = ctypes.c_char.from_buffer(mm)
-    vec = (ctypes.c_ubyte * (len(mm) // mmap.PAGESIZE))()
-    try:
-        assert mincore(ctypes.addressof(holder), len(mm), vec) == 0
-    finally:
-        del holder
-    return [bool(v & 1) for v in vec]
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_WRITE) is Linux's")
-def test_s3_get_into_populates_fresh_memory_once_the_request_is_out(s3_storage, monkeypatch):
-    """Pages of the destination are allocated in one madvise (cheaper than a fault per page inside
-    the receive), after the GET went out, so a load's first requests do not wait on it; only whole
-    pages inside the buffer are touched."""
-    import mmap
-
-    import pipeline.storage.s3 as s3mod
-
-    page = mmap.PAGESIZE
-    s3_storage.write_atomic("r", BIG)
-    mm = mmap.mmap(-1, 8 * page)  # anonymous: no page is in memory until touched
-    assert not any(_resident_pages(mm))
-    events = []
-    real_get, real_populate = s3_storage.client.get_object, s3mod.populate
-
-    def get_object(**kw):
-        events.append(("GET", _resident_pages(mm)))  # as the request goes out
-        return real_get(**kw)
-
-    def populate(buf):
-        real_populate(buf)
-        events.append(("populate", _resident_pages(mm)))
-
-    monkeypatch.setattr(s3_storage.client, "get_object", get_object)
-    monkeypatch.setattr(s3mod, "populate", populate)
-    view = memoryview(mm)[page + 100 : 6 * page]  # pages 1 (partly) to 5 (whole)
-    assert s3_storage.get_into("r", 0, view)[0] == len(view)
-    assert bytes(view) == BIG[: len(view)]
-    assert events == [("GET", [False] * 8), ("populate", [False, False, True, True, True, True, False, False])]
-    del view
-    mm.close()
-
-
 # Parallel transfers (S3): read-ahead, split ranged reads, concurrent part uploads ---------------
 
 

@@ -81,7 +81,6 @@ from botocore.exceptions import (
 from botocore.response import StreamingBody
 
 from pipeline import settings
-from pipeline._libc import populate
 from pipeline.keys import check_key
 from pipeline.storage.base import (
     AtomicWriter,
@@ -581,13 +580,11 @@ class S3Storage(Storage):
         if len(view) == 0:
             return 0, etag, self.stat(key).size
 
-        def land(n: int) -> memoryview:
-            # The pages are allocated once the request is out, while the server sends its first
-            # bytes, not before it: a load's first requests would otherwise leave last.
-            populate(view[:n])
-            return view[:n]
-
-        etag, size, end = self._stream(key, start, start + len(view) - 1, etag, land)
+        # Fresh destination pages are left to fault in during the receive. Allocating them first in
+        # one madvise(MADV_POPULATE_WRITE) saved ~5% of the client's CPU with client and server on
+        # the same two cores, but cost 15-20% of the rate with the client on a core of its own
+        # (BENCHMARKS.md, session 16).
+        etag, size, end = self._stream(key, start, start + len(view) - 1, etag, lambda n: view[:n])
         return end - start, etag, size
 
     def _stream(self, key: str, start: int, end: int, etag: str | None,
