@@ -178,7 +178,14 @@ def test_hot_swap_under_load_and_instant_rollback(store):
                 except BaseException as e:  # noqa: BLE001
                     failures.append(e)
 
-        clients = [asyncio.create_task(client(i)) for i in range(6)]
+        scrapes: list[frozenset] = []
+
+        async def scraper():  # /metrics renders on the event loop, as here: never mid-swap
+            while not stop.is_set():
+                scrapes.append(frozenset(roles(reg)))
+                await asyncio.sleep(0.002)
+
+        clients = [asyncio.create_task(client(i)) for i in range(6)] + [asyncio.create_task(scraper())]
         await wait_until(lambda: len(answers) > 30)
         promotion.promote(store, "digits", "v2")
         t0 = time.monotonic()
@@ -204,6 +211,8 @@ def test_hot_swap_under_load_and_instant_rollback(store):
         p = reg.metadata("digits")["parameters"]
         assert p["previous"] == "v1" and p["last_swap"]["from"] == "v1" and p["last_swap"]["loaded"]
         assert roles(reg) == {("v2", "serving"), ("v1", "previous")}
+        before, after = frozenset({("v1", "serving")}), frozenset({("v2", "serving"), ("v1", "previous")})
+        assert set(scrapes) == {before, after}, "a scrape saw the swap half done"
         assert reg.metrics.value("swaps_total", model="digits", result="ok") == 1
         loads = reg.metrics.value("loads_total", model="digits", result="ok")
         assert loads == 2
