@@ -885,6 +885,41 @@ def test_s3_get_into_fills_the_buffer_in_place_across_a_resume(s3_storage, monke
     assert s3_storage.get_into("r", len(BIG) - 10, tail)[0] == 10 and bytes(tail[:10]) == BIG[-10:]
 
 
+def test_s3_a_server_that_ignores_range_is_named_not_a_key_error(s3_storage, monkeypatch):
+    """A server (or a proxy before it) that ignores Range answers 200 with the whole object. A
+    GET that asked for the whole object from byte 0 gets just that and is fine; any other range
+    fails in one line naming the object and the cause, and nothing is written to the caller."""
+    from pipeline.storage import StorageError
+
+    s3_storage.write_atomic("r", BIG)
+    s3_storage.write_atomic("small", b"0123456789")
+    real_get = s3_storage.client.get_object
+
+    def ignoring_range(**kw):
+        kw.pop("Range", None)
+        return real_get(**kw)
+
+    monkeypatch.setattr(s3_storage.client, "get_object", ignoring_range)
+    head, info = s3_storage.read_head("small", 1 << 16)  # asked for more than there is: all of it
+    assert (head, info.size) == (b"0123456789", 10)
+    out = bytearray(b"x" * 100)
+    for call in (lambda: s3_storage.get_into("r", 4096, out), lambda: s3_storage.read_range("r", 10, 20),
+                 lambda: s3_storage.read_head("r", 100)):
+        with pytest.raises(StorageError, match=r"s3://.*/r: .*ignored the Range header") as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert out == bytearray(b"x" * 100)
+
+    def shifted(**kw):  # a proxy that answers a range other than the one asked
+        first, _, last = kw["Range"].removeprefix("bytes=").partition("-")
+        return real_get(**{**kw, "Range": f"bytes={int(first) + 1}-{last}"})
+
+    monkeypatch.setattr(s3_storage.client, "get_object", shifted)
+    with pytest.raises(StorageError, match=r"answered another range than asked \(Content-Range: bytes 4097-"):
+        s3_storage.get_into("r", 4096, out)
+    assert out == bytearray(b"x" * 100)
+
+
 # Parallel transfers (S3): read-ahead, split ranged reads, concurrent part uploads ---------------
 
 

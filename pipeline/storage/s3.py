@@ -610,10 +610,7 @@ class S3Storage(Storage):
                     Bucket=self.bucket, Key=self._full(key), Range=f"bytes={pos}-{end}", **conditions
                 )
                 etag = resp["ETag"]
-                # "bytes 0-99/1234": the last byte sent, and the total after the slash
-                sent, _, total = resp["ContentRange"].rpartition("/")
-                size = int(total)
-                stop = int(sent.rpartition("-")[2]) + 1
+                stop, size = self._answered_range(resp, key, pos, end)
                 if view is None and callable(dest):
                     view = dest(stop - start)
                 body = _Body(resp["Body"], self.endpoint)
@@ -650,6 +647,32 @@ class S3Storage(Storage):
                     return etag, size, pos
                 if not budget.retry(e):
                     raise self._error(e, key, f"GET bytes={pos}-{end}", budget) from None
+
+    def _answered_range(self, resp: dict, key: str, pos: int, end: int) -> tuple[int, int]:
+        """``(offset after the last byte sent, object size)`` of a GET's answer to ``Range:
+        bytes=pos-end``, from its Content-Range ("bytes 0-99/1234"). A 200 without one is the
+        whole object: what was asked only from byte 0 and when the object ends within the range
+        (a server may answer so); otherwise the server ignored the Range header, or answered
+        another range, and reading on would put wrong bytes in place: one line says so."""
+        got = resp.get("ContentRange")
+        try:
+            if got is None:
+                length = int(resp["ContentLength"])
+                if pos == 0 and length <= end + 1:
+                    return length, length
+                why = f"ignored the Range header (HTTP 200 with the whole object, {length} bytes)"
+            else:
+                sent, _, total = got.removeprefix("bytes ").rpartition("/")
+                first, _, last = sent.partition("-")
+                if int(first) == pos and pos <= int(last) <= end:
+                    return int(last) + 1, int(total)
+                why = f"answered another range than asked (Content-Range: {got})"
+        except (KeyError, ValueError):
+            why = f"sent an unreadable Content-Range ({got!r})"
+        with contextlib.suppress(Exception):
+            resp["Body"].close()  # unread bytes: the connection is not reused
+        raise StorageError(f"{self.uri(key)}: GET bytes={pos}-{end}: the endpoint {self.endpoint} {why}; "
+                           f"ranged reads need a server (and proxies) that honour Range")
 
     # Storage interface --------------------------------------------------------------------
     def open_read(self, key: str) -> "_S3Reader":
