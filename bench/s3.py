@@ -53,6 +53,11 @@ which costs a reader that waits on its oldest request more than one that keeps t
 (a VM whose host backs its memory on first touch), the first rounds of every row measured up to 2x
 slower than later ones, the rows that land bytes in new memory most.
 
+The reading rows (raw GETs, loaders, pre-warms) run in another order each round, rotated by one,
+so that none always runs first or right after the same row: on a small machine a row's rate depends
+on what ran just before it (the raw GET measured 0.80-0.91 GB/s leading full rounds and 0.72-0.76
+with only the pre-warm beside it, server on its own core). The writing rows follow them.
+
 Deleted data is garbage-collected (``radosgw-admin gc process --include-all``) between rounds, so
 the memstore OSD never holds more than the checkpoint plus one round of uploads. Targets: loader
 ≥ 90% of raw GET, loader+client ≥ 1.5x Run:ai; prewarm ≥ 80% of raw GET; upload ≥ 80% of raw PUT.
@@ -129,6 +134,16 @@ def child_load(loader: str, files: list[Path], prefix: str, endpoint: str, env: 
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:160]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+ROWS = ("raw GET (boto3)", "raw GET (boto3), bytes kept", "loader S3 → CPU", "loader+client S3 → CPU",
+        "runai S3 → CPU", "prewarm S3 → shm", "prewarm S3 → shm, sha256-checked", "raw PUT (boto3 multipart)",
+        "upload (write_atomic)")
+
+
+def _row_order(name: str) -> int:
+    """Where a row is printed: always in this order, whichever ran first in a round."""
+    return ROWS.index(name) if name in ROWS else len(ROWS)
 
 
 def main() -> int:
@@ -231,39 +246,48 @@ def main() -> int:
             cpu.setdefault(name, []).append(cpu_since(c) / n * 1e9)
             box.setdefault(name, []).append((machine_cpu() - b) / n * 1e9)
 
+        def raw_get_row() -> None:
+            timed("raw GET (boto3)", lambda: raw_get(client, keys, part, a.concurrency))
+
+        def raw_get_kept_row() -> None:
+            kept: list[bytes] = []
+            timed("raw GET (boto3), bytes kept", lambda: raw_get(client, keys, part, a.concurrency, kept))
+            # freed as the function returns, after the clock, as the loader's tensors are
+
+        def child_row(loader: str, name: str) -> None:
+            res = child_load(loader, files, "ckpt", rgw.endpoint, env, a.child_timeout, tail)
+            if "gbps" not in res:
+                errors[name] = res["error"]
+                return
+            per_gb = res["bytes"] / 1e9
+            if "setup_seconds" in res:  # forgeline: with and without its client
+                rows.setdefault(f"{name} S3 → CPU", []).append(res["bytes"] / (res["seconds"] - res["setup_seconds"]) / 1e9)
+                cpu.setdefault(f"{name} S3 → CPU", []).append((res["cpu_seconds"] - res["setup_cpu_seconds"]) / per_gb)
+                box.setdefault(f"{name} S3 → CPU", []).append(
+                    (res["machine_cpu_seconds"] - res["setup_cpu_seconds"]) / per_gb)
+                name = f"{name}+client"
+            rows.setdefault(f"{name} S3 → CPU", []).append(res["gbps"])
+            cpu.setdefault(f"{name} S3 → CPU", []).append(res["cpu_seconds"] / per_gb)
+            box.setdefault(f"{name} S3 → CPU", []).append(res["machine_cpu_seconds"] / per_gb)
+
+        def prewarm_row(version: str, row: str, r: int) -> None:
+            tier = ShmTier(shm_root / f"r{r}")
+            timed(row, lambda: tier.prewarm(store, "bench", version).bytes)
+            subprocess.run(["rm", "-rf", str(shm_root / f"r{r}")], check=False)
+
+        reads = [(name, fn) for name, fn in (
+            ("raw-get", lambda r: raw_get_row()), ("raw-get-kept", lambda r: raw_get_kept_row()),
+            ("loader", lambda r: child_row("forgeline", "loader")), ("runai", lambda r: child_row("runai", "runai")),
+            ("prewarm", lambda r: prewarm_row("v1", "prewarm S3 → shm", r)),
+            ("prewarm-sha256", lambda r: prewarm_row("v0", "prewarm S3 → shm, sha256-checked", r)),
+        ) if name in want]
         for r in range(a.warmup + a.repeat):
             if r == a.warmup:  # the warm-up rounds are not counted
                 rows.clear(), cpu.clear(), box.clear()
-            if "raw-get" in want:
-                timed("raw GET (boto3)", lambda: raw_get(client, keys, part, a.concurrency))
-            if "raw-get-kept" in want:
-                kept: list[bytes] = []
-                timed("raw GET (boto3), bytes kept", lambda: raw_get(client, keys, part, a.concurrency, kept))
-                del kept  # freed after the clock, as the loader's tensors are
-            for loader, name in (("forgeline", "loader"), ("runai", "runai")):
-                if name in want:
-                    res = child_load(loader, files, "ckpt", rgw.endpoint, env, a.child_timeout, tail)
-                    if "gbps" not in res:
-                        errors[name] = res["error"]
-                        continue
-                    per_gb = res["bytes"] / 1e9
-                    if "setup_seconds" in res:  # forgeline: with and without its client
-                        rows.setdefault(f"{name} S3 → CPU", []).append(
-                            res["bytes"] / (res["seconds"] - res["setup_seconds"]) / 1e9)
-                        cpu.setdefault(f"{name} S3 → CPU", []).append(
-                            (res["cpu_seconds"] - res["setup_cpu_seconds"]) / per_gb)
-                        box.setdefault(f"{name} S3 → CPU", []).append(
-                            (res["machine_cpu_seconds"] - res["setup_cpu_seconds"]) / per_gb)
-                        name = f"{name}+client"
-                    rows.setdefault(f"{name} S3 → CPU", []).append(res["gbps"])
-                    cpu.setdefault(f"{name} S3 → CPU", []).append(res["cpu_seconds"] / per_gb)
-                    box.setdefault(f"{name} S3 → CPU", []).append(res["machine_cpu_seconds"] / per_gb)
-            for name, version, row in (("prewarm", "v1", "prewarm S3 → shm"),
-                                       ("prewarm-sha256", "v0", "prewarm S3 → shm, sha256-checked")):
-                if name in want:
-                    tier = ShmTier(shm_root / f"r{r}")
-                    timed(row, lambda: tier.prewarm(store, "bench", version).bytes)
-                    subprocess.run(["rm", "-rf", str(shm_root / f"r{r}")], check=False)
+            # Each round starts the reading rows one further along, so that no row always runs
+            # first or right after another (a row's rate here depends on what ran just before it).
+            for _name, fn in reads[r % len(reads):] + reads[: r % len(reads)] if reads else []:
+                fn(r)
             if "raw-put" in want:
                 timed("raw PUT (boto3 multipart)", lambda: raw_put(client, blobs, part, a.concurrency))
             if "upload" in want:
@@ -279,13 +303,13 @@ def main() -> int:
                 store.delete(o.key)
             rgw.gc()
             label = f"warm-up {r + 1}/{a.warmup}" if r < a.warmup else f"round {r - a.warmup + 1}/{a.repeat}"
-            print(f"{label}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
+            print(f"{label}: " + ", ".join(f"{k} {rows[k][-1]:.2f}" for k in sorted(rows, key=_row_order)), flush=True)
         subprocess.run(["rm", "-rf", str(shm_root)], check=False)
     finally:
         rgw.stop()
 
-    best = {k: max(v) for k, v in rows.items()}
     get_row, put_row, kept_row = "raw GET (boto3)", "raw PUT (boto3 multipart)", "raw GET (boto3), bytes kept"
+    best = {k: max(rows[k]) for k in sorted(rows, key=_row_order)}
     targets = {  # row: [(reference row, target factor or None, its name in the table)]
         kept_row: [(get_row, None, "raw GET")],
         "loader S3 → CPU": [(get_row, 0.9, "raw GET"), (kept_row, None, "raw GET kept")],
