@@ -167,6 +167,7 @@ class StorageSettings:
     region_name: str | None = None
     root: Path | None = None
     root_from_env: bool = False  # FORGELINE_STORAGE_ROOT was set (a shared mount, e.g. on Kubernetes)
+    concurrency: int = 8  # S3: requests in flight for one bulk transfer (FORGELINE_S3_CONCURRENCY)
 
     @property
     def kind(self) -> str:
@@ -175,8 +176,8 @@ class StorageSettings:
     def spec(self) -> dict[str, Any]:
         """The store as a :func:`pipeline.storage.from_spec` spec (for processes outside Dagster)."""
         if self.bucket:
-            return {"kind": "s3", "bucket": self.bucket, "prefix": self.prefix,
-                    "endpoint_url": self.endpoint_url, "region_name": self.region_name}
+            return {"kind": "s3", "bucket": self.bucket, "prefix": self.prefix, "endpoint_url": self.endpoint_url,
+                    "region_name": self.region_name, "concurrency": self.concurrency}
         return {"kind": "local", "root": str(self.root)}
 
 
@@ -196,7 +197,8 @@ def s3_bucket_name(name: str, value: str) -> str:
 
 def storage(env: Env = None) -> StorageSettings:
     """``FORGELINE_S3_BUCKET`` (+ ``FORGELINE_S3_PREFIX``, ``FORGELINE_S3_ENDPOINT_URL``,
-    ``AWS_REGION``) → S3; else ``FORGELINE_STORAGE_ROOT``; else ``$FORGELINE_HOME/storage``."""
+    ``FORGELINE_S3_CONCURRENCY``, ``AWS_REGION``) → S3; else ``FORGELINE_STORAGE_ROOT``; else
+    ``$FORGELINE_HOME/storage``."""
     region = raw("AWS_REGION", env) or raw("AWS_DEFAULT_REGION", env)
     if raw("FORGELINE_S3_BUCKET", env):
         prefix = (raw("FORGELINE_S3_PREFIX", env) or "").strip("/")
@@ -206,7 +208,8 @@ def storage(env: Env = None) -> StorageSettings:
             except ValueError as e:
                 raise SettingError(f"FORGELINE_S3_PREFIX: {e}") from None
         return StorageSettings(bucket=s3_bucket_name("FORGELINE_S3_BUCKET", raw("FORGELINE_S3_BUCKET", env)),
-                               prefix=prefix, endpoint_url=s3_endpoint(env), region_name=region)
+                               prefix=prefix, endpoint_url=s3_endpoint(env), region_name=region,
+                               concurrency=s3_concurrency(env))
     root = storage_root(env)
     return StorageSettings(root=Path(root) if root else home(env) / "storage", root_from_env=bool(root),
                            endpoint_url=s3_endpoint(env), region_name=region)
@@ -225,6 +228,19 @@ def s3_endpoint(env: Env = None) -> str | None:
     scheme (``http://minio:9000``); None = AWS."""
     value = raw("FORGELINE_S3_ENDPOINT_URL", env)
     return http_url("FORGELINE_S3_ENDPOINT_URL", value, implied=False, example=S3_ENDPOINT_EXAMPLE) if value else None
+
+
+S3_MAX_CONCURRENCY = 32  # S3Storage's connection pool
+
+
+def s3_concurrency(env: Env = None) -> int:
+    """``FORGELINE_S3_CONCURRENCY``: requests in flight for one bulk S3 transfer (a load's ranged
+    GETs, a pre-warm's pieces, an upload's parts), 1..32; default 8. Raise it for a store far away
+    or one that caps each connection's rate (AWS S3: ~100 MB/s per connection)."""
+    n = int_setting("FORGELINE_S3_CONCURRENCY", 8, env, minimum=1)
+    if n > S3_MAX_CONCURRENCY:
+        raise SettingError(f"FORGELINE_S3_CONCURRENCY={n} must be <= {S3_MAX_CONCURRENCY} (the S3 connection pool)")
+    return n
 
 
 def shm_root(env: Env = None) -> str:

@@ -79,6 +79,9 @@ class S3StorageResource(StorageResource):
     get_size: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024,
                           description="Largest ranged GET of a read into memory or a file (the loader's and "
                                       "the shm pre-warm's requests; longer ranges go as several in parallel).")
+    concurrency: int = Field(default=8, ge=1, le=settings.S3_MAX_CONCURRENCY,
+                             description="Requests in flight for one bulk transfer: a load's ranged GETs, a "
+                                         "pre-warm's pieces, an upload's parts ($FORGELINE_S3_CONCURRENCY).")
 
     def _make_client(self) -> Storage:
         from pipeline.storage.s3 import S3Storage
@@ -98,6 +101,7 @@ class S3StorageResource(StorageResource):
             part_size=self.part_size,
             multipart_threshold=self.part_size,
             get_size=self.get_size,
+            concurrency=self.concurrency,
         )
 
 
@@ -128,6 +132,7 @@ def storage_from_env() -> StorageResource:
             aws_access_key_id=_credential("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=_credential("AWS_SECRET_ACCESS_KEY"),
             aws_session_token=_credential("AWS_SESSION_TOKEN"),
+            concurrency=where.concurrency,
         )
     return LocalStorageResource(root=str(where.root))
 

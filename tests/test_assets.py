@@ -192,12 +192,15 @@ def test_ingest_on_s3_through_env_configured_resource(instance, s3_storage, s3_s
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_credentials["aws_access_key_id"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_credentials["aws_secret_access_key"])
+    monkeypatch.setenv("FORGELINE_S3_CONCURRENCY", "5")
     resource = storage_from_env()
     assert isinstance(resource, S3StorageResource)
 
+    from pipeline.storage import configured
     from resources.storage import open_storage
 
     store = open_storage(resource)
+    assert store.concurrency == 5 and configured().concurrency == 5  # the run's store and the CLI's / server's
     datagen.write_batch(store, "incoming/s3-1", datagen.load_digits(), samples_per_shard=700)
     store.write_atomic("incoming/s3-1/shards/zz-cut.tar", store.read("incoming/s3-1/shards/val-000000.tar")[:5000])
 

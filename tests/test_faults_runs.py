@@ -162,8 +162,12 @@ def test_debug_shows_the_traceback(home, monkeypatch):
     ({"FORGELINE_S3_BUCKET": "My Bucket"}, ["promote", "digits", "v1"], "FORGELINE_S3_BUCKET: 'My Bucket' is not"),
     ({"FORGELINE_S3_BUCKET": "b", "FORGELINE_S3_PREFIX": "a/../b"}, ["models", "digits"],
      "FORGELINE_S3_PREFIX: invalid storage key 'a/../b'"),
+    ({"FORGELINE_S3_BUCKET": "b", "FORGELINE_S3_CONCURRENCY": "lots"}, ["models", "digits"],
+     "FORGELINE_S3_CONCURRENCY must be an integer, got 'lots'"),
+    ({"FORGELINE_S3_BUCKET": "b", "FORGELINE_S3_CONCURRENCY": "64"}, ["load", "digits/production"],
+     "FORGELINE_S3_CONCURRENCY=64 must be <= 32"),
 ], ids=["gpus", "endpoint without scheme", "endpoint not http", "bucket as a URL", "bucket with a space",
-        "prefix not normalized"])
+        "prefix not normalized", "concurrency not a number", "concurrency past the pool"])
 def test_a_bad_environment_setting_is_one_line(home, monkeypatch, capsys, env, argv, words):
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -1110,6 +1110,41 @@ def test_s3_staging_bounds_parts_in_flight(s3_storage, monkeypatch):
         assert 2 <= peak[0] <= 3, (method, peak[0])  # parallel, and never more than staging allows
 
 
+def test_s3_load_keeps_the_stores_concurrency_in_flight(s3_storage_factory, monkeypatch):
+    """Without ``threads``, a load keeps as many GETs in flight as its store's ``concurrency``
+    (the setting pre-warms and uploads follow too), sizing its requests to fit the staging."""
+    import threading
+    import time as _time
+
+    from safetensors.torch import save
+
+    state = {f"t{i}": torch.randn(512, 512) for i in range(12)}  # 1 MiB each: a GET each
+    for conc in (3, 6):
+        store = s3_storage_factory(concurrency=conc)
+        store.write_atomic("w.safetensors", save(state))
+        real = store.client.get_object
+        lock, now, peak = threading.Lock(), [0], [0]
+
+        def counting(real=real, lock=lock, now=now, peak=peak, **kw):
+            with lock:
+                now[0] += 1
+                peak[0] = max(peak[0], now[0])
+            try:
+                _time.sleep(0.05)
+                return real(**kw)
+            finally:
+                with lock:
+                    now[0] -= 1
+
+        monkeypatch.setattr(store.client, "get_object", counting)
+        rep = LoadReport()
+        assert_bit_exact(load("w.safetensors", storage=store, report=rep), state)
+        assert rep.threads == conc and peak[0] == conc, (conc, rep.threads, peak[0])
+        rep = LoadReport()  # staging for two requests of 1 MiB: two in flight
+        load("w.safetensors", storage=store, report=rep, staging_bytes=2 * 1024 * 1024)
+        assert rep.threads == 2 and rep.chunk_bytes == 1024 * 1024
+
+
 @pytest.mark.parametrize("method", [None, "ring"])
 def test_s3_object_changed_mid_load(s3_storage, monkeypatch, method):
     from safetensors.torch import save

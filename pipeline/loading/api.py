@@ -176,12 +176,17 @@ def load(
     zero_copy = dev.type == "cpu" and not remote and (method == "mmap" or (method is None and not owned))
     kind, cached = _probe_shards(src, residency=not zero_copy)
     auto_threads, auto_chunk = tune(kind, cached)
-    n_threads = threads or auto_threads
+    store = next((s.store for s in src.shards if s.path is None), None)
+    # A remote store's own setting (S3: concurrency) is how many requests a load keeps in flight,
+    # as for its pre-warms and uploads; the request size then fits that many in the staging.
+    in_flight = getattr(store, "concurrency", None) if threads is None else None
+    n_threads = threads or in_flight or auto_threads
     if remote and chunk_bytes is None:  # the store's largest GET while every thread has requests
         from pipeline.storage.base import ranged_read_size
 
-        store = next(s.store for s in src.shards if s.path is None)
         auto_chunk = ranged_read_size(store, sum(s.size or 0 for s in src.shards), n_threads, auto_chunk)
+        if in_flight:
+            auto_chunk = min(auto_chunk, max(MiB, staging_bytes // in_flight))
     chunk = chunk_bytes or auto_chunk
     if n_threads < 1 or chunk < 1:
         raise ValueError("threads and chunk_bytes must be positive")
