@@ -156,6 +156,10 @@ def home(env: Env = None) -> Path:
     return Path(raw("FORGELINE_HOME", env) or PROJECT_ROOT / ".forgeline")
 
 
+S3_CONCURRENCY = 8  # the default of FORGELINE_S3_CONCURRENCY and of every S3 store's ``concurrency``
+S3_MAX_CONCURRENCY = 32  # the default size of S3Storage's connection pool, one connection per request
+
+
 @dataclass(frozen=True)
 class StorageSettings:
     """Where the model store is: S3 when ``bucket`` is set, else the directory ``root``.
@@ -167,7 +171,7 @@ class StorageSettings:
     region_name: str | None = None
     root: Path | None = None
     root_from_env: bool = False  # FORGELINE_STORAGE_ROOT was set (a shared mount, e.g. on Kubernetes)
-    concurrency: int = 8  # S3: requests in flight for one bulk transfer (FORGELINE_S3_CONCURRENCY)
+    concurrency: int = S3_CONCURRENCY  # S3: requests in flight for one bulk transfer (s3_concurrency)
 
     @property
     def kind(self) -> str:
@@ -230,14 +234,11 @@ def s3_endpoint(env: Env = None) -> str | None:
     return http_url("FORGELINE_S3_ENDPOINT_URL", value, implied=False, example=S3_ENDPOINT_EXAMPLE) if value else None
 
 
-S3_MAX_CONCURRENCY = 32  # S3Storage's connection pool
-
-
 def s3_concurrency(env: Env = None) -> int:
     """``FORGELINE_S3_CONCURRENCY``: requests in flight for one bulk S3 transfer (a load's ranged
     GETs, a pre-warm's pieces, an upload's parts), 1..32; default 8. Raise it for a store far away
     or one that caps each connection's rate (AWS S3: ~100 MB/s per connection)."""
-    n = int_setting("FORGELINE_S3_CONCURRENCY", 8, env, minimum=1)
+    n = int_setting("FORGELINE_S3_CONCURRENCY", S3_CONCURRENCY, env, minimum=1)
     if n > S3_MAX_CONCURRENCY:
         raise SettingError(f"FORGELINE_S3_CONCURRENCY={n} must be <= {S3_MAX_CONCURRENCY} (the S3 connection pool)")
     return n

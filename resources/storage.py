@@ -79,7 +79,7 @@ class S3StorageResource(StorageResource):
     get_size: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024,
                           description="Largest ranged GET of a read into memory or a file (the loader's and "
                                       "the shm pre-warm's requests; longer ranges go as several in parallel).")
-    concurrency: int = Field(default=8, ge=1, le=settings.S3_MAX_CONCURRENCY,
+    concurrency: int = Field(default=settings.S3_CONCURRENCY, ge=1, le=settings.S3_MAX_CONCURRENCY,
                              description="Requests in flight for one bulk transfer: a load's ranged GETs, a "
                                          "pre-warm's pieces, an upload's parts ($FORGELINE_S3_CONCURRENCY).")
 
