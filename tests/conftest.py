@@ -289,3 +289,31 @@ def drift_world(tmp_path_factory) -> dict:
     )
     promotion.promote(store, "digits", manifest["version"])  # the drift reference follows production
     return {"root": root, "store": store, "version": manifest["version"], "spec": spec, "cache": root / "cache"}
+
+
+@pytest.fixture
+def in_flight(monkeypatch) -> Callable[..., dict]:
+    """``watch(client, name, delay=0.05)``: wrap ``client.<name>`` (e.g. a boto3 client's
+    ``get_object``) to record each call's kwargs (``"calls"``) and the most calls ever in flight
+    (``"max"``); each call first sleeps ``delay``, long enough for the others to start."""
+
+    def watch(client: Any, name: str, delay: float = 0.05) -> dict:
+        real, lock = getattr(client, name), threading.Lock()
+        seen: dict = {"now": 0, "max": 0, "calls": []}
+
+        def wrapper(**kw):
+            with lock:
+                seen["now"] += 1
+                seen["max"] = max(seen["max"], seen["now"])
+                seen["calls"].append(kw)
+            try:
+                time.sleep(delay)
+                return real(**kw)
+            finally:
+                with lock:
+                    seen["now"] -= 1
+
+        monkeypatch.setattr(client, name, wrapper)
+        return seen
+
+    return watch

@@ -1079,67 +1079,33 @@ def test_s3_part_failing_once_is_retried(s3_storage, monkeypatch):
     assert len(calls) == len(set(calls)) + 1
 
 
-def test_s3_staging_bounds_parts_in_flight(s3_storage, monkeypatch):
-    import threading
-    import time as _time
-
+def test_s3_staging_bounds_parts_in_flight(s3_storage, in_flight):
     from safetensors.torch import save
 
     state = {"a": torch.randn(256, 256)}
     s3_storage.write_atomic("w.safetensors", save(state))
-    real = s3_storage.client.get_object
-    lock, now, peak = threading.Lock(), [0], [0]
-
-    def counting(**kw):
-        with lock:
-            now[0] += 1
-            peak[0] = max(peak[0], now[0])
-        try:
-            _time.sleep(0.01)
-            return real(**kw)
-        finally:
-            with lock:
-                now[0] -= 1
-
-    monkeypatch.setattr(s3_storage.client, "get_object", counting)
+    seen = in_flight(s3_storage.client, "get_object", delay=0.01)
     for method in (None, "ring"):
-        peak[0] = 0
+        seen["max"] = 0
         got = load("w.safetensors", storage=s3_storage, method=method, threads=8, chunk_bytes=16 * 1024,
                    staging_bytes=3 * 16 * 1024)
         assert_bit_exact(got, state)
-        assert 2 <= peak[0] <= 3, (method, peak[0])  # parallel, and never more than staging allows
+        assert 2 <= seen["max"] <= 3, (method, seen["max"])  # parallel, and never more than staging allows
 
 
-def test_s3_load_keeps_the_stores_concurrency_in_flight(s3_storage_factory, monkeypatch):
+def test_s3_load_keeps_the_stores_concurrency_in_flight(s3_storage_factory, in_flight):
     """Without ``threads``, a load keeps as many GETs in flight as its store's ``concurrency``
     (the setting pre-warms and uploads follow too), sizing its requests to fit the staging."""
-    import threading
-    import time as _time
-
     from safetensors.torch import save
 
     state = {f"t{i}": torch.randn(512, 512) for i in range(12)}  # 1 MiB each: a GET each
     for conc in (3, 6):
         store = s3_storage_factory(concurrency=conc)
         store.write_atomic("w.safetensors", save(state))
-        real = store.client.get_object
-        lock, now, peak = threading.Lock(), [0], [0]
-
-        def counting(real=real, lock=lock, now=now, peak=peak, **kw):
-            with lock:
-                now[0] += 1
-                peak[0] = max(peak[0], now[0])
-            try:
-                _time.sleep(0.05)
-                return real(**kw)
-            finally:
-                with lock:
-                    now[0] -= 1
-
-        monkeypatch.setattr(store.client, "get_object", counting)
+        seen = in_flight(store.client, "get_object")
         rep = LoadReport()
         assert_bit_exact(load("w.safetensors", storage=store, report=rep), state)
-        assert rep.threads == conc and peak[0] == conc, (conc, rep.threads, peak[0])
+        assert rep.threads == conc and seen["max"] == conc, (conc, rep.threads, seen["max"])
         rep = LoadReport()  # staging for two requests of 1 MiB: two in flight
         load("w.safetensors", storage=store, report=rep, staging_bytes=2 * 1024 * 1024)
         assert rep.threads == 2 and rep.chunk_bytes == 1024 * 1024

@@ -649,7 +649,7 @@ def _spliced(monkeypatch, fail_errno: dict[str, int] | None = None) -> dict[str,
     return counts
 
 
-def test_s3_bodies_are_spliced_into_files_on_reused_connections(s3_storage_factory, monkeypatch, tmp_path):
+def test_s3_bodies_are_spliced_into_files_on_reused_connections(s3_storage_factory, monkeypatch, tmp_path, in_flight):
     """Over plain HTTP a GET's body goes from the socket into the file by splice(2), never
     through this process's memory (botocore's ``read`` is never called), in parallel pieces
     pinned to one version; each connection goes back to the pool afterwards."""
@@ -664,7 +664,7 @@ def test_s3_bodies_are_spliced_into_files_on_reused_connections(s3_storage_facto
         raise AssertionError("StreamingBody.read: the body was copied through bytes objects")
 
     monkeypatch.setattr(StreamingBody, "read", no_read)
-    seen = _in_flight(monkeypatch, store.client, "get_object")
+    seen = in_flight(store.client, "get_object")
     connects = []
     real_connect = urllib3.connection.HTTPConnection.connect
     monkeypatch.setattr(urllib3.connection.HTTPConnection, "connect",
@@ -923,38 +923,14 @@ def test_s3_a_server_that_ignores_range_is_named_not_a_key_error(s3_storage, mon
 # Parallel transfers (S3): read-ahead, split ranged reads, concurrent part uploads ---------------
 
 
-def _in_flight(monkeypatch, client, name, delay=0.05):
-    """Wrap ``client.<name>`` to record each call's kwargs and the most calls ever in flight."""
-    import threading
-    import time
-
-    real, lock = getattr(client, name), threading.Lock()
-    seen = {"now": 0, "max": 0, "calls": []}
-
-    def wrapper(**kw):
-        with lock:
-            seen["now"] += 1
-            seen["max"] = max(seen["max"], seen["now"])
-            seen["calls"].append(kw)
-        try:
-            time.sleep(delay)  # long enough for the others to start
-            return real(**kw)
-        finally:
-            with lock:
-                seen["now"] -= 1
-
-    monkeypatch.setattr(client, name, wrapper)
-    return seen
-
-
 BIGGER = payload(8 * MIN_PART_SIZE + 777, seed=5)  # nine windows/parts at the tests' part size
 
 
-def test_s3_streaming_read_fetches_ahead_in_parallel_pinned_to_one_etag(s3_storage_factory, monkeypatch):
+def test_s3_streaming_read_fetches_ahead_in_parallel_pinned_to_one_etag(s3_storage_factory, in_flight):
     store = s3_storage_factory(concurrency=4)
     store.write_atomic("big", BIGGER)
     etag = store.stat("big").version
-    seen = _in_flight(monkeypatch, store.client, "get_object")
+    seen = in_flight(store.client, "get_object")
     with store.open_read("big") as f:
         assert f.read(10) == BIGGER[:10] and len(seen["calls"]) == 1  # a peek costs one GET
         got = bytearray(10) + f.read()
@@ -1002,7 +978,7 @@ def test_s3_streaming_read_reuses_its_window_buffers(s3_storage_factory, monkeyp
     assert out == BIGGER
 
 
-def test_s3_whole_read_is_one_get_then_parallel_pieces_pinned_to_its_etag(s3_storage_factory, monkeypatch):
+def test_s3_whole_read_is_one_get_then_parallel_pieces_pinned_to_its_etag(s3_storage_factory, monkeypatch, in_flight):
     """``read`` of an object past one ``get_size``: the first GET (from byte 0) answers its size and
     ETag, the rest comes in parallel ranged GETs with ``If-Match`` on that ETag; a small object is one
     GET; an object replaced between the first GET and the rest is ``ObjectChanged``, never a mix."""
@@ -1011,7 +987,7 @@ def test_s3_whole_read_is_one_get_then_parallel_pieces_pinned_to_its_etag(s3_sto
     store.write_atomic("small", b"tiny")
     store.write_atomic("empty", b"")
     etag = store.stat("big").version
-    seen = _in_flight(monkeypatch, store.client, "get_object")
+    seen = in_flight(store.client, "get_object")
     assert store.read("big") == BIGGER
     first, rest = seen["calls"][0], seen["calls"][1:]
     assert first["Range"].startswith("bytes=0-") and "IfMatch" not in first
@@ -1041,13 +1017,13 @@ def test_s3_read_ahead_never_mixes_versions(s3_storage_factory):
             f.read()
 
 
-def test_s3_long_ranged_read_is_split_in_parallel_gets(s3_storage_factory, monkeypatch):
+def test_s3_long_ranged_read_is_split_in_parallel_gets(s3_storage_factory, in_flight):
     import numpy as np
 
     store = s3_storage_factory(concurrency=4)
     store.write_atomic("big", BIGGER)
     info = store.stat("big")
-    seen = _in_flight(monkeypatch, store.client, "get_object")
+    seen = in_flight(store.client, "get_object")
     out = np.zeros(len(BIGGER) - 1000, np.uint8)
     store.read_into("big", 1000, out, version=info.version)
     assert out.tobytes() == BIGGER[1000:]
@@ -1060,9 +1036,9 @@ def test_s3_long_ranged_read_is_split_in_parallel_gets(s3_storage_factory, monke
         store.read_into("big", 0, bytearray(3 * MIN_PART_SIZE), version=info.version)
 
 
-def test_s3_parts_upload_concurrently_with_bounded_memory(s3_storage_factory, monkeypatch):
+def test_s3_parts_upload_concurrently_with_bounded_memory(s3_storage_factory, in_flight):
     store = s3_storage_factory(concurrency=3)
-    seen = _in_flight(monkeypatch, store.client, "upload_part")
+    seen = in_flight(store.client, "upload_part")
     digest = hashlib.sha256(BIGGER).hexdigest()
     info = store.write_atomic("up", BIGGER)
     assert info.sha256 == digest and store.stat("up").sha256 == digest
