@@ -104,11 +104,16 @@ def store_at(url: str, **kw) -> S3Storage:
 
 
 def headers_then_stall(n: int, head: bytes) -> bytes:
-    """An answer's status and headers (a 100-byte object), and 10 bytes of its body at most."""
+    """An answer's status and headers (a 100-byte object; a GET gets the range it asked), and 10
+    bytes of its body at most."""
     if head.startswith(b"HEAD "):
         return (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"e1\"\r\n\r\n")
-    return (b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100\r\nContent-Range: bytes 0-99/100\r\n"
-            b"ETag: \"e1\"\r\n\r\n" + b"x" * 10)
+    first, last = 0, 99  # a request without a range (a PUT, a listing) gets the same headers
+    if b"ange: bytes=" in head:
+        first, last = (int(x) for x in head.split(b"ange: bytes=")[1].split(b"\r\n")[0].split(b"-"))
+        last = min(last, 99)
+    return (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {last - first + 1}\r\n"
+            f"Content-Range: bytes {first}-{last}/100\r\nETag: \"e1\"\r\n\r\n").encode() + b"x" * 10
 
 
 def _read_to_temp_file(store: S3Storage, key: str, n: int) -> None:
