@@ -264,6 +264,10 @@ def finish(run: Run) -> None:
         result["checkpoint"] = ptr["key"] if ptr else None
         result["checkpoint_sha256"] = ptr["sha256"] if ptr else None
         write_file_atomic(run.job["result_path"], json.dumps(result, indent=1), durable=False)
+    # No rank tears its connections down while another may still use them: once, in a run that
+    # resumed at its last epoch (nothing to train, so the ranks reached here at once), gloo aborted
+    # the rank that left first ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
