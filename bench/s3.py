@@ -275,7 +275,7 @@ def main() -> int:
             timed(row, lambda: tier.prewarm(store, "bench", version).bytes)
             subprocess.run(["rm", "-rf", str(shm_root / f"r{r}")], check=False)
 
-        reads = [(name, fn) for name, fn in (
+        reads = [fn for name, fn in (
             ("raw-get", lambda r: raw_get_row()), ("raw-get-kept", lambda r: raw_get_kept_row()),
             ("loader", lambda r: child_row("forgeline", "loader")), ("runai", lambda r: child_row("runai", "runai")),
             ("prewarm", lambda r: prewarm_row("v1", "prewarm S3 → shm", r)),
@@ -286,7 +286,8 @@ def main() -> int:
                 rows.clear(), cpu.clear(), box.clear()
             # Each round starts the reading rows one further along, so that no row always runs
             # first or right after another (a row's rate here depends on what ran just before it).
-            for _name, fn in reads[r % len(reads):] + reads[: r % len(reads)] if reads else []:
+            first = r % len(reads) if reads else 0
+            for fn in reads[first:] + reads[:first]:
                 fn(r)
             if "raw-put" in want:
                 timed("raw PUT (boto3 multipart)", lambda: raw_put(client, blobs, part, a.concurrency))
