@@ -14,6 +14,7 @@ from jobs.automation import build_schedules, drift_retrain, record_run_failure
 from jobs.ingest import incoming_batches, ingest_job
 from jobs.executor import executor_from_env
 from jobs.serve import new_model_version, prewarm_job
+from pipeline import settings
 from resources.cache import compile_cache_from_env
 from resources.gpu import gpu_pool_from_env
 from resources.io import StorageJsonIOManager
@@ -41,7 +42,9 @@ train_and_package_job = dg.define_asset_job(
 
 
 def build_defs() -> dg.Definitions:
-    """Definitions with resources chosen from the environment at call time (see storage_from_env)."""
+    """Definitions with resources chosen from the environment at call time (see storage_from_env);
+    a malformed ``FORGELINE_*`` setting stops them from loading, in one line naming it."""
+    settings.check()
     storage = storage_from_env()
     gpu_pool = gpu_pool_from_env()
     assets = dg.load_assets_from_modules([ingest_assets, train_assets, package_assets, serve_assets,

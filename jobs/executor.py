@@ -61,7 +61,7 @@ def k8s_executor_config(gpu_pool: GpuPoolResource, assets: Iterable[Any], env: s
     are the ops in ``gpu_pool.pool`` (``FORGELINE_GPU_POOL``)."""
     assets = list(assets)
     if not (settings.storage(env).bucket or settings.k8s_model_store_pvc(env)):
-        raise ValueError(
+        raise settings.SettingError(
             "FORGELINE_EXECUTOR=k8s runs every step in its own pod, so they need a shared model store: set "
             "FORGELINE_S3_BUCKET (and FORGELINE_K8S_S3_SECRET, the Secret with its credentials) or "
             "FORGELINE_K8S_MODEL_STORE_PVC with FORGELINE_STORAGE_ROOT (see deploy/README.md)")
@@ -77,8 +77,9 @@ def k8s_executor_config(gpu_pool: GpuPoolResource, assets: Iterable[Any], env: s
     gpu_res = settings.k8s_resources("FORGELINE_K8S_GPU_STEP_RESOURCES", DEFAULT_GPU_STEP_RESOURCES, env)
     limit, shm = (gpu_res.get("limits") or {}).get("memory"), gpu_pool.k8s_shm_size
     if limit and shm and settings.parse_size(limit) <= settings.parse_size(shm):
-        raise ValueError(f"FORGELINE_K8S_GPU_STEP_RESOURCES limits.memory={limit} must exceed the /dev/shm size "
-                         f"{shm} (FORGELINE_K8S_SHM_SIZE): a memory-backed /dev/shm counts against the limit")
+        raise settings.SettingError(
+            f"FORGELINE_K8S_GPU_STEP_RESOURCES limits.memory={limit} must exceed the /dev/shm size "
+            f"{shm} (FORGELINE_K8S_SHM_SIZE): a memory-backed /dev/shm counts against the limit")
     gpu_step = merge({"container_config": {"resources": gpu_res}}, gpu_pool.k8s_config())
 
     per_step = {op: gpu_step for op in gpu_steps(assets, gpu_pool.pool)}

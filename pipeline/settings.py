@@ -132,6 +132,25 @@ def json_setting(name: str, kind: type, default: Any, env: Env = None) -> Any:
     return parsed
 
 
+def path_setting(name: str, default: str | Path, env: Env = None) -> Path:
+    """The directory ``name`` names (``default`` when unset): an absolute path, since the CLI, the
+    daemon, the UI and every pod start in folders of their own and must all find the same place;
+    and not a file. :class:`SettingError` naming ``name`` otherwise (the folder itself is made when
+    first used)."""
+    value = raw(name, env)
+    path = Path(value) if value else Path(default)
+    if not path.is_absolute():
+        raise SettingError(f"{name}: {value!r} is a relative path: give an absolute one (e.g. {path.absolute()}), "
+                           "the same for every process that reads it")
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"is under the file {p}"
+                raise SettingError(f"{name}: {path} {what}, not a directory")
+            break
+    return path
+
+
 def _choice(name: str, default: str, allowed: tuple[str, ...], env: Env) -> str:
     value = (raw(name, env) or default).lower()
     if value not in allowed:
@@ -153,7 +172,7 @@ def _name(name: str, default: str, env: Env) -> str:
 
 def home(env: Env = None) -> Path:
     """``FORGELINE_HOME``: everything the embedded defaults write (default ``<project>/.forgeline``)."""
-    return Path(raw("FORGELINE_HOME", env) or PROJECT_ROOT / ".forgeline")
+    return path_setting("FORGELINE_HOME", PROJECT_ROOT / ".forgeline", env)
 
 
 S3_CONCURRENCY = 8  # the default of FORGELINE_S3_CONCURRENCY and of every S3 store's ``concurrency``
@@ -215,13 +234,13 @@ def storage(env: Env = None) -> StorageSettings:
                                prefix=prefix, endpoint_url=s3_endpoint(env), region_name=region,
                                concurrency=s3_concurrency(env))
     root = storage_root(env)
-    return StorageSettings(root=Path(root) if root else home(env) / "storage", root_from_env=bool(root),
+    return StorageSettings(root=root or home(env) / "storage", root_from_env=bool(root),
                            endpoint_url=s3_endpoint(env), region_name=region)
 
 
-def storage_root(env: Env = None) -> str | None:
+def storage_root(env: Env = None) -> Path | None:
     """``FORGELINE_STORAGE_ROOT``: the model store's directory (a shared mount on Kubernetes)."""
-    return raw("FORGELINE_STORAGE_ROOT", env)
+    return path_setting("FORGELINE_STORAGE_ROOT", "", env) if raw("FORGELINE_STORAGE_ROOT", env) else None
 
 
 S3_ENDPOINT_EXAMPLE = "http://127.0.0.1:9000 or https://s3.example.com"
@@ -246,7 +265,7 @@ def s3_concurrency(env: Env = None) -> int:
 
 def shm_root(env: Env = None) -> str:
     """``FORGELINE_SHM_ROOT``: the pre-warm tier's directory (default ``/dev/shm/forgeline``)."""
-    return raw("FORGELINE_SHM_ROOT", env) or DEFAULT_SHM_ROOT
+    return str(path_setting("FORGELINE_SHM_ROOT", DEFAULT_SHM_ROOT, env))
 
 
 def shm_capacity_bytes(env: Env = None) -> int | None:
@@ -305,6 +324,18 @@ def compile_cache(env: Env = None) -> tuple[str, str | None]:
     url = raw("FORGELINE_COMPILE_CACHE_URL", env)
     if kind == "redis" and not url:
         raise SettingError("FORGELINE_COMPILE_CACHE=redis needs FORGELINE_COMPILE_CACHE_URL (redis://host:port/db)")
+    if url:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+            ok = parts.path if parts.scheme == "unix" else parts.scheme in ("redis", "rediss") and parts.hostname
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SettingError(f"FORGELINE_COMPILE_CACHE_URL: not a Redis URL: {url!r} "
+                               "(use e.g. redis://host:6379/0, rediss://... or unix:///path/to/redis.sock)")
     return kind, url
 
 
@@ -456,3 +487,17 @@ def k8s_resources(name: str, default: dict, env: Env = None) -> dict:
     if unknown:
         raise SettingError(f"{name} takes 'requests' and 'limits', not {sorted(unknown)}: {res!r}")
     return res
+
+
+def check(env: Env = None) -> None:
+    """Read every setting once, so that a malformed one stops whoever loads the code location at
+    once, in one line naming it, not later in the step that happens to use it (a rollout after a
+    whole training run)."""
+    storage(env), shm_root(env), shm_capacity_bytes(env), compile_cache(env)
+    model_name(env), gpu_pool(env), gpus_per_run(env), executor(env), timezone(env)
+    serve_sample_rate(env), serve_sample_window_s(env), serve_sample_window_samples(env)
+    serve_urls(env), reports_url(env)
+    k8s_model_store_pvc(env), k8s_shm_size(env), k8s_gpu_node_selector(env), k8s_gpu_tolerations(env)
+    k8s_serving_node_selector(None, env)
+    for name in ("FORGELINE_K8S_STEP_RESOURCES", "FORGELINE_K8S_GPU_STEP_RESOURCES"):
+        k8s_resources(name, {}, env)

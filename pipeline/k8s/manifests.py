@@ -98,8 +98,9 @@ def model_store_access(*, s3_secret: str | None = None, pvc: str | None = None,
 def model_store_access_from_env(env: settings.Env = None) -> dict[str, Any]:
     """:func:`model_store_access` from ``FORGELINE_K8S_S3_SECRET``, ``FORGELINE_K8S_MODEL_STORE_PVC``
     (mounted at ``FORGELINE_STORAGE_ROOT``)."""
+    root = settings.storage_root(env)
     return model_store_access(s3_secret=settings.k8s_s3_secret(env), pvc=settings.k8s_model_store_pvc(env),
-                              mount_path=settings.storage_root(env))
+                              mount_path=str(root) if root else None)
 
 
 # ---------------------------------------------------------------------------------------------
