@@ -6,6 +6,7 @@ from pydantic import Field
 
 from assets.partitions import batches
 from pipeline import ingest, metrics
+from pipeline.storage import join
 from resources.storage import StorageResource
 
 
@@ -20,6 +21,15 @@ class ShardIngestConfig(dg.Config):
 
 class TableIngestConfig(dg.Config):
     incoming_prefix: str = Field(default="incoming", description="Landing prefix; tables under <prefix>/<batch>/.")
+
+
+def _quarantined_summary(reports: list, where: str, shown: int = 3) -> str | None:
+    """The first few quarantined shards and why, for the check's line in the CLI and the UI."""
+    if not reports:
+        return None
+    said = "; ".join(f"{r.source.rsplit('/shards/', 1)[-1]}: {r.reason}" for r in reports[:shown])
+    more = f"; and {len(reports) - shown} more" if len(reports) > shown else ""
+    return f"{len(reports)} quarantined in {where}: {said}{more}"[:1000]
 
 
 @dg.asset(
@@ -69,6 +79,8 @@ def raw_shards(context: dg.AssetExecutionContext, config: ShardIngestConfig, sto
                 check_name="no_quarantined_shards",
                 passed=not result.quarantined,
                 severity=dg.AssetCheckSeverity.WARN,
+                description=_quarantined_summary(
+                    result.quarantined, store.uri(join(ingest.QUARANTINE, context.partition_key))),
                 metadata={"quarantined": len(result.quarantined)},
             ),
             dg.AssetCheckResult(

@@ -80,6 +80,7 @@ def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trai
         },
     )
     yield dg.AssetCheckResult(check_name="loads_back_bit_exact", passed=not problems,
+                              description="; ".join(problems)[:1000] or None,
                               metadata={"problems": dg.MetadataValue.json(problems)})
 
 
@@ -138,6 +139,7 @@ def quantized_model(context: dg.AssetExecutionContext, config: QuantizeConfig, e
     yield dg.Output({"base": {"model": name, "version": version}, "variants": variants, "gates": result["gates"]},
                     metadata=metadata)
     yield dg.AssetCheckResult(check_name="accuracy_gate", passed=not result["failures"],
+                              description="; ".join(result["failures"]) or None,
                               metadata={"failures": dg.MetadataValue.json(result["failures"]),
                                         "base_accuracy": result["base_accuracy"]})
 

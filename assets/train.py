@@ -211,6 +211,7 @@ def trained_model(
     yield dg.AssetCheckResult(
         check_name="held_out_accuracy",
         passed=result.test_acc is not None and result.test_acc >= config.min_accuracy,
+        description=f"test accuracy {result.test_acc or 0.0:.4f}, min_accuracy {config.min_accuracy}",
         metadata={"test_accuracy": result.test_acc or 0.0, "min_accuracy": config.min_accuracy},
     )
     yield dg.AssetCheckResult(

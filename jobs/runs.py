@@ -95,6 +95,9 @@ def ensure_instance_home() -> Path:
     dagster.yaml if missing, and add run monitoring to an existing one that lacks it."""
     what = "DAGSTER_HOME" if os.environ.get("DAGSTER_HOME") else "the Dagster instance folder (in FORGELINE_HOME)"
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings.home() / "dagster_home")))
+    if not home.is_absolute():  # Dagster refuses it too, but only after this wrote a dagster.yaml there
+        raise UserError(f"DAGSTER_HOME: {str(home)!r} is a relative path: give an absolute one "
+                        f"(e.g. {home.absolute()})")
     make_dir(home, what)
     cfg = home / "dagster.yaml"
     if not cfg.exists():
@@ -281,17 +284,38 @@ def root_cause(error) -> str:
     return msg
 
 
+def check_outcome(evaluation) -> str:
+    """What an asset check evaluation found, in a few words: its description, else its scalar
+    metadata (``test_accuracy=0.12, min_accuracy=0.9``)."""
+    if evaluation.description:
+        return " ".join(evaluation.description.split())
+    values = {k: v.value for k, v in evaluation.metadata.items()}
+    said = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+                     if isinstance(v, (int, float, str)) and len(str(v)) <= 80)
+    return said or "see `make ui` for its metadata"
+
+
 def run_failure(instance, run_id: str) -> str:
-    """One line saying why a run failed: the first failed step's root cause, else the run's."""
+    """One line saying why a run failed: the first failed step's root cause, else the run's. A
+    step stopped by a blocking asset check names the check and what it found."""
     first = None
+    blocking: dict[str, list[str]] = {}  # step -> its failed checks of ERROR severity
     for rec in instance.all_logs(run_id):
         ev = rec.dagster_event
+        if ev is not None and ev.event_type_value == "ASSET_CHECK_EVALUATION":
+            d = ev.event_specific_data
+            if not d.passed and d.severity.value == "ERROR":
+                blocking.setdefault(ev.step_key, []).append(
+                    f"{d.asset_key.to_user_string()}:{d.check_name} failed ({check_outcome(d)})")
+            continue
         err = getattr(ev.event_specific_data, "error", None) if ev is not None else None
         if err is None:
             continue
         where = f"step {ev.step_key}" if ev.step_key else "run"
         line = f"{where}: {first_line(root_cause(err))}"
         if ev.event_type_value == "STEP_FAILURE":
+            if blocking.get(ev.step_key) and "DagsterAssetCheckFailedError" in line:
+                return f"{where}: blocking check " + "; ".join(blocking[ev.step_key])
             return line
         first = first or line
     return first or "see `make ui` for its event log"
@@ -412,8 +436,10 @@ def run_job(job_name: str, *, partition: str | None = None, run_config: dict | N
             if not instance.has_dynamic_partition(pdef.name, partition):
                 if pdef.name == "batches":  # only a valid name of a batch that has landed completely
                     from jobs.withdraw_cli import check_new_partition
+                    from resources.storage import open_storage
 
-                    check_new_partition(defs.resources["storage"].client(), partition)
+                    # outside a run: the resource's EnvVar credentials are resolved as a run would
+                    check_new_partition(open_storage(defs.resources["storage"]), partition)
                 instance.add_dynamic_partitions(pdef.name, [partition])
         elif partition not in pdef.get_partition_keys(dynamic_partitions_store=instance):
             raise UserError(f"unknown partition {partition!r} of job {job_name!r}")
@@ -493,8 +519,10 @@ def _watch(instance, job_name, partition, run_id, steps, t, quiet) -> None:
                         progress.console.log(f"[yellow]⏸ {step} is waiting for pool {pool!r}{escape(held)}", highlight=False)
                 elif kind == "ASSET_CHECK_EVALUATION":
                     d = ev.event_specific_data
-                    mark = "[green]pass" if d.passed else f"[yellow]{d.severity.value.lower()}"
-                    progress.console.log(f"  check {d.asset_key.to_user_string()}:{d.check_name} {mark}")
+                    mark = ("[green]pass" if d.passed
+                            else f"[yellow]{d.severity.value.lower()}[/]: {escape(check_outcome(d))}")
+                    progress.console.log(f"  check {d.asset_key.to_user_string()}:{d.check_name} {mark}",
+                                         highlight=False)
             cursor = len(records)
             progress.update(task, completed=sum(v in ("ok", "failed") for v in state.values()))
             if not alive:

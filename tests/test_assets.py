@@ -214,6 +214,9 @@ def test_ingest_on_s3_through_env_configured_resource(instance, s3_storage, s3_s
     for entry in manifest["shards"]:
         assert store.checksum(entry["key"]) == entry["sha256"]
     assert store.exists("quarantine/shards/s3-1/zz-cut.tar.reason.json")
+    [warned] = [e for e in result.get_asset_check_evaluations() if e.check_name == "no_quarantined_shards"]
+    assert not warned.passed and warned.description.startswith(  # the CLI and the UI show which and why
+        f"1 quarantined in s3://{s3_storage.bucket}/lake/quarantine/shards/s3-1: zz-cut.tar: "), warned.description
     assert result.asset_materializations_for_node("raw_table")[0].metadata["rows"].value == 1797
 
 
@@ -313,6 +316,11 @@ def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
         assert not gated.success
         gate = next(e for e in gated.get_asset_check_evaluations() if e.check_name == "accuracy_gate")
         assert not gate.passed and "int4: accuracy" in str(gate.metadata["failures"].value)
+        from jobs.runs import run_failure  # the CLI's one line names the check and what it found
+
+        line = run_failure(instance, gated.run_id)
+        assert line.startswith("step quantized_model: blocking check quantized_model:accuracy_gate failed (int"), line
+        assert "is under min_accuracy 1.0" in line, line
         assert not gated.asset_materializations_for_node("compile_artifacts")
         assert not gated.asset_materializations_for_node("promoted_model")
         assert [h["version"] for h in promotion.history(store, "digits")] == [version, version]  # runs 1 and 2

@@ -166,14 +166,32 @@ def test_debug_shows_the_traceback(home, monkeypatch):
      "FORGELINE_S3_CONCURRENCY must be an integer, got 'lots'"),
     ({"FORGELINE_S3_BUCKET": "b", "FORGELINE_S3_CONCURRENCY": "64"}, ["load", "digits/production"],
      "FORGELINE_S3_CONCURRENCY=64 must be <= 32"),
+    # read when the code location loads, not first by the step that uses them after a training run
+    ({"FORGELINE_SERVE_URLS": "ftp://x"}, ["jobs"], "FORGELINE_SERVE_URLS: not an http(s) URL: 'ftp://x'"),
+    ({"FORGELINE_REPORTS_URL": "http://:99999"}, ["jobs"], "FORGELINE_REPORTS_URL: not a URL: 'http://:99999'"),
+    ({"FORGELINE_COMPILE_CACHE": "redis", "FORGELINE_COMPILE_CACHE_URL": "localhost:6379"}, ["jobs"],
+     "FORGELINE_COMPILE_CACHE_URL: not a Redis URL: 'localhost:6379'"),
+    ({"FORGELINE_EXECUTOR": "k8s"}, ["jobs"], "FORGELINE_EXECUTOR=k8s runs every step in its own pod, so they need "
+                                              "a shared model store"),
+    # paths every process must find alike: never relative to the folder one was started in
+    ({"FORGELINE_STORAGE_ROOT": "rel/store"}, ["batches"], "FORGELINE_STORAGE_ROOT: 'rel/store' is a relative path"),
+    ({"FORGELINE_HOME": "rel-home"}, ["batches"], "FORGELINE_HOME: 'rel-home' is a relative path"),
+    ({"DAGSTER_HOME": "rel-dh"}, ["batches"], "DAGSTER_HOME: 'rel-dh' is a relative path"),
+    ({"FORGELINE_SHM_ROOT": "rel-shm"}, ["load", "digits/production"], "FORGELINE_SHM_ROOT: 'rel-shm' is a relative"),
 ], ids=["gpus", "endpoint without scheme", "endpoint not http", "bucket as a URL", "bucket with a space",
-        "prefix not normalized", "concurrency not a number", "concurrency past the pool"])
-def test_a_bad_environment_setting_is_one_line(home, monkeypatch, capsys, env, argv, words):
+        "prefix not normalized", "concurrency not a number", "concurrency past the pool", "serve urls",
+        "reports url", "compile cache url", "k8s without a shared store", "relative storage root",
+        "relative home", "relative dagster home", "relative shm root"])
+def test_a_bad_environment_setting_is_one_line(home, tmp_path, monkeypatch, capsys, env, argv, words):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert main(argv) == 1
     err = _err_lines(capsys)
     assert len(err) == 1 and words in err[0], err
+    assert not list(cwd.iterdir())  # nothing written where it was started
 
 
 def test_a_failed_ingest_prints_its_root_cause(home, capsys):
@@ -185,6 +203,27 @@ def test_a_failed_ingest_prints_its_root_cause(home, capsys):
     assert "table.parquet" in last and "'label'" in last, last  # the file and the column
     assert "DagsterExecutionStepExecutionError" not in captured.out + captured.err
     assert TRACEBACK not in captured.out + captured.err
+
+
+def test_launching_a_new_batch_on_s3_with_credentials_in_the_environment(home, monkeypatch, capsys, s3_storage,
+                                                                         s3_server, s3_credentials):
+    """`forgeline launch ingest -p <new batch>` on an S3 store configured from the environment: the
+    landing check before the partition is added reads the store with the credentials resolved (it
+    once signed with the unresolved EnvVar and failed every time)."""
+    from pipeline.storage import configured
+
+    for k, v in {"FORGELINE_S3_BUCKET": s3_storage.bucket, "FORGELINE_S3_PREFIX": "lake",
+                 "FORGELINE_S3_ENDPOINT_URL": s3_server, "AWS_REGION": "us-east-1",
+                 "AWS_ACCESS_KEY_ID": s3_credentials["aws_access_key_id"],
+                 "AWS_SECRET_ACCESS_KEY": s3_credentials["aws_secret_access_key"]}.items():
+        monkeypatch.setenv(k, v)
+    _land("s3-new")
+    assert main(["launch", "ingest", "-p", "s3-new"]) == 0, capsys.readouterr().err
+    assert configured().exists("raw/shards/s3-new/manifest.json")
+    capsys.readouterr()
+    assert main(["launch", "ingest", "-p", "s3-not-landed"]) == 1  # the check itself still refuses
+    err = _err_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("forgeline: --partition 's3-not-landed': "), err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,16 +279,19 @@ def test_a_home_that_cannot_be_a_folder_is_one_line_naming_it(home, tmp_path, mo
     monkeypatch.setenv("FORGELINE_HOME", str(a_file))
     monkeypatch.delenv("DAGSTER_HOME")
     assert main(["batches"]) == 1
-    assert _err_lines(capsys) == [f"forgeline: the Dagster instance folder (in FORGELINE_HOME) {a_file}/dagster_home: "
-                                  "part of the path is a file, not a directory"]
+    assert _err_lines(capsys) == [f"forgeline: FORGELINE_HOME: {a_file} is a file, not a directory"]
+    monkeypatch.setenv("FORGELINE_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", str(a_file))
     assert main(["batches"]) == 1
     assert _err_lines(capsys) == [f"forgeline: DAGSTER_HOME {a_file}: exists and is not a directory"]
-    monkeypatch.setenv("FORGELINE_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
     monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(a_file))
     assert main(["gen", "digits", "--batch", "b1"]) == 1
-    assert _err_lines(capsys) == [f"forgeline: {a_file}: exists and is not a directory"]
+    assert _err_lines(capsys) == [f"forgeline: FORGELINE_STORAGE_ROOT: {a_file} is a file, not a directory"]
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(a_file / "store"))
+    assert main(["gen", "digits", "--batch", "b1"]) == 1
+    assert _err_lines(capsys) == [f"forgeline: FORGELINE_STORAGE_ROOT: {a_file}/store is under the file {a_file}, "
+                                  "not a directory"]
 
 
 def test_an_empty_dagster_yaml_gets_the_defaults(home, capsys):
