@@ -79,6 +79,7 @@ class BadBatchName(IngestError, ValueError):
 MAX_BATCH_NAME = 128
 _BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SHARDS_DIR = "shards"  # incoming/<batch>/shards/**.tar are the batch's shards
+QUARANTINE = "quarantine/shards"  # <QUARANTINE>/<batch>/<name> (+ .reason.json): shards not published
 
 
 def check_batch_name(name) -> str:
@@ -762,7 +763,7 @@ def ingest_shards(
     *,
     incoming: str = "incoming",
     published: str = "raw/shards",
-    quarantine: str = "quarantine/shards",
+    quarantine: str = QUARANTINE,
     num_classes: int = NUM_CLASSES,
     workers: int | None = None,
     on_shard: Callable[[ShardReport], None] | None = None,
@@ -771,7 +772,8 @@ def ingest_shards(
     each under its path below ``shards/`` (``shards/a/x.tar`` → ``<published>/<batch>/a/x.tar``).
 
     Rejected with a reason, never read: a symbolic link (file or folder), a ``.tar`` outside
-    ``shards/``. A corrupt shard is quarantined with a reason file; the others still publish.
+    ``shards/``, a file under ``shards/`` not named ``*.tar``. A corrupt shard is quarantined with
+    a reason file; the others still publish.
     Published shards are immutable: a shard whose name is already published with other content is
     quarantined ("conflicts with published shard"), never overwritten. The manifest is rewritten
     last and keeps earlier entries, so a re-run never drops what was published before.
@@ -790,10 +792,15 @@ def ingest_shards(
     links = landed_links(store, src_prefix)
     if src_prefix in links:
         raise IngestError(f"{store.uri(src_prefix)}: the batch folder is a {_link_reason(links[src_prefix])}")
-    landed_objects = [o for o in store.list(src_prefix) if o.key.endswith(".tar") and o.key not in links]
+    shards_prefix = join(src_prefix, SHARDS_DIR) + "/"
+    listed = [o for o in store.list(src_prefix) if o.key not in links]
+    landed_objects = [o for o in listed if o.key.endswith(".tar")]
     landed = [o.key for o in landed_objects]
+    # anything else under shards/ was meant as a shard: refused with a reason, never passed over
+    strays = [o.key for o in listed if o.key.startswith(shards_prefix) and not o.key.endswith(".tar")]
     if not landed and not links:
-        raise IngestError(f"{store.uri(src_prefix)}: no .tar shards to ingest")
+        found = f" (under {SHARDS_DIR}/: {', '.join(k[len(shards_prefix):] for k in strays[:5])})" if strays else ""
+        raise IngestError(f"{store.uri(src_prefix)}: no .tar shards to ingest{found}")
     manifest_key = join(dst_prefix, MANIFEST)
     previous = {s["key"]: s for s in (_read_manifest(store, manifest_key) or {}).get("shards", [])}
 
@@ -811,6 +818,8 @@ def ingest_shards(
     for key, target in sorted(links.items()):
         if key.endswith(".tar") or (store.local_path(key) or Path()).is_dir():
             reject(key, _link_reason(target) + (" (a linked folder is not entered)" if not key.endswith(".tar") else ""))
+    for key in strays:
+        reject(key, "not a shard: shards are uncompressed tar files named *.tar (lower case)")
     sources = []
     for key in landed:
         name, why = _shard_name(src_prefix, key)

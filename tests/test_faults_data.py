@@ -158,6 +158,25 @@ def test_same_named_shards_in_two_folders_publish_under_distinct_keys(store):
         ({k: e[k] for k in ("key", "sha256", "bytes", "samples")} for e in manifest["shards"]), key=lambda e: e["key"])
 
 
+def test_a_file_under_shards_not_named_tar_is_refused_with_its_reason_not_passed_over(store):
+    """A shard named x.TAR, a compressed x.tgz, notes left beside the shards: each is named among
+    the refused with why, where they were once left out without a word."""
+    _good(store, f"incoming/{B}/shards/train-000000.tar")
+    _good(store, f"incoming/{B}/shards/UPPER.TAR")
+    store.write_atomic(f"incoming/{B}/shards/x.tgz", b"\x1f\x8b" + b"z" * 100)
+    store.write_atomic(f"incoming/{B}/shards/notes/readme.txt", b"hello")
+    result = ingest_shards(store, B)
+    assert [r.key for r in result.published] == [f"raw/shards/{B}/train-000000.tar"]
+    refused = {r.source: r.reason for r in result.quarantined}
+    assert sorted(refused) == [f"incoming/{B}/shards/{k}" for k in ("UPPER.TAR", "notes/readme.txt", "x.tgz")]
+    assert all("shards are uncompressed tar files named *.tar" in why for why in refused.values())
+    assert store.exists(f"quarantine/shards/{B}/UPPER.TAR.reason.json")  # the note, where a user looks
+
+    store.delete(f"incoming/{B}/shards/train-000000.tar")  # nothing but strays: the error names them
+    with pytest.raises(IngestError, match=r"no \.tar shards to ingest \(under shards/: UPPER\.TAR, "):
+        ingest_shards(store, B)
+
+
 def test_same_named_good_and_bad_shard_each_keep_their_own_key(store):
     _good(store, f"incoming/{B}/shards/a/x.tar")
     store.write_atomic(f"incoming/{B}/shards/b/x.tar", b"not a tar" * 100)
