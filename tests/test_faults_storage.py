@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from botocore.awsrequest import AWSResponse
 
-from pipeline.storage import StorageError
+from pipeline.storage import ObjectNotFound, StorageError
 from pipeline.storage.s3 import MIN_PART_SIZE, S3Storage
 
 MiB = 1024 * 1024
@@ -162,6 +162,25 @@ def test_dead_endpoint_fails_fast_naming_endpoint_and_object(endpoint, server, o
         assert "Could not connect to the endpoint URL" in str(ei.value)
     else:
         assert "no answer within read_timeout=0.3 s" in str(ei.value)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_an_endpoint_that_is_not_s3_is_named_not_taken_for_a_missing_object(endpoint, op):
+    """A web server (or a console's port) at the endpoint answers 404 with a page, not an S3 error:
+    one line says the endpoint is not S3, where "not found" sent users looking for their object.
+    A HEAD's 404 has no body even from S3: that one can only say the object is not there."""
+    page = b"<html><body>404 Not Found</body></html>"
+    ep = endpoint(lambda n, head: b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(page), page), close=True)
+    store = store_at(ep.url)
+    with pytest.raises(StorageError) as info:
+        OPS[op](store)
+    if op == "stat":
+        assert isinstance(info.value, ObjectNotFound)
+        return
+    assert not isinstance(info.value, ObjectNotFound)
+    assert "answered HTTP 404 without an S3 error" in str(info.value) and "FORGELINE_S3_ENDPOINT_URL" in str(info.value)
+    assert_one_clear_line(info.value, store, key="models/m" if op == "list" else "models/m/v1/model.safetensors")
 
 
 def test_trickling_body_cannot_hold_a_read_forever(endpoint):

@@ -509,11 +509,16 @@ class S3Storage(Storage):
         code, message = _code(err), err.response.get("Error", {}).get("Message", "")
         if code == "NoSuchBucket":
             return StorageError(f"{where}: bucket {self.bucket!r} does not exist (endpoint {self.endpoint})")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 404 and code in ("", "404", "NotFound") and not op.startswith("HEAD"):
+            # An S3 server names what it did not find (NoSuchKey, NoSuchBucket) in an XML body on
+            # every request but HEAD; a bare 404 is another server (a web server, a console's port).
+            return StorageError(f"{where}: {op}: the endpoint {self.endpoint} answered HTTP 404 without an S3 error: "
+                                "is it an S3 API's address (check FORGELINE_S3_ENDPOINT_URL)?")
         if code in _NOT_FOUND:
             return ObjectNotFound(f"{where}: not found")
         if code in _FULL:
             return StorageFull(f"{where}: {op} refused, storage full ({code}: {message})")
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         hint = _CREDENTIAL_HINTS.get(code, "")
         return StorageError(f"{where}: {op} failed{tries} ({code or status}: {message or 'no message'}; "
                             f"endpoint {self.endpoint}){hint}")
