@@ -207,6 +207,7 @@ def cmd_load(args) -> int:
     import json
 
     from pipeline import loading, metrics
+    from pipeline.storage import StorageError
 
     _check_cuda_device(args.device)
     options = {"dtype": getattr(__import__("torch"), args.dtype) if args.dtype else None,
@@ -224,13 +225,29 @@ def cmd_load(args) -> int:
     elif "://" not in args.source and not Path(args.source).exists():
         raise UserError(f"{args.source}: no such file or directory (a published version is <model>/<version>, "
                         "<model>/latest or <model>/production; a remote file or folder s3://<bucket>/<key>)")
-    with Progress(TextColumn(f"loading {args.source}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=console, disable=args.json or not console.is_terminal,
-                  transient=True) as progress:
-        task = progress.add_task("load", total=None)
-        tensors, rep = loading.load_with_report(
-            source, args.device, progress=lambda done, total: progress.update(task, completed=done, total=total),
-            **options)
+    def load(source):
+        with Progress(TextColumn(f"loading {args.source}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                      TimeElapsedColumn(), console=console, disable=args.json or not console.is_terminal,
+                      transient=True) as progress:
+            task = progress.add_task("load", total=None)
+            return loading.load_with_report(
+                source, args.device, progress=lambda done, total: progress.update(task, completed=done, total=total),
+                **options)
+
+    try:
+        tensors, rep = load(source)
+    except (loading.LoadError, StorageError) as e:
+        if where != "shm":
+            raise
+        # the tier is a copy: a damaged one is dropped and the store's read instead, as the server does
+        err_console.print(f"forgeline: the shm tier copy of {model}/{version} is not used ({' '.join(str(e).split())}); "
+                          "dropped it, loading from the store", markup=False)
+        held = tier.version_holding(model, source.shards[0].path or "")
+        if held is not None:
+            tier.evict(model, held, force=True)
+        source, where = resolve_source(model, version, tier=None, local_cache=None, remote=open_store(),
+                                       allow_rejected=args.allow_rejected)
+        tensors, rep = load(source)
     out = {"tensors": rep.tensors, "bytes": rep.bytes, "seconds": rep.seconds_total, "gbps": rep.gbps,
            "read_seconds": rep.seconds_read, "copy_seconds": rep.seconds_copy, "source_kind": rep.source_kind,
            "path": rep.path, "from": where, "device": rep.device,

@@ -364,6 +364,12 @@ class ShmTier:
     def _dir(self, model: str, version: str) -> Path:
         return self.root / version_prefix(model, version)
 
+    def version_holding(self, model: str, path: str | os.PathLike) -> str | None:
+        """The version of ``model`` whose folder in the tier holds the file ``path``, if any."""
+        models = self._dir(model, "v").parent
+        rel = Path(path).relative_to(models) if Path(path).is_relative_to(models) else None
+        return rel.parts[0] if rel is not None and len(rel.parts) > 1 else None
+
     def _bk(self, kind: str, model: str, version: str, suffix: str = "") -> Path:
         version_prefix(model, version)  # validates both names
         return self.meta / kind / model / f"{version}{suffix}"

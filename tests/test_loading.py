@@ -1246,6 +1246,33 @@ def test_cli_load_of_nothing_says_what_a_source_is(tmp_path, monkeypatch, capsys
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tensors"] == 1
 
 
+def test_cli_load_of_a_damaged_tier_copy_drops_it_and_loads_the_stores(tmp_path, monkeypatch, capsys):
+    """`forgeline load --verify` of a version whose /dev/shm copy has a flipped byte: the copy is
+    dropped, said in one line, and the store's bytes are loaded, as the model server does."""
+    from jobs import cli
+    from pipeline.shm_tier import ShmTier
+
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "store"))
+    monkeypatch.setenv("FORGELINE_SHM_ROOT", str(tmp_path / "shm"))
+    store = LocalStorage(tmp_path / "store")
+    published(store, version="v1", state={"w": torch.arange(1000.0)})
+    tier = ShmTier(tmp_path / "shm")
+    tier.prewarm(store, "net", "v1")
+    [copy] = tier.resolve("net", "v1").glob("*.safetensors")
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 0xFF
+    copy.write_bytes(bytes(data))
+
+    assert cli.main(["load", "net/v1", "--verify", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["from"] == "remote"
+    [said] = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert said.startswith("forgeline: the shm tier copy of net/v1 is not used (") and "sha256" in said, said
+    assert said.endswith("dropped it, loading from the store")
+    assert tier.resolve("net", "v1") is None  # gone: the next load does not meet it again
+    assert cli.main(["load", "net/v1", "--verify", "--json"]) == 0 and not capsys.readouterr().err.strip()
+
+
 # ---------------------------------------------------------------------------------------------
 # The loader's own weight: a serving cold start imports only what a load needs
 # ---------------------------------------------------------------------------------------------
