@@ -240,7 +240,8 @@ def cmd_load(args) -> int:
         if where != "shm":
             raise
         # the tier is a copy: a damaged one is dropped and the store's read instead, as the server does
-        err_console.print(f"forgeline: the shm tier copy of {model}/{version} is not used ({' '.join(str(e).split())}); "
+        why = " ".join(str(e).split())
+        err_console.print(f"forgeline: the shm tier copy of {model}/{version} is not used ({why}); "
                           "dropped it, loading from the store", markup=False)
         held = tier.version_holding(model, source.shards[0].path or "")
         if held is not None:
