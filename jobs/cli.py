@@ -494,7 +494,24 @@ def _error_line(e: BaseException) -> str:
         return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
     if isinstance(e, FileNotFoundError) and e.filename:
         return f"no such file or directory: {e.filename}"
+    if type(e).__name__ == "OperationalError" and type(e).__module__.partition(".")[0] in ("sqlalchemy", "sqlite3"):
+        return _instance_db_error(e)
     return f"{type(e).__name__}: {first_line(e)} (run with --debug for the traceback)"
+
+
+def _instance_db_error(e: BaseException) -> str:
+    """The embedded instance's SQLite failed ("disk I/O error", "database or disk is full", "unable
+    to open database file"): name the folder and the room left on its disk, the usual cause."""
+    import shutil
+
+    home = os.environ.get("DAGSTER_HOME") or str(settings.home() / "dagster_home")
+    said = first_line(getattr(e, "orig", None) or e).removeprefix("(sqlite3.OperationalError) ")
+    try:
+        free = shutil.disk_usage(home).free
+        room = f"{free / 2**20:.1f} MiB free on its disk" if free < 2**30 else f"{free / 2**30:.1f} GiB free on its disk"
+    except OSError as err:
+        room = f"its disk cannot be read: {err.strerror or err}"
+    return f"the Dagster instance in DAGSTER_HOME {home}: SQLite failed ({said}); {room}"
 
 
 if __name__ == "__main__":

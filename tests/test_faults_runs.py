@@ -273,6 +273,26 @@ def test_a_full_disk_at_the_first_run_leaves_no_instance_file(home, monkeypatch,
     assert yaml.safe_load(cfg.read_text())["concurrency"]["pools"]["default_limit"] == 1
 
 
+def test_an_instance_database_that_fails_is_one_line_naming_its_folder_and_room(home, monkeypatch, capsys):
+    """SQLite under DAGSTER_HOME failing mid-command (its disk filled after the instance was made:
+    "disk I/O error") is one line naming the folder and the room left, not a bare OperationalError."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    assert main(["batches"]) == 0
+    capsys.readouterr()
+
+    def failing(*a, **k):
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, sqlite3.OperationalError("disk I/O error"))
+
+    monkeypatch.setattr(dg.DagsterInstance, "get", failing)
+    assert main(["launch", "ingest", "-p", "b1"]) == 1
+    [err] = _err_lines(capsys)
+    assert err.startswith(f"forgeline: the Dagster instance in DAGSTER_HOME {home / 'dagster_home'}: SQLite failed "
+                          "(disk I/O error); ") and "free on its disk" in err, err
+
+
 def test_a_home_that_cannot_be_a_folder_is_one_line_naming_it(home, tmp_path, monkeypatch, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
