@@ -508,7 +508,7 @@ def _instance_db_error(e: BaseException) -> str:
     said = first_line(getattr(e, "orig", None) or e).removeprefix("(sqlite3.OperationalError) ")
     try:
         free = shutil.disk_usage(home).free
-        room = f"{free / 2**20:.1f} MiB free on its disk" if free < 2**30 else f"{free / 2**30:.1f} GiB free on its disk"
+        room = (f"{free / 2**20:.1f} MiB" if free < 2**30 else f"{free / 2**30:.1f} GiB") + " free on its disk"
     except OSError as err:
         room = f"its disk cannot be read: {err.strerror or err}"
     return f"the Dagster instance in DAGSTER_HOME {home}: SQLite failed ({said}); {room}"
