@@ -1225,6 +1225,9 @@ def ingest_table(
     if len(set(kinds.values())) > 1:
         which = ", ".join(f"{store.uri(k)} ({v})" for k, v in sorted(kinds.items()))
         raise IngestError(f"{store.uri(src_prefix)}: tables of different kinds in one batch: {which}")
+    if not any(r.rows for r in reports):  # a schema with no data: an export that went wrong upstream
+        which = ", ".join(r.source for r in reports)
+        raise IngestError(f"{store.uri(src_prefix)}: the batch's tables hold no rows ({which})")
     kind = next(iter(kinds.values()), "features")
     keys = []
     for i, (key, rep) in enumerate(zip(sources, reports)):

@@ -191,10 +191,12 @@ def _mutations(df: pl.DataFrame):
         "split": (df.with_columns(pl.lit("holdout").alias("split")), "column 'split' has values ['holdout']"),
         "bytes": (None, "not a readable Parquet file"),
         "truncated": (None, "not a readable Parquet file"),
+        "no_rows": (df.head(0), "the batch's tables hold no rows"),
     }
 
 
-TABLE_CASES = ["missing", "dtype", "nulls", "range", "label_range", "duplicates", "split", "bytes", "truncated"]
+TABLE_CASES = ["missing", "dtype", "nulls", "range", "label_range", "duplicates", "split", "bytes", "truncated",
+               "no_rows"]
 
 
 @pytest.mark.parametrize("case", TABLE_CASES)
