@@ -377,6 +377,14 @@ BAD = {
                           "value 1e+39 out of range for FP32"),
     "FP16 out of range": (json.dumps({"inputs": [{**_X, "datatype": "FP16", "data": [1, 2, 3, 70000]}]}), {}, 400,
                           "value 70000 out of range for FP16"),
+    "NaN in the data": (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, NaN]}]}',
+                        {}, 400, "NaN is not a JSON value"),
+    "Infinity in the data": (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", '
+                             b'"data": [1, 2, 3, -Infinity]}]}', {}, 400, "-Infinity is not a JSON value"),
+    "1e400 in the data": (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 1e400]}]}',
+                          {}, 400, "value inf out of range for a number"),
+    "nested too deep": (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": '
+                        + b"[" * 200_000 + b"]" * 200_000 + b"}]}", {}, 400, "JSON nested too deep"),
     "numbers for BOOL": (json.dumps({"inputs": [{**_X, "datatype": "BOOL", "data": [1, 0, 1, 0]}]}), {}, 400, "BOOL"),
     "duplicate input": (json.dumps({"inputs": [_X, _X]}), {}, 400, "twice"),
     "bad binary_data_output": (json.dumps({"inputs": [_X], "parameters": {"binary_data_output": "yes"}}), {}, 400,
@@ -416,6 +424,22 @@ def test_bad_request(server, case):
     err = json.loads(out)["error"]
     assert words in err and "\n" not in err, err
     assert raw(server, "GET", "/v2/health/live")[0] == 200
+
+
+def test_a_refused_request_keeps_none_of_its_decoded_data_alive():
+    """The error of a refused request carries no frame of the decoding: those frames hold the
+    decoded JSON (a 60 MB body: ~0.75 GB of Python numbers), and the asyncio traceback cycle it
+    sat in kept them until a full collection (the server grew by that with every such request)."""
+    import traceback
+
+    from pipeline.serving import protocol
+
+    body = json.dumps({"inputs": [{"name": "x", "shape": [8, 4], "datatype": "FP32", "data": [[0.5] * 4] * 4}]})
+    with pytest.raises(protocol.ProtocolError, match="needs 32 elements") as info:
+        protocol.decode_request(body.encode())
+    err = info.value
+    assert err.__context__ is None and err.__cause__ is None and err.status == 400
+    assert [f.f_code.co_name for f, _ in traceback.walk_tb(err.__traceback__)][-1] == "decode_request"  # no deeper
 
 
 def test_body_over_limit_is_413(server, client):

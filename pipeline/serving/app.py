@@ -73,6 +73,9 @@ _REPORT_TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json
 # Bodies above this are decoded (and responses encoded) off the event loop, so a large JSON
 # request does not hold up the other connections.
 _OFFLOAD_BYTES = 256 * 1024
+# ...at most this many at once: a JSON body costs ~12x its size while decoded (a 60 MB one: ~0.75
+# GB of Python numbers), so a burst of large requests queues here instead of exhausting memory.
+_LARGE_DECODES = 2
 
 
 def _server_version() -> str:
@@ -136,6 +139,7 @@ class _Handler:
         self.drain = drain
         self.version = _server_version()
         self.http = HttpMetrics()
+        self._large_decodes: anyio.CapacityLimiter | None = None  # made on the event loop, at first use
 
     async def guard(self, fn, request: Request) -> Response:
         t0 = time.perf_counter()
@@ -192,7 +196,8 @@ class _Handler:
         body = await self._body(request)
         header_length = request.headers.get(HEADER_LENGTH)
         if len(body) > _OFFLOAD_BYTES:
-            req = await anyio.to_thread.run_sync(decode_request, body, header_length)
+            self._large_decodes = self._large_decodes or anyio.CapacityLimiter(_LARGE_DECODES)
+            req = await anyio.to_thread.run_sync(decode_request, body, header_length, limiter=self._large_decodes)
         else:
             req = decode_request(body, header_length)
         del body

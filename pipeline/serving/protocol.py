@@ -120,11 +120,22 @@ def decompress(body: bytes, encoding: str | None, max_body_bytes: int) -> bytes:
     return out
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def load_json(raw: bytes | memoryview, what: str) -> Any:
+    """JSON as RFC 8259 has it: no NaN or Infinity (Python's json takes them); a client's mistake,
+    so a 400, as is nesting too deep for the parser. (A number too large for a float, 1e400, reads
+    as infinity: the tensor's decoding refuses it.)"""
     try:
-        return json.loads(bytes(raw))
+        return json.loads(bytes(raw), parse_constant=_not_json)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"{what} is not valid JSON: {e}") from None
+    except ValueError as e:
+        raise ProtocolError(f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} is not accepted: JSON nested too deep") from None
 
 
 def _header_length(value: str | None, body_len: int) -> int | None:
@@ -215,6 +226,8 @@ def _json_array(data: Any, datatype: str, shape: list[int], where: str) -> np.nd
                         raise ProtocolError(f"{where}: value out of range for {datatype}") from None
             if kind not in "iuf":
                 raise ProtocolError(f"{where}: {datatype} data must be numbers")
+            if kind == "f" and not np.isfinite(arr).all():  # 1e400 in the JSON: no JSON number is infinite
+                raise ProtocolError(f"{where}: value {arr[~np.isfinite(arr)][0].item()!r} out of range for a number")
             if want.itemsize < arr.dtype.itemsize or kind != "f":  # a number may not fit: say so, not inf
                 with np.errstate(over="ignore"):
                     narrow = arr.astype(want)
@@ -264,7 +277,19 @@ def _bytes_elements(raw: memoryview, count: int, where: str) -> np.ndarray:
 
 
 def decode_request(body: bytes, header_length: str | None = None) -> InferRequest:
-    """Parse and validate an inference request body (JSON, or JSON + binary tensor data)."""
+    """Parse and validate an inference request body (JSON, or JSON + binary tensor data).
+
+    A bad request raises a new :class:`ProtocolError` with none of the decoding's frames behind
+    it: their locals are the decoded JSON (a 60 MB body: ~0.75 GB of Python numbers), which a
+    traceback caught in a reference cycle would otherwise keep alive until a full collection."""
+    try:
+        return _decode_request(body, header_length)
+    except ProtocolError as e:
+        said = (str(e), e.status)
+    raise ProtocolError(*said)
+
+
+def _decode_request(body: bytes, header_length: str | None) -> InferRequest:
     hlen = _header_length(header_length, len(body))
     view = memoryview(body)
     head = load_json(view if hlen is None else view[:hlen], "request")
