@@ -41,3 +41,32 @@ def positive(kind):
 non_negative = number(float, lambda v: v >= 0, "must be zero or more")
 rate = number(float, lambda v: 0.0 <= v <= 1.0, "must be within 0..1")
 port = number(int, lambda v: 0 <= v <= 65535, "not a port (0..65535)", what="a port")
+
+
+def device(text: str) -> str:
+    """A torch device for ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (whether this host has it:
+    :func:`check_device`, once torch is imported)."""
+    import re
+
+    t = text.strip().lower()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", t):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
+    return t
+
+
+def check_device(device: str) -> None:
+    """A CUDA ``device`` this host does not have is a one-line :class:`jobs.runs.UserError`."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    from jobs.runs import UserError
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}, "
+                        f"torch.cuda.is_available() is False); use --device cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise UserError(f"--device {device}: this host has {count} CUDA device{'s' if count > 1 else ''} "
+                        f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")

@@ -174,33 +174,6 @@ def load_dtype(text: str) -> str:
     return name
 
 
-def load_device(text: str) -> str:
-    """An argparse type for ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (availability is checked
-    by the command, where torch is imported)."""
-    import re
-
-    t = text.strip().lower()
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", t):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
-    return t
-
-
-def _check_cuda_device(device: str) -> None:
-    """A CUDA ``device`` this host does not have is a one-line :class:`UserError`."""
-    if not device.startswith("cuda"):
-        return
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise UserError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}, "
-                        f"torch.cuda.is_available() is False); use --device cpu")
-    index = int(device.partition(":")[2] or 0)
-    if index >= count:
-        raise UserError(f"--device {device}: this host has {count} CUDA device{'s' if count > 1 else ''} "
-                        f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
-
-
 def cmd_load(args) -> int:
     """Load a model and report per-stage throughput; published versions come from the shm tier
     when it holds them, else from the storage."""
@@ -209,7 +182,7 @@ def cmd_load(args) -> int:
     from pipeline import loading, metrics
     from pipeline.storage import StorageError
 
-    _check_cuda_device(args.device)
+    argtypes.check_device(args.device)
     options = {"dtype": getattr(__import__("torch"), args.dtype) if args.dtype else None,
                "verify": args.verify, "owned": args.owned, "allow_rejected": args.allow_rejected}
     source, where = args.source, "path"
@@ -405,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("load", help="load a model (file, folder, index, s3://..., or <model>/<version>) and time it")
     s.add_argument("source")
-    s.add_argument("--device", "-d", default="cpu", type=load_device, help="cpu, cuda or cuda:N")
+    s.add_argument("--device", "-d", default="cpu", type=argtypes.device, help="cpu, cuda or cuda:N")
     s.add_argument("--dtype", type=load_dtype, metavar="{float16,bfloat16,float32,float64}",
                    help="cast floating tensors on the device (also fp16, bf16, fp32, fp64, half, float, double)")
     s.add_argument("--verify", action="store_true", help="check sha256 against the manifest")

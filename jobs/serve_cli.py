@@ -64,7 +64,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="comma-separated model names to load at start (default: every published model)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=argtypes.port, default=8000)
-    s.add_argument("--device", "-d", default="cpu", help="cpu or cuda[:N]")
+    s.add_argument("--device", "-d", default="cpu", type=argtypes.device, help="cpu, cuda or cuda:N")
     s.add_argument("--budget", type=argtypes.size, default=None,
                    help="bytes of weights resident at once (e.g. 2GiB); least recently used models are unloaded")
     s.add_argument("--max-batch-size", type=argtypes.positive(int), default=32,
@@ -159,6 +159,7 @@ def cmd_serve(args) -> int:
             from jobs.runs import check_port
 
             check_port(args.host, args.port, "model server")
+            argtypes.check_device(args.device)
             registry, store = build_registry(args)
         except Exception as e:  # noqa: BLE001 - bad settings, unreachable storage: one line
             print(f"forgeline serve: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)

@@ -590,6 +590,37 @@ def test_corrupted_shm_copy_is_never_served(store, tmp_path):
     assert reg.metrics.value("tier_rejects_total", model="digits") == 1
 
 
+def test_a_device_out_of_memory_keeps_the_good_shm_copy(store, tmp_path, monkeypatch):
+    """A load that runs out of device memory says so and leaves the tier's copy: the copy is not
+    what failed, and other servers on the node may be using it."""
+    import torch
+
+    from pipeline.serving import loader
+
+    publish(store, "digits", "v1", 1)
+    promotion.promote(store, "digits", "v1")
+    tier = ShmTier(tmp_path / "shm")
+    tier.prewarm(store, "digits", "v1")
+    real = loader._fill
+
+    def fill(folder, dev, manifest, st):
+        if st is None:  # the tier's copy
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(folder, dev, manifest, st)
+
+    monkeypatch.setattr(loader, "_fill", fill)
+
+    async def main():
+        reg = ModelRegistry(store, config(), tier=tier)
+        await reg.start()
+        with pytest.raises(Exception, match="out of memory"):
+            await reg.infer("digits", None, {"input": batch(2)})
+        await reg.stop()
+
+    run(main())
+    assert tier.complete("digits", "v1")  # kept
+
+
 def test_queue_bound_and_slow_load_does_not_block_other_models(store):
     fast = publish(store, "fast", "v1", 1)
     publish(store, "slow", "v1", 2)

@@ -662,6 +662,7 @@ def test_serve_status_summarizes_every_metric():
     (["serve", "--bogus"], "unrecognized arguments"),
     (["serve", "status", "--bogus"], "unrecognized arguments"),
     (["serve", "statsu"], "invalid choice"),
+    (["serve", "--device", "tpu"], "'tpu' is not a device: use cpu, cuda or cuda:N"),
 ])
 def test_serve_bad_flags_one_line(argv, words, capsys):
     from jobs.cli import main
@@ -689,6 +690,19 @@ def test_a_taken_port_is_one_line_before_anything_starts(command, what, capsys, 
         assert cli.main([command, "--port", str(port)]) == 1
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port} is already in use (another {what}?)" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a host without CUDA is the case tested")
+def test_serve_on_a_cuda_device_this_host_lacks_starts_nothing(capsys, monkeypatch, tmp_path):
+    """`--device cuda` without a GPU: one line before anything starts (the server ran on, answered
+    503 to every request, and each failed load dropped the model's good /dev/shm copy)."""
+    from jobs import cli
+
+    monkeypatch.setenv("FORGELINE_HOME", str(tmp_path))
+    monkeypatch.setattr("jobs.serve_cli.build_registry", lambda args: pytest.fail("the registry was built"))
+    assert cli.main(["serve", "--port", str(_free_port()), "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA device is available here" in err and err.count("\n") == 1, err
 
 
 def test_serve_status_unreachable(capsys):

@@ -354,6 +354,8 @@ def _load_weights(store: Storage, model: str, version: str, manifest: dict, dev:
             try:
                 module, rep = _fill(folder, dev, manifest, None)
                 source = "shm"
+            except torch.OutOfMemoryError:
+                raise  # the device's room, not the copy: the copy stays (other servers may use it)
             except (LoadError, StorageError, OSError, RuntimeError) as e:
                 why = str(e).splitlines()[0]
         if why is not None and why != "absent":
