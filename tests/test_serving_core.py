@@ -138,6 +138,10 @@ def test_infer_matches_eager_and_validates_inputs(store):
             await reg.infer("digits", "v9", {"input": x})
         with pytest.raises(ModelNotFound):
             reg.metadata("nope")
+        # readiness of what does not exist is a 404, as the metadata says, not "not ready yet"
+        for name, version in [("nope", None), ("digits", "v9")]:
+            with pytest.raises(ModelNotFound):
+                reg.model_ready(name, version)
         assert reg.metrics.value("requests_total", model="digits", version="v1", result="invalid") == 5
         assert b"forgeline_serving_request_seconds_bucket" in reg.metrics.render()
         assert reg.metrics.latency("digits")["count"] == 2

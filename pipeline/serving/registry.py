@@ -413,12 +413,14 @@ class ModelRegistry:
             self._drop_when_idle(m, v, "unloaded")
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
+        """Whether ``name`` (at ``version``) answers now; :class:`ModelNotFound` (404) for a model
+        or version that does not exist, as the metadata route says, not a bare "not ready"."""
         m = self._models.get(name)
-        if m is None or m.unloaded:
-            return False
-        if version is None:
-            return m.resident() is not None
-        return version in m.versions
+        ready = m is not None and not m.unloaded and (
+            m.resident() is not None if version is None else version in m.versions)
+        if not ready and (name not in self._known or version is not None):
+            self.metadata(name, version)  # raises ModelNotFound for what does not exist
+        return ready
 
     def metadata(self, name: str, version: str | None = None) -> dict:
         """KServe v2 model metadata, with the serving state under ``parameters``."""
