@@ -21,7 +21,7 @@ from rich.table import Table
 
 from jobs.runs import make_console, open_store
 from pipeline import export, promotion
-from pipeline.storage import StorageError
+from pipeline.storage import CorruptObject, StorageError
 
 
 class _Refused(Exception):
@@ -64,7 +64,7 @@ def model_versions(store, model: str) -> dict:
     for v in export.list_versions(store, model):
         try:
             manifest = export.read_manifest(store, model, v)
-        except export.ExportError as e:
+        except (export.ExportError, CorruptObject) as e:  # this version is unusable; the rest are listed
             manifest = {}
             problem = str(e)
         else:

@@ -73,6 +73,17 @@ def test_models_lists_production_previous_rejected_incomplete(env, capsys):
     assert rc == 0 and [m["model"] for m in json.loads(out)["models"]] == ["digits"]
 
 
+def test_a_version_with_a_damaged_manifest_is_listed_as_incomplete_among_the_others(env, capsys):
+    key = join(export.version_prefix("digits", "v3"), "manifest.json")
+    env.write_atomic(key, b'{"version": "v3", "cre')
+    rc, out, err = run(capsys, "models", "digits", "--json")
+    assert rc == 0, err
+    rows = {r["version"]: r for r in json.loads(out)["versions"]}
+    assert sorted(rows) == ["v1", "v2", "v3", "v4"] and rows["v2"]["status"] == ["production", "latest"]
+    assert rows["v3"]["status"] == ["incomplete"] and env.uri(key) in rows["v3"]["problem"]
+    assert "corrupt or truncated" in rows["v3"]["problem"]
+
+
 def test_models_of_an_unknown_model_is_one_line(env, capsys):
     rc, _, err = run(capsys, "models", "nosuch")
     assert rc == 1 and "no published version of 'nosuch'" in one_line(err)
