@@ -17,8 +17,10 @@ import argparse
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import sys
+import threading
 import time
 import types
 import urllib.error
@@ -167,11 +169,32 @@ def cmd_serve(args) -> int:
         what = ",".join(args.models) if args.models else "every published model"
         print(f"forgeline serve: {what} from {store.uri()} on {args.device}; http://{args.host}:{args.port}/v2 "
               f"(metrics: /metrics; SIGTERM drains)", file=sys.stderr, flush=True)
-        return serve(registry, args.host, args.port, max_body_bytes=args.max_body or DEFAULT_MAX_BODY_BYTES,
-                     drain_timeout_s=args.drain_timeout_s, log_level=args.log_level,
-                     access_log=args.log_level == "debug")  # one line per request only when debugging
+        rc = serve(registry, args.host, args.port, max_body_bytes=args.max_body or DEFAULT_MAX_BODY_BYTES,
+                   drain_timeout_s=args.drain_timeout_s, log_level=args.log_level,
+                   access_log=args.log_level == "debug")  # one line per request only when debugging
     finally:
         writer.stop()  # every queued line is written first
+    _exit_past_stuck_threads(rc)
+    return rc
+
+
+def _exit_past_stuck_threads(rc: int, grace_s: float = 2.0) -> None:
+    """After the drain, a thread still in a read that never returns (a hung NFS mount, a stalled
+    device) would hold the interpreter's exit forever (worker threads are joined at exit), and no
+    signal ends it: say which, then exit without them."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        stuck = [t for t in threading.enumerate()
+                 if t.is_alive() and not t.daemon and t is not threading.current_thread()]
+        if not stuck or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if stuck:
+        names = ", ".join(sorted(t.name for t in stuck))
+        print(f"forgeline serve: exiting while {len(stuck)} thread(s) are still blocked ({names}), "
+              "e.g. in a storage read that does not return", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(rc)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -915,6 +915,70 @@ def test_forgeline_serve_cli(published, tmp_path):
             proc.wait()
 
 
+def test_forgeline_serve_stops_past_a_storage_read_that_never_returns(published, tmp_path):
+    """A read that never returns (a hung NFS mount; here a FIFO in place of the manifest) holds a
+    load and the request waiting on it. SIGTERM: the drain's time runs out, the request gets a 503
+    it can retry (not uvicorn's plain-text 500 and a traceback), and the process exits, naming the
+    blocked thread; it once stayed up for good, past any signal but SIGKILL."""
+    import http.client
+    import shutil
+    import threading
+
+    from pipeline import export, promotion
+
+    root, store, _ = published
+    shutil.copytree(root / "store", tmp_path / "store")
+    version = promotion.production(store, "digits")["version"]
+    manifest = tmp_path / "store" / export.version_prefix("digits", version) / "manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest)  # opening it for reading waits for a writer that never comes
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FORGELINE_HOME": str(tmp_path / "home"),
+           "FORGELINE_STORAGE_ROOT": str(tmp_path / "store")}
+    env.pop("FORGELINE_S3_BUCKET", None)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from jobs.cli import main; sys.exit(main())", "serve",
+                             "--models", "digits", "--no-shm", "--port", str(port), "--drain-timeout-s", "1",
+                             "--poll-s", "600", "--log-level", "warning"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    answer: dict = {}
+
+    def infer():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = json.dumps({"inputs": [{"name": "input", "shape": [1, *SHAPE], "datatype": "FP32",
+                                       "data": [0.0] * 784}]})
+        conn.request("POST", "/v2/models/digits/infer", body=body)
+        r = conn.getresponse()
+        answer.update(status=r.status, type=r.getheader("content-type"), body=r.read())
+
+    try:
+        def live():
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/v2/health/live")
+                return conn.getresponse().status == 200
+            except OSError:
+                return False
+
+        _wait(live, timeout=90)
+        client = threading.Thread(target=infer)
+        client.start()
+        time.sleep(1.0)  # the request waits on the load that waits on the read
+        assert not answer
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        client.join(10)
+        assert proc.returncode == 0, out
+        assert answer["status"] == 503 and answer["type"] == "application/json", answer
+        assert "shut down before this request finished" in json.loads(answer["body"])["error"]
+        assert "forgeline serve: exiting while 1 thread(s) are still blocked" in out, out
+        assert "Traceback" not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("flags", [[], ["--compile"]])
 def test_forgeline_serve_setup_does_not_import_dagster(tmp_path, flags):
     """A serving cold start pays for every import: the store, the tier and the compile cache come

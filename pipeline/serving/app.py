@@ -33,6 +33,7 @@ This module is part of the engine: it never imports dagster.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -149,6 +150,12 @@ class _Handler:
             response = error_response(e, e.status)
         except ClientDisconnect:  # the client went away mid-body: nobody to answer, nothing to log
             response = error_response("client disconnected before the request body was complete", 400)
+        except asyncio.CancelledError:
+            if not self.drain["draining"]:
+                raise
+            # the drain's time ran out with this request unfinished (uvicorn cancels it): a 503 the
+            # client can retry elsewhere, not uvicorn's plain-text 500 and a traceback in the log
+            response = error_response("the server shut down before this request finished: retry it", 503)
         except Exception as e:  # noqa: BLE001 - any failure is an answer, never a dead server
             status = _status_of(e)
             if status is None:
