@@ -61,6 +61,12 @@ def production(store: Storage, model: str, *, root: str = DEFAULT_ROOT) -> dict 
         return None
 
 
+def promoted_before(store: Storage, model: str, *, root: str = DEFAULT_ROOT) -> bool:
+    """Whether ``model`` has a promotion on record (one LIST): with no alias, it tells a model
+    never promoted from one whose alias was lost."""
+    return any(o.key.endswith(".json") for o in store.list(_history_prefix(model, root)))
+
+
 def _failed(gates: dict | None) -> list[str]:
     return sorted(name for name, g in (gates or {}).items() if not (g or {}).get("passed"))
 
@@ -153,5 +159,5 @@ def resolve_manifest(store: Storage, model: str, ref: str, *, root: str = DEFAUL
     return version, manifest
 
 
-__all__ = ["ALIAS", "LATEST", "NotPromoted", "PromotionError", "history", "production", "promote", "resolve",
-           "resolve_manifest", "rollback"]
+__all__ = ["ALIAS", "LATEST", "NotPromoted", "PromotionError", "history", "production", "promote", "promoted_before",
+           "resolve", "resolve_manifest", "rollback"]

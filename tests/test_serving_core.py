@@ -413,6 +413,41 @@ def test_a_damaged_alias_keeps_the_served_version_until_it_is_repaired(store, ca
         run(main())
 
 
+def test_a_lost_alias_is_not_replaced_by_the_newest_version(store):
+    """The production alias deleted outside forgeline, with promotions on record: a running server
+    keeps serving what it serves and reports the error; a new one serves nothing rather than the
+    newest version, which was never gated for production. A model never promoted still serves its
+    newest version."""
+    mods = {"v1": publish(store, "digits", "v1", 1)}
+    promotion.promote(store, "digits", "v1")
+    publish(store, "digits", "v2", 2)  # newer, never promoted
+    alias = export.version_prefix("digits", "production")
+    good = store.read(alias)
+
+    async def main():
+        reg = ModelRegistry(store, config())
+        await reg.start()
+        x = batch(2)
+        assert (await reg.infer("digits", None, {"input": x})).version == "v1"
+        store.delete(alias)
+        await wait_until(lambda: reg.metadata("digits")["parameters"]["alias_error"] is not None)
+        out = await reg.infer("digits", None, {"input": x})
+        assert out.version == "v1" and np.allclose(out["output"], eager(mods["v1"], x), atol=1e-5)
+        assert "the production alias is missing, but digits has promotions on record" in (
+            reg.metadata("digits")["parameters"]["alias_error"])
+        await reg.stop()
+
+        fresh = ModelRegistry(store, config())
+        await fresh.start()
+        with pytest.raises(Exception, match="production alias is missing"):
+            await fresh.infer("digits", None, {"input": x})
+        store.write_atomic(alias, good)
+        assert (await fresh.infer("digits", None, {"input": x})).version == "v1"
+        await fresh.stop()
+
+    run(main())
+
+
 def test_a_server_started_on_an_empty_store_says_so_and_serves_a_model_published_later(store, caplog):
     async def main():
         reg = ModelRegistry(store, config())

@@ -269,13 +269,21 @@ def spec_for(store: Storage, model: str, version: str, *, root: str = export.DEF
 def serving_reference(store: Storage, model: str, *, root: str = export.DEFAULT_ROOT,
                       latest_without_alias: bool = True) -> tuple[str | None, dict | None]:
     """``(version to serve, alias record)``: the production alias's version; without an alias the
-    newest complete, non-rejected version (when ``latest_without_alias``), else None."""
+    newest complete, non-rejected version (when ``latest_without_alias``) of a model never promoted,
+    else None. A model promoted before whose alias is gone is an error (:class:`PromotionError`):
+    its newest version was never gated for production, so it is not served in the alias's place
+    (a running server keeps what it serves and reports the error)."""
     from pipeline import promotion
 
     record = promotion.production(store, model, root=root)
     if record is not None:
         return record.get("version"), record
     if latest_without_alias:
+        if promotion.promoted_before(store, model, root=root):
+            raise promotion.PromotionError(
+                f"{store.uri(export.version_prefix(model, promotion.ALIAS, root))}: the production alias is missing, "
+                f"but {model} has promotions on record: not serving its newest version in the alias's place "
+                f"(restore the alias: forgeline promote {model} <version>)")
         return export.latest_version(store, model, root), None
     return None, None
 
