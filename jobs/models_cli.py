@@ -57,8 +57,10 @@ def model_versions(store, model: str) -> dict:
     ``created``, ``run_id``, ``data_version``, ``bytes``, ``promoted_at``."""
     alias = promotion.production(store, model)
     promoted: dict[str, dict] = {}
+    evidence: dict[str, dict] = {}  # every gate any promotion of the version recorded (a rollback records none)
     for rec in promotion.history(store, model):
         promoted[rec["version"]] = rec  # oldest first: the latest promotion of each version wins
+        evidence.setdefault(rec["version"], {}).update(rec.get("gates") or {})
     latest = export.latest_version(store, model)
     rows = []
     for v in export.list_versions(store, model):
@@ -86,7 +88,7 @@ def model_versions(store, model: str) -> dict:
             "version": v, "status": status,
             "rejected": rejected if isinstance(rejected, dict) else ({"reason": str(rejected)} if rejected else None),
             "problem": problem,
-            "gates": {**((rec or {}).get("gates") or {}), **(manifest.get("gates") or {})},
+            "gates": {**evidence.get(v, {}), **(manifest.get("gates") or {})},
             "created": manifest.get("created"), "run_id": manifest.get("run_id"),
             "data_version": manifest.get("data_version"), "bytes": manifest.get("bytes"),
             "promoted_at": (rec or {}).get("promoted_at"),

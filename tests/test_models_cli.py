@@ -115,6 +115,18 @@ def test_rollback(env, capsys):
     assert [r["version"] for r in promotion.history(env, "digits")] == ["v1", "v2", "v1", "v2"]
 
 
+def test_the_gates_a_promotion_recorded_stay_listed_after_a_rollback(env, capsys):
+    """The pipeline's promotion records gates its manifest does not hold (the quantized variants'):
+    a later rollback to that version records none, and `models` still shows what it passed."""
+    int4 = {"accuracy_gate.int4": {"passed": True, "value": 1.2, "limit": 2.0}}
+    promotion.promote(env, "digits", "v1", gates=int4)
+    promotion.promote(env, "digits", "v2")
+    assert run(capsys, "rollback", "digits")[0] == 0  # v1 again, by a record without gates
+    rc, out, _ = run(capsys, "models", "digits", "--json")
+    assert rc == 0
+    assert {r["version"]: r for r in json.loads(out)["versions"]}["v1"]["gates"] == int4
+
+
 def test_load_production_from_storage_and_from_the_shm_tier(env, tmp_path, capsys):
     def load(*argv: str) -> dict:
         rc, out, err = run(capsys, "load", *argv, "--json")
