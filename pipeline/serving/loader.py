@@ -280,12 +280,19 @@ def serving_reference(store: Storage, model: str, *, root: str = export.DEFAULT_
         return record.get("version"), record
     if latest_without_alias:
         if promotion.promoted_before(store, model, root=root):
-            raise promotion.PromotionError(
-                f"{store.uri(export.version_prefix(model, promotion.ALIAS, root))}: the production alias is missing, "
-                f"but {model} has promotions on record: not serving its newest version in the alias's place "
-                f"(restore the alias: forgeline promote {model} <version>)")
+            raise lost_alias(store, model, root)
         return export.latest_version(store, model, root), None
     return None, None
+
+
+def lost_alias(store: Storage, model: str, root: str = export.DEFAULT_ROOT) -> Exception:
+    """The error for a production alias that is gone from a model promoted before."""
+    from pipeline import promotion
+
+    return promotion.PromotionError(
+        f"{store.uri(export.version_prefix(model, promotion.ALIAS, root))}: the production alias is missing, "
+        f"but {model} has promotions on record: not serving its newest version in the alias's place "
+        f"(restore the alias: forgeline promote {model} <version>)")
 
 
 def discover_models(store: Storage, *, root: str = export.DEFAULT_ROOT) -> list[str]:

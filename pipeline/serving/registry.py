@@ -81,6 +81,7 @@ from pipeline.serving.metrics import ServingMetrics
 from pipeline.serving.watcher import Poller
 
 log = logging.getLogger("forgeline.serving")
+ALIAS_WARN_EVERY_S = 300.0  # the same unreadable alias is logged again after this long
 
 _NP_DATATYPES = {
     np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64", np.dtype(np.float16): "FP16",
@@ -205,6 +206,7 @@ class _Model:
     alias: dict | None = None
     reference_at: float = -math.inf  # time.monotonic() when that read started
     alias_error: str | None = None  # why the watcher's last read of the alias failed (None: it read)
+    alias_warned_at: float = -math.inf  # time.monotonic() of the last warning about it
     manifests: dict[str, tuple[dict, float]] = field(default_factory=dict)  # version -> (manifest, read at)
     last_error: str | None = None
     last_swap: dict | None = None
@@ -966,6 +968,8 @@ class ModelRegistry:
                     latest = self.config.latest_without_alias and now - m.latest_checked >= self.config.discover_s
                     v, a = loader.serving_reference(self.store, m.name, root=self.config.root,
                                                     latest_without_alias=latest)
+                    if a is None and m.alias is not None:  # it followed an alias that is gone now
+                        raise loader.lost_alias(self.store, m.name, self.config.root)
                     if a is None and not latest:
                         v = m.production
                     elif a is None:
@@ -980,8 +984,12 @@ class ModelRegistry:
             version, alias, err = refs[m.name]
             if err is not None:
                 self.metrics.alias_reads.labels(m.name, "failed").inc()
+                # a new or changed failure at once, the same one at most every ALIAS_WARN_EVERY_S
+                # (every --poll-s, it filled the log; the metrics count every failed read)
+                if err != m.alias_error or now - m.alias_warned_at >= ALIAS_WARN_EVERY_S:
+                    log.warning("%s: cannot read the production alias (%s); keeping %s", m.name, err, m.serving)
+                    m.alias_warned_at = now
                 m.alias_error = err
-                log.warning("%s: cannot read the production alias (%s); keeping %s", m.name, err, m.serving)
                 continue
             self.metrics.alias_reads.labels(m.name, "ok").inc()
             self.metrics.alias_read_time.labels(m.name).set(time.time())
