@@ -320,6 +320,25 @@ def test_image_rendering_inverts_the_normalisation():
     assert info["clipped"] == 4 and info["max_error"] > 1
 
 
+def test_rows_with_nan_or_infinite_values_are_not_sampled(tmp_path):
+    """A NaN or infinite input value has no 8-bit pixel: such rows are dropped and counted
+    (not_finite), the others land; they once landed as undefined bytes, with a numpy warning."""
+    import warnings
+
+    store = LocalStorage(tmp_path / "store")
+    s = TrafficSampler(store, TrafficConfig(rate=1.0, window_samples=100, window_s=600))
+    s.start()
+    x = np.random.default_rng(0).normal(size=(4, 1, 8, 8)).astype(np.float32)
+    x[1, 0, 2, 3], x[2, 0, 0, 0] = np.nan, -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert s.offer("digits", "v1", x, np.zeros((4, 10), np.float32), latency_s=0.001) == 2
+        assert s.close(timeout_s=30)
+    assert s.metrics.value("dropped_total", model="digits", reason="not_finite") == 2
+    [window] = s.written
+    assert json.loads(store.read(f"incoming/{window}/_READY"))["samples"] == 2
+
+
 def test_sampling_settings_and_flags():
     assert settings.serve_sample_rate({}) == 0.0 and settings.serve_sample_rate({"FORGELINE_SERVE_SAMPLE_RATE": "0.25"}) == 0.25
     with pytest.raises(settings.SettingError, match="FORGELINE_SERVE_SAMPLE_RATE"):

@@ -40,7 +40,8 @@ puts them in the buffer without waiting; when the buffer is full they are droppe
 Prometheus (on the registry given, the server's ``/metrics``)::
 
     forgeline_traffic_samples_total{model}          rows taken into the buffer
-    forgeline_traffic_dropped_total{model,reason}   rows lost: buffer_full | write_failed | not_an_image | shutdown
+    forgeline_traffic_dropped_total{model,reason}   rows lost: buffer_full | write_failed | not_an_image |
+                                                    not_finite | shutdown
     forgeline_traffic_windows_total{model,result}   windows written: ok | failed
     forgeline_traffic_written_samples_total{model}  rows in windows written
     forgeline_traffic_buffered                      requests waiting for the writer
@@ -122,7 +123,7 @@ class TrafficMetrics:
         self.samples = Counter("forgeline_traffic_samples", "Inference rows sampled into the traffic buffer",
                                ["model"], registry=registry)
         self.dropped = Counter("forgeline_traffic_dropped", "Sampled rows lost (buffer_full | write_failed | "
-                               "not_an_image | shutdown)", ["model", "reason"], registry=registry)
+                               "not_an_image | not_finite | shutdown)", ["model", "reason"], registry=registry)
         self.windows = Counter("forgeline_traffic_windows", "Traffic windows written as landed batches",
                                ["model", "result"], registry=registry)
         self.written = Counter("forgeline_traffic_written_samples", "Sampled rows in windows written",
@@ -257,6 +258,13 @@ class TrafficSampler:
         if x.ndim != 4 or x.shape[1] not in (1, 3):  # only images land as batches
             self.metrics.dropped.labels(model, "not_an_image").inc(take.size)
             return 0
+        if x.dtype.kind == "f":  # a NaN or infinite pixel has no 8-bit value: not an image either
+            finite = np.isfinite(x[take]).reshape(take.size, -1).all(axis=1)
+            if not finite.all():
+                self.metrics.dropped.labels(model, "not_finite").inc(int((~finite).sum()))
+                take = take[finite]
+                if not take.size:
+                    return 0
         item = _Taken(model, version, x[take].copy(), np.asarray(y)[take].copy(), float(latency_s), time.time(), spec)
         try:
             self._queue.put_nowait(item)
