@@ -80,6 +80,10 @@ def promote(store: Storage, model: str, version: str, *, run_id: str | None = No
     what = f"cannot promote {model}/{version}"
     if version in (ALIAS, LATEST, HISTORY):
         raise PromotionError(f"{what}: {version!r} is a reference, not a version (use resolve())")
+    try:
+        version_prefix(model, version, root)
+    except ValueError as e:  # a name that cannot be a version ('../x'): say so, not "malformed manifest"
+        raise PromotionError(f"{what}: {e}") from None
     problem = version_problem(store, model, version, root=root)
     if problem is not None:
         raise PromotionError(f"{what}: {problem}")

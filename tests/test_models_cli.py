@@ -93,7 +93,8 @@ def test_models_of_an_unknown_model_is_one_line(env, capsys):
 
 def test_promote_refuses_rejected_incomplete_and_unknown_versions(env, capsys):
     for version, why in [("v3", "rejected: failed gate(s): accuracy_gate"), ("v4", "missing"),
-                         ("v9", "no such published version"), ("production", "is a reference")]:
+                         ("v9", "no such published version"), ("production", "is a reference"),
+                         ("../../x", "invalid version '../../x'")]:
         rc, out, err = run(capsys, "promote", "digits", version)
         assert rc == 1 and not out and why in one_line(err) and err.startswith("forgeline: cannot promote"), err
     assert promotion.production(env, "digits")["version"] == "v2"  # unchanged
