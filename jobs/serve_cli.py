@@ -178,23 +178,21 @@ def cmd_serve(args) -> int:
     return rc
 
 
-def _exit_past_stuck_threads(rc: int, grace_s: float = 2.0) -> None:
+def _exit_past_stuck_threads(rc: int, grace_s: float = 5.0) -> None:
     """After the drain, a thread still in a read that never returns (a hung NFS mount, a stalled
     device) would hold the interpreter's exit forever (worker threads are joined at exit), and no
-    signal ends it: say which, then exit without them."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        stuck = [t for t in threading.enumerate()
-                 if t.is_alive() and not t.daemon and t is not threading.current_thread()]
-        if not stuck or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    if stuck:
-        names = ", ".join(sorted(t.name for t in stuck))
-        print(f"forgeline serve: exiting while {len(stuck)} thread(s) are still blocked ({names}), "
+    signal ends it. A watchdog gives the normal exit ``grace_s``; past that it names the threads
+    still alive and ends the process."""
+
+    def watchdog() -> None:
+        time.sleep(grace_s)
+        stuck = sorted(t.name for t in threading.enumerate()
+                       if t.is_alive() and not t.daemon and t is not threading.main_thread())
+        print(f"forgeline serve: exiting while {len(stuck)} thread(s) are still blocked ({', '.join(stuck)}), "
               "e.g. in a storage read that does not return", file=sys.stderr, flush=True)
-        sys.stdout.flush()
         os._exit(rc)
+
+    threading.Thread(target=watchdog, name="forgeline-exit-watchdog", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------

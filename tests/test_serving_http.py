@@ -909,6 +909,7 @@ def test_forgeline_serve_cli(published, tmp_path):
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
         assert f"http://127.0.0.1:{port}/v2" in out and str(root / "store") in out
+        assert "exiting while" not in out  # idle worker threads end with the interpreter: no watchdog
     finally:
         if proc.poll() is None:
             proc.kill()
