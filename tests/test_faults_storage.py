@@ -322,7 +322,8 @@ def test_throttling_and_5xx_are_retried(moto_storage_factory):
 
 
 def test_failed_upload_shows_its_root_cause_not_the_abort(moto_storage_factory, caplog):
-    store = moto_storage_factory(**{**FAST, "max_attempts": 2})
+    # a deadline past the two attempts: FAST's 1 s once ran out after the first on a loaded machine
+    store = moto_storage_factory(**{**FAST, "max_attempts": 2, "retry_deadline": 10.0})
     parts = inject(store, "UploadPart", 500, "InternalError")
     aborts = inject(store, "AbortMultipartUpload", 403, "AccessDenied")
     with pytest.raises(StorageError) as ei:
