@@ -62,6 +62,59 @@ def test_two_gloo_ranks_hold_identical_weights(data, tmp_path):
     assert 0 < res.extra["step_latency_p50_ms"] <= res.extra["step_latency_p99_ms"] <= res.extra["step_latency_max_ms"]
 
 
+_ORPHAN_STEP = """
+import json, sys
+from pathlib import Path
+from pipeline import train
+from pipeline.storage import LocalStorage
+
+args = json.loads(sys.argv[1])
+flag, out = Path(args["flag"]), Path(args["out"])
+config = train.TrainConfig(epochs=200, batch_size=64, num_threads=1)
+try:
+    train.launch(storage=LocalStorage(args["root"], fsync=False), shards=args["shards"], spec=args["spec"],
+                 config=config, checkpoint_prefix="ckpt/orphan", world_size=2, work_dir=args["work"],
+                 run_timeout_s=300, on_line=lambda line: "[forgeline] epoch" in line and flag.touch())
+    out.write_text("finished")
+except train.TrainingFailed as e:
+    out.write_text(str(e))
+"""
+
+
+def test_a_launch_whose_parent_dies_stops_its_ranks(data, tmp_path):
+    """The process that runs the training step (a Dagster step process) outlives its run worker
+    when that is SIGKILLed (the OOM killer): Dagster fails the run and frees its GPU pool slot. The
+    launch then stops torchrun and the ranks, not train on outside the pool and publish into a
+    failed run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    store, shards = data
+    flag, out, work = tmp_path / "training", tmp_path / "out.txt", tmp_path / "work"
+    args = json.dumps({"root": str(store.root), "shards": shards, "spec": SPEC, "flag": str(flag), "out": str(out),
+                       "work": str(work)})
+    worker = (f"import subprocess, sys, time, os\n"
+              f"subprocess.Popen([sys.executable, '-c', {_ORPHAN_STEP!r}, {args!r}])\n"
+              f"while not os.path.exists({str(flag)!r}): time.sleep(0.05)\n"
+              f"os._exit(0)  # SIGKILLed, as far as its children can tell\n")
+    repo = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
+    subprocess.run([sys.executable, "-c", worker], cwd=repo, env={**os.environ, "PYTHONPATH": repo}, timeout=120,
+                   check=True)
+    deadline = time.monotonic() + 60
+    while not out.exists():
+        assert time.monotonic() < deadline, "the orphaned launch did not stop"
+        time.sleep(0.1)
+    said = out.read_text()
+    assert said.startswith("training stopped (") and "the process that started it (pid " in said and "died" in said
+    time.sleep(1)
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(work) in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]  # no torchrun, no rank
+
+
 def test_a_damaged_checkpoint_pointer_is_one_line_naming_it(tmp_path):
     """``latest.json`` truncated outside forgeline: resuming says which file and what is wrong."""
     from pipeline.storage import CorruptObject, LocalStorage

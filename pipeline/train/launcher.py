@@ -137,7 +137,11 @@ def launch(
         reader.start()
         try:
             with _sigterm_raises():
-                rc = proc.wait(timeout=run_timeout_s)
+                rc = _wait(proc, run_timeout_s)
+        except _Orphaned as e:
+            _kill_group(proc)
+            reader.join(5)
+            raise TrainingFailed(f"training stopped ({where}): {e}") from None
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             reader.join(5)
@@ -168,6 +172,25 @@ def launch(
     known = {f for f in TrainResult.__dataclass_fields__ if f not in ("seconds", "extra")}
     return TrainResult(seconds=secs, **{k: res.get(k) for k in known},
                        extra={k: v for k, v in res.items() if k not in known})
+
+
+class _Orphaned(Exception):
+    """The process that started the launch is gone."""
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float, poll_s: float = 1.0) -> int:
+    """``proc.wait(timeout_s)``, and :class:`_Orphaned` once this process's parent dies (a Dagster
+    run worker SIGKILLed, e.g. by the OOM killer): the run is then failed and its pool slot freed,
+    so training on past it would hold the GPUs outside the pool and publish into a failed run."""
+    parent, deadline = os.getppid(), time.monotonic() + timeout_s
+    while True:
+        try:
+            return proc.wait(timeout=max(0.0, min(poll_s, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if os.getppid() != parent:
+                raise _Orphaned(f"the process that started it (pid {parent}) died") from None
+            if time.monotonic() >= deadline:
+                raise
 
 
 @contextlib.contextmanager
