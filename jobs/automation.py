@@ -16,6 +16,7 @@ from dagster._utils.schedules import is_valid_cron_string  # Dagster's own parse
 from assets.drift import DRIFT_CHECKS
 from assets.partitions import batches
 from jobs.ingest import INCOMING, pending_batches
+from jobs.runs import run_failure
 from pipeline import dataset as ds
 from pipeline import drift, settings
 from pipeline.serving.traffic import is_window
@@ -151,6 +152,9 @@ def record_run_failure(context: dg.RunFailureSensorContext, storage: StorageReso
         "failed_steps": [s["step"] for s in steps],
         "steps": steps,
         "message": context.failure_event.message,
+        # the CLI's one line: the first failed step's root cause, or the blocking check that stopped
+        # it and what that check found (a gate's own error names only the check)
+        "summary": run_failure(context.instance, run.run_id),
     }
     key = f"{FAILURES_PREFIX}/{run.run_id}.json"
     storage.client().write_atomic(key, json.dumps(record, indent=1).encode())

@@ -164,6 +164,7 @@ def test_run_failure_sensor_records_the_failed_step(tmp_path, instance):
     assert rec["job"] == "ingest" and rec["partition"] == "bad"
     assert rec["failed_steps"] == ["raw_table"]
     assert "incoming/bad/table.parquet" in rec["steps"][0]["error"]
+    assert rec["summary"].startswith("step raw_table: IngestError: ") and "table.parquet" in rec["summary"]
 
 
 def test_landing_sensor_on_s3_requests_each_batch_once(s3_server, s3_credentials, s3_storage_factory, instance):
