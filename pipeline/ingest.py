@@ -1187,7 +1187,9 @@ def ingest_table(
     ranges: dict | None = None,
 ) -> TableIngestResult:
     """Validate every ``*.parquet`` under ``<incoming>/<batch>/``; publish them all (manifest last)
-    only if every file passes. Any bad file raises :class:`IngestError` and publishes nothing.
+    only if every file passes. Any bad file raises :class:`IngestError` and publishes nothing; so
+    does a file whose published copy holds other bytes (a published batch does not change, as its
+    shards do not: table and shards stay one landing).
 
     Without ``schema``, each file is checked against the layout its columns say it has
     (:func:`table_kind`): the digits feature table (:func:`digits_schema`), or the served
@@ -1228,6 +1230,14 @@ def ingest_table(
     if not any(r.rows for r in reports):  # a schema with no data: an export that went wrong upstream
         which = ", ".join(r.source for r in reports)
         raise IngestError(f"{store.uri(src_prefix)}: the batch's tables hold no rows ({which})")
+    manifest_key = join(dst_prefix, MANIFEST)
+    published_sha = {f["key"]: f.get("sha256") for f in (_read_manifest(store, manifest_key) or {}).get("files", [])}
+    for key, rep in zip(sources, reports):  # as its shards: a published batch's table never changes
+        dst = join(dst_prefix, names[key])
+        if published_sha.get(dst) not in (None, rep.sha256):
+            raise IngestError(f"{store.uri(key)}: conflicts with published table {store.uri(dst)} (sha256 "
+                              f"{published_sha[dst][:12]}…): a published batch does not change; land changed data "
+                              "as a new batch")
     kind = next(iter(kinds.values()), "features")
     keys = []
     for i, (key, rep) in enumerate(zip(sources, reports)):
@@ -1237,7 +1247,6 @@ def ingest_table(
             store.write_atomic(dst, f, expected_sha256=rep.sha256)  # source changed since validation → error
         keys.append(dst)
         file_seconds[i] += time.perf_counter() - t
-    manifest_key = join(dst_prefix, MANIFEST)
     manifest = {
         "format": "forgeline.table/1",
         "batch": batch,

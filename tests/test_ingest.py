@@ -224,6 +224,22 @@ def test_bad_table_names_file_and_column_and_publishes_nothing(landed, digits, c
     assert not landed.stale_temporaries()
 
 
+def test_a_published_table_does_not_change_when_its_batch_is_landed_again(landed, digits):
+    """Re-landing a batch with other rows under the same name: its shards are refused as conflicts
+    (published shards never change), and so is its table; it once replaced the published table, so
+    table and shards came from two landings."""
+    first = ingest_table(landed, BATCH)
+    published = {o.key: landed.checksum(o.key) for o in landed.list("raw/table")}
+    assert ingest_table(landed, BATCH).rows == first.rows  # the same bytes again: fine
+    df = datagen.table_frame(digits)
+    _write_frame(landed, df.with_columns(pl.when(pl.col("id") == 3).then(pl.lit("test")).otherwise(pl.col("split"))
+                                         .alias("split")))
+    with pytest.raises(IngestError, match=r"table\.parquet: conflicts with published table .*a published batch "
+                                          r"does not change; land changed data as a new batch"):
+        ingest_table(landed, BATCH)
+    assert {o.key: landed.checksum(o.key) for o in landed.list("raw/table")} == published
+
+
 def test_one_bad_table_blocks_the_whole_batch(landed, digits):
     df = datagen.table_frame(digits)
     _write_frame(landed, df.drop("split"), f"incoming/{BATCH}/zz-part2.parquet")
