@@ -134,7 +134,8 @@ def served_models(context: dg.AssetExecutionContext, config: ServedModelsConfig,
     off = [s for s in states if not s.ok or s.version != production or s.alias_error]
     yield dg.AssetCheckResult(
         check_name="serves_production", passed=not off, severity=dg.AssetCheckSeverity.WARN,
-        description=("every server serves production" if not off else
+        description=("no servers configured (FORGELINE_SERVE_URLS): nothing to check" if not urls else
+                     "every server serves production" if not off else
                      "; ".join(f"{_label(s.url)}: {s.describe()}" for s in off))[:1000],
         metadata={"production": production or "", "off": len(off), "servers": len(urls)},
     )

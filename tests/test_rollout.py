@@ -191,7 +191,10 @@ def test_served_models_records_each_server_and_warns_when_one_is_off(monkeypatch
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN and "cannot read" in check.description
     monkeypatch.setenv("FORGELINE_SERVE_URLS", a.url)
     _, check = list(ra.served_models(_ctx(), ra.ServedModelsConfig(), resource))
-    assert check.passed
+    assert check.passed and check.description == "every server serves production"
+    monkeypatch.delenv("FORGELINE_SERVE_URLS")  # none: the pass says that nothing was checked
+    _, check = list(ra.served_models(_ctx(), ra.ServedModelsConfig(), resource))
+    assert check.passed and check.description.startswith("no servers configured (FORGELINE_SERVE_URLS)")
 
 
 def test_a_server_that_cannot_read_the_alias_is_named_by_probe_and_served_models(monkeypatch, tmp_path):
