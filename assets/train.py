@@ -116,10 +116,12 @@ def training_curves(hist: list[dict]) -> str:
     return "\n\n".join(charts)
 
 
-def _run_name(config: TrainingConfig, data_version: str, run_id: str) -> str:
-    """Same config + same data → same checkpoint prefix, so a re-run resumes instead of restarting."""
+def _run_name(config: TrainingConfig, data_version: str, run_id: str, spec: dict) -> str:
+    """Same config + same data + same preprocessing → same checkpoint prefix, so a re-run resumes
+    instead of restarting. The preprocessing spec (crop, resize, normalisation: what the model
+    sees, and its input channels) is part of it: a checkpoint of crop 28 is no start for crop 20."""
     keys = ("epochs", "lr", "weight_decay", "batch_size", "accumulation", "amp", "seed", "model")
-    ident = json.dumps({k: getattr(config, k) for k in keys} | {"data": data_version}, sort_keys=True)
+    ident = json.dumps({k: getattr(config, k) for k in keys} | {"data": data_version, "spec": spec}, sort_keys=True)
     suffix = f"-{run_id[:8]}" if config.fresh else ""
     return f"{config.model}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}{suffix}"
 
@@ -147,7 +149,7 @@ def trained_model(
     this run through Dagster Pipes, and returns the result recorded as metadata."""
     store = storage.client()
     data = preprocessed["dataset"]
-    run_name = _run_name(config, data["version"], context.run.run_id)
+    run_name = _run_name(config, data["version"], context.run.run_id, preprocessed["spec"])
     tcfg = train.TrainConfig(
         epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size,
         accumulation=config.accumulation, amp=config.amp, seed=config.seed, model=config.model,

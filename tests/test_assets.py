@@ -220,6 +220,18 @@ def test_ingest_on_s3_through_env_configured_resource(instance, s3_storage, s3_s
     assert result.asset_materializations_for_node("raw_table")[0].metadata["rows"].value == 1797
 
 
+def test_a_checkpoint_is_resumed_only_under_the_preprocessing_it_was_trained_with():
+    """The checkpoint prefix (what a re-run resumes from) names the preprocessing too: a finished
+    crop-28 run was once resumed, with zero epochs to train, for a crop-20 run."""
+    from assets.train import TrainingConfig, _run_name
+
+    spec = {"resize_shorter": 32, "crop": 28, "mean": [0.25], "std": [0.35]}
+    name = _run_name(TrainingConfig(), "data-v1", "run-1", spec)
+    assert name == _run_name(TrainingConfig(), "data-v1", "run-2", dict(spec))  # an identical re-run resumes
+    for change in ({"crop": 20}, {"resize_shorter": 20}, {"mean": [0.5]}, {"mean": [0.25, 0.25, 0.25]}):
+        assert _run_name(TrainingConfig(), "data-v1", "run-1", {**spec, **change}) != name, change
+
+
 def test_lifecycle_trains_packages_and_gates(tmp_path, monkeypatch):
     """The whole `lifecycle` job on the digits data, CPU ranks: the default conv net passes the
     ≥97% held-out check, exports bit-exact, passes the quantization gate and caches its compile
