@@ -115,8 +115,35 @@ def test_a_launch_whose_parent_dies_stops_its_ranks(data, tmp_path):
     assert not left, [p.info["cmdline"] for p in left]  # no torchrun, no rank
 
 
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path):
+    """The newest checkpoint truncated (or its pointer damaged): the run resumes from the older
+    intact one and says so; with nothing intact, one line names the file and the way out. Both once
+    ended as 'rank 0: exitcode 1', the ranks' own error lines being dropped."""
+    store = LocalStorage(tmp_path / "store")
+    for epoch in (1, 2):
+        checkpoints.save_checkpoint(store, "ckpt/r", {"epoch": epoch, "w": torch.full((4,), float(epoch))}, keep=2)
+    said = []
+    store.write_atomic("ckpt/r/epoch-0002.pt", store.read("ckpt/r/epoch-0002.pt")[:100])
+    state = checkpoints.load_checkpoint(store, "ckpt/r", warn=said.append)
+    assert state["epoch"] == 1 and len(said) == 1
+    assert said[0].startswith(f"[forgeline] {store.uri('ckpt/r/epoch-0002.pt')}: checkpoint sha256 does not match")
+    assert said[0].endswith(f"resuming from the older {store.uri('ckpt/r/epoch-0001.pt')} instead "
+                            "(latest.json now names it)")
+    assert checkpoints.latest_checkpoint(store, "ckpt/r")["key"] == "ckpt/r/epoch-0001.pt"
+    assert checkpoints.load_checkpoint(store, "ckpt/r", warn=said.append)["epoch"] == 1 and len(said) == 1
+    store.write_atomic("ckpt/r/epoch-0001.pt", b"not a checkpoint")
+    with pytest.raises(train.TrainingFailed, match=r"epoch-0001\.pt: checkpoint sha256 does not match .*no older "
+                                                   r"intact checkpoint under .*ckpt/r: start over with fresh: true"):
+        checkpoints.load_checkpoint(store, "ckpt/r", warn=said.append)
+    # a rank's own exception line (not only "...Error:") reaches the launch's one line
+    lines = ["[rank0]: Traceback (most recent call last):", "[rank0]: pipeline.train.config.TrainingFailed: "
+             "s3://b/ckpt/r/epoch-0002.pt: checkpoint sha256 does not match", "rank      : 0", "exitcode  : 1 (pid: 7)"]
+    assert "TrainingFailed: s3://b/ckpt/r/epoch-0002.pt: checkpoint sha256" in launcher._root_cause(lines)
+
+
 def test_a_damaged_checkpoint_pointer_is_one_line_naming_it(tmp_path):
-    """``latest.json`` truncated outside forgeline: resuming says which file and what is wrong."""
+    """``latest.json`` truncated outside forgeline: resuming says which file and what is wrong (and,
+    with an intact checkpoint beside it, resumes from that: see the test above)."""
     from pipeline.storage import CorruptObject, LocalStorage
 
     store = LocalStorage(tmp_path / "store")
@@ -124,7 +151,13 @@ def test_a_damaged_checkpoint_pointer_is_one_line_naming_it(tmp_path):
     store.write_atomic("ckpt/x/latest.json", b'{"epoch": 1, "key": "ckpt/x/epo')
     with pytest.raises(CorruptObject, match=re.escape(store.uri("ckpt/x/latest.json")) + r": not valid JSON .*"
                                              r"the checkpoint pointer is corrupt or truncated"):
+        checkpoints.latest_checkpoint(store, "ckpt/x")
+    with pytest.raises(train.TrainingFailed, match=re.escape(store.uri("ckpt/x/latest.json")) + r": not valid JSON "
+                       r".*the checkpoint pointer is corrupt or truncated; no older intact checkpoint"):
         checkpoints.load_checkpoint(store, "ckpt/x")
+    checkpoints.save_checkpoint(store, "ckpt/y", {"epoch": 1, "w": torch.ones(2)}, keep=2)
+    store.write_atomic("ckpt/y/latest.json", b'{"epoch": 1, "key": "ckpt/y/epo')  # the pointer alone damaged
+    assert checkpoints.load_checkpoint(store, "ckpt/y", warn=lambda line: None)["epoch"] == 1
 
 
 def test_killed_run_resumes_to_the_same_weights(data, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from typing import Callable
 
 from pipeline.storage import ObjectNotFound, Storage, join
 from pipeline.train.config import TrainingFailed
@@ -32,10 +33,38 @@ def read_checkpoint(store: Storage, key: str, expected_sha256: str | None = None
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(store: Storage, prefix: str) -> dict | None:
-    """The newest complete checkpoint under ``prefix`` (via ``latest.json``), or None."""
-    ptr = latest_checkpoint(store, prefix)
-    return None if ptr is None else read_checkpoint(store, ptr["key"], ptr["sha256"])
+def load_checkpoint(store: Storage, prefix: str, warn: Callable[[str], None] = print) -> dict | None:
+    """The newest complete checkpoint under ``prefix`` (via ``latest.json``), or None. When the
+    pointer or the checkpoint it names is damaged (truncated, sha256 mismatch), the newest older
+    checkpoint that loads is used instead (``latest.json`` is moved to it) and ``warn`` says so;
+    with none, one line names the damaged file and the way out."""
+    import torch
+
+    ptr = None
+    try:
+        ptr = latest_checkpoint(store, prefix)
+        return None if ptr is None else read_checkpoint(store, ptr["key"], ptr["sha256"])
+    except Exception as e:  # noqa: BLE001 - a damaged pointer or file: CorruptObject, sha256, unpickling
+        damaged = " ".join(str(e).split()) or type(e).__name__
+        if store.uri(prefix) not in damaged:
+            damaged = f"{store.uri(ptr['key'] if ptr else join(prefix, 'latest.json'))}: {damaged}"
+    older = sorted((o.key for o in store.list(prefix) if o.key.rsplit("/", 1)[-1].startswith("epoch-")), reverse=True)
+    for key in older:
+        if ptr is not None and key == ptr.get("key"):
+            continue
+        try:
+            data = store.read(key)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - damaged too: try the one before
+            continue
+        # the pointer names it from now on: what a later resume and the run's result read
+        ptr = {"format": CHECKPOINT_FORMAT, "epoch": state["epoch"], "key": key,
+               "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        store.write_atomic(join(prefix, "latest.json"), json.dumps(ptr).encode())
+        warn(f"[forgeline] {damaged}; resuming from the older {store.uri(key)} instead (latest.json now names it)")
+        return state
+    raise TrainingFailed(f"{damaged}; no older intact checkpoint under {store.uri(prefix)}: "
+                         "start over with fresh: true")
 
 
 def save_checkpoint(store: Storage, prefix: str, state: dict, keep: int) -> str:

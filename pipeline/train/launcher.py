@@ -225,6 +225,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+# The last line of a Python traceback: an exception class, dotted or not, then its message
+# ("pipeline.storage.base.CorruptObject: ...", "TrainingFailed: ..."), not only "...Error: ..."
+_EXCEPTION_LINE = re.compile(r"\s*(?:\[[^\]]*\]:?\s*)?(?:[a-z_]\w*\.)*[A-Z][a-z]\w*: \S")
+
+
 def _root_cause(lines: list[str]) -> str:
     """Every failed rank from torchrun's failure summary — real failures first, ranks torchrun
     merely stopped afterwards (SIGTERM) last — plus the ranks' own error lines. Falls back to the
@@ -238,7 +243,8 @@ def _root_cause(lines: list[str]) -> str:
         elif key == "exitcode" and rank is not None:
             failures[rank] = val
             rank = None
-    errors = [ln.strip() for ln in lines if ("Error:" in ln or "error:" in ln) and "ChildFailedError" not in ln]
+    errors = [ln.strip() for ln in lines if ("Error:" in ln or "error:" in ln or _EXCEPTION_LINE.match(ln))
+              and "ChildFailedError" not in ln]
     if not failures:
         return "\n".join(lines[-30:])
     stopped = {r for r, v in failures.items() if "-15" in v.split()[:1]}
