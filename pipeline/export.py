@@ -1061,6 +1061,11 @@ def check_version(
     if want.shape != got.shape or want.dtype != got.dtype:
         problems.append(f"outputs on the check batch are {got.dtype} {list(got.shape)}, "
                         f"the trained model gives {want.dtype} {list(want.shape)}")
+    elif want.is_floating_point() and not torch.isfinite(want).all():
+        # NaN never equals NaN: not an export fault, a model that is no model (training diverged)
+        bad = sum(1 for _, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all())
+        problems.append(f"the trained model's outputs on the check batch are not finite (NaN or inf; {bad} of "
+                        f"{len(state)} tensors hold such values): its training diverged")
     elif not (torch.equal(want, got) if atol == rtol == 0 else torch.allclose(want, got, atol=atol, rtol=rtol)):
         diff = (want.double() - got.double()).abs().max().item()
         problems.append(f"outputs on the check batch differ from the trained model (max |diff| {diff:.3g})")

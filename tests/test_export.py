@@ -331,6 +331,31 @@ def test_check_fails_when_weights_differ(local_storage):
     assert problems and all("differs from the trained model" in p for p in problems)
 
 
+def test_a_diverged_model_is_named_and_its_version_rejected(local_storage, monkeypatch):
+    """Weights gone NaN (a learning rate far too high): the export check says the training diverged
+    (NaN is never equal to NaN: it said the outputs 'differ'), and the failed gate is recorded in
+    the manifest, so the version is neither latest nor promotable (it was both)."""
+    from pipeline import package, promotion
+
+    m = trained_cnn()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float("nan"))
+    key = save_ckpt(local_storage, "ckpt/nan", m)
+    sha = checkpoints.latest_checkpoint(local_storage, "ckpt/nan")["sha256"]
+    monkeypatch.setattr(package, "fixed_batch", lambda shards, spec: batch())  # no data needed to see NaN
+    result = package.export_trained(local_storage, "digits", checkpoint=key, checkpoint_sha256=sha,
+                                    architecture="digits_cnn", model_kwargs=KW, check_shards=[],
+                                    spec={"crop": 28, "mean": [0.25], "std": [0.35]})
+    [problem] = result["problems"]
+    assert problem.startswith("the trained model's outputs on the check batch are not finite") and "diverged" in problem
+    version = result["manifest"]["version"]
+    assert "loads_back_bit_exact" in result["manifest"]["rejected"]["reason"]
+    assert ex.latest_version(local_storage, "digits") is None
+    with pytest.raises(promotion.PromotionError, match="rejected"):
+        promotion.promote(local_storage, "digits", version)
+
+
 def test_checkpoint_that_does_not_match_the_architecture(local_storage):
     key = save_ckpt(local_storage, "ckpt/a", trained_cnn())
     with pytest.raises(ex.CheckpointMismatch, match=r"'features\.0\.0\.weight' has shape \[8, 1, 3, 3\] in the checkpoint, \[16, 1, 3, 3\]"):
