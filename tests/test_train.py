@@ -115,6 +115,16 @@ def test_a_launch_whose_parent_dies_stops_its_ranks(data, tmp_path):
     assert not left, [p.info["cmdline"] for p in left]  # no torchrun, no rank
 
 
+def test_a_step_larger_than_a_ranks_data_is_refused_before_any_rank_starts():
+    """batch_size x accumulation over a rank's samples: no optimizer step would ever be taken (each
+    rank drops its last, incomplete batch); the run once ended 'successfully' at 10% accuracy."""
+    train.TrainConfig(batch_size=64, accumulation=4).check_fits(1259, 2)  # 256 of 629: fine
+    for cfg in (train.TrainConfig(batch_size=100_000), train.TrainConfig(batch_size=64, accumulation=10)):
+        with pytest.raises(train.TrainingFailed, match=r"samples per optimizer step, but each of the 2 ranks gets "
+                                                       r"629 training samples \(1259 in all\): no step would be taken"):
+            cfg.check_fits(1259, 2)
+
+
 def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path):
     """The newest checkpoint truncated (or its pointer damaged): the run resumes from the older
     intact one and says so; with nothing intact, one line names the file and the way out. Both once

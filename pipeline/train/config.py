@@ -33,3 +33,14 @@ class TrainConfig:
     collective_timeout_s: float = 120.0  # a dead peer fails the step after this long, not never
     rdzv_join_timeout_s: int = 600  # multi-node: a node that never joins fails the others after this long
     save_rank_weights: bool = False  # tests: each rank dumps its final parameters
+
+    def check_fits(self, train_samples: int, world_size: int) -> None:
+        """:class:`TrainingFailed` before any rank starts when an optimizer step needs more samples
+        than a rank gets (each rank drops its last, incomplete batch): every epoch would take no
+        step, and the run end with its initial weights and a NaN loss."""
+        per_rank, step = train_samples // max(1, world_size), self.batch_size * self.accumulation
+        if step > per_rank:
+            raise TrainingFailed(
+                f"batch_size {self.batch_size} x accumulation {self.accumulation} = {step} samples per optimizer "
+                f"step, but each of the {world_size} ranks gets {per_rank} training samples ({train_samples} in "
+                f"all): no step would be taken; lower batch_size or accumulation")
