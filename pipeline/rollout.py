@@ -19,6 +19,7 @@ here tells them to load anything. This module never imports dagster.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -195,6 +196,8 @@ def wait_for_version(urls: list[str], model: str, version: str, *, timeout_s: fl
     t0 = time.monotonic()
     deadline = t0 + timeout_s
 
+    stop = threading.Event()
+
     def one(url: str) -> tuple[bool, ServerState, float]:
         while True:
             left = deadline - time.monotonic()
@@ -202,14 +205,36 @@ def wait_for_version(urls: list[str], model: str, version: str, *, timeout_s: fl
             if s.ok and s.version == version:
                 return True, probe(url, model, timeout_s=request_timeout_s), time.monotonic() - t0
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or stop.wait(min(poll_s, left)):
                 return False, s, time.monotonic() - t0
-            time.sleep(min(poll_s, left))
 
     if not urls:
         return RolloutResult(model=model, version=version)
-    with ThreadPoolExecutor(max_workers=min(16, len(urls)), thread_name_prefix="forgeline-rollout") as pool:
-        outcomes = list(pool.map(one, urls))
+    # One daemon thread per server (at most 16 at a time), not a pool joined on the way out: a run
+    # canceled meanwhile (Ctrl-C, a terminate from the UI, a pod stopped) ends now, not when the
+    # rollout's deadline (minutes) would have passed.
+    outcomes: list = [None] * len(urls)
+    slots = threading.Semaphore(16)
+
+    def run(i: int, url: str) -> None:
+        with slots:
+            try:
+                outcomes[i] = one(url)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                outcomes[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, u), name=f"forgeline-rollout-{i}", daemon=True)
+               for i, u in enumerate(urls)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()
+    for o in outcomes:
+        if isinstance(o, BaseException):
+            raise o
     ready = [s for ok, s, _ in outcomes if ok]
     pending = [s for ok, s, _ in outcomes if not ok]
     if pending:

@@ -120,6 +120,38 @@ def test_rollout_fails_naming_the_lagging_and_the_unreachable_server_then_succee
         promotion.promote(store, "digits", "v1")
 
 
+def test_a_rollout_interrupted_stops_at_once_not_at_its_deadline(tmp_path):
+    """Ctrl-C (or a terminate) while the rollout waits on a server that accepts and never answers:
+    the process ends at once; it used to wait out the rollout's whole timeout (minutes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as hole:  # accepts (the kernel's backlog) and never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen()
+        code = (f"from pipeline.rollout import wait_for_version\n"
+                f"print('waiting', flush=True)\n"
+                f"wait_for_version(['http://127.0.0.1:{hole.getsockname()[1]}'], 'digits', 'v2', timeout_s=120, "
+                f"poll_s=0.2, request_timeout_s=3)\n")
+        repo = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, env={**os.environ, "PYTHONPATH": repo},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "waiting"
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            assert time.monotonic() - t0 < 5, "the interrupted rollout waited on"
+            assert proc.returncode != 0 and "KeyboardInterrupt" in err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_no_servers_is_an_immediate_pass():
     res = rollout.wait_for_version([], "digits", "v9", timeout_s=1)
     assert res.ready == [] and res.seconds == {}
