@@ -557,7 +557,8 @@ class ShmTier:
         cap = self.capacity_bytes
         what = f"shm tier {self.root}: {model}/{version} needs {need} bytes"
         if cap is not None and need > cap:
-            raise StorageFull(f"{what}, more than the whole budget of {cap} bytes (capacity_bytes); "
+            raise StorageFull(f"{what}, more than the whole budget of {cap} bytes (capacity_bytes, "
+                              "FORGELINE_SHM_CAPACITY_BYTES); "
                               "nothing was evicted")
         used, pending = 0, 0  # budget bytes of others; bytes others' copies will still write
         pinned_b, busy_b = 0, 0

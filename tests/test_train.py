@@ -118,11 +118,14 @@ def test_a_launch_whose_parent_dies_stops_its_ranks(data, tmp_path):
 def test_a_step_larger_than_a_ranks_data_is_refused_before_any_rank_starts():
     """batch_size x accumulation over a rank's samples: no optimizer step would ever be taken (each
     rank drops its last, incomplete batch); the run once ended 'successfully' at 10% accuracy."""
-    train.TrainConfig(batch_size=64, accumulation=4).check_fits(1259, 2)  # 256 of 629: fine
+    train.TrainConfig(batch_size=64, accumulation=4).check_before_launch(1259, 2, "cpu")  # 256 of 629: fine
     for cfg in (train.TrainConfig(batch_size=100_000), train.TrainConfig(batch_size=64, accumulation=10)):
         with pytest.raises(train.TrainingFailed, match=r"samples per optimizer step, but each of the 2 ranks gets "
                                                        r"629 training samples \(1259 in all\): no step would be taken"):
-            cfg.check_fits(1259, 2)
+            cfg.check_before_launch(1259, 2, "cpu")
+    with pytest.raises(train.TrainingFailed, match="amp fp16 needs a CUDA device .*on cpu"):  # not at every rank
+        train.TrainConfig(amp="fp16").check_before_launch(1259, 2, "cpu")
+    train.TrainConfig(amp="fp16").check_before_launch(1259, 2, "cuda")
 
 
 def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path):
@@ -219,7 +222,7 @@ def test_a_native_crash_is_named_by_its_exception_and_frames():
 
 def test_run_timeout_stops_a_stuck_run(data, tmp_path):
     t = time.monotonic()
-    with pytest.raises(train.TrainingTimeout, match="did not finish within 20s"):
+    with pytest.raises(train.TrainingTimeout, match="did not finish within run_timeout_s=20 "):
         _launch(data, tmp_path, "ckpt/timeout", env={"FORGELINE_TRAIN_FAULT": "0:0:1:hang"},
                 collective_timeout_s=600, run_timeout_s=20)
     assert time.monotonic() - t < 60

@@ -145,9 +145,10 @@ def launch(
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             reader.join(5)
+            said = "\n".join(list(tail)[-30:])
             raise TrainingTimeout(
-                f"training did not finish within {run_timeout_s:.0f}s and was stopped "
-                f"({where}); last output:\n" + "\n".join(list(tail)[-30:])
+                f"training did not finish within run_timeout_s={run_timeout_s:g} and was stopped ({where}); "
+                + (f"last output:\n{said}" if said else "it wrote no output")
             ) from None
         except BaseException:
             _kill_group(proc)  # the caller was interrupted (Ctrl-C, SIGTERM, a canceled run): do not leave ranks running
