@@ -61,7 +61,9 @@ def incoming_batches(context: dg.SensorEvaluationContext, storage: StorageResour
         context.log.warning(f"{INCOMING}/{folder}/ is ready but not ingested: {why}")
     new = pending_batches(context.instance, storage, skip=seen, ready=ready)
     if not new:
-        return dg.SkipReason(f"no new ready batch under {INCOMING}/ ({len(seen)} seen)")
+        # the refused in the tick's own line, where the ticks list shows it (not only in its logs)
+        also = "".join(f"; refused {INCOMING}/{f}/: {why}" for f, why in sorted(refused.items())[:3])
+        return dg.SkipReason(f"no new ready batch under {INCOMING}/ ({len(seen)} seen){also}")
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=b, run_key=f"ingest:{b}") for b in new],
         dynamic_partitions_requests=[batches.build_add_request(new)],

@@ -110,6 +110,11 @@ def test_sensor_adds_partitions_once_per_ready_batch(instance, storage):
     # same objects again → no new run; day2 finishes landing → exactly one new run
     ctx2 = dg.build_sensor_context(instance=instance, resources={"storage": storage}, cursor=result.cursor)
     assert isinstance(incoming_batches(ctx2), dg.SkipReason)
+    store.write_atomic("incoming/bad name/_READY", b"{}")  # never a partition: the tick's line says why
+    skip = incoming_batches(dg.build_sensor_context(instance=instance, resources={"storage": storage},
+                                                    cursor=result.cursor))
+    assert "(1 seen); refused incoming/bad name/: " in skip.skip_message, skip.skip_message
+    store.delete("incoming/bad name/_READY")
     store.write_atomic("incoming/day2/_READY", b"{}")
     result3 = incoming_batches(dg.build_sensor_context(instance=instance, resources={"storage": storage},
                                                        cursor=result.cursor))
