@@ -376,14 +376,19 @@ def test_metadata_without_golden_outputs_names_only_what_the_manifest_says(store
     run(main())
 
 
+def _v1_in_production_v2_published(store) -> tuple[dict, str, bytes]:
+    """digits v1 (promoted) and v2 (newer, not promoted): ``(modules, alias key, the alias's bytes)``."""
+    mods = {"v1": publish(store, "digits", "v1", 1), "v2": publish(store, "digits", "v2", 2)}
+    promotion.promote(store, "digits", "v1")
+    alias = export.version_prefix("digits", "production")
+    return mods, alias, store.read(alias)
+
+
 def test_a_damaged_alias_keeps_the_served_version_until_it_is_repaired(store, caplog):
     """The production alias damaged outside forgeline: the server keeps answering with what it
     serves, logs one warning naming the file (again only if it changes, or after 5 minutes) and counts
     every failed read; once the alias reads again, it swaps."""
-    mods = {"v1": publish(store, "digits", "v1", 1), "v2": publish(store, "digits", "v2", 2)}
-    promotion.promote(store, "digits", "v1")
-    alias = export.version_prefix("digits", "production")
-    good = store.read(alias)
+    mods, alias, good = _v1_in_production_v2_published(store)
 
     async def main():
         reg = ModelRegistry(store, config())
@@ -420,11 +425,7 @@ def test_a_lost_alias_is_not_replaced_by_the_newest_version(store):
     keeps serving what it serves and reports the error; a new one serves nothing rather than the
     newest version, which was never gated for production. A model never promoted still serves its
     newest version."""
-    mods = {"v1": publish(store, "digits", "v1", 1)}
-    promotion.promote(store, "digits", "v1")
-    publish(store, "digits", "v2", 2)  # newer, never promoted
-    alias = export.version_prefix("digits", "production")
-    good = store.read(alias)
+    mods, alias, good = _v1_in_production_v2_published(store)  # v2: newer, never promoted
 
     async def main():
         reg = ModelRegistry(store, config())
