@@ -7,9 +7,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 from typing import Callable
 
-from pipeline.storage import ObjectNotFound, Storage, join
+from pipeline.storage import CorruptObject, IntegrityError, ObjectNotFound, Storage, join
 from pipeline.train.config import TrainingFailed
 
 CHECKPOINT_FORMAT = "forgeline.checkpoint/1"
@@ -44,13 +45,16 @@ def load_checkpoint(store: Storage, prefix: str, warn: Callable[[str], None] = p
     try:
         ptr = latest_checkpoint(store, prefix)
         return None if ptr is None else read_checkpoint(store, ptr["key"], ptr["sha256"])
-    except Exception as e:  # noqa: BLE001 - a damaged pointer or file: CorruptObject, sha256, unpickling
-        damaged = " ".join(str(e).split()) or type(e).__name__
+    except (CorruptObject, ObjectNotFound, IntegrityError, TrainingFailed, EOFError, pickle.UnpicklingError,
+            RuntimeError, KeyError, TypeError) as e:  # damaged; a store that does not answer raises on
+        damaged = (f"the checkpoint pointer has no field {e}" if isinstance(e, KeyError)
+                   else " ".join(str(e).split()) or type(e).__name__)
         if store.uri(prefix) not in damaged:
-            damaged = f"{store.uri(ptr['key'] if ptr else join(prefix, 'latest.json'))}: {damaged}"
+            named = ptr.get("key") if isinstance(ptr, dict) else None
+            damaged = f"{store.uri(named if isinstance(named, str) else join(prefix, 'latest.json'))}: {damaged}"
     older = sorted((o.key for o in store.list(prefix) if o.key.rsplit("/", 1)[-1].startswith("epoch-")), reverse=True)
     for key in older:
-        if ptr is not None and key == ptr.get("key"):
+        if isinstance(ptr, dict) and key == ptr.get("key"):
             continue
         try:
             data = store.read(key)
