@@ -63,7 +63,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.error = types.MethodType(_OneLineParser.error, s)
     s.parse_known_args = types.MethodType(_OneLineParser.parse_known_args, s)
     s.add_argument("--models", type=_models, default=None,
-                   help="comma-separated model names to load at start (default: every published model)")
+                   help="comma-separated model names, loaded at start (default: every published model, each "
+                        "loaded at its first request)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=argtypes.port, default=8000)
     s.add_argument("--device", "-d", default="cpu", type=argtypes.device, help="cpu, cuda or cuda:N")
@@ -76,7 +77,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "form from requests that arrive while the previous forward runs)")
     s.add_argument("--queue-limit", type=argtypes.positive(int), default=256,
                    help="requests queued per model before answering 503")
-    s.add_argument("--compile", action="store_true", help="torch.compile each version (cached compile artifacts)")
+    s.add_argument("--compile", action="store_true",
+                   help="serve each version as an AOTInductor package from the compile cache (compiled on a miss)")
     s.add_argument("--compile-mode", default="default", help="torch.compile mode")
     s.add_argument("--poll-s", type=argtypes.positive(float), default=2.0,
                    help="seconds between checks for a newly promoted version (hot swap)")

@@ -493,7 +493,7 @@ def check(env: Env = None) -> None:
     """Read every setting once, so that a malformed one stops whoever loads the code location at
     once, in one line naming it, not later in the step that happens to use it (a rollout after a
     whole training run)."""
-    storage(env), shm_root(env), shm_capacity_bytes(env), compile_cache(env)
+    storage(env), s3_concurrency(env), shm_root(env), shm_capacity_bytes(env), compile_cache(env)
     model_name(env), gpu_pool(env), gpus_per_run(env), executor(env), timezone(env)
     serve_sample_rate(env), serve_sample_window_s(env), serve_sample_window_samples(env)
     serve_urls(env), reports_url(env)
