@@ -420,6 +420,67 @@ def test_a_damaged_alias_keeps_the_served_version_until_it_is_repaired(store, ca
         run(main())
 
 
+def test_a_pinned_version_loading_beside_a_swap_is_not_dropped_before_its_request_takes_it(store):
+    """A request for a non-serving version while the model's serving version comes back (both
+    loading at once): the swap's clean-up of versions that are neither serving nor previous once
+    dropped the pinned one between its load and its request ('was unloaded before it could
+    answer', with nothing unloaded); here every such request is answered by its version."""
+    _v1_in_production_v2_published(store)
+
+    async def main():
+        reg = ModelRegistry(store, config(keep_previous=False))
+        await reg.start()
+        x = batch(1)
+        await reg.infer("digits", None, {"input": x})
+        for _ in range(25):
+            m = reg._models["digits"]
+            for v in list(m.versions):  # out of memory, as the LRU leaves it
+                reg._evict_now(m, v, "test")
+            plain, pinned = await asyncio.gather(reg.infer("digits", None, {"input": x}),
+                                                 reg.infer("digits", "v2", {"input": x}))
+            assert (plain.version, pinned.version) == ("v1", "v2")
+        await reg.stop()
+
+    run(main())
+
+
+def test_a_model_unloaded_while_a_request_waits_for_it_is_not_loaded_again(store):
+    """Unload while a request waits for the model's load: the request is told the model is
+    unloaded, and nothing loads it again for that request (it used to, up to three times)."""
+    _v1_in_production_v2_published(store)
+
+    async def main():
+        reg = ModelRegistry(store, config())
+        await reg.start()
+        loads = 0
+        real = reg._load_fn
+
+        def counting(*a, **k):
+            nonlocal loads
+            loads += 1
+            time.sleep(0.05)  # a load takes a while: the unload comes in meanwhile
+            return real(*a, **k)
+
+        reg._load_fn = counting
+        for _ in range(5):
+            await reg.unload("digits")
+            await reg.load("digits")
+            m = reg._models["digits"]
+            for v in list(m.versions):
+                reg._evict_now(m, v, "test")
+            before = loads
+            request = asyncio.ensure_future(reg.infer("digits", None, {"input": batch(1)}))
+            await asyncio.sleep(0.01)
+            await reg.unload("digits")
+            with pytest.raises(Unavailable, match="digits is unloaded"):
+                await request
+            await asyncio.sleep(0.2)
+            assert loads - before <= 1, loads - before
+        await reg.stop()
+
+    run(main())
+
+
 def test_a_lost_alias_is_not_replaced_by_the_newest_version(store):
     """The production alias deleted outside forgeline, with promotions on record: a running server
     keeps serving what it serves and reports the error; a new one serves nothing rather than the

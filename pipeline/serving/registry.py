@@ -528,23 +528,37 @@ class ModelRegistry:
             raise Unavailable("the server is not started yet", self.config.retry_after_s)
 
     async def _acquire(self, m: _Model, version: str | None) -> _Resident:
+        def unloaded() -> Unavailable:
+            return Unavailable(f"{m.name} is unloaded (repository load it first)", self.config.retry_after_s)
+
         if m.unloaded:
-            raise Unavailable(f"{m.name} is unloaded (repository load it first)", self.config.retry_after_s)
+            raise unloaded()
         if version is None:
             for _ in range(3):
                 r = m.resident()
                 if r is not None:
                     break
                 await self._wait_for(m, self._activate_task(m))
+                if m.unloaded:  # unloaded while this request waited: not loaded again for it
+                    raise unloaded()
             else:
                 raise Unavailable(f"{m.name}: no version became ready", self.config.retry_after_s)
         else:
             r = m.versions.get(version)
             if r is None:
-                await self._wait_for(m, self._version_task(m, version))
+                # held while this request waits, so that a swap finishing meanwhile does not drop
+                # the version as "replaced" before the request takes it (it is not serving)
+                m.guard[version] += 1
+                try:
+                    await self._wait_for(m, self._version_task(m, version))
+                finally:
+                    m.guard[version] -= 1
+                if m.unloaded:
+                    raise unloaded()
                 r = m.versions.get(version)
                 if r is None:
-                    raise Unavailable(f"{m.name}/{version} was unloaded before it could answer", self.config.retry_after_s)
+                    raise Unavailable(f"{m.name}/{version} was evicted before it could answer (no room: "
+                                      f"see --budget)", self.config.retry_after_s)
         r.in_flight += 1  # no await since the load finished: nothing was evicted in between
         r.idle.clear()
         r.last_used = time.monotonic()
