@@ -442,6 +442,23 @@ def test_a_refused_request_keeps_none_of_its_decoded_data_alive():
     assert [f.f_code.co_name for f, _ in traceback.walk_tb(err.__traceback__)][-1] == "decode_request"  # no deeper
 
 
+def test_an_idle_connection_outlives_uvicorns_five_seconds(server):
+    """A client (or load balancer) that reuses a connection after 6 idle seconds is answered:
+    uvicorn's default 5 s keep-alive closed it, and a request sent just then was lost."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/v2/health/live")
+        assert conn.getresponse().read() is not None
+        sock = conn.sock
+        time.sleep(6)
+        conn.request("GET", "/v2/health/live")
+        assert conn.getresponse().status == 200 and conn.sock is sock  # the same connection
+    finally:
+        conn.close()
+
+
 def test_body_over_limit_is_413(server, client):
     big = json.dumps({"inputs": [{"name": "x", "shape": [MAX_BODY], "datatype": "UINT8",
                                   "data": [1] * MAX_BODY}]})
