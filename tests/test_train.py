@@ -3,6 +3,7 @@ weights identical; a run killed mid-epoch resumes from its checkpoint to the sam
 or hung rank fails the run with a clear error within the configured timeouts."""
 
 import io
+import json
 import re
 import time
 
@@ -113,6 +114,18 @@ def test_a_launch_whose_parent_dies_stops_its_ranks(data, tmp_path):
     time.sleep(1)
     left = [p for p in psutil.process_iter(["cmdline"]) if str(work) in " ".join(p.info["cmdline"] or [])]
     assert not left, [p.info["cmdline"] for p in left]  # no torchrun, no rank
+
+
+def test_a_diverged_run_stops_at_its_first_nan_epoch_naming_it(data, tmp_path):
+    """A learning rate far too high: the loss goes NaN, the run stops at that epoch, saying so (no
+    NaN checkpoint), instead of training on and publishing a model of NaN weights."""
+    with pytest.raises(train.TrainingFailed, match=r"train_loss is nan in epoch \d+: the training diverged "
+                                                   r"\(lr=1e\+06, amp auto\); lower lr or use amp fp32"):
+        _launch(data, tmp_path, "ckpt/diverged", epochs=20, lr=1e6)
+    store, _ = data
+    ptr = checkpoints.latest_checkpoint(store, "ckpt/diverged")
+    for h in json.loads(checkpoints.load_checkpoint(store, "ckpt/diverged")["history"]) if ptr else []:
+        assert h["train_loss"] == h["train_loss"]  # every checkpointed epoch had a finite loss
 
 
 def test_a_step_larger_than_a_ranks_data_is_refused_before_any_rank_starts():

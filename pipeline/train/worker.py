@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -42,7 +43,7 @@ from pipeline.models import build_model
 from pipeline.preprocess import PreprocessSpec, WebDatasetLoader
 from pipeline.storage import Storage, from_spec, write_file_atomic
 from pipeline.train.checkpoints import CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, TrainingFailed
 from pipeline.train.launcher import die_with_parent
 
 # What the per-epoch Pipes log line shows (the row has more: step latency percentiles, stall time).
@@ -91,6 +92,9 @@ def main(job_path: str) -> None:
                 pipes.log.info(f"resuming from {run.prefix} epoch {run.start_epoch}")
         for epoch in range(run.start_epoch, run.cfg.epochs):
             row = train_epoch(run, epoch)
+            if not math.isfinite(row["train_loss"]):  # all-reduced: every rank stops here, none checkpoints it
+                raise TrainingFailed(f"train_loss is {row['train_loss']} in epoch {epoch + 1}: the training diverged "
+                                     f"(lr={run.cfg.lr:g}, amp {run.cfg.amp}); lower lr or use amp fp32")
             if "val" in run.evals:
                 v = evaluate(run, run.evals["val"])
                 row.update(val_loss=v["loss"], val_acc=v["acc"])
