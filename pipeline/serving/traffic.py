@@ -258,14 +258,15 @@ class TrafficSampler:
         if x.ndim != 4 or x.shape[1] not in (1, 3):  # only images land as batches
             self.metrics.dropped.labels(model, "not_an_image").inc(take.size)
             return 0
-        if x.dtype.kind == "f":  # a NaN or infinite pixel has no 8-bit value: not an image either
-            finite = np.isfinite(x[take]).reshape(take.size, -1).all(axis=1)
+        rows = x[take]  # a copy (fancy indexing): what the writer gets, gathered once
+        if rows.dtype.kind == "f":  # a NaN or infinite pixel has no 8-bit value: not an image either
+            finite = np.isfinite(rows).reshape(take.size, -1).all(axis=1)
             if not finite.all():
                 self.metrics.dropped.labels(model, "not_finite").inc(int((~finite).sum()))
-                take = take[finite]
+                take, rows = take[finite], rows[finite]
                 if not take.size:
                     return 0
-        item = _Taken(model, version, x[take].copy(), np.asarray(y)[take].copy(), float(latency_s), time.time(), spec)
+        item = _Taken(model, version, rows, np.asarray(y)[take], float(latency_s), time.time(), spec)
         try:
             self._queue.put_nowait(item)
         except queue.Full:
