@@ -24,14 +24,29 @@ def latest_checkpoint(store: Storage, prefix: str) -> dict | None:
         return None
 
 
-def read_checkpoint(store: Storage, key: str, expected_sha256: str | None = None) -> dict:
-    """One checkpoint, verified against its recorded sha256, loaded on the CPU (weights only)."""
+def _epoch_keys(store: Storage, prefix: str) -> list[str]:
+    """The ``epoch-NNNN.pt`` checkpoints under ``prefix``, oldest first."""
+    return sorted(o.key for o in store.list(prefix) if o.key.rsplit("/", 1)[-1].startswith("epoch-"))
+
+
+def _write_pointer(store: Storage, prefix: str, epoch: int, key: str, sha256: str, size: int) -> None:
+    """Move ``latest.json`` to the complete checkpoint ``key``."""
+    ptr = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "key": key, "sha256": sha256, "bytes": size}
+    store.write_atomic(join(prefix, "latest.json"), json.dumps(ptr).encode())
+
+
+def _unpickle(data: bytes) -> dict:
     import torch
 
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(store: Storage, key: str, expected_sha256: str | None = None) -> dict:
+    """One checkpoint, verified against its recorded sha256, loaded on the CPU (weights only)."""
     data = store.read(key)
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise TrainingFailed(f"{store.uri(key)}: checkpoint sha256 does not match the recorded {expected_sha256}")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return _unpickle(data)
 
 
 def load_checkpoint(store: Storage, prefix: str, warn: Callable[[str], None] = print) -> dict | None:
@@ -39,8 +54,6 @@ def load_checkpoint(store: Storage, prefix: str, warn: Callable[[str], None] = p
     pointer or the checkpoint it names is damaged (truncated, sha256 mismatch), the newest older
     checkpoint that loads is used instead (``latest.json`` is moved to it) and ``warn`` says so;
     with none, one line names the damaged file and the way out."""
-    import torch
-
     ptr = None
     try:
         ptr = latest_checkpoint(store, prefix)
@@ -52,19 +65,16 @@ def load_checkpoint(store: Storage, prefix: str, warn: Callable[[str], None] = p
         if store.uri(prefix) not in damaged:
             named = ptr.get("key") if isinstance(ptr, dict) else None
             damaged = f"{store.uri(named if isinstance(named, str) else join(prefix, 'latest.json'))}: {damaged}"
-    older = sorted((o.key for o in store.list(prefix) if o.key.rsplit("/", 1)[-1].startswith("epoch-")), reverse=True)
-    for key in older:
+    for key in reversed(_epoch_keys(store, prefix)):
         if isinstance(ptr, dict) and key == ptr.get("key"):
             continue
         try:
             data = store.read(key)
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            state = _unpickle(data)
         except Exception:  # noqa: BLE001 - damaged too: try the one before
             continue
         # the pointer names it from now on: what a later resume and the run's result read
-        ptr = {"format": CHECKPOINT_FORMAT, "epoch": state["epoch"], "key": key,
-               "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        store.write_atomic(join(prefix, "latest.json"), json.dumps(ptr).encode())
+        _write_pointer(store, prefix, state["epoch"], key, hashlib.sha256(data).hexdigest(), len(data))
         warn(f"[forgeline] {damaged}; resuming from the older {store.uri(key)} instead (latest.json now names it)")
         return state
     raise TrainingFailed(f"{damaged}; no older intact checkpoint under {store.uri(prefix)}: "
@@ -80,9 +90,8 @@ def save_checkpoint(store: Storage, prefix: str, state: dict, keep: int) -> str:
     torch.save(state, buf)
     key = join(prefix, f"epoch-{state['epoch']:04d}.pt")
     info = store.write_atomic(key, buf.getbuffer())
-    ptr = {"format": CHECKPOINT_FORMAT, "epoch": state["epoch"], "key": key, "sha256": info.sha256, "bytes": info.size}
-    store.write_atomic(join(prefix, "latest.json"), json.dumps(ptr).encode())
-    ckpts = sorted(o.key for o in store.list(prefix) if o.key.rsplit("/", 1)[-1].startswith("epoch-"))
+    _write_pointer(store, prefix, state["epoch"], key, info.sha256, info.size)
+    ckpts = _epoch_keys(store, prefix)
     for old in ckpts[:-keep] if keep > 0 else []:
         store.delete(old)
     return key
