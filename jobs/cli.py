@@ -39,6 +39,7 @@ from jobs.runs import (
     ensure_instance_home,
     err_console,
     first_line,
+    instance_home,
     load_defs,
     materialization_table,
     open_store,
@@ -477,7 +478,7 @@ def _instance_db_error(e: BaseException) -> str:
     to open database file"): name the folder and the room left on its disk, the usual cause."""
     import shutil
 
-    home = os.environ.get("DAGSTER_HOME") or str(settings.home() / "dagster_home")
+    home = instance_home()
     said = first_line(getattr(e, "orig", None) or e).removeprefix("(sqlite3.OperationalError) ")
     try:
         free = shutil.disk_usage(home).free

@@ -90,11 +90,16 @@ concurrency:
 """ + _RUN_MONITORING_YAML
 
 
+def instance_home() -> Path:
+    """The Dagster instance's folder: ``DAGSTER_HOME``, else ``$FORGELINE_HOME/dagster_home``."""
+    return Path(os.environ.get("DAGSTER_HOME") or settings.home() / "dagster_home")
+
+
 def ensure_instance_home() -> Path:
     """Point DAGSTER_HOME at the project-local instance unless the user chose one; write its
     dagster.yaml if missing, and add run monitoring to an existing one that lacks it."""
     what = "DAGSTER_HOME" if os.environ.get("DAGSTER_HOME") else "the Dagster instance folder (in FORGELINE_HOME)"
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings.home() / "dagster_home")))
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(instance_home())))
     if not home.is_absolute():  # Dagster refuses it too, but only after this wrote a dagster.yaml there
         raise UserError(f"DAGSTER_HOME: {str(home)!r} is a relative path: give an absolute one "
                         f"(e.g. {home.absolute()})")
