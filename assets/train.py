@@ -169,8 +169,7 @@ def trained_model(
         with gpu_pool.lease(f"trained_model:{context.run.run_id}") as lease, gpu_pool.sampler(lease) as sampler, \
                 dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
                                       message_reader=dg.PipesTempFileMessageReader()) as pipes:
-            tcfg.check_before_launch(data.get("samples", {}).get("train", 1 << 62), lease.world_size,
-                                     lease.device_type)
+            tcfg.check_before_launch(data.get("samples", {}).get("train"), lease.world_size, lease.device_type)
             result = train.launch(
                 storage=store, shards=ds.stage_all(store, data, shard_cache_dir()), spec=preprocessed["spec"],
                 config=tcfg, checkpoint_prefix=f"checkpoints/{run_name}", world_size=lease.world_size,

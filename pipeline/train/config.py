@@ -34,14 +34,16 @@ class TrainConfig:
     rdzv_join_timeout_s: int = 600  # multi-node: a node that never joins fails the others after this long
     save_rank_weights: bool = False  # tests: each rank dumps its final parameters
 
-    def check_before_launch(self, train_samples: int, world_size: int, device_type: str) -> None:
+    def check_before_launch(self, train_samples: int | None, world_size: int, device_type: str) -> None:
         """:class:`TrainingFailed` before any rank starts for what every rank would fail at: fp16
         autocast on CPU, or an optimizer step that needs more samples than a rank gets (each rank
         drops its last, incomplete batch: every epoch would take no step, and the run end with its
-        initial weights and a NaN loss)."""
+        initial weights and a NaN loss; not checked when ``train_samples`` is unknown)."""
         if self.amp == "fp16" and device_type != "cuda":
             raise TrainingFailed(f"amp fp16 needs a CUDA device (this run's ranks are on {device_type}): "
                                  "use bf16, fp32 or auto")
+        if train_samples is None:
+            return
         per_rank, step = train_samples // max(1, world_size), self.batch_size * self.accumulation
         if step > per_rank:
             raise TrainingFailed(
