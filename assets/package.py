@@ -26,6 +26,9 @@ class ExportConfig(dg.Config):
     max_shard_bytes: int = Field(default=2 * 1024**3, ge=1, description="Largest shard file (tensors are never split).")
     dtype: Optional[str] = Field(default=None, description="Cast floating tensors on export: bfloat16 | float16 | "
                                  "float32 | float64 (None keeps them).")
+    max_regression_points: float = Field(default=1.0, ge=0, description=(
+        "Gate not_worse_than_production: the most held-out accuracy points this version may be below the "
+        "production version (both evaluated on this version's test split) and still go on to promotion."))
 
     @field_validator("dtype")
     @classmethod
@@ -38,20 +41,26 @@ class ExportConfig(dg.Config):
 @dg.asset(
     group_name="package",
     kinds={"safetensors"},
-    check_specs=[dg.AssetCheckSpec(
-        "loads_back_bit_exact", asset="exported_model", blocking=True,
-        description="Every shard verifies (size, sha256), every tensor equals the trained one, outputs "
-                    "on a fixed batch match.")],
+    check_specs=[
+        dg.AssetCheckSpec("loads_back_bit_exact", asset="exported_model", blocking=True,
+                          description="Every shard verifies (size, sha256), every tensor equals the trained one, "
+                                      "outputs on a fixed batch match."),
+        dg.AssetCheckSpec("not_worse_than_production", asset="exported_model", blocking=True,
+                          description="Held-out accuracy no more than max_regression_points below the production "
+                                      "version's on the same test split: a retrain that came out worse is not "
+                                      "promoted, and production stays where it was."),
+    ],
 )
 def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trained_model: dict, storage: StorageResource):
     """The trained weights as an immutable, chunked safetensors version with its golden outputs,
     streamed from the checkpoint (the same weights exported the same way reuse their version)."""
     store = storage.client()
     arch = trained_model["model"]
+    test_shards = ds.stage(store, trained_model["dataset"]["splits"]["test"], shard_cache_dir())
     result = package.export_trained(
         store, config.model_name, checkpoint=trained_model["checkpoint"],
         checkpoint_sha256=trained_model["checkpoint_sha256"], architecture=arch["name"], model_kwargs=arch["kwargs"],
-        spec=trained_model["spec"], check_shards=ds.stage(store, trained_model["dataset"]["splits"]["test"], shard_cache_dir()),
+        spec=trained_model["spec"], check_shards=test_shards,
         run_id=trained_model["run_id"], data_version=trained_model["dataset_version"],
         batches=trained_model["dataset"]["batches"], dtype=config.dtype, max_shard_bytes=config.max_shard_bytes,
     )
@@ -60,10 +69,13 @@ def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trai
         context.log.info(f"{config.model_name}/{manifest['version']} already holds these weights: reused it")
     version = manifest["version"]
     gate = {"passed": not problems, "value": len(problems), "limit": 0, "unit": "problems", "problems": problems}
+    # a version that does not load back bit-exact is rejected already: no comparison to make
+    versus = package.compare_with_production(store, config.model_name, version, test_shards, trained_model["spec"],
+                                             max_regression_points=config.max_regression_points) if not problems else None
     yield dg.Output(
         {"model": config.model_name, "version": version, "config": manifest["config"], "spec": trained_model["spec"],
          "dataset": trained_model["dataset"], "run_id": trained_model["run_id"],
-         "gates": {"loads_back_bit_exact": gate}},
+         "gates": {"loads_back_bit_exact": gate, **({"not_worse_than_production": versus} if versus else {})}},
         metadata={
             "version": version,
             "reused": reused,
@@ -82,6 +94,13 @@ def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trai
     yield dg.AssetCheckResult(check_name="loads_back_bit_exact", passed=not problems,
                               description="; ".join(problems)[:1000] or None,
                               metadata={"problems": dg.MetadataValue.json(problems)})
+    if versus is None:
+        versus = {"passed": False, "reason": "not compared: the version failed loads_back_bit_exact"}
+    yield dg.AssetCheckResult(
+        check_name="not_worse_than_production", passed=versus["passed"], description=versus["reason"],
+        metadata={k: versus[k] for k in ("accuracy", "production_accuracy", "production_version", "samples")
+                  if versus.get(k) is not None}
+        | ({"points_below": versus["value"]} if versus.get("production_accuracy") is not None else {}))
 
 
 def known_schemes(v: list[str], what: str = "scheme") -> list[str]:

@@ -2,7 +2,9 @@
 export the trained checkpoint as a version with its golden outputs, then check it bit for bit) and
 :func:`quantize_and_gate` (quantized versions published beside it, ``<model>-int8/<version>``, with
 their scheme in every shard's safetensors metadata, measured against the base and gated; a variant
-that fails is marked rejected in its manifest)."""
+that fails is marked rejected in its manifest) and :func:`compare_with_production` (the new
+version against the one in production, on the same held-out data: a retrain that came out worse
+is not promoted)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import time
 
 import torch
 
-from pipeline import export, quantize
+from pipeline import export, promotion, quantize
 from pipeline.evaluate import evaluate, fixed_batch
 from pipeline.models import build_model
 from pipeline.storage import Storage
@@ -174,3 +176,39 @@ def quantize_and_gate(
                             "seconds": time.perf_counter() - t0, "tensor_seconds": pub["tensor_seconds"],
                             "reused": pub["reused"], "gate": gate}
     return {"base_accuracy": base, "variants": variants, "gates": gates, "failures": failures}
+
+
+def compare_with_production(
+    store: Storage, model: str, version: str, test_shards: list[str], spec: dict, *, max_regression_points: float,
+) -> dict:
+    """The gate ``not_worse_than_production``: the held-out accuracy of ``model/version`` against
+    that of the version in production, both on ``test_shards`` (each model under its own
+    preprocessing spec, so a change of crop or normalisation is compared fairly). It fails when
+    the new version is more than ``max_regression_points`` accuracy points below production.
+    Nothing to compare (no production version, production is this version, or production is no
+    longer servable) passes, saying why in ``reason``. Returns ``{"passed", "value" (points below
+    production; negative = better), "limit", "unit", "accuracy", "production_accuracy",
+    "production_version", "samples", "reason"}``."""
+    gate = {"passed": True, "value": 0.0, "limit": max_regression_points, "unit": "accuracy points below production",
+            "accuracy": None, "production_accuracy": None, "production_version": None, "samples": 0}
+    try:
+        current, current_manifest = promotion.resolve_manifest(store, model, promotion.ALIAS)
+    except promotion.NotPromoted:
+        return gate | {"reason": f"{model} has no production version yet: nothing to compare against"}
+    except promotion.PromotionError as e:  # rejected, withdrawn or damaged since: replacing it is the fix
+        return gate | {"reason": f"nothing to compare against: {e}"}
+    gate["production_version"] = current
+    if current == version:
+        return gate | {"reason": f"{model}/{version} is the production version"}
+    new = evaluate(export.module_from_state(export.read_manifest(store, model, version),
+                                            export.load_state_dict(store, model, version)), test_shards, spec)
+    prod_spec = (current_manifest.get("metadata") or {}).get("spec") or spec
+    prod = evaluate(export.module_from_state(current_manifest, export.load_state_dict(store, model, current)),
+                    test_shards, prod_spec)
+    below = 100 * (prod.accuracy - new.accuracy)
+    passed = below <= max_regression_points
+    said = (f"accuracy {new.accuracy:.4f} against production {current}'s {prod.accuracy:.4f} on the same "
+            f"{new.samples} held-out samples")
+    reason = said if passed else f"{model}/{version}: {said}: {below:.2f} points below it (limit {max_regression_points})"
+    return gate | {"passed": passed, "value": below, "accuracy": new.accuracy, "production_accuracy": prod.accuracy,
+                   "samples": new.samples, "reason": reason}

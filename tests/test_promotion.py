@@ -181,3 +181,145 @@ def test_promoted_model_moves_the_alias_only_past_the_gates(tmp_path):
         assert promotion.resolve(store, "digits-int4", "production") == "v1"
         assert [h["version"] for h in promotion.history(store, MODEL)] == ["v1"]
         assert ex.latest_version(store, "digits-int4") == "v1"  # v2's int4 was rejected
+
+
+# ---------------------------------------------------------------------------------------------
+# Champion and challenger: a new version is not promoted when it came out worse than production
+# ---------------------------------------------------------------------------------------------
+
+
+def _world_copy(drift_world, tmp_path):
+    """A private copy of the drift world's store (so promotions here cannot move the shared
+    fixture's alias) whose production version ``good`` is a small CNN trained for 10 epochs on
+    the digits (~0.9 held-out accuracy). Returns the store, the dataset, the test shards and the
+    trained module."""
+    import shutil
+
+    from pipeline import dataset as ds
+    from pipeline.storage import LocalStorage
+    from tests.conftest import _train_small_cnn
+
+    shutil.copytree(drift_world["store"].root, tmp_path / "store")
+    store = LocalStorage(tmp_path / "store", fsync=False)
+    data = ds.collect(store, batches=["ref", "fresh"])
+    test = ds.stage(store, data["splits"]["test"], tmp_path / "cache")
+    trained = _train_small_cnn(ds.stage(store, data["splits"]["train"], tmp_path / "cache"), drift_world["spec"], 10)
+    _publish_module(store, trained, "good", drift_world["spec"])
+    promotion.promote(store, MODEL, "good")
+    return store, data, test, trained
+
+
+def _publish_module(store, module, version, spec):
+    from tests.conftest import DRIFT_MODEL_KW
+
+    return ex.export(ex.from_module(module, architecture="digits_cnn", model_kwargs=DRIFT_MODEL_KW), store, MODEL,
+                     version, metadata={"spec": spec})
+
+
+def test_a_version_worse_than_production_fails_the_gate_a_better_one_passes(drift_world, tmp_path):
+    from pipeline.evaluate import evaluate
+    from tests.conftest import DRIFT_MODEL_KW
+
+    store, _, test, trained = _world_copy(drift_world, tmp_path)
+    spec, prod = drift_world["spec"], "good"
+    torch.manual_seed(3)
+    _publish_module(store, models.build_model("digits_cnn", **DRIFT_MODEL_KW).eval(), "untrained", spec)
+
+    worse = package.compare_with_production(store, MODEL, "untrained", test, spec, max_regression_points=1.0)
+    good = evaluate(trained, test, spec)
+    assert not worse["passed"] and worse["production_version"] == prod and worse["limit"] == 1.0
+    assert worse["production_accuracy"] == good.accuracy > 0.85 and worse["accuracy"] < 0.5
+    assert worse["value"] == pytest.approx(100 * (good.accuracy - worse["accuracy"]))
+    assert worse["samples"] == good.samples
+    assert f"digits/untrained: accuracy {worse['accuracy']:.4f} against production {prod}'s" in worse["reason"]
+    assert "points below it (limit 1.0)" in worse["reason"]
+
+    # the same weights re-published are not worse: 0 points; a limit past the drop lets it through
+    _publish_module(store, trained, "same", spec)
+    same = package.compare_with_production(store, MODEL, "same", test, spec, max_regression_points=0.0)
+    assert same["passed"] and same["value"] == 0.0 and same["accuracy"] == same["production_accuracy"]
+    assert package.compare_with_production(store, MODEL, "untrained", test, spec, max_regression_points=100.0)["passed"]
+
+    # each model is evaluated under its own preprocessing: the same weights under another
+    # normalisation score lower, and production is still measured under its own spec
+    skewed = {**spec, "mean": [0.9], "std": [0.1]}
+    _publish_module(store, trained, "skewed", skewed)
+    other = package.compare_with_production(store, MODEL, "skewed", test, skewed, max_regression_points=1.0)
+    assert other["production_accuracy"] == good.accuracy and other["accuracy"] < good.accuracy - 0.1
+    assert not other["passed"]
+
+    # a better version passes with a negative drop
+    promotion.promote(store, MODEL, "untrained")
+    better = package.compare_with_production(store, MODEL, "same", test, spec, max_regression_points=0.0)
+    assert better["passed"] and better["value"] < -30 and better["production_version"] == "untrained"
+
+
+def test_nothing_to_compare_passes_and_says_why(drift_world, tmp_path):
+    store, _, test, trained = _world_copy(drift_world, tmp_path)
+    spec, prod = drift_world["spec"], "good"
+    itself = package.compare_with_production(store, MODEL, prod, test, spec, max_regression_points=0.0)
+    assert itself["passed"] and itself["reason"] == f"digits/{prod} is the production version"
+
+    _publish_module(store, trained, "new", spec)
+    ex.record_gates(store, MODEL, prod, {"manual": {"passed": False, "value": 1, "limit": 0}})  # production rejected
+    gone = package.compare_with_production(store, MODEL, "new", test, spec, max_regression_points=0.0)
+    assert gone["passed"] and gone["accuracy"] is None
+    assert gone["reason"].startswith(f"nothing to compare against: digits/production is {prod}, which is not servable")
+
+    store.delete(f"models/{MODEL}/production")
+    for o in store.list(f"models/{MODEL}/promotions"):
+        store.delete(o.key)
+    never = package.compare_with_production(store, MODEL, "new", test, spec, max_regression_points=0.0)
+    assert never["passed"] and never["reason"] == "digits has no production version yet: nothing to compare against"
+
+
+def test_exported_model_blocks_a_worse_retrain_and_production_stays(drift_world, tmp_path):
+    """The real ``exported_model`` asset on a checkpoint that came out worse than production:
+    its blocking check fails, nothing downstream runs, the alias does not move; the same run with
+    the production weights passes and promotes."""
+    import hashlib
+
+    from assets.package import exported_model, promoted_model, quantized_model
+    from pipeline.train import checkpoints
+    from resources.storage import LocalStorageResource
+    from tests.conftest import DRIFT_MODEL_KW
+
+    store, data, _, trained = _world_copy(drift_world, tmp_path)
+    storage = LocalStorageResource(root=str(tmp_path / "store"))
+    prod = "good"
+
+    def stand_in(module, name):
+        state = {"format": checkpoints.CHECKPOINT_FORMAT, "epoch": 1, "model": module.state_dict(),
+                 "optimizer": {"state": {}, "param_groups": []}, "history": "[]"}
+        key = checkpoints.save_checkpoint(store, f"checkpoints/{name}", state, keep=1)
+
+        @dg.asset(name="trained_model")
+        def trained_model() -> dict:
+            return {"model": {"name": "digits_cnn", "kwargs": DRIFT_MODEL_KW}, "checkpoint": key,
+                    "checkpoint_sha256": hashlib.sha256(store.read(key)).hexdigest(), "spec": drift_world["spec"], "dataset": data, "run_id": name,
+                    "dataset_version": data["version"]}
+        return trained_model
+
+    torch.manual_seed(5)
+    untrained = models.build_model("digits_cnn", **DRIFT_MODEL_KW).eval()
+    with dg.instance_for_test() as instance:
+        run = dg.materialize([stand_in(untrained, "worse"), exported_model, quantized_model, promoted_model],
+                             instance=instance, resources={"storage": storage}, raise_on_error=False)
+        assert not run.success
+        evals = {e.check_name: e for e in run.get_asset_check_evaluations()}
+        assert evals["loads_back_bit_exact"].passed and not evals["not_worse_than_production"].passed
+        gate = evals["not_worse_than_production"]
+        assert "points below it (limit 1.0)" in gate.description and prod in gate.description
+        assert gate.metadata["production_version"].value == prod and gate.metadata["points_below"].value > 1.0
+        assert not run.asset_materializations_for_node("promoted_model")
+        assert not run.asset_materializations_for_node("quantized_model")
+        assert promotion.production(store, MODEL)["version"] == prod
+
+        ok = dg.materialize([stand_in(trained, "same"), exported_model, quantized_model, promoted_model],
+                            instance=instance, resources={"storage": storage}, raise_on_error=False)
+        assert ok.success
+        new = ok.asset_materializations_for_node("exported_model")[0].metadata["version"].value
+        record = promotion.production(store, MODEL)
+        assert record["version"] == new != prod and record["previous"] == prod
+        assert record["gates"]["not_worse_than_production"]["passed"]
+        assert record["gates"]["not_worse_than_production"]["production_version"] == prod
