@@ -1,5 +1,6 @@
 """Automation that closes the loop: nightly schedules for ingestion and retraining, the sensor that
-retrains when a drift check fails at ERROR, and the sensor that records every failed run.
+retrains when a drift check fails at ERROR, the sensor that requests a failed automatic retrain
+again (with backoff, a bounded number of times), and the sensor that records every failed run.
 
 Schedules are built from the environment (``build_schedules``) so the cron strings and timezone are
 deployment settings, not code: FORGELINE_INGEST_CRON (default ``0 1 * * *``), FORGELINE_RETRAIN_CRON
@@ -16,13 +17,15 @@ from dagster._utils.schedules import is_valid_cron_string  # Dagster's own parse
 from assets.drift import DRIFT_CHECKS
 from assets.partitions import batches
 from jobs.ingest import INCOMING, pending_batches
-from jobs.runs import run_failure
+from jobs.runs import failed_blocking_checks, run_failure
 from pipeline import dataset as ds
 from pipeline import drift, settings
 from pipeline.serving.traffic import is_window
 from resources.storage import StorageResource
 
 FAILURES_PREFIX = "runs/failures"
+TRIGGER_TAG, ATTEMPT_TAG, RETRY_OF_TAG = "forgeline/trigger", "forgeline/attempt", "forgeline/retry_of"
+RETRY_BACKOFF_S = 600  # the first re-request waits this long after the failure, each further one twice as long
 DRIFT_CHECK_KEYS = [
     dg.AssetCheckKey(dg.AssetKey("raw_table" if name == "table_drift" else "raw_shards"), name) for name in DRIFT_CHECKS
 ]
@@ -128,6 +131,53 @@ def drift_retrain(context: dg.SensorEvaluationContext, storage: StorageResource)
         tags |= {"forgeline/trigger": "drift-traffic", "forgeline/data_version": data_version}
     context.log.info(f"drift at ERROR: {', '.join(what)} → requesting train_and_package")
     return dg.SensorResult(run_requests=[dg.RunRequest(run_key=run_key, tags=tags)], cursor=str(seen))
+
+
+@dg.sensor(job_name="train_and_package", minimum_interval_seconds=60,
+           description="Requests `train_and_package` again when the newest run of it was requested by the "
+                       "automation (drift or schedule) and FAILED, while the production model is still not "
+                       "trained on the ingested data: after 10 min, then 20, 40, ... up to "
+                       "FORGELINE_RETRAIN_ATTEMPTS runs in all (default 3). Not for a run stopped by a gate "
+                       "(the same data gives the same verdict), canceled, or launched by hand.")
+def retrain_retry(context: dg.SensorEvaluationContext, storage: StorageResource):
+    runs = context.instance.get_runs(filters=dg.RunsFilter(job_name="train_and_package"), limit=1)
+    if not runs:
+        return dg.SkipReason("no train_and_package run yet")
+    run = runs[0]
+    what = f"the newest train_and_package run ({run.run_id[:8]})"
+    if run.status != dg.DagsterRunStatus.FAILURE:
+        return dg.SkipReason(f"{what} is {run.status.value}: nothing to retry")
+    if TRIGGER_TAG not in run.tags:
+        return dg.SkipReason(f"{what} failed, but was launched by hand: not requested again")
+    attempt, attempts = int(run.tags.get(ATTEMPT_TAG, "1")), settings.retrain_attempts()
+    if attempt >= attempts:
+        return dg.SkipReason(f"{what} failed on attempt {attempt} of FORGELINE_RETRAIN_ATTEMPTS={attempts}: "
+                             f"not requested again ({run_failure(context.instance, run.run_id)})")
+    gates = [c for checks in failed_blocking_checks(context.instance, run.run_id).values() for c in checks]
+    if gates:
+        return dg.SkipReason(f"{what} was stopped by a gate ({'; '.join(gates)}): the same data gives the "
+                             "same verdict, so it is not requested again")
+    store = storage.client()
+    try:
+        data_version = ds.collect(store)["version"]
+    except ValueError as e:  # the ingested data was withdrawn since
+        return dg.SkipReason(f"{what} failed, but {e}")
+    model = settings.model_name()
+    ref = drift.production_reference(store, model)
+    if ref is not None and ref["data_version"] == data_version:
+        return dg.SkipReason(f"{what} failed, but {model}/{ref['version']} is trained on the current data "
+                             f"({data_version}) since: nothing to retry")
+    record = context.instance.get_run_record_by_id(run.run_id)
+    ended = record.end_time if record is not None and record.end_time else time.time()
+    wait = RETRY_BACKOFF_S * 2 ** (attempt - 1) - (time.time() - ended)
+    if wait > 0:
+        return dg.SkipReason(f"{what} failed on attempt {attempt} of {attempts}: requesting it again in {wait:.0f} s")
+    base = run.tags.get(RETRY_OF_TAG) or run.tags.get("dagster/run_key") or run.run_id
+    tags = {k: v for k, v in run.tags.items() if k.startswith("forgeline/")}
+    tags |= {ATTEMPT_TAG: str(attempt + 1), RETRY_OF_TAG: base}
+    context.log.info(f"{what} failed ({run_failure(context.instance, run.run_id)}): requesting attempt "
+                     f"{attempt + 1} of {attempts}")
+    return dg.RunRequest(run_key=f"{base}:attempt-{attempt + 1}", tags=tags)
 
 
 @dg.run_failure_sensor(name="record_run_failure", minimum_interval_seconds=30,

@@ -10,7 +10,7 @@ from assets import package as package_assets
 from assets import rollout as rollout_assets
 from assets import serve as serve_assets
 from assets import train as train_assets
-from jobs.automation import build_schedules, drift_retrain, record_run_failure
+from jobs.automation import build_schedules, drift_retrain, record_run_failure, retrain_retry
 from jobs.ingest import incoming_batches, ingest_job
 from jobs.executor import executor_from_env
 from jobs.serve import new_model_version, prewarm_job
@@ -55,7 +55,7 @@ def build_defs() -> dg.Definitions:
         executor=executor_from_env(gpu_pool, assets),  # FORGELINE_EXECUTOR=k8s: a pod per step (jobs/executor.py)
         jobs=[ingest_job, train_and_package_job, prewarm_job, lifecycle_job],
         schedules=build_schedules(),
-        sensors=[incoming_batches, new_model_version, drift_retrain, record_run_failure],
+        sensors=[incoming_batches, new_model_version, drift_retrain, retrain_retry, record_run_failure],
         resources={
             "storage": storage,
             "io_manager": StorageJsonIOManager(storage=storage),

@@ -300,19 +300,28 @@ def check_outcome(evaluation) -> str:
     return said or "see `make ui` for its metadata"
 
 
+def failed_blocking_checks(instance, run_id: str) -> dict[str, list[str]]:
+    """The checks of ``run_id`` that failed at ERROR severity, by step: ``"asset:check failed (what
+    it found)"`` each. A blocking one among them is what stopped its step (a gate)."""
+    blocking: dict[str, list[str]] = {}
+    for rec in instance.all_logs(run_id):
+        ev = rec.dagster_event
+        if ev is None or ev.event_type_value != "ASSET_CHECK_EVALUATION":
+            continue
+        d = ev.event_specific_data
+        if not d.passed and d.severity.value == "ERROR":
+            blocking.setdefault(ev.step_key, []).append(
+                f"{d.asset_key.to_user_string()}:{d.check_name} failed ({check_outcome(d)})")
+    return blocking
+
+
 def run_failure(instance, run_id: str) -> str:
     """One line saying why a run failed: the first failed step's root cause, else the run's. A
     step stopped by a blocking asset check names the check and what it found."""
     first = None
-    blocking: dict[str, list[str]] = {}  # step -> its failed checks of ERROR severity
+    blocking = failed_blocking_checks(instance, run_id)  # step -> its failed checks of ERROR severity
     for rec in instance.all_logs(run_id):
         ev = rec.dagster_event
-        if ev is not None and ev.event_type_value == "ASSET_CHECK_EVALUATION":
-            d = ev.event_specific_data
-            if not d.passed and d.severity.value == "ERROR":
-                blocking.setdefault(ev.step_key, []).append(
-                    f"{d.asset_key.to_user_string()}:{d.check_name} failed ({check_outcome(d)})")
-            continue
         err = getattr(ev.event_specific_data, "error", None) if ev is not None else None
         if err is None:
             continue

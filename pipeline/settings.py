@@ -350,6 +350,12 @@ def cron(name: str, default: str, env: Env = None) -> str:
     return raw(name, env) or default
 
 
+def retrain_attempts(env: Env = None) -> int:
+    """``FORGELINE_RETRAIN_ATTEMPTS``: how many runs an automatic retrain gets in all, the first
+    included, before a failing one is left alone (default 3; 1 = never requested again)."""
+    return int_setting("FORGELINE_RETRAIN_ATTEMPTS", 3, env, minimum=1)
+
+
 def timezone(env: Env = None) -> str:
     """``FORGELINE_TIMEZONE``: the schedules' IANA timezone (default UTC)."""
     tz = raw("FORGELINE_TIMEZONE", env) or "UTC"
@@ -494,7 +500,7 @@ def check(env: Env = None) -> None:
     once, in one line naming it, not later in the step that happens to use it (a rollout after a
     whole training run)."""
     storage(env), s3_concurrency(env), shm_root(env), shm_capacity_bytes(env), compile_cache(env)
-    model_name(env), gpu_pool(env), gpus_per_run(env), executor(env), timezone(env)
+    model_name(env), gpu_pool(env), gpus_per_run(env), executor(env), timezone(env), retrain_attempts(env)
     serve_sample_rate(env), serve_sample_window_s(env), serve_sample_window_samples(env)
     serve_urls(env), reports_url(env)
     k8s_model_store_pvc(env), k8s_shm_size(env), k8s_gpu_node_selector(env), k8s_gpu_tolerations(env)

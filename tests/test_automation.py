@@ -2,6 +2,7 @@
 sensor, the nightly schedules, the run-failure sensor, and the landing sensor on S3."""
 
 import json
+import re
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -189,4 +190,104 @@ def test_landing_sensor_on_s3_requests_each_batch_once(s3_server, s3_credentials
 
 def test_definitions_carry_the_automation():
     assert {s.name for s in defs.schedules} == {"nightly_ingest", "nightly_retrain"}
-    assert {"drift_retrain", "record_run_failure", "incoming_batches", "new_model_version"} <= {s.name for s in defs.sensors}
+    assert {"drift_retrain", "retrain_retry", "record_run_failure", "incoming_batches",
+            "new_model_version"} <= {s.name for s in defs.sensors}
+
+
+# ---------------------------------------------------------------------------------------------
+# retrain_retry: a failed automatic retrain is requested again, with backoff, a bounded number of times
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_and_package_run(instance, tags: dict, *, fails: str | None = "boom") -> str:
+    """A finished run of a job named ``train_and_package`` (one op): failed with ``fails`` as its
+    error, stopped by a failing blocking check (``fails="gate"``), or succeeded (``None``)."""
+    if fails == "gate":
+        @dg.asset(name="exported_model", check_specs=[dg.AssetCheckSpec("not_worse_than_production",
+                                                                        asset="exported_model", blocking=True)])
+        def exported():
+            yield dg.Output(1)
+            yield dg.AssetCheckResult(check_name="not_worse_than_production", passed=False,
+                                      description="accuracy 0.50 against production's 0.90")
+
+        @dg.asset(name="promoted_model", deps=["exported_model"])
+        def promoted():
+            return 1
+
+        job = dg.Definitions(assets=[exported, promoted], jobs=[dg.define_asset_job("train_and_package")]
+                             ).resolve_job_def("train_and_package")
+    else:
+        @dg.op(name="trained_model")
+        def step():
+            if fails:
+                raise RuntimeError(fails)
+
+        @dg.job(name="train_and_package")
+        def job():
+            step()
+    return job.execute_in_process(instance=instance, tags=tags, raise_on_error=False).run_id
+
+
+def _retry(instance, storage):
+    return automation.retrain_retry(dg.build_sensor_context(instance=instance, resources={"storage": storage}))
+
+
+def test_a_failed_automatic_retrain_is_requested_again_after_its_backoff(checked, instance, monkeypatch):
+    storage = checked["storage"]
+    assert "no train_and_package run yet" in _retry(instance, storage).skip_message
+    first = _train_and_package_run(instance, {"forgeline/trigger": "drift", "forgeline/drift": "image_drift@shifted",
+                                              "dagster/run_key": "retrain-on-drift:7"})
+    # production (trained on `ref`) lacks the ingested `fresh` and `shifted`: the retrain is still needed
+    assert re.search(r"attempt 1 of 3: requesting it again in (59\d|600) s$", _retry(instance, storage).skip_message)
+    monkeypatch.setattr(automation, "RETRY_BACKOFF_S", 0)
+    req = _retry(instance, storage)
+    assert req.run_key == "retrain-on-drift:7:attempt-2"
+    assert req.tags == {"forgeline/trigger": "drift", "forgeline/drift": "image_drift@shifted",
+                        "forgeline/attempt": "2", "forgeline/retry_of": "retrain-on-drift:7"}
+    assert first not in req.run_key
+
+    # the second attempt fails too: the third keeps the first request's key; the backoff doubles
+    _train_and_package_run(instance, {**req.tags, "dagster/run_key": req.run_key})
+    monkeypatch.setattr(automation, "RETRY_BACKOFF_S", 1000)
+    assert re.search(r"attempt 2 of 3: requesting it again in (199\d|2000) s$", _retry(instance, storage).skip_message)
+    monkeypatch.setattr(automation, "RETRY_BACKOFF_S", 0)
+    third = _retry(instance, storage)
+    assert third.run_key == "retrain-on-drift:7:attempt-3" and third.tags["forgeline/attempt"] == "3"
+
+    # the third failure is the last (FORGELINE_RETRAIN_ATTEMPTS=3): left alone, saying why
+    _train_and_package_run(instance, {**third.tags, "dagster/run_key": third.run_key}, fails="store unreachable")
+    last = _retry(instance, storage).skip_message
+    assert "attempt 3 of FORGELINE_RETRAIN_ATTEMPTS=3: not requested again" in last and "store unreachable" in last
+    monkeypatch.setenv("FORGELINE_RETRAIN_ATTEMPTS", "4")
+    assert _retry(instance, storage).run_key == "retrain-on-drift:7:attempt-4"
+
+
+def test_no_retry_for_a_success_a_manual_run_a_gate_or_data_production_has(checked, instance, monkeypatch):
+    storage = checked["storage"]
+    monkeypatch.setattr(automation, "RETRY_BACKOFF_S", 0)
+    _train_and_package_run(instance, {"forgeline/trigger": "schedule"}, fails=None)
+    assert "is SUCCESS: nothing to retry" in _retry(instance, storage).skip_message
+    _train_and_package_run(instance, {})
+    assert "launched by hand: not requested again" in _retry(instance, storage).skip_message
+    _train_and_package_run(instance, {"forgeline/trigger": "schedule"}, fails="gate")
+    gate = _retry(instance, storage).skip_message
+    assert "stopped by a gate (exported_model:not_worse_than_production failed (accuracy 0.50" in gate
+    assert "not requested again" in gate
+
+    _train_and_package_run(instance, {"forgeline/trigger": "schedule", "dagster/run_key": "retrain:dv"})
+    assert _retry(instance, storage).run_key == "retrain:dv:attempt-2"
+    from pipeline import dataset as ds
+
+    monkeypatch.setattr(automation.drift, "production_reference",
+                        lambda store, model: {"model": model, "version": "v9", "batches": [],
+                                              "data_version": ds.collect(store)["version"]})
+    assert "digits/v9 is trained on the current data" in _retry(instance, storage).skip_message
+
+
+def test_a_bad_retrain_attempts_setting_is_named(monkeypatch):
+    from pipeline import settings
+
+    for bad in ("0", "three", "-1"):
+        monkeypatch.setenv("FORGELINE_RETRAIN_ATTEMPTS", bad)
+        with pytest.raises(settings.SettingError, match="FORGELINE_RETRAIN_ATTEMPTS"):
+            settings.check()
