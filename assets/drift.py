@@ -14,7 +14,6 @@ from pydantic import Field
 from assets.ingest import raw_shards, raw_table
 from assets.partitions import batches
 from assets.train import shard_cache_dir
-from pipeline import dataset as ds
 from pipeline import drift, settings
 from pipeline.serving.traffic import window_model
 from pipeline.storage import Storage
@@ -110,7 +109,9 @@ def _result(store: Storage, r: drift.DriftResult) -> dg.AssetCheckResult:
         passed=r.verdict == "ok",
         severity=dg.AssetCheckSeverity.ERROR if r.verdict == "error" else dg.AssetCheckSeverity.WARN,
         description=f"{len(r.drifted)}/{r.columns} {r.view} columns drifted ({r.share:.0%}) against "
-                    f"{r.reference['model']}/{r.reference['version']}",
+                    f"{r.reference['model']}/{r.reference['version']}" + (
+                        f"'s batch {r.matched} (against all {len(r.reference['batches'])} of its batches at once: "
+                        f"{r.whole['drifted']}/{r.whole['columns']}, {r.whole['share']:.0%})" if r.matched else ""),
         metadata={
             "drift_share": r.share,
             "drifted_columns": len(r.drifted),
@@ -123,6 +124,8 @@ def _result(store: Storage, r: drift.DriftResult) -> dg.AssetCheckResult:
             "rows_reference": r.rows_reference,
             "rows_current": r.rows_current,
             "reference": dg.MetadataValue.json(r.reference),
+            # the verdict is against this one batch of the reference, which the batch is like
+            **({"matched_batch": r.matched, "whole_reference_share": r.whole["share"]} if r.matched else {}),
             "report": report_link(store, r.report_key),
             "seconds": r.seconds,
         },
@@ -153,14 +156,5 @@ def image_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig
                             "against the same on its held-out (val/test) reference data.")
 def prediction_drift(context: dg.AssetCheckExecutionContext, config: DriftCheckConfig,
                      storage: StorageResource) -> dg.AssetCheckResult:
-    def compare(store: Storage, batch: str, ref: dict) -> drift.DriftResult:
-        if window_model(batch) is not None:  # serving traffic: the exact inputs, no staging of the window
-            return drift.prediction_drift(store, batch, ref, policy=config.policy(), cache_dir=shard_cache_dir())
-        entries = drift.batch_shard_entries(store, [b for b in ref["batches"] if b != batch])
-        # the model has seen the training split and is overconfident there: compare unseen with unseen
-        held_out = [e for e in entries if ds.split_of(e["key"]) != "train"] or entries
-        paths = {"reference": ds.stage(store, held_out, shard_cache_dir()),
-                 "current": ds.stage(store, drift.batch_shard_entries(store, [batch]), shard_cache_dir())}
-        return drift.prediction_drift(store, batch, ref, shard_paths=paths, policy=config.policy())
-
-    return _run(context, config, storage, compare)
+    return _run(context, config, storage, lambda store, batch, ref: drift.prediction_drift(
+        store, batch, ref, policy=config.policy(), cache_dir=shard_cache_dir()))

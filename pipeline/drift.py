@@ -13,8 +13,11 @@ column (its per-column stattest and threshold, configurable here):
   batch, against the same on the reference data.
 
 A view's verdict is the share of drifted columns: ``>= error_share`` is an error, ``>= warn_share``
-a warning. Each comparison writes Evidently's HTML report to storage (atomically) and returns the
-headline numbers; nothing here knows about Dagster.
+a warning. A batch that drifts from the reference as a whole is also compared with each reference
+batch alone (:func:`versus_reference`): a model trained on clean and shifted batches has learnt
+both, so a clean batch is not drift although it differs from the mixture. Each comparison writes
+Evidently's HTML report to storage (atomically) and returns the headline numbers; nothing here
+knows about Dagster.
 """
 
 from __future__ import annotations
@@ -91,6 +94,10 @@ class DriftResult:
     report_key: str | None = None
     reference: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # set when the verdict is against one reference batch (``matched``), not the whole reference:
+    # then ``whole`` is the comparison with all of it {"share", "drifted", "columns", "verdict"}
+    matched: str | None = None
+    whole: dict | None = None
 
     @property
     def columns(self) -> int:
@@ -473,6 +480,38 @@ def _result_from(d: dict, view: str, cols: list[str], policy: DriftPolicy, n_ref
                        rows_reference=n_ref, rows_current=n_cur, verdict=verdict)
 
 
+MAX_COMPONENTS = 8  # reference batches (the last by name) a drifted batch is compared with one by one
+MIN_COMPONENT_ROWS = 100  # fewer rows are too few for a stattest to tell drift from chance: not tried alone
+
+
+def versus_reference(ref_batches: list[str], frame_of, current: pl.DataFrame, *, view: str,
+                     categorical: list[str] | tuple[str, ...] = ("label",),
+                     policy: DriftPolicy = DriftPolicy()) -> tuple[DriftResult, Any]:
+    """:func:`compare` of ``current`` with the reference batches together (``frame_of(batches)``
+    gives their frame); when that is not ``ok`` and there are several, with each of the last
+    :data:`MAX_COMPONENTS` alone (those of at least :data:`MIN_COMPONENT_ROWS` rows), and the
+    first that is ``ok`` is the verdict (``matched``, with the whole comparison in ``whole``).
+    A mixture of clean and shifted batches differs from a clean batch as a whole, but the model
+    was trained on both; a batch unlike every one of them is drift."""
+    whole, snap = compare(frame_of(ref_batches), current, view=view, categorical=categorical, policy=policy)
+    if whole.verdict == "ok" or len(ref_batches) < 2:
+        return whole, snap
+    spent = whole.seconds
+    for b in ref_batches[::-1][:MAX_COMPONENTS]:
+        one = frame_of([b])
+        if one.height < MIN_COMPONENT_ROWS:
+            continue
+        alone, alone_snap = compare(one, current, view=view, categorical=categorical, policy=policy)
+        spent += alone.seconds
+        if alone.verdict == "ok":
+            alone.matched, alone.seconds = b, spent
+            alone.whole = {"share": whole.share, "drifted": len(whole.drifted), "columns": whole.columns,
+                           "verdict": whole.verdict}
+            return alone, alone_snap
+    whole.seconds = spent
+    return whole, snap
+
+
 def write_report(store: Storage, key: str, snapshot: Any) -> str:
     """Evidently's HTML report at ``key`` (temp file, then an atomic publish)."""
     fd, tmp = tempfile.mkstemp(suffix=".html", prefix="forgeline-drift-")
@@ -515,13 +554,19 @@ def table_drift(store: Storage, batch: str, reference: dict, *, policy: DriftPol
     ref_batches = [b for b in reference["batches"] if b != batch]
     if not ref_batches:
         raise DriftError(f"batch {batch!r} is itself the whole reference of {reference['model']}/{reference['version']}")
-    ref, cur = table_rows(store, ref_batches), table_rows(store, [batch])
-    if columns is not None:
+    cur = table_rows(store, [batch])
+
+    def frame_of(batches: list[str]) -> pl.DataFrame:
+        ref = table_rows(store, batches)
+        if columns is None:
+            return ref
         unknown = sorted(set(columns) - (set(ref.columns) & set(cur.columns)))
         if unknown:
             raise DriftError(f"table drift of batch {batch!r}: columns {unknown} are not in both tables")
-        ref, cur = ref.select(columns), cur.select(columns)
-    result, snap = compare(ref, cur, view="table", policy=policy)
+        return ref.select(columns)
+
+    result, snap = versus_reference(ref_batches, frame_of, cur if columns is None else cur.select(
+        [c for c in columns if c in cur.columns]), view="table", policy=policy)
     return _finish(store, result, snap, batch, reference, report_prefix)
 
 
@@ -535,16 +580,19 @@ def image_drift(store: Storage, batch: str, reference: dict, *, policy: DriftPol
         _check_window(batch, reference)
         if cache_dir is None:
             raise DriftError(f"window {batch!r}: image drift of serving traffic needs a cache_dir to stage the reference")
-        ref = model_view_features(store, reference, cache_dir=cache_dir, max_images=policy.max_rows)
         _, images = window_inputs(store, batch, max_images=policy.max_rows)
-        result, snap = compare(ref, image_features(images, None), view="image", policy=policy)
+        result, snap = versus_reference(
+            reference["batches"], lambda bs: model_view_features(store, {**reference, "batches": bs}, cache_dir=cache_dir,
+                                                                 max_images=policy.max_rows),
+            image_features(images, None), view="image", policy=policy)
         return _finish(store, result, snap, batch, reference, report_prefix)
     ref_batches = [b for b in reference["batches"] if b != batch]
     if not ref_batches:
         raise DriftError(f"batch {batch!r} is itself the whole reference of {reference['model']}/{reference['version']}")
-    ref = pl.concat([batch_image_features(store, b, max_images=policy.max_rows) for b in ref_batches])
     cur = batch_image_features(store, batch, max_images=policy.max_rows)
-    result, snap = compare(ref, cur, view="image", policy=policy)
+    result, snap = versus_reference(
+        ref_batches, lambda bs: pl.concat([batch_image_features(store, b, max_images=policy.max_rows) for b in bs]),
+        cur, view="image", policy=policy)
     return _finish(store, result, snap, batch, reference, report_prefix)
 
 
@@ -556,10 +604,17 @@ def window_table_drift(store: Storage, batch: str, reference: dict, *, policy: D
     _check_window(batch, reference)
     if cache_dir is None:
         raise DriftError(f"window {batch!r}: table drift of serving traffic needs a cache_dir to stage the reference")
-    ref = reference_predictions(store, reference, cache_dir=cache_dir, max_images=policy.max_rows, device=device)
     cur = window_predictions(store, batch, reference["model"])
-    result, snap = compare(ref, cur, view="table", categorical=("prediction",), policy=policy)
+    result, snap = versus_reference(reference["batches"], _predictions_of(store, reference, cache_dir, policy, device),
+                                    cur, view="table", categorical=("prediction",), policy=policy)
     return _finish(store, result, snap, batch, reference, report_prefix)
+
+
+def _predictions_of(store: Storage, reference: dict, cache_dir, policy: DriftPolicy, device: str):
+    """``frame_of`` for :func:`versus_reference`: the production model's predictions on the
+    held-out data of the given reference batches (cached)."""
+    return lambda batches: reference_predictions(store, {**reference, "batches": batches}, cache_dir=cache_dir,
+                                                 max_images=policy.max_rows, device=device)
 
 
 def window_prediction_drift(store: Storage, batch: str, reference: dict, *, cache_dir,
@@ -572,7 +627,6 @@ def window_prediction_drift(store: Storage, batch: str, reference: dict, *, cach
     import torch
 
     _check_window(batch, reference)
-    ref = reference_predictions(store, reference, cache_dir=cache_dir, max_images=policy.max_rows, device=device)
     x, _ = window_inputs(store, batch, max_images=policy.max_rows)
     module, _ = _production_module(store, reference)
     module = module.to(device).eval()
@@ -585,33 +639,31 @@ def window_prediction_drift(store: Storage, batch: str, reference: dict, *, cach
             confs.append(conf.cpu().numpy())
     cur = pl.DataFrame({"prediction": np.concatenate(preds).astype(np.int64),
                         "confidence": np.concatenate(confs).astype(np.float64)})
-    result, snap = compare(ref, cur, view="prediction", categorical=("prediction",), policy=policy)
+    result, snap = versus_reference(reference["batches"], _predictions_of(store, reference, cache_dir, policy, device),
+                                    cur, view="prediction", categorical=("prediction",), policy=policy)
     return _finish(store, result, snap, batch, reference, report_prefix)
 
 
-def prediction_drift(store: Storage, batch: str, reference: dict, *, shard_paths: dict[str, list[str]] | None = None,
-                     policy: DriftPolicy = DriftPolicy(), device: str = "cpu",
-                     report_prefix: str = REPORT_PREFIX, cache_dir=None) -> DriftResult:
+def prediction_drift(store: Storage, batch: str, reference: dict, *, cache_dir, policy: DriftPolicy = DriftPolicy(),
+                     device: str = "cpu", report_prefix: str = REPORT_PREFIX) -> DriftResult:
     """Drift of the production model's predicted classes and confidence on the batch against the
-    same on its reference data. ``shard_paths``: ``{"reference": [...], "current": [...]}`` local
-    files (see pipeline.dataset.stage). A window of serving traffic goes to
-    :func:`window_prediction_drift` (``cache_dir`` instead of ``shard_paths``)."""
+    same on the held-out (val/test) shards of its other reference batches: on its own training
+    split the model is overconfident, so unseen is compared with unseen. Shards are staged in
+    ``cache_dir`` (see pipeline.dataset.stage), the reference predictions cached in storage. A
+    window of serving traffic goes to :func:`window_prediction_drift`."""
+    from pipeline.dataset import stage
+
     if is_window(batch):
-        if cache_dir is None:
-            raise DriftError(f"window {batch!r}: prediction drift of serving traffic needs a cache_dir")
         return window_prediction_drift(store, batch, reference, cache_dir=cache_dir, policy=policy, device=device,
                                        report_prefix=report_prefix)
-    if shard_paths is None:
-        raise DriftError(f"batch {batch!r}: prediction drift needs shard_paths (reference and current)")
-    state = export.load_state_dict(store, reference["model"], reference["version"])
-    manifest = export.read_manifest(store, reference["model"], reference["version"])
-    module = export.module_from_state(manifest, state)
-    spec = reference.get("spec") or (manifest.get("metadata") or {}).get("spec")
-    if not spec:
-        raise DriftError(f"{reference['model']}/{reference['version']}: no preprocessing spec in its manifest")
-    ref = prediction_frame(module, shard_paths["reference"], spec, max_images=policy.max_rows, device=device)
-    cur = prediction_frame(module, shard_paths["current"], spec, max_images=policy.max_rows, device=device)
-    result, snap = compare(ref, cur, view="prediction", categorical=("prediction",), policy=policy)
+    ref_batches = [b for b in reference["batches"] if b != batch]
+    if not ref_batches:
+        raise DriftError(f"batch {batch!r} is itself the whole reference of {reference['model']}/{reference['version']}")
+    module, manifest = _production_module(store, reference)
+    cur = prediction_frame(module, stage(store, batch_shard_entries(store, [batch]), cache_dir),
+                           _model_view(reference, manifest), max_images=policy.max_rows, device=device)
+    result, snap = versus_reference(ref_batches, _predictions_of(store, reference, cache_dir, policy, device), cur,
+                                    view="prediction", categorical=("prediction",), policy=policy)
     return _finish(store, result, snap, batch, reference, report_prefix)
 
 
@@ -627,6 +679,6 @@ def batch_shard_entries(store: Storage, batches: list[str], published: str = "ra
 __all__ = [
     "DriftError", "DriftPolicy", "DriftResult", "batch_image_features", "batch_shard_entries", "compare",
     "image_drift", "image_features", "model_view_features", "prediction_drift", "prediction_frame",
-    "production_reference", "reference_predictions", "table_drift", "table_rows", "window_inputs",
+    "production_reference", "reference_predictions", "table_drift", "table_rows", "versus_reference", "window_inputs",
     "window_prediction_drift", "window_predictions", "window_table_drift", "write_report",
 ]

@@ -291,3 +291,29 @@ def test_a_bad_retrain_attempts_setting_is_named(monkeypatch):
         monkeypatch.setenv("FORGELINE_RETRAIN_ATTEMPTS", bad)
         with pytest.raises(settings.SettingError, match="FORGELINE_RETRAIN_ATTEMPTS"):
             settings.check()
+
+
+def test_checks_say_which_reference_batch_a_batch_is_like(drift_world, tmp_path, instance):
+    """Production retrained on a clean and a shifted batch: a new clean batch passes every drift
+    check against the clean batch, and the check says so, with what the whole reference gave."""
+    import shutil
+
+    from pipeline import export, promotion
+
+    shutil.copytree(drift_world["store"].root, tmp_path / "store")
+    storage = LocalStorageResource(root=str(tmp_path / "store"), fsync=False)
+    store = storage.client()
+    base = export.read_manifest(store, "digits", drift_world["version"])
+    m = export.export(export.load_state_dict(store, "digits", drift_world["version"]), store, "digits",
+                      config=base["config"], metadata={"spec": drift_world["spec"],
+                                                       "dataset": {"version": "mix", "batches": ["ref", "shifted"]}})
+    promotion.promote(store, "digits", m["version"])
+    instance.add_dynamic_partitions(batches.name, ["fresh"])
+    res = dg.materialize([raw_shards, raw_table, *CHECKS], partition_key="fresh", instance=instance,
+                         resources={"storage": storage})
+    evals = [e for e in res.get_asset_check_evaluations() if e.check_name in automation.DRIFT_CHECKS]
+    assert len(evals) == 3
+    for e in evals:
+        assert e.passed, (e.check_name, e.description)
+        assert f"against digits/{m['version']}'s batch ref (against all 2 of its batches at once: " in e.description
+        assert e.metadata["matched_batch"].value == "ref" and e.metadata["whole_reference_share"].value >= 0.5

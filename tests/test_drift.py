@@ -6,7 +6,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline import dataset as ds
 from pipeline import drift
 from pipeline.storage import LocalStorage
 
@@ -59,14 +58,26 @@ def test_image_feature_drift_flags_shifted_batch_not_fresh_one(world):
 
 def test_prediction_drift_flags_shifted_batch_not_fresh_one(world):
     store, ref = world["store"], world["ref"]
-    held_out = [e for e in drift.batch_shard_entries(store, ["ref"]) if ds.split_of(e["key"]) != "train"]
-    ref_paths = ds.stage(store, held_out, world["cache"])
-    out = {}
-    for batch in ("fresh", "shifted"):
-        cur = ds.stage(store, drift.batch_shard_entries(store, [batch]), world["cache"])
-        out[batch] = drift.prediction_drift(store, batch, ref, shard_paths={"reference": ref_paths, "current": cur})
+    out = {batch: drift.prediction_drift(store, batch, ref, cache_dir=world["cache"]) for batch in ("fresh", "shifted")}
     assert out["fresh"].verdict == "ok", out["fresh"].scores
     assert out["shifted"].verdict == "error" and "confidence" in out["shifted"].drifted, out["shifted"].scores
+
+
+def test_a_batch_like_one_reference_batch_is_not_drift_against_a_mixed_reference(world):
+    """A model retrained on clean and shifted batches has learnt both: a clean batch differs from
+    that mixture as a whole (every table column), but is like its clean batch, so it is not drift.
+    A shifted batch is unlike every clean reference batch and stays drift."""
+    store = world["store"]
+    mixed = {**world["ref"], "batches": ["ref", "shifted"]}
+    for check in (drift.table_drift, drift.image_drift, drift.prediction_drift):
+        r = check(store, "fresh", mixed, cache_dir=world["cache"])
+        assert r.verdict == "ok" and r.matched == "ref", (check.__name__, r.share)
+        assert r.whole["verdict"] != "ok" and r.whole["share"] > r.share, (check.__name__, r.whole)
+        assert r.reference["batches"] == ["ref", "shifted"]
+    clean = {**world["ref"], "batches": ["ref", "fresh"]}
+    for check in (drift.table_drift, drift.image_drift, drift.prediction_drift):
+        r = check(store, "shifted", clean, cache_dir=world["cache"])
+        assert r.verdict == "error" and r.matched is None and r.whole is None, check.__name__
 
 
 def test_report_is_evidently_html_in_storage(world):
