@@ -616,6 +616,9 @@ def _retrain_and_swap(store, server: Server, client: TrafficClient, model: str, 
         else:
             os.environ["FORGELINE_SERVE_URLS"] = before
     console.print(materialization_table(run))
+    for e in run.get_asset_check_evaluations():  # champion and challenger, on the same held-out data
+        if e.check_name == "not_worse_than_production":
+            console.print(f"{e.check_name}: {'passed' if e.passed else '[red]failed[/]'}: {e.description}")
     if not run.success:
         report_failure(run)
         return False
