@@ -17,7 +17,7 @@ from dagster._utils.schedules import is_valid_cron_string  # Dagster's own parse
 from assets.drift import DRIFT_CHECKS
 from assets.partitions import batches
 from jobs.ingest import INCOMING, pending_batches
-from jobs.runs import failed_blocking_checks, run_failure
+from jobs.runs import failure_cause, run_failure
 from pipeline import dataset as ds
 from pipeline import drift, settings
 from pipeline.serving.traffic import is_window
@@ -150,10 +150,10 @@ def retrain_retry(context: dg.SensorEvaluationContext, storage: StorageResource)
     if TRIGGER_TAG not in run.tags:
         return dg.SkipReason(f"{what} failed, but was launched by hand: not requested again")
     attempt, attempts = int(run.tags.get(ATTEMPT_TAG, "1")), settings.retrain_attempts()
-    if attempt >= attempts:
+    if attempt >= attempts:  # why it failed is in runs/failures/ (record_run_failure), not re-read every tick
         return dg.SkipReason(f"{what} failed on attempt {attempt} of FORGELINE_RETRAIN_ATTEMPTS={attempts}: "
-                             f"not requested again ({run_failure(context.instance, run.run_id)})")
-    gates = [c for checks in failed_blocking_checks(context.instance, run.run_id).values() for c in checks]
+                             f"not requested again (see {FAILURES_PREFIX}/{run.run_id}.json)")
+    cause, gates = failure_cause(context.instance, run.run_id)
     if gates:
         return dg.SkipReason(f"{what} was stopped by a gate ({'; '.join(gates)}): the same data gives the "
                              "same verdict, so it is not requested again")
@@ -175,8 +175,7 @@ def retrain_retry(context: dg.SensorEvaluationContext, storage: StorageResource)
     base = run.tags.get(RETRY_OF_TAG) or run.tags.get("dagster/run_key") or run.run_id
     tags = {k: v for k, v in run.tags.items() if k.startswith("forgeline/")}
     tags |= {ATTEMPT_TAG: str(attempt + 1), RETRY_OF_TAG: base}
-    context.log.info(f"{what} failed ({run_failure(context.instance, run.run_id)}): requesting attempt "
-                     f"{attempt + 1} of {attempts}")
+    context.log.info(f"{what} failed ({cause}): requesting attempt {attempt + 1} of {attempts}")
     return dg.RunRequest(run_key=f"{base}:attempt-{attempt + 1}", tags=tags)
 
 

@@ -300,28 +300,20 @@ def check_outcome(evaluation) -> str:
     return said or "see `make ui` for its metadata"
 
 
-def failed_blocking_checks(instance, run_id: str) -> dict[str, list[str]]:
-    """The checks of ``run_id`` that failed at ERROR severity, by step: ``"asset:check failed (what
-    it found)"`` each. A blocking one among them is what stopped its step (a gate)."""
-    blocking: dict[str, list[str]] = {}
-    for rec in instance.all_logs(run_id):
-        ev = rec.dagster_event
-        if ev is None or ev.event_type_value != "ASSET_CHECK_EVALUATION":
-            continue
-        d = ev.event_specific_data
-        if not d.passed and d.severity.value == "ERROR":
-            blocking.setdefault(ev.step_key, []).append(
-                f"{d.asset_key.to_user_string()}:{d.check_name} failed ({check_outcome(d)})")
-    return blocking
-
-
-def run_failure(instance, run_id: str) -> str:
-    """One line saying why a run failed: the first failed step's root cause, else the run's. A
-    step stopped by a blocking asset check names the check and what it found."""
+def failure_cause(instance, run_id: str) -> tuple[str, list[str]]:
+    """Why a run failed, in one line: the first failed step's root cause, else the run's; and the
+    gates that stopped it, if that is why: the blocking checks (``"asset:check failed (what it
+    found)"``) whose failure failed their step, else ``[]``."""
     first = None
-    blocking = failed_blocking_checks(instance, run_id)  # step -> its failed checks of ERROR severity
+    blocking: dict[str, list[str]] = {}  # step -> its failed checks of ERROR severity
     for rec in instance.all_logs(run_id):
         ev = rec.dagster_event
+        if ev is not None and ev.event_type_value == "ASSET_CHECK_EVALUATION":
+            d = ev.event_specific_data
+            if not d.passed and d.severity.value == "ERROR":
+                blocking.setdefault(ev.step_key, []).append(
+                    f"{d.asset_key.to_user_string()}:{d.check_name} failed ({check_outcome(d)})")
+            continue
         err = getattr(ev.event_specific_data, "error", None) if ev is not None else None
         if err is None:
             continue
@@ -329,10 +321,16 @@ def run_failure(instance, run_id: str) -> str:
         line = f"{where}: {first_line(root_cause(err))}"
         if ev.event_type_value == "STEP_FAILURE":
             if blocking.get(ev.step_key) and "DagsterAssetCheckFailedError" in line:
-                return f"{where}: blocking check " + "; ".join(blocking[ev.step_key])
-            return line
+                return f"{where}: blocking check " + "; ".join(blocking[ev.step_key]), blocking[ev.step_key]
+            return line, []
         first = first or line
-    return first or "see `make ui` for its event log"
+    return first or "see `make ui` for its event log", []
+
+
+def run_failure(instance, run_id: str) -> str:
+    """One line saying why a run failed (:func:`failure_cause`): a step stopped by a blocking asset
+    check names the check and what it found."""
+    return failure_cause(instance, run_id)[0]
 
 
 @contextmanager

@@ -186,9 +186,9 @@ def compare_with_production(
     preprocessing spec, so a change of crop or normalisation is compared fairly). It fails when
     the new version is more than ``max_regression_points`` accuracy points below production.
     Nothing to compare (no production version, production is this version, or production is no
-    longer servable) passes, saying why in ``reason``. Returns ``{"passed", "value" (points below
-    production; negative = better), "limit", "unit", "accuracy", "production_accuracy",
-    "production_version", "samples", "reason"}``."""
+    longer servable or loadable) passes, saying why in ``reason``; a store that does not answer
+    raises. Returns ``{"passed", "value" (points below production; negative = better), "limit",
+    "unit", "accuracy", "production_accuracy", "production_version", "samples", "reason"}``."""
     gate = {"passed": True, "value": 0.0, "limit": max_regression_points, "unit": "accuracy points below production",
             "accuracy": None, "production_accuracy": None, "production_version": None, "samples": 0}
     try:
@@ -202,9 +202,12 @@ def compare_with_production(
         return gate | {"reason": f"{model}/{version} is the production version"}
     new = evaluate(export.module_from_state(export.read_manifest(store, model, version),
                                             export.load_state_dict(store, model, version)), test_shards, spec)
+    try:
+        production_module = export.module_from_state(current_manifest, export.load_state_dict(store, model, current))
+    except export.ExportError as e:  # damaged shards, an architecture gone: as unservable; a store down raises
+        return gate | {"reason": f"nothing to compare against: production {model}/{current} cannot be loaded: {e}"}
     prod_spec = (current_manifest.get("metadata") or {}).get("spec") or spec
-    prod = evaluate(export.module_from_state(current_manifest, export.load_state_dict(store, model, current)),
-                    test_shards, prod_spec)
+    prod = evaluate(production_module, test_shards, prod_spec)
     below = 100 * (prod.accuracy - new.accuracy)
     passed = below <= max_regression_points
     said = (f"accuracy {new.accuracy:.4f} against production {current}'s {prod.accuracy:.4f} on the same "

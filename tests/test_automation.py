@@ -200,11 +200,13 @@ def test_definitions_carry_the_automation():
 
 
 def _train_and_package_run(instance, tags: dict, *, fails: str | None = "boom") -> str:
-    """A finished run of a job named ``train_and_package`` (one op): failed with ``fails`` as its
-    error, stopped by a failing blocking check (``fails="gate"``), or succeeded (``None``)."""
-    if fails == "gate":
-        @dg.asset(name="exported_model", check_specs=[dg.AssetCheckSpec("not_worse_than_production",
-                                                                        asset="exported_model", blocking=True)])
+    """A finished run of a job named ``train_and_package``: failed with ``fails`` as its error,
+    stopped by a failing blocking check (``fails="gate"``), failed in a step after a failing check
+    that blocks nothing (``"check"``), or succeeded (``None``)."""
+    if fails in ("gate", "check"):
+        spec = dg.AssetCheckSpec("not_worse_than_production", asset="exported_model", blocking=fails == "gate")
+
+        @dg.asset(name="exported_model", check_specs=[spec])
         def exported():
             yield dg.Output(1)
             yield dg.AssetCheckResult(check_name="not_worse_than_production", passed=False,
@@ -212,7 +214,7 @@ def _train_and_package_run(instance, tags: dict, *, fails: str | None = "boom") 
 
         @dg.asset(name="promoted_model", deps=["exported_model"])
         def promoted():
-            return 1
+            raise RuntimeError("rollout timed out")
 
         job = dg.Definitions(assets=[exported, promoted], jobs=[dg.define_asset_job("train_and_package")]
                              ).resolve_job_def("train_and_package")
@@ -257,7 +259,8 @@ def test_a_failed_automatic_retrain_is_requested_again_after_its_backoff(checked
     # the third failure is the last (FORGELINE_RETRAIN_ATTEMPTS=3): left alone, saying why
     _train_and_package_run(instance, {**third.tags, "dagster/run_key": third.run_key}, fails="store unreachable")
     last = _retry(instance, storage).skip_message
-    assert "attempt 3 of FORGELINE_RETRAIN_ATTEMPTS=3: not requested again" in last and "store unreachable" in last
+    last_run = instance.get_runs(limit=1)[0].run_id
+    assert f"attempt 3 of FORGELINE_RETRAIN_ATTEMPTS=3: not requested again (see runs/failures/{last_run}.json)" in last
     monkeypatch.setenv("FORGELINE_RETRAIN_ATTEMPTS", "4")
     assert _retry(instance, storage).run_key == "retrain-on-drift:7:attempt-4"
 
@@ -273,6 +276,8 @@ def test_no_retry_for_a_success_a_manual_run_a_gate_or_data_production_has(check
     gate = _retry(instance, storage).skip_message
     assert "stopped by a gate (exported_model:not_worse_than_production failed (accuracy 0.50" in gate
     assert "not requested again" in gate
+    _train_and_package_run(instance, {"forgeline/trigger": "schedule", "dagster/run_key": "retrain:x"}, fails="check")
+    assert _retry(instance, storage).run_key == "retrain:x:attempt-2"  # a failed check that stopped nothing
 
     _train_and_package_run(instance, {"forgeline/trigger": "schedule", "dagster/run_key": "retrain:dv"})
     assert _retry(instance, storage).run_key == "retrain:dv:attempt-2"

@@ -261,6 +261,13 @@ def test_nothing_to_compare_passes_and_says_why(drift_world, tmp_path):
     assert itself["passed"] and itself["reason"] == f"digits/{prod} is the production version"
 
     _publish_module(store, trained, "new", spec)
+    shard = store.root / "models" / MODEL / prod / ex.read_manifest(store, MODEL, prod)["shards"][0]["file"]
+    healthy = shard.read_bytes()
+    shard.write_bytes(healthy[:-4] + bytes(4))  # same size, other bytes: production's weights are damaged
+    damaged = package.compare_with_production(store, MODEL, "new", test, spec, max_regression_points=0.0)
+    assert damaged["passed"] and damaged["accuracy"] is None
+    assert damaged["reason"].startswith(f"nothing to compare against: production digits/{prod} cannot be loaded: ")
+    shard.write_bytes(healthy)
     ex.record_gates(store, MODEL, prod, {"manual": {"passed": False, "value": 1, "limit": 0}})  # production rejected
     gone = package.compare_with_production(store, MODEL, "new", test, spec, max_regression_points=0.0)
     assert gone["passed"] and gone["accuracy"] is None
