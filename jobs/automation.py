@@ -85,6 +85,14 @@ def build_schedules() -> list[dg.ScheduleDefinition]:
     return [nightly_ingest, nightly_retrain]
 
 
+def _running(instance, record) -> bool:
+    """A check evaluation still to come: planned, and its run has not finished."""
+    if record.status.value != "PLANNED":
+        return False
+    run = instance.get_run_by_id(record.run_id)
+    return run is not None and not run.is_finished
+
+
 def _evaluation(record) -> Optional[dg.AssetCheckEvaluation]:
     ev = record.event.dagster_event if record.event else None
     return ev.event_specific_data if ev is not None else None
@@ -97,17 +105,22 @@ def _evaluation(record) -> Optional[dg.AssetCheckEvaluation]:
                        "serving traffic (unlabeled) drifted, one run per labeled data version.")
 def drift_retrain(context: dg.SensorEvaluationContext, storage: StorageResource):
     cursor = int(context.cursor or 0)
-    seen = cursor
-    triggers = []
+    new = []
     for key in DRIFT_CHECK_KEYS:
         for rec in context.instance.event_log_storage.get_asset_check_execution_history(key, limit=200):
             if rec.id <= cursor:
                 break  # newest first: everything further down was seen on an earlier tick
-            seen = max(seen, rec.id)
-            ev = _evaluation(rec)
-            if rec.status.value == "FAILED" and ev is not None \
-                    and ev.severity == dg.AssetCheckSeverity.ERROR:
-                triggers.append((rec, key))
+            new.append((rec, key))
+    # The cursor never passes a check still running: its record keeps its id when it later fails,
+    # so a cursor past it would never see that failure. Later records wait for it.
+    seen, triggers = cursor, []
+    for rec, key in sorted(new, key=lambda rk: rk[0].id):
+        if _running(context.instance, rec):
+            break
+        seen = rec.id
+        ev = _evaluation(rec)
+        if rec.status.value == "FAILED" and ev is not None and ev.severity == dg.AssetCheckSeverity.ERROR:
+            triggers.append((rec, key))
     if not triggers:
         return dg.SensorResult(skip_reason=dg.SkipReason("no new drift failure at ERROR"), cursor=str(seen))
     ref = drift.production_reference(storage.client(), settings.model_name())

@@ -82,6 +82,33 @@ def test_drift_at_error_requests_one_retrain(checked):
     assert drift_retrain(dg.build_sensor_context(instance=inst, resources={"storage": storage})).run_requests[0].run_key == req.run_key
 
 
+def test_a_check_still_running_at_a_tick_is_not_skipped(checked, monkeypatch):
+    """A tick while a drift check is still running (planned, its run going): the cursor stops
+    before it, so its failure, which keeps the record's id, is seen on the next tick."""
+    inst, storage = checked["instance"], checked["storage"]
+    store = inst.event_log_storage
+    real = store.get_asset_check_execution_history
+    records = sorted((r for key in automation.DRIFT_CHECK_KEYS for r in real(key, limit=200)), key=lambda r: r.id)
+    planned = next(r for r in records if r.partition == "shifted")  # the first of the shifted batch's checks
+    running = planned._replace(status=planned.status.__class__("PLANNED"), run_id="still-running")
+
+    class Going:
+        is_finished = False
+
+    monkeypatch.setattr(store, "get_asset_check_execution_history",
+                        lambda key, limit: [running if r.id == planned.id else r for r in real(key, limit=limit)])
+    real_run = inst.get_run_by_id
+    monkeypatch.setattr(inst, "get_run_by_id", lambda rid: Going() if rid == "still-running" else real_run(rid))
+    first = drift_retrain(dg.build_sensor_context(instance=inst, resources={"storage": storage}))
+    assert not first.run_requests and int(first.cursor) == max(r.id for r in records if r.id < planned.id)
+
+    monkeypatch.setattr(store, "get_asset_check_execution_history", real)  # the check has failed since
+    second = drift_retrain(dg.build_sensor_context(instance=inst, cursor=first.cursor, resources={"storage": storage}))
+    assert len(second.run_requests) == 1 and int(second.cursor) == records[-1].id
+    assert {"table_drift@shifted", "image_drift@shifted", "prediction_drift@shifted"} == set(
+        second.run_requests[0].tags["forgeline/drift"].split(","))
+
+
 def test_no_retrain_when_the_production_model_already_has_the_drifted_batch(checked, tmp_path):
     from pipeline import export, models, promotion
 
