@@ -26,6 +26,9 @@ from resources.storage import StorageResource
 FAILURES_PREFIX = "runs/failures"
 TRIGGER_TAG, ATTEMPT_TAG, RETRY_OF_TAG = "forgeline/trigger", "forgeline/attempt", "forgeline/retry_of"
 RETRY_BACKOFF_S = 600  # the first re-request waits this long after the failure, each further one twice as long
+RETRY_LOOKBACK = 50  # train_and_package runs searched for the newest automatic one
+GOING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+         dg.DagsterRunStatus.CANCELING]
 DRIFT_CHECK_KEYS = [
     dg.AssetCheckKey(dg.AssetKey("raw_table" if name == "table_drift" else "raw_shards"), name) for name in DRIFT_CHECKS
 ]
@@ -83,6 +86,12 @@ def build_schedules() -> list[dg.ScheduleDefinition]:
                                                                        "forgeline/data_version": data_version})
 
     return [nightly_ingest, nightly_retrain]
+
+
+def _automatic(run) -> bool:
+    """Requested by the automation (a sensor or schedule set ``forgeline/trigger``), not launched
+    or re-executed by hand (a re-execution copies its parent's tags, and names its parent)."""
+    return TRIGGER_TAG in run.tags and "dagster/parent_run_id" not in run.tags
 
 
 def _running(instance, record) -> bool:
@@ -147,25 +156,30 @@ def drift_retrain(context: dg.SensorEvaluationContext, storage: StorageResource)
 
 
 @dg.sensor(job_name="train_and_package", minimum_interval_seconds=60,
-           description="Requests `train_and_package` again when the newest run of it was requested by the "
-                       "automation (drift or schedule) and FAILED, while the production model is still not "
-                       "trained on the ingested data: after 10 min, then 20, 40, ... up to "
-                       "FORGELINE_RETRAIN_ATTEMPTS runs in all (default 3). Not for a run stopped by a gate "
-                       "(the same data gives the same verdict), canceled, or launched by hand.")
+           description="Requests `train_and_package` again when its newest automatic run (drift or schedule) "
+                       "FAILED, none is going, and the production model is still not trained on the ingested "
+                       "data: after 10 min, then 20, 40, ... up to FORGELINE_RETRAIN_ATTEMPTS runs in all "
+                       "(default 3). Not for a run stopped by a gate (the same data gives the same verdict) or "
+                       "canceled; runs launched or re-executed by hand are not attempts.")
 def retrain_retry(context: dg.SensorEvaluationContext, storage: StorageResource):
-    runs = context.instance.get_runs(filters=dg.RunsFilter(job_name="train_and_package"), limit=1)
-    if not runs:
-        return dg.SkipReason("no train_and_package run yet")
-    run = runs[0]
-    what = f"the newest train_and_package run ({run.run_id[:8]})"
+    going = context.instance.get_runs(filters=dg.RunsFilter(job_name="train_and_package", statuses=GOING), limit=1)
+    if going:
+        return dg.SkipReason(f"train_and_package run {going[0].run_id[:8]} is {going[0].status.value}: "
+                             "nothing is requested while one goes")
+    recent = context.instance.get_runs(filters=dg.RunsFilter(job_name="train_and_package"), limit=RETRY_LOOKBACK)
+    # Launched by hand runs (and re-executions from the UI, which copy the tags) neither retry nor
+    # end the automation's chain of attempts: the newest automatic run decides.
+    run = next((r for r in recent if _automatic(r)), None)
+    if run is None:
+        return dg.SkipReason(f"none of the last {RETRY_LOOKBACK} train_and_package runs was requested by the "
+                             "automation" if recent else "no train_and_package run yet")
+    what = f"the newest automatic train_and_package run ({run.run_id[:8]})"
     if run.status != dg.DagsterRunStatus.FAILURE:
         return dg.SkipReason(f"{what} is {run.status.value}: nothing to retry")
-    if TRIGGER_TAG not in run.tags:
-        return dg.SkipReason(f"{what} failed, but was launched by hand: not requested again")
     attempt, attempts = int(run.tags.get(ATTEMPT_TAG, "1")), settings.retrain_attempts()
-    if attempt >= attempts:  # why it failed is in runs/failures/ (record_run_failure), not re-read every tick
+    if attempt >= attempts:  # not re-reading its event log every tick: the UI shows why it failed
         return dg.SkipReason(f"{what} failed on attempt {attempt} of FORGELINE_RETRAIN_ATTEMPTS={attempts}: "
-                             f"not requested again (see {FAILURES_PREFIX}/{run.run_id}.json)")
+                             f"not requested again (run {run.run_id}: its event log says why)")
     cause, gates = failure_cause(context.instance, run.run_id)
     if gates:
         return dg.SkipReason(f"{what} was stopped by a gate ({'; '.join(gates)}): the same data gives the "
@@ -186,7 +200,8 @@ def retrain_retry(context: dg.SensorEvaluationContext, storage: StorageResource)
     if wait > 0:
         return dg.SkipReason(f"{what} failed on attempt {attempt} of {attempts}: requesting it again in {wait:.0f} s")
     base = run.tags.get(RETRY_OF_TAG) or run.tags.get("dagster/run_key") or run.run_id
-    tags = {k: v for k, v in run.tags.items() if k.startswith("forgeline/")}
+    # the data version it was asked for may be stale: the retrain takes the data ingested now
+    tags = {k: v for k, v in run.tags.items() if k.startswith("forgeline/") and k != "forgeline/data_version"}
     tags |= {ATTEMPT_TAG: str(attempt + 1), RETRY_OF_TAG: base}
     context.log.info(f"{what} failed ({cause}): requesting attempt {attempt + 1} of {attempts}")
     return dg.RunRequest(run_key=f"{base}:attempt-{attempt + 1}", tags=tags)

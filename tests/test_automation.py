@@ -287,7 +287,7 @@ def test_a_failed_automatic_retrain_is_requested_again_after_its_backoff(checked
     _train_and_package_run(instance, {**third.tags, "dagster/run_key": third.run_key}, fails="store unreachable")
     last = _retry(instance, storage).skip_message
     last_run = instance.get_runs(limit=1)[0].run_id
-    assert f"attempt 3 of FORGELINE_RETRAIN_ATTEMPTS=3: not requested again (see runs/failures/{last_run}.json)" in last
+    assert f"attempt 3 of FORGELINE_RETRAIN_ATTEMPTS=3: not requested again (run {last_run}: its event log" in last
     monkeypatch.setenv("FORGELINE_RETRAIN_ATTEMPTS", "4")
     assert _retry(instance, storage).run_key == "retrain-on-drift:7:attempt-4"
 
@@ -295,10 +295,13 @@ def test_a_failed_automatic_retrain_is_requested_again_after_its_backoff(checked
 def test_no_retry_for_a_success_a_manual_run_a_gate_or_data_production_has(checked, instance, monkeypatch):
     storage = checked["storage"]
     monkeypatch.setattr(automation, "RETRY_BACKOFF_S", 0)
+    _train_and_package_run(instance, {}, fails=None)
+    assert "none of the last 50 train_and_package runs was requested by the automation" in \
+        _retry(instance, storage).skip_message
     _train_and_package_run(instance, {"forgeline/trigger": "schedule"}, fails=None)
     assert "is SUCCESS: nothing to retry" in _retry(instance, storage).skip_message
-    _train_and_package_run(instance, {})
-    assert "launched by hand: not requested again" in _retry(instance, storage).skip_message
+    _train_and_package_run(instance, {})  # a failed hand run is not retried...
+    assert "is SUCCESS: nothing to retry" in _retry(instance, storage).skip_message
     _train_and_package_run(instance, {"forgeline/trigger": "schedule"}, fails="gate")
     gate = _retry(instance, storage).skip_message
     assert "stopped by a gate (exported_model:not_worse_than_production failed (accuracy 0.50" in gate
@@ -306,8 +309,21 @@ def test_no_retry_for_a_success_a_manual_run_a_gate_or_data_production_has(check
     _train_and_package_run(instance, {"forgeline/trigger": "schedule", "dagster/run_key": "retrain:x"}, fails="check")
     assert _retry(instance, storage).run_key == "retrain:x:attempt-2"  # a failed check that stopped nothing
 
-    _train_and_package_run(instance, {"forgeline/trigger": "schedule", "dagster/run_key": "retrain:dv"})
+    auto = _train_and_package_run(instance, {"forgeline/trigger": "schedule", "dagster/run_key": "retrain:dv",
+                                             "forgeline/data_version": "dv"})
     assert _retry(instance, storage).run_key == "retrain:dv:attempt-2"
+    # ...and neither a later hand run, failed or canceled, nor a re-execution of the automatic run
+    # from the UI (which copies its tags) ends the automatic chain or counts as its attempt
+    _train_and_package_run(instance, {})
+    _train_and_package_run(instance, {"forgeline/trigger": "schedule", "dagster/run_key": "retrain:dv",
+                                      "dagster/parent_run_id": auto})
+    req = _retry(instance, storage)
+    assert req.run_key == "retrain:dv:attempt-2" and "forgeline/data_version" not in req.tags  # it may be stale
+    going = instance.add_run(dg.DagsterRun(job_name="train_and_package", run_id="a-run-going",
+                                           status=dg.DagsterRunStatus.STARTED))
+    assert f"train_and_package run {going.run_id[:8]} is STARTED: nothing is requested while one goes" in \
+        _retry(instance, storage).skip_message
+    instance.report_run_canceled(going)
     from pipeline import dataset as ds
 
     monkeypatch.setattr(automation.drift, "production_reference",
