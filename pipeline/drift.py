@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -480,36 +481,48 @@ def _result_from(d: dict, view: str, cols: list[str], policy: DriftPolicy, n_ref
                        rows_reference=n_ref, rows_current=n_cur, verdict=verdict)
 
 
-MAX_COMPONENTS = 8  # reference batches (the last by name) a drifted batch is compared with one by one
+MAX_COMPONENTS = 8  # reference batches (the last in natural name order) a drifted batch is compared with alone
 MIN_COMPONENT_ROWS = 100  # fewer rows are too few for a stattest to tell drift from chance: not tried alone
+_RANK = {"ok": 0, "warn": 1, "error": 2}
+
+
+def natural_order(names: list[str]) -> list[str]:
+    """``names`` with runs of digits compared as numbers: ``day-2`` before ``day-10``."""
+    return sorted(names, key=lambda n: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", n)])
 
 
 def versus_reference(ref_batches: list[str], frame_of, current: pl.DataFrame, *, view: str,
                      categorical: list[str] | tuple[str, ...] = ("label",),
                      policy: DriftPolicy = DriftPolicy()) -> tuple[DriftResult, Any]:
     """:func:`compare` of ``current`` with the reference batches together (``frame_of(batches)``
-    gives their frame); when that is not ``ok`` and there are several, with each of the last
-    :data:`MAX_COMPONENTS` alone (those of at least :data:`MIN_COMPONENT_ROWS` rows), and the
-    first that is ``ok`` is the verdict (``matched``, with the whole comparison in ``whole``).
-    A mixture of clean and shifted batches differs from a clean batch as a whole, but the model
-    was trained on both; a batch unlike every one of them is drift."""
+    gives their frame); when that is not ``ok`` and there are several, also with each of the
+    last :data:`MAX_COMPONENTS` alone (in natural name order, newest first; those of at least
+    :data:`MIN_COMPONENT_ROWS` rows), and the batch it is most like (fewest drifted columns)
+    gives the verdict if that is better than the whole's (``matched``, with the whole comparison
+    in ``whole``). A mixture of clean and shifted batches differs from a clean batch as a whole,
+    but the model was trained on both; a batch unlike every one of them is drift."""
     whole, snap = compare(frame_of(ref_batches), current, view=view, categorical=categorical, policy=policy)
     if whole.verdict == "ok" or len(ref_batches) < 2:
         return whole, snap
-    spent = whole.seconds
-    for b in ref_batches[::-1][:MAX_COMPONENTS]:
+    spent, best = whole.seconds, None
+    for b in natural_order(ref_batches)[::-1][:MAX_COMPONENTS]:
         one = frame_of([b])
         if one.height < MIN_COMPONENT_ROWS:
             continue
         alone, alone_snap = compare(one, current, view=view, categorical=categorical, policy=policy)
         spent += alone.seconds
-        if alone.verdict == "ok":
-            alone.matched, alone.seconds = b, spent
-            alone.whole = {"share": whole.share, "drifted": len(whole.drifted), "columns": whole.columns,
-                           "verdict": whole.verdict}
-            return alone, alone_snap
-    whole.seconds = spent
-    return whole, snap
+        if best is None or (_RANK[alone.verdict], alone.share) < (_RANK[best[0].verdict], best[0].share):
+            best = (alone, alone_snap, b)
+        if not alone.drifted:
+            break  # nothing drifted: no batch can be more like it
+    if best is None or _RANK[best[0].verdict] >= _RANK[whole.verdict]:
+        whole.seconds = spent
+        return whole, snap
+    alone, alone_snap, b = best
+    alone.matched, alone.seconds = b, spent
+    alone.whole = {"share": whole.share, "drifted": len(whole.drifted), "columns": whole.columns,
+                   "verdict": whole.verdict}
+    return alone, alone_snap
 
 
 def write_report(store: Storage, key: str, snapshot: Any) -> str:

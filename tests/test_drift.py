@@ -136,3 +136,37 @@ def test_model_without_training_batches_in_its_manifest_is_a_clear_error(tmp_pat
     promotion.promote(store, "old", old["version"])
     with pytest.raises(drift.DriftError, match="does not say which batches"):
         drift.production_reference(store, "old")
+
+
+def _frame(rng, shifted: list[int], rows: int = 300) -> pl.DataFrame:
+    return pl.DataFrame({f"x{i}": rng.normal(3.0 if i in shifted else 0.0, 1.0, rows) for i in range(5)})
+
+
+def test_versus_reference_tries_the_newest_batches_in_natural_order_and_keeps_the_closest():
+    rng = np.random.default_rng(0)
+    frames = {f"day-{i}": _frame(rng, []) for i in range(1, 10)} | {"day-10": _frame(rng, [0, 1, 2, 3, 4])}
+    tried = []
+
+    def frame_of(batches):
+        tried.append(batches)
+        return pl.concat([frames[b] for b in batches])
+
+    r, _ = drift.versus_reference(list(frames), frame_of, frames["day-10"].clone(), view="table")
+    assert r.verdict == "ok" and r.matched == "day-10" and r.whole["verdict"] == "error"  # day-10 sorts last
+    assert tried[1] == ["day-10"] and len(tried) == 2  # nothing drifted against it: no need to try more
+    assert drift.natural_order(["day-10", "day-2", "day-1"]) == ["day-1", "day-2", "day-10"]
+
+    # like no batch: the closest one decides when it is better than the whole (warn, not error)...
+    two = {"a": _frame(rng, []), "b": _frame(rng, [0, 1, 2, 3, 4])}
+    half = two["a"].with_columns(two["b"]["x0"], two["b"]["x1"])  # two columns of b, three of a
+    r, _ = drift.versus_reference(["a", "b"], lambda bs: pl.concat([two[b] for b in bs]), half, view="table")
+    assert r.verdict == "warn" and r.matched == "a" and sorted(r.drifted) == ["x0", "x1"]
+    assert r.whole["verdict"] == "error"
+    # ...and a batch unlike every one stays drift against the whole; too small batches are not tried alone
+    far = _frame(rng, [0, 1, 2, 3, 4]).with_columns(pl.all() * -5)
+    r, _ = drift.versus_reference(["a", "b"], lambda bs: pl.concat([two[b] for b in bs]), far, view="table")
+    assert r.verdict == "error" and r.matched is None and r.whole is None
+    small = {"a": _frame(rng, [], rows=50), "b": two["b"]}
+    r, _ = drift.versus_reference(["a", "b"], lambda bs: pl.concat([small[b] for b in bs]), _frame(rng, []),
+                                  view="table")
+    assert r.matched is None and r.verdict != "ok"
