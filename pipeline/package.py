@@ -187,8 +187,10 @@ def compare_with_production(
     the new version is more than ``max_regression_points`` accuracy points below production.
     Nothing to compare (no production version, production is this version, or production is no
     longer servable or loadable) passes, saying why in ``reason``; a store that does not answer
-    raises. Returns ``{"passed", "value" (points below production; negative = better), "limit",
-    "unit", "accuracy", "production_accuracy", "production_version", "samples", "reason"}``."""
+    raises. A comparison made is recorded in the version's manifest (``export.record_gates``): a
+    version that lost is rejected, so never ``latest`` nor promotable, until a comparison it wins.
+    Returns ``{"passed", "value" (points below production; negative = better), "limit", "unit",
+    "accuracy", "production_accuracy", "production_version", "samples", "reason"}``."""
     gate = {"passed": True, "value": 0.0, "limit": max_regression_points, "unit": "accuracy points below production",
             "accuracy": None, "production_accuracy": None, "production_version": None, "samples": 0}
     try:
@@ -213,5 +215,7 @@ def compare_with_production(
     said = (f"accuracy {new.accuracy:.4f} against production {current}'s {prod.accuracy:.4f} on the same "
             f"{new.samples} held-out samples")
     reason = said if passed else f"{model}/{version}: {said}: {below:.2f} points below it (limit {max_regression_points})"
-    return gate | {"passed": passed, "value": below, "accuracy": new.accuracy, "production_accuracy": prod.accuracy,
-                   "samples": new.samples, "reason": reason}
+    gate |= {"passed": passed, "value": below, "accuracy": new.accuracy, "production_accuracy": prod.accuracy,
+             "samples": new.samples, "reason": reason}
+    export.record_gates(store, model, version, {"not_worse_than_production": gate})
+    return gate

@@ -233,12 +233,18 @@ def test_a_version_worse_than_production_fails_the_gate_a_better_one_passes(drif
     assert worse["samples"] == good.samples
     assert f"digits/untrained: accuracy {worse['accuracy']:.4f} against production {prod}'s" in worse["reason"]
     assert "points below it (limit 1.0)" in worse["reason"]
+    # recorded: the version that lost is rejected, never latest nor promotable
+    assert ex.read_manifest(store, MODEL, "untrained")["gates"]["not_worse_than_production"]["value"] == worse["value"]
+    assert promotion.resolve(store, MODEL, "latest") == prod
+    with pytest.raises(PromotionError, match=r"rejected: failed gate\(s\): not_worse_than_production"):
+        promotion.promote(store, MODEL, "untrained")
 
     # the same weights re-published are not worse: 0 points; a limit past the drop lets it through
     _publish_module(store, trained, "same", spec)
     same = package.compare_with_production(store, MODEL, "same", test, spec, max_regression_points=0.0)
     assert same["passed"] and same["value"] == 0.0 and same["accuracy"] == same["production_accuracy"]
     assert package.compare_with_production(store, MODEL, "untrained", test, spec, max_regression_points=100.0)["passed"]
+    assert "rejected" not in ex.read_manifest(store, MODEL, "untrained")  # a comparison it passes clears the mark
 
     # each model is evaluated under its own preprocessing: the same weights under another
     # normalisation score lower, and production is still measured under its own spec
@@ -321,6 +327,8 @@ def test_exported_model_blocks_a_worse_retrain_and_production_stays(drift_world,
         assert not run.asset_materializations_for_node("promoted_model")
         assert not run.asset_materializations_for_node("quantized_model")
         assert promotion.production(store, MODEL)["version"] == prod
+        worse = run.asset_materializations_for_node("exported_model")[0].metadata["version"].value
+        assert "not_worse_than_production" in ex.read_manifest(store, MODEL, worse)["rejected"]["reason"]
 
         ok = dg.materialize([stand_in(trained, "same"), exported_model, quantized_model, promoted_model],
                             instance=instance, resources={"storage": storage}, raise_on_error=False)
