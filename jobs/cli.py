@@ -188,12 +188,12 @@ def cmd_load(args) -> int:
                "verify": args.verify, "owned": args.owned, "allow_rejected": args.allow_rejected}
     source, where = args.source, "path"
     if _is_published(args.source.rstrip("/")):  # resolved once, where its bytes are read: shm tier, else storage
-        from pipeline.shm_tier import resolve_source
-        from resources.storage import shm_from_env
+        from pipeline.shm_tier import reader_tier, resolve_source
 
         args.source = source = args.source.rstrip("/")  # digits/v1/ as digits/v1
         model, version = source.split("/")
-        tier = None if args.no_shm else shm_from_env().tier()
+        tier = None if args.no_shm else reader_tier(settings.shm_root(), capacity_bytes=settings.shm_capacity_bytes(),
+                                                    warn=lambda m: err_console.print(f"forgeline: {m}"))
         source, where = resolve_source(model, version, tier=tier, local_cache=None, remote=open_store(),
                                        allow_rejected=args.allow_rejected)
     elif "://" not in args.source and not Path(args.source).exists():

@@ -340,6 +340,20 @@ def _reraise(e: BaseException, where: str) -> NoReturn:
 # ---------------------------------------------------------------------------------------------
 
 
+def reader_tier(root: str | os.PathLike, *, capacity_bytes: int | None = None,
+                warn: Callable[[str], None]) -> "ShmTier | None":
+    """The tier for a reader (a load, a model server), which can always read the store instead:
+    the :class:`ShmTier` at ``root``, or ``None`` after one ``warn`` line naming the root and why
+    when it cannot be opened here (read-only, not writable, a file in the way). Pre-warming, whose
+    whole point is the tier, opens it directly and fails instead."""
+    try:
+        return ShmTier(root, capacity_bytes=capacity_bytes)
+    except StorageError as e:
+        warn(f"the shm tier is not used, versions are read from the store: {e} "
+             "(FORGELINE_SHM_ROOT; --no-shm skips the tier)")
+        return None
+
+
 class ShmTier:
     """Published model versions copied into a RAM-backed directory, within a byte budget."""
 
@@ -354,8 +368,7 @@ class ShmTier:
         self.root: Path = self.store.root
         self.in_ram = in_ram(self.root, "shm tier")
         self.capacity_bytes = capacity_bytes
-        self.meta = self.root / _META
-        self.meta.mkdir(parents=True, exist_ok=True)
+        self.meta = make_dir(self.root / _META, "shm tier")  # a read-only root: a StorageError naming it
 
     def __repr__(self) -> str:
         return f"ShmTier({str(self.root)!r}, capacity_bytes={self.capacity_bytes})"

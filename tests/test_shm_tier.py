@@ -700,3 +700,21 @@ def test_prewarm_from_s3_tmpfs_full_mid_copy(s3_storage_factory, tier_root, monk
     assert no_leftovers(tier)
     monkeypatch.undo()
     assert not tier.prewarm(store, MODEL, "b1").hit and ex.verify(tier.storage(), MODEL, "b1") == []
+
+
+def test_a_reader_without_a_usable_tier_warns_once_and_reads_the_store(tmp_path):
+    """A load or a server can always read the store: a tier root that cannot be used (a file in
+    the way, its own folder unwritable) is one warning naming it, not a failed load."""
+    from pipeline.shm_tier import reader_tier
+
+    (tmp_path / "a-file").write_text("x")
+    said = []
+    assert reader_tier(tmp_path / "a-file" / "tier", warn=said.append) is None
+    assert len(said) == 1 and "shm tier " + str(tmp_path / "a-file" / "tier") in said[0]
+    assert "part of the path is a file" in said[0] and "FORGELINE_SHM_ROOT" in said[0]
+    root = tmp_path / "tier"
+    root.mkdir()
+    (root / ".tier").write_text("not a folder")  # as a read-only root fails its metadata folder
+    assert reader_tier(root, warn=said.append) is None and "exists and is not a directory" in said[1]
+    ok = tmp_path / "good"
+    assert reader_tier(ok, capacity_bytes=10, warn=said.append).capacity_bytes == 10 and len(said) == 2
