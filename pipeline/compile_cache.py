@@ -153,15 +153,40 @@ def _class_digest(cls: type, h) -> None:
                 _code_digest(code, h)
 
 
+def _plain(v: Any) -> str:
+    """A module attribute as the key sees it: the value of plain data (numbers, strings, dtypes,
+    containers of them), a tensor's shape, dtype and bytes (a constant the program inlines), the
+    qualified name of a function or class, else the type's name."""
+    if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device)):
+        return repr(v)
+    if isinstance(v, (tuple, list)):
+        return "[" + ",".join(_plain(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{_plain(k)}:{_plain(x)}" for k, x in sorted(v.items(), key=lambda kv: repr(kv[0]))) + "}"
+    if isinstance(v, torch.Tensor):
+        data = hashlib.sha256(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest() \
+            if v.device.type != "meta" and v.numel() <= 1 << 20 else "?"
+        return f"tensor({list(v.shape)},{v.dtype},{data})"
+    target = v if callable(v) and hasattr(v, "__qualname__") else type(v)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
+
+
+def _module_config(mod: torch.nn.Module) -> str:
+    """The settings a module keeps outside its tensors (a conv's stride and padding, an
+    activation's slope, a dropout's p): its public attributes, which its ``forward`` reads."""
+    return ",".join(f"{k}={_plain(v)}" for k, v in sorted(vars(mod).items()) if not k.startswith("_") and k != "training")
+
+
 def architecture(model: Any) -> tuple[str, dict[str, Any]]:
     """``(digest, summary)`` of the program ``model`` is, without its weight values: every
-    submodule's name, class and train/eval flag; every parameter's and buffer's name, shape, dtype
+    submodule's name, class, train/eval flag and settings (its public non-tensor attributes: a
+    conv's stride, an activation's slope); every parameter's and buffer's name, shape, dtype
     and ``requires_grad`` (tied parameters named as such, non-persistent buffers marked); and the
     bytecode of the methods of non-torch module classes. Two versions of a model that differ only
     in weight values get the same digest; one changed layer size, dtype, name or ``forward`` gets
     another. ``model`` may also be a plain function (its code is hashed). Tensors on the meta
     device are fine here (only their metadata is read)."""
-    h = hashlib.sha256(b"forgeline-architecture-v1\0")
+    h = hashlib.sha256(b"forgeline-architecture-v2\0")  # v2: module settings are part of it
     if not isinstance(model, torch.nn.Module):
         target = model if hasattr(model, "__code__") else type(model)
         name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
@@ -177,7 +202,7 @@ def architecture(model: Any) -> tuple[str, dict[str, Any]]:
         cls = type(mod)
         qual = f"{cls.__module__}.{cls.__qualname__}"
         classes.setdefault(qual, cls)
-        h.update(f"m|{name}|{qual}|{int(mod.training)}\0".encode())
+        h.update(f"m|{name}|{qual}|{int(mod.training)}|{_module_config(mod)}\0".encode())
         n_modules += 1
     first: dict[int, str] = {}
     n_tensors = 0
@@ -941,6 +966,7 @@ def compile_with_cache(
 # ---------------------------------------------------------------------------------------------
 
 AOTI_FORMAT = "aoti-package-v1"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 # Inductor options of every package (part of the key). The weights stay out of the .so and are
 # bound at load from the module (one copy; any version of the architecture). No tensor constant may
 # be inlined into the code (Inductor inlines small ones by default: a bias of 4 values becomes
@@ -1134,6 +1160,31 @@ def aot_cache_key(module: torch.nn.Module, example: torch.Tensor, *, max_batch_s
                      device=str(example.device), dynamic=max_batch > 1, extra=extra)
 
 
+def _answers_like(fn: Callable[[torch.Tensor], Any], module: torch.nn.Module, example: torch.Tensor,
+                  max_batch: int) -> None:
+    """Raise unless the compiled program answers as ``module`` does: at batch 1 the same output
+    shape and values (within a tolerance that only a wrong program exceeds; the serving golden
+    check is the strict one), and one output row per input row at ``max_batch``. Catches a
+    package Inductor fixed to one batch size (it then reads past a smaller input) and an entry
+    built for another program."""
+    one = example[:1]
+    got = fn(one)
+    with torch.no_grad():
+        want = module(one)
+    if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor):
+        if got.shape != want.shape:
+            raise ValueError(f"outputs {list(got.shape)} for a batch of 1; the module gives {list(want.shape)}")
+        tol = 1e-3 if want.dtype in (torch.float32, torch.float64) else 5e-2
+        if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
+            diff = float((got.float() - want.float()).abs().max())
+            raise ValueError(f"outputs differ from the module's by up to {diff:.3g} (tolerance {tol:g})")
+    if max_batch > 1:
+        out = fn(one.expand(max_batch, *one.shape[1:]).contiguous())
+        rows = out.shape[0] if isinstance(out, torch.Tensor) else max_batch
+        if rows != max_batch:
+            raise ValueError(f"{rows} output rows for a batch of {max_batch}")
+
+
 def aot_compile_with_cache(
     module: torch.nn.Module,
     example: torch.Tensor,
@@ -1204,7 +1255,7 @@ def aot_compile_with_cache(
                 Path(path).write_bytes(pt2)
                 fn = wrap(_load_package(path, example.device))
                 fn.bind(tensors, meta.get("constants") or {})
-                fn(example[:1])  # runs here, or is a miss: not on the first request
+                _answers_like(fn, module, example, max_batch)  # here, or a miss: not on the first request
                 _sync((example,))
                 report.hit, report.artifact_bytes = True, len(payload)
             except Exception as e:  # noqa: BLE001 - an entry that does not load is a miss, never a crash
@@ -1223,7 +1274,7 @@ def aot_compile_with_cache(
             try:
                 fn = wrap(loader)
                 fn.bind(tensors, spec)
-                fn(example[:1])
+                _answers_like(fn, module, example, max_batch)  # a package that does not is never stored
                 _sync((example,))
             except Exception as e:  # noqa: BLE001 - nothing stored: the fallback serves
                 raise _NoPackage(f"the new package did not run: {_describe_error(e).splitlines()[0]}") from None
@@ -1289,6 +1340,7 @@ def configured(store: Storage | None = None, env=None) -> ArtifactCache:
 
 
 __all__ = [
+    "COMPILE_MODES",
     "AOTIModule",
     "ArtifactCache",
     "CompileReport",

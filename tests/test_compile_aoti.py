@@ -240,6 +240,35 @@ def test_bad_entries_are_misses_that_still_serve(tmp_path):
         assert "package constants do not match the module: " in r.miss_reason and "[5," in r.miss_reason, r.miss_reason
         assert "\n" not in r.miss_reason and _close(fn(x), wide(x))
 
+        # a package of another program with the very same tensors (here: tanh for relu) is a miss:
+        # its answers are checked against the module's before it is used or stored
+        entry.write_bytes(good)
+        other = _HeadTanh(2).eval()
+        fn, r = aot_compile_with_cache(other, x, cache, max_batch_size=6, key=(first.key, r.components))
+        assert not r.hit and r.saved and "outputs differ from the module's" in r.miss_reason, r.miss_reason
+        assert _close(fn(x), other(x))
+
+
+class _HeadTanh(Head):
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) * self.scale + self.fc.bias
+
+
+def test_a_program_that_answers_another_batch_size_is_never_used():
+    """Inductor can fix a package to one batch size (seen at max batch 16 for the digits CNN): it
+    then returns that many rows whatever it is given. Such a program is refused."""
+    m = Head(1).eval()
+    x = torch.randn(2, 16)
+
+    def fixed(inp):
+        return m(torch.zeros(4, 16))
+
+    with pytest.raises(ValueError, match=r"outputs \[4, 4\] for a batch of 1; the module gives \[1, 4\]"):
+        cc._answers_like(fixed, m, x, 4)
+    with pytest.raises(ValueError, match="3 output rows for a batch of 6"):
+        cc._answers_like(lambda inp: m(inp)[:3] if len(inp) > 1 else m(inp), m, x, 6)
+    cc._answers_like(m, m, x, 6)
+
 
 # ---------------------------------------------------------------------------------------------
 # what torch.export cannot capture falls back to torch.compile

@@ -144,6 +144,20 @@ def test_architecture_ignores_weight_values_and_sees_the_program():
         architecture(_Block().eval().requires_grad_(False))[0],
     }
     assert digest not in others and len(others) == 6
+    # settings outside the tensors are the program too: a conv's stride, an activation's slope,
+    # a constant tensor attribute (inlined by export), a function kept as an attribute
+    def seq(stride=1, slope=0.01):
+        return nn.Sequential(nn.Conv2d(1, 4, 3, stride=stride), nn.LeakyReLU(slope), nn.Flatten()).eval()
+
+    base = architecture(seq())[0]
+    assert architecture(seq())[0] == base
+    assert len({base, architecture(seq(stride=2))[0], architecture(seq(slope=5.0))[0]}) == 3
+    c1, c2 = _Block().eval(), _Block().eval()
+    c1.scale, c2.scale = torch.tensor([1.0]), torch.tensor([2.0])
+    c1.act, c2.act = torch.relu, torch.tanh
+    c3 = _Block().eval()
+    c3.scale, c3.act = torch.tensor([1.0]), torch.relu
+    assert architecture(c1)[0] != architecture(c2)[0] and architecture(c1)[0] == architecture(c3)[0]
     tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
     untied_digest = architecture(tied)[0]
     tied[1].weight = tied[0].weight
