@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 
 from assets.train import GPU_POOL, shard_cache_dir
 from pipeline import dataset as ds
-from pipeline import export, metrics, package, promotion, quantize, settings
+from pipeline import compile_cache, export, metrics, package, promotion, quantize, settings
 from pipeline.serving import loader as serving_loader
 from pipeline.serving.registry import ServeConfig
 from resources.cache import CompileCacheResource
@@ -192,7 +192,8 @@ class CompileConfig(dg.Config):
     batch_size: int = Field(default=ServeConfig.max_batch_size, ge=1, le=4096, description=(
         "Largest batch the compiled program serves (batches 1..this): the servers' --max-batch-size, "
         "so their --compile finds this package in the compile cache."))
-    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(default="default", description="torch.compile mode: default | reduce-overhead | max-autotune")
+    mode: Literal[compile_cache.COMPILE_MODES] = Field(default="default", description="torch.compile mode: " + (
+        " | ".join(compile_cache.COMPILE_MODES)))
 
 
 @dg.asset(group_name="package", kinds={"pytorch"}, pool=GPU_POOL, deps=[quantized_model])

@@ -54,6 +54,16 @@ def device(text: str) -> str:
     return t
 
 
+def compile_mode(text: str) -> str:
+    """A torch.compile mode for ``--compile-mode``: one of ``pipeline.compile_cache.COMPILE_MODES``
+    (imported only when serving parses it: that module imports torch)."""
+    from pipeline.compile_cache import COMPILE_MODES
+
+    if text not in COMPILE_MODES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch.compile mode: use {', '.join(COMPILE_MODES)}")
+    return text
+
+
 def check_device(device: str) -> None:
     """A CUDA ``device`` this host does not have is a one-line :class:`jobs.runs.UserError`."""
     if not device.startswith("cuda"):

@@ -79,7 +79,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="requests queued per model before answering 503")
     s.add_argument("--compile", action="store_true",
                    help="serve each version as an AOTInductor package from the compile cache (compiled on a miss)")
-    s.add_argument("--compile-mode", default="default", help="torch.compile mode")
+    s.add_argument("--compile-mode", type=argtypes.compile_mode, default="default",
+                   help="torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
     s.add_argument("--poll-s", type=argtypes.positive(float), default=2.0,
                    help="seconds between checks for a newly promoted version (hot swap)")
     s.add_argument("--no-shm", action="store_true", help="ignore the /dev/shm tier")
@@ -129,11 +130,12 @@ def build_registry(args):
                          sample_window_samples=flag("sample_window_samples", settings.serve_sample_window_samples))
     # The store and the tier straight from the engine's settings: a serving process does not need
     # Dagster (importing it costs seconds of cold start); credentials come from boto3's chain.
-    from pipeline.shm_tier import ShmTier
+    from pipeline.shm_tier import reader_tier
     from pipeline.storage import configured
 
     store = configured()
-    tier = None if args.no_shm else ShmTier(settings.shm_root(), capacity_bytes=settings.shm_capacity_bytes())
+    tier = None if args.no_shm else reader_tier(settings.shm_root(), capacity_bytes=settings.shm_capacity_bytes(),
+                                                warn=lambda m: print(f"forgeline serve: {m}", file=sys.stderr))
     cache = None
     if args.compile:
         from pipeline.compile_cache import configured as configured_cache

@@ -680,6 +680,7 @@ def test_serve_status_summarizes_every_metric():
     (["serve", "status", "--bogus"], "unrecognized arguments"),
     (["serve", "statsu"], "invalid choice"),
     (["serve", "--device", "tpu"], "'tpu' is not a device: use cpu, cuda or cuda:N"),
+    (["serve", "--compile", "--compile-mode", "bogus"], "'bogus' is not a torch.compile mode: use default, "),
 ])
 def test_serve_bad_flags_one_line(argv, words, capsys):
     from jobs.cli import main
