@@ -32,7 +32,9 @@ def shm_prewarm(context: dg.AssetExecutionContext, config: PrewarmConfig, promot
     model = promoted_model["model"]
     version = config.version or promotion.resolve(store, model, promotion.ALIAS)
     names = [model] + [package.quantized_name(model, q) for q in config.quantized]
-    reports = [tier.prewarm(store, name, version, pin=config.pin) for name in names]
+    reports = []
+    for name in names:  # never evicting what this run copied: the variants come with their base, or fail
+        reports.append(tier.prewarm(store, name, version, pin=config.pin, keep=[(n, version) for n in names]))
     return dg.MaterializeResult(metadata={
         "version": version,
         "models": dg.MetadataValue.json(names),

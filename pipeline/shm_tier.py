@@ -59,7 +59,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -563,10 +563,11 @@ class ShmTier:
                     p.unlink(missing_ok=True)
                     locks.release(fd)
 
-    def _make_room(self, model: str, version: str, need: int, fs_need: int) -> list[str]:
+    def _make_room(self, model: str, version: str, need: int, fs_need: int,
+                   keep: frozenset[tuple[str, str]] = frozenset()) -> list[str]:
         """Reserve room for ``need`` bytes (``fs_need`` on the filesystem, block-rounded),
-        evicting LRU unpinned idle versions. Caller holds the tier lock and the version's lock.
-        Raises StorageFull, evicting nothing, when it cannot fit."""
+        evicting LRU unpinned idle versions not in ``keep``. Caller holds the tier lock and the
+        version's lock. Raises StorageFull, evicting nothing, when it cannot fit."""
         cap = self.capacity_bytes
         what = f"shm tier {self.root}: {model}/{version} needs {need} bytes"
         if cap is not None and need > cap:
@@ -582,7 +583,7 @@ class ShmTier:
             ok, size = self._state(m, v)
             if ok:
                 used += size
-                if self.pinned(m, v):
+                if self.pinned(m, v) or (m, v) in keep:
                     pinned_b += size
                 else:
                     candidates.append((self._last_used(m, v), m, v, size))
@@ -605,7 +606,8 @@ class ShmTier:
             if cap is not None and used - evictable + need > cap:
                 raise StorageFull(
                     f"{what}; the budget is {cap} bytes with {max(cap - used, 0)} free and {evictable} "
-                    f"evictable ({pinned_b} pinned, {busy_b} in use by copies in progress); nothing was evicted")
+                    f"evictable ({pinned_b} pinned{' or pre-warmed with it' if keep else ''}, {busy_b} in use by "
+                    "copies in progress); nothing was evicted")
             if fs_need > fs_free + evictable:
                 raise StorageFull(
                     f"{what} ({fs_need} in filesystem blocks); {self.root} has {max(fs_free, 0)} bytes free "
@@ -629,11 +631,14 @@ class ShmTier:
                 locks.release(fd)
 
     # Prewarm ----------------------------------------------------------------------------------
-    def prewarm(self, store: Storage, model: str, version: str = LATEST, *, pin: bool = False) -> PrewarmReport:
+    def prewarm(self, store: Storage, model: str, version: str = LATEST, *, pin: bool = False,
+                keep: Iterable[tuple[str, str]] = ()) -> PrewarmReport:
         """Make ``model``/``version`` (``"latest"``: the newest complete, non-rejected version
         published in ``store``; ``"production"``: the promoted one) complete in the tier, copying
         it from ``store``, every file checked against the manifest, if it is not there yet.
-        Idempotent; concurrent calls for one version copy it once (the others report a hit)."""
+        Idempotent; concurrent calls for one version copy it once (the others report a hit).
+        ``keep``: ``(model, version)`` pairs not to evict to make room (what the same request
+        pre-warmed just before: a base version and its quantized variants go in together or fail)."""
         t0 = time.perf_counter()
         version, manifest = _version_for(store, model, version, "to prewarm",
                                          whole_here=lambda v: self.complete(model, v))
@@ -647,7 +652,7 @@ class ShmTier:
             with _locked(self._version_lock(model, version)):
                 if self.complete(model, version):  # another process copied it while we waited
                     return self._hit(model, version, t0)
-                copied, evicted, file_seconds = self._fill(store, model, version, prefix, manifest)
+                copied, evicted, file_seconds = self._fill(store, model, version, prefix, manifest, frozenset(keep))
                 self._touch(model, version)
         except BaseException:
             if created_pin:
@@ -664,8 +669,8 @@ class ShmTier:
         return PrewarmReport(model, version, True, 0, time.perf_counter() - t0, 0.0, [], size,
                              str(self._dir(model, version)))
 
-    def _fill(self, store: Storage, model: str, version: str, prefix: str,
-              manifest: dict | None) -> tuple[int, list[str], list[float]]:
+    def _fill(self, store: Storage, model: str, version: str, prefix: str, manifest: dict | None,
+              keep: frozenset[tuple[str, str]] = frozenset()) -> tuple[int, list[str], list[float]]:
         """Copy the version (caller holds its lock; ``manifest``: as resolving the reference read
         it, else read here). Returns ``(bytes copied, evicted, seconds per file)``."""
         manifest_key = join(prefix, MANIFEST_NAME)
@@ -692,7 +697,7 @@ class ShmTier:
         with _locked(self._tier_lock()):
             self._collect_garbage(own=(model, version))
             shutil.rmtree(vdir, ignore_errors=True)  # our own leftover from a copy that died
-            evicted = self._make_room(model, version, need, fs_need)
+            evicted = self._make_room(model, version, need, fs_need, keep)
             res = self._bk("reserve", model, version)
             res.parent.mkdir(parents=True, exist_ok=True)
             write_file_atomic(res, str(need), durable=False)

@@ -718,3 +718,21 @@ def test_a_reader_without_a_usable_tier_warns_once_and_reads_the_store(tmp_path)
     assert reader_tier(root, warn=said.append) is None and "exists and is not a directory" in said[1]
     ok = tmp_path / "good"
     assert reader_tier(ok, capacity_bytes=10, warn=said.append).capacity_bytes == 10 and len(said) == 2
+
+
+def test_what_one_request_prewarmed_is_not_evicted_for_the_rest_of_it(local_storage, tier_root):
+    """A pre-warm of a version and its variants (``keep``) must not evict the first to make room
+    for the next: with room for one, the second fails and the first stays, where it used to be
+    evicted and the run reported success."""
+    for i, v in enumerate("ab"):
+        publish(local_storage, v, seed=i)
+    probe = ShmTier(tier_root)
+    size = probe.prewarm(local_storage, MODEL, "a").version_bytes
+    probe.evict(MODEL, "a")
+    tier = ShmTier(tier_root, capacity_bytes=size + size // 2)  # room for one
+    keep = [(MODEL, "a"), (MODEL, "b")]
+    tier.prewarm(local_storage, MODEL, "a", keep=keep)
+    with pytest.raises(StorageFull, match=r"0 evictable \(\d+ pinned or pre-warmed with it, 0 in use"):
+        tier.prewarm(local_storage, MODEL, "b", keep=keep)
+    assert [e.version for e in tier.list()] == ["a"] and tier.complete(MODEL, "a")
+    assert tier.prewarm(local_storage, MODEL, "b").evicted == [f"{MODEL}/a"]  # without keep: LRU as before
