@@ -339,6 +339,18 @@ def test_lru_budget_evicts_idle_models_and_reloads(store):
         await reg.infer("a", None, {"input": x})
         await busy
         assert reg.model_ready("a") and reg.model_ready("b") and not reg.model_ready("c")
+        # room for one copy of "a": its other version can never load beside the serving one, and
+        # says so at once instead of waiting out load_timeout_s
+        one = ModelRegistry(store, config(budget_bytes=int(size * 1.5)))
+        await one.start()
+        await one.infer("a", None, {"input": x})
+        publish(store, "a", "v2", 7)
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match=r"a/v2 needs \d+ bytes beside a/v1 \(\d+ bytes\), which serves until "
+                                              r"it is ready: the budget \(\d+\) cannot hold both; a hot swap needs"):
+            await one.infer("a", "v2", {"input": x})
+        assert time.monotonic() - t0 < 5 and one.model_ready("a")  # nothing waited; v1 still serves
+        await one.stop()
         # too small for even one model
         small = ModelRegistry(store, config(budget_bytes=size // 2))
         await small.start()

@@ -38,7 +38,8 @@ extra versions (asked for by id), then ``previous`` versions, then serving versi
 a version with requests in flight or queued, any version of a model that has requests waiting for
 a load, the version being loaded, and the serving version of a model whose new version is being
 loaded. When nothing can be evicted the load waits for requests to finish (up to
-``load_timeout_s``), then fails with Unavailable. An evicted model loads again on its next request.
+``load_timeout_s``), then fails with Unavailable; one that cannot fit beside its model's serving
+version fails at once. An evicted model loads again on its next request.
 
 **Concurrency.** Everything runs on one asyncio loop; loads and forwards run in thread pools
 (``load_workers``, ``infer_workers``; torch releases the GIL). Each model has its own lock for
@@ -882,6 +883,11 @@ class ModelRegistry:
         if need > budget:
             raise Unavailable(f"{m.name}/{version} needs {need} bytes, more than the whole budget ({budget})",
                               self.config.retry_after_s)
+        serving = m.versions.get(m.serving) if m.serving not in (None, version) else None
+        if serving is not None and serving.nbytes + need > budget:  # it is never evicted for this load: no wait helps
+            raise Unavailable(f"{m.name}/{version} needs {need} bytes beside {m.name}/{m.serving} ({serving.nbytes} "
+                              f"bytes), which serves until it is ready: the budget ({budget}) cannot hold both; a hot "
+                              f"swap needs at least {need + serving.nbytes} (--budget)", self.config.retry_after_s)
         deadline = time.monotonic() + self.config.load_timeout_s
         while True:
             if self._used() + need <= budget:
