@@ -412,8 +412,8 @@ class ArtifactCache(ABC):
             return None
         try:
             return unframe(data, key, components)
-        except EntryError as e:
-            self.last_miss_reason = str(e)
+        except EntryError as e:  # named with where it is, so a damaged entry can be found
+            self.last_miss_reason = f"{e} (entry {key} in {self.describe()})"
             return None
 
     def put(self, key: str, data: bytes, *, components: dict[str, Any] | None = None) -> None:

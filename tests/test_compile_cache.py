@@ -324,6 +324,7 @@ def test_corrupt_or_wrong_version_entry_falls_back_to_cold_compile(tmp_path, fre
         torch.testing.assert_close(compiled(x), eager)
     assert not report.hit and report.saved
     assert any("sha256 mismatch" in w for w in report.warnings), report.warnings
+    assert f"(entry {report.key} in {cache.describe()})" in report.miss_reason  # where to find it
     assert cache.get(report.key, components=report.components) is not None  # healed
 
     # an entry from another torch version under the same key
