@@ -93,6 +93,12 @@ def model_versions(store, model: str) -> dict:
             "data_version": manifest.get("data_version"), "bytes": manifest.get("bytes"),
             "promoted_at": (rec or {}).get("promoted_at"),
         })
+    if alias and alias.get("version") not in {r["version"] for r in rows}:  # its folder is gone: say so
+        gone = alias.get("version")
+        rows.append({"version": gone, "status": ["production", "incomplete"], "rejected": None,
+                     "problem": export.version_problem(store, model, gone) or "not published",
+                     "gates": dict(alias.get("gates") or {}), "created": None, "run_id": alias.get("run_id"),
+                     "data_version": None, "bytes": None, "promoted_at": alias.get("promoted_at")})
     rows.sort(key=lambda r: (r["created"] or "", r["version"]))
     if not rows and alias is None:
         raise _Refused(f"no published version of {model!r} in {store.uri(export.DEFAULT_ROOT)}")
@@ -147,7 +153,12 @@ def versions_table(info: dict) -> Table:
 def cmd_models(args) -> int:
     try:
         store = open_store()
-        names = [args.model] if args.model else model_names(store)
+        if args.model is not None:
+            export.version_prefix(args.model, "v")  # an invalid name ('', '../x') is named as such
+        names = [args.model] if args.model is not None else model_names(store)
+        if not names and args.json:  # for a script, no model is an empty list, not an error
+            print(json.dumps({"models": []}))
+            return 0
         if not names:
             raise _Refused(f"no published model in {store.uri(export.DEFAULT_ROOT)}")
         infos = [model_versions(store, m) for m in names]

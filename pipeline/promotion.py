@@ -79,7 +79,8 @@ def promote(store: Storage, model: str, version: str, *, run_id: str | None = No
     version again records a new promotion (with ``previous`` unchanged)."""
     what = f"cannot promote {model}/{version}"
     if version in (ALIAS, LATEST, HISTORY):
-        raise PromotionError(f"{what}: {version!r} is a reference, not a version (use resolve())")
+        raise PromotionError(f"{what}: {version!r} is a reference, not a version: name a version id "
+                             f"(`forgeline models {model}` lists them)")
     try:
         version_prefix(model, version, root)
     except ValueError as e:  # a name that cannot be a version ('../x'): say so, not "malformed manifest"

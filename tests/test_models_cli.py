@@ -6,6 +6,7 @@ follows the alias from storage and from the tier, and a rejected version loads o
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -89,6 +90,30 @@ def test_models_of_an_unknown_model_is_one_line(env, capsys):
     assert rc == 1 and "no published version of 'nosuch'" in one_line(err)
     rc, _, err = run(capsys, "models", "../x")
     assert rc == 1 and one_line(err)
+    rc, out, err = run(capsys, "models", "")  # not "every model"
+    assert rc == 1 and not out and "invalid model name ''" in one_line(err)
+
+
+def test_an_empty_store_is_an_empty_json_list_and_a_lost_production_folder_is_shown(env, tmp_path, capsys,
+                                                                                       monkeypatch):
+    for o in env.list(export.version_prefix("digits", "v2")):  # production's own folder, gone
+        env.delete(o.key)
+    rc, out, err = run(capsys, "models", "digits", "--json")
+    assert rc == 0, err
+    rows = {r["version"]: r for r in json.loads(out)["versions"]}
+    assert rows["v2"]["status"] == ["production", "incomplete"] and "no such published version" in rows["v2"]["problem"]
+    from jobs.models_cli import model_versions, versions_table
+    from rich.console import Console
+
+    wide = Console(width=400, record=True, file=io.StringIO())
+    wide.print(versions_table(model_versions(env, "digits")))
+    text = wide.export_text()
+    assert "incomplete: " in text and "no such published version 'v2'" in text, text
+
+    monkeypatch.setenv("FORGELINE_STORAGE_ROOT", str(tmp_path / "empty"))
+    assert run(capsys, "models", "--json")[:2] == (0, '{"models": []}\n')
+    rc, _, err = run(capsys, "models")
+    assert rc == 1 and "no published model in" in one_line(err)
 
 
 def test_promote_refuses_rejected_incomplete_and_unknown_versions(env, capsys):
