@@ -63,7 +63,8 @@ def incoming_batches(context: dg.SensorEvaluationContext, storage: StorageResour
     if not new:
         # the refused in the tick's own line, where the ticks list shows it (not only in its logs)
         also = "".join(f"; refused {INCOMING}/{f}/: {why}" for f, why in sorted(refused.items())[:3])
-        return dg.SkipReason(f"no new ready batch under {INCOMING}/ ({len(seen)} seen){also}")
+        return dg.SkipReason(f"no new ready batch under {INCOMING}/ ({len(ready)} ready, all requested or "
+                             f"ingested){also}")
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=b, run_key=f"ingest:{b}") for b in new],
         dynamic_partitions_requests=[batches.build_add_request(new)],

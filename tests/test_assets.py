@@ -113,7 +113,7 @@ def test_sensor_adds_partitions_once_per_ready_batch(instance, storage):
     store.write_atomic("incoming/bad name/_READY", b"{}")  # never a partition: the tick's line says why
     skip = incoming_batches(dg.build_sensor_context(instance=instance, resources={"storage": storage},
                                                     cursor=result.cursor))
-    assert "(1 seen); refused incoming/bad name/: " in skip.skip_message, skip.skip_message
+    assert "(1 ready, all requested or ingested); refused incoming/bad name/: " in skip.skip_message, skip.skip_message
     store.delete("incoming/bad name/_READY")
     store.write_atomic("incoming/day2/_READY", b"{}")
     result3 = incoming_batches(dg.build_sensor_context(instance=instance, resources={"storage": storage},
