@@ -46,8 +46,8 @@ def export_trained(
     ``export.golden_input(input_shape(spec))``) and, in the manifest metadata, the ``spec`` and the
     training ``batches`` (the drift checks' reference). Then every shard is verified and every
     tensor and the outputs on the first samples of ``check_shards`` compared with the checkpoint's
-    model (``export.check_version``); problems are recorded as the failed gate
-    ``loads_back_bit_exact``, which rejects the version. Returns ``{"manifest", "reused", "seconds"
+    model (``export.check_version``); the result is recorded as the gate ``loads_back_bit_exact``
+    in the manifest, and problems reject the version. Returns ``{"manifest", "reused", "seconds"
     (the export, not the check), "problems"}``."""
     t0 = time.perf_counter()
     origin = {"checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "max_shard_bytes": max_shard_bytes}
@@ -69,9 +69,10 @@ def export_trained(
     seconds = time.perf_counter() - t0
     reference = module_from_checkpoint(store, checkpoint, checkpoint_sha256, architecture, model_kwargs)
     problems = export.check_version(store, model, manifest["version"], reference, fixed_batch(check_shards, spec))
-    if problems:  # recorded in the manifest: a rejected version is never latest, nor promotable
-        manifest = export.record_gates(store, model, manifest["version"], {"loads_back_bit_exact": {
-            "passed": False, "value": len(problems), "limit": 0, "unit": "problems", "problems": problems}})
+    # recorded in the manifest either way (what `forgeline models` and a promotion by hand show): a
+    # failed check rejects the version, which is then never latest, nor promotable
+    manifest = export.record_gates(store, model, manifest["version"], {"loads_back_bit_exact": {
+        "passed": not problems, "value": len(problems), "limit": 0, "unit": "problems", "problems": problems}})
     return {"manifest": manifest, "reused": reused is not None, "seconds": seconds, "problems": problems}
 
 

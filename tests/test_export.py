@@ -355,6 +355,18 @@ def test_a_diverged_model_is_named_and_its_version_rejected(local_storage, monke
     with pytest.raises(promotion.PromotionError, match="rejected"):
         promotion.promote(local_storage, "digits", version)
 
+    # a sound model: the passed check is in its manifest too, so a promotion by hand records it
+    good = save_ckpt(local_storage, "ckpt/good", trained_cnn())
+    sha = checkpoints.latest_checkpoint(local_storage, "ckpt/good")["sha256"]
+    ok = package.export_trained(local_storage, "digits", checkpoint=good, checkpoint_sha256=sha,
+                                architecture="digits_cnn", model_kwargs=KW, check_shards=[],
+                                spec={"crop": 28, "mean": [0.25], "std": [0.35]})
+    assert ok["problems"] == [] and "rejected" not in ok["manifest"]
+    assert ok["manifest"]["gates"]["loads_back_bit_exact"] == {"passed": True, "value": 0, "limit": 0,
+                                                               "unit": "problems", "problems": []}
+    record = promotion.promote(local_storage, "digits", ok["manifest"]["version"])
+    assert record["gates"]["loads_back_bit_exact"]["passed"]
+
 
 def test_checkpoint_that_does_not_match_the_architecture(local_storage):
     key = save_ckpt(local_storage, "ckpt/a", trained_cnn())
