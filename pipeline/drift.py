@@ -506,7 +506,10 @@ def versus_reference(ref_batches: list[str], frame_of, current: pl.DataFrame, *,
         return whole, snap
     spent, best = whole.seconds, None
     for b in natural_order(ref_batches)[::-1][:MAX_COMPONENTS]:
-        one = frame_of([b])
+        try:
+            one = frame_of([b])
+        except DriftError:  # this batch alone has no view (no held-out shards, other columns): the whole decides
+            continue
         if one.height < MIN_COMPONENT_ROWS:
             continue
         alone, alone_snap = compare(one, current, view=view, categorical=categorical, policy=policy)

@@ -166,6 +166,13 @@ def test_versus_reference_tries_the_newest_batches_in_natural_order_and_keeps_th
     far = _frame(rng, [0, 1, 2, 3, 4]).with_columns(pl.all() * -5)
     r, _ = drift.versus_reference(["a", "b"], lambda bs: pl.concat([two[b] for b in bs]), far, view="table")
     assert r.verdict == "error" and r.matched is None and r.whole is None
+    def broken(bs):
+        if bs == ["a"]:
+            raise drift.DriftError("batch 'a' alone has no view")
+        return pl.concat([two[b] for b in bs])
+
+    r, _ = drift.versus_reference(["a", "b"], broken, half, view="table")  # a batch that cannot be seen alone
+    assert r.verdict == "error" and r.matched is None  # b alone is no closer; a is skipped, not an error
     small = {"a": _frame(rng, [], rows=50), "b": two["b"]}
     r, _ = drift.versus_reference(["a", "b"], lambda bs: pl.concat([small[b] for b in bs]), _frame(rng, []),
                                   view="table")
