@@ -148,6 +148,7 @@ def _row_order(name: str) -> int:
 
 def main() -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from bench.loaders import add_tail, available, cpu_since, machine_cpu, make_checkpoint
@@ -352,7 +353,7 @@ def main() -> int:
         report.append({"row": name, "gbps": v, "all": rows[name], "vs": vs, "targets": tgt,
                        "client_cpu_s_per_gb": cpu.get(name), "machine_cpu_s_per_gb": box.get(name)})
     for name, err in errors.items():
-        table.add_row(name, "", "", err)
+        table.add_row(name, "", "", escape(err))  # '.[bench]' is text, not rich markup
     Console(width=200).print(table)
     print(f"machine: {machine}")
     if a.json:
