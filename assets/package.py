@@ -70,8 +70,9 @@ def exported_model(context: dg.AssetExecutionContext, config: ExportConfig, trai
     version = manifest["version"]
     gate = {"passed": not problems, "value": len(problems), "limit": 0, "unit": "problems", "problems": problems}
     # a version that does not load back bit-exact is rejected already: no comparison to make
-    versus = package.compare_with_production(store, config.model_name, version, test_shards, trained_model["spec"],
-                                             max_regression_points=config.max_regression_points) if not problems else None
+    versus = None if problems else package.compare_with_production(
+        store, config.model_name, version, test_shards, trained_model["spec"],
+        max_regression_points=config.max_regression_points)
     yield dg.Output(
         {"model": config.model_name, "version": version, "config": manifest["config"], "spec": trained_model["spec"],
          "dataset": trained_model["dataset"], "run_id": trained_model["run_id"],

@@ -162,7 +162,8 @@ def _plain(v: Any) -> str:
     if isinstance(v, (tuple, list)):
         return "[" + ",".join(_plain(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ",".join(f"{_plain(k)}:{_plain(x)}" for k, x in sorted(v.items(), key=lambda kv: repr(kv[0]))) + "}"
+        items = sorted(v.items(), key=lambda kv: repr(kv[0]))
+        return "{" + ",".join(f"{_plain(k)}:{_plain(x)}" for k, x in items) + "}"
     if isinstance(v, torch.Tensor):
         data = hashlib.sha256(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest() \
             if v.device.type != "meta" and v.numel() <= 1 << 20 else "?"
@@ -174,7 +175,9 @@ def _plain(v: Any) -> str:
 def _module_config(mod: torch.nn.Module) -> str:
     """The settings a module keeps outside its tensors (a conv's stride and padding, an
     activation's slope, a dropout's p): its public attributes, which its ``forward`` reads."""
-    return ",".join(f"{k}={_plain(v)}" for k, v in sorted(vars(mod).items()) if not k.startswith("_") and k != "training")
+    public = sorted(((k, v) for k, v in vars(mod).items() if not k.startswith("_") and k != "training"),
+                    key=lambda kv: kv[0])
+    return ",".join(f"{k}={_plain(v)}" for k, v in public)
 
 
 def architecture(model: Any) -> tuple[str, dict[str, Any]]:

@@ -598,8 +598,9 @@ def image_drift(store: Storage, batch: str, reference: dict, *, policy: DriftPol
             raise DriftError(f"window {batch!r}: image drift of serving traffic needs a cache_dir to stage the reference")
         _, images = window_inputs(store, batch, max_images=policy.max_rows)
         result, snap = versus_reference(
-            reference["batches"], lambda bs: model_view_features(store, {**reference, "batches": bs}, cache_dir=cache_dir,
-                                                                 max_images=policy.max_rows),
+            reference["batches"],
+            lambda bs: model_view_features(store, {**reference, "batches": bs}, cache_dir=cache_dir,
+                                           max_images=policy.max_rows),
             image_features(images, None), view="image", policy=policy)
         return _finish(store, result, snap, batch, reference, report_prefix)
     ref_batches = [b for b in reference["batches"] if b != batch]
@@ -674,7 +675,8 @@ def prediction_drift(store: Storage, batch: str, reference: dict, *, cache_dir, 
                                        report_prefix=report_prefix)
     ref_batches = [b for b in reference["batches"] if b != batch]
     if not ref_batches:
-        raise DriftError(f"batch {batch!r} is itself the whole reference of {reference['model']}/{reference['version']}")
+        raise DriftError(f"batch {batch!r} is itself the whole reference of "
+                         f"{reference['model']}/{reference['version']}")
     module, manifest = _production_module(store, reference)
     cur = prediction_frame(module, stage(store, batch_shard_entries(store, [batch]), cache_dir),
                            _model_view(reference, manifest), max_images=policy.max_rows, device=device)

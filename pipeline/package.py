@@ -215,7 +215,8 @@ def compare_with_production(
     passed = below <= max_regression_points
     said = (f"accuracy {new.accuracy:.4f} against production {current}'s {prod.accuracy:.4f} on the same "
             f"{new.samples} held-out samples")
-    reason = said if passed else f"{model}/{version}: {said}: {below:.2f} points below it (limit {max_regression_points})"
+    reason = said if passed else (f"{model}/{version}: {said}: {below:.2f} points below it "
+                                  f"(limit {max_regression_points})")
     gate |= {"passed": passed, "value": below, "accuracy": new.accuracy, "production_accuracy": prod.accuracy,
              "samples": new.samples, "reason": reason}
     export.record_gates(store, model, version, {"not_worse_than_production": gate})

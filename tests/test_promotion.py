@@ -309,8 +309,8 @@ def test_exported_model_blocks_a_worse_retrain_and_production_stays(drift_world,
         @dg.asset(name="trained_model")
         def trained_model() -> dict:
             return {"model": {"name": "digits_cnn", "kwargs": DRIFT_MODEL_KW}, "checkpoint": key,
-                    "checkpoint_sha256": hashlib.sha256(store.read(key)).hexdigest(), "spec": drift_world["spec"], "dataset": data, "run_id": name,
-                    "dataset_version": data["version"]}
+                    "checkpoint_sha256": hashlib.sha256(store.read(key)).hexdigest(), "spec": drift_world["spec"],
+                    "dataset": data, "run_id": name, "dataset_version": data["version"]}
         return trained_model
 
     torch.manual_seed(5)
